@@ -1,0 +1,35 @@
+# Set-up is part of every target: a fresh clone needs only `make serve` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.herd-installed
+TINY := .herd/models/tiny-scout
+
+.PHONY: venv serve test lint unit clean
+
+venv: $(STAMP)
+
+# Reinstall whenever the dependency list changes.
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is needed"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(TINY)/config.json: $(STAMP)
+	$(BIN)/herd make-tiny --preset scout --out $(TINY)
+
+# Until the serving issue lands, the main job is a greedy chat completion from the embedded model.
+serve: $(STAMP) $(TINY)/config.json
+	$(BIN)/herd generate --model $(TINY) --chat "Tell me about the herd." --max-tokens 32
+
+lint: $(STAMP)
+	$(BIN)/ruff check herd tests bench
+	$(BIN)/lint-imports
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .herd

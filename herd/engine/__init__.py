@@ -1,0 +1,1 @@
+"""Inference engine: sequences, scheduler, KV cache, sampler, model runner. No Ray, no gRPC."""

@@ -1,0 +1,96 @@
+"""The Llama 4 text model: embeddings, decoder layers, final norm, LM head.
+
+Legend: T tokens, H hidden, V vocab. The module tree mirrors the checkpoint (`model.embed_tokens`,
+`model.layers.{i}...`, `model.norm`, `lm_head`), so loading is a walk over named parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from herd.model.config import TextConfig
+from herd.model.decoder import DecoderLayer
+from herd.model.kv_cache import ContiguousKVCache
+from herd.model.moe import ExpertsExecutor, MoE
+from herd.model.norm import RMSNorm
+from herd.model.rope import inv_frequencies, rotations
+
+
+class TextModel(nn.Module):
+    """Everything between token ids and the final hidden states."""
+
+    def __init__(self, config: TextConfig, expert_ids: Sequence[int]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, expert_ids) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Llama4Model(nn.Module):
+    """Llama 4 decoder with an LM head; one code path for Scout and Maverick."""
+
+    def __init__(self, config: TextConfig, *, expert_ids: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        held = range(config.num_local_experts) if expert_ids is None else expert_ids
+        self.model = TextModel(config, held)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._inv_freq: torch.Tensor | None = None
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full causal forward of one sequence: ids [T] -> float logits [T, V]."""
+        return self.forward(input_ids).float()
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: ContiguousKVCache | None = None,
+    ) -> torch.Tensor:
+        """ids [T] at positions [T] (default: after what the cache holds) -> logits [T, V]."""
+        self._check_ids(input_ids)
+        device = self.lm_head.weight.device
+        if positions is None:
+            start = 0 if cache is None else len(cache)
+            positions = torch.arange(start, start + input_ids.shape[0], device=device)
+        rot = rotations(positions, self._frequencies(device))  # [T, D/2]
+        x = self.model.embed_tokens(input_ids.to(device))  # [T, H]
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, positions, rot, None if cache is None else cache.layers[i])
+        return self.lm_head(self.model.norm(x))
+
+    def new_cache(self) -> ContiguousKVCache:
+        """An empty KV cache for incremental decoding of one sequence."""
+        return ContiguousKVCache(self.config.num_hidden_layers)
+
+    def set_experts_executor(self, executor: ExpertsExecutor | None) -> None:
+        """Route every MoE layer's rows through `executor` (None: the experts held in this process)."""
+        for layer in self.model.layers:
+            if isinstance(layer.feed_forward, MoE):
+                layer.feed_forward.executor = executor
+
+    def _frequencies(self, device: torch.device) -> torch.Tensor:
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = inv_frequencies(self.config.rope, self.config.head_dim).to(device)
+        return self._inv_freq
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a 1-D tensor of token ids, got {shape}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integers, got dtype {input_ids.dtype}")
+        if input_ids.numel() == 0:
+            raise ValueError("input_ids is empty: at least one token is needed")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary 0..{self.config.vocab_size - 1}")

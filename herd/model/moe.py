@@ -1,0 +1,87 @@
+"""Llama 4 mixture-of-experts layer: router, routed experts, shared expert.
+
+Legend: T tokens, k experts per token, E experts, H hidden, I expert intermediate, R = T*k rows.
+
+The layer routes and permutes its tokens, hands the grouped rows to an experts executor, and combines
+what comes back. The executor is an interface this layer owns: in-process by default (the experts
+held here), and the workers layer injects a remote one that dispatches rows to expert shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from herd import kernels
+from herd.model.config import TextConfig
+from herd.model.mlp import FeedForward
+
+
+class ExpertsExecutor(Protocol):
+    """Runs routed experts on rows grouped by expert: rows [R, H], expert_offsets [E+1] -> [R, H]."""
+
+    def __call__(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor: ...
+
+
+class MissingExpertsError(RuntimeError):
+    """Rows were routed to experts this process does not hold and no remote executor was given."""
+
+
+class Experts(nn.Module):
+    """The routed experts of one layer held in this process: all E of them, or a shard's subset.
+
+    Stored fused as in the checkpoint, in ascending expert id: gate_up_proj [E_held, H, 2I],
+    down_proj [E_held, I, H].
+    """
+
+    def __init__(self, config: TextConfig, expert_ids: Sequence[int]) -> None:
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.expert_ids = tuple(sorted(set(expert_ids)))
+        hidden, inter = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(len(self.expert_ids), hidden, 2 * inter))
+        self.down_proj = nn.Parameter(torch.empty(len(self.expert_ids), inter, hidden))
+        self._holds_all = self.expert_ids == tuple(range(self.num_experts))
+
+    def forward(self, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+        """Rows grouped over all E experts -> outputs, running only the experts held here."""
+        if self._holds_all:
+            return kernels.experts(rows, expert_offsets, self.gate_up_proj, self.down_proj)
+        counts = expert_offsets.diff()  # [E]
+        missing = set(counts.nonzero().flatten().tolist()) - set(self.expert_ids)
+        if missing:
+            raise MissingExpertsError(
+                f"rows were routed to experts {sorted(missing)}, but this process holds only {list(self.expert_ids)}"
+            )
+        # Unheld experts have no rows, so the held experts' rows are contiguous and in id order.
+        held = torch.tensor(self.expert_ids, device=counts.device)
+        local_offsets = torch.zeros(len(self.expert_ids) + 1, dtype=torch.int64, device=counts.device)
+        local_offsets[1:] = torch.cumsum(counts[held], 0)
+        return kernels.experts(rows, local_offsets, self.gate_up_proj, self.down_proj)
+
+
+class MoE(nn.Module):
+    """Router -> top-k experts scaled on their input -> plus the shared expert on every token."""
+
+    def __init__(self, config: TextConfig, layer: int, expert_ids: Sequence[int]) -> None:
+        super().__init__()
+        self.layer = layer
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_local_experts
+        self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.experts = Experts(config, expert_ids)
+        self.shared_expert = FeedForward(config.hidden_size, config.intermediate_size)
+        self.executor: ExpertsExecutor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, H] -> [T, H]."""
+        topk_ids, topk_scores = kernels.route(self.router(x), self.top_k)  # [T, k] each
+        rows, permutation = kernels.permute(x, topk_ids, topk_scores, self.num_experts)  # [R, H]
+        if self.executor is None:
+            out_rows = self.experts(rows, permutation.expert_offsets)
+        else:
+            out_rows = self.executor(self.layer, rows, permutation.expert_offsets)
+        return self.shared_expert(x) + kernels.combine(out_rows, permutation, x.shape[0])

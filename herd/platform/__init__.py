@@ -1,0 +1,1 @@
+"""Gateway (HTTP + gRPC), tenancy, control plane and telemetry."""

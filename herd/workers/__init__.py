@@ -1,0 +1,1 @@
+"""Ray Serve deployments: model replica, expert shards, placement, transports."""
