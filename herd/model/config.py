@@ -34,10 +34,11 @@ class RopeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_bands(self) -> RopeConfig:
-        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+        # Equal factors (Scout ships 1.0 and 1.0) leave no band to blend, which is fine.
+        if self.rope_type == "llama3" and self.high_freq_factor < self.low_freq_factor:
             raise ValueError(
-                f"llama3 rope needs high_freq_factor > low_freq_factor, got "
-                f"{self.high_freq_factor} <= {self.low_freq_factor}"
+                f"llama3 rope needs high_freq_factor >= low_freq_factor, got "
+                f"{self.high_freq_factor} < {self.low_freq_factor}"
             )
         return self
 
@@ -120,7 +121,7 @@ class TextConfig(BaseModel):
         n = _require_int(text, "num_hidden_layers")
         heads = _require_int(text, "num_attention_heads")
         hidden = _require_int(text, "hidden_size")
-        head_dim = text.get("head_dim") or hidden // heads
+        head_dim = text.get("head_dim", 128) or hidden // heads  # transformers: 128 unless given, null derives
         step = text.get("interleave_moe_layer_step", 1)
         moe_layers = text.get("moe_layers")
         if moe_layers is None:
@@ -144,7 +145,7 @@ class TextConfig(BaseModel):
             intermediate_size_mlp=text.get("intermediate_size_mlp", 16384),
             num_hidden_layers=n,
             num_attention_heads=heads,
-            num_key_value_heads=text.get("num_key_value_heads") or heads,
+            num_key_value_heads=text.get("num_key_value_heads", 8) or heads,
             head_dim=head_dim,
             rms_norm_eps=text.get("rms_norm_eps", 1e-5),
             attention_bias=text.get("attention_bias", False),
@@ -199,7 +200,9 @@ class ModelConfig(BaseModel):
                 multimodal=multimodal,
                 image_token_id=raw.get("image_token_index") if multimodal else None,
             )
-        except (ValidationError, TypeError) as err:
+        except ValidationError as err:
+            raise ValueError(f"{source}: invalid Llama 4 config: {_describe(err)}") from err
+        except TypeError as err:
             raise ValueError(f"{source}: invalid Llama 4 config: {err}") from err
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from err
@@ -218,6 +221,16 @@ def load_config(path: str | Path) -> ModelConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"{file}: expected a JSON object, got {type(raw).__name__}")
     return ModelConfig.from_hf(raw, source=str(file))
+
+
+def _describe(err: ValidationError) -> str:
+    """Pydantic's errors as one short line each, without echoing the whole input back."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg} (got {e['input']!r})" if where else msg)
+    return "; ".join(parts)
 
 
 def _require_int(d: dict[str, Any], key: str) -> int:

@@ -40,9 +40,13 @@ class Llama4Model(nn.Module):
         held = range(config.num_local_experts) if expert_ids is None else expert_ids
         self.model = TextModel(config, held)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self._inv_freq: torch.Tensor | None = None
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head when the config says so (again after to_empty)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward of one sequence: ids [T] -> float logits [T, V]."""

@@ -49,6 +49,7 @@ def load_model(
     with torch.device("meta"):
         model = Llama4Model(config.text, expert_ids=expert_ids).to(dtype)
     model.to_empty(device=device)
+    model.tie_weights()
     _warn_unused(checkpoint, model)
     params = dict(model.named_parameters())  # tied weights appear once
     total = sum(_stored_bytes(checkpoint, name, model) for name in params)

@@ -1,0 +1,78 @@
+"""`herd`: the command line. Each subcommand parses its flags and calls one function below the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from herd.model import greedy_decode, load_model
+from herd.model.chat_template import render_chat
+from herd.model.tiny import PRESETS, make_tiny
+from herd.model.tokenizer import Tokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"herd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="herd", description="Serve Llama 4 mixture-of-experts models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tiny = commands.add_parser("make-tiny", help="write a tiny random Llama 4 checkpoint (HF layout)")
+    tiny.add_argument("--preset", choices=sorted(PRESETS), default="scout", help="model shape to imitate")
+    tiny.add_argument("--out", type=Path, required=True, help="directory to write")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    tiny.set_defaults(run=_make_tiny)
+
+    generate = commands.add_parser("generate", help="greedy completion from a checkpoint, on this machine")
+    generate.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="raw text, sent as is after <|begin_of_text|>")
+    prompt.add_argument("--chat", help="a user message, rendered with the Llama 4 chat template")
+    generate.add_argument("--max-tokens", type=int, default=32, help="most new tokens to generate")
+    generate.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="compute dtype")
+    generate.set_defaults(run=_generate)
+    return parser
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    out = make_tiny(args.out, preset=args.preset, seed=args.seed)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote tiny {args.preset} checkpoint to {out} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    tokenizer = Tokenizer.from_pretrained(args.model)
+    model = load_model(args.model, dtype=_DTYPES[args.dtype])
+    if args.chat is not None:
+        prompt_ids = tokenizer.encode(render_chat([{"role": "user", "content": args.chat}]))
+    else:
+        prompt_ids = tokenizer.encode(args.prompt, add_bos=True)
+    start = time.perf_counter()
+    new_ids = greedy_decode(model, prompt_ids, max_new_tokens=args.max_tokens, stop_ids=tokenizer.stop_ids)
+    seconds = time.perf_counter() - start
+    print(tokenizer.decode(new_ids))
+    print(
+        f"[{len(prompt_ids)} prompt tokens, {len(new_ids)} generated in {seconds:.2f} s, greedy, {args.dtype}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""`herd make-tiny` and `herd generate`, as a user runs them."""
+
+from __future__ import annotations
+
+from herd.cli import main
+
+
+def test_make_tiny_then_generate(tmp_path, capsys):
+    assert main(["make-tiny", "--preset", "maverick", "--out", str(tmp_path / "m"), "--seed", "1"]) == 0
+    assert "wrote tiny maverick checkpoint" in capsys.readouterr().out
+    assert main(["generate", "--model", str(tmp_path / "m"), "--chat", "hello", "--max-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "generated" in captured.err and "prompt tokens" in captured.err
+
+
+def test_generate_is_deterministic(tmp_path, capsys):
+    main(["make-tiny", "--out", str(tmp_path / "s")])
+    capsys.readouterr()
+    outputs = []
+    for _ in range(2):
+        main(["generate", "--model", str(tmp_path / "s"), "--prompt", "the herd", "--max-tokens", "8"])
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].strip()
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "absent"), "--prompt", "x"]) == 2
+    assert "no tokenizer file" in capsys.readouterr().err
