@@ -1,10 +1,12 @@
 """MoE primitives in four stages: route -> permute -> experts -> combine.
 
-One API for every caller (the model's MoE layers, later the expert shards). The torch backend runs
-everywhere and is the reference; a CUDA backend joins it behind the same functions.
+One API for every caller (the model's MoE layers, the expert shards): `herd.kernels.api` checks the
+inputs and the tensors' device picks the backend (torch on CPU; CuPy kernels plus cuBLAS on CUDA).
+`moe_reference` is the plain MoE every backend is tested against.
 """
 
+from herd.kernels.api import combine, experts, permute, route
+from herd.kernels.permutation import Permutation
 from herd.kernels.reference import moe_reference
-from herd.kernels.torch_moe import Permutation, combine, experts, permute, route
 
 __all__ = ["Permutation", "combine", "experts", "moe_reference", "permute", "route"]

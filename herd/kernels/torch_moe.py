@@ -1,105 +1,106 @@
-"""The four MoE stages in plain, vectorised torch (CPU, and the reference for faster backends).
+"""The MoE stages in vectorised torch: the CPU backend, the reference for the CUDA one, and the GPU fallback.
 
-Legend: T tokens, k experts per token, E experts, H hidden, I expert intermediate, R = T*k rows.
+Legend: T tokens, k experts per token, E experts, G groups, H hidden, I expert intermediate, R = T*k.
 
-Llama 4 semantics: top-k on the raw router logits, the sigmoid of each chosen logit scales the
-expert's INPUT (not its output), no renormalisation. Rows are grouped by expert so that each expert
-runs one dense matmul over a contiguous slice, and experts with no rows cost nothing.
+Inputs were checked by herd.kernels.api. No Python loop runs over tokens; the expert GEMMs use
+torch._grouped_mm (one call for all experts, no host sync), or one matmul per non-empty expert where
+this torch build lacks it for the device and dtype at hand.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class Permutation:
-    """Where each grouped row came from, and where each expert's rows start."""
-
-    expert_offsets: torch.Tensor  # [E+1] int64: rows of expert e are rows[offsets[e]:offsets[e+1]]
-    row_token: torch.Tensor  # [R] int64: the token each grouped row belongs to
+from herd.kernels.permutation import Permutation
 
 
 def route(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k experts per token and their sigmoid scores: ([T, k] int32, [T, k] logits dtype)."""
-    if router_logits.dim() != 2:
-        raise ValueError(f"router_logits must be [T, E], got shape {tuple(router_logits.shape)}")
-    if not 1 <= k <= router_logits.shape[1]:
-        raise ValueError(f"k must be in 1..{router_logits.shape[1]} (experts), got {k}")
-    top_logits, top_ids = torch.topk(router_logits, k, dim=1)  # [T, k]
-    scores = torch.sigmoid(top_logits.float()).to(router_logits.dtype)
-    return top_ids.to(torch.int32), scores
+    """[T, E] -> ids [T, k] int32, sigmoid scores [T, k] in the logits' dtype (computed in float32)."""
+    top_logits, top_ids = torch.topk(router_logits, k, dim=1)
+    return top_ids.to(torch.int32), torch.sigmoid(top_logits.float()).to(router_logits.dtype)
 
 
 def permute(
-    x: torch.Tensor, topk_ids: torch.Tensor, topk_scores: torch.Tensor, num_experts: int
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_scores: torch.Tensor, expert_order: torch.Tensor
 ) -> tuple[torch.Tensor, Permutation]:
-    """Group the k copies of every token by expert, each copy already scaled by its score.
-
-    Returns rows [R, H] and the Permutation that `combine` uses to undo it. Within an expert, rows
-    keep token order (stable sort), so results do not depend on how a batch was assembled.
-    """
-    _check_routing(x, topk_ids, topk_scores, num_experts)
+    """Rows grouped in `expert_order` (stable in token order), scaled by their scores: [R, H]."""
+    groups = expert_order.shape[0]
+    rank = torch.empty_like(expert_order)
+    rank[expert_order] = torch.arange(groups, device=x.device)  # group of each expert
+    keys = rank[topk_ids.reshape(-1).long()]  # [R]
+    row_source = torch.argsort(keys, stable=True)  # [R]
+    source_row = torch.empty_like(row_source)
+    source_row[row_source] = torch.arange(row_source.shape[0], device=x.device)
     k = topk_ids.shape[1]
-    flat_ids = topk_ids.reshape(-1).long()  # [R]
-    order = torch.argsort(flat_ids, stable=True)  # [R]
-    row_token = order // k  # [R]
-    scores = topk_scores.reshape(-1)[order].to(x.dtype)  # [R]
-    rows = x.index_select(0, row_token) * scores[:, None]  # [R, H]
-    counts = torch.bincount(flat_ids, minlength=num_experts)  # [E]
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=x.device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    return rows, Permutation(expert_offsets=offsets, row_token=row_token)
+    scale = topk_scores.reshape(-1)[row_source]  # [R]
+    rows = x.index_select(0, torch.div(row_source, k, rounding_mode="floor")) * scale[:, None]
+    offsets = torch.zeros(groups + 1, dtype=torch.int64, device=x.device)
+    offsets[1:] = torch.cumsum(torch.bincount(keys, minlength=groups), 0)
+    permutation = Permutation(
+        expert_offsets=offsets, group_experts=expert_order, row_source=row_source, source_row=source_row, top_k=k
+    )
+    return rows, permutation
 
 
 def experts(
     rows: torch.Tensor, expert_offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
 ) -> torch.Tensor:
-    """SwiGLU of each expert over its own rows: [R, H] -> [R, H].
+    """SwiGLU per expert over its slice of rows: [R, H] -> [R, H]."""
+    if _grouped_mm_works(rows.device, rows.dtype):
+        try:
+            return _grouped_experts(rows, expert_offsets, gate_up, down)
+        except RuntimeError:  # a shape or alignment this build's grouped GEMM refuses: per-expert below
+            pass
+    return _looped_experts(rows, expert_offsets, gate_up, down)
 
-    gate_up [E, H, 2I] and down [E, I, H] hold exactly the experts that expert_offsets [E+1]
-    describes: all of a layer's experts, or the subset a shard owns.
-    """
-    num_experts = gate_up.shape[0]
-    if expert_offsets.shape != (num_experts + 1,):
-        raise ValueError(
-            f"expert_offsets must be [{num_experts + 1}] for {num_experts} experts, "
-            f"got {tuple(expert_offsets.shape)}"
-        )
-    if down.shape[0] != num_experts or down.shape[1] * 2 != gate_up.shape[2]:
-        raise ValueError(f"gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do not fit together")
-    if rows.dim() != 2 or rows.shape[1] != gate_up.shape[1]:
-        raise ValueError(f"rows must be [R, {gate_up.shape[1]}], got {tuple(rows.shape)}")
-    bounds = expert_offsets.tolist()
-    if bounds[0] != 0 or bounds[-1] != rows.shape[0]:
-        raise ValueError(f"expert_offsets must run from 0 to {rows.shape[0]} rows, got {bounds[0]}..{bounds[-1]}")
+
+def _grouped_experts(
+    rows: torch.Tensor, expert_offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    inter = down.shape[1]
+    ends = expert_offsets[1:].to(torch.int32)  # grouped_mm takes each group's end row
+    gate_up_out = torch._grouped_mm(rows, gate_up, offs=ends)  # [R, 2I]
+    act = F.silu(gate_up_out[:, :inter]) * gate_up_out[:, inter:]  # [R, I]
+    return torch._grouped_mm(act, down, offs=ends)
+
+
+def _looped_experts(
+    rows: torch.Tensor, expert_offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    inter = down.shape[1]
     out = torch.empty_like(rows)
-    for e in range(num_experts):
+    bounds = expert_offsets.tolist()
+    for e in range(gate_up.shape[0]):
         start, end = bounds[e], bounds[e + 1]
-        if end == start:
-            continue
-        gate, up = (rows[start:end] @ gate_up[e]).chunk(2, dim=-1)  # [n, I] each
-        out[start:end] = (up * F.silu(gate)) @ down[e]
+        if end > start:
+            gate_up_out = rows[start:end] @ gate_up[e]  # [n, 2I]
+            act = F.silu(gate_up_out[:, :inter]) * gate_up_out[:, inter:]
+            torch.mm(act, down[e], out=out[start:end])
     return out
 
 
 def combine(out_rows: torch.Tensor, permutation: Permutation, num_tokens: int) -> torch.Tensor:
-    """Scatter expert outputs back to their tokens, summing over the k choices: [R, H] -> [T, H]."""
-    if out_rows.shape[0] != permutation.row_token.shape[0]:
-        raise ValueError(f"{out_rows.shape[0]} output rows for {permutation.row_token.shape[0]} permuted rows")
-    out = torch.zeros(num_tokens, out_rows.shape[1], dtype=out_rows.dtype, device=out_rows.device)
-    return out.index_add_(0, permutation.row_token, out_rows)
+    """Gather each token's k rows and sum them (in float32 for bf16): [R, H] -> [T, H]."""
+    gathered = out_rows.index_select(0, permutation.source_row)  # [T*k, H], token-major
+    if permutation.top_k == 1:
+        return gathered
+    summed = gathered.view(num_tokens, permutation.top_k, -1).sum(1, dtype=torch.float32)
+    return summed.to(out_rows.dtype)
 
 
-def _check_routing(x: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, num_experts: int) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"x must be [T, H], got shape {tuple(x.shape)}")
-    if ids.dim() != 2 or ids.shape[0] != x.shape[0] or ids.shape != scores.shape:
-        raise ValueError(
-            f"topk_ids {tuple(ids.shape)} and topk_scores {tuple(scores.shape)} must both be [{x.shape[0]}, k]"
-        )
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
-        raise ValueError(f"expert ids must lie in 0..{num_experts - 1}, got {int(ids.min())}..{int(ids.max())}")
+_GROUPED_MM: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs here (CPU builds have it; CUDA needs a recent GPU): tried once."""
+    key = (device.type if device.index is None else f"{device.type}:{device.index}", dtype)
+    if key not in _GROUPED_MM:
+        try:
+            a = torch.ones(16, 16, device=device, dtype=dtype)
+            b = torch.ones(2, 16, 16, device=device, dtype=dtype)
+            out = torch._grouped_mm(a, b, offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
+            _GROUPED_MM[key] = bool(out[0, 0] == 16)
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _GROUPED_MM[key] = False
+    return _GROUPED_MM[key]

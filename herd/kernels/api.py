@@ -1,0 +1,158 @@
+"""The four MoE stages behind one API: inputs are checked here, then the tensors' device picks the backend.
+
+Legend: T tokens, k experts per token, E experts, G = E groups in output order, H hidden,
+I expert intermediate, R = T*k rows.
+
+CPU tensors run the torch backend. CUDA tensors run the CuPy kernels (`herd/kernels/cuda/*.cu`) for
+route, permute and combine, and cuBLAS through torch for the expert GEMMs; CuPy is imported only then,
+and where it is missing the torch backend runs on the GPU instead. Every check raises ValueError naming
+the tensor and the values, before anything is launched.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from herd.kernels import torch_moe
+from herd.kernels.permutation import Permutation
+
+log = logging.getLogger(__name__)
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16)
+MAX_EXPERTS = 1024  # the CUDA gating kernel keeps one bit per expert a lane owns (32 lanes x 32 bits)
+
+
+def route(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token on the raw logits and the sigmoid of each: ([T, k] int32, [T, k])."""
+    check_tensor("router_logits", router_logits, dims=2, dtypes=FLOAT_DTYPES)
+    experts = router_logits.shape[1]
+    if not 1 <= experts <= MAX_EXPERTS:
+        raise ValueError(f"router_logits has {experts} experts; 1..{MAX_EXPERTS} are supported")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= experts:
+        raise ValueError(f"k must be an integer in 1..{experts} (experts), got {k!r}")
+    return _backend(router_logits).route(router_logits, k)
+
+
+def permute(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_scores: torch.Tensor,
+    num_experts: int,
+    *,
+    expert_order: Sequence[int] | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Permutation]:
+    """Group the k copies of every token by expert, each scaled by its score: rows [R, H].
+
+    `expert_order` lists the experts in the order their groups should appear (for example shard by
+    shard, so each shard's rows are one contiguous slice); by default experts are in id order. Within
+    a group rows keep token order, so results do not depend on how a batch was assembled.
+    """
+    check_tensor("x", x, dims=2, dtypes=FLOAT_DTYPES)
+    check_tensor("topk_ids", topk_ids, dims=2, dtypes=(torch.int32,), device=x.device)
+    check_tensor("topk_scores", topk_scores, dims=2, dtypes=(x.dtype,), device=x.device)
+    if topk_ids.shape[0] != x.shape[0] or topk_ids.shape != topk_scores.shape:
+        raise ValueError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_scores {tuple(topk_scores.shape)} must both be "
+            f"[{x.shape[0]}, k] for x {tuple(x.shape)}"
+        )
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"num_experts must be an integer in 1..{MAX_EXPERTS}, got {num_experts!r}")
+    if topk_ids.numel():
+        low, high = (int(v) for v in torch.aminmax(topk_ids))
+        if low < 0 or high >= num_experts:
+            raise ValueError(f"topk_ids hold experts {low}..{high}, outside 0..{num_experts - 1}")
+    order = _expert_order(expert_order, num_experts, x.device)
+    return _backend(x).permute(x, topk_ids, topk_scores, order)
+
+
+def experts(
+    rows: torch.Tensor, expert_offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """SwiGLU of each expert over its own rows: [R, H] -> [R, H]; experts with no rows cost nothing.
+
+    gate_up [E', H, 2I] and down [E', I, H] hold exactly the experts that expert_offsets [E'+1]
+    describes, in the same order: all of a layer's experts, or the subset a shard owns.
+    """
+    check_tensor("rows", rows, dims=2, dtypes=FLOAT_DTYPES)
+    check_tensor("gate_up", gate_up, dims=3, dtypes=(rows.dtype,), device=rows.device)
+    check_tensor("down", down, dims=3, dtypes=(rows.dtype,), device=rows.device)
+    check_tensor("expert_offsets", expert_offsets, dims=1, dtypes=(torch.int64, torch.int32), device=rows.device)
+    count, hidden, inter2 = gate_up.shape
+    if down.shape != (count, inter2 // 2, hidden) or inter2 % 2:
+        raise ValueError(f"gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do not fit together")
+    if rows.shape[1] != hidden:
+        raise ValueError(f"rows must be [R, {hidden}] for gate_up {tuple(gate_up.shape)}, got {tuple(rows.shape)}")
+    if expert_offsets.shape != (count + 1,):
+        raise ValueError(
+            f"expert_offsets must be [{count + 1}] for {count} experts, got {tuple(expert_offsets.shape)}"
+        )
+    bounds = expert_offsets.tolist()  # one device sync, however many experts
+    if bounds[0] != 0 or bounds[-1] != rows.shape[0] or any(b < a for a, b in itertools.pairwise(bounds)):
+        raise ValueError(f"expert_offsets must rise from 0 to {rows.shape[0]} rows, got {bounds}")
+    return torch_moe.experts(rows, expert_offsets, gate_up, down)
+
+
+def combine(out_rows: torch.Tensor, permutation: Permutation, num_tokens: int) -> torch.Tensor:
+    """Sum each token's k expert outputs back into place: [R, H] -> [T, H]."""
+    check_tensor("out_rows", out_rows, dims=2, dtypes=FLOAT_DTYPES)
+    rows = permutation.source_row.shape[0]
+    if out_rows.shape[0] != rows or num_tokens * permutation.top_k != rows:
+        raise ValueError(
+            f"out_rows has {out_rows.shape[0]} rows; the permutation has {rows} = "
+            f"{num_tokens} tokens x k={permutation.top_k}?"
+        )
+    return _backend(out_rows).combine(out_rows, permutation, num_tokens)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    dims: int,
+    dtypes: tuple[torch.dtype, ...],
+    device: torch.device | None = None,
+) -> None:
+    """ValueError naming `name` unless t is a contiguous tensor of `dims` dims, one of `dtypes`, on `device`."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must be {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the other inputs on {device}")
+
+
+def _expert_order(order: Sequence[int] | torch.Tensor | None, num_experts: int, device: torch.device) -> torch.Tensor:
+    if order is None:
+        return torch.arange(num_experts, device=device)
+    values = order.tolist() if isinstance(order, torch.Tensor) else list(order)
+    if sorted(values) != list(range(num_experts)):
+        raise ValueError(f"expert_order must list each of the {num_experts} experts once, got {values}")
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+_cupy_backend: ModuleType | None = None
+_cupy_missing = False
+
+
+def _backend(t: torch.Tensor) -> ModuleType:
+    global _cupy_backend, _cupy_missing
+    if t.device.type != "cuda" or _cupy_missing:
+        return torch_moe
+    if _cupy_backend is None:
+        try:
+            from herd.kernels import cupy_moe
+        except ImportError as err:
+            _cupy_missing = True
+            log.warning("CuPy is not importable (%s); MoE stages run with the torch backend on the GPU", err)
+            return torch_moe
+        _cupy_backend = cupy_moe
+    return _cupy_backend
