@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.herd-installed
 TINY := .herd/models/tiny-scout
 
-.PHONY: venv serve test lint unit clean
+.PHONY: venv serve test lint gpu-check clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# On a CUDA machine: every CuPy kernel and a whole MoE layer against torch, then timed. Needs only
+# PyTorch and CuPy (the GPU machines have nothing else), so it uses the system python, not .venv.
+gpu-check:
+	PYTHONPATH=. $(PYTHON) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .herd

@@ -8,5 +8,6 @@ inputs and the tensors' device picks the backend (torch on CPU; CuPy kernels plu
 from herd.kernels.api import combine, experts, permute, route
 from herd.kernels.permutation import Permutation
 from herd.kernels.reference import moe_reference
+from herd.kernels.torch_moe import swiglu
 
-__all__ = ["Permutation", "combine", "experts", "moe_reference", "permute", "route"]
+__all__ = ["Permutation", "combine", "experts", "moe_reference", "permute", "route", "swiglu"]

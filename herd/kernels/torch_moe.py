@@ -55,13 +55,23 @@ def experts(
     return _looped_experts(rows, expert_offsets, gate_up, down)
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, written into `gate` when no autograd graph needs it (saves a pass and a buffer).
+
+    The caller must own `gate` (a fresh GEMM output); up is only read.
+    """
+    if torch.is_inference_mode_enabled() or not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+        return F.silu(gate, inplace=True).mul_(up)
+    return F.silu(gate) * up
+
+
 def _grouped_experts(
     rows: torch.Tensor, expert_offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
 ) -> torch.Tensor:
     inter = down.shape[1]
     ends = expert_offsets[1:].to(torch.int32)  # grouped_mm takes each group's end row
     gate_up_out = torch._grouped_mm(rows, gate_up, offs=ends)  # [R, 2I]
-    act = F.silu(gate_up_out[:, :inter]) * gate_up_out[:, inter:]  # [R, I]
+    act = swiglu(gate_up_out[:, :inter], gate_up_out[:, inter:])  # [R, I], a view into gate_up_out
     return torch._grouped_mm(act, down, offs=ends)
 
 
@@ -75,8 +85,7 @@ def _looped_experts(
         start, end = bounds[e], bounds[e + 1]
         if end > start:
             gate_up_out = rows[start:end] @ gate_up[e]  # [n, 2I]
-            act = F.silu(gate_up_out[:, :inter]) * gate_up_out[:, inter:]
-            torch.mm(act, down[e], out=out[start:end])
+            torch.mm(swiglu(gate_up_out[:, :inter], gate_up_out[:, inter:]), down[e], out=out[start:end])
     return out
 
 

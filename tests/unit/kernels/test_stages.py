@@ -121,3 +121,18 @@ def test_reference_equals_transformers_moe_on_filled_weights():
         ours = shared + kernels.moe_reference(x, logits, 1, moe.experts.gate_up_proj, moe.experts.down_proj)
     assert (expected - shared).norm() > 0.1 * expected.norm(), "routed experts must contribute"
     assert rel_error(ours, expected) < 1e-6
+
+
+def test_swiglu_works_in_place_without_autograd_and_out_of_place_with_it():
+    gate, up = torch.randn(4, 6), torch.randn(4, 6)
+    expected = F.silu(gate) * up
+    with torch.inference_mode():
+        owned = gate.clone()
+        assert kernels.swiglu(owned, up) is owned
+        torch.testing.assert_close(owned, expected)
+    leaf = gate.clone().requires_grad_()
+    out = kernels.swiglu(leaf, up)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    torch.testing.assert_close(leaf, gate, msg="the autograd input must stay untouched")
+    assert leaf.grad is not None
