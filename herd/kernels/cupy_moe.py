@@ -36,9 +36,8 @@ def route(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     scores = _empty((tokens, k), router_logits.dtype, router_logits.device)
     if tokens:
         blocks = (tokens + _WARPS_PER_ROUTE_BLOCK - 1) // _WARPS_PER_ROUTE_BLOCK
-        kernel = _kernel("gating", f"route_topk_sigmoid_{_SUFFIX[router_logits.dtype]}")
         with _on(router_logits.device):
-            kernel(
+            _kernel("gating", f"route_topk_sigmoid_{_SUFFIX[router_logits.dtype]}")(
                 (blocks,), (32 * _WARPS_PER_ROUTE_BLOCK,),
                 (_cp(router_logits), np.int32(tokens), np.int32(experts), np.int32(k), _cp(ids), _cp(scores)),
             )
@@ -105,6 +104,7 @@ def _module(name: str) -> cupy.RawModule:
 
 
 def _kernel(module: str, function: str) -> cupy.RawKernel:
+    """A kernel of `module`.cu, loaded on the current CuPy device (call inside _on)."""
     return _module(module).get_function(function)
 
 
