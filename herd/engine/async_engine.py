@@ -1,0 +1,100 @@
+"""The asyncio face of the engine: stream a request's tokens as they come, abort it at any time.
+
+Steps run in a worker thread so the event loop stays free; requests are checked on the caller's
+thread (so a bad one raises at once) and handed to the engine thread through a queue, as are aborts.
+A stream whose consumer stops reading (client gone, task cancelled) aborts its request, so its KV
+blocks return to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from herd.engine.config import EngineConfig
+from herd.engine.llm_engine import LLMEngine, Prompt
+from herd.engine.outputs import RequestOutput
+from herd.engine.sampling_params import SamplingParams
+
+
+class AsyncLLMEngine:
+    """Wraps an LLMEngine; one background task drives its steps while there is work."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()  # guards the hand-over lists, never held across a step
+        self._to_submit: list = []
+        self._to_abort: list[str] = []
+        self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> AsyncLLMEngine:
+        return cls(LLMEngine.from_pretrained(path, config))
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        tenant_id: str = "default",
+        tenant_weight: float = 1.0,
+        sharing_group: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's output after every step that changes it; the last one has finished=True."""
+        request = self.engine.prepare(prompt, params, request_id=request_id, tenant_id=tenant_id,
+                                      tenant_weight=tenant_weight, sharing_group=sharing_group)
+        rid = request.seq.request_id
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already in use")
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[rid] = queue
+        with self._lock:
+            self._to_submit.append(request)
+        self._ensure_loop()
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(rid)
+            self._streams.pop(rid, None)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (idempotent); its stream ends with finish_reason "abort"."""
+        with self._lock:
+            self._to_abort.append(request_id)
+        self._ensure_loop()
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            outputs = await asyncio.to_thread(self._step)
+            for out in outputs:
+                queue = self._streams.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+            with self._lock:
+                idle = not self._to_submit and not self._to_abort and not self.engine.has_unfinished()
+            if idle:
+                return
+
+    def _step(self) -> list[RequestOutput]:
+        """On the worker thread: take the queued submissions and aborts, then one engine step."""
+        with self._lock:
+            submit, self._to_submit = self._to_submit, []
+            abort, self._to_abort = self._to_abort, []
+        for request in submit:
+            self.engine.submit(request)
+        for rid in abort:
+            self.engine.abort(rid)
+        return self.engine.step() if self.engine.has_unfinished() else []

@@ -1,0 +1,67 @@
+"""A pool of KV blocks: reference counts, a free list in LRU order, and the prefix-cache index.
+
+Pure bookkeeping (block ids are ints; the tensors live in the model runner). A block whose last user
+let go goes to the end of the free list but keeps its hash, so a later request with the same prefix
+can take it back; allocation takes the least recently freed block and only then forgets its hash.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class BlockPool:
+    """Blocks 0..num_blocks-1 of one KV group."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"a block pool needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._refs = [0] * num_blocks
+        self._hash: list[bytes | None] = [None] * num_blocks
+        self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self._cached: dict[bytes, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        """Blocks no sequence uses (some still hold a cached prefix until reused)."""
+        return len(self._free)
+
+    def allocate(self) -> int:
+        """A block for new tokens, referenced once. The caller checked num_free first."""
+        block, _ = self._free.popitem(last=False)
+        old = self._hash[block]
+        if old is not None:
+            del self._cached[old]
+            self._hash[block] = None
+        self._refs[block] = 1
+        return block
+
+    def take_cached(self, block_hash: bytes) -> int | None:
+        """The block holding this prefix hash, with one more reference, or None."""
+        block = self._cached.get(block_hash)
+        if block is not None:
+            if self._refs[block] == 0:
+                del self._free[block]
+            self._refs[block] += 1
+        return block
+
+    def peek_cached(self, block_hash: bytes) -> bool:
+        return block_hash in self._cached
+
+    def release(self, block: int) -> None:
+        """Drop one reference; at zero the block is free again (most recently used end)."""
+        if self._refs[block] <= 0:
+            raise RuntimeError(f"block {block} released more often than taken")
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            self._free[block] = None
+
+    def register(self, block: int, block_hash: bytes) -> None:
+        """Make a full block findable by its prefix hash (first block with a hash wins)."""
+        if self._hash[block] is None and block_hash not in self._cached:
+            self._hash[block] = block_hash
+            self._cached[block_hash] = block
+
+    def refs(self, block: int) -> int:
+        return self._refs[block]

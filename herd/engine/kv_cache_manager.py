@@ -1,0 +1,174 @@
+"""Which KV blocks each sequence holds: paged, iRoPE-aware, with a tenant-salted prefix cache.
+
+Layers come in two groups with separate block pools. Global (NoPE, full-attention) layers keep every
+token of a sequence. Chunked (RoPE) layers attend only within fixed chunks of `chunk_size` tokens, so
+they keep only the chunk the sequence is in: the blocks of earlier chunks are released the moment the
+sequence's computed tokens cross into the next chunk. Block i of a table covers positions
+[i*B, (i+1)*B); a released chunked entry becomes None. chunk_size is a multiple of the block size B.
+
+Full blocks are registered in their group's prefix cache under a hash chain salted with the
+sequence's cache salt; a new or preempted sequence starts from the longest cached prefix it can use:
+all of its global blocks, and for the chunked layers only the blocks of the chunk it resumes in.
+Pure bookkeeping: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from herd.engine.block_pool import BlockPool
+from herd.engine.prefix_hash import block_hashes
+from herd.engine.sequence import Sequence
+
+FULL = "full"
+CHUNKED = "chunked"
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVLayout:
+    """Block geometry of the cache; sizes come from the engine config and the model."""
+
+    block_size: int
+    """B: tokens per block."""
+    chunk_size: int | None
+    """Local-attention chunk of the chunked group; None when the model has no chunked layers."""
+    num_blocks: dict[str, int]
+    """Blocks in each group's pool."""
+    bytes_per_block: dict[str, int]
+    """Bytes one block takes across all layers of its group (keys and values)."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_size is not None and self.chunk_size % self.block_size:
+            raise ValueError(
+                f"attention_chunk_size {self.chunk_size} is not a multiple of block_size {self.block_size}"
+            )
+        if (self.chunk_size is None) != (CHUNKED not in self.num_blocks):
+            raise ValueError("a chunked block pool goes with a chunk size, and only then")
+
+
+class KVCacheManager:
+    """Block tables of every running sequence, over one BlockPool per layer group."""
+
+    def __init__(self, layout: KVLayout, *, enable_prefix_caching: bool = True) -> None:
+        self.layout = layout
+        self.block_size = layout.block_size
+        self.pools = {group: BlockPool(n) for group, n in layout.num_blocks.items()}
+        self.enable_prefix_caching = enable_prefix_caching
+        self._tables: dict[str, dict[str, list[int | None]]] = {}
+        self._hashes: dict[str, list[bytes]] = {}
+
+    # --- the scheduler's questions -------------------------------------------------------------
+    def admit(self, seq: Sequence) -> None:
+        """Give a waiting sequence its tables, starting from the longest usable cached prefix."""
+        self._tables[seq.request_id] = {group: [] for group in self.pools}
+        self._hashes[seq.request_id] = []
+        seq.num_computed = 0
+        seq.num_cached_prompt_tokens = 0
+        if not self.enable_prefix_caching:
+            return
+        known = seq.token_ids()
+        keys = block_hashes(known[: len(known) - 1], self.block_size, seq.cache_salt)  # leave a token to compute
+        hit = self._longest_usable_prefix(keys)
+        tables = self._tables[seq.request_id]
+        if FULL in self.pools:
+            tables[FULL] = [self.pools[FULL].take_cached(keys[i]) for i in range(hit)]
+        if CHUNKED in self.pools:
+            first = self._window_start(hit * self.block_size) // self.block_size
+            tables[CHUNKED] = [None] * first + [self.pools[CHUNKED].take_cached(keys[i]) for i in range(first, hit)]
+        self._hashes[seq.request_id] = keys[:hit]
+        seq.num_computed = seq.num_cached_prompt_tokens = hit * self.block_size
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Blocks for the seq's next num_tokens tokens in every group, all or nothing."""
+        needed = self._missing(seq, seq.num_computed + num_tokens)
+        if any(len(blocks) > self.pools[group].num_free for group, blocks in needed.items()):
+            return False
+        tables = self._tables[seq.request_id]
+        for group, indices in needed.items():
+            table = tables[group]
+            for i in indices:
+                while len(table) <= i:
+                    table.append(None)
+                table[i] = self.pools[group].allocate()
+        return True
+
+    def on_computed(self, seq: Sequence) -> None:
+        """After a step: cache the blocks it filled, release chunk blocks the sequence has moved past."""
+        tables = self._tables[seq.request_id]
+        if self.enable_prefix_caching:
+            keys = self._hashes[seq.request_id]
+            known = seq.token_ids()[: seq.num_computed]
+            new = block_hashes(known, self.block_size, seq.cache_salt, start=len(keys),
+                               parent=keys[-1] if keys else None)
+            for i, key in enumerate(new, start=len(keys)):
+                for group, table in tables.items():
+                    if i < len(table) and table[i] is not None:
+                        self.pools[group].register(table[i], key)
+            keys.extend(new)
+        if CHUNKED in tables:
+            table = tables[CHUNKED]
+            for i in range(self._window_start(seq.num_computed) // self.block_size):
+                if i < len(table) and table[i] is not None:
+                    self.pools[CHUNKED].release(table[i])
+                    table[i] = None
+
+    def free(self, seq: Sequence) -> None:
+        """Release everything the sequence holds (finished, aborted or preempted)."""
+        tables = self._tables.pop(seq.request_id, {})
+        self._hashes.pop(seq.request_id, None)
+        for group, table in tables.items():
+            for block in table:
+                if block is not None:
+                    self.pools[group].release(block)
+
+    # --- what the model runner and reports read ---------------------------------------------------
+    def table(self, seq: Sequence, group: str) -> list[int | None]:
+        return self._tables[seq.request_id][group]
+
+    def window_start(self, group: str, position: int) -> int:
+        """First position a query at `position` attends to in `group`."""
+        return 0 if group == FULL else self._window_start(position)
+
+    def blocks_held(self, seq: Sequence) -> dict[str, int]:
+        tables = self._tables.get(seq.request_id, {})
+        return {group: sum(b is not None for b in table) for group, table in tables.items()}
+
+    def bytes_held(self, seq: Sequence) -> int:
+        """KV bytes this sequence pins right now, all layers."""
+        return sum(n * self.layout.bytes_per_block[g] for g, n in self.blocks_held(seq).items())
+
+    def full_cache_bytes(self, num_tokens: int) -> int:
+        """What a cache that keeps every layer in full would hold for num_tokens tokens."""
+        blocks = -(-num_tokens // self.block_size)
+        return blocks * sum(self.layout.bytes_per_block.values())
+
+    def num_free(self, group: str) -> int:
+        return self.pools[group].num_free
+
+    # --- internals --------------------------------------------------------------------------------
+    def _window_start(self, position: int) -> int:
+        chunk = self.layout.chunk_size
+        return 0 if chunk is None else position // chunk * chunk
+
+    def _missing(self, seq: Sequence, end: int) -> dict[str, list[int]]:
+        """Block indices each group lacks for positions [window start of num_computed, end)."""
+        last = -(-end // self.block_size)  # blocks needed to hold `end` tokens
+        tables = self._tables[seq.request_id]
+        missing: dict[str, list[int]] = {}
+        for group, table in tables.items():
+            first = self.window_start(group, seq.num_computed) // self.block_size
+            missing[group] = [i for i in range(first, last) if i >= len(table) or table[i] is None]
+        return missing
+
+    def _longest_usable_prefix(self, keys: list[bytes]) -> int:
+        """Most blocks h such that global blocks 0..h-1 and the chunked blocks of h's chunk are cached."""
+        hit = 0 if FULL in self.pools else len(keys)
+        while FULL in self.pools and hit < len(keys) and self.pools[FULL].peek_cached(keys[hit]):
+            hit += 1
+        if CHUNKED not in self.pools:
+            return hit
+        for h in range(hit, 0, -1):
+            first = self._window_start(h * self.block_size) // self.block_size
+            if all(self.pools[CHUNKED].peek_cached(keys[i]) for i in range(first, h)):
+                return h
+        return 0

@@ -1,0 +1,261 @@
+"""LLMEngine: requests in, tokens out. A step is schedule -> run -> postprocess.
+
+Usable alone (`generate` for a batch) and as the core of the async engine and the model replicas.
+Requests are checked before they join (a bad one raises ValueError and disturbs nothing); a request
+that finishes or is aborted gives its KV blocks back in the same step.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from herd.engine.config import EngineConfig
+from herd.engine.detokenizer import IncrementalDetokenizer
+from herd.engine.kv_cache_manager import KVCacheManager
+from herd.engine.model_runner import ModelRunner
+from herd.engine.outputs import RequestOutput
+from herd.engine.paged_kv import PagedKVCache
+from herd.engine.sampler import TokenLogprobs, request_generator, sample
+from herd.engine.sampling_params import SamplingParams
+from herd.engine.scheduler import Scheduler, SchedulerOutput
+from herd.engine.sequence import Sequence, Status
+from herd.model.llama4 import Llama4Model
+from herd.model.loader import load_model
+from herd.model.special_tokens import BEGIN_OF_TEXT
+from herd.model.tokenizer import Tokenizer
+
+Prompt = str | Seq[int]
+
+
+@dataclass(eq=False)
+class _Request:
+    """Engine-side state of a sequence: text so far, sampling generator, what was already reported."""
+
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    logprobs: list[TokenLogprobs] | None
+    reported_tokens: int = 0
+    reported_chars: int = 0
+    text_end: int | None = None  # where a stop string cut the text
+
+
+class LLMEngine:
+    """Continuous-batching engine over one Llama 4 model."""
+
+    def __init__(self, model: Llama4Model, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_model_len = self.config.context_limit(model.config)
+        layout = self.config.kv_layout(model.config)
+        self.kv = KVCacheManager(layout, enable_prefix_caching=self.config.enable_prefix_caching)
+        cache = PagedKVCache(model.config, layout, dtype=self.config.dtype, device=torch.device(self.config.device))
+        self.runner = ModelRunner(model, self.kv, cache)
+        self.scheduler = Scheduler(self.config.scheduler(), self.kv)
+        self._requests: dict[str, _Request] = {}
+        self._aborted: list[_Request] = []
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
+        config = config or EngineConfig()
+        model = load_model(path, dtype=config.dtype, device=config.device, progress=False)
+        return cls(model, Tokenizer.from_pretrained(path), config)
+
+    # --- requests -----------------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        tenant_id: str = "default",
+        tenant_weight: float = 1.0,
+        sharing_group: str | None = None,
+    ) -> str:
+        """Queue a request; ValueError (and nothing queued) if any part of it is invalid."""
+        request = self.prepare(prompt, params, request_id=request_id, tenant_id=tenant_id,
+                               tenant_weight=tenant_weight, sharing_group=sharing_group)
+        self.submit(request)
+        return request.seq.request_id
+
+    def prepare(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        tenant_id: str = "default",
+        tenant_weight: float = 1.0,
+        sharing_group: str | None = None,
+    ) -> _Request:
+        """Check and tokenize a request without touching the engine's state (safe from any thread)."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if not isinstance(tenant_weight, (int, float)) or isinstance(tenant_weight, bool) or not tenant_weight > 0:
+            raise ValueError(f"tenant_weight must be a positive number, got {tenant_weight!r}")
+        ids = self._prompt_ids(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the context limit is {self.max_model_len} (prompt + at least 1 new)"
+            )
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.tokenizer.stop_ids))
+        seq = Sequence(
+            request_id=rid, prompt_ids=ids, params=params, tenant_id=tenant_id, tenant_weight=float(tenant_weight),
+            cache_salt=f"group:{sharing_group}" if sharing_group else f"tenant:{tenant_id}", stop_ids=frozenset(stops),
+        )
+        return _Request(
+            seq=seq,
+            detokenizer=IncrementalDetokenizer(self.tokenizer),
+            generator=request_generator(params, torch.device(self.config.device)),
+            logprobs=[] if params.logprobs is not None else None,
+        )
+
+    def submit(self, request: _Request) -> None:
+        rid = request.seq.request_id
+        if rid in self._requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        self._requests[rid] = request
+        self.scheduler.add(request.seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now; its blocks are freed and the next step reports it with reason "abort"."""
+        request = self._requests.get(request_id)
+        if request is None or request.seq.is_finished:
+            return False
+        self.scheduler.finish(request.seq, "abort")
+        self._aborted.append(request)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or bool(self._aborted)
+
+    # --- the loop -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One engine step; outputs for every request that got a token or finished."""
+        scheduled = self.scheduler.schedule()
+        logits = self.runner.run(scheduled.chunks) if scheduled.chunks else None
+        self.scheduler.on_step_done(scheduled)
+        return self._postprocess(scheduled, logits)
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        **kwargs: object,
+    ) -> list[RequestOutput]:
+        """Run a batch to completion: one final output per prompt, in order."""
+        batch = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
+        per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(batch)
+        if len(per_prompt) != len(batch):
+            raise ValueError(f"{len(per_prompt)} SamplingParams for {len(batch)} prompts")
+        pairs = zip(batch, per_prompt, strict=True)
+        requests = [self.prepare(p, sp, **kwargs) for p, sp in pairs]  # type: ignore[arg-type]
+        for request in requests:
+            self.submit(request)
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(requests):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[r.seq.request_id] for r in requests]
+
+    # --- internals ----------------------------------------------------------------------------------
+    def _postprocess(self, scheduled: SchedulerOutput, logits: torch.Tensor | None) -> list[RequestOutput]:
+        outputs = [self._report(r) for r in self._aborted]
+        self._aborted.clear()
+        sampling = [c.seq for c in scheduled.chunks if c.samples]
+        for row, seq in enumerate(sampling):
+            request = self._requests[seq.request_id]
+            assert logits is not None
+            token, logprobs = sample(logits[row], seq.params, request.generator)
+            seq.output_ids.append(token)
+            if request.logprobs is not None and logprobs is not None:
+                request.logprobs.append(logprobs)
+            reason = self._finish_reason(request, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            outputs.append(self._report(request))
+        return outputs
+
+    def _finish_reason(self, request: _Request, token: int) -> str | None:
+        seq = request.seq
+        request.detokenizer.push(seq.output_ids)
+        if token in seq.stop_ids:
+            return "stop"
+        if seq.params.stop and self._cut_at_stop_string(request):
+            return "stop"
+        if len(seq.output_ids) >= seq.params.max_tokens or seq.num_known >= self.max_model_len:
+            return "length"
+        return None
+
+    def _cut_at_stop_string(self, request: _Request) -> bool:
+        params = request.seq.params
+        text = request.detokenizer.text
+        longest = max(len(s) for s in params.stop)
+        window_start = max(0, request.reported_chars - longest)
+        hits = [(i, s) for s in params.stop if (i := text.find(s, window_start)) >= 0]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        request.text_end = index + len(stop) if params.include_stop_str_in_output else index
+        return True
+
+    def _report(self, request: _Request) -> RequestOutput:
+        seq = request.seq
+        finished = seq.status is Status.FINISHED
+        if finished and request.text_end is None:
+            request.detokenizer.flush(seq.output_ids)
+        text = request.detokenizer.text
+        if request.text_end is not None:
+            text = text[: request.text_end]
+        elif not finished and seq.params.stop:
+            # Hold back what could still become a stop string, so streamed text is never taken back.
+            text = text[: max(request.reported_chars, len(text) - max(len(s) for s in seq.params.stop) + 1)]
+        out = RequestOutput(
+            request_id=seq.request_id,
+            tenant_id=seq.tenant_id,
+            prompt_token_ids=seq.prompt_ids,
+            token_ids=list(seq.output_ids),
+            text=text,
+            delta_token_ids=seq.output_ids[request.reported_tokens :],
+            delta_text=text[request.reported_chars :],
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            logprobs=list(request.logprobs) if request.logprobs is not None else None,
+            num_cached_tokens=seq.num_cached_prompt_tokens,
+        )
+        request.reported_tokens, request.reported_chars = len(seq.output_ids), len(text)
+        if finished:
+            del self._requests[seq.request_id]
+        return out
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return self.tokenizer.encode(prompt, add_bos=not prompt.startswith(BEGIN_OF_TEXT))
+        if not _is_token_list(prompt):
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary 0..{vocab - 1}")
+        return ids
+
+
+def _is_token_list(value: object) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)

@@ -1,0 +1,45 @@
+"""The KV tensors behind the block tables: per layer, keys and values of every block of its group.
+
+Legend: N blocks in the layer's group, B tokens per block, K key/value heads, D head dim, S tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from herd.engine.kv_cache_manager import CHUNKED, FULL, KVLayout
+from herd.model.config import TextConfig
+
+
+def layer_groups(config: TextConfig) -> list[str]:
+    """The KV group of each layer: chunked local attention, or full (global) attention."""
+    return [CHUNKED if config.chunk_size(i) is not None else FULL for i in range(config.num_hidden_layers)]
+
+
+def bytes_per_block(config: TextConfig, block_size: int, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes one block of each group takes over all of that group's layers (keys and values)."""
+    per_layer = 2 * block_size * config.num_key_value_heads * config.head_dim * torch.finfo(dtype).bits // 8
+    groups = layer_groups(config)
+    return {g: per_layer * groups.count(g) for g in sorted(set(groups))}
+
+
+class PagedKVCache:
+    """k[layer], v[layer]: [N, B, K, D] for the layer's group pool."""
+
+    def __init__(self, config: TextConfig, layout: KVLayout, *, dtype: torch.dtype, device: torch.device) -> None:
+        self.block_size = layout.block_size
+        self.groups = layer_groups(config)
+        shape = (layout.block_size, config.num_key_value_heads, config.head_dim)
+        self.k = [torch.zeros(layout.num_blocks[g], *shape, dtype=dtype, device=device) for g in self.groups]
+        self.v = [torch.zeros(layout.num_blocks[g], *shape, dtype=dtype, device=device) for g in self.groups]
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [S, K, D] at flat slots [S] (block * B + offset)."""
+        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k)
+        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+
+    def gather(self, layer: int, blocks: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first num_tokens tokens stored in `blocks` [n] (in order): k, v [num_tokens, K, D]."""
+        k = self.k[layer].index_select(0, blocks).flatten(0, 1)[:num_tokens]
+        v = self.v[layer].index_select(0, blocks).flatten(0, 1)[:num_tokens]
+        return k, v

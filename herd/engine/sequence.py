@@ -1,0 +1,57 @@
+"""One request's state as it moves through the engine.
+
+Invariant (the scheduler's only rule): a sequence's known tokens are its prompt plus everything it has
+generated; `num_computed` of them have KV entries. Each step gives it some of the difference; when
+computed catches up with known, the step also samples its next token. A prefill, a chunk of one, a
+decode and a recompute after preemption are all this same catch-up.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from herd.engine.sampling_params import SamplingParams
+
+_arrivals = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # no KV blocks held (new, or preempted)
+    RUNNING = "running"  # holds KV blocks for its computed tokens
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request: its tokens, where its computation stands, who sent it, and how it ends."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    tenant_id: str = "default"
+    tenant_weight: float = 1.0
+    cache_salt: str = ""
+    """Prefix-cache namespace: the tenant id, or a sharing group that several tenants opted into."""
+    stop_ids: frozenset[int] = frozenset()
+    """Token ids that finish this sequence (model end tokens unless ignore_eos, plus stop_token_ids)."""
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+    num_cached_prompt_tokens: int = 0
+    """Prompt tokens served from the prefix cache at admission (the last admission, after preemption)."""
+
+    @property
+    def num_known(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_ids(self) -> list[int]:
+        """Every known token: prompt then output."""
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
