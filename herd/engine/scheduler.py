@@ -46,11 +46,8 @@ class ScheduledChunk:
     seq: Sequence
     start: int
     num_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the end of the known tokens, so the step samples a token."""
-        return self.start + self.num_tokens == self.seq.num_known
+    samples: bool
+    """The chunk reaches the end of the known tokens, so the step samples the next one."""
 
 
 @dataclass
@@ -145,7 +142,7 @@ class Scheduler:
             self.running.append(seq)
             seq.status = Status.RUNNING
         scheduled.add(id(seq))
-        out.chunks.append(ScheduledChunk(seq, seq.num_computed, num))
+        out.chunks.append(ScheduledChunk(seq, seq.num_computed, num, seq.num_computed + num == seq.num_known))
         return num
 
     def _candidates(self, tenant: str) -> Iterator[Sequence]:

@@ -1,0 +1,88 @@
+"""The asyncio API: tokens stream as they are made, and an abort (or a client leaving) frees the blocks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from herd.engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
+from herd.model.tiny import make_tiny
+
+CONFIG = EngineConfig(kv_cache_bytes=16 * 2**20, max_num_seqs=16)
+
+
+@pytest.fixture(scope="module")
+def scout(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("scout"), preset="scout", seed=4)
+
+
+def _blocks_free(engine):
+    return all(pool.num_free == pool.num_blocks for pool in engine.kv.pools.values())
+
+
+def test_streams_add_up_to_the_batch_result(scout):
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], list(range(10, 50)), "the herd runs"]
+    expected = LLMEngine.from_pretrained(scout, CONFIG).generate(prompts, params)
+    engine = AsyncLLMEngine.from_pretrained(scout, CONFIG)
+
+    async def consume(prompt):
+        pieces, tokens, last = [], [], None
+        async for out in engine.generate(prompt, params):
+            pieces.append(out.delta_text)
+            tokens += out.delta_token_ids
+            last = out
+        return pieces, tokens, last
+
+    async def main():
+        return await asyncio.gather(*(consume(p) for p in prompts))
+
+    for (pieces, tokens, last), want in zip(asyncio.run(main()), expected, strict=True):
+        assert tokens == want.token_ids == last.token_ids
+        assert "".join(pieces) == want.text == last.text
+        assert last.finished and last.finish_reason == "length"
+        assert len(pieces) > 1, "tokens arrive step by step, not all at the end"
+    assert _blocks_free(engine.engine)
+
+
+def test_abort_and_a_consumer_that_leaves_both_free_the_blocks(scout):
+    engine = AsyncLLMEngine.from_pretrained(scout, CONFIG)
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def aborted():
+        reasons = []
+        async for out in engine.generate(list(range(3, 40)), params, request_id="to-abort"):
+            if len(out.token_ids) >= 3 and not out.finished:
+                engine.abort("to-abort")
+            reasons.append(out.finish_reason)
+        return reasons
+
+    async def leaves():
+        stream = engine.generate(list(range(40, 90)), params, request_id="leaves")
+        async for out in stream:
+            if len(out.token_ids) >= 2:
+                break
+        await stream.aclose()  # what a closed HTTP connection does to its generator
+
+    async def main():
+        reasons, _ = await asyncio.gather(aborted(), leaves())
+        while engine.engine.has_unfinished():
+            await asyncio.sleep(0.01)
+        return reasons
+
+    reasons = asyncio.run(main())
+    assert reasons[-1] == "abort" and len(reasons) < 50
+    assert _blocks_free(engine.engine)
+    assert not engine.engine.has_unfinished()
+
+
+def test_bad_request_raises_at_once(scout):
+    engine = AsyncLLMEngine.from_pretrained(scout, CONFIG)
+
+    async def main():
+        with pytest.raises(ValueError, match="prompt is empty"):
+            async for _ in engine.generate("", SamplingParams()):
+                pass
+
+    asyncio.run(main())

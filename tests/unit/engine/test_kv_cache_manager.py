@@ -1,0 +1,109 @@
+"""Block tables: chunked layers keep one chunk, global layers everything; the prefix cache by salt."""
+
+from __future__ import annotations
+
+from herd.engine.kv_cache_manager import CHUNKED, FULL
+from tests.unit.engine.fakes import BLOCK, CHUNK, kv_manager, seq
+
+
+def _compute(kv, s, n):
+    assert kv.allocate(s, n)
+    s.num_computed += n
+    kv.on_computed(s)
+
+
+def test_chunked_layers_release_passed_chunks_global_layers_keep_all():
+    kv = kv_manager()
+    s = seq("a", 4 * CHUNK)
+    kv.admit(s)
+    for _ in range(4 * CHUNK // 3 + 1):  # uneven steps cross every boundary mid-step
+        n = min(3, s.num_known - s.num_computed)
+        if n:
+            _compute(kv, s, n)
+    assert s.num_computed == 4 * CHUNK
+    held = kv.blocks_held(s)
+    assert held[FULL] == 4 * CHUNK // BLOCK  # every token
+    assert held[CHUNKED] == 0, "computed exactly to a chunk boundary: the next chunk is empty"
+    s.output_ids.append(5)
+    _compute(kv, s, 1)
+    assert kv.blocks_held(s)[CHUNKED] == 1
+    assert kv.table(s, CHUNKED)[: 4 * CHUNK // BLOCK] == [None] * (4 * CHUNK // BLOCK)
+    assert kv.bytes_held(s) == 33 // BLOCK * 100 + 100 + 300  # 9 global blocks, 1 chunked
+    assert kv.full_cache_bytes(33) == 9 * 400
+
+
+def test_a_step_that_crosses_a_chunk_boundary_keeps_the_old_chunk_until_it_is_computed():
+    kv = kv_manager()
+    s = seq("a", 20)
+    kv.admit(s)
+    _compute(kv, s, 6)  # positions 0..5
+    assert kv.allocate(s, 6)  # positions 6..11 cross the boundary at 8: chunk 0's blocks still needed
+    assert kv.table(s, CHUNKED)[0] is not None
+    s.num_computed += 6
+    kv.on_computed(s)
+    assert kv.table(s, CHUNKED)[:2] == [None, None]
+
+
+def test_free_returns_every_block():
+    kv = kv_manager(full=20, chunked=20)
+    seqs = [seq(str(i), 10 + i) for i in range(3)]
+    for s in seqs:
+        kv.admit(s)
+        _compute(kv, s, s.num_known)
+    for s in seqs:
+        kv.free(s)
+    assert kv.num_free(FULL) == 20 and kv.num_free(CHUNKED) == 20
+
+
+def test_allocation_is_all_or_nothing():
+    kv = kv_manager(full=3, chunked=8)
+    s = seq("a", 16)
+    kv.admit(s)
+    assert not kv.allocate(s, 16)  # needs 4 global blocks, pool has 3
+    assert kv.num_free(FULL) == 3 and kv.num_free(CHUNKED) == 8
+
+
+def test_prefix_hit_takes_global_blocks_and_only_the_resumed_chunk():
+    kv = kv_manager()
+    first = seq("a", 22)
+    kv.admit(first)
+    _compute(kv, first, 22)
+    kv.free(first)  # blocks stay cached while free
+    again = seq("b", 22)
+    kv.admit(again)
+    assert again.num_computed == 20  # 5 full blocks of the 21 tokens that may come from cache
+    assert kv.blocks_held(again) == {FULL: 5, CHUNKED: 1}  # chunk 2 starts at 16: block 4 only
+    assert kv.allocate(again, 2)
+
+
+def test_prefix_cache_is_salted_per_tenant():
+    kv = kv_manager()
+    a = seq("a", 16, tenant="t1")
+    kv.admit(a)
+    _compute(kv, a, 16)
+    other_tenant = seq("b", 16, tenant="t2")
+    kv.admit(other_tenant)
+    assert other_tenant.num_computed == 0
+    same_tenant = seq("c", 16, tenant="t1")
+    kv.admit(same_tenant)
+    assert same_tenant.num_computed == 12
+
+
+def test_a_hit_needs_the_chunk_blocks_of_its_window():
+    kv = kv_manager(chunked=64)
+    a = seq("a", 30)
+    kv.admit(a)
+    _compute(kv, a, 30)
+    kv.free(a)
+    # Evict the cached chunked blocks by allocating the whole chunked pool to someone else.
+    hog = seq("hog", 64 * BLOCK, first_token=1000)
+    kv.admit(hog)
+    assert kv.allocate(hog, CHUNK)  # takes chunked blocks, least recently freed first
+    while kv.num_free(CHUNKED):
+        kv.pools[CHUNKED].allocate()
+    b = seq("b", 30)
+    kv.admit(b)
+    # Global blocks are still cached but the chunk-3 window's block is gone: the usable prefix ends at
+    # a chunk boundary (position 24), where the chunked layers need no blocks.
+    assert b.num_computed == 24
+    assert kv.blocks_held(b) == {FULL: 6, CHUNKED: 0}
