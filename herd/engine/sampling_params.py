@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20
+GREEDY_BELOW = 1e-5
+"""Temperatures this small sample greedily: dividing logits by them would overflow float32."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -15,7 +17,7 @@ class SamplingParams:
     max_tokens: int = 16
     """Most tokens to generate (finish reason "length" when reached)."""
     temperature: float = 1.0
-    """0 means greedy; otherwise logits are divided by it before sampling."""
+    """0 (or below 1e-5) means greedy; otherwise logits are divided by it before sampling."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p, in (0, 1]."""
     top_k: int = 0
@@ -54,7 +56,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def _stop_strings(stop: object) -> tuple[str, ...]:
