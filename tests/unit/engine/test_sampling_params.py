@@ -135,8 +135,10 @@ def test_stop_token_ids_become_tuple() -> None:
     assert isinstance(params.stop_token_ids, tuple)
 
 
-@pytest.mark.parametrize(("temperature", "greedy"), [(0, True), (0.0, True), (1e-6, False), (0.7, False), (2, False)])
-def test_greedy_is_temperature_zero(temperature: float, greedy: bool) -> None:
+@pytest.mark.parametrize(
+    ("temperature", "greedy"), [(0, True), (0.0, True), (1e-6, True), (1e-5, False), (0.7, False), (2, False)]
+)
+def test_greedy_below_a_temperature_of_1e5(temperature: float, greedy: bool) -> None:
     assert SamplingParams(temperature=temperature).greedy is greedy
 
 
