@@ -38,8 +38,7 @@ class PagedKVCache:
         self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k)
         self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v)
 
-    def gather(self, layer: int, blocks: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first num_tokens tokens stored in `blocks` [n] (in order): k, v [num_tokens, K, D]."""
-        k = self.k[layer].index_select(0, blocks).flatten(0, 1)[:num_tokens]
-        v = self.v[layer].index_select(0, blocks).flatten(0, 1)[:num_tokens]
-        return k, v
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values stored at flat slots [S]: k, v [S, K, D]."""
+        k, v = self.k[layer], self.v[layer]
+        return k.view(-1, *k.shape[2:]).index_select(0, slots), v.view(-1, *v.shape[2:]).index_select(0, slots)
