@@ -69,6 +69,7 @@ class Scheduler:
         self.fair = FairShare()
         self.waiting: dict[str, deque[Sequence]] = {}
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         if seq.tenant_id not in self._busy_tenants():
@@ -170,6 +171,7 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.setdefault(seq.tenant_id, deque()).appendleft(seq)
         out.preempted.append(seq)
+        self.num_preemptions += 1
 
     def _busy_tenants(self) -> set[str]:
         return {s.tenant_id for s in self.running} | {t for t, q in self.waiting.items() if q}

@@ -81,6 +81,24 @@ def test_every_block_returns_after_finish_and_abort(scout):
     assert _all_blocks_free(engine)
 
 
+def test_preempted_sequences_recompute_to_the_same_tokens(scout):
+    prompts = _prompts(8, 8, low=18, high=22)
+    reference = LLMEngine.from_pretrained(scout, EngineConfig(**SMALL))
+    expected = [o.token_ids for o in reference.generate(prompts, GREEDY)]
+    tight = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128)
+    layout = EngineConfig(**tight).kv_layout(reference.model.config)
+    chunked_bytes = layout.num_blocks["chunked"] * layout.bytes_per_block["chunked"]
+    # Room for 12 global blocks of 16 tokens, while 8 sequences growing to ~44 tokens need 24.
+    config = EngineConfig(**tight, kv_cache_bytes=chunked_bytes + 12 * layout.bytes_per_block["full"])
+    engine = LLMEngine(reference.model, reference.tokenizer, config)
+    assert engine.kv.layout.num_blocks["full"] == 12
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
+    assert engine.scheduler.num_preemptions > 0
+    assert _all_blocks_free(engine)
+    with pytest.raises(ValueError, match="holds 0 global blocks"):
+        LLMEngine(reference.model, reference.tokenizer, EngineConfig(**tight, kv_cache_bytes=chunked_bytes))
+
+
 def test_prefix_cache_is_shared_within_a_tenant_or_group_only(scout):
     engine = LLMEngine.from_pretrained(scout, EngineConfig(**SMALL))
     prompt = _prompts(1, 3, low=60, high=61)[0]
