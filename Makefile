@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.herd-installed
 TINY := .herd/models/tiny-scout
+PROTOS := herd/protos/herd/v1/experts_pb2.py
 
-.PHONY: venv serve test lint gpu-check clean
+.PHONY: venv protos serve test lint gpu-check clean
 
 venv: $(STAMP)
 
@@ -17,15 +18,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# Generated gRPC code: made from protos/ here, never edited (and not committed).
+protos: $(PROTOS)
+$(PROTOS): $(STAMP) $(wildcard protos/herd/v1/*.proto) protos/generate.py
+	$(BIN)/python protos/generate.py
+
 $(TINY)/config.json: $(STAMP)
 	$(BIN)/herd make-tiny --preset scout --out $(TINY)
 
 # Until the serving issue lands, the main job is a greedy chat completion from the embedded model.
-serve: $(STAMP) $(TINY)/config.json
+serve: $(STAMP) $(PROTOS) $(TINY)/config.json
 	$(BIN)/herd generate --model $(TINY) --chat "Tell me about the herd." --max-tokens 32
 
-lint: $(STAMP)
-	$(BIN)/ruff check herd tests bench
+lint: $(STAMP) $(PROTOS)
+	$(BIN)/ruff check herd tests bench protos
 	$(BIN)/lint-imports
 
 test: lint
@@ -37,4 +43,4 @@ gpu-check:
 	PYTHONPATH=. $(PYTHON) bench/gpu_check.py
 
 clean:
-	rm -rf $(VENV) .herd
+	rm -rf $(VENV) .herd herd/protos/herd

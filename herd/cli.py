@@ -46,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-tokens", type=int, default=32, help="most new tokens to generate")
     generate.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="compute dtype")
     generate.set_defaults(run=_generate)
+
+    shard = commands.add_parser("expert-shard", help="serve some experts of every MoE layer over gRPC")
+    shard.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    shard.add_argument("--experts", required=True, help="owned experts: 'a:b' or a comma-separated list")
+    shard.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
+    shard.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    shard.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="compute dtype")
+    shard.set_defaults(run=_expert_shard)
     return parser
 
 
@@ -71,6 +79,25 @@ def _generate(args: argparse.Namespace) -> int:
         f"[{len(prompt_ids)} prompt tokens, {len(new_ids)} generated in {seconds:.2f} s, greedy, {args.dtype}]",
         file=sys.stderr,
     )
+    return 0
+
+
+def _expert_shard(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from herd.model import load_config
+    from herd.workers.expert_shard import parse_experts, serve
+
+    experts = parse_experts(args.experts, load_config(args.model).text.num_local_experts)
+    server, port, service = serve(args.model, experts, port=args.port, host=args.host, dtype=_DTYPES[args.dtype])
+    print(f"expert shard listening on {args.host}:{port} (experts {experts[0]}..{experts[-1]}, "
+          f"{service.resident_bytes() / 2**20:.1f} MiB)", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5).wait()
     return 0
 
 

@@ -16,6 +16,7 @@ import torch
 
 from herd.engine.config import EngineConfig
 from herd.engine.detokenizer import IncrementalDetokenizer
+from herd.engine.errors import StepError
 from herd.engine.kv_cache_manager import KVCacheManager
 from herd.engine.model_runner import ModelRunner
 from herd.engine.outputs import RequestOutput
@@ -61,6 +62,7 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._aborted: list[_Request] = []
         self._ids = itertools.count()
+        self.last_error: str | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -144,7 +146,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine step; outputs for every request that got a token or finished."""
         scheduled = self.scheduler.schedule()
-        logits = self.runner.run(scheduled.chunks) if scheduled.chunks else None
+        try:
+            logits = self.runner.run(scheduled.chunks) if scheduled.chunks else None
+        except StepError as err:
+            return self._fail(scheduled, err)
         self.scheduler.on_step_done(scheduled)
         return self._postprocess(scheduled, logits)
 
@@ -186,6 +191,18 @@ class LLMEngine:
             if reason is not None:
                 self.scheduler.finish(seq, reason)
             outputs.append(self._report(request))
+        return outputs
+
+    def _fail(self, scheduled: SchedulerOutput, err: StepError) -> list[RequestOutput]:
+        """The step's work is lost: its requests end with the error (within their deadline, never a hang)
+        and give back their blocks; requests not in the step carry on."""
+        self.last_error = f"{err.code}: {err}"
+        outputs = [self._report(r) for r in self._aborted]
+        self._aborted.clear()
+        for chunk in scheduled.chunks:
+            chunk.seq.error = self.last_error
+            self.scheduler.finish(chunk.seq, "error")
+            outputs.append(self._report(self._requests[chunk.seq.request_id]))
         return outputs
 
     def _finish_reason(self, request: _Request, token: int) -> str | None:
@@ -234,6 +251,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             logprobs=list(request.logprobs) if request.logprobs is not None else None,
             num_cached_tokens=seq.num_cached_prompt_tokens,
+            error=seq.error,
         )
         request.reported_tokens, request.reported_chars = len(seq.output_ids), len(text)
         if finished:

@@ -19,6 +19,7 @@ class RequestOutput:
     delta_token_ids: list[int]
     delta_text: str
     finished: bool
-    finish_reason: str | None  # "stop", "length" or "abort" once finished
+    finish_reason: str | None  # "stop", "length", "abort" or "error" once finished
     logprobs: list[TokenLogprobs] | None
     num_cached_tokens: int  # prompt tokens served from the prefix cache
+    error: str | None = None  # "CODE: message" when finish_reason is "error" (CODE a gRPC status name)

@@ -40,6 +40,7 @@ class Sequence:
     num_computed: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None
+    error: str | None = None
     arrival: int = field(default_factory=lambda: next(_arrivals))
     num_cached_prompt_tokens: int = 0
     """Prompt tokens served from the prefix cache at admission (the last admission, after preemption)."""

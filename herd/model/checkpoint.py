@@ -70,6 +70,8 @@ class Checkpoint:
         if bad:
             raise ValueError(f"experts {bad} are outside 0..{count - 1} of {raw!r} in {file}")
         parts = [self._slice(name)[start:stop] for start, stop in _runs(experts)]
+        if not parts:  # no experts: an empty stack of the right trailing shape, nothing read
+            return self._slice(name)[0:0]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _locate(self, name: str) -> tuple[Path, str]:

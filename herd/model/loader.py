@@ -42,7 +42,11 @@ def load_model(
     experts: Iterable[int] | None = None,
     progress: bool = True,
 ) -> Llama4Model:
-    """Load the text model of a Llama 4 checkpoint (either HF layout), optionally a subset of experts."""
+    """Load the text model of a Llama 4 checkpoint (either HF layout), optionally a subset of experts.
+
+    `experts=()` loads the trunk alone (attention, routers, shared experts, dense layers): routed
+    experts then live elsewhere and an experts executor must be set before running.
+    """
     config = load_config(path)
     checkpoint = Checkpoint(path)
     expert_ids = None if experts is None else _expert_ids(experts, config.text)
@@ -121,8 +125,6 @@ def _expert_ids(experts: Iterable[int], config: TextConfig) -> tuple[int, ...]:
     bad = [e for e in ids if not isinstance(e, int) or not 0 <= e < count]
     if bad:
         raise ValueError(f"experts {bad} are outside 0..{count - 1}")
-    if not ids:
-        raise ValueError("experts is empty: a subset must hold at least one expert")
     if len(set(ids)) != len(ids):
         raise ValueError(f"experts lists an expert twice: {ids}")
     return tuple(sorted(ids))

@@ -21,7 +21,13 @@ from herd.model.mlp import FeedForward
 
 
 class ExpertsExecutor(Protocol):
-    """Runs routed experts on rows grouped by expert: rows [R, H], expert_offsets [E+1] -> [R, H]."""
+    """Runs routed experts on rows grouped by expert: rows [R, H], expert_offsets [E+1] -> [R, H].
+
+    Groups follow `expert_order` (every expert once; None means by id), which the executor chooses
+    so that, for example, each expert shard's rows come out contiguous.
+    """
+
+    expert_order: tuple[int, ...] | None
 
     def __call__(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor: ...
 
@@ -79,7 +85,8 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, H] -> [T, H]."""
         topk_ids, topk_scores = kernels.route(self.router(x), self.top_k)  # [T, k] each
-        rows, permutation = kernels.permute(x, topk_ids, topk_scores, self.num_experts)  # [R, H]
+        order = getattr(self.executor, "expert_order", None)  # a plain function groups by expert id
+        rows, permutation = kernels.permute(x, topk_ids, topk_scores, self.num_experts, expert_order=order)
         if self.executor is None:
             out_rows = self.experts(rows, permutation.expert_offsets)
         else:

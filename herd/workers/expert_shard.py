@@ -1,0 +1,134 @@
+"""An expert shard: owns some experts of every MoE layer and computes them for the trunk over gRPC.
+
+It loads only its experts (memory in proportion to its share), serves herd.v1.ExpertShard (a
+persistent Dispatch stream, plus Info), the standard grpc.health.v1 health service and reflection.
+Every dispatch message is checked before any work: a bad one ends that stream with INVALID_ARGUMENT
+and the reason, and the shard goes on serving other streams.
+
+    herd expert-shard --model DIR --experts 0:8 --port 50061
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from herd import kernels
+from herd.model.config import load_config
+from herd.model.loader import ExpertWeights, load_experts
+from herd.protos.herd.v1 import experts_pb2 as pb
+from herd.protos.herd.v1 import experts_pb2_grpc as pb_grpc
+from herd.workers.wire import TO_WIRE, from_wire, to_wire
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 512 * 2**20
+"""Room for a real step: 8192 tokens x 5120 hidden x 4 bytes is 168 MB a message."""
+SERVICE = "herd.v1.ExpertShard"
+
+
+class ExpertShardService(pb_grpc.ExpertShardServicer):
+    """The experts one shard owns, for every MoE layer, and the RPCs over them."""
+
+    def __init__(self, model: str | Path, experts: Sequence[int], *, dtype: torch.dtype = torch.float32) -> None:
+        self.model = str(model)
+        self.dtype = dtype
+        self.config = load_config(model).text
+        self.layers: dict[int, ExpertWeights] = load_experts(model, experts, dtype=dtype)
+        self.experts = tuple(sorted(experts))
+
+    def resident_bytes(self) -> int:
+        return sum(w.gate_up.nbytes + w.down.nbytes for w in self.layers.values())
+
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.ShardInfo:
+        return pb.ShardInfo(
+            model=self.model, dtype=TO_WIRE[self.dtype], experts=self.experts, moe_layers=sorted(self.layers),
+            hidden_size=self.config.hidden_size, num_experts=self.config.num_local_experts,
+            resident_expert_bytes=self.resident_bytes(),
+        )
+
+    def Dispatch(
+        self, requests: Iterator[pb.DispatchRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.DispatchReply]:
+        for request in requests:
+            try:
+                rows, offsets, weights = self.check(request)
+            except ValueError as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            out = kernels.experts(rows, offsets, weights.gate_up, weights.down)
+            yield pb.DispatchReply(sequence=request.sequence, layer=request.layer, rows=to_wire(out))
+
+    def check(self, request: pb.DispatchRequest) -> tuple[torch.Tensor, torch.Tensor, ExpertWeights]:
+        """Rows [R, H], offsets [E_owned+1] and the layer's weights, or ValueError saying what is wrong."""
+        weights = self.layers.get(request.layer)
+        if weights is None:
+            raise ValueError(f"layer {request.layer} is not a MoE layer of this model ({sorted(self.layers)})")
+        counts = list(request.counts)
+        if len(counts) != len(self.experts):
+            raise ValueError(
+                f"counts has {len(counts)} entries; this shard owns {len(self.experts)} experts {list(self.experts)}"
+            )
+        if any(c < 0 for c in counts):
+            raise ValueError(f"counts must not be negative, got {counts}")
+        rows = from_wire(request.rows, name="rows")
+        if rows.dtype != self.dtype:
+            raise ValueError(f"rows are {rows.dtype}; this shard computes in {self.dtype}")
+        if rows.dim() != 2 or rows.shape[1] != self.config.hidden_size:
+            raise ValueError(f"rows must be [R, {self.config.hidden_size}], got {list(rows.shape)}")
+        if sum(counts) != rows.shape[0]:
+            raise ValueError(f"counts sum to {sum(counts)} but {rows.shape[0]} rows were sent")
+        offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
+        return rows, offsets, weights
+
+
+def serve(
+    model: str | Path,
+    experts: Sequence[int],
+    *,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    dtype: torch.dtype = torch.float32,
+    threads: int = 4,
+) -> tuple[grpc.Server, int, ExpertShardService]:
+    """Load the experts and start serving; returns the server, the bound port and the service."""
+    service = ExpertShardService(model, experts, dtype=dtype)
+    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options)
+    pb_grpc.add_ExpertShardServicer_to_server(service, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("expert shard for experts %s of %s listening on %s:%d", list(service.experts), model, host, bound)
+    return server, bound, service
+
+
+def parse_experts(spec: str, num_experts: int) -> list[int]:
+    """'a:b' (a range) or '1,5,9' (a list) -> expert ids, checked against the model's expert count."""
+    try:
+        if ":" in spec:
+            start, stop = (int(p) for p in spec.split(":", 1))
+            ids = list(range(start, stop))
+        else:
+            ids = [int(p) for p in spec.split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"--experts must be 'a:b' or a comma-separated list, got {spec!r}") from None
+    bad = [e for e in ids if not 0 <= e < num_experts]
+    if not ids or bad or len(set(ids)) != len(ids):
+        raise ValueError(f"--experts {spec!r} must name distinct experts in 0..{num_experts - 1}")
+    return ids

@@ -1,0 +1,229 @@
+"""How the trunk reaches its expert shards: one interface, in-process or gRPC.
+
+Legend: R rows, H hidden. A transport takes, per shard, the rows for its experts and the row count
+of each of its experts (in the shard's own expert order), runs them on every shard at once, and
+returns each shard's outputs in the same order. Failures surface as ShardError with a gRPC status
+name, which the engine turns into failed requests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from herd import kernels
+from herd.engine.errors import StepError
+from herd.model.loader import ExpertWeights
+from herd.protos.herd.v1 import experts_pb2 as pb
+from herd.protos.herd.v1 import experts_pb2_grpc as pb_grpc
+from herd.workers.expert_shard import MAX_MESSAGE_BYTES, SERVICE
+from herd.workers.wire import from_wire, to_wire
+
+
+class ShardError(StepError):
+    """An expert shard could not do its part of a step."""
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    counts: list[int]  # rows per owned expert, in the shard's expert order
+    rows: torch.Tensor  # [sum(counts), H]
+
+
+@dataclass
+class TransportStats:
+    """Where dispatch time went, summed over calls (for benchmarks and metrics)."""
+
+    calls: int = 0
+    serialize_s: float = 0.0
+    wait_s: float = 0.0  # wire and remote compute
+    deserialize_s: float = 0.0
+    compute_s: float = 0.0  # in-process compute
+
+
+class ExpertTransport(Protocol):
+    stats: TransportStats
+
+    def shard_experts(self) -> list[tuple[int, ...]]:
+        """Experts each shard owns, in the order its counts refer to."""
+        ...
+
+    def run(self, layer: int, work: list[ShardWork]) -> list[torch.Tensor]:
+        """Every shard's outputs [R_s, H] for its rows, computed concurrently where possible."""
+        ...
+
+    def healthy(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class InProcessTransport:
+    """Shards as plain weight slices in this process (one GPU, or tests): no copies, no wire."""
+
+    def __init__(self, shards: list[dict[int, ExpertWeights]]) -> None:
+        self.shards = shards
+        self.stats = TransportStats()
+
+    def shard_experts(self) -> list[tuple[int, ...]]:
+        return [next(iter(layers.values())).expert_ids for layers in self.shards]
+
+    def run(self, layer: int, work: list[ShardWork]) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        outputs = []
+        for layers, item in zip(self.shards, work, strict=True):
+            weights = layers[layer]
+            offsets = torch.zeros(len(item.counts) + 1, dtype=torch.int64, device=item.rows.device)
+            offsets[1:] = torch.tensor(item.counts, device=item.rows.device).cumsum(0)
+            outputs.append(kernels.experts(item.rows, offsets, weights.gate_up, weights.down))
+        self.stats.calls += 1
+        self.stats.compute_s += time.perf_counter() - start
+        return outputs
+
+    def healthy(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class GrpcTransport:
+    """One persistent Dispatch stream per shard; every layer's messages go out to all shards at once."""
+
+    def __init__(self, addresses: list[str], *, timeout_s: float = 30.0) -> None:
+        self.timeout_s = timeout_s
+        self.stats = TransportStats()
+        self.streams = [_ShardStream(address, timeout_s) for address in addresses]
+        self.infos = [s.info() for s in self.streams]
+
+    def shard_experts(self) -> list[tuple[int, ...]]:
+        return [tuple(info.experts) for info in self.infos]
+
+    def run(self, layer: int, work: list[ShardWork]) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        sent = []
+        for stream, item in zip(self.streams, work, strict=True):
+            if item.rows.shape[0]:
+                sent.append(stream.send(layer, item.counts, to_wire(item.rows)))
+            else:
+                sent.append(None)
+        waited = time.perf_counter()
+        replies = [s.receive(seq) if seq is not None else None for s, seq in zip(self.streams, sent, strict=True)]
+        received = time.perf_counter()
+        outputs = [
+            from_wire(reply.rows, name="reply rows").to(item.rows.device) if reply is not None else item.rows.clone()
+            for reply, item in zip(replies, work, strict=True)
+        ]
+        done = time.perf_counter()
+        self.stats.calls += 1
+        self.stats.serialize_s += waited - start
+        self.stats.wait_s += received - waited
+        self.stats.deserialize_s += done - received
+        return outputs
+
+    def healthy(self) -> bool:
+        return all(s.healthy() for s in self.streams)
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+
+class _ShardStream:
+    """A Dispatch stream to one shard: requests through a queue, replies read by a thread.
+
+    After a failure the stream is rebuilt on the next send; the channel reconnects by itself when
+    the shard is back.
+    """
+
+    def __init__(self, address: str, timeout_s: float) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        self.channel = grpc.insecure_channel(address, options=options)
+        self.stub = pb_grpc.ExpertShardStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self._sequence = itertools.count(1)
+        self._requests: queue.Queue[pb.DispatchRequest | None] | None = None
+        self._replies: queue.Queue[pb.DispatchReply | grpc.RpcError] = queue.Queue()
+        self._call: grpc.Future | None = None
+        self._lock = threading.Lock()
+
+    def info(self) -> pb.ShardInfo:
+        try:
+            return self.stub.Info(pb.InfoRequest(), timeout=self.timeout_s, wait_for_ready=True)
+        except grpc.RpcError as err:
+            raise ShardError(f"expert shard at {self.address}: {err.details()}", code=err.code().name) from err
+
+    def send(self, layer: int, counts: list[int], rows: pb.Tensor) -> int:
+        with self._lock:
+            if self._requests is None:
+                self._open()
+            assert self._requests is not None
+            sequence = next(self._sequence)
+            self._requests.put(pb.DispatchRequest(sequence=sequence, layer=layer, counts=counts, rows=rows))
+        return sequence
+
+    def receive(self, sequence: int) -> pb.DispatchReply:
+        try:
+            reply = self._replies.get(timeout=self.timeout_s)
+        except queue.Empty:
+            self._break()
+            raise ShardError(f"expert shard at {self.address} did not answer within {self.timeout_s:g} s",
+                             code="DEADLINE_EXCEEDED") from None
+        if isinstance(reply, grpc.RpcError):
+            self._break()
+            code = reply.code().name if reply.code() is not None else "UNAVAILABLE"
+            raise ShardError(f"expert shard at {self.address}: {reply.details()}", code=code)
+        if reply.sequence != sequence:
+            self._break()
+            raise ShardError(f"expert shard at {self.address} answered message {reply.sequence}, not {sequence}")
+        return reply
+
+    def healthy(self) -> bool:
+        try:
+            answer = self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1.0)
+        except grpc.RpcError:
+            return False
+        return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+    def close(self) -> None:
+        self._break()
+        self.channel.close()
+
+    def _open(self) -> None:
+        requests: queue.Queue[pb.DispatchRequest | None] = queue.Queue()
+        replies: queue.Queue[pb.DispatchReply | grpc.RpcError] = queue.Queue()
+
+        def outgoing():
+            while (message := requests.get()) is not None:
+                yield message
+
+        call = self.stub.Dispatch(outgoing())
+
+        def incoming() -> None:
+            try:
+                for reply in call:
+                    replies.put(reply)
+            except grpc.RpcError as err:
+                replies.put(err)
+
+        threading.Thread(target=incoming, name=f"shard-{self.address}", daemon=True).start()
+        self._requests, self._replies, self._call = requests, replies, call
+
+    def _break(self) -> None:
+        with self._lock:
+            if self._requests is not None:
+                self._requests.put(None)
+            if self._call is not None:
+                self._call.cancel()
+            self._requests, self._call = None, None
+            self._replies = queue.Queue()

@@ -1,0 +1,38 @@
+"""Generate herd/protos/ from protos/*.proto (run by `make`; the output is never edited by hand).
+
+protoc names modules after the proto path (herd/v1/experts.proto -> herd.v1.experts_pb2); the output
+lives one package down, in herd.protos, so the generated imports are rewritten to match.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from grpc_tools import protoc
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "protos"
+OUT = ROOT / "herd" / "protos"
+
+
+def main() -> int:
+    protos = sorted(str(p.relative_to(SOURCE)) for p in SOURCE.rglob("*.proto"))
+    include = Path(protoc.__file__).parent / "_proto"
+    args = ["protoc", f"-I{SOURCE}", f"-I{include}", f"--python_out={OUT}", f"--pyi_out={OUT}",
+            f"--grpc_python_out={OUT}", *protos]
+    if protoc.main(args) != 0:
+        print("protoc failed", file=sys.stderr)
+        return 1
+    for generated in OUT.rglob("*_pb2*.py*"):
+        text = generated.read_text()
+        fixed = re.sub(r"^from herd\.v1 import", "from herd.protos.herd.v1 import", text, flags=re.MULTILINE)
+        generated.write_text(fixed)
+    for package in {p.parent for p in OUT.rglob("*_pb2.py")} | {OUT / "herd"}:
+        (package / "__init__.py").touch()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
