@@ -146,8 +146,14 @@ class _ShardStream:
     def __init__(self, address: str, timeout_s: float) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # A restarted shard is found again within a second, not after gRPC's default backoff (up to 2 min).
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
         self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.ExpertShardStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
@@ -189,8 +195,10 @@ class _ShardStream:
         return reply
 
     def healthy(self) -> bool:
+        """SERVING by the standard health service, waiting up to 2 s for the channel to (re)connect."""
         try:
-            answer = self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1.0)
+            request = health_pb2.HealthCheckRequest(service=SERVICE)
+            answer = self.health.Check(request, timeout=2.0, wait_for_ready=True)
         except grpc.RpcError:
             return False
         return answer.status == health_pb2.HealthCheckResponse.SERVING
