@@ -11,6 +11,7 @@ and the reason, and the shard goes on serving other streams.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
@@ -62,8 +63,10 @@ class ExpertShardService(pb_grpc.ExpertShardServicer):
                 rows, offsets, weights = self.check(request)
             except ValueError as err:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            start = time.perf_counter()
             out = kernels.experts(rows, offsets, weights.gate_up, weights.down)
-            yield pb.DispatchReply(sequence=request.sequence, layer=request.layer, rows=to_wire(out))
+            yield pb.DispatchReply(sequence=request.sequence, layer=request.layer, rows=to_wire(out),
+                                   compute_seconds=time.perf_counter() - start)
 
     def check(self, request: pb.DispatchRequest) -> tuple[torch.Tensor, torch.Tensor, ExpertWeights]:
         """Rows [R, H], offsets [E_owned+1] and the layer's weights, or ValueError saying what is wrong."""

@@ -46,7 +46,7 @@ class TransportStats:
     serialize_s: float = 0.0
     wait_s: float = 0.0  # wire and remote compute
     deserialize_s: float = 0.0
-    compute_s: float = 0.0  # in-process compute
+    compute_s: float = 0.0  # expert compute: in this process, or the slowest shard's as it reports
 
 
 class ExpertTransport(Protocol):
@@ -126,6 +126,7 @@ class GrpcTransport:
         self.stats.serialize_s += waited - start
         self.stats.wait_s += received - waited
         self.stats.deserialize_s += done - received
+        self.stats.compute_s += max((r.compute_seconds for r in replies if r is not None), default=0.0)
         return outputs
 
     def healthy(self) -> bool:
