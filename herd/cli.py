@@ -20,7 +20,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     try:
         return int(args.run(args))
     except (ValueError, FileNotFoundError) as err:
@@ -54,6 +57,20 @@ def _parser() -> argparse.ArgumentParser:
     shard.add_argument("--host", default="127.0.0.1", help="address to listen on")
     shard.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="compute dtype")
     shard.set_defaults(run=_expert_shard)
+
+    serve_cmd = commands.add_parser("serve", help="serve models over OpenAI HTTP and gRPC (local Ray cluster)")
+    serve_cmd.add_argument("--model", help="checkpoint directory, or a tiny preset: scout, maverick")
+    serve_cmd.add_argument("--name", help="the model name clients use (default: the preset or directory name)")
+    serve_cmd.add_argument("--shards", type=int, help="expert shards per replica (0: none)")
+    serve_cmd.add_argument("--transport", choices=["grpc", "ray", "local"], help="trunk-to-shard transport")
+    serve_cmd.add_argument("--config", type=Path, help="settings file (YAML or JSON)")
+    serve_cmd.add_argument("--http-port", type=int, help="OpenAI HTTP port (default 8000)")
+    serve_cmd.add_argument("--grpc-port", type=int, help="gRPC port (default 50051)")
+    serve_cmd.add_argument("--print-config", action="store_true", help="print the Ray Serve config and exit")
+    serve_cmd.set_defaults(run=_serve)
+
+    bench = commands.add_parser("bench", help="load-test an OpenAI-compatible server", add_help=False)
+    bench.set_defaults(run=_bench)
     return parser
 
 
@@ -80,6 +97,38 @@ def _generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from herd.platform.server import print_config, run
+    from herd.platform.settings import HerdSettings, ModelSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = HerdSettings.load(args.config, http_port=args.http_port, grpc_port=args.grpc_port)
+    if args.model or args.shards is not None or args.transport or args.name:
+        base = settings.models[0]
+        path = args.model or base.path
+        name = args.name or (path if path in ("scout", "maverick") else Path(path).name) if args.model else base.name
+        updates = {"path": path, "name": name}
+        if args.shards is not None:
+            updates["shards"] = args.shards
+        if args.transport:
+            updates["transport"] = args.transport
+        settings.models[0] = ModelSettings.model_validate({**base.model_dump(), **updates})
+    if args.print_config:
+        print(print_config(settings), end="")
+        return 0
+    asyncio.run(run(settings))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from herd.platform.loadgen import main as loadgen_main
+
+    return int(loadgen_main(args.rest))
 
 
 def _expert_shard(args: argparse.Namespace) -> int:

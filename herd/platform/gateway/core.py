@@ -1,0 +1,155 @@
+"""The gateway: one request path behind the HTTP and gRPC front doors.
+
+Both doors turn their request into the same internal herd.v1 GenerateRequest here: the prompt rendered
+(chat) and tokenized, its length checked against the model's context, max_tokens defaulted or refused,
+the tenant context attached. The stream that comes back is the same for both; errors are GatewayErrors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from herd.model.chat_template import render_chat
+from herd.model.special_tokens import BEGIN_OF_TEXT
+from herd.platform.gateway.backend import Backend
+from herd.platform.gateway.errors import (
+    GatewayError,
+    context_length_exceeded,
+    deadline_exceeded,
+    invalid_request,
+    model_not_found,
+)
+from herd.protos.herd.v1 import inference_pb2 as pb
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A checked request and what the front door needs to answer it."""
+
+    backend: Backend
+    request: pb.GenerateRequest
+    prompt_tokens: int
+
+
+class Gateway:
+    """Models by name, and the shared checks of every request."""
+
+    def __init__(self, backends: Mapping[str, Backend], *, request_timeout_s: float = 600.0) -> None:
+        self.backends = dict(backends)
+        self.request_timeout_s = request_timeout_s
+
+    def backend(self, model: str) -> Backend:
+        try:
+            return self.backends[model]
+        except KeyError:
+            raise model_not_found(model, sorted(self.backends)) from None
+
+    def list_models(self) -> list[pb.ModelCard]:
+        return [b.card() for b in self.backends.values()]
+
+    def prepare_text(
+        self,
+        model: str,
+        prompt: str | Sequence[int],
+        options: pb.SamplingOptions,
+        *,
+        tenant: pb.TenantContext | None = None,
+        default_max_tokens: int | None = 16,
+        request_id: str = "",
+    ) -> Prepared:
+        """A completion: text (given <|begin_of_text|> unless it starts with it) or token ids."""
+        backend = self.backend(model)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise invalid_request("prompt must not be empty", param="prompt")
+            ids = backend.tokenizer.encode(prompt, add_bos=not prompt.startswith(BEGIN_OF_TEXT))
+        else:
+            ids = list(prompt)
+            if not ids:
+                raise invalid_request("prompt must not be empty", param="prompt")
+            vocab = backend.tokenizer.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise invalid_request(f"prompt token ids {bad[:5]} are outside the vocabulary 0..{vocab - 1}", "prompt")
+        return self._prepared(backend, ids, options, tenant, default_max_tokens, request_id)
+
+    def prepare_chat(
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        options: pb.SamplingOptions,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: Any = None,
+        tenant: pb.TenantContext | None = None,
+        request_id: str = "",
+    ) -> Prepared:
+        """A chat: messages rendered in the Llama 4 format (with tools when given), then tokenized."""
+        backend = self.backend(model)
+        if not messages:
+            raise invalid_request("messages must not be empty", param="messages")
+        try:
+            kwargs: dict[str, Any] = {"tools": list(tools)} if tools else {}
+            if tools and tool_choice is not None:
+                kwargs["tool_choice"] = tool_choice
+            text = render_chat(list(messages), **kwargs)
+        except ValueError as err:
+            raise invalid_request(str(err), param="messages") from err
+        ids = backend.tokenizer.encode(text)
+        return self._prepared(backend, ids, options, tenant, None, request_id)
+
+    async def stream(self, prepared: Prepared, *, timeout_s: float | None = None) -> AsyncIterator[pb.GenerateChunk]:
+        """The backend's chunks, within the deadline; leaving early aborts the request."""
+        limit = min(timeout_s or self.request_timeout_s, self.request_timeout_s)
+        deadline = time.monotonic() + limit
+        async with contextlib.aclosing(prepared.backend.generate(prepared.request)) as chunks:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise deadline_exceeded(limit)
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks), remaining)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise deadline_exceeded(limit) from None
+                yield chunk
+
+    def _prepared(
+        self,
+        backend: Backend,
+        ids: list[int],
+        options: pb.SamplingOptions,
+        tenant: pb.TenantContext | None,
+        default_max_tokens: int | None,
+        request_id: str,
+    ) -> Prepared:
+        limit = backend.card().max_model_len
+        options = pb.SamplingOptions(**{f.name: v for f, v in options.ListFields()})
+        if options.HasField("max_tokens"):
+            if options.max_tokens < 1:
+                raise invalid_request(f"max_tokens must be at least 1, got {options.max_tokens}", param="max_tokens")
+            if len(ids) + options.max_tokens > limit:
+                raise context_length_exceeded(limit, len(ids), options.max_tokens)
+        else:
+            if len(ids) >= limit:
+                raise context_length_exceeded(limit, len(ids), 1)
+            room = limit - len(ids)
+            options.max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
+        request = pb.GenerateRequest(
+            model=backend.name, token_ids=pb.TokenIds(ids=ids), sampling=options,
+            request_id=request_id or f"herd-{next(_ids)}-{int(time.time() * 1000)}",
+            tenant=tenant or pb.TenantContext(tenant_id="default", weight=1.0),
+        )
+        return Prepared(backend=backend, request=request, prompt_tokens=len(ids))
+
+
+__all__ = ["Gateway", "GatewayError", "Prepared"]

@@ -1,0 +1,128 @@
+"""The OpenAI-compatible HTTP front door (FastAPI): /v1/models, /v1/chat/completions, /v1/completions.
+
+Errors are OpenAI-shaped bodies with the right status. A streamed request reads its first chunk
+before answering, so a refusal (429, 503, ...) is still a proper status; a failure after that ends
+the stream with an error event. A client that disconnects cancels its stream, which aborts the
+request in the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from herd import __version__
+from herd.platform.gateway import openai_translate as translate
+from herd.platform.gateway.core import Gateway, Prepared
+from herd.platform.gateway.errors import GatewayError, internal
+from herd.platform.gateway.openai_models import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    ModelEntry,
+    ModelList,
+)
+from herd.protos.herd.v1 import inference_pb2 as pb
+
+TenantResolver = Callable[[Request], Awaitable[pb.TenantContext | None]]
+"""Who is calling (the tenancy issue plugs in API keys here); None: the default tenant."""
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in ((400, "invalid request"), (404, "unknown model"), (429, "at capacity, retry"),
+                       (503, "unavailable"), (504, "deadline exceeded"))
+}
+
+
+def create_app(gateway: Gateway, *, tenant_resolver: TenantResolver | None = None) -> FastAPI:
+    app = FastAPI(title="Herd", version=__version__, description="OpenAI-compatible API for Llama 4 models.")
+
+    async def tenant(request: Request) -> pb.TenantContext | None:
+        return await tenant_resolver(request) if tenant_resolver else None
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(_: Request, err: GatewayError) -> JSONResponse:
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first['msg']}" if where else str(first["msg"])
+        if first.get("type") == "json_invalid":
+            message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
+        return error_response(GatewayError(400, "INVALID_ARGUMENT", "invalid_request_error", message,
+                                           param=where or None))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        states = {name: await b.healthy() for name, b in gateway.backends.items()}
+        return JSONResponse({"models": states}, status_code=200 if all(states.values()) else 503)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelEntry(id=c.id, created=c.created, root=c.root, max_model_len=c.max_model_len)
+                               for c in gateway.list_models()])
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        prepared = translate.prepare_chat(gateway, body, await tenant(request))
+        if body.stream:
+            return await _stream(gateway, prepared, lambda c: translate.chat_events(body, prepared, c))
+        return translate.chat_completion(body, prepared, await translate.collect(gateway.stream(prepared)))
+
+    @app.post("/v1/completions", response_model=Completion, responses=_ERRORS)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        prepared = translate.prepare_completion(gateway, body, await tenant(request))
+        if body.stream:
+            return await _stream(gateway, prepared, lambda c: translate.completion_events(body, prepared, c))
+        return translate.completion(body, prepared, await translate.collect(gateway.stream(prepared)))
+
+    return app
+
+
+def error_response(err: GatewayError) -> JSONResponse:
+    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+async def _stream(
+    gateway: Gateway,
+    prepared: Prepared,
+    events: Callable[[AsyncIterator[pb.GenerateChunk]], AsyncIterator[dict[str, Any]]],
+) -> StreamingResponse | JSONResponse:
+    chunks = gateway.stream(prepared)
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        first = None
+    except GatewayError as err:
+        await chunks.aclose()
+        return error_response(err)
+
+    async def replay() -> AsyncIterator[pb.GenerateChunk]:
+        if first is not None:
+            yield first
+        async for chunk in chunks:
+            yield chunk
+
+    async def body() -> AsyncIterator[bytes]:
+        async with contextlib.aclosing(chunks):
+            try:
+                async for event in events(replay()):
+                    yield translate.sse(event)
+            except GatewayError as err:
+                yield translate.sse(err.body())
+            except Exception as err:
+                yield translate.sse(internal(f"{type(err).__name__}: {err}").body())
+            yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+

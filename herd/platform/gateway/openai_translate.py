@@ -1,0 +1,230 @@
+"""OpenAI shapes <-> the gateway's: requests into Prepared requests, chunk streams into responses.
+
+Pure functions except for reading the chunk stream; the HTTP routes are thin wrappers around these.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from herd.model.tool_calls import arguments_json, parse_tool_calls
+from herd.platform.gateway.core import Gateway, Prepared
+from herd.platform.gateway.errors import invalid_request
+from herd.platform.gateway.openai_models import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessage,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    FunctionCall,
+    PromptTokensDetails,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
+    Usage,
+)
+from herd.protos.herd.v1 import inference_pb2 as pb
+
+
+def sampling(request: ChatCompletionRequest | CompletionRequest, *, logprobs: int | None) -> pb.SamplingOptions:
+    options = pb.SamplingOptions(ignore_eos=request.ignore_eos)
+    max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
+    for name, value in (("temperature", request.temperature), ("top_p", request.top_p), ("max_tokens", max_tokens),
+                        ("seed", request.seed), ("top_k", request.top_k), ("min_p", request.min_p),
+                        ("logprobs", logprobs)):
+        if value is not None:
+            setattr(options, name, value)
+    if request.stop is not None:
+        options.stop.extend([request.stop] if isinstance(request.stop, str) else request.stop)
+    if request.stop_token_ids:
+        options.stop_token_ids.extend(request.stop_token_ids)
+    return options
+
+
+def prepare_chat(gateway: Gateway, request: ChatCompletionRequest, tenant: pb.TenantContext | None) -> Prepared:
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    tools = [t.function.model_dump(exclude_none=True) for t in request.tools or []]
+    choice = request.tool_choice
+    tool_choice = choice.model_dump() if hasattr(choice, "model_dump") else choice
+    return gateway.prepare_chat(
+        request.model, [_message(m) for m in request.messages], sampling(request, logprobs=logprobs),
+        tools=[{"type": "function", "function": t} for t in tools] or None, tool_choice=tool_choice, tenant=tenant,
+    )
+
+
+def prepare_completion(gateway: Gateway, request: CompletionRequest, tenant: pb.TenantContext | None) -> Prepared:
+    return gateway.prepare_text(request.model, request.prompt, sampling(request, logprobs=request.logprobs),
+                                tenant=tenant)
+
+
+def _message(message: ChatMessage) -> dict[str, Any]:
+    """An OpenAI message as the chat template takes it."""
+    role = "system" if message.role == "developer" else message.role
+    out: dict[str, Any] = {"role": role}
+    if isinstance(message.content, list):
+        parts = []
+        for part in message.content:
+            if part.type == "image_url":
+                raise invalid_request("image inputs are not supported by this server yet", param="messages")
+            parts.append({"type": "text", "text": part.text})
+        out["content"] = parts
+    else:
+        out["content"] = message.content if message.content is not None else ""
+    if message.tool_calls:
+        out["tool_calls"] = [c.model_dump() for c in message.tool_calls]
+    for key in ("tool_call_id", "name"):
+        if getattr(message, key):
+            out[key] = getattr(message, key)
+    return out
+
+
+@dataclass
+class Collected:
+    """A whole response gathered from the chunk stream."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[pb.TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: pb.Usage | None = None
+
+
+async def collect(chunks: AsyncIterator[pb.GenerateChunk]) -> Collected:
+    out = Collected()
+    async for chunk in chunks:
+        out.text += chunk.text
+        out.token_ids += list(chunk.token_ids)
+        out.logprobs += list(chunk.logprobs)
+        if chunk.finish_reason:
+            out.finish_reason = chunk.finish_reason
+            out.usage = chunk.usage
+    return out
+
+
+def usage(prepared: Prepared, final: pb.Usage | None, completion_tokens: int) -> Usage:
+    completion = final.completion_tokens if final is not None else completion_tokens
+    cached = final.cached_tokens if final is not None else 0
+    return Usage(prompt_tokens=prepared.prompt_tokens, completion_tokens=completion,
+                 total_tokens=prepared.prompt_tokens + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
+def chat_logprobs(entries: list[pb.TokenLogprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(content=[
+        TokenLogprob(token=e.token, logprob=e.logprob, bytes=list(e.token.encode()),
+                     top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token.encode()))
+                                   for t in e.top])
+        for e in entries
+    ])
+
+
+def completion_logprobs(entries: list[pb.TokenLogprob]) -> dict[str, Any]:
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries], "text_offset": offsets}
+
+
+def tool_names(request: ChatCompletionRequest) -> list[str]:
+    """Functions the model may call in this request (none when tool_choice is "none")."""
+    if not request.tools or request.tool_choice == "none":
+        return []
+    return [t.function.name for t in request.tools]
+
+
+def assistant_message(text: str, names: list[str]) -> tuple[AssistantMessage, bool]:
+    """The reply, with tool calls parsed out of it when tools were offered; (message, has tool calls)."""
+    if names:
+        parsed = parse_tool_calls(text, names)
+        if parsed.calls:
+            calls = [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
+                              function=FunctionCall(name=c.name, arguments=arguments_json(c)))
+                     for c in parsed.calls]
+            return AssistantMessage(content=parsed.content or None, tool_calls=calls), True
+    return AssistantMessage(content=text), False
+
+
+def chat_completion(request: ChatCompletionRequest, prepared: Prepared, got: Collected) -> ChatCompletion:
+    message, called = assistant_message(got.text, tool_names(request))
+    finish = "tool_calls" if called else got.finish_reason
+    choice = ChatChoice(message=message, finish_reason=finish,
+                        logprobs=chat_logprobs(got.logprobs) if request.logprobs else None)
+    return ChatCompletion(id=f"chatcmpl-{prepared.request.request_id}", created=int(time.time()), model=request.model,
+                          choices=[choice], usage=usage(prepared, got.usage, len(got.token_ids)))
+
+
+def completion(request: CompletionRequest, prepared: Prepared, got: Collected) -> Completion:
+    choice = CompletionChoice(text=got.text, finish_reason=got.finish_reason,
+                              logprobs=completion_logprobs(got.logprobs) if request.logprobs is not None else None)
+    return Completion(id=f"cmpl-{prepared.request.request_id}", created=int(time.time()), model=request.model,
+                      choices=[choice], usage=usage(prepared, got.usage, len(got.token_ids)))
+
+
+async def chat_events(
+    request: ChatCompletionRequest, prepared: Prepared, chunks: AsyncIterator[pb.GenerateChunk]
+) -> AsyncIterator[dict[str, Any]]:
+    """chat.completion.chunk objects. With tools on offer the text is held until the end, when it is
+    either a tool call or plain content; otherwise content streams as it comes."""
+    base = {"id": f"chatcmpl-{prepared.request.request_id}", "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": request.model}
+    names = tool_names(request)
+
+    def event(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        return {**base, "choices": [choice]}
+
+    yield event({"role": "assistant", "content": ""})
+    held, count, final = "", 0, None
+    async for chunk in chunks:
+        count += len(chunk.token_ids)
+        lp = chat_logprobs(list(chunk.logprobs)).model_dump() if request.logprobs and chunk.logprobs else None
+        if names:
+            held += chunk.text
+        elif chunk.text or lp:
+            yield event({"content": chunk.text}, logprobs=lp)
+        if chunk.finish_reason:
+            final = chunk
+    finish = final.finish_reason if final is not None else None
+    if names:
+        message, called = assistant_message(held, names)
+        if called:
+            calls = [{"index": i, **c.model_dump()} for i, c in enumerate(message.tool_calls or [])]
+            yield event({"content": message.content, "tool_calls": calls} if message.content else {"tool_calls": calls})
+            finish = "tool_calls"
+        elif held:
+            yield event({"content": held})
+    yield event({}, finish)
+    if request.stream_options is not None and request.stream_options.include_usage:
+        yield {**base, "choices": [], "usage": usage(prepared, final.usage if final else None, count).model_dump()}
+
+
+async def completion_events(
+    request: CompletionRequest, prepared: Prepared, chunks: AsyncIterator[pb.GenerateChunk]
+) -> AsyncIterator[dict[str, Any]]:
+    base = {"id": f"cmpl-{prepared.request.request_id}", "object": "text_completion", "created": int(time.time()),
+            "model": request.model}
+    count, final = 0, None
+    async for chunk in chunks:
+        count += len(chunk.token_ids)
+        lp = completion_logprobs(list(chunk.logprobs)) if request.logprobs is not None else None
+        choice = {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason or None, "logprobs": lp}
+        if chunk.finish_reason:
+            final = chunk
+        yield {**base, "choices": [choice]}
+    if request.stream_options is not None and request.stream_options.include_usage:
+        yield {**base, "choices": [], "usage": usage(prepared, final.usage if final else None, count).model_dump()}
+
+
+def sse(event: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(event, separators=(',', ':'))}\n\n".encode()

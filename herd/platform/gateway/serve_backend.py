@@ -1,0 +1,66 @@
+"""A model served by Ray Serve, reached through a deployment handle (the gateway runs in the Ray driver).
+
+Serve routes each request to a replica, queues up to the deployment's max_queued_requests and refuses
+beyond (BackPressureError: 429 here). Closing the stream cancels the request on the replica, which
+aborts it in the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from herd.model.tokenizer import Tokenizer
+from herd.platform.gateway.errors import GatewayError, from_code, overloaded, unavailable
+from herd.protos.herd.v1 import inference_pb2 as pb
+from herd.workers.replica_core import ReplicaError
+
+
+class ServeBackend:
+    def __init__(self, handle: Any, card: pb.ModelCard) -> None:
+        self.handle = handle
+        self.name = card.id
+        self._card = card
+        self.tokenizer = Tokenizer.from_pretrained(card.root)
+
+    @classmethod
+    async def connect(cls, app_name: str) -> ServeBackend:
+        handle = serve.get_app_handle(app_name)
+        return cls(handle, pb.ModelCard.FromString(await handle.model_card.remote()))
+
+    def card(self) -> pb.ModelCard:
+        return self._card
+
+    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+        stream = self.handle.options(stream=True).generate.remote(request.SerializeToString())
+        finished = False
+        try:
+            async for data in stream:
+                chunk = pb.GenerateChunk.FromString(data)
+                finished = bool(chunk.finish_reason)
+                yield chunk
+        except BackPressureError:
+            raise overloaded() from None
+        except GatewayError:
+            raise
+        except ReplicaError as err:  # Ray re-raises the replica's exception as a subclass of it
+            raise from_code(err.code, err.message) from err
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+            raise unavailable(f"the replica of {self.name} is unavailable: {err}") from err
+        finally:
+            if not finished:
+                stream.cancel()
+
+    async def stats(self) -> dict[str, int]:
+        return await self.handle.stats.remote()
+
+    async def healthy(self) -> bool:
+        try:
+            await self.handle.model_card.remote()
+        except Exception:
+            return False
+        return True

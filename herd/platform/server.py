@@ -1,0 +1,141 @@
+"""`herd serve`: a local Ray cluster, one Serve application per model, and the gateway's two doors.
+
+Ctrl-C (or SIGTERM) stops it in order: the doors stop accepting, in-flight requests drain (Serve
+drains its replicas), then Ray goes down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from herd.engine import EngineConfig
+from herd.model.tiny import make_tiny
+from herd.platform.settings import PRESETS, HerdSettings, ModelSettings
+from herd.workers.replica_core import ReplicaConfig
+
+log = logging.getLogger("herd.serve")
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def model_path(model: ModelSettings, settings: HerdSettings) -> Path:
+    """The checkpoint of a model: its path, or a tiny preset made on first use."""
+    if model.path in PRESETS:
+        path = settings.models_dir / f"tiny-{model.path}"
+        if not (path / "config.json").is_file():
+            log.info("making the tiny %s checkpoint in %s", model.path, path)
+            make_tiny(path, preset=model.path)
+        return path.resolve()
+    path = Path(model.path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model {model.name}: no checkpoint (config.json) at {path}")
+    return path.resolve()
+
+
+def app_args(model: ModelSettings, settings: HerdSettings) -> dict[str, Any]:
+    """The JSON args of herd.workers.serve_app:build_app for one model."""
+    from herd.workers.serve_app import config_args
+
+    engine = model.engine
+    import torch
+
+    engine_config = EngineConfig(
+        block_size=engine.block_size, max_num_seqs=engine.max_num_seqs,
+        max_num_batched_tokens=engine.max_num_batched_tokens, max_model_len=engine.max_model_len,
+        kv_cache_bytes=engine.kv_cache_mb * 2**20, enable_prefix_caching=engine.enable_prefix_caching,
+        dtype=getattr(torch, engine.dtype), device=engine.device,
+    )
+    config = ReplicaConfig(name=model.name, path=str(model_path(model, settings)), num_shards=model.shards,
+                           transport=model.transport, engine=engine_config,
+                           dispatch_timeout_s=model.dispatch_timeout_s, drain_timeout_s=model.drain_timeout_s)
+    deployment = model.deployment.model_dump(exclude_none=True)
+    return config_args(config, deployment)
+
+
+def serve_config(settings: HerdSettings) -> dict[str, Any]:
+    """A Ray Serve config for `serve deploy`, embeddable as a KubeRay RayService's serveConfigV2."""
+    return {
+        "proxy_location": "Disabled",
+        "grpc_options": {
+            "port": 9000,
+            "grpc_servicer_functions": ["herd.protos.herd.v1.inference_pb2_grpc.add_InferenceServicer_to_server"],
+        },
+        "applications": [
+            {"name": m.name, "route_prefix": None, "import_path": "herd.workers.serve_app:build_app",
+             "args": app_args(m, settings)}
+            for m in settings.models
+        ],
+    }
+
+
+def print_config(settings: HerdSettings) -> str:
+    return yaml.safe_dump(serve_config(settings), sort_keys=False)
+
+
+async def run(settings: HerdSettings) -> None:
+    import ray
+    import uvicorn
+    from ray import serve
+
+    from herd.platform.gateway.core import Gateway
+    from herd.platform.gateway.grpc_server import start_grpc
+    from herd.platform.gateway.http_app import create_app
+    from herd.platform.gateway.serve_backend import ServeBackend
+    from herd.workers.serve_app import build_app
+
+    apps = [(m, app_args(m, settings)) for m in settings.models]
+    cpus = settings.ray_num_cpus or max(4, sum(1 + m.shards for m in settings.models) + 2)
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(proxy_location="Disabled")
+    try:
+        for model, args in apps:
+            log.info("deploying %s from %s (%d shards, %s transport)", model.name, args["path"], model.shards,
+                     model.transport)
+            serve.run(build_app(args), name=model.name, route_prefix=None)
+        backends = {m.name: await ServeBackend.connect(m.name) for m in settings.models}
+        gateway = Gateway(backends, request_timeout_s=settings.request_timeout_s)
+        grpc_server, grpc_port = await start_grpc(gateway, host=settings.grpc_host, port=settings.grpc_port)
+        http = uvicorn.Server(uvicorn.Config(create_app(gateway), host=settings.http_host, port=settings.http_port,
+                                             log_level="warning", lifespan="off"))
+        http_task = asyncio.create_task(http.serve())
+        while not http.started:
+            if http_task.done():
+                http_task.result()
+            await asyncio.sleep(0.05)
+        port = http.servers[0].sockets[0].getsockname()[1]
+        _announce(settings, port, grpc_port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: no new requests; draining in-flight ones")
+        http.should_exit = True
+        await grpc_server.stop(grace=max(m.drain_timeout_s for m in settings.models))
+        await http_task
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        log.info("stopped")
+
+
+def _announce(settings: HerdSettings, http_port: int, grpc_port: int) -> None:
+    model = settings.models[0].name
+    url = f"http://{settings.http_host}:{http_port}"
+    print(f"herd is serving {[m.name for m in settings.models]}", flush=True)
+    print(f"  OpenAI HTTP: {url}/v1   (OpenAPI: {url}/docs)", flush=True)
+    print(f"  gRPC herd.v1.Inference: {settings.grpc_host}:{grpc_port} (reflection on)", flush=True)
+    print("  try:", flush=True)
+    print(f"    curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+          f"      -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], "
+          f"\"max_tokens\": 16}}'", flush=True)
+    print("  Ctrl-C stops everything.", flush=True)

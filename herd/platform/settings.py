@@ -1,0 +1,120 @@
+"""Herd's settings: one typed object, loaded once, from (lowest to highest) defaults, a config file
+(YAML or JSON), environment variables (HERD_..., nested with __) and command-line flags.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+PRESETS = ("scout", "maverick")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineSettings(_Section):
+    block_size: int = Field(16, ge=1, description="tokens per KV block")
+    max_num_seqs: int = Field(64, ge=1, description="sequences holding KV blocks at once")
+    max_num_batched_tokens: int = Field(512, ge=1, description="tokens computed per engine step")
+    max_model_len: int | None = Field(None, ge=2, description="prompt + completion tokens; default from the model")
+    kv_cache_mb: int = Field(256, ge=1, description="memory for KV blocks, MiB")
+    enable_prefix_caching: bool = Field(True, description="reuse cached prefixes (per tenant)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="compute and KV dtype")
+    device: str = Field("cpu", description="torch device of the trunk")
+
+
+class AutoscalingSettings(_Section):
+    min_replicas: int = Field(1, ge=0, description="replicas kept at least (0: scale to zero)")
+    max_replicas: int = Field(1, ge=1, description="replicas at most")
+    target_ongoing_requests: float = Field(32, gt=0, description="requests per replica Serve aims for")
+
+
+class DeploymentSettings(_Section):
+    num_replicas: int = Field(1, ge=1, description="fixed replica count when autoscaling is off")
+    autoscaling: AutoscalingSettings | None = Field(None, description="Ray Serve autoscaling; off when null")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="per replica; default max_num_seqs")
+    max_queued_requests: int = Field(64, ge=0, description="waiting beyond this is refused at once (429)")
+    placement_strategy: Literal["STRICT_PACK", "PACK"] = Field("STRICT_PACK", description="PACK for multi-node")
+    gpus: bool = Field(False, description="one GPU per bundle (trunk and each shard)")
+    health_check_period_s: float = Field(10, gt=0, description="how often Serve asks a replica")
+
+
+class ModelSettings(_Section):
+    name: str = Field("scout", description="the model name clients ask for")
+    path: str = Field("scout", description="checkpoint directory, or a tiny preset (scout, maverick) made on use")
+    shards: int = Field(2, ge=0, description="expert shards per replica (0: experts in the trunk)")
+    transport: Literal["grpc", "ray", "local"] = Field("grpc", description="how the trunk reaches its shards")
+    dispatch_timeout_s: float = Field(30, gt=0, description="a shard's deadline per layer step")
+    drain_timeout_s: float = Field(30, ge=0, description="graceful shutdown: time for in-flight streams")
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+
+
+class HerdSettings(BaseSettings):
+    """Everything `herd serve` needs."""
+
+    model_config = SettingsConfigDict(env_prefix="HERD_", env_nested_delimiter="__", extra="forbid")
+
+    models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings()], description="served models")
+    http_host: str = Field("127.0.0.1", description="OpenAI-compatible HTTP address")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port")
+    grpc_host: str = Field("127.0.0.1", description="herd.v1.Inference gRPC address")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port")
+    request_timeout_s: float = Field(600, gt=0, description="longest a request may take")
+    models_dir: Path = Field(Path(".herd/models"), description="where tiny presets are made")
+    ray_address: str | None = Field(None, description="existing Ray cluster; a local one is started when null")
+    ray_num_cpus: int | None = Field(None, ge=1, description="logical CPUs of the local Ray (default: enough)")
+
+    _config_file: ClassVar[Path | None] = None
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> HerdSettings:
+        """Defaults < config file < environment < overrides (the flags)."""
+        cls._config_file = config_file
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            cls._config_file = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FileSource(settings_cls, cls._config_file))
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """A YAML or JSON config file, read whole."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self.data: dict[str, Any] = {}
+        if path is not None:
+            if not path.is_file():
+                raise FileNotFoundError(f"config file {path} does not exist")
+            text = path.read_text()
+            try:
+                loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+            except (json.JSONDecodeError, yaml.YAMLError) as err:
+                raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from err
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+            self.data = loaded
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)

@@ -1,0 +1,180 @@
+"""A model replica without its hosting: the engine, the trunk, the experts, and herd.v1 messages in and out.
+
+The Ray Serve deployment (herd.workers.serve_app) and the in-process backend both wrap this class.
+It takes internal `GenerateRequest`s (token ids, checked by the gateway), streams `GenerateChunk`s,
+reports health (engine and every expert shard), counts what it holds (for tests and metrics), and
+drains: stops admitting, lets in-flight streams finish up to a timeout, then aborts the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from herd.engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from herd.model import load_experts, load_model
+from herd.model.tokenizer import Tokenizer
+from herd.protos.herd.v1 import inference_pb2 as pb
+from herd.workers.dispatch import ExpertDispatcher
+from herd.workers.placement import place_experts
+from herd.workers.transport import ExpertTransport, InProcessTransport
+
+
+class ReplicaError(Exception):
+    """A request this replica cannot serve; `code` is a gRPC status name for the gateway to map."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplicaConfig:
+    """What one replica serves and how its experts are hosted."""
+
+    name: str
+    """The model name clients ask for."""
+    path: str
+    """Checkpoint directory."""
+    num_shards: int = 1
+    """Expert shards; 0 keeps all experts inside the trunk (no dispatch)."""
+    transport: str = "local"
+    """How the trunk reaches the shards: local (in-process), grpc or ray."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    dispatch_timeout_s: float = 30.0
+    """A shard that does not answer a layer step in this time fails the step (DEADLINE_EXCEEDED)."""
+    drain_timeout_s: float = 30.0
+    """How long draining waits for in-flight streams before aborting them."""
+
+    def __post_init__(self) -> None:
+        if self.transport not in ("local", "grpc", "ray"):
+            raise ValueError(f"transport must be local, grpc or ray, got {self.transport!r}")
+        if self.num_shards < 0:
+            raise ValueError(f"num_shards must be >= 0, got {self.num_shards}")
+
+
+TransportFactory = Callable[[list[tuple[int, ...]]], ExpertTransport]
+"""Given each shard's experts, bring the shards up (processes, actors, ...) and return their transport."""
+
+
+class ReplicaCore:
+    """Engine + trunk + experts of one replica."""
+
+    def __init__(self, config: ReplicaConfig, transport_factory: TransportFactory | None = None) -> None:
+        self.config = config
+        self.created = int(time.time())
+        self.tokenizer = Tokenizer.from_pretrained(config.path)
+        engine_config = config.engine
+        self.dispatcher: ExpertDispatcher | None = None
+        if config.num_shards == 0:
+            model = load_model(config.path, dtype=engine_config.dtype, device=engine_config.device, progress=False)
+        else:
+            model = load_model(config.path, experts=(), dtype=engine_config.dtype, device=engine_config.device,
+                               progress=False)
+            placement = place_experts(model.config.num_local_experts, config.num_shards)
+            factory = transport_factory or self._in_process_transport
+            self.dispatcher = ExpertDispatcher(placement, factory(list(placement.shard_experts)))
+            self.dispatcher.attach(model)
+        self.engine = AsyncLLMEngine(LLMEngine(model, self.tokenizer, engine_config))
+        self._draining = False
+        self._in_flight = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    def model_card(self) -> pb.ModelCard:
+        return pb.ModelCard(id=self.config.name, root=self.config.path, max_model_len=self.max_model_len,
+                            created=self.created)
+
+    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+        """Stream the request's chunks; ReplicaError for what cannot be served."""
+        if self._draining:
+            raise ReplicaError("UNAVAILABLE", f"replica of {self.config.name} is shutting down")
+        params, prompt = self._unpack(request)
+        tenant = request.tenant
+        self._in_flight += 1
+        try:
+            stream = self.engine.generate(
+                prompt, params, request_id=request.request_id or None,
+                tenant_id=tenant.tenant_id or "default", tenant_weight=tenant.weight or 1.0,
+                sharing_group=tenant.sharing_group or None,
+            )
+            async with contextlib.aclosing(stream):  # closing it aborts the request and frees its blocks
+                async for out in stream:
+                    if out.finish_reason == "error":
+                        code, _, message = (out.error or "INTERNAL: step failed").partition(": ")
+                        raise ReplicaError(code, message)
+                    yield self._chunk(out)
+        except ValueError as err:
+            raise ReplicaError("INVALID_ARGUMENT", str(err)) from err
+        finally:
+            self._in_flight -= 1
+
+    def healthy(self) -> bool:
+        return not self._draining and (self.dispatcher is None or self.dispatcher.healthy())
+
+    def stats(self) -> dict[str, int]:
+        """What the replica holds now: requests, KV blocks in use per group."""
+        engine = self.engine.engine
+        used = {f"kv_blocks_used_{g}": p.num_blocks - p.num_free for g, p in engine.kv.pools.items()}
+        return {"in_flight": self._in_flight, "running": len(engine.scheduler.running),
+                "waiting": sum(len(q) for q in engine.scheduler.waiting.values()), **used}
+
+    async def drain(self) -> None:
+        """Stop admitting; wait for in-flight streams up to drain_timeout_s; abort what is left."""
+        self._draining = True
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self.engine.engine._requests):
+            self.engine.abort(rid)
+        if self.dispatcher is not None:
+            self.dispatcher.transport.close()
+
+    def _unpack(self, request: pb.GenerateRequest) -> tuple[SamplingParams, list[int]]:
+        if request.WhichOneof("prompt") != "token_ids":
+            raise ReplicaError("INVALID_ARGUMENT", "a replica takes token ids (the gateway tokenizes)")
+        options = request.sampling
+        try:
+            params = SamplingParams(
+                max_tokens=options.max_tokens if options.HasField("max_tokens") else 16,
+                temperature=options.temperature if options.HasField("temperature") else 1.0,
+                top_p=options.top_p if options.HasField("top_p") else 1.0,
+                top_k=options.top_k if options.HasField("top_k") else 0,
+                min_p=options.min_p if options.HasField("min_p") else 0.0,
+                seed=options.seed if options.HasField("seed") else None,
+                stop=tuple(options.stop),
+                stop_token_ids=tuple(options.stop_token_ids),
+                logprobs=options.logprobs if options.HasField("logprobs") else None,
+                ignore_eos=options.ignore_eos,
+            )
+        except ValueError as err:
+            raise ReplicaError("INVALID_ARGUMENT", str(err)) from err
+        return params, list(request.token_ids.ids)
+
+    def _chunk(self, out: RequestOutput) -> pb.GenerateChunk:
+        chunk = pb.GenerateChunk(request_id=out.request_id, text=out.delta_text, token_ids=out.delta_token_ids)
+        if out.logprobs is not None:
+            for lp in out.logprobs[len(out.token_ids) - len(out.delta_token_ids) :]:
+                chunk.logprobs.append(pb.TokenLogprob(
+                    token_id=lp.token_id, token=self._piece(lp.token_id), logprob=lp.logprob,
+                    top=[pb.TopLogprob(token_id=t, token=self._piece(t), logprob=v) for t, v in lp.top],
+                ))
+        if out.finished:
+            chunk.finish_reason = out.finish_reason or ""
+            chunk.usage.CopyFrom(pb.Usage(prompt_tokens=len(out.prompt_token_ids), completion_tokens=len(out.token_ids),
+                                          cached_tokens=out.num_cached_tokens))
+        return chunk
+
+    def _piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _in_process_transport(self, shard_experts: list[tuple[int, ...]]) -> ExpertTransport:
+        engine = self.config.engine
+        return InProcessTransport([load_experts(self.config.path, experts, dtype=engine.dtype, device=engine.device)
+                                   for experts in shard_experts])

@@ -1,0 +1,195 @@
+"""Ray Serve: one application per model; a replica is one placement group (trunk + expert shards).
+
+Bundle 0 holds the replica (engine + trunk); bundles 1..N hold the expert-shard actors, scheduled
+into the replica's own placement group (STRICT_PACK on one node by default, PACK for multi-node).
+Shards serve herd.v1.ExpertShard over gRPC, or answer Ray calls when transport is "ray". The replica
+reports engine and shard health to Serve, and drains on shutdown (Serve stops routing to it first).
+`build_app` is the import path a Serve config file (and a KubeRay RayService serveConfigV2) names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+import ray
+import torch
+from ray import serve
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from herd.engine import EngineConfig
+from herd.protos.herd.v1 import inference_pb2 as pb
+from herd.workers.replica_core import ReplicaConfig, ReplicaCore
+from herd.workers.transport import ExpertTransport, GrpcTransport, ShardError, ShardWork, TransportStats
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@ray.remote
+class ExpertShardActor:
+    """An expert shard inside the replica's placement group: a gRPC server, and Ray-callable too."""
+
+    def __init__(self, path: str, experts: list[int], dtype: str) -> None:
+        from herd.workers.expert_shard import serve as serve_shard
+
+        host = ray.util.get_node_ip_address()
+        self.server, self.port, self.service = serve_shard(path, experts, host=host, dtype=_DTYPES[dtype])
+        self.host = host
+
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def experts(self) -> tuple[int, ...]:
+        return self.service.experts
+
+    def dispatch(self, layer: int, counts: list[int], rows: torch.Tensor) -> torch.Tensor:
+        from herd import kernels
+
+        weights = self.service.layers[layer]
+        offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+        offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+        return kernels.experts(rows, offsets, weights.gate_up, weights.down)
+
+    def stop(self) -> None:
+        self.server.stop(grace=1)
+
+
+class RayTransport:
+    """Expert shards reached by Ray actor calls (object store instead of gRPC)."""
+
+    def __init__(self, actors: list[Any], *, timeout_s: float) -> None:
+        self.actors = actors
+        self.timeout_s = timeout_s
+        self.stats = TransportStats()
+        self._experts = ray.get([a.experts.remote() for a in actors], timeout=timeout_s)
+
+    def shard_experts(self) -> list[tuple[int, ...]]:
+        return [tuple(e) for e in self._experts]
+
+    def run(self, layer: int, work: list[ShardWork]) -> list[torch.Tensor]:
+        refs = [a.dispatch.remote(layer, w.counts, w.rows) for a, w in zip(self.actors, work, strict=True)]
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError as err:
+            raise ShardError(f"an expert shard did not answer within {self.timeout_s:g} s",
+                             code="DEADLINE_EXCEEDED") from err
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+            raise ShardError(f"an expert shard is unavailable: {err}", code="UNAVAILABLE") from err
+        finally:
+            self.stats.calls += 1
+
+    def healthy(self) -> bool:
+        try:
+            ray.get([a.experts.remote() for a in self.actors], timeout=2.0)
+        except Exception:
+            return False
+        return True
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+@serve.deployment
+class ModelReplica:
+    """A Serve replica of one model."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        config = replica_config(args)
+        self.shards: list[Any] = []
+        self.core = ReplicaCore(config, self._transport_factory(config) if config.transport != "local" else None)
+
+    async def generate(self, request: bytes) -> AsyncIterator[bytes]:
+        """Serialized GenerateRequest in, serialized GenerateChunks out (protobuf objects do not pickle)."""
+        async for chunk in self.core.generate(pb.GenerateRequest.FromString(request)):
+            yield chunk.SerializeToString()
+
+    async def Generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+        """The same, under the RPC's name, for Serve's gRPC proxy (a gateway outside Ray)."""
+        async for chunk in self.core.generate(request):
+            yield chunk
+
+    def model_card(self) -> bytes:
+        return self.core.model_card().SerializeToString()
+
+    def stats(self) -> dict[str, int]:
+        return self.core.stats()
+
+    def check_health(self) -> None:
+        if not self.core.healthy():
+            raise RuntimeError(f"replica of {self.core.config.name}: an expert shard is not serving")
+
+    async def __del__(self) -> None:
+        await self.core.drain()
+        for shard in self.shards:
+            ray.kill(shard)
+
+    def _transport_factory(self, config: ReplicaConfig):
+        def factory(shard_experts: list[tuple[int, ...]]) -> ExpertTransport:
+            group = ray.util.get_current_placement_group()
+            for index, experts in enumerate(shard_experts):
+                strategy = PlacementGroupSchedulingStrategy(placement_group=group,
+                                                            placement_group_bundle_index=index + 1)
+                options: dict[str, Any] = {"num_cpus": _SHARD_CPUS, "scheduling_strategy": strategy}
+                if torch.cuda.is_available():
+                    options["num_gpus"] = 1
+                dtype = str(config.engine.dtype).removeprefix("torch.")
+                self.shards.append(ExpertShardActor.options(**options).remote(config.path, list(experts), dtype))
+            if config.transport == "ray":
+                return RayTransport(self.shards, timeout_s=config.dispatch_timeout_s)
+            addresses = ray.get([s.address.remote() for s in self.shards], timeout=600)
+            return GrpcTransport(addresses, timeout_s=config.dispatch_timeout_s)
+
+        return factory
+
+
+_SHARD_CPUS = 1
+
+
+def replica_config(args: dict[str, Any]) -> ReplicaConfig:
+    """The ReplicaConfig in a Serve application's args (plain JSON, as a config file holds them)."""
+    engine = dict(args.get("engine", {}))
+    if "dtype" in engine:
+        engine["dtype"] = _DTYPES[engine["dtype"]]
+    fields = {k: args[k] for k in ("name", "path", "num_shards", "transport", "dispatch_timeout_s",
+                                   "drain_timeout_s") if k in args}
+    return ReplicaConfig(**fields, engine=EngineConfig(**engine))
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The Serve application of one model: its deployment options come from args["deployment"]."""
+    config = replica_config(args)
+    deployment = args.get("deployment", {})
+    shards = config.num_shards if config.transport != "local" else 0
+    gpus = bool(deployment.get("gpus", False))
+    trunk_bundle = {"CPU": 1, **({"GPU": 1} if gpus else {})}
+    shard_bundle = {"CPU": _SHARD_CPUS, **({"GPU": 1} if gpus else {})}
+    options: dict[str, Any] = {
+        "name": config.name,
+        "max_ongoing_requests": deployment.get("max_ongoing_requests", config.engine.max_num_seqs),
+        "max_queued_requests": deployment.get("max_queued_requests", 64),
+        "placement_group_bundles": [trunk_bundle] + [shard_bundle] * shards,
+        "placement_group_strategy": deployment.get("placement_strategy", "STRICT_PACK"),
+        "graceful_shutdown_timeout_s": config.drain_timeout_s,
+        "health_check_period_s": deployment.get("health_check_period_s", 10),
+        "ray_actor_options": {"num_cpus": 0},  # the replica's share is bundle 0
+    }
+    autoscaling = deployment.get("autoscaling")
+    if autoscaling:
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = deployment.get("num_replicas", 1)
+    return ModelReplica.options(**options).bind(args)
+
+
+def config_args(config: ReplicaConfig, deployment: dict[str, Any]) -> dict[str, Any]:
+    """A ReplicaConfig (plus deployment options) as the JSON args of build_app."""
+    engine = asdict(config.engine)
+    engine["dtype"] = str(config.engine.dtype).removeprefix("torch.")
+    return {"name": config.name, "path": config.path, "num_shards": config.num_shards,
+            "transport": config.transport, "dispatch_timeout_s": config.dispatch_timeout_s,
+            "drain_timeout_s": config.drain_timeout_s, "engine": engine, "deployment": deployment}
+
+
+__all__ = ["ExpertShardActor", "ModelReplica", "RayTransport", "build_app", "config_args"]
