@@ -1,16 +1,29 @@
 """Chat messages and their rendering into a Llama 4 prompt.
 
-Invariant: ``render_chat`` returns, byte for byte, what Llama 4's official Hugging Face chat template
-returns for the same messages (text, image placeholders and tool results; no tool definitions):
+Invariant: without ``tools`` and without assistant ``tool_calls``, ``render_chat`` returns, byte for byte,
+what Llama 4's official Hugging Face chat template returns for the same messages (text, image
+placeholders and tool results):
 
     <|begin_of_text|>
     <|header_start|>{role}<|header_end|>\\n\\n{content}<|eot|>     once per message
     <|header_start|>assistant<|header_end|>\\n\\n                 with add_generation_prompt
 
 Quirks of the reference kept on purpose: a leading system message is stripped of surrounding
-whitespace (only the first); a ``tool``/``ipython`` message gets the header ``ipython`` and its content
-JSON-encoded (a string arrives quoted). Where the reference would silently drop or mangle input (tool
-calls, unknown part types, a multi-part system message) we raise ``ValueError`` instead.
+whitespace (only the first); a ``tool``/``ipython`` message gets the header ``ipython``. Where the
+reference would silently drop or mangle input (unknown part types, a multi-part system message) we raise
+``ValueError`` instead.
+
+Tool calling uses Llama 4's pythonic format (see ``herd.model.tool_calls``), not the reference's JSON one:
+
+* ``tools`` (offered per ``tool_choice``) become a section of the system message: after the user's own
+  system text and a blank line if there is one, else as a system message of their own. It lists the
+  functions as indented JSON and tells the model to answer only ``[f(a=1), g(b="x")]`` when it calls.
+* An assistant message with ``tool_calls`` renders its content (if any, then a blank line) and the
+  pythonic list, bare (no ``<|python_start|>``), then ``<|eot|>``.
+* Tool results (``tool``/``ipython``; ``tool_call_id`` and ``name`` are ignored, Llama 4 has no slot for
+  them): when ``tools`` is given (even ``[]`` or with ``tool_choice="none"``) the text goes in as is,
+  text parts joined. When ``tools`` is ``None`` the content is JSON-encoded as the reference does (a
+  string arrives quoted, parts as a JSON list), so tool-free prompts stay byte-identical to it.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from herd.model.special_tokens import BEGIN_OF_TEXT, EOT, HEADER_END, HEADER_START, IMAGE
+from herd.model.tool_calls import FunctionTool, ToolCall, ToolOffer, format_tool_calls, offer_tools
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "ipython"})
 """Roles a message may have; ``tool`` and ``ipython`` are the same (a tool's result)."""
@@ -56,10 +70,18 @@ class ChatMessage:
     """One of ``ROLES``."""
     content: str | tuple[ContentPart, ...]
     """Plain text, or text and image parts in order."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Calls an assistant made in this turn; ``content`` is then usually empty."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"unknown message role {self.role!r}; expected one of {sorted(ROLES)}")
+        if isinstance(self.tool_calls, list):
+            object.__setattr__(self, "tool_calls", tuple(self.tool_calls))
+        if not isinstance(self.tool_calls, tuple) or not all(isinstance(c, ToolCall) for c in self.tool_calls):
+            raise ValueError(f"tool_calls must be ToolCall objects, got {self.tool_calls!r:.80}")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool calls, not {self.role!r}")
         if isinstance(self.content, list):
             object.__setattr__(self, "content", tuple(self.content))
         if isinstance(self.content, tuple):
@@ -75,47 +97,98 @@ class ChatMessage:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ChatMessage:
         """Parse an OpenAI-style ``{"role": ..., "content": ...}``; content parts are
-        ``{"type": "text", "text": ...}`` or ``{"type": "image", ...}``. Other keys are ignored,
-        except a non-empty ``tool_calls``, which is rejected."""
+        ``{"type": "text", "text": ...}`` or ``{"type": "image", ...}``. An assistant's ``tool_calls`` are
+        OpenAI's ``[{"type": "function", "function": {"name", "arguments"}}]``; with them, ``content`` may be
+        ``None`` or absent. Other keys (``tool_call_id``, ``name``) are ignored."""
         if not isinstance(data, Mapping):
             raise ValueError(f"a message must be a mapping, got {type(data).__name__}: {data!r:.80}")
-        if data.get("tool_calls"):
-            raise ValueError(f"tool calls are not supported yet (message with tool_calls {data['tool_calls']!r:.80})")
-        if "role" not in data or "content" not in data:
+        raw_calls = data.get("tool_calls") or ()
+        if isinstance(raw_calls, str | bytes | Mapping) or not isinstance(raw_calls, Sequence):
+            raise ValueError(f"tool_calls must be a list, got {type(raw_calls).__name__}: {raw_calls!r:.80}")
+        tool_calls = tuple(ToolCall.from_openai(call) for call in raw_calls)
+        if "role" not in data or ("content" not in data and not tool_calls):
             raise ValueError(f"a message needs 'role' and 'content', got keys {sorted(data)}")
-        content = data["content"]
+        content = data.get("content")
+        if content is None and tool_calls:
+            content = ""
         if isinstance(content, Sequence) and not isinstance(content, str | bytes):
             content = tuple(_part_from_dict(part) for part in content)
-        return cls(role=data["role"], content=content)
+        return cls(role=data["role"], content=content, tool_calls=tool_calls)
 
 
-def render_chat(messages: Sequence[ChatMessage | Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
+def render_chat(
+    messages: Sequence[ChatMessage | Mapping[str, Any]],
+    *,
+    tools: Sequence[FunctionTool | Mapping[str, Any]] | None = None,
+    tool_choice: str | Mapping[str, Any] = "auto",
+    add_generation_prompt: bool = True,
+) -> str:
     """Render ``messages`` as a Llama 4 prompt string (begins with ``<|begin_of_text|>``).
 
     Args:
         messages: ``ChatMessage`` objects or OpenAI-style dicts, oldest first; at least one.
+        tools: OpenAI function tools (``{"type": "function", "function": {...}}`` or the bare function);
+            ``None`` for a request without tools.
+        tool_choice: ``"auto"``, ``"none"``, ``"required"`` or ``{"type": "function", "function": {"name": ...}}``;
+            ``offer_tools`` says what each shows the model.
         add_generation_prompt: end with an open assistant header, for the model to continue.
 
     Raises:
-        ValueError: no messages, or a message that is malformed or uses an unsupported feature.
+        ValueError: no messages, a message that is malformed or uses an unsupported feature, an invalid
+            tool or tool_choice.
     """
     if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
         raise ValueError(f"messages must be a list of messages, got {type(messages).__name__}")
+    offer = offer_tools(tools, tool_choice)
     parsed = [m if isinstance(m, ChatMessage) else ChatMessage.from_dict(m) for m in messages]
     if not parsed:
         raise ValueError("cannot render an empty list of messages")
     out = [BEGIN_OF_TEXT]
+    system = None
     if parsed[0].role == "system":
-        out.append(_header("system") + _system_text(parsed[0].content) + EOT)
+        system = _system_text(parsed[0].content)
         parsed = parsed[1:]
+    if offer.functions:
+        system = f"{system}\n\n{_tool_section(offer)}" if system else _tool_section(offer)
+    if system is not None:
+        out.append(_header("system") + system + EOT)
     for message in parsed:
         if message.role in _TOOL_ROLES:
-            out.append(_header("ipython") + _tool_result_json(message.content) + EOT)
+            result = _tool_result_json(message.content) if tools is None else _tool_result_text(message.content)
+            out.append(_header("ipython") + result + EOT)
+        elif message.tool_calls:
+            text = _content_text(message.content)
+            calls = format_tool_calls(message.tool_calls)
+            out.append(_header("assistant") + (f"{text}\n\n{calls}" if text.strip() else calls) + EOT)
         else:
             out.append(_header(message.role) + _content_text(message.content) + EOT)
     if add_generation_prompt:
         out.append(_header("assistant"))
     return "".join(out)
+
+
+_TOOL_SECTION = """\
+You can call functions to help you answer. These are the functions available, described in JSON:
+
+{listing}
+
+To call functions, reply with only a Python list of calls and no other text:
+[func_name1(param1=value1, param2=value2), func_name2(param=value)]
+Pass every argument by name and write each value as a Python literal: a quoted string, a number, True, False, \
+None, or a list or dict of these. Call only the functions listed above.
+{choice}
+Function results come back to you in ipython messages; use them to answer the user."""
+
+
+def _tool_section(offer: ToolOffer) -> str:
+    listing = json.dumps([f.to_json_dict() for f in offer.functions], indent=4, ensure_ascii=False)
+    if not offer.call_required:
+        choice = "If no function is needed, reply in plain text instead."
+    elif len(offer.functions) == 1:
+        choice = f"You must call the function {offer.functions[0].name} in this reply; do not reply in plain text."
+    else:
+        choice = "You must call at least one of these functions in this reply; do not reply in plain text."
+    return _TOOL_SECTION.format(listing=listing, choice=choice)
 
 
 def _header(role: str) -> str:
@@ -157,6 +230,15 @@ def _tool_result_json(content: str | tuple[ContentPart, ...]) -> str:
         return json.dumps(content, ensure_ascii=False)
     parts = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"} for p in content]
     return json.dumps(parts, ensure_ascii=False)
+
+
+def _tool_result_text(content: str | tuple[ContentPart, ...]) -> str:
+    # OpenAI's tool message content is a string or text parts whose meaning is their concatenation.
+    if isinstance(content, str):
+        return content
+    if not all(isinstance(part, TextPart) for part in content):
+        raise ValueError(f"a tool result may hold only text, got {content!r:.80}")
+    return "".join(part.text for part in content if isinstance(part, TextPart))
 
 
 JINJA_CHAT_TEMPLATE = r"""
@@ -201,4 +283,5 @@ JINJA_CHAT_TEMPLATE = r"""
 {%- endif -%}
 """.strip()
 """Jinja form of ``render_chat`` for ``tokenizer_config.json`` (rendered by transformers' environment,
-whose ``tojson`` is ``json.dumps(ensure_ascii=False)``)."""
+whose ``tojson`` is ``json.dumps(ensure_ascii=False)``). It covers requests without tools only: it ignores
+``tools`` and raises on assistant ``tool_calls``, which ``render_chat`` renders."""

@@ -66,6 +66,11 @@ def create_app(gateway: Gateway, *, tenant_resolver: TenantResolver | None = Non
         states = {name: await b.healthy() for name, b in gateway.backends.items()}
         return JSONResponse({"models": states}, status_code=200 if all(states.values()) else 503)
 
+    @app.get("/herd/stats")
+    async def stats() -> dict[str, dict[str, int]]:
+        """What each model's replica holds now (requests, KV blocks in use): for operators and tests."""
+        return {name: await b.stats() for name, b in gateway.backends.items()}
+
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
         return ModelList(data=[ModelEntry(id=c.id, created=c.created, root=c.root, max_model_len=c.max_model_len)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from herd.model.tool_calls import arguments_json, parse_tool_calls
+from herd.model.tool_calls import arguments_json, offer_tools, parse_tool_calls
 from herd.platform.gateway.core import Gateway, Prepared
 from herd.platform.gateway.errors import invalid_request
 from herd.platform.gateway.openai_models import (
@@ -137,10 +137,17 @@ def completion_logprobs(entries: list[pb.TokenLogprob]) -> dict[str, Any]:
 
 
 def tool_names(request: ChatCompletionRequest) -> list[str]:
-    """Functions the model may call in this request (none when tool_choice is "none")."""
-    if not request.tools or request.tool_choice == "none":
+    """Functions the model may call in this request (none when tool_choice is "none"; only the named one
+    when tool_choice names one)."""
+    if not request.tools:
         return []
-    return [t.function.name for t in request.tools]
+    choice = request.tool_choice
+    tools = [{"type": "function", "function": t.function.model_dump(exclude_none=True)} for t in request.tools]
+    try:
+        named = choice.model_dump() if hasattr(choice, "model_dump") else choice or "auto"
+        return sorted(offer_tools(tools, named).names)
+    except ValueError:
+        return []  # prepare_chat has refused such a request already
 
 
 def assistant_message(text: str, names: list[str]) -> tuple[AssistantMessage, bool]:

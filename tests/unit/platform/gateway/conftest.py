@@ -1,0 +1,28 @@
+"""A gateway over a replica in this process (no Ray): the tiny Scout with 2 in-process expert shards."""
+
+from __future__ import annotations
+
+import pytest
+
+from herd.engine import EngineConfig
+from herd.model.tiny import make_tiny
+from herd.platform.gateway.backend import LocalBackend
+from herd.platform.gateway.core import Gateway
+from herd.workers.replica_core import ReplicaConfig, ReplicaCore
+
+
+@pytest.fixture(scope="package")
+def tiny_path(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("scout"), preset="scout", seed=11)
+
+
+@pytest.fixture(scope="package")
+def core(tiny_path):
+    config = ReplicaConfig(name="scout", path=str(tiny_path), num_shards=2, transport="local",
+                           engine=EngineConfig(kv_cache_bytes=16 * 2**20, max_num_seqs=16, max_model_len=512))
+    return ReplicaCore(config)
+
+
+@pytest.fixture
+def gateway(core):
+    return Gateway({"scout": LocalBackend(core, max_ongoing_requests=4, max_queued_requests=2)})
