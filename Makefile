@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.herd-installed
-TINY := .herd/models/tiny-scout
 PROTOS := herd/protos/herd/v1/experts_pb2.py
 
 .PHONY: venv protos serve test lint gpu-check clean
@@ -23,12 +22,9 @@ protos: $(PROTOS)
 $(PROTOS): $(STAMP) $(wildcard protos/herd/v1/*.proto) protos/generate.py
 	$(BIN)/python protos/generate.py
 
-$(TINY)/config.json: $(STAMP)
-	$(BIN)/herd make-tiny --preset scout --out $(TINY)
-
-# Until the serving issue lands, the main job is a greedy chat completion from the embedded model.
-serve: $(STAMP) $(PROTOS) $(TINY)/config.json
-	$(BIN)/herd generate --model $(TINY) --chat "Tell me about the herd." --max-tokens 32
+# The main job: local Ray, the tiny Scout (made on first use) with 2 expert shards, HTTP :8000, gRPC :50051.
+serve: $(STAMP) $(PROTOS)
+	$(BIN)/herd serve
 
 lint: $(STAMP) $(PROTOS)
 	$(BIN)/ruff check herd tests bench protos

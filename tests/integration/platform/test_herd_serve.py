@@ -1,0 +1,190 @@
+"""`herd serve` as a user runs it (local Ray, Serve replica with 2 gRPC expert shards), through the
+official openai client, a gRPC client built from protos/, and curl."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from herd.engine import EngineConfig, LLMEngine, SamplingParams
+from herd.model.chat_template import render_chat
+from herd.model.tiny import make_tiny
+from herd.protos.herd.v1 import inference_pb2 as pb
+from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
+
+HELLO = [{"role": "user", "content": "Tell me about the herd."}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = make_tiny(tmp_path_factory.mktemp("scout"), preset="scout", seed=12)
+    http_port, grpc_port = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "herd.cli", "serve", "--model", str(path), "--name", "scout",
+         "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
+    lines: list[str] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            pytest.fail("herd serve exited:\n" + "".join(lines))
+        lines.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    else:
+        proc.kill()
+        pytest.fail("herd serve did not come up:\n" + "".join(lines))
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+    yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}", "path": path,
+           "banner": "".join(lines)}
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["http"] + "/v1", api_key="unused")
+
+
+def test_openai_client_models_chat_stream_usage_logprobs(server, client):
+    assert [m.id for m in client.models.list().data] == ["scout"]
+    reply = client.chat.completions.create(model="scout", messages=HELLO, max_tokens=12, temperature=0,
+                                           logprobs=True, top_logprobs=2)
+    engine = LLMEngine.from_pretrained(server["path"], EngineConfig(kv_cache_bytes=16 * 2**20))
+    prompt = engine.tokenizer.encode(render_chat(HELLO))
+    expected = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12))[0]
+    choice = reply.choices[0]
+    assert choice.message.content == expected.text and choice.finish_reason == expected.finish_reason
+    assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == len(expected.token_ids)
+    assert len(choice.logprobs.content) == len(expected.token_ids)
+    stream = client.chat.completions.create(model="scout", messages=HELLO, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+
+
+def test_grpc_client_from_protos_with_reflection_and_health(server):
+    channel = grpc.insecure_channel(server["grpc"])
+    stub = pb_grpc.InferenceStub(channel)
+    assert [m.id for m in stub.ListModels(pb.ListModelsRequest()).models] == ["scout"]
+    chunks = list(stub.Generate(pb.GenerateRequest(model="scout", text="the herd",
+                                                   sampling=pb.SamplingOptions(temperature=0, max_tokens=8))))
+    assert chunks[-1].finish_reason and chunks[-1].usage.completion_tokens == sum(len(c.token_ids) for c in chunks)
+    chat = list(stub.Chat(pb.ChatRequest(model="scout", messages=[pb.ChatMessage(role="user", content="hi")],
+                                         sampling=pb.SamplingOptions(max_tokens=4))))
+    assert chat[-1].finish_reason
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="herd.v1.Inference"))
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    asks = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    answer = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(asks))
+    assert "herd.v1.Inference" in {s.name for s in answer.list_services_response.service}
+    channel.close()
+
+
+def test_32_concurrent_streams_over_http_and_grpc_together(server):
+    async def over_http(client, i):
+        body = {"model": "scout", "messages": [{"role": "user", "content": f"request {i}"}], "max_tokens": 10 + i % 5,
+                "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            events = [json.loads(line[6:]) async for line in response.aiter_lines() if line.startswith("data: {")]
+        return events[-1]["usage"]["completion_tokens"], 10 + i % 5
+
+    async def over_grpc(stub, i):
+        request = pb.GenerateRequest(model="scout", text=f"request {i}", sampling=pb.SamplingOptions(
+            temperature=0, max_tokens=10 + i % 5, ignore_eos=True))
+        chunks = [c async for c in stub.Generate(request)]
+        return sum(len(c.token_ids) for c in chunks), 10 + i % 5
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server["http"], timeout=120) as client, \
+                grpc.aio.insecure_channel(server["grpc"]) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            jobs = [over_http(client, i) for i in range(16)] + [over_grpc(stub, i) for i in range(16)]
+            return await asyncio.gather(*jobs)
+
+    results = asyncio.run(main())
+    assert len(results) == 32 and all(got == want for got, want in results), results
+
+
+def test_bad_input_on_both_doors_and_the_server_keeps_serving(server, client):
+    for body, status in ((b"{broken", 400), ({"model": "scout", "messages": []}, 400),
+                         ({"model": "nope", "messages": HELLO}, 404),
+                         ({"model": "scout", "messages": HELLO, "max_tokens": 10**7}, 400),
+                         ({"model": "scout", "messages": HELLO, "temperature": "hot"}, 400)):
+        kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+        response = httpx.post(server["http"] + "/v1/chat/completions", headers={"content-type": "application/json"},
+                              timeout=30, **kwargs)
+        assert response.status_code == status, response.text
+        assert response.json()["error"]["message"]
+    stub = pb_grpc.InferenceStub(grpc.insecure_channel(server["grpc"]))
+    for request in (pb.GenerateRequest(model="scout", text=""),
+                    pb.GenerateRequest(model="scout", text="x", sampling=pb.SamplingOptions(max_tokens=10**7))):
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(request))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.chat.completions.create(model="scout", messages=HELLO, max_tokens=3).choices[0].finish_reason
+
+
+def _stats(server):
+    return httpx.get(server["http"] + "/herd/stats", timeout=30).json()["scout"]
+
+
+def _settled(server):
+    for _ in range(100):
+        stats = _stats(server)
+        if stats["in_flight"] == 0 and all(v == 0 for k, v in stats.items() if k.startswith("kv_blocks_used")):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_deadline_and_cancel_free_the_requests_blocks(server):
+    stub = pb_grpc.InferenceStub(grpc.insecure_channel(server["grpc"]))
+    long = pb.GenerateRequest(model="scout", text="the herd " * 30,
+                              sampling=pb.SamplingOptions(temperature=0, max_tokens=2000, ignore_eos=True))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(long, timeout=1.0))
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _settled(server)
+    call = stub.Generate(long)
+    for i, _ in enumerate(call):
+        if i == 3:
+            assert _stats(server)["in_flight"] == 1
+            call.cancel()
+            break
+    assert _settled(server)
+
+
+def test_the_readme_curl_command(server):
+    command = re.search(r"curl -s .*?\}'", server["banner"].replace("\\\n", " "), re.S).group(0)
+    out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60, check=True).stdout
+    reply = json.loads(out)
+    assert reply["object"] == "chat.completion" and 1 <= reply["usage"]["completion_tokens"] <= 16
