@@ -59,8 +59,9 @@ def server(tmp_path_factory):
         pytest.fail("herd serve did not come up:\n" + "".join(lines))
     threading.Thread(target=proc.stdout.read, daemon=True).start()
     yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}", "path": path,
-           "banner": "".join(lines)}
-    proc.send_signal(signal.SIGINT)
+           "banner": "".join(lines), "proc": proc}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=90)
     except subprocess.TimeoutExpired:
@@ -188,3 +189,17 @@ def test_the_readme_curl_command(server):
     out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60, check=True).stdout
     reply = json.loads(out)
     assert reply["object"] == "chat.completion" and 1 <= reply["usage"]["completion_tokens"] <= 16
+
+
+def test_zz_sigint_drains_in_flight_streams_before_stopping(server):
+    """Runs last: stops the module's server. A stream under way when SIGINT arrives still completes."""
+    stub = pb_grpc.InferenceStub(grpc.insecure_channel(server["grpc"]))
+    request = pb.GenerateRequest(model="scout", text="drain me",
+                                 sampling=pb.SamplingOptions(temperature=0, max_tokens=150, ignore_eos=True))
+    call = stub.Generate(request)
+    first = next(call)
+    server["proc"].send_signal(signal.SIGINT)
+    rest = list(call)
+    assert rest[-1].finish_reason == "length"
+    assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 150
+    assert server["proc"].wait(timeout=90) == 0

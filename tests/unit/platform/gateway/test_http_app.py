@@ -140,3 +140,20 @@ def test_beyond_capacity_requests_are_refused_at_once_with_retry_after(gateway, 
     assert refused.json()["error"]["type"] == "rate_limit_error"
     assert all(r.status_code == 200 for r in done)
     assert core.stats()["in_flight"] == 0
+
+
+def test_the_openapi_document_describes_what_the_server_accepts(gateway):
+    async def main():
+        async with _client(gateway) as client:
+            doc = (await client.get("/openapi.json")).json()
+            extra = await client.post("/v1/chat/completions", json={**CHAT, "not_in_the_schema": 1})
+            return doc, extra
+
+    doc, extra = _run(main())
+    assert {"/v1/models", "/v1/chat/completions", "/v1/completions"} <= set(doc["paths"])
+    schema = doc["components"]["schemas"]["ChatCompletionRequest"]
+    assert schema.get("additionalProperties") is False, "unknown fields are refused, and the document says so"
+    for name in ("model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
+                 "n", "logprobs", "top_logprobs", "stream", "stream_options", "tools", "tool_choice"):
+        assert name in schema["properties"], name
+    assert extra.status_code == 400 and "not_in_the_schema" in extra.json()["error"]["message"]

@@ -1,0 +1,30 @@
+"""Expert shards as Ray actors (what a Serve replica starts in its placement group), reached by Ray calls
+and by gRPC: both give the single-process model's logits."""
+
+from __future__ import annotations
+
+import torch
+
+from herd.model import load_model
+from herd.model.tiny import make_tiny
+from herd.workers.dispatch import ExpertDispatcher
+from herd.workers.placement import place_experts
+from herd.workers.serve_app import ExpertShardActor, RayTransport
+from herd.workers.transport import GrpcTransport
+
+
+def test_shard_actors_over_ray_calls_and_grpc(ray_session, tmp_path):
+    path = make_tiny(tmp_path / "scout", preset="scout", seed=13)
+    placement = place_experts(16, 2)
+    actors = [ExpertShardActor.options(num_cpus=1).remote(str(path), list(e), "float32")
+              for e in placement.shard_experts]
+    full = load_model(path, progress=False)
+    ids = torch.randint(0, full.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    expected = full.logits(ids)
+    addresses = ray_session.get([a.address.remote() for a in actors])
+    for transport in (RayTransport(actors, timeout_s=60), GrpcTransport(addresses)):
+        trunk = load_model(path, experts=(), progress=False)
+        ExpertDispatcher(placement, transport).attach(trunk)
+        assert float((trunk.logits(ids) - expected).norm() / expected.norm()) < 1e-5
+        assert transport.healthy()
+    RayTransport(actors, timeout_s=60).close()
