@@ -61,7 +61,8 @@ def app_args(model: ModelSettings, settings: HerdSettings) -> dict[str, Any]:
 def serve_config(settings: HerdSettings) -> dict[str, Any]:
     """A Ray Serve config for `serve deploy`, embeddable as a KubeRay RayService's serveConfigV2."""
     return {
-        "proxy_location": "Disabled",
+        # Serve's gRPC proxy is how a gateway outside Ray (the Helm chart's) reaches the replicas.
+        "proxy_location": "EveryNode",
         "grpc_options": {
             "port": 9000,
             "grpc_servicer_functions": ["herd.protos.herd.v1.inference_pb2_grpc.add_InferenceServicer_to_server"],

@@ -45,7 +45,9 @@ def test_serve_config_names_the_app_builder_and_carries_the_replica_settings(tmp
     assert app["import_path"] == "herd.workers.serve_app:build_app" and app["route_prefix"] is None
     assert app["args"]["num_shards"] == 2 and app["args"]["engine"]["dtype"] == "float32"
     assert (tmp_path / "tiny-scout" / "config.json").is_file(), "presets are made on first use"
-    yaml.safe_load(yaml.safe_dump(config))  # plain data, as serve deploy and a RayService need
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(yaml.safe_load(yaml.safe_dump(config)))  # what `serve deploy` accepts
     from herd.workers.serve_app import replica_config
 
     replica = replica_config(app["args"])
