@@ -9,6 +9,7 @@ blocks return to the pool.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -58,7 +59,7 @@ class AsyncLLMEngine:
         finished = False
         try:
             while not finished:
-                out = await queue.get()
+                out = _coalesce(await queue.get(), queue)
                 finished = out.finished
                 yield out
         finally:
@@ -98,3 +99,16 @@ class AsyncLLMEngine:
         for rid in abort:
             self.engine.abort(rid)
         return self.engine.step() if self.engine.has_unfinished() else []
+
+
+def _coalesce(out: RequestOutput, queue: asyncio.Queue[RequestOutput]) -> RequestOutput:
+    """Merge every output already waiting into one: a consumer that fell behind (a slow network, a busy
+    proxy) gets one message with all the new tokens instead of one message per step."""
+    while not out.finished and not queue.empty():
+        later = queue.get_nowait()
+        out = dataclasses.replace(
+            later,
+            delta_token_ids=out.delta_token_ids + later.delta_token_ids,
+            delta_text=out.delta_text + later.delta_text,
+        )
+    return out

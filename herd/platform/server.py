@@ -53,7 +53,8 @@ def app_args(model: ModelSettings, settings: HerdSettings) -> dict[str, Any]:
     )
     config = ReplicaConfig(name=model.name, path=str(model_path(model, settings)), num_shards=model.shards,
                            transport=model.transport, engine=engine_config,
-                           dispatch_timeout_s=model.dispatch_timeout_s, drain_timeout_s=model.drain_timeout_s)
+                           dispatch_timeout_s=model.dispatch_timeout_s, drain_timeout_s=model.drain_timeout_s,
+                           stream_interval_s=model.stream_interval_s)
     deployment = model.deployment.model_dump(exclude_none=True)
     return config_args(config, deployment)
 
@@ -95,7 +96,8 @@ async def run(settings: HerdSettings) -> None:
     if settings.ray_address:
         ray.init(address=settings.ray_address, log_to_driver=False)
     else:
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        # Ray starts its workers at nice 15; here the replicas are the work, so they run at normal priority.
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _system_config={"worker_niceness": 0})
     serve.start(proxy_location="Disabled")
     try:
         for model, args in apps:

@@ -53,6 +53,7 @@ class ModelSettings(_Section):
     transport: Literal["grpc", "ray", "local"] = Field("grpc", description="how the trunk reaches its shards")
     dispatch_timeout_s: float = Field(30, gt=0, description="a shard's deadline per layer step")
     drain_timeout_s: float = Field(30, ge=0, description="graceful shutdown: time for in-flight streams")
+    stream_interval_s: float = Field(0.05, ge=0, description="after the first token, send a stream at most this often")
     engine: EngineSettings = Field(default_factory=EngineSettings)
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
 

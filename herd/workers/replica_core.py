@@ -49,6 +49,10 @@ class ReplicaConfig:
     """A shard that does not answer a layer step in this time fails the step (DEADLINE_EXCEEDED)."""
     drain_timeout_s: float = 30.0
     """How long draining waits for in-flight streams before aborting them."""
+    stream_interval_s: float = 0.05
+    """After the first token, a request's new tokens are sent at most this often (each message through
+    Ray Serve costs about a millisecond of CPU; at 32 streams, one message per step per stream was
+    most of a replica's time). 0 sends every step."""
 
     def __post_init__(self) -> None:
         if self.transport not in ("local", "grpc", "ray"):
@@ -105,11 +109,17 @@ class ReplicaCore:
                 sharing_group=tenant.sharing_group or None,
             )
             async with contextlib.aclosing(stream):  # closing it aborts the request and frees its blocks
+                pending: pb.GenerateChunk | None = None
+                sent_at = 0.0
                 async for out in stream:
                     if out.finish_reason == "error":
                         code, _, message = (out.error or "INTERNAL: step failed").partition(": ")
                         raise ReplicaError(code, message)
-                    yield self._chunk(out)
+                    pending = self._merge(pending, self._chunk(out))
+                    now = time.monotonic()
+                    if out.finished or not sent_at or now - sent_at >= self.config.stream_interval_s:
+                        yield pending
+                        pending, sent_at = None, now
         except ValueError as err:
             raise ReplicaError("INVALID_ARGUMENT", str(err)) from err
         finally:
@@ -170,6 +180,19 @@ class ReplicaCore:
             chunk.usage.CopyFrom(pb.Usage(prompt_tokens=len(out.prompt_token_ids), completion_tokens=len(out.token_ids),
                                           cached_tokens=out.num_cached_tokens))
         return chunk
+
+    @staticmethod
+    def _merge(earlier: pb.GenerateChunk | None, later: pb.GenerateChunk) -> pb.GenerateChunk:
+        """One chunk with the new text, tokens and logprobs of both, and the later one's ending."""
+        if earlier is None:
+            return later
+        earlier.text += later.text
+        earlier.token_ids.extend(later.token_ids)
+        earlier.logprobs.extend(later.logprobs)
+        earlier.finish_reason = later.finish_reason
+        if later.HasField("usage"):
+            earlier.usage.CopyFrom(later.usage)
+        return earlier
 
     def _piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -153,7 +153,7 @@ def replica_config(args: dict[str, Any]) -> ReplicaConfig:
     if "dtype" in engine:
         engine["dtype"] = _DTYPES[engine["dtype"]]
     fields = {k: args[k] for k in ("name", "path", "num_shards", "transport", "dispatch_timeout_s",
-                                   "drain_timeout_s") if k in args}
+                                   "drain_timeout_s", "stream_interval_s") if k in args}
     return ReplicaConfig(**fields, engine=EngineConfig(**engine))
 
 
@@ -189,7 +189,8 @@ def config_args(config: ReplicaConfig, deployment: dict[str, Any]) -> dict[str, 
     engine["dtype"] = str(config.engine.dtype).removeprefix("torch.")
     return {"name": config.name, "path": config.path, "num_shards": config.num_shards,
             "transport": config.transport, "dispatch_timeout_s": config.dispatch_timeout_s,
-            "drain_timeout_s": config.drain_timeout_s, "engine": engine, "deployment": deployment}
+            "drain_timeout_s": config.drain_timeout_s, "stream_interval_s": config.stream_interval_s,
+            "engine": engine, "deployment": deployment}
 
 
 __all__ = ["ExpertShardActor", "ModelReplica", "RayTransport", "build_app", "config_args"]

@@ -150,10 +150,11 @@ def test_ttft_and_itl_follow_the_server_delays(fake: tuple[str, FakeState]) -> N
     result = asyncio.run(run_load(url, "fake", workload, concurrency=4, timeout_s=5,
                                   extra_body={"first_s": 0.3, "gap_s": 0.1}))
     summary = result.summary()
-    assert 300 <= summary["ttft_p50_ms"] < 450
+    # Upper bounds loose for a busy machine, yet tight enough to catch a gap measured from the send.
+    assert 300 <= summary["ttft_p50_ms"] < 800
     assert all(len(r.itl_s) == 3 for r in result.records)
-    assert 100 <= summary["itl_p50_ms"] < 180 and summary["itl_p99_ms"] < 250
-    assert 0.6 <= result.wall_s < 1.0  # four requests in parallel: 0.3 + 3 * 0.1 once, not four times
+    assert 100 <= summary["itl_p50_ms"] < 250 and summary["itl_p99_ms"] < 300
+    assert 0.6 <= result.wall_s < 1.5  # four requests in parallel: 0.3 + 3 * 0.1 once, not 2.4 s in a row
 
 
 def test_errors_are_recorded_and_the_run_goes_on(fake: tuple[str, FakeState]) -> None:
