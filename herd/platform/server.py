@@ -96,8 +96,7 @@ async def run(settings: HerdSettings) -> None:
     if settings.ray_address:
         ray.init(address=settings.ray_address, log_to_driver=False)
     else:
-        # Ray starts its workers at nice 15; here the replicas are the work, so they run at normal priority.
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _system_config={"worker_niceness": 0})
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location="Disabled")
     try:
         for model, args in apps:
