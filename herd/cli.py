@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--http-port", type=int, help="OpenAI HTTP port (default 8000)")
     serve_cmd.add_argument("--grpc-port", type=int, help="gRPC port (default 50051)")
     serve_cmd.add_argument("--print-config", action="store_true", help="print the Ray Serve config and exit")
+    serve_cmd.add_argument("--no-auth", action="store_true", help="no API keys, limits or ledger (local experiments)")
     serve_cmd.set_defaults(run=_serve)
 
     bench = commands.add_parser("bench", help="load-test an OpenAI-compatible server", add_help=False)
@@ -108,6 +109,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = HerdSettings.load(args.config, http_port=args.http_port, grpc_port=args.grpc_port)
+    if args.no_auth:
+        settings.tenancy.auth = False
     if args.model or args.shards is not None or args.transport or args.name:
         base = settings.models[0]
         path = args.model or base.path

@@ -17,6 +17,7 @@ import yaml
 from herd.engine import EngineConfig
 from herd.model.tiny import make_tiny
 from herd.platform.settings import PRESETS, HerdSettings, ModelSettings
+from herd.platform.tenancy.setup import Tenancy, start_tenancy
 from herd.workers.replica_core import ReplicaConfig
 
 log = logging.getLogger("herd.serve")
@@ -89,6 +90,7 @@ async def run(settings: HerdSettings) -> None:
     from herd.platform.gateway.grpc_server import start_grpc
     from herd.platform.gateway.http_app import create_app
     from herd.platform.gateway.serve_backend import ServeBackend
+    from herd.platform.tenancy.admin_api import admin_router
     from herd.workers.serve_app import build_app
 
     apps = [(m, app_args(m, settings)) for m in settings.models]
@@ -104,17 +106,20 @@ async def run(settings: HerdSettings) -> None:
                      model.transport)
             serve.run(build_app(args), name=model.name, route_prefix=None)
         backends = {m.name: await ServeBackend.connect(m.name) for m in settings.models}
-        gateway = Gateway(backends, request_timeout_s=settings.request_timeout_s)
+        tenancy = _tenancy(settings)
+        gateway = Gateway(backends, guard=tenancy.guard if tenancy else None,
+                          request_timeout_s=settings.request_timeout_s)
+        routers = [admin_router(tenancy.store, tenancy.admin_token)] if tenancy else []
         grpc_server, grpc_port = await start_grpc(gateway, host=settings.grpc_host, port=settings.grpc_port)
-        http = uvicorn.Server(uvicorn.Config(create_app(gateway), host=settings.http_host, port=settings.http_port,
-                                             log_level="warning", lifespan="off"))
+        http = uvicorn.Server(uvicorn.Config(create_app(gateway, routers=routers), host=settings.http_host,
+                                             port=settings.http_port, log_level="warning", lifespan="off"))
         http_task = asyncio.create_task(http.serve())
         while not http.started:
             if http_task.done():
                 http_task.result()
             await asyncio.sleep(0.05)
         port = http.servers[0].sockets[0].getsockname()[1]
-        _announce(settings, port, grpc_port)
+        _announce(settings, port, grpc_port, tenancy)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -124,20 +129,43 @@ async def run(settings: HerdSettings) -> None:
         http.should_exit = True
         await grpc_server.stop(grace=max(m.drain_timeout_s for m in settings.models))
         await http_task
+        if tenancy is not None:
+            await tenancy.ledger.close()  # every usage row written (or spilled) before exit
     finally:
         serve.shutdown()
         ray.shutdown()
         log.info("stopped")
 
 
-def _announce(settings: HerdSettings, http_port: int, grpc_port: int) -> None:
+def _tenancy(settings: HerdSettings) -> Tenancy | None:
+    if not settings.tenancy.auth:
+        log.warning("AUTHENTICATION IS OFF (--no-auth): anyone who can reach the ports can use every model, "
+                    "with no limits and no usage ledger. For local experiments only.")
+        return None
+    tenancy = start_tenancy(settings.tenancy)
+    tenancy.ledger.start()
+    return tenancy
+
+
+def _announce(settings: HerdSettings, http_port: int, grpc_port: int, tenancy: Tenancy | None) -> None:
     model = settings.models[0].name
     url = f"http://{settings.http_host}:{http_port}"
     print(f"herd is serving {[m.name for m in settings.models]}", flush=True)
     print(f"  OpenAI HTTP: {url}/v1   (OpenAPI: {url}/docs)", flush=True)
     print(f"  gRPC herd.v1.Inference: {settings.grpc_host}:{grpc_port} (reflection on)", flush=True)
+    auth = ""
+    if tenancy is None:
+        print("  WARNING: authentication is off (--no-auth)", flush=True)
+    else:
+        print(f"  tenants and usage: {settings.tenancy.database_url}; admin API {url}/admin/v1 with the token in "
+              f"{settings.tenancy.admin_token_file}", flush=True)
+        if tenancy.first_key:
+            print(f"  first start: tenant 'dev' made; its API key (shown once, keep it): {tenancy.first_key}",
+                  flush=True)
+        key = tenancy.first_key or "<your API key>"
+        auth = f"-H 'Authorization: Bearer {key}' "
     print("  try:", flush=True)
-    print(f"    curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+    print(f"    curl -s {url}/v1/chat/completions {auth}-H 'Content-Type: application/json' \\\n"
           f"      -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], "
           f"\"max_tokens\": 16}}'", flush=True)
     print("  Ctrl-C stops everything.", flush=True)

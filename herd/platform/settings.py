@@ -58,6 +58,15 @@ class ModelSettings(_Section):
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
 
 
+class TenancySettings(_Section):
+    auth: bool = Field(True, description="require API keys (off only for local experiments: --no-auth)")
+    database_url: str = Field("sqlite:///.herd/herd.db", description="tenants, keys and usage (SQLAlchemy URL)")
+    redis_url: str | None = Field(None, description="shared rate limits for several gateways; in-process when null")
+    admin_token_file: Path = Field(Path(".herd/admin-token"), description="admin credential, made on first start")
+    spill_path: Path = Field(Path(".herd/usage-spill.jsonl"), description="usage rows the database would not take")
+    usage_flush_interval_s: float = Field(0.5, gt=0, description="how often usage rows are written")
+
+
 class HerdSettings(BaseSettings):
     """Everything `herd serve` needs."""
 
@@ -72,6 +81,7 @@ class HerdSettings(BaseSettings):
     models_dir: Path = Field(Path(".herd/models"), description="where tiny presets are made")
     ray_address: str | None = Field(None, description="existing Ray cluster; a local one is started when null")
     ray_num_cpus: int | None = Field(None, ge=1, description="logical CPUs of the local Ray (default: enough)")
+    tenancy: TenancySettings = Field(default_factory=TenancySettings)
 
     _config_file: ClassVar[Path | None] = None
 

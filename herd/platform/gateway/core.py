@@ -13,7 +13,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from herd.model.chat_template import render_chat
 from herd.model.special_tokens import BEGIN_OF_TEXT
@@ -30,6 +30,22 @@ from herd.protos.herd.v1 import inference_pb2 as pb
 _ids = itertools.count()
 
 
+class AdmissionGuard(Protocol):
+    """Tenancy as the gateway sees it (herd.platform.tenancy.guard.Guard): who, what, and whether now."""
+
+    async def authenticate(self, credential: str | None) -> Any: ...
+
+    def authorize(self, identity: Any, model: str) -> None: ...
+
+    def allowed_models(self, identity: Any, models: list[str]) -> list[str]: ...
+
+    def context(self, identity: Any) -> pb.TenantContext: ...
+
+    async def admit(self, identity: Any, model: str, request_id: str, prompt_tokens: int, max_tokens: int) -> Any: ...
+
+    async def settle(self, admission: Any, *, completion_tokens: int, cached_tokens: int, status: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A checked request and what the front door needs to answer it."""
@@ -37,23 +53,37 @@ class Prepared:
     backend: Backend
     request: pb.GenerateRequest
     prompt_tokens: int
+    identity: Any = None
 
 
 class Gateway:
     """Models by name, and the shared checks of every request."""
 
-    def __init__(self, backends: Mapping[str, Backend], *, request_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self, backends: Mapping[str, Backend], *, guard: AdmissionGuard | None = None, request_timeout_s: float = 600.0
+    ) -> None:
         self.backends = dict(backends)
+        self.guard = guard
         self.request_timeout_s = request_timeout_s
 
-    def backend(self, model: str) -> Backend:
-        try:
-            return self.backends[model]
-        except KeyError:
-            raise model_not_found(model, sorted(self.backends)) from None
+    async def identify(self, credential: str | None) -> Any:
+        """The caller's identity from its API key (None when the gateway runs without tenancy)."""
+        return None if self.guard is None else await self.guard.authenticate(credential)
 
-    def list_models(self) -> list[pb.ModelCard]:
-        return [b.card() for b in self.backends.values()]
+    def backend(self, model: str, identity: Any = None) -> Backend:
+        visible = self._visible(identity)
+        if model not in self.backends or (self.guard is not None and model not in visible):
+            if self.guard is not None and model in self.backends:
+                self.guard.authorize(identity, model)  # raises 403 without naming what else exists
+            raise model_not_found(model, visible)
+        return self.backends[model]
+
+    def list_models(self, identity: Any = None) -> list[pb.ModelCard]:
+        return [self.backends[name].card() for name in self._visible(identity)]
+
+    def _visible(self, identity: Any) -> list[str]:
+        names = sorted(self.backends)
+        return names if self.guard is None else self.guard.allowed_models(identity, names)
 
     def prepare_text(
         self,
@@ -61,12 +91,12 @@ class Gateway:
         prompt: str | Sequence[int],
         options: pb.SamplingOptions,
         *,
-        tenant: pb.TenantContext | None = None,
+        identity: Any = None,
         default_max_tokens: int | None = 16,
         request_id: str = "",
     ) -> Prepared:
         """A completion: text (given <|begin_of_text|> unless it starts with it) or token ids."""
-        backend = self.backend(model)
+        backend = self.backend(model, identity)
         if isinstance(prompt, str):
             if not prompt:
                 raise invalid_request("prompt must not be empty", param="prompt")
@@ -79,7 +109,7 @@ class Gateway:
             bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
             if bad:
                 raise invalid_request(f"prompt token ids {bad[:5]} are outside the vocabulary 0..{vocab - 1}", "prompt")
-        return self._prepared(backend, ids, options, tenant, default_max_tokens, request_id)
+        return self._prepared(backend, ids, options, identity, default_max_tokens, request_id)
 
     def prepare_chat(
         self,
@@ -89,11 +119,11 @@ class Gateway:
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: Any = None,
-        tenant: pb.TenantContext | None = None,
+        identity: Any = None,
         request_id: str = "",
     ) -> Prepared:
         """A chat: messages rendered in the Llama 4 format (with tools when given), then tokenized."""
-        backend = self.backend(model)
+        backend = self.backend(model, identity)
         if not messages:
             raise invalid_request("messages must not be empty", param="messages")
         try:
@@ -104,31 +134,49 @@ class Gateway:
         except ValueError as err:
             raise invalid_request(str(err), param="messages") from err
         ids = backend.tokenizer.encode(text)
-        return self._prepared(backend, ids, options, tenant, None, request_id)
+        return self._prepared(backend, ids, options, identity, None, request_id)
 
     async def stream(self, prepared: Prepared, *, timeout_s: float | None = None) -> AsyncIterator[pb.GenerateChunk]:
-        """The backend's chunks, within the deadline; leaving early aborts the request."""
+        """The backend's chunks, within the deadline, after tenant admission; leaving early aborts the
+        request. With tenancy, every request ends in exactly one settlement (its usage row)."""
         limit = min(timeout_s or self.request_timeout_s, self.request_timeout_s)
         deadline = time.monotonic() + limit
-        async with contextlib.aclosing(prepared.backend.generate(prepared.request)) as chunks:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise deadline_exceeded(limit)
-                try:
-                    chunk = await asyncio.wait_for(anext(chunks), remaining)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise deadline_exceeded(limit) from None
-                yield chunk
+        admission = None
+        if self.guard is not None:
+            request = prepared.request
+            admission = await self.guard.admit(prepared.identity, request.model, request.request_id,
+                                               prepared.prompt_tokens, request.sampling.max_tokens)
+        status, completion, cached = "cancelled", 0, 0
+        try:
+            async with contextlib.aclosing(prepared.backend.generate(prepared.request)) as chunks:
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise deadline_exceeded(limit)
+                    try:
+                        chunk = await asyncio.wait_for(anext(chunks), remaining)
+                    except StopAsyncIteration:
+                        status = "ok"
+                        return
+                    except TimeoutError:
+                        raise deadline_exceeded(limit) from None
+                    completion += len(chunk.token_ids)
+                    if chunk.finish_reason:
+                        cached = chunk.usage.cached_tokens
+                    yield chunk
+        except GatewayError as err:
+            status = err.code.lower()
+            raise
+        finally:
+            if admission is not None and self.guard is not None:
+                await self.guard.settle(admission, completion_tokens=completion, cached_tokens=cached, status=status)
 
     def _prepared(
         self,
         backend: Backend,
         ids: list[int],
         options: pb.SamplingOptions,
-        tenant: pb.TenantContext | None,
+        identity: Any,
         default_max_tokens: int | None,
         request_id: str,
     ) -> Prepared:
@@ -144,12 +192,13 @@ class Gateway:
                 raise context_length_exceeded(limit, len(ids), 1)
             room = limit - len(ids)
             options.max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
+        tenant = self.guard.context(identity) if self.guard is not None else None
         request = pb.GenerateRequest(
             model=backend.name, token_ids=pb.TokenIds(ids=ids), sampling=options,
             request_id=request_id or f"herd-{next(_ids)}-{int(time.time() * 1000)}",
             tenant=tenant or pb.TenantContext(tenant_id="default", weight=1.0),
         )
-        return Prepared(backend=backend, request=request, prompt_tokens=len(ids))
+        return Prepared(backend=backend, request=request, prompt_tokens=len(ids), identity=identity)
 
 
 __all__ = ["Gateway", "GatewayError", "Prepared"]

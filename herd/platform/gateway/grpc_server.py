@@ -11,8 +11,11 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
 
 from herd.platform.gateway.core import Gateway, Prepared
 from herd.platform.gateway.errors import GatewayError, invalid_request
@@ -44,7 +47,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 raise invalid_request("a prompt is needed: text or token_ids", param="prompt")
             prompt = request.text if which == "text" else list(request.token_ids.ids)
             return self.gateway.prepare_text(request.model, prompt, request.sampling,
-                                             tenant=await self._tenant(context), request_id=request.request_id)
+                                             identity=await self._identity(context), request_id=request.request_id)
 
         async for chunk in self._serve(prepare, context):
             yield chunk
@@ -60,7 +63,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 text = m.content + "".join(p.text for p in m.parts)
                 messages.append({"role": m.role, "content": text})
             return self.gateway.prepare_chat(request.model, messages, request.sampling,
-                                             tenant=await self._tenant(context), request_id=request.request_id)
+                                             identity=await self._identity(context), request_id=request.request_id)
 
         async for chunk in self._serve(prepare, context):
             yield chunk
@@ -77,24 +80,32 @@ class InferenceService(pb_grpc.InferenceServicer):
         except GatewayError as err:
             await _abort(context, err)
 
-    async def _tenant(self, context: grpc.aio.ServicerContext) -> pb.TenantContext | None:
-        return await self.tenant_resolver(context) if self.tenant_resolver else None
+    async def _identity(self, context: grpc.aio.ServicerContext) -> object:
+        """The caller, from `authorization` metadata ("Bearer <key>" or the bare key)."""
+        metadata = dict(context.invocation_metadata() or ())
+        value = str(metadata.get("authorization", "")).strip()
+        credential = value[7:].strip() if value.lower().startswith("bearer ") else value
+        return await self.gateway.identify(credential or None)
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: GatewayError) -> None:
-    if err.retry_after_s is not None:
-        context.set_trailing_metadata((("retry-after", str(err.retry_after_s)),))
-    await context.abort(getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL), err.message)
+    """End the call with the error's status; a retriable one carries google.rpc.RetryInfo (and retry-after)."""
+    code = getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL)
+    if err.retry_after_s is None:
+        await context.abort(code, err.message)
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=err.retry_after_s)))
+    rich = status_pb2.Status(code=code.value[0], message=err.message, details=[detail])
+    context.set_trailing_metadata((("retry-after", str(err.retry_after_s)),))
+    await context.abort_with_status(rpc_status.to_status(rich))
 
 
-async def start_grpc(
-    gateway: Gateway, *, host: str = "127.0.0.1", port: int = 50051, tenant_resolver: GrpcTenantResolver | None = None
-) -> tuple[grpc.aio.Server, int]:
+async def start_grpc(gateway: Gateway, *, host: str = "127.0.0.1", port: int = 50051) -> tuple[grpc.aio.Server, int]:
     """Start the Inference server (with health and reflection); returns it and the bound port."""
     options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_InferenceServicer_to_server(InferenceService(gateway, tenant_resolver), server)
+    pb_grpc.add_InferenceServicer_to_server(InferenceService(gateway), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -9,10 +9,10 @@ request in the engine.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -31,9 +31,6 @@ from herd.platform.gateway.openai_models import (
 )
 from herd.protos.herd.v1 import inference_pb2 as pb
 
-TenantResolver = Callable[[Request], Awaitable[pb.TenantContext | None]]
-"""Who is calling (the tenancy issue plugs in API keys here); None: the default tenant."""
-
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in ((400, "invalid request"), (404, "unknown model"), (429, "at capacity, retry"),
@@ -41,11 +38,17 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(gateway: Gateway, *, tenant_resolver: TenantResolver | None = None) -> FastAPI:
+def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The HTTP door; `routers` adds more (the admin API) under the same error handling."""
     app = FastAPI(title="Herd", version=__version__, description="OpenAI-compatible API for Llama 4 models.")
+    for router in routers:
+        app.include_router(router)
 
-    async def tenant(request: Request) -> pb.TenantContext | None:
-        return await tenant_resolver(request) if tenant_resolver else None
+    async def identity(request: Request) -> Any:
+        """The caller, from `Authorization: Bearer <key>` (401 when tenancy is on and it is missing or bad)."""
+        header = request.headers.get("authorization", "")
+        scheme, _, credential = header.partition(" ")
+        return await gateway.identify(credential.strip() if scheme.lower() == "bearer" else None)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, err: GatewayError) -> JSONResponse:
@@ -71,21 +74,22 @@ def create_app(gateway: Gateway, *, tenant_resolver: TenantResolver | None = Non
         """What each model's replica holds now (requests, KV blocks in use): for operators and tests."""
         return {name: await b.stats() for name, b in gateway.backends.items()}
 
-    @app.get("/v1/models", response_model=ModelList)
-    async def list_models() -> ModelList:
+    @app.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[400] | {"description": "no key"}})
+    async def list_models(request: Request) -> ModelList:
+        caller = await identity(request)
         return ModelList(data=[ModelEntry(id=c.id, created=c.created, root=c.root, max_model_len=c.max_model_len)
-                               for c in gateway.list_models()])
+                               for c in gateway.list_models(caller)])
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        prepared = translate.prepare_chat(gateway, body, await tenant(request))
+        prepared = translate.prepare_chat(gateway, body, await identity(request))
         if body.stream:
             return await _stream(gateway, prepared, lambda c: translate.chat_events(body, prepared, c))
         return translate.chat_completion(body, prepared, await translate.collect(gateway.stream(prepared)))
 
     @app.post("/v1/completions", response_model=Completion, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        prepared = translate.prepare_completion(gateway, body, await tenant(request))
+        prepared = translate.prepare_completion(gateway, body, await identity(request))
         if body.stream:
             return await _stream(gateway, prepared, lambda c: translate.completion_events(body, prepared, c))
         return translate.completion(body, prepared, await translate.collect(gateway.stream(prepared)))

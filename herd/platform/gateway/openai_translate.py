@@ -50,20 +50,20 @@ def sampling(request: ChatCompletionRequest | CompletionRequest, *, logprobs: in
     return options
 
 
-def prepare_chat(gateway: Gateway, request: ChatCompletionRequest, tenant: pb.TenantContext | None) -> Prepared:
+def prepare_chat(gateway: Gateway, request: ChatCompletionRequest, identity: Any) -> Prepared:
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     tools = [t.function.model_dump(exclude_none=True) for t in request.tools or []]
     choice = request.tool_choice
     tool_choice = choice.model_dump() if hasattr(choice, "model_dump") else choice
     return gateway.prepare_chat(
         request.model, [_message(m) for m in request.messages], sampling(request, logprobs=logprobs),
-        tools=[{"type": "function", "function": t} for t in tools] or None, tool_choice=tool_choice, tenant=tenant,
+        tools=[{"type": "function", "function": t} for t in tools] or None, tool_choice=tool_choice, identity=identity,
     )
 
 
-def prepare_completion(gateway: Gateway, request: CompletionRequest, tenant: pb.TenantContext | None) -> Prepared:
+def prepare_completion(gateway: Gateway, request: CompletionRequest, identity: Any) -> Prepared:
     return gateway.prepare_text(request.model, request.prompt, sampling(request, logprobs=request.logprobs),
-                                tenant=tenant)
+                                identity=identity)
 
 
 def _message(message: ChatMessage) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Tenants, API keys, limits, quotas and the usage ledger."""

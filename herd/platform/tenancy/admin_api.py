@@ -1,0 +1,132 @@
+"""The admin API under /admin/v1 (its own credential, never a tenant key): tenants, keys, usage.
+
+A key's plaintext appears in exactly one response, the one that creates it; afterwards only its id
+and public prefix exist anywhere outside the hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from herd.platform.gateway.errors import GatewayError
+from herd.platform.tenancy.schema import ApiKey, Tenant
+from herd.platform.tenancy.store import Conflict, NotFound, TenantStore
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TenantFields(_Body):
+    name: str | None = None
+    allowed_models: list[str] | None = Field(None, description='model names, or ["*"] for all')
+    requests_per_min: int | None = Field(None, ge=1)
+    input_tokens_per_min: int | None = Field(None, ge=1)
+    output_tokens_per_min: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+    max_context: int | None = Field(None, ge=1)
+    max_output_tokens: int | None = Field(None, ge=1)
+    monthly_token_budget: int | None = Field(None, ge=0)
+    weight: float | None = Field(None, gt=0)
+    priority_class: str | None = None
+    sharing_group: str | None = None
+    disabled: bool | None = None
+
+
+class NewTenant(TenantFields):
+    id: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
+
+
+class NewKey(_Body):
+    name: str = ""
+    expires_at: datetime | None = None
+
+
+def tenant_json(tenant: Tenant) -> dict[str, Any]:
+    fields = ("id", "name", "allowed_models", "requests_per_min", "input_tokens_per_min", "output_tokens_per_min",
+              "max_concurrent", "max_context", "max_output_tokens", "monthly_token_budget", "weight",
+              "priority_class", "sharing_group", "disabled")
+    return {f: getattr(tenant, f) for f in fields}
+
+
+def key_json(key: ApiKey) -> dict[str, Any]:
+    return {"id": key.id, "tenant_id": key.tenant_id, "prefix": key.prefix, "name": key.name,
+            "created_at": _iso(key.created_at), "expires_at": _iso(key.expires_at),
+            "revoked_at": _iso(key.revoked_at), "last_used_at": _iso(key.last_used_at)}
+
+
+def admin_router(store: TenantStore, admin_token: str) -> APIRouter:
+    async def admin(request: Request) -> None:
+        scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip(), admin_token):
+            raise GatewayError(401, "UNAUTHENTICATED", "authentication_error", "Admin credential required.")
+
+    router = APIRouter(prefix="/admin/v1", dependencies=[Depends(admin)], tags=["admin"])
+
+    async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except NotFound as err:
+            raise GatewayError(404, "NOT_FOUND", "invalid_request_error", str(err)) from err
+        except Conflict as err:
+            raise GatewayError(409, "ALREADY_EXISTS", "invalid_request_error", str(err)) from err
+        except ValueError as err:
+            raise GatewayError(400, "INVALID_ARGUMENT", "invalid_request_error", str(err)) from err
+
+    @router.post("/tenants", status_code=201)
+    async def create_tenant(body: NewTenant) -> JSONResponse:
+        fields = body.model_dump(exclude_none=True, exclude={"id"})
+        return JSONResponse(tenant_json(await call(store.create_tenant, body.id, **fields)), status_code=201)
+
+    @router.get("/tenants")
+    async def list_tenants() -> list[dict[str, Any]]:
+        return [tenant_json(t) for t in await call(store.list_tenants)]
+
+    @router.get("/tenants/{tenant_id}")
+    async def get_tenant(tenant_id: str) -> dict[str, Any]:
+        return tenant_json(await call(store.get_tenant, tenant_id))
+
+    @router.patch("/tenants/{tenant_id}")
+    async def update_tenant(tenant_id: str, body: TenantFields) -> dict[str, Any]:
+        return tenant_json(await call(store.update_tenant, tenant_id, **body.model_dump(exclude_unset=True)))
+
+    @router.delete("/tenants/{tenant_id}", status_code=204)
+    async def delete_tenant(tenant_id: str) -> None:
+        await call(store.delete_tenant, tenant_id)
+
+    @router.post("/tenants/{tenant_id}/keys", status_code=201)
+    async def issue_key(tenant_id: str, body: NewKey) -> JSONResponse:
+        key, plaintext = await call(store.issue_key, tenant_id, name=body.name, expires_at=body.expires_at)
+        return JSONResponse({**key_json(key), "key": plaintext}, status_code=201)
+
+    @router.get("/tenants/{tenant_id}/keys")
+    async def list_keys(tenant_id: str) -> list[dict[str, Any]]:
+        await call(store.get_tenant, tenant_id)
+        return [key_json(k) for k in await call(store.list_keys, tenant_id)]
+
+    @router.post("/keys/{key_id}/revoke")
+    async def revoke_key(key_id: str) -> dict[str, Any]:
+        return key_json(await call(store.revoke_key, key_id))
+
+    @router.post("/keys/{key_id}/rotate", status_code=201)
+    async def rotate_key(key_id: str) -> JSONResponse:
+        key, plaintext = await call(store.rotate_key, key_id)
+        return JSONResponse({**key_json(key), "key": plaintext}, status_code=201)
+
+    @router.get("/usage")
+    async def usage(tenant_id: str | None = None, key_id: str | None = None, model: str | None = None,
+                    day: str | None = None) -> list[dict[str, Any]]:
+        return await call(store.usage, tenant_id=tenant_id, key_id=key_id, model=model, day=day)
+
+    return router
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
