@@ -36,7 +36,11 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=self.gateway.list_models())
+        try:
+            return pb.ListModelsResponse(models=self.gateway.list_models(await self._identity(context)))
+        except GatewayError as err:
+            await _abort(context, err)
+            raise  # _abort always raises; this keeps type checkers honest
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext

@@ -105,8 +105,8 @@ class Guard:
             decision = await self.limiter.acquire(tenant.id, self._charges(tenant, prompt_tokens, max_tokens))
             if not decision.allowed:
                 raise limit_exceeded(decision.limit_name or "rate", decision.retry_after_s, "per-minute rate")
-        except GatewayError as err:
-            self._write(admission, completion=0, cached=0, status=f"refused:{err.openai_code or err.code}")
+        except GatewayError as err:  # refused before any compute: recorded, billed nothing
+            self._write(admission, completion=0, cached=0, status=f"refused:{err.openai_code or err.code}", prompt=0)
             raise
         self._in_flight[tenant.id] += 1
         return admission
@@ -123,10 +123,13 @@ class Guard:
         self._month_tokens[tenant.id] = (month, counted + admission.prompt_tokens + completion_tokens)
         self._write(admission, completion=completion_tokens, cached=cached_tokens, status=status)
 
-    def _write(self, admission: Admission, *, completion: int, cached: int, status: str) -> None:
+    def _write(
+        self, admission: Admission, *, completion: int, cached: int, status: str, prompt: int | None = None
+    ) -> None:
         self.ledger.record({
             "time": datetime.now(UTC), "tenant_id": admission.identity.tenant.id, "key_id": admission.identity.key_id,
-            "model": admission.model, "request_id": admission.request_id, "prompt_tokens": admission.prompt_tokens,
+            "model": admission.model, "request_id": admission.request_id,
+            "prompt_tokens": admission.prompt_tokens if prompt is None else prompt,
             "completion_tokens": completion, "cached_tokens": cached, "status": status[:32],
             "latency_ms": int((time.monotonic() - admission.started) * 1000),
         })

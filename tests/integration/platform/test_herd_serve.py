@@ -38,19 +38,28 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    path = make_tiny(tmp_path_factory.mktemp("scout"), preset="scout", seed=12)
+    root = tmp_path_factory.mktemp("herd")
+    scout = make_tiny(root / "scout", preset="scout", seed=12)
+    maverick = make_tiny(root / "maverick", preset="maverick", seed=12)
     http_port, grpc_port = _free_port(), _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "herd.cli", "serve", "--model", str(path), "--name", "scout",
-         "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-    )
+    config = root / "herd.yaml"
+    config.write_text(json.dumps({
+        "models": [{"name": "scout", "path": str(scout), "shards": 2},
+                   {"name": "maverick", "path": str(maverick), "shards": 0}],
+        "tenancy": {"database_url": f"sqlite:///{root / 'herd.db'}", "admin_token_file": str(root / "admin-token"),
+                    "spill_path": str(root / "spill.jsonl"), "usage_flush_interval_s": 0.2},
+    }))
+    command = [sys.executable, "-m", "herd.cli", "serve", "--config", str(config), "--http-port", str(http_port),
+               "--grpc-port", str(grpc_port)]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    log_file = (root / "stderr.log").open("w")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)
     lines: list[str] = []
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line and proc.poll() is not None:
-            pytest.fail("herd serve exited:\n" + "".join(lines))
+            pytest.fail("herd serve exited:\n" + "".join(lines) + (root / "stderr.log").read_text()[-3000:])
         lines.append(line)
         if "Ctrl-C stops everything" in line:
             break
@@ -58,23 +67,31 @@ def server(tmp_path_factory):
         proc.kill()
         pytest.fail("herd serve did not come up:\n" + "".join(lines))
     threading.Thread(target=proc.stdout.read, daemon=True).start()
-    yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}", "path": path,
-           "banner": "".join(lines), "proc": proc}
+    banner = "".join(lines)
+    key = re.search(r"shown once, keep it\): (hk_\w+)", banner).group(1)
+    yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}", "path": scout,
+           "banner": banner, "proc": proc, "key": key, "root": root, "command": command, "env": env,
+           "admin": (root / "admin-token").read_text().strip(), "completed": []}
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=90)
     except subprocess.TimeoutExpired:
         proc.kill()
+    log_file.close()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server["http"] + "/v1", api_key="unused")
+    return openai.OpenAI(base_url=server["http"] + "/v1", api_key=server["key"])
+
+
+def _metadata(key):
+    return (("authorization", f"Bearer {key}"),)
 
 
 def test_openai_client_models_chat_stream_usage_logprobs(server, client):
-    assert [m.id for m in client.models.list().data] == ["scout"]
+    assert sorted(m.id for m in client.models.list().data) == ["maverick", "scout"]
     reply = client.chat.completions.create(model="scout", messages=HELLO, max_tokens=12, temperature=0,
                                            logprobs=True, top_logprobs=2)
     engine = LLMEngine.from_pretrained(server["path"], EngineConfig(kv_cache_bytes=16 * 2**20))
@@ -94,12 +111,14 @@ def test_openai_client_models_chat_stream_usage_logprobs(server, client):
 def test_grpc_client_from_protos_with_reflection_and_health(server):
     channel = grpc.insecure_channel(server["grpc"])
     stub = pb_grpc.InferenceStub(channel)
-    assert [m.id for m in stub.ListModels(pb.ListModelsRequest()).models] == ["scout"]
+    auth = _metadata(server["key"])
+    assert sorted(m.id for m in stub.ListModels(pb.ListModelsRequest(), metadata=auth).models) == ["maverick", "scout"]
     chunks = list(stub.Generate(pb.GenerateRequest(model="scout", text="the herd",
-                                                   sampling=pb.SamplingOptions(temperature=0, max_tokens=8))))
+                                                   sampling=pb.SamplingOptions(temperature=0, max_tokens=8)),
+                                metadata=auth))
     assert chunks[-1].finish_reason and chunks[-1].usage.completion_tokens == sum(len(c.token_ids) for c in chunks)
     chat = list(stub.Chat(pb.ChatRequest(model="scout", messages=[pb.ChatMessage(role="user", content="hi")],
-                                         sampling=pb.SamplingOptions(max_tokens=4))))
+                                         sampling=pb.SamplingOptions(max_tokens=4)), metadata=auth))
     assert chat[-1].finish_reason
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="herd.v1.Inference"))
     assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -113,7 +132,8 @@ def test_32_concurrent_streams_over_http_and_grpc_together(server):
     async def over_http(client, i):
         body = {"model": "scout", "messages": [{"role": "user", "content": f"request {i}"}], "max_tokens": 10 + i % 5,
                 "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        async with client.stream("POST", "/v1/chat/completions", json=body,
+                                 headers={"authorization": f"Bearer {server['key']}"}) as response:
             assert response.status_code == 200
             events = [json.loads(line[6:]) async for line in response.aiter_lines() if line.startswith("data: {")]
         return events[-1]["usage"]["completion_tokens"], 10 + i % 5
@@ -121,7 +141,7 @@ def test_32_concurrent_streams_over_http_and_grpc_together(server):
     async def over_grpc(stub, i):
         request = pb.GenerateRequest(model="scout", text=f"request {i}", sampling=pb.SamplingOptions(
             temperature=0, max_tokens=10 + i % 5, ignore_eos=True))
-        chunks = [c async for c in stub.Generate(request)]
+        chunks = [c async for c in stub.Generate(request, metadata=_metadata(server["key"]))]
         return sum(len(c.token_ids) for c in chunks), 10 + i % 5
 
     async def main():
@@ -141,15 +161,15 @@ def test_bad_input_on_both_doors_and_the_server_keeps_serving(server, client):
                          ({"model": "scout", "messages": HELLO, "max_tokens": 10**7}, 400),
                          ({"model": "scout", "messages": HELLO, "temperature": "hot"}, 400)):
         kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
-        response = httpx.post(server["http"] + "/v1/chat/completions", headers={"content-type": "application/json"},
-                              timeout=30, **kwargs)
+        headers = {"content-type": "application/json", "authorization": f"Bearer {server['key']}"}
+        response = httpx.post(server["http"] + "/v1/chat/completions", headers=headers, timeout=30, **kwargs)
         assert response.status_code == status, response.text
         assert response.json()["error"]["message"]
     stub = pb_grpc.InferenceStub(grpc.insecure_channel(server["grpc"]))
     for request in (pb.GenerateRequest(model="scout", text=""),
                     pb.GenerateRequest(model="scout", text="x", sampling=pb.SamplingOptions(max_tokens=10**7))):
         with pytest.raises(grpc.RpcError) as info:
-            list(stub.Generate(request))
+            list(stub.Generate(request, metadata=_metadata(server["key"])))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert client.chat.completions.create(model="scout", messages=HELLO, max_tokens=3).choices[0].finish_reason
 
@@ -172,10 +192,10 @@ def test_deadline_and_cancel_free_the_requests_blocks(server):
     long = pb.GenerateRequest(model="scout", text="the herd " * 30,
                               sampling=pb.SamplingOptions(temperature=0, max_tokens=2000, ignore_eos=True))
     with pytest.raises(grpc.RpcError) as info:
-        list(stub.Generate(long, timeout=1.0))
+        list(stub.Generate(long, timeout=1.0, metadata=_metadata(server["key"])))
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _settled(server)
-    call = stub.Generate(long)
+    call = stub.Generate(long, metadata=_metadata(server["key"]))
     for i, _ in enumerate(call):
         if i == 3:
             assert _stats(server)["in_flight"] == 1
@@ -191,15 +211,108 @@ def test_the_readme_curl_command(server):
     assert reply["object"] == "chat.completion" and 1 <= reply["usage"]["completion_tokens"] <= 16
 
 
+def _admin(server, method, path, **kwargs):
+    headers = {"authorization": f"Bearer {server['admin']}"}
+    return httpx.request(method, server["http"] + "/admin/v1" + path, headers=headers, timeout=30, **kwargs)
+
+
+def test_two_tenants_see_their_models_hit_their_limits_and_are_billed_exactly(server):
+    assert _admin(server, "POST", "/tenants", json={"id": "small", "allowed_models": ["scout"],
+                                                    "requests_per_min": 3}).status_code == 201
+    assert _admin(server, "POST", "/tenants", json={"id": "big", "allowed_models": ["*"]}).status_code == 201
+    keys = {t: _admin(server, "POST", f"/tenants/{t}/keys", json={"name": "test"}).json()["key"]
+            for t in ("small", "big")}
+    server["tenant_keys"] = keys
+    http = {t: openai.OpenAI(base_url=server["http"] + "/v1", api_key=k, max_retries=0) for t, k in keys.items()}
+    stub = pb_grpc.InferenceStub(grpc.insecure_channel(server["grpc"]))
+    assert [m.id for m in http["small"].models.list().data] == ["scout"]
+    assert sorted(m.id for m in http["big"].models.list().data) == ["maverick", "scout"]
+    listed = stub.ListModels(pb.ListModelsRequest(), metadata=_metadata(keys["small"]))
+    assert [m.id for m in listed.models] == ["scout"]
+    with pytest.raises(openai.PermissionDeniedError):
+        http["small"].chat.completions.create(model="maverick", messages=HELLO, max_tokens=3)
+
+    seen = {"small": [0, 0], "big": [0, 0]}
+
+    def over_http(tenant, model):
+        reply = http[tenant].chat.completions.create(model=model, messages=HELLO, max_tokens=5, temperature=0)
+        seen[tenant][0] += reply.usage.prompt_tokens
+        seen[tenant][1] += reply.usage.completion_tokens
+        server["completed"].append(reply.id.removeprefix("chatcmpl-"))
+
+    def over_grpc(tenant, model):
+        chunks = list(stub.Generate(pb.GenerateRequest(model=model, text="the herd", sampling=pb.SamplingOptions(
+            max_tokens=4, temperature=0)), metadata=_metadata(keys[tenant])))
+        seen[tenant][0] += chunks[-1].usage.prompt_tokens
+        seen[tenant][1] += chunks[-1].usage.completion_tokens
+        server["completed"].append(chunks[-1].request_id)
+
+    over_http("small", "scout")
+    over_grpc("small", "scout")
+    over_http("small", "scout")
+    with pytest.raises(openai.RateLimitError) as refused:
+        over_http("small", "scout")
+    assert refused.value.body["code"] == "requests_per_min"
+    assert int(refused.value.response.headers["retry-after"]) >= 1
+    with pytest.raises(grpc.RpcError) as refused_grpc:
+        over_grpc("small", "scout")
+    assert refused_grpc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for model in ("scout", "maverick", "scout", "maverick"):
+        over_http("big", model)
+    over_grpc("big", "maverick")
+    for tenant, (prompt, completion) in seen.items():
+        for _ in range(100):
+            rows = _admin(server, "GET", "/usage", params={"tenant_id": tenant}).json()
+            if sum(r["completion_tokens"] for r in rows) == completion:
+                break
+            time.sleep(0.1)
+        assert sum(r["prompt_tokens"] for r in rows) == prompt, (tenant, rows)
+        assert sum(r["completion_tokens"] for r in rows) == completion, (tenant, rows)
+        assert {r["tenant_id"] for r in rows} == {tenant}
+    assert httpx.get(server["http"] + "/admin/v1/usage", headers={"authorization": f"Bearer {keys['small']}"},
+                     timeout=30).status_code == 401, "a tenant key cannot read the ledger"
+
+
+def test_no_key_material_in_the_logs(server):
+    logged = (server["root"] / "stderr.log").read_text()
+    assert "herd.serve" in logged, "the check needs the server's log"
+    for key in [server["key"], *server.get("tenant_keys", {}).values()]:
+        assert key not in logged and key.split("_")[2] not in logged
+
+
 def test_zz_sigint_drains_in_flight_streams_before_stopping(server):
     """Runs last: stops the module's server. A stream under way when SIGINT arrives still completes."""
     stub = pb_grpc.InferenceStub(grpc.insecure_channel(server["grpc"]))
     request = pb.GenerateRequest(model="scout", text="drain me",
                                  sampling=pb.SamplingOptions(temperature=0, max_tokens=150, ignore_eos=True))
-    call = stub.Generate(request)
+    call = stub.Generate(request, metadata=_metadata(server["key"]))
     first = next(call)
     server["proc"].send_signal(signal.SIGINT)
     rest = list(call)
     assert rest[-1].finish_reason == "length"
     assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 150
     assert server["proc"].wait(timeout=90) == 0
+
+
+def test_zzz_usage_rows_survive_the_restart_and_serving_resumes(server):
+    from herd.platform.tenancy.database import connect
+    from herd.platform.tenancy.store import TenantStore
+
+    store = TenantStore(connect(f"sqlite:///{server['root'] / 'herd.db'}"))
+    recorded = {r.request_id: r.status for t in ("dev", "small", "big") for r in store.usage_rows(t)}
+    assert server["completed"] and all(recorded.get(rid) == "ok" for rid in server["completed"])
+    proc = subprocess.Popen(server["command"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=server["env"])
+    try:
+        banner = ""
+        while "Ctrl-C stops everything" not in banner:
+            line = proc.stdout.readline()
+            assert line, "herd serve did not restart"
+            banner += line
+        assert "shown once" not in banner, "the first-start key is made only once"
+        reply = openai.OpenAI(base_url=server["http"] + "/v1", api_key=server["tenant_keys"]["big"]).chat.completions \
+            .create(model="scout", messages=HELLO, max_tokens=3)
+        assert reply.usage.completion_tokens >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=90)
