@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.rest = rest
     try:
         return int(args.run(args))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, LookupError) as err:
         print(f"herd {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--print-config", action="store_true", help="print the Ray Serve config and exit")
     serve_cmd.add_argument("--no-auth", action="store_true", help="no API keys, limits or ledger (local experiments)")
     serve_cmd.set_defaults(run=_serve)
+
+    from herd.platform.tenancy.cli import add_parser as add_tenants
+
+    add_tenants(commands)
 
     bench = commands.add_parser("bench", help="load-test an OpenAI-compatible server", add_help=False)
     bench.set_defaults(run=_bench)

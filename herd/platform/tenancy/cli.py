@@ -1,0 +1,129 @@
+"""`herd tenants ...`: manage tenants, keys and usage, directly in the database or through a running
+server's admin API. Prints JSON; a key's plaintext only when it is created."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from herd.platform.settings import HerdSettings
+from herd.platform.tenancy.admin_api import key_json, tenant_json
+from herd.platform.tenancy.database import connect, migrate
+from herd.platform.tenancy.store import TenantStore
+
+_LIMIT_FLAGS = {
+    "rpm": "requests_per_min", "input_tpm": "input_tokens_per_min", "output_tpm": "output_tokens_per_min",
+    "max_concurrent": "max_concurrent", "max_context": "max_context", "max_output": "max_output_tokens",
+    "budget": "monthly_token_budget",
+}
+
+
+def add_parser(commands: Any) -> None:
+    tenants = commands.add_parser("tenants", help="tenants, API keys and usage (database or admin API)")
+    tenants.add_argument("--db", help="database URL (default: the settings' tenancy.database_url)")
+    tenants.add_argument("--url", help="a running server (uses its admin API instead of the database)")
+    tenants.add_argument("--admin-token-file", type=Path, help="admin credential for --url")
+    tenants.add_argument("--config", type=Path, help="settings file")
+    actions = tenants.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="list tenants")
+    for verb in ("create", "update"):
+        p = actions.add_parser(verb, help=f"{verb} a tenant")
+        p.add_argument("tenant")
+        p.add_argument("--name")
+        p.add_argument("--models", help="comma-separated model names, or * for all")
+        for flag in _LIMIT_FLAGS:
+            p.add_argument(f"--{flag.replace('_', '-')}", type=int)
+        p.add_argument("--weight", type=float)
+        p.add_argument("--priority-class")
+        p.add_argument("--sharing-group")
+    actions.add_parser("delete", help="delete a tenant").add_argument("tenant")
+    key = actions.add_parser("key-create", help="issue an API key (printed once)")
+    key.add_argument("tenant")
+    key.add_argument("--name", default="")
+    key.add_argument("--expires", help="ISO time the key stops working")
+    actions.add_parser("key-revoke", help="revoke a key by id").add_argument("key_id")
+    actions.add_parser("keys", help="list a tenant's keys").add_argument("tenant")
+    usage = actions.add_parser("usage", help="usage summed by tenant, key, model and day")
+    for name in ("tenant", "key", "model", "day"):
+        usage.add_argument(f"--{name}")
+    tenants.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = (_via_api if args.url else _via_database)(args)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if args.name is not None:
+        fields["name"] = args.name
+    if args.models is not None:
+        fields["allowed_models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+    for flag, column in _LIMIT_FLAGS.items():
+        if getattr(args, flag) is not None:
+            fields[column] = getattr(args, flag)
+    for flag in ("weight", "priority_class", "sharing_group"):
+        if getattr(args, flag) is not None:
+            fields[flag] = getattr(args, flag)
+    return fields
+
+
+def _via_database(args: argparse.Namespace) -> Any:
+    url = args.db or HerdSettings.load(args.config).tenancy.database_url
+    engine = connect(url)
+    migrate(engine)
+    store = TenantStore(engine)
+    action = args.action
+    if action == "list":
+        return [tenant_json(t) for t in store.list_tenants()]
+    if action == "create":
+        return tenant_json(store.create_tenant(args.tenant, **_fields(args)))
+    if action == "update":
+        return tenant_json(store.update_tenant(args.tenant, **_fields(args)))
+    if action == "delete":
+        store.delete_tenant(args.tenant)
+        return {"deleted": args.tenant}
+    if action == "key-create":
+        expires = datetime.fromisoformat(args.expires) if args.expires else None
+        key, plaintext = store.issue_key(args.tenant, name=args.name, expires_at=expires)
+        return {**key_json(key), "key": plaintext}
+    if action == "key-revoke":
+        return key_json(store.revoke_key(args.key_id))
+    if action == "keys":
+        return [key_json(k) for k in store.list_keys(args.tenant)]
+    return store.usage(tenant_id=args.tenant, key_id=args.key, model=args.model, day=args.day)
+
+
+def _via_api(args: argparse.Namespace) -> Any:
+    token_file = args.admin_token_file or HerdSettings.load(args.config).tenancy.admin_token_file
+    headers = {"authorization": f"Bearer {Path(token_file).read_text().strip()}"}
+    base = args.url.rstrip("/") + "/admin/v1"
+    action = args.action
+    routes: dict[str, tuple[str, str, Any]] = {
+        "list": ("GET", "/tenants", None),
+        "create": ("POST", "/tenants", {"id": getattr(args, "tenant", None), **(_fields(args) if action == "create"
+                                                                                 else {})}),
+        "update": ("PATCH", f"/tenants/{getattr(args, 'tenant', '')}",
+                   _fields(args) if action == "update" else None),
+        "delete": ("DELETE", f"/tenants/{getattr(args, 'tenant', '')}", None),
+        "key-create": ("POST", f"/tenants/{getattr(args, 'tenant', '')}/keys",
+                       {"name": getattr(args, "name", ""), "expires_at": getattr(args, "expires", None)}),
+        "key-revoke": ("POST", f"/keys/{getattr(args, 'key_id', '')}/revoke", None),
+        "keys": ("GET", f"/tenants/{getattr(args, 'tenant', '')}/keys", None),
+        "usage": ("GET", "/usage", None),
+    }
+    method, path, body = routes[action]
+    filters = (("tenant_id", getattr(args, "tenant", None)), ("key_id", getattr(args, "key", None)),
+               ("model", getattr(args, "model", None)), ("day", getattr(args, "day", None)))
+    params = {k: v for k, v in filters if v is not None} if action == "usage" else None
+    response = httpx.request(method, base + path, headers=headers, json=body, params=params, timeout=30)
+    if response.status_code >= 400:
+        raise ValueError(f"admin API answered {response.status_code}: {response.json()['error']['message']}")
+    return response.json() if response.content else {"ok": True}
