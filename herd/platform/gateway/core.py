@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,8 +26,6 @@ from herd.platform.gateway.errors import (
     model_not_found,
 )
 from herd.protos.herd.v1 import inference_pb2 as pb
-
-_ids = itertools.count()
 
 
 class AdmissionGuard(Protocol):
@@ -93,7 +91,6 @@ class Gateway:
         *,
         identity: Any = None,
         default_max_tokens: int | None = 16,
-        request_id: str = "",
     ) -> Prepared:
         """A completion: text (given <|begin_of_text|> unless it starts with it) or token ids."""
         backend = self.backend(model, identity)
@@ -109,7 +106,7 @@ class Gateway:
             bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
             if bad:
                 raise invalid_request(f"prompt token ids {bad[:5]} are outside the vocabulary 0..{vocab - 1}", "prompt")
-        return self._prepared(backend, ids, options, identity, default_max_tokens, request_id)
+        return self._prepared(backend, ids, options, identity, default_max_tokens)
 
     def prepare_chat(
         self,
@@ -120,7 +117,6 @@ class Gateway:
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: Any = None,
         identity: Any = None,
-        request_id: str = "",
     ) -> Prepared:
         """A chat: messages rendered in the Llama 4 format (with tools when given), then tokenized."""
         backend = self.backend(model, identity)
@@ -134,7 +130,7 @@ class Gateway:
         except ValueError as err:
             raise invalid_request(str(err), param="messages") from err
         ids = backend.tokenizer.encode(text)
-        return self._prepared(backend, ids, options, identity, None, request_id)
+        return self._prepared(backend, ids, options, identity, None)
 
     async def stream(self, prepared: Prepared, *, timeout_s: float | None = None) -> AsyncIterator[pb.GenerateChunk]:
         """The backend's chunks, within the deadline, after tenant admission; leaving early aborts the
@@ -178,7 +174,6 @@ class Gateway:
         options: pb.SamplingOptions,
         identity: Any,
         default_max_tokens: int | None,
-        request_id: str,
     ) -> Prepared:
         limit = backend.card().max_model_len
         options = pb.SamplingOptions(**{f.name: v for f, v in options.ListFields()})
@@ -195,7 +190,7 @@ class Gateway:
         tenant = self.guard.context(identity) if self.guard is not None else None
         request = pb.GenerateRequest(
             model=backend.name, token_ids=pb.TokenIds(ids=ids), sampling=options,
-            request_id=request_id or f"herd-{next(_ids)}-{int(time.time() * 1000)}",
+            request_id=f"herd-{uuid.uuid4().hex}",  # ours, never the client's: ledger rows are keyed by it
             tenant=tenant or pb.TenantContext(tenant_id="default", weight=1.0),
         )
         return Prepared(backend=backend, request=request, prompt_tokens=len(ids), identity=identity)

@@ -51,7 +51,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 raise invalid_request("a prompt is needed: text or token_ids", param="prompt")
             prompt = request.text if which == "text" else list(request.token_ids.ids)
             return self.gateway.prepare_text(request.model, prompt, request.sampling,
-                                             identity=await self._identity(context), request_id=request.request_id)
+                                             identity=await self._identity(context))
 
         async for chunk in self._serve(prepare, context):
             yield chunk
@@ -67,7 +67,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 text = m.content + "".join(p.text for p in m.parts)
                 messages.append({"role": m.role, "content": text})
             return self.gateway.prepare_chat(request.model, messages, request.sampling,
-                                             identity=await self._identity(context), request_id=request.request_id)
+                                             identity=await self._identity(context))
 
         async for chunk in self._serve(prepare, context):
             yield chunk

@@ -28,7 +28,9 @@ def connect(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # Sessions in UTC, so that days in the usage ledger are UTC days whatever the server's zone.
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
+                         connect_args={"options": "-c timezone=UTC"})
 
 
 def migrate(engine: Engine, revision: str = "head") -> None:

@@ -28,6 +28,7 @@ class UsageLedger:
         self.spill_path = spill_path
         self._pending: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()  # two flushes at once would each drop the other's batch
         self.database_ok = True
 
     def record(self, row: dict[str, Any]) -> None:
@@ -44,6 +45,10 @@ class UsageLedger:
 
     async def flush(self) -> bool:
         """Write everything queued; False (rows kept) when the database refuses."""
+        async with self._flushing:
+            return await self._flush()
+
+    async def _flush(self) -> bool:
         while self._pending:
             batch = self._pending[: self.max_batch]
             try:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from herd.platform.tenancy import keys as keymod
@@ -133,13 +135,15 @@ class TenantStore:
 
     # --- usage ----------------------------------------------------------------------------------
     def record_usage(self, records: Sequence[dict[str, Any]]) -> None:
-        """Insert ledger rows; a row whose request id is already there is skipped (retries are safe)."""
-        if not records:
+        """Insert ledger rows; a request id already there (or twice in the batch) is written once, so
+        retries, spills and two gateways racing are all safe."""
+        unique = list({r["request_id"]: r for r in records}.values())
+        if not unique:
             return
+        insert = postgresql_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
+        statement = insert(UsageRecord).values(unique).on_conflict_do_nothing(index_elements=["request_id"])
         with self.session.begin() as s:
-            known = set(s.scalars(select(UsageRecord.request_id).where(
-                UsageRecord.request_id.in_([r["request_id"] for r in records]))))
-            s.add_all(UsageRecord(**r) for r in records if r["request_id"] not in known)
+            s.execute(statement)
 
     def tokens_used_since(self, tenant_id: str, since: datetime) -> int:
         with self.session() as s:
@@ -151,7 +155,7 @@ class TenantStore:
     def usage(self, *, tenant_id: str | None = None, key_id: str | None = None, model: str | None = None,
               day: str | None = None) -> list[dict[str, Any]]:
         """Usage summed by tenant, key, model and day (YYYY-MM-DD), filtered by any of them."""
-        day_col = func.date(UsageRecord.time)  # a date in PostgreSQL, 'YYYY-MM-DD' text in SQLite
+        day_col = func.date(UsageRecord.time)  # UTC days: PostgreSQL sessions run in UTC (database.connect)
         query = select(UsageRecord.tenant_id, UsageRecord.key_id, UsageRecord.model, day_col.label("day"),
                        func.count().label("requests"), func.sum(UsageRecord.prompt_tokens).label("prompt_tokens"),
                        func.sum(UsageRecord.completion_tokens).label("completion_tokens"),
@@ -161,7 +165,11 @@ class TenantStore:
             if value is not None:
                 query = query.where(column == value)
         if day is not None:
-            query = query.where(day_col == day)
+            try:
+                start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC)
+            except ValueError:
+                raise ValueError(f"day must be YYYY-MM-DD, got {day!r}") from None
+            query = query.where(UsageRecord.time >= start, UsageRecord.time < start + timedelta(days=1))
         query = query.group_by(UsageRecord.tenant_id, UsageRecord.key_id, UsageRecord.model, day_col)
         with self.session() as s:
             rows = [dict(row._mapping) for row in s.execute(query.order_by("day"))]
