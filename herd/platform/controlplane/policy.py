@@ -1,0 +1,174 @@
+"""The autoscaling policy: a pure function `(metrics, state, now) -> (decisions, state)`.
+
+Per model:
+1. Need: the requests in the system (running + queued) over the requests one replica should carry.
+2. TTFT SLO override: if p95 time-to-first-token is over the SLO and nothing is already starting, add
+   one replica beyond the current target (starting replicas count as coming, not missing, so a cold
+   start of several minutes does not make the policy pile up replicas).
+3. Scale to zero after an idle period where the model allows it (min_replicas 0), else at least one.
+4. Clamp to [min, max], and stabilise like Kubernetes' HPA: going up takes the lowest recommendation
+   of a short window (fast), going down the highest of a long window (slow), so noisy metrics do not
+   make it flap.
+Then, across models, the GPU pool: when the sum of targets does not fit, models are served in
+priority order (each first up to its minimum, then up to its target) and the rest wait.
+Every decision carries its reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelMetrics:
+    """What the control plane reads for one model."""
+
+    running: int = 0  # requests being computed
+    queued: int = 0  # requests waiting for a slot
+    ttft_p95_s: float | None = None  # over the last minute; None when there were no requests
+    output_tokens_per_s: float = 0.0
+    kv_use: float = 0.0  # 0..1, the most used replica
+    ready: int = 0  # replicas serving
+    starting: int = 0  # replicas coming up (loading weights)
+
+    @property
+    def demand(self) -> int:
+        return self.running + self.queued
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelPolicy:
+    """How one model scales."""
+
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_requests_per_replica: float = 32.0
+    ttft_slo_s: float | None = 2.0
+    scale_up_window_s: float = 0.0
+    scale_down_window_s: float = 300.0
+    idle_to_zero_s: float = 900.0  # only when min_replicas is 0
+    gpus_per_replica: float = 1.0
+    priority: int = 0  # higher is served first when the GPU pool is short
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError(
+                f"need 0 <= min_replicas <= max_replicas >= 1, got {self.min_replicas}, {self.max_replicas}"
+            )
+        if self.target_requests_per_replica <= 0:
+            raise ValueError(f"target_requests_per_replica must be positive, got {self.target_requests_per_replica}")
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """What the policy remembers about one model between calls."""
+
+    target: int
+    last_busy: float
+    history: tuple[tuple[float, int], ...] = ()  # (time, recommendation), newest last
+
+
+@dataclass(frozen=True)
+class Decision:
+    target: int
+    previous: int
+    reason: str
+
+    @property
+    def changed(self) -> bool:
+        return self.target != self.previous
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """Cluster-wide limits."""
+
+    gpu_pool: float | None = None  # GPUs the models may use together; None: unlimited
+    policies: Mapping[str, ModelPolicy] = field(default_factory=dict)
+
+
+def decide(
+    metrics: Mapping[str, ModelMetrics], state: Mapping[str, ModelState], now: float, fleet: Fleet
+) -> tuple[dict[str, Decision], dict[str, ModelState]]:
+    """Targets for every model of the fleet, with reasons, and the state to pass next time."""
+    wanted: dict[str, tuple[int, str]] = {}
+    new_state: dict[str, ModelState] = {}
+    for name, policy in fleet.policies.items():
+        m = metrics.get(name, ModelMetrics())
+        previous = state.get(name, ModelState(target=policy.min_replicas, last_busy=now))
+        target, reason, remembered = _one_model(m, policy, previous, now)
+        wanted[name] = (target, reason)
+        new_state[name] = remembered
+    granted = _fit_pool(wanted, fleet)
+    decisions = {}
+    for name, (target, reason) in wanted.items():
+        got = granted[name]
+        if got < target:
+            reason += f"; GPU pool full: {got} of {target} granted (priority {fleet.policies[name].priority})"
+        previous = state.get(name, ModelState(target=fleet.policies[name].min_replicas, last_busy=now)).target
+        decisions[name] = Decision(target=got, previous=previous, reason=reason)
+        new_state[name] = replace(new_state[name], target=got)
+    return decisions, new_state
+
+
+def _one_model(m: ModelMetrics, p: ModelPolicy, s: ModelState, now: float) -> tuple[int, str, ModelState]:
+    last_busy = now if m.demand > 0 else s.last_busy
+    need = math.ceil(m.demand / p.target_requests_per_replica)
+    reason = f"{m.demand} requests / {p.target_requests_per_replica:g} per replica -> {need}"
+    if p.ttft_slo_s is not None and m.ttft_p95_s is not None and m.ttft_p95_s > p.ttft_slo_s and m.demand > 0:
+        if m.starting == 0 and s.target + 1 > need:
+            need = s.target + 1
+            reason += f"; TTFT p95 {m.ttft_p95_s:.2f}s over the {p.ttft_slo_s:g}s SLO -> {need}"
+        elif m.starting:
+            reason += f"; TTFT over SLO, {m.starting} replica(s) already starting"
+    idle_for = now - last_busy
+    if need == 0:
+        if p.min_replicas == 0 and idle_for >= p.idle_to_zero_s:
+            reason += f"; idle {idle_for:.0f}s >= {p.idle_to_zero_s:g}s -> scale to zero"
+        else:
+            need = max(1, p.min_replicas) if (p.min_replicas > 0 or s.target > 0) else 0
+    clamped = min(max(need, p.min_replicas), p.max_replicas)
+    if clamped != need:
+        reason += f"; clamped to [{p.min_replicas}, {p.max_replicas}] -> {clamped}"
+    history = tuple((t, r) for t, r in s.history if now - t <= max(p.scale_up_window_s, p.scale_down_window_s))
+    history += ((now, clamped),)
+    target = _stabilised(history, s.target, now, p)
+    if target != clamped:
+        direction = "down" if target > clamped else "up"
+        window = p.scale_down_window_s if direction == "down" else p.scale_up_window_s
+        reason += f"; held at {target} by the {window:g}s scale-{direction} window"
+    return target, reason, ModelState(target=target, last_busy=last_busy, history=history)
+
+
+def _stabilised(history: tuple[tuple[float, int], ...], current: int, now: float, p: ModelPolicy) -> int:
+    """Up: the least of the recent recommendations (window may be 0: at once). Down: the most of the
+    long window, never below what it recommends now."""
+    latest = history[-1][1]
+    if latest > current:
+        recent = [r for t, r in history if now - t <= p.scale_up_window_s]
+        return max(current, min(recent))
+    if latest < current:
+        window = [r for t, r in history if now - t <= p.scale_down_window_s]
+        return min(current, max(window))
+    return current
+
+
+def _fit_pool(wanted: Mapping[str, tuple[int, str]], fleet: Fleet) -> dict[str, int]:
+    """Targets that fit the GPU pool: by priority, minimums first, then the rest of each target."""
+    if fleet.gpu_pool is None:
+        return {name: target for name, (target, _) in wanted.items()}
+    order = sorted(wanted, key=lambda n: (-fleet.policies[n].priority, n))
+    left = fleet.gpu_pool
+    granted = {name: 0 for name in wanted}
+    for stage in ("minimum", "target"):
+        for name in order:
+            policy = fleet.policies[name]
+            goal = min(policy.min_replicas, wanted[name][0]) if stage == "minimum" else wanted[name][0]
+            extra = max(0, goal - granted[name])
+            fits = int(left // policy.gpus_per_replica) if policy.gpus_per_replica > 0 else extra
+            add = min(extra, fits)
+            granted[name] += add
+            left -= add * policy.gpus_per_replica
+    return granted

@@ -1,0 +1,92 @@
+"""The autoscaling policy with fake time: bursts, ramps, cold starts, a full GPU pool, flapping metrics."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from herd.platform.controlplane.policy import Fleet, ModelMetrics, ModelPolicy, decide
+
+SCOUT = ModelPolicy(min_replicas=1, max_replicas=6, target_requests_per_replica=32, ttft_slo_s=2.0,
+                    scale_down_window_s=300, gpus_per_replica=1, priority=1)
+
+
+def run(trace, policy=SCOUT, step_s=10.0, pool=None, name="scout"):
+    """Feed a list of ModelMetrics (one per step) through the policy; the targets it set, step by step."""
+    fleet = Fleet(gpu_pool=pool, policies={name: policy})
+    state, targets, reasons = {}, [], []
+    for i, metrics in enumerate(trace):
+        decisions, state = decide({name: metrics}, state, now=i * step_s, fleet=fleet)
+        targets.append(decisions[name].target)
+        reasons.append(decisions[name].reason)
+    return targets, reasons
+
+
+def test_a_burst_scales_up_at_once_and_down_only_after_the_window():
+    quiet, burst = [ModelMetrics(running=5)], [ModelMetrics(running=64, queued=200)]
+    trace = quiet * 6 + burst * 6 + quiet * 40
+    targets, reasons = run(trace)
+    assert targets[5] == 1 and targets[6] == 6, "up within one step, capped at max"
+    assert "clamped" in reasons[6]
+    assert targets[12:12 + 29] == [6] * 29, "held for the 300 s scale-down window"
+    assert targets[-1] == 1
+
+
+def test_a_diurnal_ramp_tracks_demand_without_flapping_and_never_below_need():
+    minutes = 24 * 60
+    demand = [int(100 + 90 * math.sin(2 * math.pi * m / minutes)) for m in range(minutes)]
+    targets, _ = run([ModelMetrics(running=d) for d in demand], step_s=60)
+    for d, t in zip(demand, targets, strict=True):
+        assert t >= min(math.ceil(d / 32), SCOUT.max_replicas), "below what in-flight requests need"
+        assert SCOUT.min_replicas <= t <= SCOUT.max_replicas
+    changes = sum(1 for a, b in itertools.pairwise(targets) if a != b)
+    assert changes <= 2 * (SCOUT.max_replicas - SCOUT.min_replicas) + 2, f"{changes} changes in a day"
+
+
+def test_flapping_metrics_do_not_make_it_flap():
+    trace = [ModelMetrics(running=70 if i % 2 else 30) for i in range(200)]
+    targets, _ = run(trace)
+    assert set(targets[1:]) == {3}, "the slow down-window keeps the peak"
+
+
+def test_cold_starts_count_as_coming_not_missing():
+    slow = [ModelMetrics(running=20, ttft_p95_s=5.0, ready=1, starting=1)] * 30  # minutes of loading
+    targets, reasons = run([ModelMetrics(running=20, ttft_p95_s=5.0, ready=1), *slow])
+    assert targets[0] == 2 and "SLO" in reasons[0]
+    assert set(targets[1:]) == {2}, "no more replicas while one is still starting"
+    assert "already starting" in reasons[1]
+    after, _ = run([ModelMetrics(running=20, ttft_p95_s=5.0, ready=2)] * 3)
+    assert after == [2, 3, 4], "once up, a breach that persists adds one at a time"
+
+
+def test_scale_to_zero_only_after_the_idle_period_and_back_on_demand():
+    policy = ModelPolicy(min_replicas=0, max_replicas=3, idle_to_zero_s=900, scale_down_window_s=60)
+    trace = [ModelMetrics(running=10)] * 3 + [ModelMetrics()] * 100 + [ModelMetrics(queued=1)]
+    targets, reasons = run(trace, policy=policy)
+    first_zero = targets.index(0)
+    assert (first_zero - 2) * 10 >= 900, "not before 900 s idle"
+    assert "scale to zero" in reasons[first_zero]
+    assert targets[-1] == 1, "a request for a model at zero starts one replica"
+
+
+def test_a_full_gpu_pool_serves_the_higher_priority_model_first():
+    maverick = ModelPolicy(min_replicas=1, max_replicas=2, target_requests_per_replica=16, gpus_per_replica=8,
+                           priority=0)
+    fleet = Fleet(gpu_pool=12, policies={"scout": SCOUT, "maverick": maverick})
+    busy = {"scout": ModelMetrics(running=200), "maverick": ModelMetrics(running=100)}
+    decisions, _ = decide(busy, {}, 0.0, fleet)
+    assert decisions["scout"].target == 4 and decisions["maverick"].target == 1
+    assert "GPU pool full" in decisions["scout"].reason, "scout wanted 6; its minimum and maverick's came first"
+    assert 4 * 1 + 1 * 8 <= 12
+    quiet = {"scout": ModelMetrics(running=200), "maverick": ModelMetrics()}
+    decisions, _ = decide(quiet, {}, 0.0, Fleet(gpu_pool=7, policies={"scout": SCOUT, "maverick": maverick}))
+    assert decisions["scout"].target == 6 and decisions["maverick"].target == 0
+
+
+@pytest.mark.parametrize("bad", [dict(min_replicas=3, max_replicas=2), dict(max_replicas=0),
+                                 dict(target_requests_per_replica=0)])
+def test_bad_policies_are_refused(bad):
+    with pytest.raises(ValueError):
+        ModelPolicy(**bad)
