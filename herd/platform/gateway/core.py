@@ -25,6 +25,7 @@ from herd.platform.gateway.errors import (
     invalid_request,
     model_not_found,
 )
+from herd.platform.gateway.load import LoadTracker
 from herd.protos.herd.v1 import inference_pb2 as pb
 
 
@@ -63,6 +64,7 @@ class Gateway:
         self.backends = dict(backends)
         self.guard = guard
         self.request_timeout_s = request_timeout_s
+        self.load = LoadTracker()
 
     async def identify(self, credential: str | None) -> Any:
         """The caller's identity from its API key (None when the gateway runs without tenancy)."""
@@ -143,6 +145,8 @@ class Gateway:
             admission = await self.guard.admit(prepared.identity, request.model, request.request_id,
                                                prepared.prompt_tokens, request.sampling.max_tokens)
         status, completion, cached = "cancelled", 0, 0
+        model, started = prepared.request.model, time.monotonic()
+        self.load.started(model)
         try:
             async with contextlib.aclosing(prepared.backend.generate(prepared.request)) as chunks:
                 while True:
@@ -156,7 +160,10 @@ class Gateway:
                         return
                     except TimeoutError:
                         raise deadline_exceeded(limit) from None
+                    if not completion and chunk.token_ids:
+                        self.load.first_token(model, time.monotonic() - started)
                     completion += len(chunk.token_ids)
+                    self.load.output(model, len(chunk.token_ids))
                     if chunk.finish_reason:
                         cached = chunk.usage.cached_tokens
                     yield chunk
@@ -164,6 +171,7 @@ class Gateway:
             status = err.code.lower()
             raise
         finally:
+            self.load.finished(model)
             if admission is not None and self.guard is not None:
                 await self.guard.settle(admission, completion_tokens=completion, cached_tokens=cached, status=status)
 

@@ -74,6 +74,11 @@ def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = ()) -> FastAP
         """What each model's replica holds now (requests, KV blocks in use): for operators and tests."""
         return {name: await b.stats() for name, b in gateway.backends.items()}
 
+    @app.get("/herd/load")
+    async def load() -> dict[str, dict[str, float | None]]:
+        """Per-model load over the last minute as this gateway saw it (the control plane reads it)."""
+        return gateway.load.snapshot()
+
     @app.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[400] | {"description": "no key"}})
     async def list_models(request: Request) -> ModelList:
         caller = await identity(request)
