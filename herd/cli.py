@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--no-auth", action="store_true", help="no API keys, limits or ledger (local experiments)")
     serve_cmd.set_defaults(run=_serve)
 
+    for name, help_text in (("gateway", "the HTTP and gRPC doors alone, reaching models through Serve's gRPC proxy"),
+                            ("controlplane", "scale models' RayServices on Kubernetes (leader-elected)")):
+        cmd = commands.add_parser(name, help=help_text)
+        cmd.add_argument("--config", type=Path, help="settings file (YAML or JSON)")
+        cmd.set_defaults(run=_gateway if name == "gateway" else _controlplane)
+
     from herd.platform.tenancy.cli import add_parser as add_tenants
 
     add_tenants(commands)
@@ -129,6 +135,30 @@ def _serve(args: argparse.Namespace) -> int:
         print(print_config(settings), end="")
         return 0
     asyncio.run(run(settings))
+    return 0
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from herd.platform.server import run_gateway
+    from herd.platform.settings import HerdSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(run_gateway(HerdSettings.load(args.config)))
+    return 0
+
+
+def _controlplane(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from herd.platform.controlplane.app import run_kubernetes
+    from herd.platform.settings import HerdSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(run_kubernetes(HerdSettings.load(args.config)))
     return 0
 
 

@@ -82,59 +82,104 @@ def print_config(settings: HerdSettings) -> str:
 
 
 async def run(settings: HerdSettings) -> None:
+    """herd serve: a local Ray cluster with one Serve application per model, the gateway's two doors,
+    and (when enabled) the control plane scaling the applications."""
     import ray
-    import uvicorn
     from ray import serve
 
-    from herd.platform.gateway.core import Gateway
-    from herd.platform.gateway.grpc_server import start_grpc
-    from herd.platform.gateway.http_app import create_app
     from herd.platform.gateway.serve_backend import ServeBackend
-    from herd.platform.tenancy.admin_api import admin_router
     from herd.workers.serve_app import build_app
 
-    apps = [(m, app_args(m, settings)) for m in settings.models]
-    cpus = settings.ray_num_cpus or max(4, sum(1 + m.shards for m in settings.models) + 2)
+    apps = {m.name: app_args(m, settings) for m in settings.models}
+    needed = sum((1 + m.shards) * max(m.deployment.num_replicas, m.autoscale.max_replicas) for m in settings.models)
+    # The control plane scales through Serve's external-scaler REST call, which the dashboard serves.
+    scaled = settings.controlplane.enabled
     if settings.ray_address:
-        ray.init(address=settings.ray_address, log_to_driver=False)
+        context = ray.init(address=settings.ray_address, log_to_driver=False)
     else:
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        context = ray.init(num_cpus=settings.ray_num_cpus or max(4, needed + 2), include_dashboard=scaled,
+                           dashboard_host="127.0.0.1", log_to_driver=False)
     serve.start(proxy_location="Disabled")
     try:
-        for model, args in apps:
-            log.info("deploying %s from %s (%d shards, %s transport)", model.name, args["path"], model.shards,
-                     model.transport)
-            serve.run(build_app(args), name=model.name, route_prefix=None)
+        for model in settings.models:
+            log.info("deploying %s from %s (%d shards, %s transport)", model.name, apps[model.name]["path"],
+                     model.shards, model.transport)
+            serve.run(build_app(apps[model.name]), name=model.name, route_prefix=None, external_scaler_enabled=scaled)
         backends = {m.name: await ServeBackend.connect(m.name) for m in settings.models}
-        tenancy = _tenancy(settings)
-        gateway = Gateway(backends, guard=tenancy.guard if tenancy else None,
-                          request_timeout_s=settings.request_timeout_s)
-        routers = [admin_router(tenancy.store, tenancy.admin_token)] if tenancy else []
-        grpc_server, grpc_port = await start_grpc(gateway, host=settings.grpc_host, port=settings.grpc_port)
-        http = uvicorn.Server(uvicorn.Config(create_app(gateway, routers=routers), host=settings.http_host,
-                                             port=settings.http_port, log_level="warning", lifespan="off"))
-        http_task = asyncio.create_task(http.serve())
-        while not http.started:
-            if http_task.done():
-                http_task.result()
-            await asyncio.sleep(0.05)
-        port = http.servers[0].sockets[0].getsockname()[1]
-        _announce(settings, port, grpc_port, tenancy)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("stopping: no new requests; draining in-flight ones")
-        http.should_exit = True
-        await grpc_server.stop(grace=max(m.drain_timeout_s for m in settings.models))
-        await http_task
-        if tenancy is not None:
-            await tenancy.ledger.close()  # every usage row written (or spilled) before exit
+
+        def control_plane(gateway: Any) -> Any:
+            if not scaled:
+                return None
+            from herd.platform.controlplane.app import local_control_plane
+
+            if not context.dashboard_url:
+                raise RuntimeError("the control plane needs the Ray dashboard, and this Ray cluster has none")
+            return local_control_plane(settings, gateway, context.dashboard_url)
+
+        await serve_doors(settings, backends, control_plane)
     finally:
         serve.shutdown()
         ray.shutdown()
         log.info("stopped")
+
+
+async def run_gateway(settings: HerdSettings) -> None:
+    """herd gateway: the two doors alone, reaching each model through Ray Serve's gRPC proxy."""
+    from herd.platform.gateway.serve_grpc_backend import ServeGrpcBackend
+
+    backends = {}
+    for model in settings.models:
+        if not model.serve_grpc_target:
+            raise ValueError(f"model {model.name}: serve_grpc_target (Serve's gRPC proxy) is not set")
+        backends[model.name] = ServeGrpcBackend(model.name, model_path(model, settings), model.serve_grpc_target,
+                                                max_model_len=model.engine.max_model_len,
+                                                status_url=model.serve_status_url)
+    await serve_doors(settings, backends, lambda _gateway: None)
+
+
+async def serve_doors(settings: HerdSettings, backends: dict[str, Any], control_plane: Any) -> None:
+    """The gateway with its HTTP and gRPC doors (and tenancy, and optionally a control plane) until a
+    signal; then stop admitting, drain, write the ledger."""
+    import uvicorn
+
+    from herd.platform.gateway.cold_start import ColdStartPolicy
+    from herd.platform.gateway.core import Gateway
+    from herd.platform.gateway.grpc_server import start_grpc
+    from herd.platform.gateway.http_app import create_app
+    from herd.platform.tenancy.admin_api import admin_router
+
+    tenancy = _tenancy(settings)
+    cold_start = {m.name: ColdStartPolicy(wait_s=m.cold_start_wait_s, retry_after_s=m.cold_start_retry_after_s)
+                  for m in settings.models}
+    gateway = Gateway(backends, guard=tenancy.guard if tenancy else None, request_timeout_s=settings.request_timeout_s,
+                      cold_start=cold_start)
+    routers = [admin_router(tenancy.store, tenancy.admin_token)] if tenancy else []
+    grpc_server, grpc_port = await start_grpc(gateway, host=settings.grpc_host, port=settings.grpc_port)
+    http = uvicorn.Server(uvicorn.Config(create_app(gateway, routers=routers), host=settings.http_host,
+                                         port=settings.http_port, log_level="warning", lifespan="off"))
+    http_task = asyncio.create_task(http.serve())
+    while not http.started:
+        if http_task.done():
+            http_task.result()
+        await asyncio.sleep(0.05)
+    stop = asyncio.Event()
+    plane = control_plane(gateway)
+    plane_task = asyncio.create_task(plane.run(stop)) if plane is not None else None
+    if plane is not None:
+        gateway.control_plane = plane
+    _announce(settings, http.servers[0].sockets[0].getsockname()[1], grpc_port, tenancy)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: no new requests; draining in-flight ones")
+    if plane_task is not None:
+        await plane_task
+    http.should_exit = True
+    await grpc_server.stop(grace=max(m.drain_timeout_s for m in settings.models))
+    await http_task
+    if tenancy is not None:
+        await tenancy.ledger.close()  # every usage row written (or spilled) before exit
 
 
 def _tenancy(settings: HerdSettings) -> Tenancy | None:

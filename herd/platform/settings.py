@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PRESETS = ("scout", "maverick")
@@ -42,8 +42,25 @@ class DeploymentSettings(_Section):
     max_ongoing_requests: int | None = Field(None, ge=1, description="per replica; default max_num_seqs")
     max_queued_requests: int = Field(64, ge=0, description="waiting beyond this is refused at once (429)")
     placement_strategy: Literal["STRICT_PACK", "PACK"] = Field("STRICT_PACK", description="PACK for multi-node")
-    gpus: bool = Field(False, description="one GPU per bundle (trunk and each shard)")
+    gpus: bool = Field(False, description="GPU bundles: trunk_gpus for the trunk, shard_gpus for each shard")
+    trunk_gpus: float = Field(1.0, ge=0, description="GPUs of the trunk's bundle (fractional shares a device)")
+    shard_gpus: float = Field(1.0, ge=0, description="GPUs of each expert shard's bundle")
     health_check_period_s: float = Field(10, gt=0, description="how often Serve asks a replica")
+
+
+class AutoscaleSettings(_Section):
+    """The control plane's policy for one model (used when controlplane.enabled)."""
+
+    min_replicas: int = Field(1, ge=0, description="replicas at least (0: may scale to zero when idle)")
+    max_replicas: int = Field(1, ge=1, description="replicas at most")
+    target_requests_per_replica: float = Field(32, gt=0, description="requests one replica should carry")
+    target_tokens_per_replica: float | None = Field(None, gt=0, description="prompt + max_tokens one replica "
+                                                    "should hold (null: requests alone decide)")
+    ttft_slo_s: float | None = Field(2.0, gt=0, description="p95 time to first token above this adds a replica")
+    scale_up_window_s: float = Field(0, ge=0, description="stabilisation before scaling up")
+    scale_down_window_s: float = Field(300, ge=0, description="stabilisation before scaling down")
+    idle_to_zero_s: float = Field(900, ge=0, description="idle time before scaling to zero (min_replicas 0)")
+    priority: int = Field(0, description="higher is served first when the GPU pool is full")
 
 
 class ModelSettings(_Section):
@@ -56,6 +73,18 @@ class ModelSettings(_Section):
     stream_interval_s: float = Field(0.05, ge=0, description="after the first token, send a stream at most this often")
     engine: EngineSettings = Field(default_factory=EngineSettings)
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    autoscale: AutoscaleSettings = Field(default_factory=AutoscaleSettings)
+    cold_start_wait_s: float = Field(30, ge=0, description="a request for a model with no ready replica (scaled "
+                                     "to zero) waits this long for one, then gets 503 + Retry-After")
+    cold_start_retry_after_s: int = Field(30, ge=1, description="Retry-After of that 503: about a cold start")
+    serve_grpc_target: str | None = Field(None, description="herd gateway: Serve's gRPC proxy for this model")
+    serve_status_url: str | None = Field(None, description="herd gateway: the Ray dashboard of the model's cluster "
+                                         "(its ready replicas; null: requests are never held for one)")
+
+    @property
+    def gpus_per_replica(self) -> float:
+        d = self.deployment
+        return d.trunk_gpus + self.shards * d.shard_gpus if d.gpus else 0.0
 
 
 class TenancySettings(_Section):
@@ -65,6 +94,17 @@ class TenancySettings(_Section):
     admin_token_file: Path = Field(Path(".herd/admin-token"), description="admin credential, made on first start")
     spill_path: Path = Field(Path(".herd/usage-spill.jsonl"), description="usage rows the database would not take")
     usage_flush_interval_s: float = Field(0.5, gt=0, description="how often usage rows are written")
+
+
+class ControlPlaneSettings(_Section):
+    enabled: bool = Field(False, description="herd serve: scale replicas with the control plane")
+    interval_s: float = Field(10, gt=0, description="seconds between decisions")
+    gpu_pool: float | None = Field(None, gt=0, description="GPUs all models may use together; null: unlimited")
+    gateway_urls: list[str] = Field(default_factory=list, description="herd controlplane: gateways to read")
+    namespace: str = Field("herd", description="herd controlplane: Kubernetes namespace")
+    lease_name: str = Field("herd-controlplane", description="herd controlplane: Lease for leader election")
+    rayservices: dict[str, str] = Field(default_factory=dict, description="model -> RayService name")
+    metrics_port: int = Field(9090, ge=0, le=65535, description="herd controlplane: Prometheus /metrics port")
 
 
 class HerdSettings(BaseSettings):
@@ -82,8 +122,18 @@ class HerdSettings(BaseSettings):
     ray_address: str | None = Field(None, description="existing Ray cluster; a local one is started when null")
     ray_num_cpus: int | None = Field(None, ge=1, description="logical CPUs of the local Ray (default: enough)")
     tenancy: TenancySettings = Field(default_factory=TenancySettings)
+    controlplane: ControlPlaneSettings = Field(default_factory=ControlPlaneSettings)
 
     _config_file: ClassVar[Path | None] = None
+
+    @model_validator(mode="after")
+    def _one_scaler(self) -> HerdSettings:
+        if self.controlplane.enabled:
+            both = [m.name for m in self.models if m.deployment.autoscaling is not None]
+            if both:
+                raise ValueError(f"models {both}: deployment.autoscaling (Ray Serve's autoscaler) and "
+                                 "controlplane.enabled (Herd's) cannot both scale a model; set one")
+        return self
 
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> HerdSettings:

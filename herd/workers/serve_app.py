@@ -98,6 +98,7 @@ class ModelReplica:
     def __init__(self, args: dict[str, Any]) -> None:
         config = replica_config(args)
         self.shards: list[Any] = []
+        self.shard_gpus = float(args.get("deployment", {}).get("shard_gpus", 1.0))
         self.core = ReplicaCore(config, self._transport_factory(config) if config.transport != "local" else None)
 
     async def generate(self, request: bytes) -> AsyncIterator[bytes]:
@@ -133,7 +134,7 @@ class ModelReplica:
                                                             placement_group_bundle_index=index + 1)
                 options: dict[str, Any] = {"num_cpus": _SHARD_CPUS, "scheduling_strategy": strategy}
                 if torch.cuda.is_available():
-                    options["num_gpus"] = 1
+                    options["num_gpus"] = self.shard_gpus
                 dtype = str(config.engine.dtype).removeprefix("torch.")
                 self.shards.append(ExpertShardActor.options(**options).remote(config.path, list(experts), dtype))
             if config.transport == "ray":
@@ -163,8 +164,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     deployment = args.get("deployment", {})
     shards = config.num_shards if config.transport != "local" else 0
     gpus = bool(deployment.get("gpus", False))
-    trunk_bundle = {"CPU": 1, **({"GPU": 1} if gpus else {})}
-    shard_bundle = {"CPU": _SHARD_CPUS, **({"GPU": 1} if gpus else {})}
+    trunk_bundle = {"CPU": 1, **({"GPU": deployment.get("trunk_gpus", 1.0)} if gpus else {})}
+    shard_bundle = {"CPU": _SHARD_CPUS, **({"GPU": deployment.get("shard_gpus", 1.0)} if gpus else {})}
     options: dict[str, Any] = {
         "name": config.name,
         "max_ongoing_requests": deployment.get("max_ongoing_requests", config.engine.max_num_seqs),
@@ -183,6 +184,17 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return ModelReplica.options(**options).bind(args)
 
 
+def replica_states(app_name: str) -> dict[str, int]:
+    """Replicas of a Serve application by state (RUNNING, STARTING, STOPPING, ...), from the controller."""
+    app = serve.status().applications.get(app_name)
+    states: dict[str, int] = {}
+    for deployment in app.deployments.values() if app is not None else ():
+        for state, count in deployment.replica_states.items():
+            name = getattr(state, "value", state)  # a ReplicaState enum; str() gives "ReplicaState.X"
+            states[name] = states.get(name, 0) + count
+    return states
+
+
 def config_args(config: ReplicaConfig, deployment: dict[str, Any]) -> dict[str, Any]:
     """A ReplicaConfig (plus deployment options) as the JSON args of build_app."""
     engine = asdict(config.engine)
@@ -193,4 +205,4 @@ def config_args(config: ReplicaConfig, deployment: dict[str, Any]) -> dict[str, 
             "engine": engine, "deployment": deployment}
 
 
-__all__ = ["ExpertShardActor", "ModelReplica", "RayTransport", "build_app", "config_args"]
+__all__ = ["ExpertShardActor", "ModelReplica", "RayTransport", "build_app", "config_args", "replica_states"]

@@ -1,18 +1,21 @@
 """How the control plane changes a model's replica count: one interface, Ray Serve or Kubernetes.
 
 On Kubernetes the lever is the model's Serve application inside its RayService's serveConfigV2: a
-`deployments: [{name, num_replicas}]` override that KubeRay applies to the running cluster in place
-(GPU worker pods follow through KubeRay's in-tree autoscaler). workerGroupSpecs[].replicas is never
-touched: KubeRay leaves it out of its update hash and the Ray autoscaler owns it.
+`deployments: [{name, num_replicas}]` override (autoscaling bounds [0, 1] for zero) that KubeRay applies
+to the running cluster in place (GPU worker pods follow through KubeRay's in-tree autoscaler).
+workerGroupSpecs[].replicas is never touched: KubeRay leaves it out of its update hash and the Ray
+autoscaler owns it. Locally (herd serve) it is Serve's external-scaler REST call.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import httpx
 import yaml
+
+from herd.workers.serve_details import replica_counts, target_replicas
 
 
 @dataclass(frozen=True)
@@ -29,34 +32,40 @@ class Actuator(Protocol):
 
 
 class ServeActuator:
-    """A local Ray Serve (herd serve): redeploys the model's application with a new replica count,
-    which Serve applies in place (only num_replicas changes)."""
+    """A Ray Serve cluster through its dashboard's REST API (herd serve). Serve's external-scaler call sets
+    a deployment's target in place: no redeploy, no restart of running replicas, zero included. The
+    application must be deployed with `external_scaler_enabled` (herd serve does, with the control plane on).
+    """
 
-    def __init__(self, app_args: dict[str, dict[str, Any]]) -> None:
-        self.app_args = app_args
+    def __init__(self, dashboard_url: str, *, timeout_s: float = 10.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        base = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
+        self.client = httpx.Client(base_url=base, timeout=timeout_s, transport=transport)
 
     def status(self, model: str) -> ReplicaStatus:
-        from ray import serve
-
-        app = serve.status().applications.get(model)
-        states: dict[str, int] = {}
-        if app is not None:
-            for deployment in app.deployments.values():
-                for state, count in deployment.replica_states.items():
-                    states[str(state)] = states.get(str(state), 0) + count
-        target = self.app_args[model]["deployment"].get("num_replicas", 1)
-        return ReplicaStatus(target=target, ready=states.get("RUNNING", 0), starting=states.get("STARTING", 0))
+        reply = self.client.get("/api/serve/applications/")
+        reply.raise_for_status()
+        details = reply.json()
+        target = target_replicas(details, model)
+        if target is None:
+            raise RuntimeError(f"Ray Serve has no application {model!r}")
+        counts = replica_counts(details, model)
+        return ReplicaStatus(target=target, ready=counts.get("RUNNING", 0),
+                             starting=counts.get("STARTING", 0) + counts.get("RECOVERING", 0))
 
     def scale(self, model: str, replicas: int) -> None:
-        from ray import serve
+        """Returns once Serve has the new target; it brings the replicas there asynchronously."""
+        reply = self.client.post(f"/api/v1/applications/{model}/deployments/{model}/scale",
+                                 json={"target_num_replicas": replicas})
+        if reply.status_code != 200:
+            raise RuntimeError(f"Ray Serve refused to scale {model} to {replicas}: {reply.status_code} {reply.text}")
 
-        from herd.workers.serve_app import build_app
 
-        args = copy.deepcopy(self.app_args[model])
-        args["deployment"].pop("autoscaling", None)
-        args["deployment"]["num_replicas"] = replicas
-        serve.run(build_app(args), name=model, route_prefix=None)
-        self.app_args[model] = args
+# Serve's config takes no `num_replicas: 0`; zero is autoscaling bounds of [0, 1] that drop to zero at once
+# (a request reaching Serve while there brings one replica back by itself; the gateway holds its requests
+# for the control plane instead).
+_AT_ZERO = {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0, "downscale_delay_s": 0.0,
+            "downscale_to_zero_delay_s": 0.0}
 
 
 def with_replicas(serve_config_yaml: str, application: str, replicas: int) -> str:
@@ -65,7 +74,8 @@ def with_replicas(serve_config_yaml: str, application: str, replicas: int) -> st
     for app in config.get("applications", []):
         if app.get("name") == application:
             overrides = [d for d in app.get("deployments", []) if d.get("name") != application]
-            app["deployments"] = [*overrides, {"name": application, "num_replicas": replicas}]
+            pinned = {"num_replicas": replicas} if replicas > 0 else {"autoscaling_config": dict(_AT_ZERO)}
+            app["deployments"] = [*overrides, {"name": application, **pinned}]
             break
     else:
         raise ValueError(f"serveConfigV2 has no application {application!r}")
@@ -73,12 +83,15 @@ def with_replicas(serve_config_yaml: str, application: str, replicas: int) -> st
 
 
 def replicas_in(serve_config_yaml: str, application: str) -> int | None:
+    """The replica count `with_replicas` pinned, else the one the application's args start with."""
     config = yaml.safe_load(serve_config_yaml)
     for app in config.get("applications", []):
         if app.get("name") == application:
             for deployment in app.get("deployments", []):
                 if deployment.get("name") == application and "num_replicas" in deployment:
                     return int(deployment["num_replicas"])
+                if deployment.get("name") == application and "autoscaling_config" in deployment:
+                    return 0
             return app.get("args", {}).get("deployment", {}).get("num_replicas")
     return None
 

@@ -1,4 +1,11 @@
-"""The control loop: read load, ask the policy, act on what changed, log every decision with its reason."""
+"""The control loop: read load, ask the policy, bring each model's replicas to its target, log every
+decision with its reason and export it as a metric.
+
+Acting is level-triggered, like a Kubernetes controller: every round compares the policy's target with
+what the actuator holds, and a model whose change is still being applied (Serve bringing up a replica
+can take minutes) is left to finish; the round after it ends applies whatever the target is by then.
+So a slow actuation never stalls the rounds of the other models, and a failed one is simply retried.
+"""
 
 from __future__ import annotations
 
@@ -6,55 +13,101 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
-from herd.platform.controlplane.actuators import Actuator
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from herd.platform.controlplane.actuators import Actuator, ReplicaStatus
 from herd.platform.controlplane.metrics import MetricsSource
 from herd.platform.controlplane.policy import Decision, Fleet, ModelMetrics, ModelState, decide
 
 log = logging.getLogger("herd.controlplane")
 
 
+class PlaneMetrics:
+    """What the control plane exports (Prometheus names), in its own registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.decisions = Counter("herd_controlplane_decisions", "Policy decisions by direction (up, down, hold)",
+                                 ["model", "direction"], registry=registry)
+        self.target = Gauge("herd_controlplane_target_replicas", "Replicas the policy wants", ["model"],
+                            registry=registry)
+        self.ready = Gauge("herd_controlplane_ready_replicas", "Replicas serving", ["model"], registry=registry)
+        self.starting = Gauge("herd_controlplane_starting_replicas", "Replicas loading", ["model"], registry=registry)
+        self.leader = Gauge("herd_controlplane_leader", "1 while this instance leads", registry=registry)
+        self.failures = Counter("herd_controlplane_failures", "Failed rounds and actuations", ["stage"],
+                                registry=registry)
+
+
 class ControlPlane:
     def __init__(self, source: MetricsSource, actuator: Actuator, fleet: Fleet, *, interval_s: float = 10.0,
-                 leader: Callable[[], bool] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 leader: Callable[[], bool] | None = None, clock: Callable[[], float] = time.monotonic,
+                 registry: CollectorRegistry | None = None) -> None:
         self.source, self.actuator, self.fleet = source, actuator, fleet
         self.interval_s = interval_s
         self.leader = leader or (lambda: True)
         self.clock = clock
         self.state: dict[str, ModelState] = {}
-        self.decisions_total: Counter[tuple[str, str]] = Counter()  # (model, up|down|hold)
         self.last: dict[str, Decision] = {}
+        self.metrics = PlaneMetrics(registry or CollectorRegistry())
+        self._acting: dict[str, asyncio.Task[None]] = {}
 
     async def tick(self) -> dict[str, Decision]:
         """One round; acts only while this instance leads."""
-        if not await asyncio.to_thread(self.leader):
+        leading = await asyncio.to_thread(self.leader)
+        self.metrics.leader.set(1 if leading else 0)
+        if not leading:
             return {}
         load = await self.source.read()
-        metrics = {}
+        metrics: dict[str, ModelMetrics] = {}
+        held: dict[str, ReplicaStatus] = {}
         for model in self.fleet.policies:
-            status = await asyncio.to_thread(self.actuator.status, model)
-            seen = load.get(model, ModelMetrics())
-            metrics[model] = replace(seen, ready=status.ready, starting=status.starting)
+            held[model] = status = await asyncio.to_thread(self.actuator.status, model)
+            metrics[model] = replace(load.get(model, ModelMetrics()), ready=status.ready, starting=status.starting)
             if model not in self.state:
                 self.state[model] = ModelState(target=status.target, last_busy=self.clock())
         decisions, self.state = decide(metrics, self.state, self.clock(), self.fleet)
         for model, decision in decisions.items():
-            direction = "hold" if not decision.changed else ("up" if decision.target > decision.previous else "down")
-            self.decisions_total[(model, direction)] += 1
+            self._export(model, decision, held[model])
             if decision.changed:
                 log.info("scaling %s %d -> %d: %s", model, decision.previous, decision.target, decision.reason)
-                await asyncio.to_thread(self.actuator.scale, model, decision.target)
+            if decision.target != held[model].target and not self.acting(model):
+                self._acting[model] = asyncio.create_task(self._scale(model, decision.target))
         self.last = decisions
         return decisions
+
+    def acting(self, model: str) -> bool:
+        """Whether a change of `model`'s replicas is still being applied."""
+        task = self._acting.get(model)
+        return task is not None and not task.done()
+
+    async def settle(self) -> None:
+        """Wait for every change under way (tests, shutdown)."""
+        await asyncio.gather(*(t for t in self._acting.values() if not t.done()), return_exceptions=True)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 await self.tick()
             except Exception:  # a failed round is logged and retried; the loop must not die
+                self.metrics.failures.labels("round").inc()
                 log.exception("control-plane round failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval_s)
+        await self.settle()
+
+    async def _scale(self, model: str, replicas: int) -> None:
+        try:
+            await asyncio.to_thread(self.actuator.scale, model, replicas)
+        except Exception:  # the next round sees the target still differs and tries again
+            self.metrics.failures.labels("scale").inc()
+            log.exception("scaling %s to %d failed", model, replicas)
+
+    def _export(self, model: str, decision: Decision, status: ReplicaStatus) -> None:
+        direction = "hold" if not decision.changed else ("up" if decision.target > decision.previous else "down")
+        self.metrics.decisions.labels(model, direction).inc()
+        self.metrics.target.labels(model).set(decision.target)
+        self.metrics.ready.labels(model).set(status.ready)
+        self.metrics.starting.labels(model).set(status.starting)

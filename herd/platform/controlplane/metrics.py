@@ -16,9 +16,15 @@ class MetricsSource(Protocol):
     async def read(self) -> dict[str, ModelMetrics]: ...
 
 
+_SUMMED = ("in_flight", "in_flight_tokens", "waiting_for_replica", "refused_cold", "output_tokens_per_s")
+
+
 def from_load(load: dict[str, dict[str, Any]]) -> dict[str, ModelMetrics]:
-    """Gateway load snapshots ({model: {in_flight, ttft_p95_s, output_tokens_per_s}}) as policy inputs."""
-    return {name: ModelMetrics(running=int(v["in_flight"]), ttft_p95_s=v["ttft_p95_s"],
+    """Gateway load snapshots (herd.platform.gateway.load.LoadTracker.snapshot) as policy inputs: what is
+    held for a replica is queued, the rest of what is in flight runs (or waits in Serve's queue)."""
+    return {name: ModelMetrics(running=int(v["in_flight"] - v["waiting_for_replica"]),
+                               queued=int(v["waiting_for_replica"]), in_flight_tokens=int(v["in_flight_tokens"]),
+                               refused_cold=int(v["refused_cold"]), ttft_p95_s=v["ttft_p95_s"],
                                output_tokens_per_s=float(v["output_tokens_per_s"]))
             for name, v in load.items()}
 
@@ -34,14 +40,16 @@ class GatewayLoadSource:
 
 
 class HttpLoadSource:
-    """Gateways elsewhere: in-flight requests and token rates add up; TTFT p95 takes the worst."""
+    """Gateways elsewhere: requests, tokens and refusals add up over gateways; TTFT p95 takes the worst."""
 
-    def __init__(self, urls: Sequence[str], *, timeout_s: float = 5.0) -> None:
+    def __init__(self, urls: Sequence[str], *, timeout_s: float = 5.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.urls = list(urls)
         self.timeout_s = timeout_s
+        self.transport = transport  # tests: answers without sockets
 
     async def read(self) -> dict[str, ModelMetrics]:
-        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+        async with httpx.AsyncClient(timeout=self.timeout_s, transport=self.transport) as client:
             answers = await asyncio.gather(*(client.get(u.rstrip("/") + "/herd/load") for u in self.urls),
                                            return_exceptions=True)
         merged: dict[str, dict[str, Any]] = {}
@@ -49,9 +57,9 @@ class HttpLoadSource:
             if isinstance(answer, BaseException) or answer.status_code != 200:
                 continue  # a gateway that does not answer contributes nothing this round
             for model, load in answer.json().items():
-                into = merged.setdefault(model, {"in_flight": 0, "ttft_p95_s": None, "output_tokens_per_s": 0.0})
-                into["in_flight"] += load["in_flight"]
-                into["output_tokens_per_s"] += load["output_tokens_per_s"]
+                into = merged.setdefault(model, {**dict.fromkeys(_SUMMED, 0), "ttft_p95_s": None})
+                for key in _SUMMED:
+                    into[key] += load.get(key, 0)
                 if load["ttft_p95_s"] is not None:
                     into["ttft_p95_s"] = max(into["ttft_p95_s"] or 0.0, load["ttft_p95_s"])
         return from_load(merged)

@@ -1,11 +1,15 @@
 """The autoscaling policy: a pure function `(metrics, state, now) -> (decisions, state)`.
 
 Per model:
-1. Need: the requests in the system (running + queued) over the requests one replica should carry.
+1. Need: the requests in the system (running + queued) over the requests one replica should carry, or
+   (when the model sets a token target) their tokens over the tokens one replica should hold, whichever
+   is more; at least one while the gateway is refusing requests for want of a replica (scaled to zero).
 2. TTFT SLO override: if p95 time-to-first-token is over the SLO and nothing is already starting, add
    one replica beyond the current target (starting replicas count as coming, not missing, so a cold
-   start of several minutes does not make the policy pile up replicas).
-3. Scale to zero after an idle period where the model allows it (min_replicas 0), else at least one.
+   start of several minutes does not make the policy pile up replicas). For one TTFT window after a
+   replica became ready the p95 still holds the waits of the cold start that just ended: no override.
+3. Scale to zero after an idle period where the model allows it (min_replicas 0), else at least one;
+   the idle period is the stabilisation of that step (the scale-down window does not add to it).
 4. Clamp to [min, max], and stabilise like Kubernetes' HPA: going up takes the lowest recommendation
    of a short window (fast), going down the highest of a long window (slow), so noisy metrics do not
    make it flap.
@@ -26,7 +30,9 @@ class ModelMetrics:
     """What the control plane reads for one model."""
 
     running: int = 0  # requests being computed
-    queued: int = 0  # requests waiting for a slot
+    queued: int = 0  # requests waiting for a slot (or for a replica of a model at zero)
+    in_flight_tokens: int = 0  # prompt + max_tokens of the requests in the system
+    refused_cold: int = 0  # requests refused in the last minute because no replica was ready
     ttft_p95_s: float | None = None  # over the last minute; None when there were no requests
     output_tokens_per_s: float = 0.0
     kv_use: float = 0.0  # 0..1, the most used replica
@@ -45,7 +51,9 @@ class ModelPolicy:
     min_replicas: int = 1
     max_replicas: int = 4
     target_requests_per_replica: float = 32.0
+    target_tokens_per_replica: float | None = None  # None: requests alone decide
     ttft_slo_s: float | None = 2.0
+    ttft_window_s: float = 60.0  # what the p95 is measured over (the gateway's window)
     scale_up_window_s: float = 0.0
     scale_down_window_s: float = 300.0
     idle_to_zero_s: float = 900.0  # only when min_replicas is 0
@@ -59,6 +67,8 @@ class ModelPolicy:
             )
         if self.target_requests_per_replica <= 0:
             raise ValueError(f"target_requests_per_replica must be positive, got {self.target_requests_per_replica}")
+        if self.target_tokens_per_replica is not None and self.target_tokens_per_replica <= 0:
+            raise ValueError(f"target_tokens_per_replica must be positive, got {self.target_tokens_per_replica}")
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,8 @@ class ModelState:
     target: int
     last_busy: float
     history: tuple[tuple[float, int], ...] = ()  # (time, recommendation), newest last
+    ready: int | None = None  # replicas serving at the last call (None: not seen yet)
+    ready_rose_at: float | None = None  # when that count last went up
 
 
 @dataclass(frozen=True)
@@ -114,18 +126,31 @@ def decide(
 
 
 def _one_model(m: ModelMetrics, p: ModelPolicy, s: ModelState, now: float) -> tuple[int, str, ModelState]:
-    last_busy = now if m.demand > 0 else s.last_busy
+    last_busy = now if m.demand > 0 or m.refused_cold else s.last_busy
     need = math.ceil(m.demand / p.target_requests_per_replica)
     reason = f"{m.demand} requests / {p.target_requests_per_replica:g} per replica -> {need}"
+    if p.target_tokens_per_replica is not None:
+        by_tokens = math.ceil(m.in_flight_tokens / p.target_tokens_per_replica)
+        if by_tokens > need:
+            need = by_tokens
+            reason += f"; {m.in_flight_tokens} tokens / {p.target_tokens_per_replica:g} per replica -> {need}"
+    if m.refused_cold and need == 0:
+        need = 1
+        reason += f"; {m.refused_cold} request(s) refused for want of a replica -> 1"
+    ready_rose_at = now if s.ready is not None and m.ready > s.ready else s.ready_rose_at
     if p.ttft_slo_s is not None and m.ttft_p95_s is not None and m.ttft_p95_s > p.ttft_slo_s and m.demand > 0:
-        if m.starting == 0 and s.target + 1 > need:
+        if m.starting:
+            reason += f"; TTFT over SLO, {m.starting} replica(s) already starting"
+        elif ready_rose_at is not None and now - ready_rose_at < p.ttft_window_s:
+            reason += f"; TTFT over SLO, but a replica became ready {now - ready_rose_at:.0f}s ago (cold-start waits)"
+        elif s.target + 1 > need:
             need = s.target + 1
             reason += f"; TTFT p95 {m.ttft_p95_s:.2f}s over the {p.ttft_slo_s:g}s SLO -> {need}"
-        elif m.starting:
-            reason += f"; TTFT over SLO, {m.starting} replica(s) already starting"
     idle_for = now - last_busy
+    to_zero = False
     if need == 0:
         if p.min_replicas == 0 and idle_for >= p.idle_to_zero_s:
+            to_zero = True
             reason += f"; idle {idle_for:.0f}s >= {p.idle_to_zero_s:g}s -> scale to zero"
         else:
             need = max(1, p.min_replicas) if (p.min_replicas > 0 or s.target > 0) else 0
@@ -134,12 +159,13 @@ def _one_model(m: ModelMetrics, p: ModelPolicy, s: ModelState, now: float) -> tu
         reason += f"; clamped to [{p.min_replicas}, {p.max_replicas}] -> {clamped}"
     history = tuple((t, r) for t, r in s.history if now - t <= max(p.scale_up_window_s, p.scale_down_window_s))
     history += ((now, clamped),)
-    target = _stabilised(history, s.target, now, p)
+    target = 0 if to_zero else _stabilised(history, s.target, now, p)
     if target != clamped:
         direction = "down" if target > clamped else "up"
         window = p.scale_down_window_s if direction == "down" else p.scale_up_window_s
         reason += f"; held at {target} by the {window:g}s scale-{direction} window"
-    return target, reason, ModelState(target=target, last_busy=last_busy, history=history)
+    return target, reason, ModelState(target=target, last_busy=last_busy, history=history, ready=m.ready,
+                                      ready_rose_at=ready_rose_at)
 
 
 def _stabilised(history: tuple[tuple[float, int], ...], current: int, now: float, p: ModelPolicy) -> int:

@@ -29,6 +29,10 @@ class Backend(Protocol):
 
     async def healthy(self) -> bool: ...
 
+    async def ready_replicas(self) -> int | None:
+        """Replicas serving now (0: scaled to zero or still loading; None: cannot tell)."""
+        ...
+
 
 class LocalBackend:
     """A ReplicaCore in this process, behind a bounded admission count (in flight + queued)."""
@@ -61,6 +65,9 @@ class LocalBackend:
 
     async def healthy(self) -> bool:
         return self.core.healthy()
+
+    async def ready_replicas(self) -> int | None:
+        return 1  # the core in this process
 
 
 __all__ = ["Backend", "GatewayError", "LocalBackend"]

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from herd.model.chat_template import render_chat
 from herd.model.special_tokens import BEGIN_OF_TEXT
 from herd.platform.gateway.backend import Backend
+from herd.platform.gateway.cold_start import ColdStartPolicy, wait_for_replica
 from herd.platform.gateway.errors import (
     GatewayError,
     context_length_exceeded,
@@ -59,12 +60,15 @@ class Gateway:
     """Models by name, and the shared checks of every request."""
 
     def __init__(
-        self, backends: Mapping[str, Backend], *, guard: AdmissionGuard | None = None, request_timeout_s: float = 600.0
+        self, backends: Mapping[str, Backend], *, guard: AdmissionGuard | None = None, request_timeout_s: float = 600.0,
+        cold_start: Mapping[str, ColdStartPolicy] | None = None,
     ) -> None:
         self.backends = dict(backends)
         self.guard = guard
         self.request_timeout_s = request_timeout_s
+        self.cold_start = dict(cold_start or {})  # per model; ColdStartPolicy() where not given
         self.load = LoadTracker()
+        self.control_plane: Any = None  # set by herd serve when it runs one (read by /herd/controlplane)
 
     async def identify(self, credential: str | None) -> Any:
         """The caller's identity from its API key (None when the gateway runs without tenancy)."""
@@ -135,8 +139,9 @@ class Gateway:
         return self._prepared(backend, ids, options, identity, None)
 
     async def stream(self, prepared: Prepared, *, timeout_s: float | None = None) -> AsyncIterator[pb.GenerateChunk]:
-        """The backend's chunks, within the deadline, after tenant admission; leaving early aborts the
-        request. With tenancy, every request ends in exactly one settlement (its usage row)."""
+        """The backend's chunks, within the deadline, after tenant admission and (for a model scaled to
+        zero) a wait for its replica; leaving early aborts the request. With tenancy, every request ends in
+        exactly one settlement (its usage row)."""
         limit = min(timeout_s or self.request_timeout_s, self.request_timeout_s)
         deadline = time.monotonic() + limit
         admission = None
@@ -146,8 +151,11 @@ class Gateway:
                                                prepared.prompt_tokens, request.sampling.max_tokens)
         status, completion, cached = "cancelled", 0, 0
         model, started = prepared.request.model, time.monotonic()
-        self.load.started(model)
+        reserved = prepared.prompt_tokens + prepared.request.sampling.max_tokens
+        self.load.started(model, reserved)
         try:
+            await wait_for_replica(prepared.backend, self.load, self.cold_start.get(model, ColdStartPolicy()),
+                                   deadline=deadline)
             async with contextlib.aclosing(prepared.backend.generate(prepared.request)) as chunks:
                 while True:
                     remaining = deadline - time.monotonic()
@@ -171,7 +179,7 @@ class Gateway:
             status = err.code.lower()
             raise
         finally:
-            self.load.finished(model)
+            self.load.finished(model, reserved)
             if admission is not None and self.guard is not None:
                 await self.guard.settle(admission, completion_tokens=completion, cached_tokens=cached, status=status)
 

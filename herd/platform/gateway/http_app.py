@@ -8,13 +8,15 @@ request in the engine.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from herd import __version__
 from herd.platform.gateway import openai_translate as translate
@@ -73,6 +75,25 @@ def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = ()) -> FastAP
     async def stats() -> dict[str, dict[str, int]]:
         """What each model's replica holds now (requests, KV blocks in use): for operators and tests."""
         return {name: await b.stats() for name, b in gateway.backends.items()}
+
+    @app.get("/herd/controlplane")
+    async def controlplane() -> dict[str, Any]:
+        """The last decision per model, with its reason, when this process runs the control plane."""
+        plane = getattr(gateway, "control_plane", None)
+        if plane is None:
+            return {"enabled": False}
+        replicas = {m: {**vars(await asyncio.to_thread(plane.actuator.status, m)), "acting": plane.acting(m)}
+                    for m in plane.fleet.policies}
+        return {"enabled": True, "replicas": replicas,
+                "decisions": {m: {"target": d.target, "previous": d.previous, "reason": d.reason}
+                              for m, d in plane.last.items()}}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        """Prometheus text exposition: the control plane's numbers, when this process runs it."""
+        plane = getattr(gateway, "control_plane", None)
+        return Response(generate_latest(plane.metrics.registry) if plane is not None else b"",
+                        media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/herd/load")
     async def load() -> dict[str, dict[str, float | None]]:

@@ -1,5 +1,6 @@
-"""Per-model load as the gateway sees it (every request passes here): requests in flight, time to first
-token, output tokens. The control plane reads it to decide replica counts."""
+"""Per-model load as the gateway sees it (every request passes here): requests and tokens in flight,
+requests waiting for a replica of a model scaled to zero, time to first token, output tokens. The
+control plane reads it to decide replica counts."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ModelLoad:
-    in_flight: int = 0
+    in_flight: int = 0  # admitted and not finished (running, queued at Serve, or held for a replica)
+    in_flight_tokens: int = 0  # prompt + max_tokens of those: the KV they may come to hold
+    waiting_for_replica: int = 0  # of in_flight: held because the model has no ready replica
+    refused_cold: deque[float] = field(default_factory=deque)  # when one was refused for want of a replica
     ttfts: deque[tuple[float, float]] = field(default_factory=deque)  # (when, seconds)
     tokens: deque[tuple[float, int]] = field(default_factory=deque)  # (when, output tokens)
 
@@ -22,29 +26,47 @@ class LoadTracker:
         self.window_s = window_s
         self.models: dict[str, ModelLoad] = {}
 
-    def started(self, model: str) -> None:
-        self.models.setdefault(model, ModelLoad()).in_flight += 1
+    def _model(self, model: str) -> ModelLoad:
+        return self.models.setdefault(model, ModelLoad())
+
+    def started(self, model: str, tokens: int = 0) -> None:
+        load = self._model(model)
+        load.in_flight += 1
+        load.in_flight_tokens += tokens
+
+    def waiting(self, model: str, delta: int) -> None:
+        """A request starts (+1) or stops (-1) waiting for a replica of a cold model."""
+        self._model(model).waiting_for_replica += delta
+
+    def refused_for_cold_start(self, model: str) -> None:
+        self._model(model).refused_cold.append(time.monotonic())
 
     def first_token(self, model: str, ttft_s: float) -> None:
-        self.models.setdefault(model, ModelLoad()).ttfts.append((time.monotonic(), ttft_s))
+        self._model(model).ttfts.append((time.monotonic(), ttft_s))
 
     def output(self, model: str, tokens: int) -> None:
         if tokens:
-            self.models.setdefault(model, ModelLoad()).tokens.append((time.monotonic(), tokens))
+            self._model(model).tokens.append((time.monotonic(), tokens))
 
-    def finished(self, model: str) -> None:
-        self.models[model].in_flight -= 1
+    def finished(self, model: str, tokens: int = 0) -> None:
+        load = self.models[model]
+        load.in_flight -= 1
+        load.in_flight_tokens -= tokens
 
     def snapshot(self) -> dict[str, dict[str, float | None]]:
-        """{model: {in_flight, ttft_p95_s, output_tokens_per_s}} over the window."""
+        """{model: {in_flight, in_flight_tokens, waiting_for_replica, refused_cold, ttft_p95_s,
+        output_tokens_per_s}}, the rates and refusals over the window."""
         now = time.monotonic()
-        out = {}
+        out: dict[str, dict[str, float | None]] = {}
         for name, load in self.models.items():
             for samples in (load.ttfts, load.tokens):
                 while samples and now - samples[0][0] > self.window_s:
                     samples.popleft()
+            while load.refused_cold and now - load.refused_cold[0] > self.window_s:
+                load.refused_cold.popleft()
             ttfts = sorted(t for _, t in load.ttfts)
             p95 = ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] if ttfts else None
-            out[name] = {"in_flight": load.in_flight, "ttft_p95_s": p95,
-                         "output_tokens_per_s": sum(n for _, n in load.tokens) / self.window_s}
+            out[name] = {"in_flight": load.in_flight, "in_flight_tokens": load.in_flight_tokens,
+                         "waiting_for_replica": load.waiting_for_replica, "refused_cold": len(load.refused_cold),
+                         "ttft_p95_s": p95, "output_tokens_per_s": sum(n for _, n in load.tokens) / self.window_s}
         return out

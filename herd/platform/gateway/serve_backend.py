@@ -7,6 +7,8 @@ aborts it in the engine.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,14 +20,19 @@ from herd.model.tokenizer import Tokenizer
 from herd.platform.gateway.errors import GatewayError, from_code, overloaded, unavailable
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.workers.replica_core import ReplicaError
+from herd.workers.serve_app import replica_states
 
 
 class ServeBackend:
+    READY_TTL_S = 1.0  # how long a count of ready replicas is reused (one controller call per model per second)
+
     def __init__(self, handle: Any, card: pb.ModelCard) -> None:
         self.handle = handle
         self.name = card.id
         self._card = card
         self.tokenizer = Tokenizer.from_pretrained(card.root)
+        self._ready: tuple[float, int] | None = None  # (when, count)
+        self._ready_lock = asyncio.Lock()
 
     @classmethod
     async def connect(cls, app_name: str) -> ServeBackend:
@@ -58,9 +65,17 @@ class ServeBackend:
     async def stats(self) -> dict[str, int]:
         return await self.handle.stats.remote()
 
+    async def ready_replicas(self) -> int | None:
+        async with self._ready_lock:
+            if self._ready is None or time.monotonic() - self._ready[0] > self.READY_TTL_S:
+                states = await asyncio.to_thread(replica_states, self.name)
+                self._ready = (time.monotonic(), states.get("RUNNING", 0))
+            return self._ready[1]
+
     async def healthy(self) -> bool:
         try:
             await self.handle.model_card.remote()
         except Exception:
             return False
         return True
+

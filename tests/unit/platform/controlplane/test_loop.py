@@ -1,35 +1,45 @@
-"""The control loop with a fake load source and a fake actuator: it acts on changes, only as leader."""
+"""The control loop with fake load sources and actuators: it acts on changes, only as leader, never stalls
+on a slow actuation, retries a failed one, exports its decisions; gateways' load adds up."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+
+import httpx
 
 from herd.platform.controlplane.actuators import ReplicaStatus
 from herd.platform.controlplane.loop import ControlPlane
+from herd.platform.controlplane.metrics import HttpLoadSource
 from herd.platform.controlplane.policy import Fleet, ModelMetrics, ModelPolicy
 
 
 class FakeActuator:
-    def __init__(self):
-        self.target, self.calls = 1, []
+    def __init__(self, models=("scout",)):
+        self.targets = dict.fromkeys(models, 1)
+        self.calls = []
 
     def status(self, model):
-        return ReplicaStatus(target=self.target, ready=self.target, starting=0)
+        return ReplicaStatus(target=self.targets[model], ready=self.targets[model], starting=0)
 
     def scale(self, model, replicas):
         self.calls.append((model, replicas))
-        self.target = replicas
+        self.targets[model] = replicas
 
 
 class FakeSource:
     def __init__(self):
-        self.running = 0
+        self.running = {}
 
     async def read(self):
-        return {"scout": ModelMetrics(running=self.running)}
+        return {model: ModelMetrics(running=n) for model, n in self.running.items()}
 
 
-def test_acts_on_changes_logs_reasons_and_only_while_leading(caplog):
+def _sample(plane, name, **labels):
+    return plane.metrics.registry.get_sample_value(name, labels)
+
+
+def test_acts_on_changes_logs_reasons_exports_and_only_while_leading(caplog):
     source, actuator = FakeSource(), FakeActuator()
     now = [0.0]
     fleet = Fleet(policies={"scout": ModelPolicy(min_replicas=1, max_replicas=4, scale_down_window_s=30)})
@@ -39,14 +49,101 @@ def test_acts_on_changes_logs_reasons_and_only_while_leading(caplog):
 
     async def rounds(loads):
         for load in loads:
-            source.running = load
+            source.running["scout"] = load
             await plane.tick()
+            await plane.settle()
             now[0] += 10
 
     asyncio.run(rounds([0, 100, 100, 0, 0, 0, 0, 0]))
     assert actuator.calls == [("scout", 4), ("scout", 1)]
     assert any("scaling scout 1 -> 4" in r.getMessage() and "requests" in r.getMessage() for r in caplog.records)
-    assert plane.decisions_total[("scout", "up")] == 1 and plane.decisions_total[("scout", "down")] == 1
+    assert _sample(plane, "herd_controlplane_decisions_total", model="scout", direction="up") == 1
+    assert _sample(plane, "herd_controlplane_decisions_total", model="scout", direction="down") == 1
+    assert _sample(plane, "herd_controlplane_decisions_total", model="scout", direction="hold") == 6
+    assert _sample(plane, "herd_controlplane_target_replicas", model="scout") == 1
+    assert _sample(plane, "herd_controlplane_leader") == 1
     leading[0] = False
     asyncio.run(rounds([100, 100]))
     assert actuator.calls == [("scout", 4), ("scout", 1)], "a follower never acts"
+    assert _sample(plane, "herd_controlplane_leader") == 0
+
+
+def test_a_slow_scale_up_does_not_stall_the_other_models_and_the_latest_target_wins():
+    release = threading.Event()
+
+    class SlowScout(FakeActuator):
+        def scale(self, model, replicas):
+            if model == "scout" and not self.calls:
+                assert release.wait(10), "never released"  # a cold start under way
+            super().scale(model, replicas)
+
+    source, actuator = FakeSource(), SlowScout(models=("scout", "maverick"))
+    policy = ModelPolicy(min_replicas=1, max_replicas=8, target_requests_per_replica=10, scale_down_window_s=0)
+    now = iter(range(0, 1000, 10))
+    plane = ControlPlane(source, actuator, Fleet(policies={"scout": policy, "maverick": policy}),
+                         clock=lambda: float(next(now)))
+
+    async def main():
+        source.running = {"scout": 30, "maverick": 0}
+        await plane.tick()  # scout 1 -> 3 starts and blocks
+        source.running = {"scout": 50, "maverick": 20}
+        await plane.tick()  # maverick 1 -> 2 goes ahead; scout's new target waits for its change
+        assert plane.acting("maverick"), "maverick's change started while scout's is blocked"
+        while plane.acting("maverick"):
+            await asyncio.sleep(0.01)
+        calls_while_blocked = list(actuator.calls)
+        acting = plane.acting("scout")
+        release.set()
+        await plane.settle()
+        await plane.tick()  # the round after scout's change applies its latest target
+        await plane.settle()
+        return calls_while_blocked, acting
+
+    blocked, acting = asyncio.run(main())
+    assert acting and blocked == [("maverick", 2)]
+    assert actuator.calls == [("maverick", 2), ("scout", 3), ("scout", 5)]
+
+
+def test_a_failed_scale_is_counted_and_retried_next_round():
+    class Flaky(FakeActuator):
+        failures = 1
+
+        def scale(self, model, replicas):
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("API server unavailable")
+            super().scale(model, replicas)
+
+    source, actuator = FakeSource(), Flaky()
+    plane = ControlPlane(source, actuator, Fleet(policies={"scout": ModelPolicy(max_replicas=4)}), clock=lambda: 0.0)
+
+    async def main():
+        source.running["scout"] = 100
+        for _ in range(2):
+            await plane.tick()
+            await plane.settle()
+
+    asyncio.run(main())
+    assert actuator.calls == [("scout", 4)]
+    assert _sample(plane, "herd_controlplane_failures_total", stage="scale") == 1
+
+
+def test_load_from_several_gateways_adds_up_and_a_silent_one_is_skipped():
+    answers = {
+        "http://gw-a": {"scout": {"in_flight": 5, "in_flight_tokens": 900, "waiting_for_replica": 2,
+                                  "refused_cold": 1, "ttft_p95_s": 0.8, "output_tokens_per_s": 40.0}},
+        "http://gw-b": {"scout": {"in_flight": 3, "in_flight_tokens": 100, "waiting_for_replica": 0,
+                                  "refused_cold": 0, "ttft_p95_s": 2.5, "output_tokens_per_s": 10.0}},
+    }
+
+    def handler(request):
+        base = f"{request.url.scheme}://{request.url.host}"
+        if base not in answers:
+            return httpx.Response(503)
+        assert request.url.path == "/herd/load"
+        return httpx.Response(200, json=answers[base])
+
+    source = HttpLoadSource(["http://gw-a", "http://gw-b/", "http://gw-c"], transport=httpx.MockTransport(handler))
+    scout = asyncio.run(source.read())["scout"]
+    assert (scout.running, scout.queued, scout.in_flight_tokens, scout.refused_cold) == (6, 2, 1000, 1)
+    assert scout.ttft_p95_s == 2.5 and scout.output_tokens_per_s == 50.0

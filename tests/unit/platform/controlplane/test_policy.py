@@ -90,3 +90,39 @@ def test_a_full_gpu_pool_serves_the_higher_priority_model_first():
 def test_bad_policies_are_refused(bad):
     with pytest.raises(ValueError):
         ModelPolicy(**bad)
+
+
+def test_a_token_target_scales_for_long_requests_that_few_requests_would_not():
+    policy = ModelPolicy(min_replicas=1, max_replicas=8, target_requests_per_replica=32,
+                         target_tokens_per_replica=100_000)
+    targets, reasons = run([ModelMetrics(running=4, in_flight_tokens=350_000)], policy=policy)
+    assert targets == [4] and "350000 tokens" in reasons[0]
+    by_requests, _ = run([ModelMetrics(running=4, in_flight_tokens=350_000)])
+    assert by_requests == [1], "without a token target four requests fit one replica"
+
+
+def test_refused_requests_bring_a_model_back_from_zero_and_keep_it_busy():
+    policy = ModelPolicy(min_replicas=0, max_replicas=2, idle_to_zero_s=60, scale_down_window_s=0)
+    trace = [ModelMetrics()] * 8 + [ModelMetrics(refused_cold=1)] * 2 + [ModelMetrics()] * 3
+    targets, reasons = run(trace, policy=policy)
+    assert targets[7] == 0, "idle long enough: at zero"
+    assert targets[8] == 1 and "refused for want of a replica" in reasons[8]
+    assert targets[-1] == 1, "a refusal is activity: the idle clock starts again"
+
+
+def test_the_waits_of_a_cold_start_that_just_ended_do_not_add_a_replica():
+    # Scaled from zero: the first replica is ready, and the p95 of the last minute is its cold start's wait.
+    policy = ModelPolicy(min_replicas=0, max_replicas=4, ttft_slo_s=4.0, ttft_window_s=60)
+    loading = [ModelMetrics(queued=1, ready=0, starting=1)] * 3
+    served = [ModelMetrics(running=1, ttft_p95_s=485.0, ready=1)] * 6  # 60 s of the window
+    late = [ModelMetrics(running=1, ttft_p95_s=485.0, ready=1)]
+    targets, reasons = run(loading + served + late, policy=policy)
+    assert targets[:9] == [1] * 9, "no second replica for the wait that has already ended"
+    assert "became ready" in reasons[3]
+    assert targets[9] == 2 and "SLO" in reasons[9], "a breach that outlasts the window still counts"
+
+
+def test_scale_to_zero_comes_after_the_idle_period_not_idle_plus_the_down_window():
+    policy = ModelPolicy(min_replicas=0, max_replicas=3, idle_to_zero_s=300, scale_down_window_s=600)
+    targets, _ = run([ModelMetrics(running=40)] + [ModelMetrics()] * 40, policy=policy)
+    assert targets.index(0) * 10 == 300

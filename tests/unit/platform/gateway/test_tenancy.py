@@ -48,6 +48,9 @@ class Renamed:
     async def healthy(self):
         return True
 
+    async def ready_replicas(self):
+        return 1
+
 
 @pytest.fixture
 def world(tmp_path, core):

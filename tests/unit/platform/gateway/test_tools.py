@@ -42,6 +42,9 @@ class ScriptedBackend:
     async def healthy(self):
         return True
 
+    async def ready_replicas(self):
+        return 1
+
 
 def _post(backend, body):
     async def main():

@@ -1,0 +1,62 @@
+"""Requests for a model with no ready replica: scaled to zero, or its first replica still loading.
+
+The gateway holds such a request for up to the model's `cold_start_wait_s` (within the request's own
+deadline). While held it counts as in flight and as waiting for a replica, so the control plane sees the
+demand and starts one. If none is ready in time the answer is 503 UNAVAILABLE with Retry-After, and the
+refusal still counts as demand for a minute, so the replica keeps coming for the client's retry.
+A backend that cannot tell how many replicas are ready (None) is never held here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from herd.platform.gateway.errors import GatewayError
+from herd.platform.gateway.load import LoadTracker
+
+
+@dataclass(frozen=True, kw_only=True)
+class ColdStartPolicy:
+    """How one model's requests wait for a replica."""
+
+    wait_s: float = 30.0  # hold a request this long for a replica (0: answer 503 at once)
+    retry_after_s: int = 30  # the 503's Retry-After: about how long a replica takes to load
+    poll_s: float = 0.5  # how often a held request looks again
+
+
+class ReplicaCount(Protocol):
+    name: str
+
+    async def ready_replicas(self) -> int | None: ...
+
+
+def cold_start_refusal(model: str, waited_s: float, retry_after_s: int) -> GatewayError:
+    return GatewayError(503, "UNAVAILABLE", "server_error",
+                        f"The model '{model}' has no ready replica yet (it was scaled to zero and one is starting); "
+                        f"waited {waited_s:.0f} s. Retry after {retry_after_s} s.",
+                        openai_code="model_starting", retry_after_s=retry_after_s)
+
+
+async def wait_for_replica(backend: ReplicaCount, load: LoadTracker, policy: ColdStartPolicy, *,
+                           deadline: float, clock: Callable[[], float] = time.monotonic) -> None:
+    """Return once `backend` has a ready replica (or cannot tell); raise the 503 when the wait runs out."""
+    ready = await backend.ready_replicas()
+    if ready is None or ready > 0:
+        return
+    started = clock()
+    until = min(started + policy.wait_s, deadline)
+    load.waiting(backend.name, +1)
+    try:
+        while clock() < until:
+            await asyncio.sleep(max(0.0, min(policy.poll_s, until - clock())))
+            ready = await backend.ready_replicas()
+            if ready is None or ready > 0:
+                return
+        load.refused_for_cold_start(backend.name)
+        raise cold_start_refusal(backend.name, clock() - started, policy.retry_after_s)
+    finally:
+        load.waiting(backend.name, -1)

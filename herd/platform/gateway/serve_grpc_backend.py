@@ -1,0 +1,85 @@
+"""A model reached through Ray Serve's gRPC proxy (`herd gateway` outside the Ray cluster, as the Helm
+chart runs it): the replica's `Generate` is called with `application` metadata naming the model. Its ready
+replicas come from the cluster's Ray dashboard (`GET /api/serve/applications/`) when its URL is given."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import httpx
+
+from herd.model.tokenizer import Tokenizer
+from herd.platform.gateway.errors import from_code
+from herd.protos.herd.v1 import inference_pb2 as pb
+from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
+from herd.workers.serve_details import replica_counts
+
+
+class ServeGrpcBackend:
+    READY_TTL_S = 1.0  # how long a count of ready replicas is reused
+
+    def __init__(self, name: str, path: str | Path, target: str, *, max_model_len: int | None = None,
+                 status_url: str | None = None) -> None:
+        self.name = name
+        self.status_url = status_url.rstrip("/") if status_url else None
+        self._ready: tuple[float, int | None] | None = None  # (when, count)
+        self._ready_lock = asyncio.Lock()
+        self.tokenizer = Tokenizer.from_pretrained(path)
+        limit = max_model_len or _model_limit(Path(path))
+        self._card = pb.ModelCard(id=name, root=str(path), max_model_len=limit, created=int(time.time()))
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = pb_grpc.InferenceStub(self.channel)
+
+    def card(self) -> pb.ModelCard:
+        return self._card
+
+    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+        call = self.stub.Generate(request, metadata=(("application", self.name),))
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as err:
+            raise from_code(err.code().name, err.details() or "the replica failed") from err
+        finally:
+            call.cancel()
+
+    async def stats(self) -> dict[str, int]:
+        return {}
+
+    async def ready_replicas(self) -> int | None:
+        """RUNNING replicas per the Ray dashboard; None without its URL or when it does not answer."""
+        if self.status_url is None:
+            return None
+        async with self._ready_lock:
+            if self._ready is None or time.monotonic() - self._ready[0] > self.READY_TTL_S:
+                self._ready = (time.monotonic(), await self._fetch_ready())
+            return self._ready[1]
+
+    async def _fetch_ready(self) -> int | None:
+        try:
+            async with httpx.AsyncClient(timeout=2.0) as client:
+                reply = await client.get(f"{self.status_url}/api/serve/applications/")
+            reply.raise_for_status()
+            return replica_counts(reply.json(), self.name).get("RUNNING", 0)
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    async def healthy(self) -> bool:
+        try:
+            await self.channel.channel_ready()
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+
+def _model_limit(path: Path) -> int:
+    """What the replicas will allow by default: the engine's min(max_position_embeddings, 8192)."""
+    raw = json.loads((path / "config.json").read_text())
+    text = raw.get("text_config", raw)
+    return min(int(text.get("max_position_embeddings", 8192)), 8192)
+
