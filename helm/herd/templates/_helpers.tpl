@@ -1,0 +1,407 @@
+{{/*
+The chart's name: `nameOverride`, or the chart name.
+*/}}
+{{- define "herd.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The prefix of every resource name: `fullnameOverride`, or `<release>-<name>` (the release name alone when it
+already contains the name). Kept to 26 characters so that `<fullname>-<model>` (26 + 1 + a model name of at most
+20) stays within KubeRay's 47-character limit on RayService names.
+*/}}
+{{- define "herd.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 26 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 26 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 26 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+`chart-version`, for the helm.sh/chart label.
+*/}}
+{{- define "herd.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels every pod of this release carries and every selector of the chart starts from. The Ray pods'
+NetworkPolicy admits exactly the pods that carry these.
+*/}}
+{{- define "herd.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "herd.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Labels of every object.
+*/}}
+{{- define "herd.labels" -}}
+helm.sh/chart: {{ include "herd.chart" . }}
+{{ include "herd.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | trunc 63 | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: herd
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The image of every container.
+*/}}
+{{- define "herd.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+Name of the control plane's ServiceAccount.
+*/}}
+{{- define "herd.controlplaneServiceAccount" -}}
+{{- printf "%s-controlplane" (include "herd.fullname" .) }}
+{{- end }}
+
+{{/*
+Name of the control plane's Lease (leader election).
+*/}}
+{{- define "herd.leaseName" -}}
+{{- printf "%s-controlplane" (include "herd.fullname" .) }}
+{{- end }}
+
+{{/*
+Name of the claim holding the checkpoints.
+*/}}
+{{- define "herd.weightsClaim" -}}
+{{- .Values.weights.existingClaim | default (printf "%s-weights" (include "herd.fullname" .)) }}
+{{- end }}
+
+{{/*
+A map laid over another, key by key and recursively: `over` wins, whatever its value (false and 0 too, which
+sprig's merge and mergeOverwrite would not let win). Returns JSON; call as
+`include "herd.deepMerge" (dict "base" $a "over" $b) | fromJson`.
+*/}}
+{{- define "herd.deepMerge" -}}
+{{- $out := deepCopy .base }}
+{{- range $key, $value := .over }}
+{{- $current := get $out $key }}
+{{- if and (kindIs "map" $value) (kindIs "map" $current) }}
+{{- $_ := set $out $key (include "herd.deepMerge" (dict "base" $current "over" $value) | fromJson) }}
+{{- else }}
+{{- $_ := set $out $key $value }}
+{{- end }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
+
+{{/*
+The enabled models, by name, each laid over `modelDefaults` and checked beyond what the schema can say.
+Returns JSON: `include "herd.models" . | fromJson`.
+*/}}
+{{- define "herd.models" -}}
+{{- $models := dict }}
+{{- range $name, $model := .Values.models }}
+{{- $m := include "herd.deepMerge" (dict "base" $.Values.modelDefaults "over" $model) | fromJson }}
+{{- if $m.enabled }}
+{{- $path := required (printf "models.%s.path: the checkpoint directory (relative to weights.mountPath) is required" $name) $m.path }}
+{{- if and $.Values.weights.tiny.enabled (not (has $path (list "scout" "maverick"))) }}
+{{- fail (printf "models.%s.path: with weights.tiny.enabled the path must be a tiny preset, scout or maverick; got %q" $name $path) }}
+{{- end }}
+{{- with $m.deployment.autoscaling }}
+{{- if $.Values.controlplane.enabled }}
+{{- fail (printf "models.%s.deployment.autoscaling: Ray Serve's autoscaling and the control plane (controlplane.enabled) would both set the replicas; use models.%s.autoscale with the control plane, or turn it off" $name $name) }}
+{{- end }}
+{{- if lt (int .max_replicas) (int .min_replicas) }}
+{{- fail (printf "models.%s.deployment.autoscaling: max_replicas (%d) is below min_replicas (%d)" $name (int .max_replicas) (int .min_replicas)) }}
+{{- end }}
+{{- end }}
+{{- if lt (int $m.autoscale.max_replicas) (int $m.autoscale.min_replicas) }}
+{{- fail (printf "models.%s.autoscale: max_replicas (%d) is below min_replicas (%d)" $name (int $m.autoscale.max_replicas) (int $m.autoscale.min_replicas)) }}
+{{- end }}
+{{- $w := $m.worker }}
+{{- if or (lt (int $w.maxReplicas) (int $w.minReplicas)) (lt (int $w.replicas) (int $w.minReplicas)) (gt (int $w.replicas) (int $w.maxReplicas)) }}
+{{- fail (printf "models.%s.worker: needs minReplicas (%d) <= replicas (%d) <= maxReplicas (%d)" $name (int $w.minReplicas) (int $w.replicas) (int $w.maxReplicas)) }}
+{{- end }}
+{{- include "herd.checkReplicaFits" (dict "name" $name "model" $m) }}
+{{- $_ := set $models $name $m }}
+{{- end }}
+{{- end }}
+{{- if not $models }}
+{{- fail "models: no model is enabled; set models.<name>.enabled: true for at least one" }}
+{{- end }}
+{{- toJson $models }}
+{{- end }}
+
+{{/*
+A CPU quantity as a number of CPUs: 4, "4", "500m", "1.5".
+*/}}
+{{- define "herd.cpus" -}}
+{{- $q := toString . }}
+{{- if hasSuffix "m" $q }}
+{{- divf (trimSuffix "m" $q | float64) 1000.0 }}
+{{- else }}
+{{- $q | float64 }}
+{{- end }}
+{{- end }}
+
+{{/*
+With STRICT_PACK a replica's placement group (trunk bundle + one bundle per shard) lands on one node, that is
+one worker pod: its GPUs must fit in the pod's nvidia.com/gpu limit and its CPUs (one per bundle, the bundles of
+herd.workers.serve_app:build_app) in the pod's CPU limit, or the replica never schedules.
+*/}}
+{{- define "herd.checkReplicaFits" -}}
+{{- $d := .model.deployment }}
+{{- if eq $d.placement_strategy "STRICT_PACK" }}
+{{- $shards := ternary 0 (int .model.shards) (eq .model.transport "local") }}
+{{- $resources := .model.worker.resources | default dict }}
+{{- $limits := $resources.limits | default dict }}
+{{- $requests := $resources.requests | default dict }}
+{{- if $d.gpus }}
+{{- $trunk := ternary 1.0 $d.trunk_gpus (kindIs "invalid" $d.trunk_gpus) }}
+{{- $shard := ternary 1.0 $d.shard_gpus (kindIs "invalid" $d.shard_gpus) }}
+{{- $need := addf $trunk (mulf $shard $shards) }}
+{{- $have := get $limits "nvidia.com/gpu" | default 0 | float64 }}
+{{- if gt $need $have }}
+{{- fail (printf "models.%s: a replica needs %v GPUs on one node (STRICT_PACK: trunk %v + %d shards x %v) but a worker pod has %v (worker.resources.limits[\"nvidia.com/gpu\"])" .name $need $trunk $shards $shard $have) }}
+{{- end }}
+{{- end }}
+{{- $cpu := get $limits "cpu" | default (get $requests "cpu") }}
+{{- if $cpu }}
+{{- $haveCpus := include "herd.cpus" $cpu | float64 }}
+{{- if gt (add1 $shards | float64) $haveCpus }}
+{{- fail (printf "models.%s: a replica needs %d CPUs on one node (STRICT_PACK: 1 for the trunk + 1 per shard) but a worker pod has %v (worker.resources.limits.cpu)" .name (add1 $shards) $haveCpus) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The RayService of a model: `<fullname>-<model>`.
+*/}}
+{{- define "herd.rayServiceName" -}}
+{{- printf "%s-%s" (include "herd.fullname" .root) .name }}
+{{- end }}
+
+{{/*
+The chart's Service in front of Serve's gRPC proxies of a model: `<rayservice>-serve-grpc`. KubeRay's own
+`<rayservice>-serve-svc` carries only the port named `serve` (HTTP), so the gateway dials this one.
+*/}}
+{{- define "herd.serveGrpcService" -}}
+{{- printf "%s-serve-grpc" (include "herd.rayServiceName" .) }}
+{{- end }}
+
+{{/*
+Port of Serve's gRPC proxy on every Ray node (grpc_options.port of the Serve config).
+*/}}
+{{- define "herd.serveGrpcPort" -}}
+9000
+{{- end }}
+
+{{/*
+Environment of every herd container: caches that would go under $HOME, on the read-only root filesystem
+otherwise, go to the writable /tmp.
+*/}}
+{{- define "herd.cacheEnv" -}}
+- name: XDG_CACHE_HOME
+  value: /tmp/.cache
+- name: CUPY_CACHE_DIR
+  value: /tmp/.cupy/kernel_cache
+{{- end }}
+
+{{/*
+The checkpoint directory of a model as the pods see it.
+*/}}
+{{- define "herd.modelPath" -}}
+{{- printf "%s/%s" (.root.Values.weights.mountPath | trimSuffix "/") .model.path }}
+{{- end }}
+
+{{/*
+The Ray Serve config of one model: exactly the shape of `herd serve --print-config`
+(herd.platform.server.serve_config), in the same key order; the args are those of
+herd.workers.serve_app:build_app. Scalars are written as JSON, which is YAML.
+*/}}
+{{- define "herd.serveConfig" -}}
+{{- $m := .model }}
+{{- $e := $m.engine }}
+{{- $d := $m.deployment -}}
+proxy_location: EveryNode
+grpc_options:
+  port: {{ include "herd.serveGrpcPort" . }}
+  grpc_servicer_functions:
+  - herd.protos.herd.v1.inference_pb2_grpc.add_InferenceServicer_to_server
+applications:
+- name: {{ .name | toJson }}
+  route_prefix: null
+  import_path: herd.workers.serve_app:build_app
+  args:
+    name: {{ .name | toJson }}
+    path: {{ include "herd.modelPath" . | toJson }}
+    num_shards: {{ $m.shards | int }}
+    transport: {{ $m.transport | toJson }}
+    dispatch_timeout_s: {{ $m.dispatch_timeout_s | toJson }}
+    drain_timeout_s: {{ $m.drain_timeout_s | toJson }}
+    stream_interval_s: {{ $m.stream_interval_s | toJson }}
+    engine:
+      block_size: {{ $e.block_size | int }}
+      max_num_seqs: {{ $e.max_num_seqs | int }}
+      max_num_batched_tokens: {{ $e.max_num_batched_tokens | int }}
+      max_model_len: {{ if kindIs "invalid" $e.max_model_len }}null{{ else }}{{ $e.max_model_len | int }}{{ end }}
+      kv_cache_bytes: {{ mul ($e.kv_cache_mb | int64) 1048576 }}
+      enable_prefix_caching: {{ $e.enable_prefix_caching | toJson }}
+      dtype: {{ $e.dtype | toJson }}
+      device: {{ $e.device | toJson }}
+    deployment:
+      num_replicas: {{ $d.num_replicas | int }}
+      {{- with $d.autoscaling }}
+      autoscaling:
+        min_replicas: {{ .min_replicas | int }}
+        max_replicas: {{ .max_replicas | int }}
+        target_ongoing_requests: {{ .target_ongoing_requests | toJson }}
+      {{- end }}
+      {{- if not (kindIs "invalid" $d.max_ongoing_requests) }}
+      max_ongoing_requests: {{ $d.max_ongoing_requests | int }}
+      {{- end }}
+      max_queued_requests: {{ $d.max_queued_requests | int }}
+      placement_strategy: {{ $d.placement_strategy | toJson }}
+      gpus: {{ $d.gpus | toJson }}
+      {{- if not (kindIs "invalid" $d.trunk_gpus) }}
+      trunk_gpus: {{ $d.trunk_gpus | toJson }}
+      {{- end }}
+      {{- if not (kindIs "invalid" $d.shard_gpus) }}
+      shard_gpus: {{ $d.shard_gpus | toJson }}
+      {{- end }}
+      health_check_period_s: {{ $d.health_check_period_s | toJson }}
+{{- end }}
+
+{{/*
+Volumes every herd pod has: a writable /tmp, and the model weights (a claim, or an emptyDir the tiny
+checkpoints are made in). The /tmp/ray emptyDir is named `ray-logs` on purpose: KubeRay shares a volume of
+that name with its autoscaler sidecar and, finding it, adds none of its own.
+*/}}
+{{- define "herd.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmpSizeLimit }}
+{{- end }}
+
+{{- define "herd.weightsVolume" -}}
+- name: weights
+{{- if .Values.weights.tiny.enabled }}
+  emptyDir:
+    sizeLimit: 1Gi
+{{- else }}
+  persistentVolumeClaim:
+    claimName: {{ include "herd.weightsClaim" . }}
+    readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "herd.weightsMount" -}}
+- name: weights
+  mountPath: {{ .Values.weights.mountPath }}
+  readOnly: true
+{{- end }}
+
+{{/*
+Init containers of the pods that read checkpoints, when weights.tiny.enabled: `herd make-tiny` for each enabled
+model, with one seed, so every pod holds the same files (the gateway's tokenizer matches the replicas').
+Takes (dict "root" $ "models" $models).
+*/}}
+{{- define "herd.tinyInitContainers" -}}
+{{- $root := .root }}
+{{- if $root.Values.weights.tiny.enabled }}
+{{- range $name, $m := .models }}
+- name: make-tiny-{{ $name }}
+  image: {{ include "herd.image" $root }}
+  imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+  command: ["herd", "make-tiny", "--preset", {{ $m.path | quote }}, "--out", {{ include "herd.modelPath" (dict "root" $root "model" $m) | quote }}, "--seed", {{ $root.Values.weights.tiny.seed | int | quote }}]
+  env:
+    {{- include "herd.cacheEnv" $root | nindent 4 }}
+  securityContext:
+    {{- toYaml $root.Values.containerSecurityContext | nindent 4 }}
+  volumeMounts:
+    - name: weights
+      mountPath: {{ $root.Values.weights.mountPath }}
+    - name: tmp
+      mountPath: /tmp
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The pod spec of a Ray head or worker: the herd image, non-root with a read-only root filesystem, /tmp and
+/tmp/ray writable, the weights read-only. KubeRay adds the `ray start` command and a /dev/shm emptyDir sized
+from the memory request. Takes (dict "root" $ "models" {name: model} "group" head|worker "container" name).
+*/}}
+{{- define "herd.rayPodSpec" -}}
+{{- $root := .root }}
+{{- $values := $root.Values }}
+{{- with $values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml $values.podSecurityContext | nindent 2 }}
+{{- with (include "herd.tinyInitContainers" (dict "root" $root "models" .models) | trim) }}
+initContainers:
+  {{- . | nindent 2 }}
+{{- end }}
+containers:
+  - name: {{ .container }}
+    image: {{ include "herd.image" $root }}
+    imagePullPolicy: {{ $values.image.pullPolicy }}
+    ports:
+      {{- if eq .container "ray-head" }}
+      - name: gcs-server
+        containerPort: 6379
+      - name: dashboard
+        containerPort: 8265
+      - name: client
+        containerPort: 10001
+      - name: metrics
+        containerPort: 8080
+      - name: serve
+        containerPort: 8000
+      {{- end }}
+      # Serve's gRPC proxy (every node runs one); the gateway reaches it through <rayservice>-serve-grpc.
+      - name: serve-grpc
+        containerPort: {{ include "herd.serveGrpcPort" . }}
+    env:
+      {{- include "herd.cacheEnv" . | nindent 6 }}
+      {{- with $values.ray.extraEnv }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
+    resources:
+      {{- toYaml .group.resources | nindent 6 }}
+    securityContext:
+      {{- toYaml $values.containerSecurityContext | nindent 6 }}
+    volumeMounts:
+      - name: tmp
+        mountPath: /tmp
+      - name: ray-logs
+        mountPath: /tmp/ray
+      {{- include "herd.weightsMount" $root | nindent 6 }}
+volumes:
+  {{- include "herd.tmpVolume" $root | nindent 2 }}
+  - name: ray-logs
+    emptyDir:
+      sizeLimit: {{ $values.tmpSizeLimit }}
+  {{- include "herd.weightsVolume" $root | nindent 2 }}
+{{- with .group.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .group.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .group.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
