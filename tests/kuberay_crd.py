@@ -32,8 +32,10 @@ from typing import Any
 import jsonschema
 import yaml
 
-KUBERAY_DIR = Path(__file__).resolve().parents[2] / "shared" / "kuberay"
-"""The folder holding KubeRay's CRDs (the workspace's shared/kuberay, beside the repository)."""
+_REPO = Path(__file__).resolve().parents[1]
+KUBERAY_DIR = next((d for d in (_REPO.parent / "shared" / "kuberay", _REPO / "shared" / "kuberay") if d.is_dir()),
+                   _REPO.parent / "shared" / "kuberay")
+"""The folder holding KubeRay's CRDs: the workspace's shared/kuberay beside the repository (or inside it)."""
 
 RAYSERVICE_CRD = KUBERAY_DIR / "ray.io_rayservices.yaml"
 """KubeRay's RayService CustomResourceDefinition."""

@@ -101,7 +101,11 @@ class ControlPlaneSettings(_Section):
     interval_s: float = Field(10, gt=0, description="seconds between decisions")
     gpu_pool: float | None = Field(None, gt=0, description="GPUs all models may use together; null: unlimited")
     gateway_urls: list[str] = Field(default_factory=list, description="herd controlplane: gateways to read")
+    resolve_gateways: bool = Field(False, description="herd controlplane: ask every address of each gateway URL's "
+                                   "host (a headless Service: every gateway pod)")
     namespace: str = Field("herd", description="herd controlplane: Kubernetes namespace")
+    kubeconfig: Path | None = Field(None, description="herd controlplane outside a cluster: a kubeconfig file "
+                                    "(null: the pod's service account, else $KUBECONFIG or ~/.kube/config)")
     lease_name: str = Field("herd-controlplane", description="herd controlplane: Lease for leader election")
     rayservices: dict[str, str] = Field(default_factory=dict, description="model -> RayService name")
     metrics_port: int = Field(9090, ge=0, le=65535, description="herd controlplane: Prometheus /metrics port")

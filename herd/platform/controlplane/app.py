@@ -42,7 +42,7 @@ def local_control_plane(settings: HerdSettings, gateway: Any, dashboard_url: str
 def kubernetes_control_plane(settings: HerdSettings) -> ControlPlane:
     from herd.platform.controlplane import kube
 
-    api = kube.api_client()
+    api = kube.api_client(settings.controlplane.kubeconfig)
     cp = settings.controlplane
     missing = [m.name for m in settings.models if m.name not in cp.rayservices]
     if missing:
@@ -52,7 +52,8 @@ def kubernetes_control_plane(settings: HerdSettings) -> ControlPlane:
     identity = os.environ.get("POD_NAME") or socket.gethostname()
     elector = LeaseElector(kube.leases(api), cp.namespace, cp.lease_name, identity)
     actuator = KubernetesActuator(kube.custom_objects(api), cp.namespace, cp.rayservices)
-    return _plane(settings, HttpLoadSource(cp.gateway_urls), actuator, leader=elector.try_lead)
+    source = HttpLoadSource(cp.gateway_urls, resolve=cp.resolve_gateways)
+    return _plane(settings, source, actuator, leader=elector.try_lead)
 
 
 def _plane(settings: HerdSettings, source: MetricsSource, actuator: Actuator, leader: Any) -> ControlPlane:

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
-def api_client() -> Any:
+def api_client(kubeconfig: Path | None = None) -> Any:
+    """A client of its own (the library's default configuration is left alone): from `kubeconfig` when
+    given, else the pod's service account, else $KUBECONFIG or ~/.kube/config."""
     from kubernetes import client, config
 
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.ApiClient()
+    configuration = client.Configuration()
+    if kubeconfig is not None:
+        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    else:
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
 
 
 def custom_objects(api: Any) -> Any:

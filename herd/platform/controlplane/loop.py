@@ -73,6 +73,8 @@ class ControlPlane:
             self._export(model, decision, held[model])
             if decision.changed:
                 log.info("scaling %s %d -> %d: %s", model, decision.previous, decision.target, decision.reason)
+            else:
+                log.debug("holding %s at %d: %s", model, decision.target, decision.reason)
             if decision.target != held[model].target and not self.acting(model):
                 self._acting[model] = asyncio.create_task(self._scale(model, decision.target))
         self.last = decisions

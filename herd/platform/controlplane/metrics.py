@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import httpx
@@ -40,18 +41,37 @@ class GatewayLoadSource:
 
 
 class HttpLoadSource:
-    """Gateways elsewhere: requests, tokens and refusals add up over gateways; TTFT p95 takes the worst."""
+    """Gateways elsewhere: requests, tokens and refusals add up over gateways; TTFT p95 takes the worst.
+    With `resolve`, each URL's host is looked up every round and every address asked: a headless Service
+    names every gateway pod that way, however many the HPA runs."""
 
-    def __init__(self, urls: Sequence[str], *, timeout_s: float = 5.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, urls: Sequence[str], *, resolve: bool = False, timeout_s: float = 5.0,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 lookup: Callable[[str, int], Awaitable[list[str]]] | None = None) -> None:
         self.urls = list(urls)
+        self.resolve = resolve
         self.timeout_s = timeout_s
         self.transport = transport  # tests: answers without sockets
+        self.lookup = lookup or _addresses
+
+    async def targets(self) -> list[str]:
+        """The URLs to ask this round."""
+        if not self.resolve:
+            return [u.rstrip("/") for u in self.urls]
+        out: list[str] = []
+        for url in self.urls:
+            parsed = httpx.URL(url)
+            try:
+                addresses = await self.lookup(parsed.host, parsed.port or 80)
+            except OSError:
+                continue  # no gateway answers to that name this round
+            out += [str(parsed.copy_with(host=a)).rstrip("/") for a in addresses]
+        return list(dict.fromkeys(out))
 
     async def read(self) -> dict[str, ModelMetrics]:
+        urls = await self.targets()
         async with httpx.AsyncClient(timeout=self.timeout_s, transport=self.transport) as client:
-            answers = await asyncio.gather(*(client.get(u.rstrip("/") + "/herd/load") for u in self.urls),
-                                           return_exceptions=True)
+            answers = await asyncio.gather(*(client.get(u + "/herd/load") for u in urls), return_exceptions=True)
         merged: dict[str, dict[str, Any]] = {}
         for answer in answers:
             if isinstance(answer, BaseException) or answer.status_code != 200:
@@ -63,3 +83,8 @@ class HttpLoadSource:
                 if load["ttft_p95_s"] is not None:
                     into["ttft_p95_s"] = max(into["ttft_p95_s"] or 0.0, load["ttft_p95_s"])
         return from_load(merged)
+
+
+async def _addresses(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))

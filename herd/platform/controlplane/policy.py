@@ -34,8 +34,7 @@ class ModelMetrics:
     in_flight_tokens: int = 0  # prompt + max_tokens of the requests in the system
     refused_cold: int = 0  # requests refused in the last minute because no replica was ready
     ttft_p95_s: float | None = None  # over the last minute; None when there were no requests
-    output_tokens_per_s: float = 0.0
-    kv_use: float = 0.0  # 0..1, the most used replica
+    output_tokens_per_s: float = 0.0  # read and shown; not a lever of this policy
     ready: int = 0  # replicas serving
     starting: int = 0  # replicas coming up (loading weights)
 

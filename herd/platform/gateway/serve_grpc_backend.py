@@ -22,6 +22,7 @@ from herd.workers.serve_details import replica_counts
 
 class ServeGrpcBackend:
     READY_TTL_S = 1.0  # how long a count of ready replicas is reused
+    HEALTH_TIMEOUT_S = 2.0  # /health answers 503 rather than hang while Serve's proxy is out of reach
 
     def __init__(self, name: str, path: str | Path, target: str, *, max_model_len: int | None = None,
                  status_url: str | None = None) -> None:
@@ -71,8 +72,8 @@ class ServeGrpcBackend:
 
     async def healthy(self) -> bool:
         try:
-            await self.channel.channel_ready()
-        except grpc.aio.AioRpcError:
+            await asyncio.wait_for(self.channel.channel_ready(), self.HEALTH_TIMEOUT_S)
+        except (grpc.aio.AioRpcError, TimeoutError):
             return False
         return True
 

@@ -41,6 +41,17 @@ def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(key) == value for key, value in selector.items())
 
 
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes LabelSelector (matchLabels and the In / DoesNotExist expressions the chart uses)."""
+    for expression in selector.get("matchExpressions", []):
+        key, operator = expression["key"], expression["operator"]
+        if operator == "In" and labels.get(key) not in expression["values"]:
+            return False
+        if operator == "DoesNotExist" and key in labels:
+            return False
+    return matches(selector.get("matchLabels", {}), labels)
+
+
 def containers(pod: dict[str, Any], *, init: bool = True) -> list[dict[str, Any]]:
     spec = pod["spec"]
     return [*spec["containers"], *(spec.get("initContainers", []) if init else [])]
@@ -563,12 +574,15 @@ def test_service_monitor_only_when_enabled(rendered_profiles: dict[str, Rendered
     (monitor,) = rendered.kind("ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
-    service = rendered.one("Service", f"{FULLNAME}-gateway")
-    assert matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    selector = monitor["spec"]["selector"]
+    selected = [svc for svc in rendered.kind("Service") if selects(selector, svc["metadata"]["labels"])]
+    assert {svc["metadata"]["name"] for svc in selected} == {f"{FULLNAME}-gateway", f"{FULLNAME}-controlplane"}, \
+        "each gateway pod once (not through the headless Service too), and the control plane"
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
-    (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
-    assert endpoint["path"] == "/metrics"
+    ports = {e["port"] for e in monitor["spec"]["endpoints"]}
+    for svc in selected:
+        assert ports & {p["name"] for p in svc["spec"]["ports"]}, f"{svc['metadata']['name']} has no scraped port"
+    assert {e["path"] for e in monitor["spec"]["endpoints"]} == {"/metrics"}
 
 
 @profiles
@@ -615,12 +629,22 @@ def test_settings_file_loads_with_herd_settings(rendered_profiles: dict[str, Ren
     cp = settings.controlplane
     assert cp.rayservices == {model: rs["metadata"]["name"] for model, rs in rayservices.items()}
     assert cp.namespace == NAMESPACE
-    gateway = rendered.one("Service", f"{FULLNAME}-gateway")
-    assert cp.gateway_urls == [f"http://{gateway['metadata']['name']}.{NAMESPACE}.svc:8000"]
+    # Every gateway pod is read: a headless Service over the gateway's pods, resolved each round.
+    pods = rendered.one("Service", f"{FULLNAME}-gateway-pods")
+    assert pods["spec"]["clusterIP"] == "None" and cp.resolve_gateways
+    gateway_pods = rendered.one("Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["metadata"]["labels"]
+    assert matches(pods["spec"]["selector"], gateway_pods)
+    assert cp.gateway_urls == [f"http://{pods['metadata']['name']}.{NAMESPACE}.svc:8000"]
+    (port,) = rendered.one("Deployment", f"{FULLNAME}-controlplane")["spec"]["template"]["spec"]["containers"][0][
+        "ports"]
+    assert port["containerPort"] == cp.metrics_port == 9090
     for model in settings.models:
-        grpc = rendered.one("Service", f"{rayservices[model.name]['metadata']['name']}-serve-grpc")
+        name = rayservices[model.name]["metadata"]["name"]
+        grpc = rendered.one("Service", f"{name}-serve-grpc")
         assert model.serve_grpc_target == f"{grpc['metadata']['name']}.{NAMESPACE}.svc:9000"
+        assert model.serve_status_url == f"http://{name}-head-svc.{NAMESPACE}.svc:8265", "KubeRay's head Service"
         assert model.path == app_args(rayservices[model.name])["path"]
+        assert model.cold_start_wait_s == 30 and model.cold_start_retry_after_s == 30
     assert (settings.http_host, settings.http_port, settings.grpc_port) == ("0.0.0.0", 8000, 50051)
     # The Secrets arrive as environment variables, laid over the file's tenancy section.
     clean_env.setenv("HERD_TENANCY__DATABASE_URL", "postgresql://herd@db/herd")

@@ -147,3 +147,26 @@ def test_load_from_several_gateways_adds_up_and_a_silent_one_is_skipped():
     scout = asyncio.run(source.read())["scout"]
     assert (scout.running, scout.queued, scout.in_flight_tokens, scout.refused_cold) == (6, 2, 1000, 1)
     assert scout.ttft_p95_s == 2.5 and scout.output_tokens_per_s == 50.0
+
+
+def test_a_headless_service_is_resolved_to_every_gateway_pod_each_round():
+    pods = {"10.0.0.5": 4, "10.0.0.6": 3, "fd00::7": 1}
+    resolved = [list(pods)]
+
+    async def lookup(host, port):
+        assert (host, port) == ("herd-gateway-pods.herd.svc", 8000)
+        return resolved[0]
+
+    def handler(request):
+        host = request.url.host
+        return httpx.Response(200, json={"scout": {"in_flight": pods[host], "in_flight_tokens": 0,
+                                                   "waiting_for_replica": 0, "refused_cold": 0, "ttft_p95_s": None,
+                                                   "output_tokens_per_s": 0.0}})
+
+    source = HttpLoadSource(["http://herd-gateway-pods.herd.svc:8000"], resolve=True, lookup=lookup,
+                            transport=httpx.MockTransport(handler))
+    assert asyncio.run(source.read())["scout"].running == 8
+    resolved[0] = ["10.0.0.5"]  # the HPA took two gateways away
+    assert asyncio.run(source.read())["scout"].running == 4
+    assert asyncio.run(HttpLoadSource(["http://10.0.0.6:8000"], transport=httpx.MockTransport(handler))
+                       .read())["scout"].running == 3, "without resolve the URL is asked as it is"
