@@ -1,7 +1,7 @@
 """Generate herd/protos/ from protos/*.proto (run by `make`; the output is never edited by hand).
 
 protoc names modules after the proto path (herd/v1/experts.proto -> herd.v1.experts_pb2); the output
-lives one package down, in herd.protos, so the generated imports are rewritten to match.
+lives one package down, in herd.protos, so the generated imports and module names are rewritten to match.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ def main() -> int:
     for generated in OUT.rglob("*_pb2*.py*"):
         text = generated.read_text()
         fixed = re.sub(r"^from herd\.v1 import", "from herd.protos.herd.v1 import", text, flags=re.MULTILINE)
+        # The messages' __module__ too, or pickle (Serve's gRPC proxy hands requests to replicas pickled)
+        # looks for herd.v1.*_pb2, which does not exist.
+        fixed = re.sub(r"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')herd\.v1\.", r"\1herd.protos.herd.v1.", fixed)
         generated.write_text(fixed)
     for package in {p.parent for p in OUT.rglob("*_pb2.py")} | {OUT / "herd"}:
         (package / "__init__.py").touch()

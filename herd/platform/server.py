@@ -70,7 +70,8 @@ def serve_config(settings: HerdSettings) -> dict[str, Any]:
             "grpc_servicer_functions": ["herd.protos.herd.v1.inference_pb2_grpc.add_InferenceServicer_to_server"],
         },
         "applications": [
-            {"name": m.name, "route_prefix": None, "import_path": "herd.workers.serve_app:build_app",
+            # A route prefix, or Serve's proxies (gRPC included) do not route to the application at all.
+            {"name": m.name, "route_prefix": f"/{m.name}", "import_path": "herd.workers.serve_app:build_app",
              "args": app_args(m, settings)}
             for m in settings.models
         ],

@@ -236,7 +236,7 @@ grpc_options:
   - herd.protos.herd.v1.inference_pb2_grpc.add_InferenceServicer_to_server
 applications:
 - name: {{ .name | toJson }}
-  route_prefix: null
+  route_prefix: {{ printf "/%s" .name | toJson }}
   import_path: herd.workers.serve_app:build_app
   args:
     name: {{ .name | toJson }}

@@ -40,7 +40,7 @@ class ServeActuator:
     def __init__(self, dashboard_url: str, *, timeout_s: float = 10.0,
                  transport: httpx.BaseTransport | None = None) -> None:
         base = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
-        self.client = httpx.Client(base_url=base, timeout=timeout_s, transport=transport)
+        self.client = httpx.Client(base_url=base, timeout=timeout_s, transport=transport, headers=_ray_auth())
 
     def status(self, model: str) -> ReplicaStatus:
         reply = self.client.get("/api/serve/applications/")
@@ -59,6 +59,16 @@ class ServeActuator:
                                  json={"target_num_replicas": replicas})
         if reply.status_code != 200:
             raise RuntimeError(f"Ray Serve refused to scale {model} to {replicas}: {reply.status_code} {reply.text}")
+
+
+def _ray_auth() -> dict[str, str]:
+    """The dashboard's Authorization header when the Ray cluster uses token authentication (as Ray's own
+    CLI sends it), else none."""
+    try:
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+    except ImportError:  # a Ray without token authentication
+        return {}
+    return dict(get_auth_headers_if_auth_enabled({}))
 
 
 # Serve's config takes no `num_replicas: 0`; zero is autoscaling bounds of [0, 1] that drop to zero at once

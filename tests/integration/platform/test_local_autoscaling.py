@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -39,8 +38,7 @@ def test_burst_up_quiet_down_idle_to_zero_and_back_with_nothing_failed(tmp_path)
     }))
     proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", "--config", str(config),
                              "--http-port", str(port), "--grpc-port", str(_free_port())],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     output: list[str] = []
     history: list[dict] = []  # what /herd/controlplane said, in order

@@ -42,7 +42,8 @@ def test_serve_config_names_the_app_builder_and_carries_the_replica_settings(tmp
     settings = HerdSettings.load(models_dir=tmp_path, models=[{"name": "scout", "path": "scout", "shards": 2}])
     config = serve_config(settings)
     app = config["applications"][0]
-    assert app["import_path"] == "herd.workers.serve_app:build_app" and app["route_prefix"] is None
+    # The route prefix is what makes Serve's gRPC proxy route to the app (test_gateway_serve_grpc.py).
+    assert app["import_path"] == "herd.workers.serve_app:build_app" and app["route_prefix"] == "/scout"
     assert app["args"]["num_shards"] == 2 and app["args"]["engine"]["dtype"] == "float32"
     assert (tmp_path / "tiny-scout" / "config.json").is_file(), "presets are made on first use"
     from ray.serve.schema import ServeDeploySchema

@@ -1,0 +1,82 @@
+"""`herd gateway` as the Helm chart runs it: a process of its own, reaching the model through Ray Serve's
+gRPC proxy (application metadata) deployed as serveConfigV2 deploys it; the answer equals the engine's."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from herd.engine import EngineConfig, LLMEngine, SamplingParams
+from herd.model.chat_template import render_chat
+from herd.model.tiny import make_tiny
+from herd.platform.server import serve_config
+from herd.platform.settings import HerdSettings
+
+HELLO = [{"role": "user", "content": "through the proxy"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_herd_gateway_through_serves_grpc_proxy(ray_session, tmp_path):
+    from ray import serve
+
+    from herd.workers.serve_app import build_app
+
+    model = make_tiny(tmp_path / "scout", preset="scout", seed=5)
+    proxy_port, http_port = _free_port(), _free_port()
+    settings = HerdSettings.load(models=[{"name": "scout", "path": str(model), "shards": 0,
+                                          "serve_grpc_target": f"127.0.0.1:{proxy_port}"}],
+                                 tenancy={"auth": False}, http_port=http_port, grpc_port=_free_port())
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": _free_port()},
+                grpc_options={"port": proxy_port, "grpc_servicer_functions": [
+                    "herd.protos.herd.v1.inference_pb2_grpc.add_InferenceServicer_to_server"]})
+    config = tmp_path / "gateway.json"
+    config.write_text(settings.model_dump_json())
+    proc = None
+    try:
+        (app,) = serve_config(settings)["applications"]  # as the RayService's serveConfigV2 deploys it
+        serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"])
+        proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "gateway", "--config", str(config)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("herd gateway did not come up:\n" + (proc.stdout.read() if proc.poll() is not None
+                                                                 else "still starting"))
+            time.sleep(0.5)
+        body = {"model": "scout", "messages": HELLO, "max_tokens": 10, "temperature": 0}
+        reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        engine = LLMEngine.from_pretrained(model, EngineConfig(kv_cache_bytes=16 * 2**20))
+        prompt = engine.tokenizer.encode(render_chat(HELLO))
+        expected = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=10))[0]
+        assert reply.json()["choices"][0]["message"]["content"] == expected.text
+        assert reply.json()["usage"]["completion_tokens"] == len(expected.token_ids)
+        unknown = httpx.post(url + "/v1/chat/completions", json={**body, "model": "nope"}, timeout=30)
+        assert unknown.status_code == 404
+        assert json.loads(httpx.get(url + "/herd/load", timeout=30).text)["scout"]["in_flight"] == 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        serve.shutdown()
