@@ -4,8 +4,6 @@ gRPC proxy (application metadata) deployed as serveConfigV2 deploys it; the answ
 from __future__ import annotations
 
 import json
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +16,10 @@ from herd.model.chat_template import render_chat
 from herd.model.tiny import make_tiny
 from herd.platform.server import serve_config
 from herd.platform.settings import HerdSettings
+from tests.integration.platform.processes import free_port, interrupt
 
 HELLO = [{"role": "user", "content": "through the proxy"}]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_herd_gateway_through_serves_grpc_proxy(ray_session, tmp_path):
@@ -34,11 +28,11 @@ def test_herd_gateway_through_serves_grpc_proxy(ray_session, tmp_path):
     from herd.workers.serve_app import build_app
 
     model = make_tiny(tmp_path / "scout", preset="scout", seed=5)
-    proxy_port, http_port = _free_port(), _free_port()
+    proxy_port, http_port = free_port(), free_port()
     settings = HerdSettings.load(models=[{"name": "scout", "path": str(model), "shards": 0,
                                           "serve_grpc_target": f"127.0.0.1:{proxy_port}"}],
-                                 tenancy={"auth": False}, http_port=http_port, grpc_port=_free_port())
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": _free_port()},
+                                 tenancy={"auth": False}, http_port=http_port, grpc_port=free_port())
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()},
                 grpc_options={"port": proxy_port, "grpc_servicer_functions": [
                     "herd.protos.herd.v1.inference_pb2_grpc.add_InferenceServicer_to_server"]})
     config = tmp_path / "gateway.json"
@@ -73,10 +67,6 @@ def test_herd_gateway_through_serves_grpc_proxy(ray_session, tmp_path):
         assert unknown.status_code == 404
         assert json.loads(httpx.get(url + "/herd/load", timeout=30).text)["scout"]["in_flight"] == 0
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if proc is not None:
+            interrupt(proc, timeout_s=60)
         serve.shutdown()

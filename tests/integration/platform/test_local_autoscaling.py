@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,17 +14,12 @@ import time
 import httpx
 
 from herd.model.tiny import make_tiny
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.integration.platform.processes import free_port, interrupt
 
 
 def test_burst_up_quiet_down_idle_to_zero_and_back_with_nothing_failed(tmp_path):
     model = make_tiny(tmp_path / "scout", preset="scout", seed=21)
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "herd.json"
     config.write_text(json.dumps({
         "models": [{"name": "scout", "path": str(model), "shards": 0, "drain_timeout_s": 60,
@@ -37,7 +30,7 @@ def test_burst_up_quiet_down_idle_to_zero_and_back_with_nothing_failed(tmp_path)
         "tenancy": {"auth": False},
     }))
     proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", "--config", str(config),
-                             "--http-port", str(port), "--grpc-port", str(_free_port())],
+                             "--http-port", str(port), "--grpc-port", str(free_port())],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     output: list[str] = []
@@ -98,8 +91,4 @@ def test_burst_up_quiet_down_idle_to_zero_and_back_with_nothing_failed(tmp_path)
         assert 'herd_controlplane_decisions_total{direction="up",model="scout"}' in metrics
         assert 'herd_controlplane_target_replicas{model="scout"} 1.0' in metrics
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        interrupt(proc)

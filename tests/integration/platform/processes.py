@@ -1,0 +1,24 @@
+"""Servers the integration tests start as processes of their own: a free loopback port, a clean stop."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def interrupt(proc: subprocess.Popen, timeout_s: float = 90) -> None:
+    """Ctrl-C, as an operator stops it (it drains); killed if it has not exited within timeout_s."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
