@@ -23,14 +23,8 @@ log = logging.getLogger("herd.controlplane")
 def fleet(settings: HerdSettings) -> Fleet:
     policies = {}
     for model in settings.models:
-        a = model.autoscale
-        policies[model.name] = ModelPolicy(
-            min_replicas=a.min_replicas, max_replicas=a.max_replicas,
-            target_requests_per_replica=a.target_requests_per_replica,
-            target_tokens_per_replica=a.target_tokens_per_replica, ttft_slo_s=a.ttft_slo_s,
-            scale_up_window_s=a.scale_up_window_s, scale_down_window_s=a.scale_down_window_s,
-            idle_to_zero_s=a.idle_to_zero_s, gpus_per_replica=model.gpus_per_replica, priority=a.priority,
-        )
+        # AutoscaleSettings' fields are ModelPolicy's; the GPUs a replica takes come from its deployment.
+        policies[model.name] = ModelPolicy(**model.autoscale.model_dump(), gpus_per_replica=model.gpus_per_replica)
     return Fleet(gpu_pool=settings.controlplane.gpu_pool, policies=policies)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +26,23 @@ class ColdStartPolicy:
     wait_s: float = 30.0  # hold a request this long for a replica (0: answer 503 at once)
     retry_after_s: int = 30  # the 503's Retry-After: about how long a replica takes to load
     poll_s: float = 0.5  # how often a held request looks again
+
+
+class CachedCount:
+    """A backend's count of ready replicas, asked of its source at most once per `ttl_s` however many
+    requests want it (concurrent askers wait for the one call under way)."""
+
+    def __init__(self, fetch: Callable[[], Awaitable[int | None]], *, ttl_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.fetch, self.ttl_s, self.clock = fetch, ttl_s, clock
+        self._value: tuple[float, int | None] | None = None  # (when, count)
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> int | None:
+        async with self._lock:
+            if self._value is None or self.clock() - self._value[0] > self.ttl_s:
+                self._value = (self.clock(), await self.fetch())
+            return self._value[1]
 
 
 class ReplicaCount(Protocol):

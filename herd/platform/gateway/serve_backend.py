@@ -8,7 +8,6 @@ aborts it in the engine.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +16,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from herd.model.tokenizer import Tokenizer
+from herd.platform.gateway.cold_start import CachedCount
 from herd.platform.gateway.errors import GatewayError, from_code, overloaded, unavailable
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.workers.replica_core import ReplicaError
@@ -24,15 +24,12 @@ from herd.workers.serve_app import replica_states
 
 
 class ServeBackend:
-    READY_TTL_S = 1.0  # how long a count of ready replicas is reused (one controller call per model per second)
-
     def __init__(self, handle: Any, card: pb.ModelCard) -> None:
         self.handle = handle
         self.name = card.id
         self._card = card
         self.tokenizer = Tokenizer.from_pretrained(card.root)
-        self._ready: tuple[float, int] | None = None  # (when, count)
-        self._ready_lock = asyncio.Lock()
+        self._ready = CachedCount(self._running)  # one controller call per model per second
 
     @classmethod
     async def connect(cls, app_name: str) -> ServeBackend:
@@ -66,11 +63,10 @@ class ServeBackend:
         return await self.handle.stats.remote()
 
     async def ready_replicas(self) -> int | None:
-        async with self._ready_lock:
-            if self._ready is None or time.monotonic() - self._ready[0] > self.READY_TTL_S:
-                states = await asyncio.to_thread(replica_states, self.name)
-                self._ready = (time.monotonic(), states.get("RUNNING", 0))
-            return self._ready[1]
+        return await self._ready.get()
+
+    async def _running(self) -> int:
+        return (await asyncio.to_thread(replica_states, self.name)).get("RUNNING", 0)
 
     async def healthy(self) -> bool:
         try:

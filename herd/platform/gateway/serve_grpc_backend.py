@@ -14,6 +14,7 @@ import grpc
 import httpx
 
 from herd.model.tokenizer import Tokenizer
+from herd.platform.gateway.cold_start import CachedCount
 from herd.platform.gateway.errors import from_code
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
@@ -21,15 +22,13 @@ from herd.workers.serve_details import replica_counts
 
 
 class ServeGrpcBackend:
-    READY_TTL_S = 1.0  # how long a count of ready replicas is reused
     HEALTH_TIMEOUT_S = 2.0  # /health answers 503 rather than hang while Serve's proxy is out of reach
 
     def __init__(self, name: str, path: str | Path, target: str, *, max_model_len: int | None = None,
                  status_url: str | None = None) -> None:
         self.name = name
         self.status_url = status_url.rstrip("/") if status_url else None
-        self._ready: tuple[float, int | None] | None = None  # (when, count)
-        self._ready_lock = asyncio.Lock()
+        self._ready = CachedCount(self._fetch_ready)
         self.tokenizer = Tokenizer.from_pretrained(path)
         limit = max_model_len or _model_limit(Path(path))
         self._card = pb.ModelCard(id=name, root=str(path), max_model_len=limit, created=int(time.time()))
@@ -54,12 +53,7 @@ class ServeGrpcBackend:
 
     async def ready_replicas(self) -> int | None:
         """RUNNING replicas per the Ray dashboard; None without its URL or when it does not answer."""
-        if self.status_url is None:
-            return None
-        async with self._ready_lock:
-            if self._ready is None or time.monotonic() - self._ready[0] > self.READY_TTL_S:
-                self._ready = (time.monotonic(), await self._fetch_ready())
-            return self._ready[1]
+        return None if self.status_url is None else await self._ready.get()
 
     async def _fetch_ready(self) -> int | None:
         try:
