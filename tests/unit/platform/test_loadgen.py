@@ -150,10 +150,11 @@ def test_ttft_and_itl_follow_the_server_delays(fake: tuple[str, FakeState]) -> N
     result = asyncio.run(run_load(url, "fake", workload, concurrency=4, timeout_s=5,
                                   extra_body={"first_s": 0.3, "gap_s": 0.1}))
     summary = result.summary()
-    # Upper bounds loose for a busy machine, yet tight enough to catch a gap measured from the send.
+    # Upper bounds loose for a busy machine, yet tight enough to catch a gap measured from the send. A gap
+    # between two arrivals can fall a little under the server's sleep when the earlier chunk arrived late.
     assert 300 <= summary["ttft_p50_ms"] < 800
     assert all(len(r.itl_s) == 3 for r in result.records)
-    assert 100 <= summary["itl_p50_ms"] < 250 and summary["itl_p99_ms"] < 300
+    assert 80 <= summary["itl_p50_ms"] < 250 and summary["itl_p99_ms"] < 300
     assert 0.6 <= result.wall_s < 1.5  # four requests in parallel: 0.3 + 3 * 0.1 once, not 2.4 s in a row
 
 
