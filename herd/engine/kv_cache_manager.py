@@ -56,6 +56,9 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self._tables: dict[str, dict[str, list[int | None]]] = {}
         self._hashes: dict[str, list[bytes]] = {}
+        self.prefix_queried_tokens = 0
+        """Tokens looked up in the prefix cache at admission, and those found (the hit rate's two counts)."""
+        self.prefix_hit_tokens = 0
 
     # --- the scheduler's questions -------------------------------------------------------------
     def admit(self, seq: Sequence) -> None:
@@ -77,6 +80,8 @@ class KVCacheManager:
             tables[CHUNKED] = [None] * first + [self.pools[CHUNKED].take_cached(keys[i]) for i in range(first, hit)]
         self._hashes[seq.request_id] = keys[:hit]
         seq.num_computed = seq.num_cached_prompt_tokens = hit * self.block_size
+        self.prefix_queried_tokens += len(known) - 1
+        self.prefix_hit_tokens += seq.num_cached_prompt_tokens
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Blocks for the seq's next num_tokens tokens in every group, all or nothing."""

@@ -79,6 +79,36 @@ def test_errors_are_status_codes_with_messages(gateway, request_, code):
     assert ok[-1].finish_reason
 
 
+def test_chat_and_context_errors_are_invalid_argument_and_serving_goes_on(gateway, core):
+    limit = core.max_model_len
+    too_long = pb.GenerateRequest(model="scout", token_ids=pb.TokenIds(ids=[5] * limit), sampling=GREEDY)
+    calls = [
+        lambda stub: stub.Generate(too_long),
+        lambda stub: stub.Chat(pb.ChatRequest(model="scout", messages=[], sampling=GREEDY)),
+        lambda stub: stub.Chat(pb.ChatRequest(model="scout", messages=[pb.ChatMessage(role="wizard", content="x")])),
+        lambda stub: stub.Chat(pb.ChatRequest(model="scout", messages=[pb.ChatMessage(role="user", content="x")],
+                                              sampling=pb.SamplingOptions(max_tokens=limit + 1))),
+    ]
+
+    async def body(channel):
+        stub = pb_grpc.InferenceStub(channel)
+        errors = []
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in call(stub):
+                    pass
+            errors.append(info.value)
+        ok = [c async for c in stub.Chat(pb.ChatRequest(
+            model="scout", messages=[pb.ChatMessage(role="user", content="hi")], sampling=GREEDY))]
+        return errors, ok
+
+    errors, ok = _with_server(gateway, body)
+    assert [e.code() for e in errors] == [grpc.StatusCode.INVALID_ARGUMENT] * len(calls)
+    assert str(limit) in errors[0].details() and "messages" in errors[1].details()
+    assert all(e.details() for e in errors)
+    assert ok[-1].finish_reason and _blocks_in_use(core) == 0
+
+
 def _blocks_in_use(core):
     return sum(v for k, v in core.stats().items() if k.startswith("kv_blocks_used"))
 

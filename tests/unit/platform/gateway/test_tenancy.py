@@ -179,16 +179,24 @@ def test_tenants_do_not_share_prefix_cache_blocks(world):
     prompt = list(range(10, 90))  # five full blocks of 16
     body = {"model": "scout", "prompt": prompt, "max_tokens": 2, "temperature": 0}
 
+    kv = gateway.backends["scout"].core.engine.engine.kv
+    hits = []
+
     async def main():
         ledger.start()
+        out = []
         async with _http(gateway) as client:
-            out = [await client.post("/v1/completions", json=body, headers=_auth(keys[t])) for t in ("b", "a", "b")]
+            for tenant in ("b", "a", "b"):
+                before = kv.prefix_hit_tokens
+                out.append(await client.post("/v1/completions", json=body, headers=_auth(keys[tenant])))
+                hits.append(kv.prefix_hit_tokens - before)
         await ledger.close()
         return out
 
     _, a, second_b = (r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] for r in asyncio.run(main()))
     assert a == 0, "tenant a reused tenant b's cached prefix"
     assert second_b >= 64
+    assert hits == [0, 0, second_b], "the engine's own prefix-cache counts agree"
     assert [r.cached_tokens for r in store.usage_rows("a")] == [0]
 
 
@@ -216,3 +224,30 @@ def test_a_flooding_tenant_does_not_hold_back_a_light_one(world):
     # With 16 sequence slots and 40 flood requests ahead of it, first-come-first-served would put each light
     # request behind ~24 queued flood requests of 48 tokens; fair share serves it at the next free slot.
     assert p95_light < statistics.median(floods), (p95_light, statistics.median(floods))
+
+
+def test_a_database_that_is_down_refuses_at_both_doors_with_503_and_the_gateway_keeps_serving(tmp_path, core):
+    store = TenantStore(connect("postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=2"))
+    guard = Guard(store, InProcessRateLimiter(), UsageLedger(store))
+    gateway = Gateway({"scout": LocalBackend(core, max_ongoing_requests=8, max_queued_requests=8)}, guard=guard)
+    key = "hk_abcdefgh_" + "x" * 32
+
+    async def main():
+        async with _http(gateway) as http:
+            refused = await http.post("/v1/chat/completions", json=_chat(), headers=_auth(key))
+            health = await http.get("/health")
+        server, port = await start_grpc(gateway, port=0)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.InferenceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.ListModels(pb.ListModelsRequest(), metadata=(("authorization", f"Bearer {key}"),))
+        finally:
+            await server.stop(0)
+        return refused, health, info.value
+
+    refused, health, error = asyncio.run(main())
+    assert refused.status_code == 503 and refused.headers["retry-after"]
+    assert "database" in refused.json()["error"]["message"]
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "database" in error.details()
+    assert health.status_code == 200  # the models still serve; only admission is refused
