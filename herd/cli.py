@@ -112,13 +112,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from herd.platform.server import print_config, run
     from herd.platform.settings import HerdSettings, ModelSettings
+    from herd.platform.telemetry import configure_process
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = HerdSettings.load(args.config, http_port=args.http_port, grpc_port=args.grpc_port)
+    configure_process(settings.telemetry, "gateway")
     if args.no_auth:
         settings.tenancy.auth = False
     if args.model or args.shards is not None or args.transport or args.name:
@@ -140,25 +140,27 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _gateway(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from herd.platform.server import run_gateway
     from herd.platform.settings import HerdSettings
+    from herd.platform.telemetry import configure_process
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(run_gateway(HerdSettings.load(args.config)))
+    settings = HerdSettings.load(args.config)
+    configure_process(settings.telemetry, "gateway")
+    asyncio.run(run_gateway(settings))
     return 0
 
 
 def _controlplane(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from herd.platform.controlplane.app import run_kubernetes
     from herd.platform.settings import HerdSettings
+    from herd.platform.telemetry import configure_process
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(run_kubernetes(HerdSettings.load(args.config)))
+    settings = HerdSettings.load(args.config)
+    configure_process(settings.telemetry, "controlplane")
+    asyncio.run(run_kubernetes(settings))
     return 0
 
 

@@ -9,9 +9,11 @@ blocks return to the pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from herd.engine.config import EngineConfig
@@ -23,8 +25,11 @@ from herd.engine.sampling_params import SamplingParams
 class AsyncLLMEngine:
     """Wraps an LLMEngine; one background task drives its steps while there is work."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, *, step_scope: Callable[[], AbstractContextManager[object]] | None = None,
+                 ) -> None:
         self.engine = engine
+        self.step_scope = step_scope or contextlib.nullcontext
+        """Entered around every engine step on the worker thread (the replica's sampled step spans)."""
         self._lock = threading.Lock()  # guards the hand-over lists, never held across a step
         self._to_submit: list = []
         self._to_abort: list[str] = []
@@ -98,7 +103,10 @@ class AsyncLLMEngine:
             self.engine.submit(request)
         for rid in abort:
             self.engine.abort(rid)
-        return self.engine.step() if self.engine.has_unfinished() else []
+        if not self.engine.has_unfinished():
+            return []
+        with self.step_scope():
+            return self.engine.step()
 
 
 def _coalesce(out: RequestOutput, queue: asyncio.Queue[RequestOutput]) -> RequestOutput:

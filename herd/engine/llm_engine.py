@@ -8,6 +8,7 @@ that finishes or is aborted gives its KV blocks back in the same step.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from herd.engine.detokenizer import IncrementalDetokenizer
 from herd.engine.errors import StepError
 from herd.engine.kv_cache_manager import KVCacheManager
 from herd.engine.model_runner import ModelRunner
-from herd.engine.outputs import RequestOutput
+from herd.engine.outputs import RequestOutput, RequestTimes
 from herd.engine.paged_kv import PagedKVCache
 from herd.engine.sampler import TokenLogprobs, request_generator, sample
 from herd.engine.sampling_params import SamplingParams
@@ -185,6 +186,7 @@ class LLMEngine:
             assert logits is not None
             token, logprobs = sample(logits[row], seq.params, request.generator)
             seq.output_ids.append(token)
+            seq.first_token_ns = seq.first_token_ns or time.time_ns()
             if request.logprobs is not None and logprobs is not None:
                 request.logprobs.append(logprobs)
             reason = self._finish_reason(request, token)
@@ -252,6 +254,8 @@ class LLMEngine:
             logprobs=list(request.logprobs) if request.logprobs is not None else None,
             num_cached_tokens=seq.num_cached_prompt_tokens,
             error=seq.error,
+            times=RequestTimes(seq.arrived_ns, seq.scheduled_ns, seq.first_token_ns, seq.finished_ns)
+            if finished else None,
         )
         request.reported_tokens, request.reported_chars = len(seq.output_ids), len(text)
         if finished:

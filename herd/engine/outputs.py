@@ -8,6 +8,17 @@ from herd.engine.sampler import TokenLogprobs
 
 
 @dataclass(frozen=True)
+class RequestTimes:
+    """When a request arrived, was first scheduled, got its first token and finished (ns since the epoch;
+    0 for what never happened: an abort while waiting has no first token)."""
+
+    arrived_ns: int
+    scheduled_ns: int
+    first_token_ns: int
+    finished_ns: int
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """One request's state after a step. token_ids/text are everything so far; delta_* what is new."""
 
@@ -23,3 +34,4 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     error: str | None = None  # "CODE: message" when finish_reason is "error" (CODE a gRPC status name)
+    times: RequestTimes | None = None  # on the finished output only

@@ -14,6 +14,7 @@ Pure bookkeeping: no torch; the KV cache manager answers every question about bl
 from __future__ import annotations
 
 import heapq
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class Scheduler:
             self.waiting[seq.tenant_id].remove(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+        seq.finished_ns = time.time_ns()
 
     def on_step_done(self, output: SchedulerOutput) -> None:
         """The step computed what was scheduled: advance, cache full blocks, drop passed chunks."""
@@ -142,6 +144,7 @@ class Scheduler:
             self.waiting[seq.tenant_id].remove(seq)
             self.running.append(seq)
             seq.status = Status.RUNNING
+            seq.scheduled_ns = seq.scheduled_ns or time.time_ns()
         scheduled.add(id(seq))
         out.chunks.append(ScheduledChunk(seq, seq.num_computed, num, seq.num_computed + num == seq.num_known))
         return num

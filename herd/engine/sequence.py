@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from dataclasses import dataclass, field
 
 from herd.engine.sampling_params import SamplingParams
@@ -44,6 +45,12 @@ class Sequence:
     arrival: int = field(default_factory=lambda: next(_arrivals))
     num_cached_prompt_tokens: int = 0
     """Prompt tokens served from the prefix cache at admission (the last admission, after preemption)."""
+    arrived_ns: int = field(default_factory=time.time_ns)
+    """Wall-clock times (ns since the epoch, as trace spans take them): arrival, first scheduled, first
+    token, finished; 0 until they happen."""
+    scheduled_ns: int = 0
+    first_token_ns: int = 0
+    finished_ns: int = 0
 
     @property
     def num_known(self) -> int:

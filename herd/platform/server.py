@@ -17,6 +17,7 @@ import yaml
 from herd.engine import EngineConfig
 from herd.model.tiny import make_tiny
 from herd.platform.settings import PRESETS, HerdSettings, ModelSettings
+from herd.platform.telemetry.tracing import flush_traces
 from herd.platform.tenancy.setup import Tenancy, start_tenancy
 from herd.workers.replica_core import ReplicaConfig
 
@@ -40,7 +41,7 @@ def model_path(model: ModelSettings, settings: HerdSettings) -> Path:
 
 
 def app_args(model: ModelSettings, settings: HerdSettings) -> dict[str, Any]:
-    """The JSON args of herd.workers.serve_app:build_app for one model."""
+    """The JSON args of herd.platform.replica_app:build_app for one model."""
     from herd.workers.serve_app import config_args
 
     engine = model.engine
@@ -57,7 +58,7 @@ def app_args(model: ModelSettings, settings: HerdSettings) -> dict[str, Any]:
                            dispatch_timeout_s=model.dispatch_timeout_s, drain_timeout_s=model.drain_timeout_s,
                            stream_interval_s=model.stream_interval_s)
     deployment = model.deployment.model_dump(exclude_none=True)
-    return config_args(config, deployment)
+    return config_args(config, deployment, settings.telemetry.model_dump(mode="json"))
 
 
 def serve_config(settings: HerdSettings) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def serve_config(settings: HerdSettings) -> dict[str, Any]:
         },
         "applications": [
             # A route prefix, or Serve's proxies (gRPC included) do not route to the application at all.
-            {"name": m.name, "route_prefix": f"/{m.name}", "import_path": "herd.workers.serve_app:build_app",
+            {"name": m.name, "route_prefix": f"/{m.name}", "import_path": "herd.platform.replica_app:build_app",
              "args": app_args(m, settings)}
             for m in settings.models
         ],
@@ -89,7 +90,7 @@ async def run(settings: HerdSettings) -> None:
     from ray import serve
 
     from herd.platform.gateway.serve_backend import ServeBackend
-    from herd.workers.serve_app import build_app
+    from herd.platform.replica_app import build_app
 
     apps = {m.name: app_args(m, settings) for m in settings.models}
     needed = sum((1 + m.shards) * max(m.deployment.num_replicas, m.autoscale.max_replicas) for m in settings.models)
@@ -153,7 +154,7 @@ async def serve_doors(settings: HerdSettings, backends: dict[str, Any], control_
     cold_start = {m.name: ColdStartPolicy(wait_s=m.cold_start_wait_s, retry_after_s=m.cold_start_retry_after_s)
                   for m in settings.models}
     gateway = Gateway(backends, guard=tenancy.guard if tenancy else None, request_timeout_s=settings.request_timeout_s,
-                      cold_start=cold_start)
+                      cold_start=cold_start, log_prompts=settings.telemetry.log_prompts)
     routers = [admin_router(tenancy.store, tenancy.admin_token)] if tenancy else []
     grpc_server, grpc_port = await start_grpc(gateway, host=settings.grpc_host, port=settings.grpc_port)
     http = uvicorn.Server(uvicorn.Config(create_app(gateway, routers=routers), host=settings.http_host,
@@ -181,6 +182,7 @@ async def serve_doors(settings: HerdSettings, backends: dict[str, Any], control_
     await http_task
     if tenancy is not None:
         await tenancy.ledger.close()  # every usage row written (or spilled) before exit
+    flush_traces()
 
 
 def _tenancy(settings: HerdSettings) -> Tenancy | None:

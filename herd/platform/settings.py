@@ -111,6 +111,26 @@ class ControlPlaneSettings(_Section):
     metrics_port: int = Field(9090, ge=0, le=65535, description="herd controlplane: Prometheus /metrics port")
 
 
+class TelemetrySettings(_Section):
+    """Traces, logs and the replicas' metrics endpoint (the gateway's /metrics is always on)."""
+
+    traces: Literal["none", "console", "otlp", "memory"] = Field("none", description="where spans go (memory: "
+                                                                 "kept in the process, for tests)")
+    otlp_endpoint: str = Field("http://127.0.0.1:4317", description="OTLP/gRPC collector for traces: otlp")
+    otlp_insecure: bool = Field(True, description="plain-text OTLP (a collector beside the process)")
+    service_name: str = Field("herd", description="service.name of the spans; each part adds its role")
+    trace_sample_ratio: float = Field(1.0, ge=0, le=1, description="requests traced, of those without a "
+                                      "sampled parent (a caller's sampled traceparent is always followed)")
+    step_sample_ratio: float = Field(0.01, ge=0, le=1, description="engine steps traced with a span per MoE "
+                                     "layer's expert dispatch (and the shards' compute spans)")
+    log_format: Literal["text", "json"] = Field("text", description="json: one object per line")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="root log level")
+    log_prompts: bool = Field(False, description="put prompt and completion text in spans and logs (off: "
+                                  "never; key material is never logged)")
+    replica_metrics_port: int | None = Field(0, ge=0, le=65535, description="each model replica serves "
+                                             "Prometheus /metrics here (0: a free port, in /herd/stats; null: off)")
+
+
 class HerdSettings(BaseSettings):
     """Everything `herd serve` needs."""
 
@@ -127,6 +147,7 @@ class HerdSettings(BaseSettings):
     ray_num_cpus: int | None = Field(None, ge=1, description="logical CPUs of the local Ray (default: enough)")
     tenancy: TenancySettings = Field(default_factory=TenancySettings)
     controlplane: ControlPlaneSettings = Field(default_factory=ControlPlaneSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
     _config_file: ClassVar[Path | None] = None
 

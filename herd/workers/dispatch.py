@@ -6,21 +6,33 @@ The model routes and permutes in `expert_order`, so each shard's experts are con
 dispatcher cuts the permuted rows into one slice per shard (a replicated expert's rows are split
 evenly between its replicas), has the transport run every shard at once, and puts the outputs back
 where the rows came from, for the model to combine.
+
+On a traced engine step (a recording span is current) every layer's dispatch is a span too, and its
+context travels with the work, so the shards' compute spans join the trace. Every call adds its rows
+to the expert load and, when given, reports its duration (herd_expert_dispatch_seconds).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
+from opentelemetry import propagate, trace
 
 from herd.model.llama4 import Llama4Model
+from herd.workers.expert_load import ExpertLoad
 from herd.workers.placement import Placement
 from herd.workers.transport import ExpertTransport, ShardWork
+
+tracer = trace.get_tracer("herd.workers.dispatch")
 
 
 class ExpertDispatcher:
     """An ExpertsExecutor (herd.model.moe) that sends rows to expert shards."""
 
-    def __init__(self, placement: Placement, transport: ExpertTransport) -> None:
+    def __init__(self, placement: Placement, transport: ExpertTransport, *, load: ExpertLoad | None = None,
+                 observe_s: Callable[[float], None] | None = None) -> None:
         served = [tuple(sorted(e)) for e in transport.shard_experts()]
         if served != list(placement.shard_experts):
             raise ValueError(f"the shards own {served}, the placement expects {list(placement.shard_experts)}")
@@ -28,6 +40,8 @@ class ExpertDispatcher:
         self.transport = transport
         self.expert_order: tuple[int, ...] = placement.expert_order
         self._group = {expert: g for g, expert in enumerate(placement.expert_order)}
+        self.load = load or ExpertLoad(len(placement.expert_order))
+        self.observe_s = observe_s
 
     def attach(self, model: Llama4Model) -> None:
         """Route every MoE layer of the model through the shards."""
@@ -37,9 +51,26 @@ class ExpertDispatcher:
         return self.transport.healthy()
 
     def __call__(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
         bounds = expert_offsets.tolist()
+        self.load.add(layer, self.expert_order, bounds)
+        if trace.get_current_span().is_recording():
+            with tracer.start_as_current_span("herd.expert_dispatch", attributes={
+                    "herd.layer": layer, "herd.rows": rows.shape[0], "herd.shards": self.placement.num_shards}):
+                carrier: dict[str, str] = {}
+                propagate.inject(carrier)
+                out = self._dispatch(layer, rows, bounds, carrier)
+        else:
+            out = self._dispatch(layer, rows, bounds, {})
+        if self.observe_s is not None:
+            self.observe_s(time.perf_counter() - start)
+        return out
+
+    def _dispatch(self, layer: int, rows: torch.Tensor, bounds: list[int], trace_context: dict[str, str],
+                  ) -> torch.Tensor:
         plans = [self._slices(shard, bounds) for shard in range(self.placement.num_shards)]
-        work = [ShardWork(counts=[stop - start for start, stop in plan], rows=_take(rows, plan)) for plan in plans]
+        work = [ShardWork(counts=[stop - start for start, stop in plan], rows=_take(rows, plan),
+                          trace_context=trace_context) for plan in plans]
         outputs = self.transport.run(layer, work)
         out = torch.empty_like(rows)
         for plan, result in zip(plans, outputs, strict=True):

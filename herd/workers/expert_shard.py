@@ -20,6 +20,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import propagate, trace
 
 from herd import kernels
 from herd.model.config import load_config
@@ -29,6 +30,7 @@ from herd.protos.herd.v1 import experts_pb2_grpc as pb_grpc
 from herd.workers.wire import TO_WIRE, from_wire, to_wire
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("herd.workers.expert_shard")
 
 MAX_MESSAGE_BYTES = 512 * 2**20
 """Room for a real step: 8192 tokens x 5120 hidden x 4 bytes is 168 MB a message."""
@@ -64,7 +66,13 @@ class ExpertShardService(pb_grpc.ExpertShardServicer):
             except ValueError as err:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             start = time.perf_counter()
-            out = kernels.experts(rows, offsets, weights.gate_up, weights.down)
+            if request.trace_context:  # a traced step: this message's compute is a span of that trace
+                parent = propagate.extract(dict(request.trace_context))
+                with tracer.start_as_current_span("herd.expert_shard.compute", context=parent, attributes={
+                        "herd.layer": request.layer, "herd.rows": rows.shape[0], "herd.experts": len(self.experts)}):
+                    out = kernels.experts(rows, offsets, weights.gate_up, weights.down)
+            else:
+                out = kernels.experts(rows, offsets, weights.gate_up, weights.down)
             yield pb.DispatchReply(sequence=request.sequence, layer=request.layer, rows=to_wire(out),
                                    compute_seconds=time.perf_counter() - start)
 

@@ -10,17 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
 from herd.engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from herd.engine.outputs import RequestTimes
 from herd.model import load_experts, load_model
 from herd.model.tokenizer import Tokenizer
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.workers.dispatch import ExpertDispatcher
+from herd.workers.expert_load import CountingExperts, ExpertLoad
 from herd.workers.placement import place_experts
+from herd.workers.replica_metrics import ReplicaMetrics
 from herd.workers.transport import ExpertTransport, InProcessTransport
+
+tracer = trace.get_tracer("herd.workers.replica")
 
 
 class ReplicaError(Exception):
@@ -53,6 +62,9 @@ class ReplicaConfig:
     """After the first token, a request's new tokens are sent at most this often (each message through
     Ray Serve costs about a millisecond of CPU; at 32 streams, one message per step per stream was
     most of a replica's time). 0 sends every step."""
+    step_sample_ratio: float = 0.0
+    """Engine steps traced (a span per step, its MoE layers' dispatches and the shards' compute inside),
+    when tracing is configured in the process."""
 
     def __post_init__(self) -> None:
         if self.transport not in ("local", "grpc", "ray"):
@@ -74,16 +86,23 @@ class ReplicaCore:
         self.tokenizer = Tokenizer.from_pretrained(config.path)
         engine_config = config.engine
         self.dispatcher: ExpertDispatcher | None = None
+        experts = None if config.num_shards == 0 else ()
+        model = load_model(config.path, experts=experts, dtype=engine_config.dtype, device=engine_config.device,
+                           progress=False)
+        self.expert_load = ExpertLoad(model.config.num_local_experts)
+        observe = self._observe_dispatch
         if config.num_shards == 0:
-            model = load_model(config.path, dtype=engine_config.dtype, device=engine_config.device, progress=False)
+            model.set_experts_executor(CountingExperts(model, self.expert_load, observe))
         else:
-            model = load_model(config.path, experts=(), dtype=engine_config.dtype, device=engine_config.device,
-                               progress=False)
             placement = place_experts(model.config.num_local_experts, config.num_shards)
             factory = transport_factory or self._in_process_transport
-            self.dispatcher = ExpertDispatcher(placement, factory(list(placement.shard_experts)))
+            self.dispatcher = ExpertDispatcher(placement, factory(list(placement.shard_experts)),
+                                               load=self.expert_load, observe_s=observe)
             self.dispatcher.attach(model)
-        self.engine = AsyncLLMEngine(LLMEngine(model, self.tokenizer, engine_config))
+        engine = LLMEngine(model, self.tokenizer, engine_config)
+        self.metrics = ReplicaMetrics(config.name, engine, self.expert_load)
+        self.engine = AsyncLLMEngine(engine, step_scope=self._step_scope)
+        self._spans: dict[str, trace.SpanContext] = {}  # request id -> its replica span (steps link to them)
         self._draining = False
         self._in_flight = 0
 
@@ -101,6 +120,11 @@ class ReplicaCore:
             raise ReplicaError("UNAVAILABLE", f"replica of {self.config.name} is shutting down")
         params, prompt = self._unpack(request)
         tenant = request.tenant
+        span = tracer.start_span("herd.replica.generate", context=propagate.extract(dict(request.trace_context)),
+                                 kind=SpanKind.SERVER, attributes={"herd.request_id": request.request_id,
+                                                                   "gen_ai.request.model": self.config.name,
+                                                                   "herd.tenant": tenant.tenant_id})
+        self._spans[request.request_id] = span.get_span_context()
         self._in_flight += 1
         try:
             stream = self.engine.generate(
@@ -112,6 +136,8 @@ class ReplicaCore:
                 pending: pb.GenerateChunk | None = None
                 sent_at = 0.0
                 async for out in stream:
+                    if out.times is not None:
+                        self._finished(span, out.times)
                     if out.finish_reason == "error":
                         code, _, message = (out.error or "INTERNAL: step failed").partition(": ")
                         raise ReplicaError(code, message)
@@ -121,9 +147,43 @@ class ReplicaCore:
                         yield pending
                         pending, sent_at = None, now
         except ValueError as err:
+            span.set_status(Status(StatusCode.ERROR, str(err)))
             raise ReplicaError("INVALID_ARGUMENT", str(err)) from err
+        except ReplicaError as err:
+            span.set_status(Status(StatusCode.ERROR, err.message))
+            raise
         finally:
             self._in_flight -= 1
+            self._spans.pop(request.request_id, None)
+            span.end()
+
+    def _finished(self, span: trace.Span, times: RequestTimes) -> None:
+        """The request's phases in the engine, as metrics and as child spans of its replica span."""
+        self.metrics.finished(times)
+        if not span.is_recording():
+            return
+        parent = trace.set_span_in_context(span)
+        phases = (("herd.engine.queue", times.arrived_ns, times.scheduled_ns),
+                  ("herd.engine.prefill", times.scheduled_ns, times.first_token_ns),
+                  ("herd.engine.decode", times.first_token_ns, times.finished_ns))
+        for name, start, end in phases:
+            if start and end:
+                tracer.start_span(name, context=parent, start_time=start).end(end_time=end)
+
+    @contextlib.contextmanager
+    def _step_scope(self) -> Iterator[None]:
+        """Around an engine step, on the engine's thread: a sampled step is a span (current, so the expert
+        dispatches inside are its children), linked to the requests the replica is serving."""
+        if not self.config.step_sample_ratio or random.random() >= self.config.step_sample_ratio:
+            yield
+            return
+        links = [Link(c) for c in list(self._spans.values()) if c.is_valid]
+        with tracer.start_as_current_span("herd.engine.step", links=links[:32],
+                                          attributes={"herd.requests": len(self._spans)}):
+            yield
+
+    def _observe_dispatch(self, seconds: float) -> None:
+        self.metrics.dispatch.observe(seconds)
 
     def healthy(self) -> bool:
         return not self._draining and (self.dispatcher is None or self.dispatcher.healthy())

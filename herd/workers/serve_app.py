@@ -9,7 +9,8 @@ reports engine and shard health to Serve, and drains on shutdown (Serve stops ro
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -25,13 +26,22 @@ from herd.workers.transport import ExpertTransport, GrpcTransport, ShardError, S
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+log = logging.getLogger(__name__)
+
+ProcessSetup = Callable[[str], None]
+"""What a replica's or a shard's process runs first, given its role (logs and traces: the platform's
+telemetry, injected by herd.platform.replica_app, since this layer never imports the platform)."""
+
 
 @ray.remote
 class ExpertShardActor:
     """An expert shard inside the replica's placement group: a gRPC server, and Ray-callable too."""
 
-    def __init__(self, path: str, experts: list[int], dtype: str) -> None:
+    def __init__(self, path: str, experts: list[int], dtype: str, process_setup: ProcessSetup | None = None) -> None:
         from herd.workers.expert_shard import serve as serve_shard
+
+        if process_setup is not None:
+            process_setup("expert-shard")
 
         host = ray.util.get_node_ip_address()
         self.server, self.port, self.service = serve_shard(path, experts, host=host, dtype=_DTYPES[dtype])
@@ -95,11 +105,15 @@ class RayTransport:
 class ModelReplica:
     """A Serve replica of one model."""
 
-    def __init__(self, args: dict[str, Any]) -> None:
+    def __init__(self, args: dict[str, Any], process_setup: ProcessSetup | None = None) -> None:
+        if process_setup is not None:
+            process_setup("replica")
+        self.process_setup = process_setup
         config = replica_config(args)
         self.shards: list[Any] = []
         self.shard_gpus = float(args.get("deployment", {}).get("shard_gpus", 1.0))
         self.core = ReplicaCore(config, self._transport_factory(config) if config.transport != "local" else None)
+        self.metrics_port = self._serve_metrics(args.get("telemetry", {}).get("replica_metrics_port"))
 
     async def generate(self, request: bytes) -> AsyncIterator[bytes]:
         """Serialized GenerateRequest in, serialized GenerateChunks out (protobuf objects do not pickle)."""
@@ -115,7 +129,10 @@ class ModelReplica:
         return self.core.model_card().SerializeToString()
 
     def stats(self) -> dict[str, int]:
-        return self.core.stats()
+        stats = self.core.stats()
+        if self.metrics_port is not None:
+            stats["metrics_port"] = self.metrics_port
+        return stats
 
     def check_health(self) -> None:
         if not self.core.healthy():
@@ -125,6 +142,20 @@ class ModelReplica:
         await self.core.drain()
         for shard in self.shards:
             ray.kill(shard)
+
+    def _serve_metrics(self, port: int | None) -> int | None:
+        """/metrics on the configured port; a second replica on the same node finds it taken and takes a free
+        one (reported in stats(); a PodMonitor scrapes only the configured port)."""
+        if port is None:
+            return None
+        try:
+            bound = self.core.metrics.serve(int(port))
+        except OSError as err:
+            bound = self.core.metrics.serve(0)
+            log.warning("replica of %s: metrics port %d is taken (%s); serving /metrics on %d instead",
+                        self.core.config.name, port, err, bound)
+        log.info("replica of %s: Prometheus /metrics on port %d", self.core.config.name, bound)
+        return bound
 
     def _transport_factory(self, config: ReplicaConfig):
         def factory(shard_experts: list[tuple[int, ...]]) -> ExpertTransport:
@@ -136,7 +167,8 @@ class ModelReplica:
                 if torch.cuda.is_available():
                     options["num_gpus"] = self.shard_gpus
                 dtype = str(config.engine.dtype).removeprefix("torch.")
-                self.shards.append(ExpertShardActor.options(**options).remote(config.path, list(experts), dtype))
+                self.shards.append(ExpertShardActor.options(**options).remote(config.path, list(experts), dtype,
+                                                                              self.process_setup))
             if config.transport == "ray":
                 return RayTransport(self.shards, timeout_s=config.dispatch_timeout_s)
             addresses = ray.get([s.address.remote() for s in self.shards], timeout=600)
@@ -155,11 +187,13 @@ def replica_config(args: dict[str, Any]) -> ReplicaConfig:
         engine["dtype"] = _DTYPES[engine["dtype"]]
     fields = {k: args[k] for k in ("name", "path", "num_shards", "transport", "dispatch_timeout_s",
                                    "drain_timeout_s", "stream_interval_s") if k in args}
-    return ReplicaConfig(**fields, engine=EngineConfig(**engine))
+    step_sample_ratio = float(args.get("telemetry", {}).get("step_sample_ratio", 0.0))
+    return ReplicaConfig(**fields, engine=EngineConfig(**engine), step_sample_ratio=step_sample_ratio)
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """The Serve application of one model: its deployment options come from args["deployment"]."""
+def build_app(args: dict[str, Any], *, process_setup: ProcessSetup | None = None) -> serve.Application:
+    """The Serve application of one model: its deployment options come from args["deployment"], its
+    telemetry from args["telemetry"] (herd.platform.replica_app:build_app adds the process set-up)."""
     config = replica_config(args)
     deployment = args.get("deployment", {})
     shards = config.num_shards if config.transport != "local" else 0
@@ -181,7 +215,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         options["autoscaling_config"] = autoscaling
     else:
         options["num_replicas"] = deployment.get("num_replicas", 1)
-    return ModelReplica.options(**options).bind(args)
+    return ModelReplica.options(**options).bind(args, process_setup)
 
 
 def replica_states(app_name: str) -> dict[str, int]:
@@ -195,14 +229,15 @@ def replica_states(app_name: str) -> dict[str, int]:
     return states
 
 
-def config_args(config: ReplicaConfig, deployment: dict[str, Any]) -> dict[str, Any]:
-    """A ReplicaConfig (plus deployment options) as the JSON args of build_app."""
+def config_args(config: ReplicaConfig, deployment: dict[str, Any], telemetry: dict[str, Any] | None = None,
+                ) -> dict[str, Any]:
+    """A ReplicaConfig (plus deployment options and telemetry settings) as the JSON args of build_app."""
     engine = asdict(config.engine)
     engine["dtype"] = str(config.engine.dtype).removeprefix("torch.")
     return {"name": config.name, "path": config.path, "num_shards": config.num_shards,
             "transport": config.transport, "dispatch_timeout_s": config.dispatch_timeout_s,
             "drain_timeout_s": config.drain_timeout_s, "stream_interval_s": config.stream_interval_s,
-            "engine": engine, "deployment": deployment}
+            "engine": engine, "deployment": deployment, "telemetry": telemetry or {}}
 
 
 __all__ = ["ExpertShardActor", "ModelReplica", "RayTransport", "build_app", "config_args", "replica_states"]

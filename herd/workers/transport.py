@@ -12,7 +12,7 @@ import itertools
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
@@ -36,6 +36,7 @@ class ShardError(StepError):
 class ShardWork:
     counts: list[int]  # rows per owned expert, in the shard's expert order
     rows: torch.Tensor  # [sum(counts), H]
+    trace_context: dict[str, str] = field(default_factory=dict)  # W3C context on a traced step
 
 
 @dataclass
@@ -111,7 +112,7 @@ class GrpcTransport:
         sent = []
         for stream, item in zip(self.streams, work, strict=True):
             if item.rows.shape[0]:
-                sent.append(stream.send(layer, item.counts, to_wire(item.rows)))
+                sent.append(stream.send(layer, item.counts, to_wire(item.rows), item.trace_context))
             else:
                 sent.append(None)
         waited = time.perf_counter()
@@ -170,13 +171,14 @@ class _ShardStream:
         except grpc.RpcError as err:
             raise ShardError(f"expert shard at {self.address}: {err.details()}", code=err.code().name) from err
 
-    def send(self, layer: int, counts: list[int], rows: pb.Tensor) -> int:
+    def send(self, layer: int, counts: list[int], rows: pb.Tensor, trace_context: dict[str, str] | None = None) -> int:
         with self._lock:
             if self._requests is None:
                 self._open()
             assert self._requests is not None
             sequence = next(self._sequence)
-            self._requests.put(pb.DispatchRequest(sequence=sequence, layer=layer, counts=counts, rows=rows))
+            self._requests.put(pb.DispatchRequest(sequence=sequence, layer=layer, counts=counts, rows=rows,
+                                                  trace_context=trace_context or {}))
         return sequence
 
     def receive(self, sequence: int) -> pb.DispatchReply:

@@ -152,7 +152,7 @@ A CPU quantity as a number of CPUs: 4, "4", "500m", "1.5".
 {{/*
 With STRICT_PACK a replica's placement group (trunk bundle + one bundle per shard) lands on one node, that is
 one worker pod: its GPUs must fit in the pod's nvidia.com/gpu limit and its CPUs (one per bundle, the bundles of
-herd.workers.serve_app:build_app) in the pod's CPU limit, or the replica never schedules.
+herd.platform.replica_app:build_app) in the pod's CPU limit, or the replica never schedules.
 */}}
 {{- define "herd.checkReplicaFits" -}}
 {{- $d := .model.deployment }}
@@ -223,7 +223,7 @@ The checkpoint directory of a model as the pods see it.
 {{/*
 The Ray Serve config of one model: exactly the shape of `herd serve --print-config`
 (herd.platform.server.serve_config), in the same key order; the args are those of
-herd.workers.serve_app:build_app. Scalars are written as JSON, which is YAML.
+herd.platform.replica_app:build_app. Scalars are written as JSON, which is YAML.
 */}}
 {{- define "herd.serveConfig" -}}
 {{- $m := .model }}
@@ -237,7 +237,7 @@ grpc_options:
 applications:
 - name: {{ .name | toJson }}
   route_prefix: {{ printf "/%s" .name | toJson }}
-  import_path: herd.workers.serve_app:build_app
+  import_path: herd.platform.replica_app:build_app
   args:
     name: {{ .name | toJson }}
     path: {{ include "herd.modelPath" . | toJson }}
@@ -276,6 +276,18 @@ applications:
       shard_gpus: {{ $d.shard_gpus | toJson }}
       {{- end }}
       health_check_period_s: {{ $d.health_check_period_s | toJson }}
+    {{- $t := .root.Values.telemetry }}
+    telemetry:
+      traces: {{ $t.traces | toJson }}
+      otlp_endpoint: {{ $t.otlp_endpoint | toJson }}
+      otlp_insecure: {{ $t.otlp_insecure | toJson }}
+      service_name: {{ $t.service_name | toJson }}
+      trace_sample_ratio: {{ $t.trace_sample_ratio | toJson }}
+      step_sample_ratio: {{ $t.step_sample_ratio | toJson }}
+      log_format: {{ $t.log_format | toJson }}
+      log_level: {{ $t.log_level | toJson }}
+      log_prompts: {{ $t.log_prompts | toJson }}
+      replica_metrics_port: {{ $t.replica_metrics_port | toJson }}
 {{- end }}
 
 {{/*
@@ -371,6 +383,11 @@ containers:
       # Serve's gRPC proxy (every node runs one); the gateway reaches it through <rayservice>-serve-grpc.
       - name: serve-grpc
         containerPort: {{ include "herd.serveGrpcPort" . }}
+      {{- if not (kindIs "invalid" $values.telemetry.replica_metrics_port) }}
+      # Prometheus /metrics of the model replica placed on this pod (docs/METRICS.md).
+      - name: replica-metrics
+        containerPort: {{ $values.telemetry.replica_metrics_port }}
+      {{- end }}
     env:
       {{- include "herd.cacheEnv" . | nindent 6 }}
       {{- with $values.ray.extraEnv }}

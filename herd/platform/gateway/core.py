@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from opentelemetry.context import Context
 
 from herd.model.chat_template import render_chat
 from herd.model.special_tokens import BEGIN_OF_TEXT
@@ -27,6 +29,8 @@ from herd.platform.gateway.errors import (
     model_not_found,
 )
 from herd.platform.gateway.load import LoadTracker
+from herd.platform.telemetry.gateway_metrics import GatewayMetrics
+from herd.platform.telemetry.request_telemetry import RequestTelemetry
 from herd.protos.herd.v1 import inference_pb2 as pb
 
 
@@ -61,18 +65,29 @@ class Gateway:
 
     def __init__(
         self, backends: Mapping[str, Backend], *, guard: AdmissionGuard | None = None, request_timeout_s: float = 600.0,
-        cold_start: Mapping[str, ColdStartPolicy] | None = None,
+        cold_start: Mapping[str, ColdStartPolicy] | None = None, log_prompts: bool = False,
     ) -> None:
         self.backends = dict(backends)
         self.guard = guard
         self.request_timeout_s = request_timeout_s
         self.cold_start = dict(cold_start or {})  # per model; ColdStartPolicy() where not given
         self.load = LoadTracker()
+        self.telemetry = RequestTelemetry(GatewayMetrics(self.load), log_prompts=log_prompts)
         self.control_plane: Any = None  # set by herd serve when it runs one (read by /herd/controlplane)
 
     async def identify(self, credential: str | None) -> Any:
         """The caller's identity from its API key (None when the gateway runs without tenancy)."""
-        return None if self.guard is None else await self.guard.authenticate(credential)
+        with self._counting_rejections():
+            return None if self.guard is None else await self.guard.authenticate(credential)
+
+    @contextlib.contextmanager
+    def _counting_rejections(self) -> Iterator[None]:
+        """A GatewayError raised before a request reaches a model is counted by its code, then re-raised."""
+        try:
+            yield
+        except GatewayError as err:
+            self.telemetry.metrics.rejected.labels(err.code).inc()
+            raise
 
     def backend(self, model: str, identity: Any = None) -> Backend:
         visible = self._visible(identity)
@@ -99,6 +114,11 @@ class Gateway:
         default_max_tokens: int | None = 16,
     ) -> Prepared:
         """A completion: text (given <|begin_of_text|> unless it starts with it) or token ids."""
+        with self._counting_rejections():
+            return self._prepare_text(model, prompt, options, identity, default_max_tokens)
+
+    def _prepare_text(self, model: str, prompt: str | Sequence[int], options: pb.SamplingOptions, identity: Any,
+                      default_max_tokens: int | None) -> Prepared:
         backend = self.backend(model, identity)
         if isinstance(prompt, str):
             if not prompt:
@@ -125,6 +145,11 @@ class Gateway:
         identity: Any = None,
     ) -> Prepared:
         """A chat: messages rendered in the Llama 4 format (with tools when given), then tokenized."""
+        with self._counting_rejections():
+            return self._prepare_chat(model, messages, options, tools, tool_choice, identity)
+
+    def _prepare_chat(self, model: str, messages: Sequence[Mapping[str, Any]], options: pb.SamplingOptions,
+                      tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any, identity: Any) -> Prepared:
         backend = self.backend(model, identity)
         if not messages:
             raise invalid_request("messages must not be empty", param="messages")
@@ -138,25 +163,29 @@ class Gateway:
         ids = backend.tokenizer.encode(text)
         return self._prepared(backend, ids, options, identity, None)
 
-    async def stream(self, prepared: Prepared, *, timeout_s: float | None = None) -> AsyncIterator[pb.GenerateChunk]:
+    async def stream(self, prepared: Prepared, *, timeout_s: float | None = None,
+                     trace_parent: Context | None = None) -> AsyncIterator[pb.GenerateChunk]:
         """The backend's chunks, within the deadline, after tenant admission and (for a model scaled to
         zero) a wait for its replica; leaving early aborts the request. With tenancy, every request ends in
-        exactly one settlement (its usage row)."""
+        exactly one settlement (its usage row). Every request is one span (a child of `trace_parent`, the
+        caller's trace context) and one set of metric samples."""
         limit = min(timeout_s or self.request_timeout_s, self.request_timeout_s)
         deadline = time.monotonic() + limit
-        admission = None
-        if self.guard is not None:
-            request = prepared.request
-            admission = await self.guard.admit(prepared.identity, request.model, request.request_id,
-                                               prepared.prompt_tokens, request.sampling.max_tokens)
-        status, completion, cached = "cancelled", 0, 0
-        model, started = prepared.request.model, time.monotonic()
-        reserved = prepared.prompt_tokens + prepared.request.sampling.max_tokens
-        self.load.started(model, reserved)
+        request, model = prepared.request, prepared.request.model
+        record = self.telemetry.start(request, prompt_tokens=prepared.prompt_tokens, tenant=request.tenant.tenant_id,
+                                      parent=trace_parent, prompt_text=self._prompt_text(prepared))
+        status, completion, cached, error = "cancelled", 0, 0, None
+        admission, reserved, started = None, prepared.prompt_tokens + request.sampling.max_tokens, None
         try:
+            if self.guard is not None:
+                admission = await self.guard.admit(prepared.identity, model, request.request_id,
+                                                   prepared.prompt_tokens, request.sampling.max_tokens)
+            started = time.monotonic()
+            self.load.started(model, reserved)
             await wait_for_replica(prepared.backend, self.load, self.cold_start.get(model, ColdStartPolicy()),
                                    deadline=deadline)
-            async with contextlib.aclosing(prepared.backend.generate(prepared.request)) as chunks:
+            record.admitted()
+            async with contextlib.aclosing(prepared.backend.generate(request)) as chunks:
                 while True:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -171,17 +200,26 @@ class Gateway:
                     if not completion and chunk.token_ids:
                         self.load.first_token(model, time.monotonic() - started)
                     completion += len(chunk.token_ids)
+                    record.tokens(len(chunk.token_ids))
                     self.load.output(model, len(chunk.token_ids))
                     if chunk.finish_reason:
                         cached = chunk.usage.cached_tokens
                     yield chunk
         except GatewayError as err:
-            status = err.code.lower()
+            status, error = err.code.lower(), err
             raise
         finally:
-            self.load.finished(model, reserved)
+            if started is not None:
+                self.load.finished(model, reserved)
             if admission is not None and self.guard is not None:
                 await self.guard.settle(admission, completion_tokens=completion, cached_tokens=cached, status=status)
+            record.end(status, completion_tokens=completion, cached_tokens=cached, error=error)
+
+    def _prompt_text(self, prepared: Prepared) -> str | None:
+        """The prompt as text, for a span, only when prompts may be recorded."""
+        if not self.telemetry.log_prompts:
+            return None
+        return prepared.backend.tokenizer.decode(list(prepared.request.token_ids.ids), skip_special_tokens=False)
 
     def _prepared(
         self,

@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 
 from herd.platform.gateway.core import Gateway, Prepared
 from herd.platform.gateway.errors import GatewayError, invalid_request
+from herd.platform.telemetry.tracing import extract
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
 
@@ -78,7 +79,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         try:
             prepared = await prepare()
             remaining = context.time_remaining()
-            async with contextlib.aclosing(self.gateway.stream(prepared, timeout_s=remaining)) as chunks:
+            parent = extract({k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)})
+            stream = self.gateway.stream(prepared, timeout_s=remaining, trace_parent=parent)
+            async with contextlib.aclosing(stream) as chunks:
                 async for chunk in chunks:
                     yield chunk
         except GatewayError as err:

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from herd import __version__
 from herd.platform.gateway import openai_translate as translate
-from herd.platform.gateway.core import Gateway, Prepared
+from herd.platform.gateway.core import Gateway
 from herd.platform.gateway.errors import GatewayError, internal
 from herd.platform.gateway.openai_models import (
     ChatCompletion,
@@ -31,6 +31,7 @@ from herd.platform.gateway.openai_models import (
     ModelEntry,
     ModelList,
 )
+from herd.platform.telemetry.tracing import extract
 from herd.protos.herd.v1 import inference_pb2 as pb
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -90,10 +91,13 @@ def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = ()) -> FastAP
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
-        """Prometheus text exposition: the control plane's numbers, when this process runs it."""
+        """Prometheus text exposition: the gateway's requests and load, and the control plane's numbers when
+        this process runs it (docs/METRICS.md)."""
         plane = getattr(gateway, "control_plane", None)
-        return Response(generate_latest(plane.metrics.registry) if plane is not None else b"",
-                        media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(gateway.telemetry.metrics.registry)
+        if plane is not None:
+            text += generate_latest(plane.metrics.registry)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/herd/load")
     async def load() -> dict[str, dict[str, float | None]]:
@@ -109,16 +113,18 @@ def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = ()) -> FastAP
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         prepared = translate.prepare_chat(gateway, body, await identity(request))
+        chunks = gateway.stream(prepared, trace_parent=extract(request.headers))
         if body.stream:
-            return await _stream(gateway, prepared, lambda c: translate.chat_events(body, prepared, c))
-        return translate.chat_completion(body, prepared, await translate.collect(gateway.stream(prepared)))
+            return await _stream(chunks, lambda c: translate.chat_events(body, prepared, c))
+        return translate.chat_completion(body, prepared, await translate.collect(chunks))
 
     @app.post("/v1/completions", response_model=Completion, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         prepared = translate.prepare_completion(gateway, body, await identity(request))
+        chunks = gateway.stream(prepared, trace_parent=extract(request.headers))
         if body.stream:
-            return await _stream(gateway, prepared, lambda c: translate.completion_events(body, prepared, c))
-        return translate.completion(body, prepared, await translate.collect(gateway.stream(prepared)))
+            return await _stream(chunks, lambda c: translate.completion_events(body, prepared, c))
+        return translate.completion(body, prepared, await translate.collect(chunks))
 
     return app
 
@@ -129,11 +135,9 @@ def error_response(err: GatewayError) -> JSONResponse:
 
 
 async def _stream(
-    gateway: Gateway,
-    prepared: Prepared,
+    chunks: AsyncIterator[pb.GenerateChunk],
     events: Callable[[AsyncIterator[pb.GenerateChunk]], AsyncIterator[dict[str, Any]]],
 ) -> StreamingResponse | JSONResponse:
-    chunks = gateway.stream(prepared)
     try:
         first = await anext(chunks)
     except StopAsyncIteration:

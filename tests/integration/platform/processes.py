@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import threading
+import time
 
 
 def free_port() -> int:
@@ -22,3 +24,13 @@ def interrupt(proc: subprocess.Popen, timeout_s: float = 90) -> None:
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def wait_until_serving(proc: subprocess.Popen, output: list[str], timeout_s: float = 300) -> None:
+    """Read herd serve's output into `output` until its banner's last line, then keep reading in a thread."""
+    deadline = time.monotonic() + timeout_s
+    while not any("Ctrl-C stops everything" in line for line in output) and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        assert line, "herd serve exited:\n" + "".join(output)
+        output.append(line)
+    threading.Thread(target=lambda: output.extend(iter(proc.stdout.readline, "")), daemon=True).start()

@@ -8,13 +8,12 @@ import asyncio
 import json
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 
 from herd.model.tiny import make_tiny
-from tests.integration.platform.processes import free_port, interrupt
+from tests.integration.platform.processes import free_port, interrupt, wait_until_serving
 
 
 def test_burst_up_quiet_down_idle_to_zero_and_back_with_nothing_failed(tmp_path):
@@ -40,12 +39,7 @@ def test_burst_up_quiet_down_idle_to_zero_and_back_with_nothing_failed(tmp_path)
         return "".join(output[-60:]) + "\ncontrol plane:\n" + "\n".join(map(str, history[-20:]))
 
     try:
-        deadline = time.monotonic() + 300
-        while not any("Ctrl-C stops everything" in line for line in output) and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, "herd serve exited:\n" + "".join(output)
-            output.append(line)
-        threading.Thread(target=lambda: output.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+        wait_until_serving(proc, output)
 
         def scout() -> dict:
             state = httpx.get(url + "/herd/controlplane", timeout=30).json()

@@ -20,7 +20,7 @@ from tests.unit.helm.conftest import CHART_DIR, NAMESPACE, PROFILES, RELEASE, Re
 KUBE_VERSION = "1.31.0"
 """Kubernetes the built-in objects are validated against (kubernetes-validate ships its OpenAPI schemas)."""
 
-CUSTOM_KINDS = {"RayService", "ServiceMonitor"}
+CUSTOM_KINDS = {"RayService", "ServiceMonitor", "PodMonitor"}
 """Kinds kubernetes-validate has no schema for: the RayServices go to KubeRay's CRD instead."""
 
 MODELS = {"defaults": {"scout"}, "scout": {"scout"}, "maverick": {"maverick"}, "dev": {"scout"}}
@@ -583,6 +583,18 @@ def test_service_monitor_only_when_enabled(rendered_profiles: dict[str, Rendered
     for svc in selected:
         assert ports & {p["name"] for p in svc["spec"]["ports"]}, f"{svc['metadata']['name']} has no scraped port"
     assert {e["path"] for e in monitor["spec"]["endpoints"]} == {"/metrics"}
+    (pods,) = rendered.kind("PodMonitor")
+    scraped = [(where, p) for where, p in rendered.pod_templates()
+               if matches(pods["spec"]["selector"]["matchLabels"], p["metadata"]["labels"])]
+    assert scraped and all(where.startswith("RayService/") for where, _ in scraped), "the Ray pods, nothing else"
+    for _, pod in scraped:
+        ports = {p["name"]: p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        assert ports["replica-metrics"] == 9400
+    assert [e["port"] for e in pods["spec"]["podMetricsEndpoints"]] == ["replica-metrics"]
+    off = render({"serviceMonitor": {"enabled": True}, "telemetry": {"replica_metrics_port": None}})
+    assert off.kind("PodMonitor") == []
+    assert all("replica-metrics" not in {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+               for _, pod in off.pod_templates())
 
 
 @profiles

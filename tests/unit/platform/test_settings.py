@@ -43,7 +43,7 @@ def test_serve_config_names_the_app_builder_and_carries_the_replica_settings(tmp
     config = serve_config(settings)
     app = config["applications"][0]
     # The route prefix is what makes Serve's gRPC proxy route to the app (test_gateway_serve_grpc.py).
-    assert app["import_path"] == "herd.workers.serve_app:build_app" and app["route_prefix"] == "/scout"
+    assert app["import_path"] == "herd.platform.replica_app:build_app" and app["route_prefix"] == "/scout"
     assert app["args"]["num_shards"] == 2 and app["args"]["engine"]["dtype"] == "float32"
     assert (tmp_path / "tiny-scout" / "config.json").is_file(), "presets are made on first use"
     from ray.serve.schema import ServeDeploySchema

@@ -1,0 +1,87 @@
+"""Logs: text or one JSON object per line, each carrying the request id and the trace id it belongs to.
+
+The request id is a context variable the gateway sets for the life of a request; the trace and span ids
+come from the current OpenTelemetry span. Prompt text and key material are never put in a log record by
+Herd's code (`log_prompts` only adds prompt text to spans); `redact` is the last guard for messages that
+quote a key anyway.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from opentelemetry import trace
+
+from herd.platform.settings import TelemetrySettings
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("herd_request_id", default="")
+"""The request the current task serves ("" outside one)."""
+
+_KEY = re.compile(r"\bhk_[A-Za-z0-9]{4,}_[A-Za-z0-9_-]{8,}")
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id", "trace_id", "span_id"}
+
+
+def redact(text: str) -> str:
+    """`text` with anything shaped like a Herd API key replaced by its public prefix."""
+    return _KEY.sub(lambda m: m.group(0).rsplit("_", 1)[0] + "_[redacted]", text)
+
+
+class ContextFilter(logging.Filter):
+    """Stamps every record with request_id, trace_id and span_id (empty when there are none)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        span = trace.get_current_span().get_span_context()
+        record.request_id = getattr(record, "request_id", "") or request_id.get()
+        record.trace_id = format(span.trace_id, "032x") if span.is_valid else ""
+        record.span_id = format(span.span_id, "016x") if span.is_valid else ""
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, ids, and any `extra=` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+            "request_id": getattr(record, "request_id", ""),
+            "trace_id": getattr(record, "trace_id", ""),
+            "span_id": getattr(record, "span_id", ""),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
+        if record.exc_info:
+            entry["exception"] = redact(self.formatException(record.exc_info))
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s %(trace_id)s] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def configure_logging(settings: TelemetrySettings, stream: Any = None) -> logging.Handler:
+    """Route the root logger through one handler of the configured format (replacing Herd's earlier one)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(ContextFilter())
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
+    handler.set_name("herd")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == "herd"]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.log_level)
+    return handler
+
+
+__all__ = ["ContextFilter", "JsonFormatter", "configure_logging", "redact", "request_id"]

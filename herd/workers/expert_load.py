@@ -1,0 +1,59 @@
+"""Tokens routed to each expert of each MoE layer: the load-imbalance signal an operator watches.
+
+Legend: L MoE layers, E experts. Counts are summed since the replica started and read at scrape time
+(herd_expert_tokens_total); adding a step's counts is one vector add per layer, cheap enough for every
+step. `CountingExperts` is the experts executor of a replica that keeps its experts in the trunk, so
+the signal exists with or without expert shards.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from herd.model.llama4 import Llama4Model
+from herd.model.moe import MoE
+
+
+class ExpertLoad:
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self._tokens: dict[int, np.ndarray] = {}  # layer -> [E] rows routed, by expert id
+        self._lock = threading.Lock()
+
+    def add(self, layer: int, expert_order: Sequence[int], bounds: Sequence[int]) -> None:
+        """One layer step: group g (expert expert_order[g]) got rows bounds[g]..bounds[g+1]."""
+        counts = np.diff(np.asarray(bounds, dtype=np.int64))
+        with self._lock:
+            totals = self._tokens.setdefault(layer, np.zeros(self.num_experts, dtype=np.int64))
+            totals[np.asarray(expert_order, dtype=np.int64)] += counts
+
+    def snapshot(self) -> dict[int, list[int]]:
+        """{layer: [tokens of expert 0, 1, ...]} so far."""
+        with self._lock:
+            return {layer: totals.tolist() for layer, totals in sorted(self._tokens.items())}
+
+
+class CountingExperts:
+    """An ExpertsExecutor over the experts the model holds in this process, counting each layer's rows."""
+
+    def __init__(self, model: Llama4Model, load: ExpertLoad, observe_s: Callable[[float], None] | None = None) -> None:
+        self.layers = {m.layer: m.experts for m in model.modules() if isinstance(m, MoE)}
+        self.load = load
+        self.observe_s = observe_s
+        self.expert_order = tuple(range(load.num_experts))
+
+    def __call__(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        self.load.add(layer, self.expert_order, expert_offsets.tolist())
+        out = self.layers[layer](rows, expert_offsets)
+        if self.observe_s is not None:
+            self.observe_s(time.perf_counter() - start)
+        return out
+
+
+__all__ = ["CountingExperts", "ExpertLoad"]

@@ -1,0 +1,91 @@
+"""A model replica's Prometheus metrics: what its engine holds, how requests spent their time in it, and
+how its experts are loaded. One registry per replica, served on its own port (`serve_metrics`).
+
+Gauges are read from the engine at scrape time (nothing to keep in step); the request histograms are
+observed when a request finishes, from the engine's own timestamps. Names are in docs/METRICS.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from herd.engine import LLMEngine
+from herd.engine.outputs import RequestTimes
+from herd.workers.expert_load import ExpertLoad
+
+PHASE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+DISPATCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class ReplicaMetrics:
+    def __init__(self, model: str, engine: LLMEngine, expert_load: ExpertLoad) -> None:
+        self.model = model
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue = Histogram("herd_replica_queue_seconds", "From arrival at the engine to first scheduled",
+                               ["model"], buckets=PHASE_BUCKETS, registry=r).labels(model)
+        self.prefill = Histogram("herd_replica_prefill_seconds", "From first scheduled to the first token",
+                                 ["model"], buckets=PHASE_BUCKETS, registry=r).labels(model)
+        self.decode = Histogram("herd_replica_decode_seconds", "From the first token to the end",
+                                ["model"], buckets=PHASE_BUCKETS, registry=r).labels(model)
+        self.dispatch = Histogram("herd_expert_dispatch_seconds", "One MoE layer's routed experts, dispatch to "
+                                  "combine-ready (over the shards' transport, or in the trunk)", ["model"],
+                                  buckets=DISPATCH_BUCKETS, registry=r).labels(model)
+        r.register(_EngineCollector(model, engine, expert_load))
+
+    def finished(self, times: RequestTimes) -> None:
+        """A request ended: observe the phases it reached."""
+        if times.scheduled_ns:
+            self.queue.observe((times.scheduled_ns - times.arrived_ns) / 1e9)
+            if times.first_token_ns:
+                self.prefill.observe((times.first_token_ns - times.scheduled_ns) / 1e9)
+                self.decode.observe((times.finished_ns - times.first_token_ns) / 1e9)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Serve /metrics on `port` (0: a free one); returns the port bound."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, model: str, engine: LLMEngine, expert_load: ExpertLoad) -> None:
+        self.model, self.engine, self.expert_load = model, engine, expert_load
+
+    def collect(self) -> Iterator[Any]:
+        engine, model = self.engine, [self.model]
+        scheduler, kv = engine.scheduler, engine.kv
+        running = GaugeMetricFamily("herd_replica_requests_running", "Requests holding KV blocks", labels=["model"])
+        running.add_metric(model, len(scheduler.running))
+        waiting = GaugeMetricFamily("herd_replica_requests_waiting", "Requests queued for the engine (queue depth)",
+                                    labels=["model"])
+        waiting.add_metric(model, sum(len(q) for q in scheduler.waiting.values()))
+        usage = GaugeMetricFamily("herd_replica_kv_cache_usage_ratio", "KV blocks in use, of the pool (per layer "
+                                  "group: full attention, chunked)", labels=["model", "group"])
+        for group, pool in kv.pools.items():
+            usage.add_metric([self.model, group], (pool.num_blocks - pool.num_free) / max(1, pool.num_blocks))
+        queried = CounterMetricFamily("herd_replica_prefix_cache_queries_tokens", "Prompt tokens looked up in the "
+                                      "prefix cache", labels=["model"])
+        queried.add_metric(model, kv.prefix_queried_tokens)
+        hits = CounterMetricFamily("herd_replica_prefix_cache_hits_tokens", "Prompt tokens found in the prefix "
+                                   "cache (hit rate: hits / queries)", labels=["model"])
+        hits.add_metric(model, kv.prefix_hit_tokens)
+        preempted = CounterMetricFamily("herd_replica_preemptions", "Requests preempted for KV blocks",
+                                        labels=["model"])
+        preempted.add_metric(model, scheduler.num_preemptions)
+        experts = CounterMetricFamily("herd_expert_tokens", "Tokens routed to each expert of each MoE layer",
+                                      labels=["model", "layer", "expert"])
+        for layer, counts in self.expert_load.snapshot().items():
+            for expert, count in enumerate(counts):
+                experts.add_metric([self.model, str(layer), str(expert)], count)
+        yield from (running, waiting, usage, queried, hits, preempted, experts)
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())
+
+
+__all__ = ["ReplicaMetrics"]
