@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     shard.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
     shard.add_argument("--host", default="127.0.0.1", help="address to listen on")
     shard.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="compute dtype")
+    shard.add_argument("--tls-cert", type=Path, help="mutual TLS: this shard's certificate (PEM; with --tls-key, "
+                       "--tls-ca)")
+    shard.add_argument("--tls-key", type=Path, help="mutual TLS: the private key of --tls-cert")
+    shard.add_argument("--tls-ca", type=Path, help="mutual TLS: only clients with a certificate from this CA")
     shard.set_defaults(run=_expert_shard)
 
     serve_cmd = commands.add_parser("serve", help="serve models over OpenAI HTTP and gRPC (local Ray cluster)")
@@ -176,11 +180,15 @@ def _expert_shard(args: argparse.Namespace) -> int:
 
     from herd.model import load_config
     from herd.workers.expert_shard import parse_experts, serve
+    from herd.workers.transport import ShardTls
 
+    tls = ShardTls.of(args.tls_cert, args.tls_key, args.tls_ca)
+    credentials = tls.server_credentials() if tls is not None else None  # unreadable files: an error before loading
     experts = parse_experts(args.experts, load_config(args.model).text.num_local_experts)
-    server, port, service = serve(args.model, experts, port=args.port, host=args.host, dtype=_DTYPES[args.dtype])
-    print(f"expert shard listening on {args.host}:{port} (experts {experts[0]}..{experts[-1]}, "
-          f"{service.resident_bytes() / 2**20:.1f} MiB)", flush=True)
+    server, port, service = serve(args.model, experts, port=args.port, host=args.host, dtype=_DTYPES[args.dtype],
+                                  credentials=credentials)
+    print(f"expert shard listening on {args.host}:{port}{' (mutual TLS)' if tls else ''} (experts "
+          f"{experts[0]}..{experts[-1]}, {service.resident_bytes() / 2**20:.1f} MiB)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -20,6 +20,9 @@ from herd.platform.settings import PRESETS, HerdSettings, ModelSettings
 from herd.platform.telemetry.tracing import flush_traces
 from herd.platform.tenancy.setup import Tenancy, start_tenancy
 from herd.workers.replica_core import ReplicaConfig
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("herd.serve")
 
@@ -43,6 +46,7 @@ def model_path(model: ModelSettings, settings: HerdSettings) -> Path:
 def app_args(model: ModelSettings, settings: HerdSettings) -> dict[str, Any]:
     """The JSON args of herd.platform.replica_app:build_app for one model."""
     from herd.workers.serve_app import config_args
+    from herd.workers.transport import ShardTls
 
     engine = model.engine
     import torch
@@ -58,7 +62,13 @@ def app_args(model: ModelSettings, settings: HerdSettings) -> dict[str, Any]:
                            dispatch_timeout_s=model.dispatch_timeout_s, drain_timeout_s=model.drain_timeout_s,
                            stream_interval_s=model.stream_interval_s)
     deployment = model.deployment.model_dump(exclude_none=True)
-    return config_args(config, deployment, settings.telemetry.model_dump(mode="json"))
+    tls = settings.tls
+    # Absolute (not resolved: a Kubernetes secret's files are symlinks that change on rotation) paths,
+    # which the replica and its shards open on their own nodes.
+    shard_tls = ShardTls.of(*(p.absolute() if p is not None else None
+                              for p in (tls.shard_cert_file, tls.shard_key_file, tls.shard_ca_file)),
+                            server_name=tls.shard_server_name)
+    return config_args(config, deployment, settings.telemetry.model_dump(mode="json"), shard_tls)
 
 
 def serve_config(settings: HerdSettings) -> dict[str, Any]:
@@ -156,9 +166,12 @@ async def serve_doors(settings: HerdSettings, backends: dict[str, Any], control_
     gateway = Gateway(backends, guard=tenancy.guard if tenancy else None, request_timeout_s=settings.request_timeout_s,
                       cold_start=cold_start, log_prompts=settings.telemetry.log_prompts)
     routers = [admin_router(tenancy.store, tenancy.admin_token)] if tenancy else []
-    grpc_server, grpc_port = await start_grpc(gateway, host=settings.grpc_host, port=settings.grpc_port)
-    http = uvicorn.Server(uvicorn.Config(create_app(gateway, routers=routers), host=settings.http_host,
-                                         port=settings.http_port, log_level="warning", lifespan="off"))
+    tls = settings.tls
+    pem = {name: path.read_bytes() for name, path in (("cert_chain", tls.cert_file), ("private_key", tls.key_file),
+                                                      ("client_ca", tls.client_ca_file)) if path is not None}
+    grpc_server, grpc_port = await start_grpc(gateway, host=settings.grpc_host, port=settings.grpc_port, **pem)
+    app = create_app(gateway, routers=routers, max_request_body_bytes=settings.max_request_body_bytes)
+    http = uvicorn.Server(http_config(app, settings))
     http_task = asyncio.create_task(http.serve())
     while not http.started:
         if http_task.done():
@@ -185,6 +198,23 @@ async def serve_doors(settings: HerdSettings, backends: dict[str, Any], control_
     flush_traces()
 
 
+def http_config(app: Any, settings: HerdSettings) -> uvicorn.Config:
+    """uvicorn's config for the HTTP door: TLS when settings.tls has a certificate, and client certificates
+    from tls.client_ca_file required when that is set."""
+    import ssl
+
+    import uvicorn
+
+    tls = settings.tls
+    options: dict[str, Any] = {}
+    if tls.public:
+        options = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
+        if tls.client_ca_file is not None:
+            options |= {"ssl_ca_certs": str(tls.client_ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
+                          lifespan="off", **options)
+
+
 def _tenancy(settings: HerdSettings) -> Tenancy | None:
     if not settings.tenancy.auth:
         log.warning("AUTHENTICATION IS OFF (--no-auth): anyone who can reach the ports can use every model, "
@@ -197,11 +227,18 @@ def _tenancy(settings: HerdSettings) -> Tenancy | None:
 
 def _announce(settings: HerdSettings, http_port: int, grpc_port: int, tenancy: Tenancy | None) -> None:
     model = settings.models[0].name
-    url = f"http://{settings.http_host}:{http_port}"
+    tls = settings.tls
+    url = f"{'https' if tls.public else 'http'}://{settings.http_host}:{http_port}"
+    grpc_mode = ("TLS, client certificates required, " if tls.client_ca_file else "TLS, ") if tls.public else ""
     print(f"herd is serving {[m.name for m in settings.models]}", flush=True)
     print(f"  OpenAI HTTP: {url}/v1   (OpenAPI: {url}/docs)", flush=True)
-    print(f"  gRPC herd.v1.Inference: {settings.grpc_host}:{grpc_port} (reflection on)", flush=True)
-    auth = ""
+    print(f"  gRPC herd.v1.Inference: {settings.grpc_host}:{grpc_port} ({grpc_mode}reflection on)", flush=True)
+    if tls.public:
+        clients = f"; clients need a certificate from {tls.client_ca_file}" if tls.client_ca_file else ""
+        print(f"  TLS on both doors with {tls.cert_file}{clients}", flush=True)
+    if tls.shards:
+        print(f"  expert shards: mutual TLS with {tls.shard_cert_file} (CA {tls.shard_ca_file})", flush=True)
+    auth = "--cert <client.crt> --key <client.key> " if tls.client_ca_file else ""
     if tenancy is None:
         print("  WARNING: authentication is off (--no-auth)", flush=True)
     else:
@@ -211,7 +248,7 @@ def _announce(settings: HerdSettings, http_port: int, grpc_port: int, tenancy: T
             print(f"  first start: tenant 'dev' made; its API key (shown once, keep it): {tenancy.first_key}",
                   flush=True)
         key = tenancy.first_key or "<your API key>"
-        auth = f"-H 'Authorization: Bearer {key}' "
+        auth += f"-H 'Authorization: Bearer {key}' "
     print("  try:", flush=True)
     print(f"    curl -s {url}/v1/chat/completions {auth}-H 'Content-Type: application/json' \\\n"
           f"      -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], "

@@ -131,6 +131,64 @@ class TelemetrySettings(_Section):
                                              "Prometheus /metrics here (0: a free port, in /herd/stats; null: off)")
 
 
+class TlsSettings(_Section):
+    """TLS at the public doors and mutual TLS between each trunk and its expert shards (PEM files; off when unset).
+
+    The shards' one certificate is presented by every shard and by the trunk, so it must allow both server
+    and client use, and name each shard's address (or shard_server_name). Relative paths are from the
+    working directory; the replicas and shards read the shard files on their own nodes, at the same paths.
+    """
+
+    cert_file: Path | None = Field(None, description="HTTP and gRPC doors: server certificate chain (with key_file)")
+    key_file: Path | None = Field(None, description="HTTP and gRPC doors: the private key of cert_file")
+    client_ca_file: Path | None = Field(None, description="HTTP and gRPC doors: require client certificates signed "
+                                        "by this CA (null: no client certificate asked)")
+    shard_cert_file: Path | None = Field(None, description="trunk <-> expert shards: the certificate both present")
+    shard_key_file: Path | None = Field(None, description="trunk <-> expert shards: the private key of shard_cert_file")
+    shard_ca_file: Path | None = Field(None, description="trunk <-> expert shards: the CA a peer's certificate must "
+                                       "be signed by (each side refuses a peer without one)")
+    shard_server_name: str | None = Field(None, description="the name the trunk checks in a shard's certificate "
+                                          "(null: the shard's address, which the certificate must then carry)")
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        groups = (("cert_file", "key_file"), ("shard_cert_file", "shard_key_file", "shard_ca_file"))
+        for group in groups:
+            given = [name for name in group if getattr(self, name) is not None]
+            if given and len(given) < len(group):
+                missing = [f"tls.{name}" for name in group if name not in given]
+                raise ValueError(f"tls.{given[0]} is set but {', '.join(missing)} is not: set all of "
+                                 f"{', '.join(f'tls.{n}' for n in group)} or none")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("tls.client_ca_file needs tls.cert_file and tls.key_file (client certificates need TLS)")
+        if self.shard_server_name is not None and self.shard_cert_file is None:
+            raise ValueError("tls.shard_server_name needs tls.shard_cert_file, shard_key_file and shard_ca_file")
+        for name in ("cert_file", "key_file", "client_ca_file", *groups[1]):
+            path = getattr(self, name)
+            if path is not None:
+                _check_pem(f"tls.{name}", path)
+        return self
+
+    @property
+    def public(self) -> bool:
+        """TLS at the HTTP and gRPC doors."""
+        return self.cert_file is not None
+
+    @property
+    def shards(self) -> bool:
+        """Mutual TLS between the trunk and its expert shards."""
+        return self.shard_cert_file is not None
+
+
+def _check_pem(field: str, path: Path) -> None:
+    try:
+        text = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{field}: cannot read {path}: {err.strerror or err}") from None
+    if b"-----BEGIN " not in text:
+        raise ValueError(f"{field}: {path} is not a PEM file (no -----BEGIN line)")
+
+
 class HerdSettings(BaseSettings):
     """Everything `herd serve` needs."""
 
@@ -142,12 +200,15 @@ class HerdSettings(BaseSettings):
     grpc_host: str = Field("127.0.0.1", description="herd.v1.Inference gRPC address")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port")
     request_timeout_s: float = Field(600, gt=0, description="longest a request may take")
+    max_request_body_bytes: int = Field(16 * 2**20, ge=1, description="largest HTTP request body; a larger one is "
+                                        "refused with 413 before it is read")
     models_dir: Path = Field(Path(".herd/models"), description="where tiny presets are made")
     ray_address: str | None = Field(None, description="existing Ray cluster; a local one is started when null")
     ray_num_cpus: int | None = Field(None, ge=1, description="logical CPUs of the local Ray (default: enough)")
     tenancy: TenancySettings = Field(default_factory=TenancySettings)
     controlplane: ControlPlaneSettings = Field(default_factory=ControlPlaneSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
     _config_file: ClassVar[Path | None] = None
 

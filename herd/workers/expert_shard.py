@@ -88,13 +88,15 @@ class ExpertShardService(pb_grpc.ExpertShardServicer):
             )
         if any(c < 0 for c in counts):
             raise ValueError(f"counts must not be negative, got {counts}")
-        rows = from_wire(request.rows, name="rows")
+        # The shape first: one whose element count wraps past int64 would pass the byte count in from_wire.
+        shape = list(request.rows.shape)
+        if len(shape) != 2 or shape[1] != self.config.hidden_size:
+            raise ValueError(f"rows must be [R, {self.config.hidden_size}], got {shape}")
+        if sum(counts) != shape[0]:
+            raise ValueError(f"counts sum to {sum(counts)} but {shape[0]} rows were sent")
+        rows = from_wire(request.rows, name="rows")  # [R, H]
         if rows.dtype != self.dtype:
             raise ValueError(f"rows are {rows.dtype}; this shard computes in {self.dtype}")
-        if rows.dim() != 2 or rows.shape[1] != self.config.hidden_size:
-            raise ValueError(f"rows must be [R, {self.config.hidden_size}], got {list(rows.shape)}")
-        if sum(counts) != rows.shape[0]:
-            raise ValueError(f"counts sum to {sum(counts)} but {rows.shape[0]} rows were sent")
         offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
         return rows, offsets, weights
@@ -108,8 +110,12 @@ def serve(
     host: str = "127.0.0.1",
     dtype: torch.dtype = torch.float32,
     threads: int = 4,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.Server, int, ExpertShardService]:
-    """Load the experts and start serving; returns the server, the bound port and the service."""
+    """Load the experts and start serving; returns the server, the bound port and the service.
+
+    With `credentials` (herd.workers.transport.ShardTls.server_credentials(): mutual TLS) the port is TLS
+    only; a client without a certificate from the shards' CA is refused in the handshake."""
     service = ExpertShardService(model, experts, dtype=dtype)
     options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
@@ -119,13 +125,17 @@ def serve(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if credentials is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
     if not bound:
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("expert shard for experts %s of %s listening on %s:%d", list(service.experts), model, host, bound)
+    log.info("expert shard for experts %s of %s listening on %s:%d%s", list(service.experts), model, host, bound,
+             " (mutual TLS)" if credentials is not None else "")
     return server, bound, service
 
 

@@ -40,6 +40,10 @@ class ReplicaError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self) -> tuple[type[ReplicaError], tuple[str, str]]:
+        # Ray pickles a replica's exception to the caller; the default would call ReplicaError("CODE: msg").
+        return ReplicaError, (self.code, self.message)
+
 
 @dataclass(frozen=True, kw_only=True)
 class ReplicaConfig:

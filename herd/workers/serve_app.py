@@ -4,6 +4,7 @@ Bundle 0 holds the replica (engine + trunk); bundles 1..N hold the expert-shard 
 into the replica's own placement group (STRICT_PACK on one node by default, PACK for multi-node).
 Shards serve herd.v1.ExpertShard over gRPC, or answer Ray calls when transport is "ray". The replica
 reports engine and shard health to Serve, and drains on shutdown (Serve stops routing to it first).
+With args["shard_tls"] (ShardTls.as_args()) the shards' gRPC port and the trunk's channels are mutual TLS.
 `build_app` is the import path a Serve config file (and a KubeRay RayService serveConfigV2) names.
 """
 
@@ -22,7 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from herd.engine import EngineConfig
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.workers.replica_core import ReplicaConfig, ReplicaCore
-from herd.workers.transport import ExpertTransport, GrpcTransport, ShardError, ShardWork, TransportStats
+from herd.workers.transport import ExpertTransport, GrpcTransport, ShardError, ShardTls, ShardWork, TransportStats
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,14 +38,17 @@ telemetry, injected by herd.platform.replica_app, since this layer never imports
 class ExpertShardActor:
     """An expert shard inside the replica's placement group: a gRPC server, and Ray-callable too."""
 
-    def __init__(self, path: str, experts: list[int], dtype: str, process_setup: ProcessSetup | None = None) -> None:
+    def __init__(self, path: str, experts: list[int], dtype: str, process_setup: ProcessSetup | None = None,
+                 tls: ShardTls | None = None) -> None:
         from herd.workers.expert_shard import serve as serve_shard
 
         if process_setup is not None:
             process_setup("expert-shard")
 
         host = ray.util.get_node_ip_address()
-        self.server, self.port, self.service = serve_shard(path, experts, host=host, dtype=_DTYPES[dtype])
+        credentials = tls.server_credentials() if tls is not None else None
+        self.server, self.port, self.service = serve_shard(path, experts, host=host, dtype=_DTYPES[dtype],
+                                                           credentials=credentials)
         self.host = host
 
     def address(self) -> str:
@@ -112,6 +116,7 @@ class ModelReplica:
         config = replica_config(args)
         self.shards: list[Any] = []
         self.shard_gpus = float(args.get("deployment", {}).get("shard_gpus", 1.0))
+        self.shard_tls = ShardTls.from_args(args.get("shard_tls"))
         self.core = ReplicaCore(config, self._transport_factory(config) if config.transport != "local" else None)
         self.metrics_port = self._serve_metrics(args.get("telemetry", {}).get("replica_metrics_port"))
 
@@ -168,11 +173,14 @@ class ModelReplica:
                     options["num_gpus"] = self.shard_gpus
                 dtype = str(config.engine.dtype).removeprefix("torch.")
                 self.shards.append(ExpertShardActor.options(**options).remote(config.path, list(experts), dtype,
-                                                                              self.process_setup))
+                                                                              self.process_setup, self.shard_tls))
             if config.transport == "ray":
                 return RayTransport(self.shards, timeout_s=config.dispatch_timeout_s)
             addresses = ray.get([s.address.remote() for s in self.shards], timeout=600)
-            return GrpcTransport(addresses, timeout_s=config.dispatch_timeout_s)
+            tls = self.shard_tls
+            return GrpcTransport(addresses, timeout_s=config.dispatch_timeout_s,
+                                 credentials=tls.channel_credentials() if tls is not None else None,
+                                 server_name=tls.server_name if tls is not None else None)
 
         return factory
 
@@ -230,14 +238,16 @@ def replica_states(app_name: str) -> dict[str, int]:
 
 
 def config_args(config: ReplicaConfig, deployment: dict[str, Any], telemetry: dict[str, Any] | None = None,
-                ) -> dict[str, Any]:
-    """A ReplicaConfig (plus deployment options and telemetry settings) as the JSON args of build_app."""
+                shard_tls: ShardTls | None = None) -> dict[str, Any]:
+    """A ReplicaConfig (plus deployment options, telemetry settings and the shards' mutual TLS, when on) as
+    the JSON args of build_app."""
     engine = asdict(config.engine)
     engine["dtype"] = str(config.engine.dtype).removeprefix("torch.")
     return {"name": config.name, "path": config.path, "num_shards": config.num_shards,
             "transport": config.transport, "dispatch_timeout_s": config.dispatch_timeout_s,
             "drain_timeout_s": config.drain_timeout_s, "stream_interval_s": config.stream_interval_s,
-            "engine": engine, "deployment": deployment, "telemetry": telemetry or {}}
+            "engine": engine, "deployment": deployment, "telemetry": telemetry or {},
+            **({"shard_tls": shard_tls.as_args()} if shard_tls is not None else {})}
 
 
 __all__ = ["ExpertShardActor", "ModelReplica", "RayTransport", "build_app", "config_args", "replica_states"]

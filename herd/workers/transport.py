@@ -4,6 +4,9 @@ Legend: R rows, H hidden. A transport takes, per shard, the rows for its experts
 of each of its experts (in the shard's own expert order), runs them on every shard at once, and
 returns each shard's outputs in the same order. Failures surface as ShardError with a gRPC status
 name, which the engine turns into failed requests.
+
+With ShardTls, the gRPC traffic is mutual TLS: each shard and the trunk present one certificate and
+accept only a peer whose certificate the same CA signed.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import grpc
 import torch
@@ -30,6 +34,60 @@ from herd.workers.wire import from_wire, to_wire
 
 class ShardError(StepError):
     """An expert shard could not do its part of a step."""
+
+
+@dataclass(frozen=True)
+class ShardTls:
+    """Mutual TLS between a trunk and its expert shards: PEM files both sides read.
+
+    Both present `cert_file` (so it must allow server and client use) and trust only `ca_file`. The trunk
+    checks `server_name` in a shard's certificate, or the shard's address when it is None.
+    """
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+    server_name: str | None = None
+
+    @classmethod
+    def of(cls, cert_file: str | Path | None, key_file: str | Path | None, ca_file: str | Path | None,
+           server_name: str | None = None) -> ShardTls | None:
+        """All three files (TLS) or none (plain text, None); ValueError naming what is missing."""
+        given = {"cert": cert_file, "key": key_file, "ca": ca_file}
+        if all(v is None for v in given.values()):
+            return None
+        missing = [k for k, v in given.items() if v is None]
+        if missing:
+            raise ValueError(f"shard TLS needs a certificate, its key and the CA; {', '.join(missing)} missing")
+        return cls(str(cert_file), str(key_file), str(ca_file), server_name)
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> ShardTls | None:
+        """From a Serve application's args["shard_tls"] (what as_args wrote), or None when absent."""
+        return cls(**args) if args else None
+
+    def as_args(self) -> dict[str, Any]:
+        return {"cert_file": self.cert_file, "key_file": self.key_file, "ca_file": self.ca_file,
+                "server_name": self.server_name}
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """A shard's side: its certificate, and a client certificate from the CA required."""
+        cert, key, ca = self._read()
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """The trunk's side: the shard's certificate checked against the CA; the trunk's own presented."""
+        cert, key, ca = self._read()
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+    def _read(self) -> tuple[bytes, bytes, bytes]:
+        out = []
+        for what, path in (("certificate", self.cert_file), ("key", self.key_file), ("CA", self.ca_file)):
+            try:
+                out.append(Path(path).read_bytes())
+            except OSError as err:
+                raise ValueError(f"shard TLS: cannot read the {what} {path}: {err.strerror or err}") from None
+        return out[0], out[1], out[2]
 
 
 @dataclass(frozen=True)
@@ -96,12 +154,17 @@ class InProcessTransport:
 
 
 class GrpcTransport:
-    """One persistent Dispatch stream per shard; every layer's messages go out to all shards at once."""
+    """One persistent Dispatch stream per shard; every layer's messages go out to all shards at once.
 
-    def __init__(self, addresses: list[str], *, timeout_s: float = 30.0) -> None:
+    With `credentials` (ShardTls.channel_credentials(), or any grpc channel credentials) the channels are
+    TLS; `server_name` is the name checked in the shards' certificates instead of their addresses.
+    """
+
+    def __init__(self, addresses: list[str], *, timeout_s: float = 30.0,
+                 credentials: grpc.ChannelCredentials | None = None, server_name: str | None = None) -> None:
         self.timeout_s = timeout_s
         self.stats = TransportStats()
-        self.streams = [_ShardStream(address, timeout_s) for address in addresses]
+        self.streams = [_ShardStream(address, timeout_s, credentials, server_name) for address in addresses]
         self.infos = [s.info() for s in self.streams]
 
     def shard_experts(self) -> list[tuple[int, ...]]:
@@ -145,7 +208,8 @@ class _ShardStream:
     the shard is back.
     """
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(self, address: str, timeout_s: float, credentials: grpc.ChannelCredentials | None = None,
+                 server_name: str | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
         options = [
@@ -156,7 +220,12 @@ class _ShardStream:
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
-        self.channel = grpc.insecure_channel(address, options=options)
+        if server_name is not None:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if credentials is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            self.channel = grpc.secure_channel(address, credentials, options=options)
         self.stub = pb_grpc.ExpertShardStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self._sequence = itertools.count(1)
@@ -166,9 +235,16 @@ class _ShardStream:
         self._lock = threading.Lock()
 
     def info(self) -> pb.ShardInfo:
+        """The shard's Info, waiting up to timeout_s for it to come up. A channel that never connected
+        (nothing listening, a TLS handshake refused) is UNAVAILABLE, with gRPC's reason, not a deadline."""
         try:
             return self.stub.Info(pb.InfoRequest(), timeout=self.timeout_s, wait_for_ready=True)
         except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                try:  # without waiting for the channel: fails at once with why it cannot connect
+                    return self.stub.Info(pb.InfoRequest(), timeout=min(self.timeout_s, 2.0))
+                except grpc.RpcError as probe:
+                    err = probe
             raise ShardError(f"expert shard at {self.address}: {err.details()}", code=err.code().name) from err
 
     def send(self, layer: int, counts: list[int], rows: pb.Tensor, trace_context: dict[str, str] | None = None) -> int:

@@ -43,6 +43,12 @@ def context_length_exceeded(limit: int, prompt: int, completion: int) -> Gateway
     )
 
 
+def payload_too_large(limit_bytes: int) -> GatewayError:
+    return GatewayError(413, "RESOURCE_EXHAUSTED", "invalid_request_error",
+                        f"The request body is larger than this server's limit of {limit_bytes} bytes.",
+                        openai_code="request_too_large")
+
+
 def overloaded(retry_after_s: int = 1) -> GatewayError:
     return GatewayError(429, "RESOURCE_EXHAUSTED", "rate_limit_error",
                         "The server is at capacity; retry shortly.", retry_after_s=retry_after_s)

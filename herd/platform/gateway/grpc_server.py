@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from herd.platform.gateway.core import Gateway, Prepared
-from herd.platform.gateway.errors import GatewayError, invalid_request
+from herd.platform.gateway.errors import GatewayError, internal, invalid_request
 from herd.platform.telemetry.tracing import extract
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
@@ -29,6 +30,47 @@ MAX_MESSAGE_BYTES = 64 * 2**20
 GrpcTenantResolver = Callable[[grpc.aio.ServicerContext], Awaitable[pb.TenantContext | None]]
 
 
+class Unreadable:
+    """A request whose bytes are not the method's message. The deserializer returns it instead of raising,
+    which would make gRPC answer UNKNOWN and log a traceback per call (a client could flood the logs)."""
+
+    def __init__(self, message_type: type[Message], error: Exception) -> None:
+        self.text = f"the request is not a valid {message_type.DESCRIPTOR.full_name} message: {error}"
+
+
+def _parse(message_type: type[Message]) -> Callable[[bytes], Message | Unreadable]:
+    def parse(data: bytes) -> Message | Unreadable:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as err:
+            return Unreadable(message_type, err)
+
+    return parse
+
+
+async def _refuse_unreadable(request: object, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, Unreadable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.text)
+
+
+def add_inference_service(service: InferenceService, server: grpc.aio.Server) -> None:
+    """herd.v1.Inference on the server, as the generated add_InferenceServicer_to_server does, but with
+    deserializers that never raise (an unreadable request is INVALID_ARGUMENT, see Unreadable)."""
+    handlers = {
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            service.ListModels, request_deserializer=_parse(pb.ListModelsRequest),
+            response_serializer=pb.ListModelsResponse.SerializeToString),
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate, request_deserializer=_parse(pb.GenerateRequest),
+            response_serializer=pb.GenerateChunk.SerializeToString),
+        "Chat": grpc.unary_stream_rpc_method_handler(
+            service.Chat, request_deserializer=_parse(pb.ChatRequest),
+            response_serializer=pb.GenerateChunk.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
 class InferenceService(pb_grpc.InferenceServicer):
     def __init__(self, gateway: Gateway, tenant_resolver: GrpcTenantResolver | None = None) -> None:
         self.gateway = gateway
@@ -37,6 +79,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
+        await _refuse_unreadable(request, context)
         try:
             return pb.ListModelsResponse(models=self.gateway.list_models(await self._identity(context)))
         except GatewayError as err:
@@ -46,6 +89,8 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
+        await _refuse_unreadable(request, context)
+
         async def prepare() -> Prepared:
             which = request.WhichOneof("prompt")
             if which is None:
@@ -60,6 +105,8 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Chat(
         self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
+        await _refuse_unreadable(request, context)
+
         async def prepare() -> Prepared:
             messages = []
             for m in request.messages:
@@ -86,6 +133,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                     yield chunk
         except GatewayError as err:
             await _abort(context, err)
+        except Exception as err:  # a bug, never a bare UNKNOWN: INTERNAL with what happened
+            await _abort(context, internal(f"{type(err).__name__}: {err}"))
 
     async def _identity(self, context: grpc.aio.ServicerContext) -> object:
         """The caller, from `authorization` metadata ("Bearer <key>" or the bare key)."""
@@ -107,16 +156,29 @@ async def _abort(context: grpc.aio.ServicerContext, err: GatewayError) -> None:
     await context.abort_with_status(rpc_status.to_status(rich))
 
 
-async def start_grpc(gateway: Gateway, *, host: str = "127.0.0.1", port: int = 50051) -> tuple[grpc.aio.Server, int]:
-    """Start the Inference server (with health and reflection); returns it and the bound port."""
+async def start_grpc(
+    gateway: Gateway, *, host: str = "127.0.0.1", port: int = 50051, cert_chain: bytes | None = None,
+    private_key: bytes | None = None, client_ca: bytes | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """Start the Inference server (with health and reflection); returns it and the bound port.
+
+    With a PEM certificate chain and its key the port is TLS only; with a client CA too, a client must
+    present a certificate that CA signed (refused in the handshake otherwise)."""
     options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_InferenceServicer_to_server(InferenceService(gateway), server)
+    add_inference_service(InferenceService(gateway), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if cert_chain is None or private_key is None:
+        if cert_chain is not None or private_key is not None or client_ca is not None:
+            raise ValueError("gRPC TLS needs both a certificate chain and its private key")
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        credentials = grpc.ssl_server_credentials([(private_key, cert_chain)], root_certificates=client_ca,
+                                                  require_client_auth=client_ca is not None)
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
     if not bound:
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()

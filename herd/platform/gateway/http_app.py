@@ -17,15 +17,20 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException
 
 from herd import __version__
 from herd.platform.gateway import openai_translate as translate
+from herd.platform.gateway.body_limit import BodyLimitMiddleware
 from herd.platform.gateway.core import Gateway
 from herd.platform.gateway.errors import GatewayError, internal
 from herd.platform.gateway.openai_models import (
     ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     Completion,
+    CompletionChunk,
     CompletionRequest,
     ErrorResponse,
     ModelEntry,
@@ -34,18 +39,28 @@ from herd.platform.gateway.openai_models import (
 from herd.platform.telemetry.tracing import extract
 from herd.protos.herd.v1 import inference_pb2 as pb
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in ((400, "invalid request"), (404, "unknown model"), (429, "at capacity, retry"),
-                       (503, "unavailable"), (504, "deadline exceeded"))
-}
+
+def _errors(*pairs: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorResponse, "description": text} for code, text in pairs}
 
 
-def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = ()) -> FastAPI:
-    """The HTTP door; `routers` adds more (the admin API) under the same error handling."""
+_ERRORS = _errors((400, "invalid request"), (401, "no key, or a bad one"), (403, "model not allowed for this key"),
+                  (404, "unknown model"), (413, "request body over the limit"), (429, "at capacity, retry"),
+                  (503, "unavailable"), (504, "deadline exceeded"))
+_ROUTER_ERRORS = _errors((400, "invalid request"), (401, "credential required"), (404, "not found"),
+                         (409, "exists already"), (413, "request body over the limit"))
+MAX_REQUEST_BODY_BYTES = 16 * 2**20
+
+
+def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = (),
+               max_request_body_bytes: int = MAX_REQUEST_BODY_BYTES) -> FastAPI:
+    """The HTTP door; `routers` adds more (the admin API) under the same error handling. A request body
+    over `max_request_body_bytes` is refused with 413 before it is read."""
     app = FastAPI(title="Herd", version=__version__, description="OpenAI-compatible API for Llama 4 models.")
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_request_body_bytes)
     for router in routers:
-        app.include_router(router)
+        app.include_router(router, responses=_ROUTER_ERRORS)
+    _document_as_served(app)
 
     async def identity(request: Request) -> Any:
         """The caller, from `Authorization: Bearer <key>` (401 when tenancy is on and it is missing or bad)."""
@@ -57,6 +72,14 @@ def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = ()) -> FastAP
     async def _gateway_error(_: Request, err: GatewayError) -> JSONResponse:
         return error_response(err)
 
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, err: HTTPException) -> JSONResponse:
+        """Starlette's own refusals (no such route, wrong method, a body it cannot read), OpenAI-shaped."""
+        kind = "server_error" if err.status_code >= 500 else "invalid_request_error"
+        response = error_response(GatewayError(err.status_code, "INVALID_ARGUMENT", kind, str(err.detail)))
+        response.headers.update(err.headers or {})
+        return response
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
@@ -67,7 +90,7 @@ def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = ()) -> FastAP
         return error_response(GatewayError(400, "INVALID_ARGUMENT", "invalid_request_error", message,
                                            param=where or None))
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "a model is not healthy"}})
     async def health() -> JSONResponse:
         states = {name: await b.healthy() for name, b in gateway.backends.items()}
         return JSONResponse({"models": states}, status_code=200 if all(states.values()) else 503)
@@ -127,6 +150,47 @@ def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = ()) -> FastAP
         return translate.completion(body, prepared, await translate.collect(chunks))
 
     return app
+
+
+def _document_as_served(app: FastAPI) -> None:
+    """The OpenAPI document says what the door does: a refused body is 400 with an OpenAI error (never
+    FastAPI's 422), and a streamed answer is text/event-stream of chunk events ending in [DONE]."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        documented = (ChatCompletionChunk, CompletionChunk, ErrorResponse)
+        _, defs = models_json_schema([(m, "serialization") for m in documented],
+                                     ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, definition in defs.get("$defs", {}).items():
+            components.setdefault(name, definition)
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        bad_request = {"description": "invalid request",
+                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        for item in schema.get("paths", {}).values():
+            for operation in item.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses.setdefault("400", bad_request)
+        for path, chunk in (("/v1/chat/completions", ChatCompletionChunk), ("/v1/completions", CompletionChunk)):
+            content = schema["paths"][path]["post"]["responses"]["200"]["content"]
+            content["text/event-stream"] = {"schema": _event_schema(chunk.__name__)}
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _event_schema(chunk: str) -> dict[str, Any]:
+    """One server-sent event: a chunk, an error that ends the stream, or the closing [DONE]."""
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk}"}, {"$ref": "#/components/schemas/ErrorResponse"}]}
+    return {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+        {"const": "[DONE]"},
+        {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
+    ]}}}
 
 
 def error_response(err: GatewayError) -> JSONResponse:

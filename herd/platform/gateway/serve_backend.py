@@ -8,6 +8,7 @@ aborts it in the engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -55,9 +56,14 @@ class ServeBackend:
             raise from_code(err.code, err.message) from err
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
             raise unavailable(f"the replica of {self.name} is unavailable: {err}") from err
+        except ray.exceptions.RayError as err:  # Ray itself failed between here and the replica: worth a retry
+            raise unavailable(f"the replica of {self.name} could not be reached: {type(err).__name__}") from err
         finally:
             if not finished:
-                stream.cancel()
+                # Cancelling a request Serve refused re-raises the refusal (it fetches the result to cancel it):
+                # that must not replace the 429 already raised above.
+                with contextlib.suppress(Exception):
+                    stream.cancel()
 
     async def stats(self) -> dict[str, int]:
         return await self.handle.stats.remote()

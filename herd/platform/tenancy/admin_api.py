@@ -24,16 +24,19 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+INT64_MAX = 2**63 - 1  # the database's integer columns
+
+
 class TenantFields(_Body):
     name: str | None = None
     allowed_models: list[str] | None = Field(None, description='model names, or ["*"] for all')
-    requests_per_min: int | None = Field(None, ge=1)
-    input_tokens_per_min: int | None = Field(None, ge=1)
-    output_tokens_per_min: int | None = Field(None, ge=1)
-    max_concurrent: int | None = Field(None, ge=1)
-    max_context: int | None = Field(None, ge=1)
-    max_output_tokens: int | None = Field(None, ge=1)
-    monthly_token_budget: int | None = Field(None, ge=0)
+    requests_per_min: int | None = Field(None, ge=1, le=INT64_MAX)
+    input_tokens_per_min: int | None = Field(None, ge=1, le=INT64_MAX)
+    output_tokens_per_min: int | None = Field(None, ge=1, le=INT64_MAX)
+    max_concurrent: int | None = Field(None, ge=1, le=INT64_MAX)
+    max_context: int | None = Field(None, ge=1, le=INT64_MAX)
+    max_output_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    monthly_token_budget: int | None = Field(None, ge=0, le=INT64_MAX)
     weight: float | None = Field(None, gt=0)
     priority_class: str | None = None
     sharing_group: str | None = None

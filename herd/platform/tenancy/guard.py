@@ -109,6 +109,7 @@ class Guard:
             self._write(admission, completion=0, cached=0, status=f"refused:{err.openai_code or err.code}", prompt=0)
             raise
         self._in_flight[tenant.id] += 1
+        self.ledger.open(self._row(admission, completion=0, cached=0, status="admitted"))
         return admission
 
     async def settle(self, admission: Admission, *, completion_tokens: int, cached_tokens: int, status: str) -> None:
@@ -126,13 +127,18 @@ class Guard:
     def _write(
         self, admission: Admission, *, completion: int, cached: int, status: str, prompt: int | None = None
     ) -> None:
-        self.ledger.record({
+        self.ledger.record(self._row(admission, completion=completion, cached=cached, status=status, prompt=prompt))
+
+    @staticmethod
+    def _row(admission: Admission, *, completion: int, cached: int, status: str, prompt: int | None = None,
+             ) -> dict[str, object]:
+        return {
             "time": datetime.now(UTC), "tenant_id": admission.identity.tenant.id, "key_id": admission.identity.key_id,
             "model": admission.model, "request_id": admission.request_id,
             "prompt_tokens": admission.prompt_tokens if prompt is None else prompt,
             "completion_tokens": completion, "cached_tokens": cached, "status": status[:32],
             "latency_ms": int((time.monotonic() - admission.started) * 1000),
-        })
+        }
 
     def _check_caps(self, tenant: Tenant, prompt_tokens: int, max_tokens: int) -> None:
         if tenant.max_context is not None and prompt_tokens + max_tokens > tenant.max_context:

@@ -1,19 +1,20 @@
-"""The usage ledger writer: rows are batched to the database in the background and never lost on a
-clean shutdown. While the database is down rows wait in memory (and the gateway refuses new requests,
-since it cannot check keys); on shutdown whatever could not be written goes to a spill file, which
-the next start writes back (rows are keyed by request id, so nothing is counted twice).
+"""The usage ledger writer: rows are batched to the database in the background and never lost. While
+the database is down rows wait in memory (and the gateway refuses new requests, since it cannot check
+keys). Every row, and every admitted request before it ends, is also in the usage journal
+(herd.platform.tenancy.journal, at `spill_path`) until the database has it; the next start writes
+back what the journal holds, so neither a shutdown with the database down nor a killed gateway loses
+a row (rows are keyed by request id, so nothing is counted twice).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from herd.platform.tenancy.journal import UsageJournal
 from herd.platform.tenancy.store import TenantStore
 
 log = logging.getLogger(__name__)
@@ -27,20 +28,31 @@ class UsageLedger:
         self.max_batch = max_batch
         self.spill_path = spill_path
         self._pending: list[dict[str, Any]] = []
+        self._open: dict[str, dict[str, Any]] = {}  # request id -> its row, for requests admitted, not ended
+        self.journal = UsageJournal(spill_path) if spill_path is not None else None
         self._task: asyncio.Task[None] | None = None
+        self._recover()  # before anything can rewrite the journal: an earlier run's rows are never dropped
         self._flushing = asyncio.Lock()  # two flushes at once would each drop the other's batch
         self.database_ok = True
 
+    def open(self, row: dict[str, Any]) -> None:
+        """A request was admitted: journal its row as it stands, in case this process dies before it ends."""
+        self._open[row["request_id"]] = row
+        if self.journal is not None:
+            self.journal.opened(row)
+
     def record(self, row: dict[str, Any]) -> None:
         """Queue one usage row (tenant_id, key_id, model, request_id, tokens, status, latency_ms, time)."""
+        self._open.pop(row["request_id"], None)
         self._pending.append(row)
+        if self.journal is not None:
+            self.journal.finished(row)
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
     def start(self) -> None:
-        self._recover_spill()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def flush(self) -> bool:
@@ -61,7 +73,12 @@ class UsageLedger:
                 return False
             del self._pending[: len(batch)]
             self.database_ok = True
+            self._compact()
         return True
+
+    def _compact(self) -> None:
+        if self.journal is not None:
+            self.journal.compact(self._pending, self._open.values())
 
     async def close(self) -> None:
         """Stop the writer, write what is left, spill to disk what the database would not take."""
@@ -71,6 +88,8 @@ class UsageLedger:
                 await self._task
         if not await self.flush() and self._pending:
             self._spill()
+        if self.journal is not None:
+            self.journal.close()
 
     async def _run(self) -> None:
         while True:
@@ -78,20 +97,20 @@ class UsageLedger:
             await self.flush()
 
     def _spill(self) -> None:
-        if self.spill_path is None:
+        if self.journal is None:
             log.error("usage ledger: %d rows could not be written and no spill file is set", len(self._pending))
             return
-        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.spill_path.open("a") as out:
-            for row in self._pending:
-                out.write(json.dumps({**row, "time": row["time"].isoformat()}) + "\n")
-        log.warning("usage ledger: database unavailable; %d rows spilled to %s", len(self._pending), self.spill_path)
+        self._compact()  # the journal keeps them (and any request still open) for the next start
+        log.warning("usage ledger: database unavailable; %d rows kept in %s", len(self._pending), self.spill_path)
         self._pending.clear()
 
-    def _recover_spill(self) -> None:
-        if self.spill_path is None or not self.spill_path.is_file():
+    def _recover(self) -> None:
+        if self.journal is None:
             return
-        rows = [json.loads(line) for line in self.spill_path.read_text().splitlines() if line.strip()]
-        self._pending = [{**r, "time": datetime.fromisoformat(r["time"])} for r in rows] + self._pending
-        self.spill_path.unlink()
-        log.info("usage ledger: %d spilled rows queued again", len(rows))
+        rows = self.journal.recover()
+        if rows:
+            self._pending = rows + self._pending
+            self._compact()
+            interrupted = sum(r["status"] == "interrupted" for r in rows)
+            log.info("usage ledger: %d rows from the journal queued again (%d of requests interrupted)",
+                     len(rows), interrupted)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
 import threading
 import time
+
+import psutil
 
 
 def free_port() -> int:
@@ -34,3 +37,12 @@ def wait_until_serving(proc: subprocess.Popen, output: list[str], timeout_s: flo
         assert line, "herd serve exited:\n" + "".join(output)
         output.append(line)
     threading.Thread(target=lambda: output.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+
+
+def descendants(root: int) -> dict[int, str]:
+    """{pid: process title} of every process under root (Ray's workers are the driver's descendants)."""
+    found = {}
+    for child in psutil.Process(root).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            found[child.pid] = " ".join(child.cmdline())
+    return found

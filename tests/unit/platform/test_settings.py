@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -53,3 +55,60 @@ def test_serve_config_names_the_app_builder_and_carries_the_replica_settings(tmp
 
     replica = replica_config(app["args"])
     assert replica.num_shards == 2 and replica.engine.kv_cache_bytes == 256 * 2**20
+
+
+def _pem_files(directory, *names):
+    """Files that look like PEM (the settings check only that they are readable PEM text)."""
+    for name in names:
+        (directory / name).write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    return [directory / name for name in names]
+
+
+def test_tls_from_a_config_file_and_the_environment(tmp_path, monkeypatch):
+    cert, key, ca, shard, shard_key, shard_ca = _pem_files(tmp_path, "c.crt", "c.key", "ca.crt", "s.crt", "s.key",
+                                                           "sca.crt")
+    assert not HerdSettings.load().tls.public and not HerdSettings.load().tls.shards
+    config = tmp_path / "herd.yaml"
+    config.write_text(yaml.safe_dump({"tls": {"cert_file": str(cert), "key_file": str(key),
+                                              "shard_cert_file": str(shard), "shard_key_file": str(shard_key),
+                                              "shard_ca_file": str(shard_ca), "shard_server_name": "herd-shard"}}))
+    monkeypatch.setenv("HERD_TLS__CLIENT_CA_FILE", str(ca))
+    tls = HerdSettings.load(config).tls
+    assert tls.public and tls.shards and tls.client_ca_file == ca and tls.shard_server_name == "herd-shard"
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [({"cert_file": "c.crt"}, "tls.cert_file is set but tls.key_file is not"),
+     ({"key_file": "c.key"}, "tls.key_file is set but tls.cert_file is not"),
+     ({"shard_cert_file": "s.crt", "shard_key_file": "s.key"}, "tls.shard_ca_file is not"),
+     ({"shard_ca_file": "ca.crt"}, "tls.shard_cert_file, tls.shard_key_file is not"),
+     ({"client_ca_file": "ca.crt"}, "tls.client_ca_file needs tls.cert_file"),
+     ({"shard_server_name": "herd-shard"}, "tls.shard_server_name needs tls.shard_cert_file"),
+     ({"cert_file": "c.crt", "key_file": "gone.key"}, "tls.key_file: cannot read .*gone.key"),
+     ({"cert_file": "c.crt", "key_file": "c.key", "client_ca_file": "."}, "tls.client_ca_file: cannot read"),
+     ({"shard_cert_file": "s.crt", "shard_key_file": "s.key", "shard_ca_file": "der.crt"},
+      "tls.shard_ca_file: .*der.crt is not a PEM file")],
+)
+def test_tls_files_come_together_and_must_be_readable_pem(tmp_path, monkeypatch, given, message):
+    monkeypatch.chdir(tmp_path)
+    _pem_files(tmp_path, "c.crt", "c.key", "ca.crt", "s.crt", "s.key")
+    (tmp_path / "der.crt").write_bytes(b"\x30\x82\x01\x0a")
+    with pytest.raises(ValueError, match=message):
+        HerdSettings.load(tls=given)
+
+
+def test_serve_config_carries_the_shards_tls_as_absolute_paths_only_when_set(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _pem_files(tmp_path, "s.crt", "s.key", "ca.crt")
+    models = [{"name": "scout", "path": "scout", "shards": 2}]
+    plain = serve_config(HerdSettings.load(models_dir=tmp_path, models=models))
+    assert "shard_tls" not in plain["applications"][0]["args"]  # the chart's serveConfigV2 has the same keys
+    tls = {"shard_cert_file": "s.crt", "shard_key_file": "s.key", "shard_ca_file": "ca.crt", "shard_server_name": "x"}
+    args = serve_config(HerdSettings.load(models_dir=tmp_path, models=models, tls=tls))["applications"][0]["args"]
+    here = Path.cwd()
+    assert args["shard_tls"] == {"cert_file": str(here / "s.crt"), "key_file": str(here / "s.key"),
+                                 "ca_file": str(here / "ca.crt"), "server_name": "x"}
+    from herd.workers.transport import ShardTls
+
+    assert ShardTls.from_args(yaml.safe_load(yaml.safe_dump(args))["shard_tls"]).server_name == "x"

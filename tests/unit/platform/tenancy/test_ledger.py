@@ -209,8 +209,8 @@ def test_close_with_the_database_down_spills_and_the_next_start_writes_them_once
     async def start_again() -> None:
         ledger = UsageLedger(store, spill_path=spill, flush_interval_s=3600)
         ledger.start()
-        assert not spill.exists()
         assert ledger.pending == 4
+        assert len(spill.read_text().splitlines()) == 4, "journaled until the database has them"
         ledger.record(row(4))
         assert await flush(ledger) is True
         await close(ledger)
@@ -351,3 +351,48 @@ def test_overlapping_flushes_lose_no_row(store: TenantStore, monkeypatch: pytest
 
     asyncio.run(main())
     assert sorted(written(store)) == ids(0, 1, 2)
+
+
+def test_a_killed_gateway_loses_no_row_and_open_requests_come_back_interrupted(store: TenantStore,
+                                                                                tmp_path: Path) -> None:
+    """The process dies without close(): what the journal holds is written at the next start, once."""
+    journal = tmp_path / "usage.jsonl"
+
+    async def work_then_die() -> None:
+        ledger = UsageLedger(store, spill_path=journal, flush_interval_s=3600)
+        ledger.start()
+        for n in range(3):
+            ledger.open({**row(n), "completion_tokens": 0, "cached_tokens": 0, "status": "admitted"})
+        ledger.record(row(0))  # finished and flushed
+        assert await flush(ledger) is True
+        ledger.record(row(1))  # finished, not yet flushed; req-2 still streaming when the process dies
+        ledger.journal._out.close()  # what a SIGKILL leaves: the kernel has the lines, no close() ran
+
+    asyncio.run(work_then_die())
+    assert written(store) == ids(0)
+
+    async def start_again() -> None:
+        ledger = UsageLedger(store, spill_path=journal, flush_interval_s=3600)
+        ledger.start()
+        assert ledger.pending == 2
+        assert await flush(ledger) is True
+        await close(ledger)
+
+    asyncio.run(start_again())
+    assert written(store) == ids(0, 1, 2)
+    rows = {r.request_id: r for r in store.usage_rows("acme")}
+    assert rows["req-1"].status == row(1)["status"] and rows["req-1"].completion_tokens == row(1)["completion_tokens"]
+    assert rows["req-2"].status == "interrupted" and rows["req-2"].completion_tokens == 0
+    assert rows["req-2"].prompt_tokens == row(2)["prompt_tokens"], "the prompt it was admitted with"
+    assert not journal.exists()
+
+
+def test_a_line_cut_short_by_the_kill_is_skipped(tmp_path: Path) -> None:
+    from herd.platform.tenancy.journal import UsageJournal
+
+    journal = UsageJournal(tmp_path / "usage.jsonl")
+    journal.finished(row(0))
+    journal.close()
+    with (tmp_path / "usage.jsonl").open("a") as out:
+        out.write('{"request_id": "req-1", "tim')
+    assert [r["request_id"] for r in journal.recover()] == ["req-0"]

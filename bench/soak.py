@@ -1,0 +1,189 @@
+"""Soak: `herd serve` on the tiny Scout (2 gRPC expert shards) under steady load with overload bursts for a
+bounded time, sampling memory and KV use. Passes when the RSS of every Herd process and the KV blocks held
+are flat (the last window against the first) and no request fails other than with 429.
+
+Load: `--concurrency` clients in a loop (mixed prompt and output lengths from a fixed seed), and every
+`--burst-every-s` seconds a burst of `--burst` more at once, beyond the replica's queue, which Serve
+refuses with 429. Every `--sample-s` seconds: RSS of the gateway (the herd serve process), of the
+replica, of each expert shard (by process title, under herd serve), and the KV blocks the replica holds
+(/herd/stats); requests by outcome. The baseline is the run's own first window: "flat" means the median
+of the last window is within `--rss-tolerance` of the first's (and KV returns to 0 when idle).
+
+    .venv/bin/python bench/soak.py [--duration-s 600] [--concurrency 16] [--burst 48] [--burst-every-s 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from herd.model.tiny import make_tiny
+from herd.platform.loadgen import make_workload
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except psutil.Error:
+        return 0.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _herd_processes(root: int) -> dict[str, int]:
+    """{role: pid}: the gateway (herd serve itself), the replica, each expert shard."""
+    roles = {"gateway": root}
+    shards = 0
+    for child in sorted(psutil.Process(root).children(recursive=True), key=lambda p: p.pid):
+        pid, title = child.pid, " ".join(child.cmdline())
+        if title.startswith("ray::ServeReplica:scout"):
+            roles["replica"] = pid
+        elif title.startswith("ray::ExpertShardActor"):
+            roles[f"shard{shards}"] = pid
+            shards += 1
+    return roles
+
+
+async def _client(http: httpx.AsyncClient, workload, stop: float, outcomes: Counter) -> None:
+    i = 0
+    while time.monotonic() < stop:
+        request = workload[i % len(workload)]
+        i += 1
+        await _one(http, request, outcomes)
+
+
+async def _one(http: httpx.AsyncClient, request, outcomes: Counter) -> None:
+    body = {"model": "scout", "messages": [{"role": "user", "content": request.prompt}],
+            "max_tokens": request.max_tokens, "temperature": 0, "ignore_eos": True}
+    try:
+        reply = await http.post("/v1/chat/completions", json=body)
+        outcomes[str(reply.status_code)] += 1
+    except httpx.HTTPError as err:
+        outcomes[type(err).__name__] += 1
+
+
+async def _soak(url: str, args: argparse.Namespace, roles: dict[str, int]) -> list[dict[str, Any]]:
+    workload = make_workload(256, seed=args.seed, prompt_words=(8, 96), max_tokens=(8, 48))
+    bursts = make_workload(args.burst, seed=args.seed + 1, prompt_words=(8, 32), max_tokens=(8, 16))
+    outcomes: Counter = Counter()
+    samples: list[dict[str, Any]] = []
+    start = time.monotonic()
+    stop = start + args.duration_s
+    limits = httpx.Limits(max_connections=args.concurrency + args.burst)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+        clients = [asyncio.create_task(_client(http, workload[i::args.concurrency], stop, outcomes))
+                   for i in range(args.concurrency)]
+        next_burst, next_sample = start + args.burst_every_s, start
+        burst_tasks = []
+        while time.monotonic() < stop:
+            now = time.monotonic()
+            if now >= next_burst:
+                burst_tasks.append(asyncio.ensure_future(asyncio.gather(*[_one(http, r, outcomes) for r in bursts])))
+                next_burst += args.burst_every_s
+            if now >= next_sample:
+                stats = (await http.get("/herd/stats")).json()["scout"]
+                samples.append({"t_s": round(now - start), **{f"{role}_mib": round(_rss_mib(pid), 1)
+                                                             for role, pid in roles.items()},
+                                "kv_blocks": sum(v for k, v in stats.items() if k.startswith("kv_blocks_used")),
+                                "in_flight": stats["in_flight"], **dict(outcomes)})
+                next_sample += args.sample_s
+            await asyncio.sleep(0.2)
+        await asyncio.gather(*clients, *burst_tasks)
+        await asyncio.sleep(2)
+        stats = (await http.get("/herd/stats")).json()["scout"]
+        samples.append({"t_s": round(time.monotonic() - start), "idle": True,
+                        **{f"{role}_mib": round(_rss_mib(pid), 1) for role, pid in roles.items()},
+                        "kv_blocks": sum(v for k, v in stats.items() if k.startswith("kv_blocks_used")),
+                        "in_flight": stats["in_flight"], **dict(outcomes)})
+    return samples
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration-s", type=float, default=600)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--burst", type=int, default=48)
+    parser.add_argument("--burst-every-s", type=float, default=30)
+    parser.add_argument("--sample-s", type=float, default=15)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rss-tolerance", type=float, default=0.10, help="allowed growth of a window median")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="herd-soak-"))
+    model = make_tiny(work / "scout", preset="scout", seed=3)
+    config = work / "herd.json"
+    config.write_text(json.dumps({
+        "models": [{"name": "scout", "path": str(model), "shards": 2, "transport": "grpc",
+                    "deployment": {"max_ongoing_requests": 32, "max_queued_requests": 16},
+                    "engine": {"max_num_seqs": 32}}],
+        "tenancy": {"auth": False},
+    }))
+    port, grpc_port = _free_port(), _free_port()
+    log = work / "serve.log"  # a file, not a pipe: the access log must never block the server
+    proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", "--config", str(config),
+                             "--http-port", str(port), "--grpc-port", str(grpc_port)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, cwd=work)
+    try:
+        deadline = time.monotonic() + 300
+        while "Ctrl-C stops everything" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                print(f"herd serve did not start:\n{log.read_text()[-3000:]}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        roles = _herd_processes(proc.pid)
+        samples = asyncio.run(_soak(f"http://127.0.0.1:{port}", args, roles))
+    finally:
+        proc.send_signal(2)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return _report(samples, roles, args)
+
+
+def _report(samples: list[dict[str, Any]], roles: dict[str, int], args: argparse.Namespace) -> int:
+    columns = ["t_s", *[f"{r}_mib" for r in roles], "kv_blocks", "in_flight", "200", "429"]
+    print("| " + " | ".join(columns) + " | other |")
+    print("|" + "---|" * (len(columns) + 1))
+    for s in samples:
+        other = sum(v for k, v in s.items() if k.isdigit() and k not in ("200", "429")) + sum(
+            v for k, v in s.items() if k.endswith(("Error", "Timeout")))
+        print("| " + " | ".join(str(s.get(c, 0)) for c in columns) + f" | {other} |")
+    loaded = [s for s in samples if not s.get("idle")]
+    window = max(1, len(loaded) // 4)
+    ok = True
+    for role in roles:
+        first = statistics.median(s[f"{role}_mib"] for s in loaded[1 : 1 + window])  # after warm-up
+        last = statistics.median(s[f"{role}_mib"] for s in loaded[-window:])
+        flat = last <= first * (1 + args.rss_tolerance)
+        ok &= flat
+        print(f"{role}: RSS median {first:.0f} -> {last:.0f} MiB ({last / first:.3f}x) {'flat' if flat else 'GREW'}")
+    final = samples[-1]
+    others = {k: v for k, v in final.items() if (k.isdigit() and k not in ("200", "429")) or k.endswith("Error")}
+    print(f"requests: {final.get('200', 0)} ok, {final.get('429', 0)} refused (429), other: {others or 0}")
+    print(f"idle: KV blocks held {final['kv_blocks']}, in flight {final['in_flight']}")
+    ok &= not others and final["kv_blocks"] == 0 and final["in_flight"] == 0
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Faults under load, through herd serve: an expert shard and then a whole replica are killed (SIGKILL)
+while 32 streams run. Every request completes or ends with a retriable status (UNAVAILABLE,
+DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED) within its deadline; nothing hangs; Serve brings the part back
+and the model serves again; no KV block is left held; every request has exactly one usage row."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import grpc
+import httpx
+
+from herd.model.tiny import make_tiny
+from herd.protos.herd.v1 import inference_pb2 as pb
+from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
+from tests.integration.platform.processes import descendants, free_port, interrupt, wait_until_serving
+
+RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+STREAMS = 32
+DEADLINE_S = 90.0
+
+
+def _kill_one(root: int, title: str) -> int:
+    pids = [pid for pid, t in descendants(root).items() if t.startswith(f"ray::{title}")]
+    assert pids, f"no process titled ray::{title} under {root}: {sorted(descendants(root).values())}"
+    os.kill(pids[0], signal.SIGKILL)
+    return pids[0]
+
+
+async def _one(stub, key: str, n: int) -> tuple[str, object]:
+    """One stream: ("ok", tokens) or ("retriable", code) or ("bad", what)."""
+    request = pb.ChatRequest(model="scout", messages=[pb.ChatMessage(role="user", content=f"fault {n}")],
+                             sampling=pb.SamplingOptions(max_tokens=120, temperature=0, ignore_eos=True))
+    tokens = 0
+    try:
+        async for chunk in stub.Chat(request, timeout=DEADLINE_S, metadata=(("authorization", f"Bearer {key}"),)):
+            tokens += len(chunk.token_ids)
+    except grpc.aio.AioRpcError as err:
+        if err.code() in RETRIABLE and err.details():
+            return "retriable", err.code()
+        return "bad", f"{err.code()}: {err.details()}"
+    return ("ok", tokens) if tokens == 120 else ("bad", f"{tokens} tokens")
+
+
+async def _load(grpc_url: str, key: str, kill) -> tuple[list[tuple[str, object]], float]:
+    async with grpc.aio.insecure_channel(grpc_url) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        start = time.monotonic()
+        tasks = [asyncio.create_task(_one(stub, key, n)) for n in range(STREAMS)]
+        await asyncio.sleep(1.5)  # the batch is decoding
+        await asyncio.to_thread(kill)
+        results = await asyncio.gather(*tasks)
+        return results, time.monotonic() - start
+
+
+def _until_serving_again(http: str, key: str, timeout_s: float = 240) -> int:
+    """Send a request every second until one completes; returns how many were refused meanwhile."""
+    body = {"model": "scout", "messages": [{"role": "user", "content": "back?"}], "max_tokens": 4, "temperature": 0}
+    refused, deadline = 0, time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reply = httpx.post(http + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"},
+                           timeout=60)
+        if reply.status_code == 200:
+            return refused
+        assert reply.status_code in (429, 503, 504), reply.text  # retriable while the part comes back
+        refused += 1
+        time.sleep(1)
+    raise AssertionError("the model never served again")
+
+
+def _blocks_held(http: str) -> int:
+    stats = httpx.get(http + "/herd/stats", timeout=30).json()["scout"]
+    return sum(v for k, v in stats.items() if k.startswith("kv_blocks_used"))
+
+
+def test_killing_a_shard_then_a_replica_under_load_loses_nothing(tmp_path):
+    model = make_tiny(tmp_path / "scout", preset="scout", seed=31)
+    http_port, grpc_port = free_port(), free_port()
+    database = tmp_path / "herd.db"
+    config = tmp_path / "herd.json"
+    config.write_text(json.dumps({
+        "models": [{"name": "scout", "path": str(model), "shards": 2, "transport": "grpc", "dispatch_timeout_s": 5,
+                    "deployment": {"health_check_period_s": 2, "max_ongoing_requests": 64},
+                    "engine": {"max_num_seqs": 64}}],
+        "tenancy": {"database_url": f"sqlite:///{database}", "admin_token_file": str(tmp_path / "admin"),
+                    "spill_path": str(tmp_path / "spill.jsonl")},
+    }))
+    proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", "--config", str(config),
+                             "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    output: list[str] = []
+    http, grpc_url = f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+    sent = 0
+    try:
+        wait_until_serving(proc, output)
+        key = re.search(r"shown once, keep it\): (hk_\w+)", "".join(output)).group(1)
+        report = {}
+        for title in ("ExpertShardActor", "ServeReplica:scout"):
+            results, seconds = asyncio.run(_load(grpc_url, key, lambda t=title: _kill_one(proc.pid, t)))
+            sent += STREAMS
+            outcomes = Counter(kind for kind, _ in results)
+            assert outcomes["bad"] == 0, [r for r in results if r[0] == "bad"]
+            assert outcomes["retriable"] > 0, f"killing {title} mid-decode failed no stream: {results}"
+            assert seconds < DEADLINE_S + 10, "within the deadline: nothing hung"
+            refused = _until_serving_again(http, key)
+            sent += refused + 1
+            assert _blocks_held(http) == 0, "every KV block came back"
+            report[title] = (dict(outcomes), refused)
+        # And it serves a full load again.
+        results, _ = asyncio.run(_load(grpc_url, key, lambda: None))
+        sent += STREAMS
+        assert [kind for kind, _ in results] == ["ok"] * STREAMS, results
+    finally:
+        interrupt(proc)
+    print(report)
+    rows = sqlite3.connect(database).execute("select request_id, status from usage").fetchall()
+    assert len(rows) == len({r[0] for r in rows}) == sent, f"{len(rows)} rows for {sent} requests"
+    statuses = Counter(status for _, status in rows)
+    assert statuses["ok"] == sent - sum(v for s, v in statuses.items() if s != "ok")
+    assert set(statuses) <= {"ok", "unavailable", "deadline_exceeded", "refused:RESOURCE_EXHAUSTED"}, statuses
+
+
+def test_killing_the_gateway_under_load_frees_the_replica_and_its_usage_comes_back(ray_session, tmp_path):
+    """`herd gateway` (the Helm chart's gateway pod) is SIGKILLed with 32 streams in flight: the clients get
+    UNAVAILABLE at once, the replica aborts their requests (Serve's proxy sees the connection go), and the
+    gateway started again writes a row for every request from its usage journal, the cut ones marked
+    interrupted."""
+    from ray import serve
+
+    from herd.platform.server import serve_config
+    from herd.platform.settings import HerdSettings
+    from herd.workers.serve_app import build_app
+
+    model = make_tiny(tmp_path / "scout", preset="scout", seed=33)
+    proxy_port, http_port, grpc_port = free_port(), free_port(), free_port()
+    database = tmp_path / "herd.db"
+    settings = HerdSettings.load(
+        models=[{"name": "scout", "path": str(model), "shards": 0, "serve_grpc_target": f"127.0.0.1:{proxy_port}",
+                 "engine": {"max_num_seqs": 64}, "deployment": {"max_ongoing_requests": 64}}],
+        tenancy={"database_url": f"sqlite:///{database}", "admin_token_file": str(tmp_path / "admin"),
+                 "spill_path": str(tmp_path / "journal.jsonl"), "usage_flush_interval_s": 0.2},
+        http_port=http_port, grpc_port=grpc_port)
+    config = tmp_path / "gateway.json"
+    config.write_text(settings.model_dump_json())
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()},
+                grpc_options={"port": proxy_port, "grpc_servicer_functions": [
+                    "herd.protos.herd.v1.inference_pb2_grpc.add_InferenceServicer_to_server"]})
+
+    def gateway() -> tuple[subprocess.Popen, list[str]]:
+        proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "gateway", "--config", str(config)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+        output: list[str] = []
+        wait_until_serving(proc, output, timeout_s=120)
+        return proc, output
+
+    first = second = None
+    try:
+        (app,) = serve_config(settings)["applications"]
+        serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"])
+        replica = serve.get_app_handle("scout")
+        first, output = gateway()
+        key = re.search(r"shown once, keep it\): (hk_\w+)", "".join(output)).group(1)
+        results, seconds = asyncio.run(_load(f"127.0.0.1:{grpc_port}", key, lambda: first.kill()))
+        assert [kind for kind, _ in results] == ["retriable"] * STREAMS, results
+        assert {code for _, code in results} == {grpc.StatusCode.UNAVAILABLE}
+        assert seconds < DEADLINE_S, "the clients learnt at once, nothing hung"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            stats = replica.stats.remote().result()
+            if stats["in_flight"] == 0 and not any(v for k, v in stats.items() if k.startswith("kv_blocks_used")):
+                break
+            time.sleep(0.5)
+        assert stats["in_flight"] == 0, f"the replica still serves the dead gateway's requests: {stats}"
+
+        second, output = gateway()  # as Kubernetes restarts the pod
+        assert "first start" not in "".join(output), "the same database: the same tenant and key"
+        assert _until_serving_again(f"http://127.0.0.1:{http_port}", key) == 0
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                interrupt(proc, timeout_s=60)
+        serve.shutdown()
+    rows = sqlite3.connect(database).execute("select request_id, status, completion_tokens from usage").fetchall()
+    statuses = Counter(status for _, status, _ in rows)
+    assert len(rows) == len({r[0] for r in rows}) == STREAMS + 1, rows
+    assert statuses == {"interrupted": STREAMS, "ok": 1}, statuses
+    assert all(tokens == 0 for _, status, tokens in rows if status == "interrupted")
