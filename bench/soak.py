@@ -2,9 +2,9 @@
 bounded time, sampling memory and KV use. Passes when the RSS of every Herd process and the KV blocks held
 are flat (the last window against the first) and no request fails other than with 429.
 
-Load: `--concurrency` clients in a loop (mixed prompt and output lengths from a fixed seed), and every
-`--burst-every-s` seconds a burst of `--burst` more at once, beyond the replica's queue, which Serve
-refuses with 429. Every `--sample-s` seconds: RSS of the gateway (the herd serve process), of the
+Load: `--concurrency` clients in a loop (mixed prompt and output lengths from a fixed seed; after a 429
+a client waits its Retry-After), and every `--burst-every-s` seconds a burst of `--burst` more at once,
+beyond the replica's queue, which Serve refuses with 429. Every `--sample-s` seconds: RSS of the gateway (the herd serve process), of the
 replica, of each expert shard (by process title, under herd serve), and the KV blocks the replica holds
 (/herd/stats); requests by outcome. The baseline is the run's own first window: "flat" means the median
 of the last window is within `--rss-tolerance` of the first's (and KV returns to 0 when idle).
@@ -68,17 +68,22 @@ async def _client(http: httpx.AsyncClient, workload, stop: float, outcomes: Coun
     while time.monotonic() < stop:
         request = workload[i % len(workload)]
         i += 1
-        await _one(http, request, outcomes)
+        retry_after_s = await _one(http, request, outcomes)
+        if retry_after_s:  # a well-behaved client waits as told before its next request
+            await asyncio.sleep(retry_after_s)
 
 
-async def _one(http: httpx.AsyncClient, request, outcomes: Counter) -> None:
+async def _one(http: httpx.AsyncClient, request, outcomes: Counter) -> float:
+    """Send one request, count its outcome; the Retry-After of a 429 (else 0)."""
     body = {"model": "scout", "messages": [{"role": "user", "content": request.prompt}],
             "max_tokens": request.max_tokens, "temperature": 0, "ignore_eos": True}
     try:
         reply = await http.post("/v1/chat/completions", json=body)
-        outcomes[str(reply.status_code)] += 1
     except httpx.HTTPError as err:
         outcomes[type(err).__name__] += 1
+        return 0.0
+    outcomes[str(reply.status_code)] += 1
+    return float(reply.headers.get("retry-after", 1)) if reply.status_code == 429 else 0.0
 
 
 async def _soak(url: str, args: argparse.Namespace, roles: dict[str, int]) -> list[dict[str, Any]]:

@@ -16,6 +16,8 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import trace
+from opentelemetry.context import Context
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
@@ -136,7 +138,7 @@ def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = (),
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         prepared = translate.prepare_chat(gateway, body, await identity(request))
-        chunks = gateway.stream(prepared, trace_parent=extract(request.headers))
+        chunks = gateway.stream(prepared, trace_parent=_trace_parent(request))
         if body.stream:
             return await _stream(chunks, lambda c: translate.chat_events(body, prepared, c))
         return translate.chat_completion(body, prepared, await translate.collect(chunks))
@@ -144,7 +146,7 @@ def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = (),
     @app.post("/v1/completions", response_model=Completion, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         prepared = translate.prepare_completion(gateway, body, await identity(request))
-        chunks = gateway.stream(prepared, trace_parent=extract(request.headers))
+        chunks = gateway.stream(prepared, trace_parent=_trace_parent(request))
         if body.stream:
             return await _stream(chunks, lambda c: translate.completion_events(body, prepared, c))
         return translate.completion(body, prepared, await translate.collect(chunks))
@@ -191,6 +193,12 @@ def _event_schema(chunk: str) -> dict[str, Any]:
         {"const": "[DONE]"},
         {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
     ]}}}
+
+
+def _trace_parent(request: Request) -> Context | None:
+    """The parent of the request's span: FastAPI's own HTTP server span when it traces (it has continued the
+    caller's traceparent), else the caller's traceparent header itself."""
+    return None if trace.get_current_span().get_span_context().is_valid else extract(request.headers)
 
 
 def error_response(err: GatewayError) -> JSONResponse:

@@ -23,6 +23,11 @@ from herd.platform.settings import TelemetrySettings
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("herd_request_id", default="")
 """The request the current task serves ("" outside one)."""
 
+trace_ids: dict[str, tuple[str, str]] = {}
+"""request id -> (trace id, span id) of the requests in flight in this process: a line logged while a request
+is served carries its trace even where its span is not the current one (the gateway keeps a request's span
+open across a stream without making it current)."""
+
 _KEY = re.compile(r"\bhk_[A-Za-z0-9]{4,}_[A-Za-z0-9_-]{8,}")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id", "trace_id", "span_id"}
 
@@ -38,8 +43,10 @@ class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         span = trace.get_current_span().get_span_context()
         record.request_id = getattr(record, "request_id", "") or request_id.get()
-        record.trace_id = format(span.trace_id, "032x") if span.is_valid else ""
-        record.span_id = format(span.span_id, "016x") if span.is_valid else ""
+        if span.is_valid:
+            record.trace_id, record.span_id = format(span.trace_id, "032x"), format(span.span_id, "016x")
+        else:
+            record.trace_id, record.span_id = trace_ids.get(record.request_id, ("", ""))
         return True
 
 

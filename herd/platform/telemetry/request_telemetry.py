@@ -51,6 +51,9 @@ class RequestRecord:
         self.request_id, self.prompt_tokens = request_id, prompt_tokens
         self.started = time.monotonic()
         self._token = logs.request_id.set(request_id)
+        context = span.get_span_context()
+        if context.is_valid:
+            logs.trace_ids[request_id] = (format(context.trace_id, "032x"), format(context.span_id, "016x"))
         self._queue = tracer.start_span("herd.gateway.admit", context=trace.set_span_in_context(span))
         self.first_token_s: float | None = None
         self._last_token_at: float | None = None
@@ -105,6 +108,7 @@ class RequestRecord:
                 "ttft_s": round(self.first_token_s, 4) if self.first_token_s is not None else None,
                 "duration_s": round(seconds, 4),
             })
+        logs.trace_ids.pop(self.request_id, None)
         try:
             logs.request_id.reset(self._token)
         except ValueError:  # ended in another context than it started (a stream closed by another task)

@@ -73,7 +73,11 @@ def test_a_request_is_one_trace_from_the_callers_traceparent_to_the_engine_phase
     by_name = {s.name: s for s in spans.get_finished_spans()}
     request = by_name["herd.request scout"]
     assert format(request.context.trace_id, "032x") == TRACE_ID, "the caller's trace is continued"
-    assert format(request.parent.span_id, "016x") == PARENT_SPAN
+    parents = {s.context.span_id: s.parent for s in spans.get_finished_spans()}
+    parent = request.parent  # the caller's span, or FastAPI's HTTP server span under it
+    while parent is not None and parent.span_id in parents:
+        parent = parents[parent.span_id]
+    assert parent is not None and format(parent.span_id, "016x") == PARENT_SPAN
     usage = response.json()["usage"]
     assert request.attributes["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
     assert request.attributes["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
@@ -99,7 +103,11 @@ def test_without_a_traceparent_the_gateway_starts_a_trace_and_errors_are_marked(
     ok, too_long = asyncio.run(main())
     assert ok.status_code == 200 and too_long.status_code == 400
     (request,) = [s for s in spans.get_finished_spans() if s.name == "herd.request scout"]  # 400: never admitted
-    assert request.parent is None and request.context.trace_flags.sampled
+    assert request.context.trace_flags.sampled
+    in_trace = [s for s in spans.get_finished_spans() if s.context.trace_id == request.context.trace_id]
+    assert len([s for s in in_trace if s.parent is None]) == 1, "one trace, started here (FastAPI's HTTP span "
+    "when it traces, else the gateway's): never a second one for the same request"
+    assert {"herd.request scout", "herd.replica.generate", "herd.engine.decode"} <= {s.name for s in in_trace}
 
 
 @pytest.fixture
@@ -247,9 +255,26 @@ def test_json_logs_carry_request_and_trace_ids_and_never_the_prompt_or_key(tmp_p
                       guard=Guard(store, InProcessRateLimiter(), UsageLedger(store)))
     secret_prompt = "zebra-marker-7731 is my secret"
 
+    class DuringStream:  # logs from inside the request's stream, as the gateway's own code would
+        def __init__(self, inner):
+            self.inner, self.name, self.tokenizer = inner, inner.name, inner.tokenizer
+
+        def card(self):
+            return self.inner.card()
+
+        async def ready_replicas(self):
+            return 1
+
+        async def generate(self, request):
+            async for chunk in self.inner.generate(request):
+                logging.getLogger("herd.test.during").info("chunk of %d tokens", len(chunk.token_ids))
+                yield chunk
+
+    gateway.backends["scout"] = DuringStream(gateway.backends["scout"])
+
     async def main():
         async with _http(gateway) as http:
-            await http.post("/v1/chat/completions", json=_chat(secret_prompt),
+            await http.post("/v1/chat/completions", json=_chat(secret_prompt, stream=True),
                             headers={"authorization": f"Bearer {key}"})
             logging.getLogger("herd.test").warning("a key in a message: %s", key)
 
@@ -264,6 +289,9 @@ def test_json_logs_carry_request_and_trace_ids_and_never_the_prompt_or_key(tmp_p
     assert access["request_id"].startswith("herd-") and access["request_id"] == request.attributes["herd.request_id"]
     assert access["trace_id"] == format(request.context.trace_id, "032x")
     assert access["tenant"] == "a" and access["status"] == "ok" and access["completion_tokens"] > 0
+    during = [e for e in lines if e["logger"] == "herd.test.during"]
+    assert during and all((e["request_id"], e["trace_id"]) == (access["request_id"], access["trace_id"])
+                          for e in during), "a line logged while the request streams carries its ids"
     text = stream.getvalue()
     assert "zebra-marker" not in text and key not in text
     assert key.rsplit("_", 1)[0] + "_[redacted]" in text, "a key that slips into a message is cut to its prefix"
