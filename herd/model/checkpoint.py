@@ -24,6 +24,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read as it claims to be; the message names the file."""
 
 
+def copy_checked(param: torch.Tensor, stored: torch.Tensor, *, directory: Path, name: str) -> None:
+    """Load `stored` into the parameter `param`, refusing a tensor whose shape config.json contradicts."""
+    if stored.shape != param.shape:
+        raise CheckpointError(
+            f"{directory}: tensor {name!r} has shape {tuple(stored.shape)}, config.json implies {tuple(param.shape)}"
+        )
+    with torch.no_grad():
+        param.copy_(stored)
+
+
 class Checkpoint:
     """Lazy, read-only view of one safetensors checkpoint directory."""
 

@@ -208,8 +208,8 @@ class ModelConfig(BaseModel):
             raise ValueError(f"{source}: {err}") from err
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    """Read `config.json` from a checkpoint directory (or the file itself)."""
+def read_config_json(path: str | Path) -> tuple[dict[str, Any], str]:
+    """The JSON object in `config.json` of a checkpoint directory (or the file itself), and where it was."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
@@ -220,7 +220,13 @@ def load_config(path: str | Path) -> ModelConfig:
         raise ValueError(f"{file}: not valid JSON: {err}") from err
     if not isinstance(raw, dict):
         raise ValueError(f"{file}: expected a JSON object, got {type(raw).__name__}")
-    return ModelConfig.from_hf(raw, source=str(file))
+    return raw, str(file)
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read `config.json` from a checkpoint directory (or the file itself)."""
+    raw, source = read_config_json(path)
+    return ModelConfig.from_hf(raw, source=source)
 
 
 def _describe(err: ValidationError) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from herd.model.checkpoint import Checkpoint, CheckpointError
+from herd.model.checkpoint import Checkpoint, CheckpointError, copy_checked
 from herd.model.config import ModelConfig, TextConfig, load_config
 from herd.model.llama4 import Llama4Model
 
@@ -60,13 +60,7 @@ def load_model(
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", delay=0.5, disable=not progress) as bar:
         for name, param in params.items():
             stored = _read(checkpoint, name, model)
-            if stored.shape != param.shape:
-                raise CheckpointError(
-                    f"{checkpoint.directory}: tensor {name!r} has shape {tuple(stored.shape)}, "
-                    f"config.json implies {tuple(param.shape)}"
-                )
-            with torch.no_grad():
-                param.copy_(stored)
+            copy_checked(param, stored, directory=checkpoint.directory, name=name)
             bar.update(stored.numel() * stored.element_size())
     return model.eval()
 

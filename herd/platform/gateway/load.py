@@ -42,11 +42,26 @@ class LoadTracker:
         self._model(model).refused_cold.append(time.monotonic())
 
     def first_token(self, model: str, ttft_s: float) -> None:
-        self._model(model).ttfts.append((time.monotonic(), ttft_s))
+        now = time.monotonic()
+        load = self._model(model)
+        load.ttfts.append((now, ttft_s))
+        self._prune(load, now)
 
     def output(self, model: str, tokens: int) -> None:
         if tokens:
-            self._model(model).tokens.append((time.monotonic(), tokens))
+            now = time.monotonic()
+            load = self._model(model)
+            load.tokens.append((now, tokens))
+            self._prune(load, now)
+
+    def _prune(self, load: ModelLoad, now: float) -> None:
+        """Drop samples older than the window (as they come, not only when read: a gateway nobody reads
+        would otherwise keep every sample it ever took)."""
+        for samples in (load.ttfts, load.tokens):
+            while samples and now - samples[0][0] > self.window_s:
+                samples.popleft()
+        while load.refused_cold and now - load.refused_cold[0] > self.window_s:
+            load.refused_cold.popleft()
 
     def finished(self, model: str, tokens: int = 0) -> None:
         load = self.models[model]
@@ -59,11 +74,7 @@ class LoadTracker:
         now = time.monotonic()
         out: dict[str, dict[str, float | None]] = {}
         for name, load in self.models.items():
-            for samples in (load.ttfts, load.tokens):
-                while samples and now - samples[0][0] > self.window_s:
-                    samples.popleft()
-            while load.refused_cold and now - load.refused_cold[0] > self.window_s:
-                load.refused_cold.popleft()
+            self._prune(load, now)
             ttfts = sorted(t for _, t in load.ttfts)
             p95 = ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] if ttfts else None
             out[name] = {"in_flight": load.in_flight, "in_flight_tokens": load.in_flight_tokens,

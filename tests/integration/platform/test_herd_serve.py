@@ -273,6 +273,33 @@ def test_two_tenants_see_their_models_hit_their_limits_and_are_billed_exactly(se
                      timeout=30).status_code == 401, "a tenant key cannot read the ledger"
 
 
+def test_a_tenant_gets_no_prefix_cache_hit_on_another_tenants_prompt(server):
+    """The engine's tenant-salted prefix cache, end to end: through herd serve, the Ray replica's own
+    prefix-cache counters (its /metrics) and the usage each tenant is sent."""
+    for tenant in ("owner", "other"):
+        assert _admin(server, "POST", "/tenants", json={"id": tenant, "allowed_models": ["*"]}).status_code == 201
+    keys = {t: _admin(server, "POST", f"/tenants/{t}/keys", json={"name": "t"}).json()["key"]
+            for t in ("owner", "other")}
+    body = {"model": "scout", "prompt": list(range(200, 296)), "max_tokens": 2, "temperature": 0}  # six blocks
+    port = httpx.get(server["http"] + "/herd/stats", timeout=30).json()["scout"]["metrics_port"]
+
+    def hits() -> float:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        line = next(x for x in text.splitlines() if x.startswith("herd_replica_prefix_cache_hits_tokens_total{"))
+        return float(line.rsplit(" ", 1)[1])
+
+    cached, grew = [], []
+    for tenant in ("owner", "other", "owner"):
+        before = hits()
+        reply = httpx.post(server["http"] + "/v1/completions", json=body, timeout=60,
+                           headers={"authorization": f"Bearer {keys[tenant]}"})
+        assert reply.status_code == 200, reply.text
+        cached.append(reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+        grew.append(hits() - before)
+    assert cached[1] == 0 and grew[1] == 0, "the other tenant got a hit on the owner's prompt"
+    assert cached[2] >= 80 and grew[2] == cached[2], "the owner's own repeat hits"
+
+
 def test_no_key_material_in_the_logs(server):
     logged = (server["root"] / "stderr.log").read_text()
     assert "herd.serve" in logged, "the check needs the server's log"
