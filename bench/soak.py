@@ -4,10 +4,11 @@ are flat (the last window against the first) and no request fails other than wit
 
 Load: `--concurrency` clients in a loop (mixed prompt and output lengths from a fixed seed; after a 429
 a client waits its Retry-After), and every `--burst-every-s` seconds a burst of `--burst` more at once,
-beyond the replica's queue, which Serve refuses with 429. Every `--sample-s` seconds: RSS of the gateway (the herd serve process), of the
-replica, of each expert shard (by process title, under herd serve), and the KV blocks the replica holds
-(/herd/stats); requests by outcome. The baseline is the run's own first window: "flat" means the median
-of the last window is within `--rss-tolerance` of the first's (and KV returns to 0 when idle).
+beyond the replica's queue, which Serve refuses with 429. Every `--sample-s` seconds: RSS of the gateway
+(the herd serve process), of the replica, of each expert shard (by process title, under herd serve), and
+the KV blocks the replica holds (/herd/stats); requests by outcome. The baseline is the run's own first
+window: "flat" means the median of the last window is within `--rss-tolerance` of the first's (and KV
+returns to 0 when idle).
 
     .venv/bin/python bench/soak.py [--duration-s 600] [--concurrency 16] [--burst 48] [--burst-every-s 30]
 """
