@@ -6,6 +6,7 @@ from herd.model.generate import greedy_decode
 from herd.model.llama4 import Llama4Model
 from herd.model.loader import ExpertWeights, load_experts, load_model
 from herd.model.moe import ExpertsExecutor, MissingExpertsError
+from herd.model.vision import VisionTower, load_vision
 
 __all__ = [
     "Checkpoint",
@@ -16,8 +17,10 @@ __all__ = [
     "MissingExpertsError",
     "ModelConfig",
     "TextConfig",
+    "VisionTower",
     "greedy_decode",
     "load_config",
     "load_experts",
     "load_model",
+    "load_vision",
 ]

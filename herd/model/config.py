@@ -73,6 +73,9 @@ class TextConfig(BaseModel):
     tie_word_embeddings: bool = Field(False, description="lm_head shares the embedding matrix")
     bos_token_id: int | None = Field(None, description="begin-of-text token")
     eos_token_ids: tuple[int, ...] = Field((), description="tokens that end generation")
+    image_token_id: int | None = Field(
+        None, ge=0, description="<|patch|>: its embeddings are replaced by image features; None: text only"
+    )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> TextConfig:
@@ -116,8 +119,11 @@ class TextConfig(BaseModel):
         return self.attention_chunk_size if self.layer_types[layer] == "chunked_attention" else None
 
     @classmethod
-    def from_hf(cls, text: dict[str, Any]) -> TextConfig:
-        """Map a Hugging Face Llama4TextConfig dict (any transformers version) onto this config."""
+    def from_hf(cls, text: dict[str, Any], *, image_token_id: int | None = None) -> TextConfig:
+        """Map a Hugging Face Llama4TextConfig dict (any transformers version) onto this config.
+
+        `image_token_id` comes from the enclosing multimodal config (`image_token_index`), not the text part.
+        """
         n = _require_int(text, "num_hidden_layers")
         heads = _require_int(text, "num_attention_heads")
         hidden = _require_int(text, "hidden_size")
@@ -164,6 +170,7 @@ class TextConfig(BaseModel):
             tie_word_embeddings=text.get("tie_word_embeddings", False),
             bos_token_id=text.get("bos_token_id", 1),
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+            image_token_id=image_token_id,
         )
 
 
@@ -174,7 +181,11 @@ class ModelConfig(BaseModel):
 
     text: TextConfig = Field(description="the decoder Herd runs")
     multimodal: bool = Field(description="the checkpoint is Llama4ForConditionalGeneration (vision tower too)")
-    image_token_id: int | None = Field(None, description="the <|patch|> token that image embeddings replace")
+
+    @property
+    def image_token_id(self) -> int | None:
+        """The <|patch|> token that image embeddings replace (the decoder holds it: text.image_token_id)."""
+        return self.text.image_token_id
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any], *, source: str = "config") -> ModelConfig:
@@ -196,9 +207,8 @@ class ModelConfig(BaseModel):
             text = {**text, "tie_word_embeddings": raw["tie_word_embeddings"]}
         try:
             return cls(
-                text=TextConfig.from_hf(text),
+                text=TextConfig.from_hf(text, image_token_id=raw.get("image_token_index") if multimodal else None),
                 multimodal=multimodal,
-                image_token_id=raw.get("image_token_index") if multimodal else None,
             )
         except ValidationError as err:
             raise ValueError(f"{source}: invalid Llama 4 config: {_describe(err)}") from err

@@ -1,7 +1,12 @@
 """The Llama 4 text model: embeddings, decoder layers, final norm, LM head.
 
-Legend: T tokens, H hidden, V vocab. The module tree mirrors the checkpoint (`model.embed_tokens`,
-`model.layers.{i}...`, `model.norm`, `lm_head`), so loading is a walk over named parameters.
+Legend: T tokens, H hidden, V vocab, M image tokens. The module tree mirrors the checkpoint
+(`model.embed_tokens`, `model.layers.{i}...`, `model.norm`, `lm_head`), so loading is a walk over named
+parameters.
+
+Early fusion: image features (from herd.model.vision, already projected to H) replace the embeddings
+of the `<|patch|>` placeholder tokens, in order, before the first decoder layer, as transformers'
+masked_scatter does; the decoder then treats them like any other token.
 """
 
 from __future__ import annotations
@@ -48,9 +53,9 @@ class Llama4Model(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Full causal forward of one sequence: ids [T] -> float logits [T, V]."""
-        return self.forward(input_ids).float()
+    def logits(self, input_ids: torch.Tensor, *, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Full causal forward of one sequence: ids [T] (and image features [M, H]) -> float logits [T, V]."""
+        return self.forward(input_ids, image_embeds=image_embeds).float()
 
     @torch.inference_mode()
     def forward(
@@ -58,15 +63,25 @@ class Llama4Model(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: ContiguousKVCache | None = None,
+        *,
+        image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """ids [T] at positions [T] (default: after what the cache holds) -> logits [T, V]."""
+        """ids [T] at positions [T] (default: after what the cache holds) -> logits [T, V].
+
+        `image_embeds` [M, H]: the projected features of the M placeholder tokens in `input_ids`, in order.
+        """
         self._check_ids(input_ids)
+        if image_embeds is not None:
+            self._check_image_embeds(input_ids, image_embeds)
         device = self.lm_head.weight.device
         if positions is None:
             start = 0 if cache is None else len(cache)
             positions = torch.arange(start, start + input_ids.shape[0], device=device)
         rot = rotations(positions, self._frequencies(device))  # [T, D/2]
         x = self.model.embed_tokens(input_ids.to(device))  # [T, H]
+        if image_embeds is not None:
+            placeholders = (input_ids == self.config.image_token_id).to(device)  # [T]
+            x[placeholders] = image_embeds.to(device=device, dtype=x.dtype)  # [M, H] into M rows, in order
         for i, layer in enumerate(self.model.layers):
             x = layer(x, positions, rot, None if cache is None else cache.layers[i])
         return self.lm_head(self.model.norm(x))
@@ -98,3 +113,19 @@ class Llama4Model(nn.Module):
         if low < 0 or high >= self.config.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside the vocabulary 0..{self.config.vocab_size - 1}")
+
+    def _check_image_embeds(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> None:
+        if self.config.image_token_id is None:
+            raise ValueError("image_embeds given, but this model has no image placeholder token (text-only config)")
+        hidden = self.config.hidden_size
+        if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 2 or image_embeds.shape[1] != hidden:
+            shape = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds).__name__
+            raise ValueError(f"image_embeds must be [image tokens, {hidden}] (the text hidden size), got {shape}")
+        if not image_embeds.dtype.is_floating_point:
+            raise ValueError(f"image_embeds must be floating point, got dtype {image_embeds.dtype}")
+        count = int((input_ids == self.config.image_token_id).sum())
+        if count != image_embeds.shape[0]:
+            raise ValueError(
+                f"input_ids hold {count} image placeholder tokens (id {self.config.image_token_id}) "
+                f"but image_embeds has {image_embeds.shape[0]} rows"
+            )

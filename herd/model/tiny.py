@@ -5,7 +5,9 @@ Meta's checkpoints are: Llama4ForConditionalGeneration config with `text_config`
 rope_scaling, as Meta writes them), `language_model.`-prefixed bf16 tensors in sharded safetensors with
 an index, a BPE tokenizer with the Llama 4 special tokens after its vocabulary, and a generation config.
 Weights are random (scaled so every layer matters) and reproducible from the seed. The vision tower is
-described by a tiny `vision_config` but has no weights yet: transformers initialises it on load.
+tiny too (one encoder layer of width 32, 336-pixel tiles of 144 features, as Meta's) and ships its
+`vision_model.*` and `multi_modal_projector.*` tensors, drawn from a generator of their own so the text
+weights of a seed do not depend on it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from herd.model.special_tokens import (
 )
 from herd.model.tiny_tokenizer import train_tiny_tokenizer
 from herd.model.tokenizer import Tokenizer
+from herd.model.vision import VisionTower
+from herd.model.vision_config import VisionConfig
 
 _SHARED = dict(
     hidden_size=128, intermediate_size=64, intermediate_size_mlp=256, num_hidden_layers=4,
@@ -54,11 +58,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _VISION = dict(
-    hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=336,
+    hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=336,
     patch_size=14, num_channels=3, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64,
     pixel_shuffle_ratio=0.5, norm_eps=1e-5, hidden_act="gelu", vision_feature_select_strategy="default",
     multi_modal_projector_bias=False, model_type="llama4_vision_model",
 )
+# The vision generator's seed is this far from the text one, so the two never draw the same stream.
+_VISION_SEED_OFFSET = 1 << 20
 
 SHARD_BYTES = 1 << 20
 DTYPE = torch.bfloat16
@@ -75,7 +81,8 @@ def make_tiny(out: str | Path, *, preset: str = "scout", seed: int = 0) -> Path:
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(_generation_config(tokenizer), indent=2) + "\n")
     tensors = random_weights(ModelConfig.from_hf(raw, source=str(out / "config.json")), seed=seed)
-    _write_shards(out, {f"language_model.{name}": t for name, t in tensors.items()})
+    vision = random_vision_weights(VisionConfig.from_hf(raw, source=str(out / "config.json")), seed=seed)
+    _write_shards(out, {**{f"language_model.{name}": t for name, t in tensors.items()}, **vision})
     return out
 
 
@@ -95,6 +102,28 @@ def random_weights(config: ModelConfig, *, seed: int) -> dict[str, torch.Tensor]
         else:  # Linear [out, in] and fused experts [E, in, out]: fan_in is the dim contracted
             fan_in = shape[-1] if name.endswith(".weight") else shape[-2]
             value = noise * fan_in**-0.5
+        weights[name] = value.to(DTYPE)
+    return weights
+
+
+def random_vision_weights(config: VisionConfig, *, seed: int) -> dict[str, torch.Tensor]:
+    """Every vision tower and projector tensor, checkpoint names, drawn like the text ones.
+
+    LayerNorm weights sit near one and biases near zero, but off them, so a norm or bias loaded wrong shows.
+    """
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in VisionTower(config).named_parameters()}
+    generator = torch.Generator().manual_seed(seed + _VISION_SEED_OFFSET)
+    weights = {}
+    for name in sorted(shapes):
+        shape = shapes[name]
+        noise = torch.randn(shape, generator=generator)
+        if "layernorm" in name and name.endswith(".weight"):
+            value = 1.0 + 0.1 * noise
+        elif name.endswith(".bias"):
+            value = 0.1 * noise
+        else:  # Linear [out, in]; class and positional embeddings [.., Hv]: scaled like the reference's init
+            value = noise * shape[-1] ** -0.5
         weights[name] = value.to(DTYPE)
     return weights
 

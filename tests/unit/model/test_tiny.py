@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import Llama4ForConditionalGeneration
 
-from herd.model import greedy_decode, load_config, load_model
+from herd.model import greedy_decode, load_config, load_model, load_vision
 from herd.model.special_tokens import PATCH
 from herd.model.tiny import make_tiny
 from herd.model.tokenizer import Tokenizer
@@ -55,7 +55,8 @@ def test_layout_is_the_published_one(tiny):
     assert raw["architectures"] == ["Llama4ForConditionalGeneration"] and "text_config" in raw
     index = json.loads((path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1, "sharded"
-    assert all(name.startswith("language_model.") for name in index["weight_map"])
+    assert all(name.startswith(("language_model.", "vision_model.", "multi_modal_projector."))
+               for name in index["weight_map"])
     assert sum(f.stat().st_size for f in path.iterdir()) < 8 * 2**20
     text = load_config(path).text
     tokenizer = Tokenizer.from_pretrained(path)
@@ -79,3 +80,28 @@ def test_same_seed_same_bytes_other_seed_other_weights(tmp_path):
 def test_unknown_preset(tmp_path):
     with pytest.raises(ValueError, match="unknown preset 'llama2'"):
         make_tiny(tmp_path, preset="llama2")
+
+
+def test_vision_tower_loads_and_matches_transformers(tiny):
+    """The tiny checkpoint carries its own vision tower: no tensor left for transformers to initialise."""
+    _, path = tiny
+    reference, info = Llama4ForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    vision = ("vision_model.", "multi_modal_projector.")
+    stored = {n for n in json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+              if n.startswith(vision)}
+    assert stored == {n for n, _ in reference.named_parameters() if n.startswith(vision)}
+    tower = load_vision(path)
+    assert sum(p.numel() * 2 for p in tower.parameters()) < 300 * 2**10, "bf16 on disk: a few hundred KB"
+    config = tower.config
+    assert (config.image_size, config.tokens_per_tile, config.text_hidden_size) == (336, 144, 128)
+    px = torch.rand(2, 3, 336, 336, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        expected = reference.multi_modal_projector(reference.vision_model(px).last_hidden_state)
+    ours = tower.image_features(px)
+    assert ours.shape == (2, 144, 128)
+    assert float((ours - expected).norm() / expected.norm()) < 1e-4
+    other = px.flip(0)  # the tiles swapped: the features must follow them
+    assert float((tower.image_features(other) - expected).norm() / expected.norm()) > 0.1
