@@ -1,0 +1,246 @@
+"""Llama 4 image preprocessing against transformers 5.24.0.
+
+Tested against the reference: the tile-grid choice (the reference's ``find_supported_resolutions`` and
+``get_best_fit``, whose module imports torchvision at the top and so cannot be imported here, are
+compiled from its source file on their own and run on many image sizes), and the prompt layout
+(``Llama4Processor._prompt_split_image``). Not tested against it: pixel values, because the reference
+resizes with torchvision; here shapes, value ranges, constants, padding and tile order are checked.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import math
+import struct
+import zlib
+from collections import defaultdict
+from functools import lru_cache
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers.models.llama4 as llama4_pkg
+from PIL import Image
+from transformers.models.llama4.processing_llama4 import Llama4Processor
+
+from herd.model.image_processor import (
+    IMAGE_MEAN,
+    IMAGE_STD,
+    ImageProcessorConfig,
+    TileGrid,
+    best_fit_grid,
+    decode_image,
+    image_prompt,
+    preprocess,
+    supported_grids,
+)
+
+CONFIG = ImageProcessorConfig()
+REFERENCE_SOURCE = Path(llama4_pkg.__file__).parent / "image_processing_llama4.py"
+
+
+def _reference_functions() -> dict[str, object]:
+    """The reference's grid functions, compiled from its source without its torchvision import."""
+    tree = ast.parse(REFERENCE_SOURCE.read_text())
+    wanted = {"get_factors", "find_supported_resolutions", "get_best_fit"}
+    funcs = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in wanted]
+    assert {f.name for f in funcs} == wanted
+    namespace: dict[str, object] = {
+        "torch": torch,
+        "math": math,
+        "defaultdict": defaultdict,
+        "lru_cache": lru_cache,
+        "SizeDict": SimpleNamespace,
+    }
+    exec(compile(ast.Module(body=funcs, type_ignores=[]), str(REFERENCE_SOURCE), "exec"), namespace)
+    return namespace
+
+
+REF = _reference_functions()
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` (1-bit grey) but carries no pixel data: cheap to build."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+# -- decoding -------------------------------------------------------------------------------------
+
+
+def test_decode_rgb_png_roundtrips() -> None:
+    image = Image.new("RGB", (7, 5), (10, 20, 30))
+    decoded = decode_image(_png(image), CONFIG)
+    assert decoded.mode == "RGB"
+    assert decoded.size == (7, 5)
+    assert decoded.getpixel((3, 2)) == (10, 20, 30)
+
+
+def test_grayscale_becomes_rgb_with_equal_channels() -> None:
+    decoded = decode_image(_png(Image.new("L", (4, 4), 77)), CONFIG)
+    assert decoded.mode == "RGB"
+    assert decoded.getpixel((0, 0)) == (77, 77, 77)
+
+
+def test_transparency_is_composited_onto_white() -> None:
+    image = Image.new("RGBA", (2, 1))
+    image.putpixel((0, 0), (0, 0, 0, 0))  # fully transparent black -> white
+    image.putpixel((1, 0), (200, 0, 0, 255))  # opaque red stays red
+    decoded = decode_image(_png(image), CONFIG)
+    assert decoded.getpixel((0, 0)) == (255, 255, 255)
+    assert decoded.getpixel((1, 0)) == (200, 0, 0)
+
+
+def test_text_is_not_an_image() -> None:
+    with pytest.raises(ValueError, match="not a recognised image"):
+        decode_image(b"hello, I am a text file named cat.png\n", CONFIG)
+
+
+def test_truncated_image_is_refused() -> None:
+    noisy = Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48)
+    data = _png(noisy)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        decode_image(data[: len(data) // 2], CONFIG)
+
+
+def test_decompression_bomb_is_refused_without_allocating() -> None:
+    with pytest.raises(ValueError, match=r"decompression bomb|decompression-bomb"):
+        decode_image(_png_header_only(20000, 20000), CONFIG)
+
+
+def test_pixel_limit_is_ours_not_only_pillows() -> None:
+    config = ImageProcessorConfig(max_pixels=1000)
+    with pytest.raises(ValueError, match="over the maximum of 1000"):
+        decode_image(_png_header_only(100, 100), config)
+
+
+def test_side_over_maximum_is_refused() -> None:
+    with pytest.raises(ValueError, match="20000x100, over the maximum side of 16384"):
+        decode_image(_png_header_only(20000, 100), CONFIG)
+
+
+def test_bad_config_names_the_value() -> None:
+    with pytest.raises(ValueError, match="max_tiles must be positive, got 0"):
+        ImageProcessorConfig(max_tiles=0)
+
+
+# -- tile grid -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_tiles", [1, 4, 5, 16])
+def test_supported_grids_in_reference_order(max_tiles: int) -> None:
+    size = SimpleNamespace(height=336, width=336)
+    reference = REF["find_supported_resolutions"].__wrapped__(max_tiles, size)  # type: ignore[attr-defined]
+    ours = [(g.rows * 336, g.cols * 336) for g in supported_grids(max_tiles)]
+    assert ours == reference
+
+
+SIZES = sorted(
+    {
+        (h, w)
+        for h in (1, 13, 100, 223, 335, 336, 337, 500, 672, 673, 1000, 1008, 1344, 2000, 4000)
+        for w in (1, 50, 336, 400, 671, 672, 999, 1344, 1345, 3000, 5376, 9000)
+    }
+    | {(17 * k + 3, 31 * k % 2900 + 7) for k in range(1, 120)}
+)
+
+
+@pytest.mark.parametrize("max_tiles", [4, 16])
+def test_best_fit_grid_matches_reference(max_tiles: int) -> None:
+    size = SimpleNamespace(height=336, width=336)
+    resolutions = torch.tensor(REF["find_supported_resolutions"].__wrapped__(max_tiles, size))  # type: ignore[attr-defined]
+    config = ImageProcessorConfig(max_tiles=max_tiles)
+    for height, width in SIZES:
+        canvas = REF["get_best_fit"]((height, width), resolutions)  # type: ignore[operator]
+        expected = TileGrid(int(canvas[0]) // 336, int(canvas[1]) // 336)
+        assert best_fit_grid(height, width, config) == expected, (height, width)
+
+
+def test_best_fit_grid_examples() -> None:
+    assert best_fit_grid(336, 336, CONFIG) == TileGrid(1, 1)
+    assert best_fit_grid(100, 100, CONFIG) == TileGrid(1, 1)
+    assert best_fit_grid(336, 672, CONFIG) == TileGrid(1, 2)
+    assert best_fit_grid(1344, 1344, CONFIG) == TileGrid(4, 4)
+    assert best_fit_grid(10, 9000, CONFIG).rows * best_fit_grid(10, 9000, CONFIG).cols <= 16
+
+
+# -- token layout ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(1, 1), (1, 2), (2, 1), (2, 2), (3, 5), (4, 4), (1, 16)])
+@pytest.mark.parametrize("tokens_per_tile", [1, 144])
+def test_image_prompt_matches_reference(rows: int, cols: int, tokens_per_tile: int) -> None:
+    expected = Llama4Processor._prompt_split_image(None, (rows, cols), tokens_per_tile)  # type: ignore[arg-type]
+    assert image_prompt(TileGrid(rows, cols), tokens_per_tile) == expected
+
+
+def test_single_tile_prompt_has_no_separators() -> None:
+    assert image_prompt(TileGrid(1, 1), 2) == "<|image_start|><|image|><|patch|><|patch|><|image_end|>"
+
+
+# -- pixel values -------------------------------------------------------------------------------------
+
+
+def test_normalisation_constants_match_reference() -> None:
+    source = REFERENCE_SOURCE.read_text()
+    assert "image_mean = [0.5, 0.5, 0.5]" in source
+    assert "image_std = [0.5, 0.5, 0.5]" in source
+    assert 'size = {"height": 336, "width": 336}' in source
+    assert "max_patches = 16" in source
+    assert IMAGE_MEAN == (0.5, 0.5, 0.5)
+    assert IMAGE_STD == (0.5, 0.5, 0.5)
+
+
+def test_single_tile_shape_and_range() -> None:
+    out = preprocess(Image.new("RGB", (200, 100), (255, 0, 128)), CONFIG)
+    assert out.grid == TileGrid(1, 1)
+    assert out.pixel_values.shape == (1, 3, 336, 336)
+    assert out.pixel_values.dtype == torch.bfloat16
+    values = out.pixel_values.float()
+    assert values.min() >= -1 and values.max() <= 1
+    # Small images are not upscaled past the tile: 200x100 stays at 200x100... then pads with black.
+    assert values[0, 0, 50, 150].item() == pytest.approx(1.0)
+    assert values[0, 1, 50, 150].item() == pytest.approx(-1.0)
+    assert values[0, :, 200, 300].tolist() == [-1.0, -1.0, -1.0]
+
+
+def test_tiles_are_row_by_row_then_global() -> None:
+    # A 672x672 image of four coloured quadrants -> a 2x2 grid; tile i carries quadrant i's colour.
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
+    image = Image.new("RGB", (672, 672))
+    for i, colour in enumerate(colours):
+        row, col = divmod(i, 2)
+        image.paste(colour, (col * 336, row * 336, col * 336 + 336, row * 336 + 336))
+    out = preprocess(image, CONFIG)
+    assert out.grid == TileGrid(2, 2)
+    assert out.grid.num_tiles == 5
+    assert out.pixel_values.shape == (5, 3, 336, 336)
+    for i, colour in enumerate(colours):
+        expected = torch.tensor([c / 255 * 2 - 1 for c in colour])
+        assert torch.allclose(out.pixel_values[i, :, 168, 168].float(), expected, atol=1e-2), i
+    # The global tile is the whole image squashed: top-left quadrant red, bottom-right white.
+    global_tile = out.pixel_values[4].float()
+    assert torch.allclose(global_tile[:, 40, 40], torch.tensor([1.0, -1.0, -1.0]), atol=1e-2)
+    assert torch.allclose(global_tile[:, 300, 300], torch.tensor([1.0, 1.0, 1.0]), atol=1e-2)
+
+
+def test_wide_image_is_padded_at_the_bottom() -> None:
+    out = preprocess(Image.new("RGB", (1000, 300), (255, 255, 255)), CONFIG)
+    grid = out.grid
+    assert grid.rows * grid.cols > 1
+    assert out.pixel_values.shape == (grid.num_tiles, 3, 336, 336)
+    last_row_first_tile = out.pixel_values[(grid.rows - 1) * grid.cols].float()
+    assert last_row_first_tile[:, -1, 0].tolist() == [-1.0, -1.0, -1.0]  # black padding
+    assert out.pixel_values[0, :, 0, 0].float().tolist() == [1.0, 1.0, 1.0]
