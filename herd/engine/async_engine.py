@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 from herd.engine.config import EngineConfig
 from herd.engine.llm_engine import LLMEngine, Prompt
 from herd.engine.outputs import RequestOutput
+from herd.engine.prompt_images import ImageInput
 from herd.engine.sampling_params import SamplingParams
 
 
@@ -49,10 +51,13 @@ class AsyncLLMEngine:
         tenant_id: str = "default",
         tenant_weight: float = 1.0,
         sharing_group: str | None = None,
+        images: Sequence[ImageInput] = (),
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output after every step that changes it; the last one has finished=True."""
-        request = self.engine.prepare(prompt, params, request_id=request_id, tenant_id=tenant_id,
-                                      tenant_weight=tenant_weight, sharing_group=sharing_group)
+        """Yield the request's output after every step that changes it; the last one has finished=True.
+        A request with images is prepared on a worker thread (the vision tower runs there, not on the loop)."""
+        prepare = functools.partial(self.engine.prepare, prompt, params, request_id=request_id, tenant_id=tenant_id,
+                                    tenant_weight=tenant_weight, sharing_group=sharing_group, images=images)
+        request = await asyncio.to_thread(prepare) if images else prepare()
         rid = request.seq.request_id
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already in use")

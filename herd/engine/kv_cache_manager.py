@@ -70,7 +70,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         known = seq.token_ids()
-        keys = block_hashes(known[: len(known) - 1], self.block_size, seq.cache_salt)  # leave a token to compute
+        keys = block_hashes(known[: len(known) - 1], self.block_size, seq.cache_salt,  # leave a token to compute
+                            images=seq.image_spans)
         hit = self._longest_usable_prefix(keys)
         tables = self._tables[seq.request_id]
         if FULL in self.pools:
@@ -104,7 +105,7 @@ class KVCacheManager:
             keys = self._hashes[seq.request_id]
             known = seq.token_ids()[: seq.num_computed]
             new = block_hashes(known, self.block_size, seq.cache_salt, start=len(keys),
-                               parent=keys[-1] if keys else None)
+                               parent=keys[-1] if keys else None, images=seq.image_spans)
             for i, key in enumerate(new, start=len(keys)):
                 for group, table in tables.items():
                     if i < len(table) and table[i] is not None:

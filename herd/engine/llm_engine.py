@@ -2,7 +2,9 @@
 
 Usable alone (`generate` for a batch) and as the core of the async engine and the model replicas.
 Requests are checked before they join (a bad one raises ValueError and disturbs nothing); a request
-that finishes or is aborted gives its KV blocks back in the same step.
+that finishes or is aborted gives its KV blocks back in the same step. A request may carry images
+(preprocessed tiles): the engine's vision tower turns them into features when the request is prepared,
+and the model runner puts those in place of the prompt's ``<|patch|>`` tokens.
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ from herd.engine.kv_cache_manager import KVCacheManager
 from herd.engine.model_runner import ModelRunner
 from herd.engine.outputs import RequestOutput, RequestTimes
 from herd.engine.paged_kv import PagedKVCache
+from herd.engine.prompt_images import ImageInput, PromptImages, pixel_digest
 from herd.engine.sampler import TokenLogprobs, request_generator, sample
 from herd.engine.sampling_params import SamplingParams
 from herd.engine.scheduler import Scheduler, SchedulerOutput
 from herd.engine.sequence import Sequence, Status
+from herd.model.config import load_config
 from herd.model.llama4 import Llama4Model
 from herd.model.loader import load_model
 from herd.model.special_tokens import BEGIN_OF_TEXT
 from herd.model.tokenizer import Tokenizer
+from herd.model.vision import VisionTower, load_vision
 
 Prompt = str | Seq[int]
 
@@ -50,9 +55,12 @@ class _Request:
 class LLMEngine:
     """Continuous-batching engine over one Llama 4 model."""
 
-    def __init__(self, model: Llama4Model, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: Llama4Model, tokenizer: Tokenizer, config: EngineConfig | None = None, *,
+                 vision: VisionTower | None = None) -> None:
         self.config = config or EngineConfig()
         self.model = model
+        self.vision = vision
+        """The vision tower (None: text only; requests with images are refused)."""
         self.tokenizer = tokenizer
         self.max_model_len = self.config.context_limit(model.config)
         layout = self.config.kv_layout(model.config)
@@ -69,7 +77,8 @@ class LLMEngine:
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
         config = config or EngineConfig()
         model = load_model(path, dtype=config.dtype, device=config.device, progress=False)
-        return cls(model, Tokenizer.from_pretrained(path), config)
+        vision = load_vision(path, dtype=config.dtype, device=config.device) if load_config(path).multimodal else None
+        return cls(model, Tokenizer.from_pretrained(path), config, vision=vision)
 
     # --- requests -----------------------------------------------------------------------------------
     def add_request(
@@ -81,10 +90,11 @@ class LLMEngine:
         tenant_id: str = "default",
         tenant_weight: float = 1.0,
         sharing_group: str | None = None,
+        images: Seq[ImageInput] = (),
     ) -> str:
         """Queue a request; ValueError (and nothing queued) if any part of it is invalid."""
         request = self.prepare(prompt, params, request_id=request_id, tenant_id=tenant_id,
-                               tenant_weight=tenant_weight, sharing_group=sharing_group)
+                               tenant_weight=tenant_weight, sharing_group=sharing_group, images=images)
         self.submit(request)
         return request.seq.request_id
 
@@ -97,8 +107,10 @@ class LLMEngine:
         tenant_id: str = "default",
         tenant_weight: float = 1.0,
         sharing_group: str | None = None,
+        images: Seq[ImageInput] = (),
     ) -> _Request:
-        """Check and tokenize a request without touching the engine's state (safe from any thread)."""
+        """Check and tokenize a request, and encode its images, without touching the engine's state (safe
+        from any thread)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -116,6 +128,7 @@ class LLMEngine:
         seq = Sequence(
             request_id=rid, prompt_ids=ids, params=params, tenant_id=tenant_id, tenant_weight=float(tenant_weight),
             cache_salt=f"group:{sharing_group}" if sharing_group else f"tenant:{tenant_id}", stop_ids=frozenset(stops),
+            images=self._encode_images(ids, images) if images else None,
         )
         return _Request(
             seq=seq,
@@ -261,6 +274,17 @@ class LLMEngine:
         if finished:
             del self._requests[seq.request_id]
         return out
+
+    def _encode_images(self, ids: list[int], images: Seq[ImageInput]) -> PromptImages:
+        """Each image's features [N_i*F, H], placed on the prompt's placeholders in order."""
+        placeholder = self.model.config.image_token_id
+        if self.vision is None or placeholder is None:
+            raise ValueError("this model takes no images (its checkpoint has no vision tower)")
+        for index, image in enumerate(images):
+            if not isinstance(image, ImageInput):
+                raise ValueError(f"image {index} must be an ImageInput, got {type(image).__name__}")
+        features = [self.vision.image_features(image.pixel_values).flatten(0, 1) for image in images]
+        return PromptImages.place(ids, placeholder, features, [pixel_digest(image.pixel_values) for image in images])
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -8,7 +8,8 @@ sequences' blocks (for chunked layers only the current chunk's window) with the 
 mask the model uses, so a chunk computes exactly what the full causal forward would:
 - every decode (one new token) of the step attends in one padded, batched call per layer;
 - each prefill chunk attends on its own.
-Where to read and what to mask depends only on the step and the layer's group, so it is worked out
+Image features replace their placeholders' embeddings chunk by chunk, so a chunk boundary may fall
+inside an image. Where to read and what to mask depends only on the step and the layer's group, so it is worked out
 once per step and group, not per layer.
 """
 
@@ -61,6 +62,7 @@ class ModelRunner:
         ids, positions = self._tokens(chunks)
         plans = {group: self._plan(chunks, group) for group in self.kv.pools}
         x = self.model.model.embed_tokens(ids)  # [N, H]
+        self._place_images(x, chunks)
         rot = rotations(positions, self.inv_freq)
         for index, layer in enumerate(self.model.model.layers):
             plan = plans[self.cache.groups[index]]
@@ -72,6 +74,17 @@ class ModelRunner:
         ends = torch.tensor([0, *[c.num_tokens for c in chunks]]).cumsum(0)
         last = [int(ends[i + 1]) - 1 for i, c in enumerate(chunks) if c.samples]
         return self.model.lm_head(self.model.model.norm(x[last])).float()
+
+    def _place_images(self, x: torch.Tensor, chunks: list[ScheduledChunk]) -> None:
+        """Early fusion: each chunk's image placeholders take their image features, in place of [N, H] x."""
+        row = 0
+        for chunk in chunks:
+            images = chunk.seq.images
+            if images is not None and chunk.start < len(chunk.seq.prompt_ids):
+                offsets, features = images.within(chunk.start, chunk.start + chunk.num_tokens)  # [k], [k, H]
+                if offsets.numel():
+                    x[(offsets + row).to(x.device)] = features.to(device=x.device, dtype=x.dtype)
+            row += chunk.num_tokens
 
     def _attend(self, layer: int, q: torch.Tensor, plan: _GroupPlan) -> torch.Tensor:
         """[N, Q, D] queries -> [N, Q, D] attention outputs, reading the layer's paged keys."""

@@ -13,6 +13,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from herd.engine.prompt_images import ImageSpan, PromptImages
 from herd.engine.sampling_params import SamplingParams
 
 _arrivals = itertools.count()
@@ -37,6 +38,9 @@ class Sequence:
     """Prefix-cache namespace: the tenant id, or a sharing group that several tenants opted into."""
     stop_ids: frozenset[int] = frozenset()
     """Token ids that finish this sequence (model end tokens unless ignore_eos, plus stop_token_ids)."""
+    images: PromptImages | None = None
+    """The prompt's images (features for its placeholders), kept until the sequence finishes: a preempted
+    sequence recomputes its prompt."""
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     status: Status = Status.WAITING
@@ -59,6 +63,10 @@ class Sequence:
     def token_ids(self) -> list[int]:
         """Every known token: prompt then output."""
         return self.prompt_ids + self.output_ids
+
+    @property
+    def image_spans(self) -> tuple[ImageSpan, ...]:
+        return self.images.spans if self.images is not None else ()
 
     @property
     def is_finished(self) -> bool:

@@ -6,10 +6,7 @@ test_vision.py), saved with save_pretrained, and loaded by Herd from that direct
 `pixel_values` inside its forward. The negative checks show that the image, and where each of its
 features lands, move the logits far beyond the tolerance.
 
-transformers 5.24's Llama4ForConditionalGeneration.forward fails after computing the logits, reading
-`image_outputs` from its language model's output, which has no such field (return_dict=False does not
-help: its decorators force a dict). The fixture below gives that output class the attribute (None), so the
-reference's own forward and generate run unchanged.
+The reference runs under tests.hf_reference.conditional_generation_fixed (a transformers 5.24 bug).
 """
 
 from __future__ import annotations
@@ -17,10 +14,16 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import Llama4Config, Llama4ForConditionalGeneration
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from herd.model import Llama4Model, load_config, load_model, load_vision
-from tests.hf_reference import VOCAB, build, per_position_rel_error, save, text_config
+from tests.hf_reference import (
+    VOCAB,
+    build,
+    conditional_generation_fixed,
+    per_position_rel_error,
+    save,
+    text_config,
+)
 
 TOLERANCE = 1e-4
 IMAGE = 250  # the placeholder id, inside the tiny vocabulary (transformers' default 200092 is not)
@@ -60,8 +63,7 @@ def pixels(tiles: int, generator: torch.Generator) -> torch.Tensor:
 
 @pytest.fixture(scope="module", autouse=True)
 def _reference_forward_returns():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(MoeCausalLMOutputWithPast, "image_outputs", None, raising=False)
+    with conditional_generation_fixed():
         yield
 
 
