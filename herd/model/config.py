@@ -224,13 +224,18 @@ def read_config_json(path: str | Path) -> tuple[dict[str, Any], str]:
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no config.json at {file}")
+    return read_json_object(file), str(file)
+
+
+def read_json_object(file: Path) -> dict[str, Any]:
+    """The JSON object in `file`; ValueError naming the file if it is not one."""
     try:
         raw = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file}: not valid JSON: {err}") from err
     if not isinstance(raw, dict):
         raise ValueError(f"{file}: expected a JSON object, got {type(raw).__name__}")
-    return raw, str(file)
+    return raw
 
 
 def load_config(path: str | Path) -> ModelConfig:

@@ -13,11 +13,13 @@ distortion (never upscaled beyond one tile side), padded with black on the right
 by 1/255 and normalised with mean 0.5 and std 0.5 in bfloat16, cut into tiles row by row, and followed
 by a global tile (the whole image squashed to t x t) when there is more than one tile.
 
-Pixel parity with transformers is NOT yet checked: the reference resizes with torchvision (bilinear,
-antialiased), which cannot be installed here, so this module resizes with
-``torch.nn.functional.interpolate(mode="bilinear", antialias=True)``, which may differ by a few
-levels per pixel. Shapes, value ranges, constants, tile order, grid choice and prompt layout are
-tested; exact pixels are not.
+Pixels are bit-for-bit those of transformers 5.24.0's ``Llama4ImageProcessor`` (torchvision backend) on
+CPU. Its resize is ``torchvision.transforms.v2.functional.resize`` (bilinear, antialiased), which on a CPU
+reporting AVX2 or AVX512 (or on ARM) hands the uint8 image straight to torch's native uint8 kernel:
+fixed-point int16 weights and PIL's rounding, horizontal pass then vertical. We call that same kernel
+without torchvision. Resizing in float and rounding, as torchvision does on other CPUs and on GPU, puts
+about one value in ten one level off. ``tests/data/llama4_pixels`` holds the reference's output and the
+script that made it.
 """
 
 from __future__ import annotations
@@ -97,6 +99,16 @@ class ProcessedImage:
 
 def decode_image(data: bytes, config: ImageProcessorConfig) -> Image.Image:
     """Decode ``data`` into an RGB Pillow image, refusing what is not a safe, whole image."""
+    image = open_image(data, config)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ValueError(f"image is truncated or corrupt: {exc}") from exc
+    return to_rgb(image)
+
+
+def open_image(data: bytes, config: ImageProcessorConfig) -> Image.Image:
+    """Read an image's header (no pixels decoded yet), refusing non-images and sizes over the limits."""
     try:
         with warnings.catch_warnings():
             # Our own limits below are the ones that count; Pillow's global warning is noise.
@@ -106,6 +118,8 @@ def decode_image(data: bytes, config: ImageProcessorConfig) -> Image.Image:
         raise ValueError(f"image refused as a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ValueError(f"bytes are not a recognised image ({len(data)} bytes)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # a known format with a broken header
+        raise ValueError(f"image header is corrupt: {exc}") from exc
     width, height = image.size
     if width > config.max_side_px or height > config.max_side_px:
         raise ValueError(f"image is {width}x{height}, over the maximum side of {config.max_side_px} pixels")
@@ -114,11 +128,7 @@ def decode_image(data: bytes, config: ImageProcessorConfig) -> Image.Image:
             f"image is {width}x{height} = {width * height} pixels, over the maximum of {config.max_pixels} "
             f"(decompression-bomb guard)"
         )
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"image is truncated or corrupt: {exc}") from exc
-    return to_rgb(image)
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -183,11 +193,15 @@ def _resized_size(height: int, width: int, grid: TileGrid, tile_px: int) -> tupl
 
 
 def _resize(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[3, h, w] uint8 -> [3, *size] uint8, bilinear with antialiasing."""
+    """[3, h, w] uint8 -> [3, *size] uint8, bilinear with antialiasing, as the reference resizes.
+
+    Kept in uint8 on purpose: torch's uint8 kernel computes in fixed point and rounds differently from
+    the float kernel, and it is the one the reference runs (see the module docstring).
+    """
     if tuple(pixels.shape[-2:]) == size:
         return pixels
-    resized = F.interpolate(pixels[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-    return resized[0].round().clamp(0, 255).to(torch.uint8)
+    resized = F.interpolate(pixels[None], size=size, mode="bilinear", antialias=True, align_corners=False)
+    return resized[0]
 
 
 def _normalise(pixels: torch.Tensor) -> torch.Tensor:
@@ -201,7 +215,8 @@ def preprocess(image: Image.Image, config: ImageProcessorConfig) -> ProcessedIma
     """Resize, pad, normalise and tile one RGB image."""
     rgb = to_rgb(image)
     pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-    pixels = pixels.view(rgb.height, rgb.width, 3).permute(2, 0, 1)  # [3, h, w]
+    # [3, h, w], made contiguous as the reference does, so its resize kernel sees the same layout.
+    pixels = pixels.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
     grid = best_fit_grid(rgb.height, rgb.width, config)
     t = config.tile_px
     resized = _resize(pixels, _resized_size(rgb.height, rgb.width, grid, t))

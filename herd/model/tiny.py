@@ -3,7 +3,8 @@
 It is the embedded default model and the fixture of every later parity test, so it is written the way
 Meta's checkpoints are: Llama4ForConditionalGeneration config with `text_config` (rope_theta +
 rope_scaling, as Meta writes them), `language_model.`-prefixed bf16 tensors in sharded safetensors with
-an index, a BPE tokenizer with the Llama 4 special tokens after its vocabulary, and a generation config.
+an index, a BPE tokenizer with the Llama 4 special tokens after its vocabulary, a generation config and
+the image processor settings (`preprocessor_config.json`).
 Weights are random (scaled so every layer matters) and reproducible from the seed. The vision tower is
 tiny too (one encoder layer of width 32, 336-pixel tiles of 144 features, as Meta's) and ships its
 `vision_model.*` and `multi_modal_projector.*` tensors, drawn from a generator of their own so the text
@@ -21,6 +22,8 @@ from safetensors.torch import save_file
 
 from herd.model.checkpoint import INDEX_FILE
 from herd.model.config import ModelConfig
+from herd.model.image_processor import ImageProcessorConfig
+from herd.model.image_prompts import PREPROCESSOR_CONFIG, preprocessor_config
 from herd.model.llama4 import Llama4Model
 from herd.model.special_tokens import (
     END_OF_TEXT,
@@ -80,6 +83,8 @@ def make_tiny(out: str | Path, *, preset: str = "scout", seed: int = 0) -> Path:
     raw = _config(preset, tokenizer)
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(_generation_config(tokenizer), indent=2) + "\n")
+    processor = ImageProcessorConfig(tile_px=_VISION["image_size"])
+    (out / PREPROCESSOR_CONFIG).write_text(json.dumps(preprocessor_config(processor), indent=2) + "\n")
     tensors = random_weights(ModelConfig.from_hf(raw, source=str(out / "config.json")), seed=seed)
     vision = random_vision_weights(VisionConfig.from_hf(raw, source=str(out / "config.json")), seed=seed)
     _write_shards(out, {**{f"language_model.{name}": t for name, t in tensors.items()}, **vision})

@@ -158,19 +158,25 @@ async def serve_doors(settings: HerdSettings, backends: dict[str, Any], control_
     from herd.platform.gateway.core import Gateway
     from herd.platform.gateway.grpc_server import start_grpc
     from herd.platform.gateway.http_app import create_app
+    from herd.platform.gateway.image_urls import ImageUrlPolicy
     from herd.platform.tenancy.admin_api import admin_router
 
     tenancy = _tenancy(settings)
     cold_start = {m.name: ColdStartPolicy(wait_s=m.cold_start_wait_s, retry_after_s=m.cold_start_retry_after_s)
                   for m in settings.models}
     gateway = Gateway(backends, guard=tenancy.guard if tenancy else None, request_timeout_s=settings.request_timeout_s,
-                      cold_start=cold_start, log_prompts=settings.telemetry.log_prompts)
+                      cold_start=cold_start, log_prompts=settings.telemetry.log_prompts,
+                      max_images_per_request=settings.images.max_images_per_request)
     routers = [admin_router(tenancy.store, tenancy.admin_token)] if tenancy else []
     tls = settings.tls
     pem = {name: path.read_bytes() for name, path in (("cert_chain", tls.cert_file), ("private_key", tls.key_file),
                                                       ("client_ca", tls.client_ca_file)) if path is not None}
     grpc_server, grpc_port = await start_grpc(gateway, host=settings.grpc_host, port=settings.grpc_port, **pem)
-    app = create_app(gateway, routers=routers, max_request_body_bytes=settings.max_request_body_bytes)
+    images = settings.images
+    image_urls = ImageUrlPolicy(fetch_urls=images.fetch_urls, fetch_timeout_s=images.fetch_timeout_s,
+                                max_bytes=images.max_image_bytes)
+    app = create_app(gateway, routers=routers, max_request_body_bytes=settings.max_request_body_bytes,
+                     image_urls=image_urls)
     http = uvicorn.Server(http_config(app, settings))
     http_task = asyncio.create_task(http.serve())
     while not http.started:

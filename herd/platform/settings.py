@@ -131,6 +131,16 @@ class TelemetrySettings(_Section):
                                              "Prometheus /metrics here (0: a free port, in /herd/stats; null: off)")
 
 
+class ImageSettings(_Section):
+    """Images in chat requests, for models with a vision tower."""
+
+    max_images_per_request: int = Field(8, ge=0, description="most images one chat may carry (more: 400)")
+    fetch_urls: bool = Field(False, description="fetch http(s) image_url parts (off: only data: URLs are read); "
+                             "the gateway then connects wherever a client's URL points")
+    fetch_timeout_s: float = Field(10.0, gt=0, description="longest one image fetch may take in all")
+    max_image_bytes: int = Field(20 * 2**20, ge=1, description="largest encoded image, from a data: or http(s) URL")
+
+
 class TlsSettings(_Section):
     """TLS at the public doors and mutual TLS between each trunk and its expert shards (PEM files; off when unset).
 
@@ -208,6 +218,7 @@ class HerdSettings(BaseSettings):
     tenancy: TenancySettings = Field(default_factory=TenancySettings)
     controlplane: ControlPlaneSettings = Field(default_factory=ControlPlaneSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     _config_file: ClassVar[Path | None] = None

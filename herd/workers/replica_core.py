@@ -1,7 +1,8 @@
 """A model replica without its hosting: the engine, the trunk, the experts, and herd.v1 messages in and out.
 
 The Ray Serve deployment (herd.workers.serve_app) and the in-process backend both wrap this class.
-It takes internal `GenerateRequest`s (token ids, checked by the gateway), streams `GenerateChunk`s,
+It takes internal `GenerateRequest`s (token ids, checked by the gateway; encoded images, decoded and
+tiled here off the event loop), streams `GenerateChunk`s,
 reports health (engine and every expert shard), counts what it holds (for tests and metrics), and
 drains: stops admitting, lets in-flight streams finish up to a timeout, then aborts the rest.
 """
@@ -20,7 +21,9 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from herd.engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput, SamplingParams
 from herd.engine.outputs import RequestTimes
-from herd.model import load_experts, load_model
+from herd.engine.prompt_images import ImageInput
+from herd.model import load_config, load_experts, load_model, load_vision
+from herd.model.image_prompts import ImagePrompts
 from herd.model.tokenizer import Tokenizer
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.workers.dispatch import ExpertDispatcher
@@ -103,7 +106,11 @@ class ReplicaCore:
             self.dispatcher = ExpertDispatcher(placement, factory(list(placement.shard_experts)),
                                                load=self.expert_load, observe_s=observe)
             self.dispatcher.attach(model)
-        engine = LLMEngine(model, self.tokenizer, engine_config)
+        vision = None
+        if load_config(config.path).multimodal:
+            vision = load_vision(config.path, dtype=engine_config.dtype, device=engine_config.device)
+        self.image_prompts = ImagePrompts.from_pretrained(config.path)
+        engine = LLMEngine(model, self.tokenizer, engine_config, vision=vision)
         self.metrics = ReplicaMetrics(config.name, engine, self.expert_load)
         self.engine = AsyncLLMEngine(engine, step_scope=self._step_scope)
         self._spans: dict[str, trace.SpanContext] = {}  # request id -> its replica span (steps link to them)
@@ -123,6 +130,7 @@ class ReplicaCore:
         if self._draining:
             raise ReplicaError("UNAVAILABLE", f"replica of {self.config.name} is shutting down")
         params, prompt = self._unpack(request)
+        images = await asyncio.to_thread(self._images, request) if request.images else ()
         tenant = request.tenant
         span = tracer.start_span("herd.replica.generate", context=propagate.extract(dict(request.trace_context)),
                                  kind=SpanKind.SERVER, attributes={"herd.request_id": request.request_id,
@@ -134,7 +142,7 @@ class ReplicaCore:
             stream = self.engine.generate(
                 prompt, params, request_id=request.request_id or None,
                 tenant_id=tenant.tenant_id or "default", tenant_weight=tenant.weight or 1.0,
-                sharing_group=tenant.sharing_group or None,
+                sharing_group=tenant.sharing_group or None, images=images,
             )
             async with contextlib.aclosing(stream):  # closing it aborts the request and frees its blocks
                 pending: pb.GenerateChunk | None = None
@@ -230,6 +238,18 @@ class ReplicaCore:
         except ValueError as err:
             raise ReplicaError("INVALID_ARGUMENT", str(err)) from err
         return params, list(request.token_ids.ids)
+
+    def _images(self, request: pb.GenerateRequest) -> list[ImageInput]:
+        """Each encoded image of the request, decoded and tiled as the gateway counted it."""
+        if self.image_prompts is None:
+            raise ReplicaError("INVALID_ARGUMENT", f"model {self.config.name} takes no images (text only)")
+        images = []
+        for index, data in enumerate(request.images):
+            try:
+                images.append(ImageInput(self.image_prompts.pixel_values(data)))
+            except ValueError as err:
+                raise ReplicaError("INVALID_ARGUMENT", f"image {index}: {err}") from err
+        return images
 
     def _chunk(self, out: RequestOutput) -> pb.GenerateChunk:
         chunk = pb.GenerateChunk(request_id=out.request_id, text=out.delta_text, token_ids=out.delta_token_ids)

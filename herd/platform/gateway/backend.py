@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from herd.model.image_prompts import ImagePrompts
 from herd.model.tokenizer import Tokenizer
 from herd.platform.gateway.errors import GatewayError, from_code, overloaded
 from herd.protos.herd.v1 import inference_pb2 as pb
@@ -20,6 +21,8 @@ from herd.workers.replica_core import ReplicaCore, ReplicaError
 class Backend(Protocol):
     name: str
     tokenizer: Tokenizer
+    image_prompts: ImagePrompts | None
+    """How the model takes images (None: text only)."""
 
     def card(self) -> pb.ModelCard: ...
 
@@ -41,6 +44,7 @@ class LocalBackend:
         self.core = core
         self.name = core.config.name
         self.tokenizer = core.tokenizer
+        self.image_prompts = core.image_prompts
         self.capacity = max_ongoing_requests + max_queued_requests
         self._active = 0
 

@@ -1,8 +1,10 @@
 """The gateway: one request path behind the HTTP and gRPC front doors.
 
 Both doors turn their request into the same internal herd.v1 GenerateRequest here: the prompt rendered
-(chat) and tokenized, its length checked against the model's context, max_tokens defaulted or refused,
-the tenant context attached. The stream that comes back is the same for both; errors are GatewayErrors.
+(chat) and tokenized, its images' grids read from their headers and their placeholder tokens put in
+the prompt (so image tokens are counted and checked like text), its length checked against the model's
+context, max_tokens defaulted or refused, the tenant context attached. The stream that comes back is
+the same for both; errors are GatewayErrors.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Protocol
 from opentelemetry.context import Context
 
 from herd.model.chat_template import render_chat
+from herd.model.image_processor import TileGrid
 from herd.model.special_tokens import BEGIN_OF_TEXT
 from herd.platform.gateway.backend import Backend
 from herd.platform.gateway.cold_start import ColdStartPolicy, wait_for_replica
@@ -66,8 +69,10 @@ class Gateway:
     def __init__(
         self, backends: Mapping[str, Backend], *, guard: AdmissionGuard | None = None, request_timeout_s: float = 600.0,
         cold_start: Mapping[str, ColdStartPolicy] | None = None, log_prompts: bool = False,
+        max_images_per_request: int = 8,
     ) -> None:
         self.backends = dict(backends)
+        self.max_images_per_request = max_images_per_request
         self.guard = guard
         self.request_timeout_s = request_timeout_s
         self.cold_start = dict(cold_start or {})  # per model; ColdStartPolicy() where not given
@@ -153,15 +158,40 @@ class Gateway:
         backend = self.backend(model, identity)
         if not messages:
             raise invalid_request("messages must not be empty", param="messages")
+        images = self._images(backend, messages)
         try:
             kwargs: dict[str, Any] = {"tools": list(tools)} if tools else {}
             if tools and tool_choice is not None:
                 kwargs["tool_choice"] = tool_choice
             text = render_chat(list(messages), **kwargs)
+            if images:
+                assert backend.image_prompts is not None
+                text = backend.image_prompts.expand(text, [grid for _, grid in images])
         except ValueError as err:
             raise invalid_request(str(err), param="messages") from err
         ids = backend.tokenizer.encode(text)
-        return self._prepared(backend, ids, options, identity, None)
+        return self._prepared(backend, ids, options, identity, None, images=[data for data, _ in images])
+
+    def _images(self, backend: Backend, messages: Sequence[Mapping[str, Any]]) -> list[tuple[bytes, TileGrid]]:
+        """Every image part's bytes, in prompt order, with its tile grid (from the header only)."""
+        found = [part["image"] for m in messages if isinstance(m, Mapping) and _is_parts(m.get("content"))
+                 for part in m["content"] if isinstance(part, Mapping) and part.get("type") == "image"]
+        if not found:
+            return []
+        if backend.image_prompts is None:
+            raise invalid_request(f"model {backend.name} takes no images (text only)", param="messages")
+        if len(found) > self.max_images_per_request:
+            raise invalid_request(f"{len(found)} images in one request; at most {self.max_images_per_request} "
+                                  f"are allowed", param="messages")
+        out = []
+        for index, data in enumerate(found):
+            if not isinstance(data, bytes) or not data:
+                raise invalid_request(f"image {index} is empty", param="messages")
+            try:
+                out.append((data, backend.image_prompts.grid(data)))
+            except ValueError as err:
+                raise invalid_request(f"image {index}: {err}", param="messages") from err
+        return out
 
     async def stream(self, prepared: Prepared, *, timeout_s: float | None = None,
                      trace_parent: Context | None = None) -> AsyncIterator[pb.GenerateChunk]:
@@ -228,6 +258,8 @@ class Gateway:
         options: pb.SamplingOptions,
         identity: Any,
         default_max_tokens: int | None,
+        *,
+        images: Sequence[bytes] = (),
     ) -> Prepared:
         limit = backend.card().max_model_len
         options = pb.SamplingOptions(**{f.name: v for f, v in options.ListFields()})
@@ -245,9 +277,13 @@ class Gateway:
         request = pb.GenerateRequest(
             model=backend.name, token_ids=pb.TokenIds(ids=ids), sampling=options,
             request_id=f"herd-{uuid.uuid4().hex}",  # ours, never the client's: ledger rows are keyed by it
-            tenant=tenant or pb.TenantContext(tenant_id="default", weight=1.0),
+            tenant=tenant or pb.TenantContext(tenant_id="default", weight=1.0), images=images,
         )
         return Prepared(backend=backend, request=request, prompt_tokens=len(ids), identity=identity)
+
+
+def _is_parts(content: object) -> bool:
+    return isinstance(content, Sequence) and not isinstance(content, str | bytes)
 
 
 __all__ = ["Gateway", "GatewayError", "Prepared"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -95,6 +96,9 @@ class InferenceService(pb_grpc.InferenceServicer):
             which = request.WhichOneof("prompt")
             if which is None:
                 raise invalid_request("a prompt is needed: text or token_ids", param="prompt")
+            if request.images:
+                raise invalid_request("Generate takes no images; send them as image parts of a Chat call",
+                                      param="images")
             prompt = request.text if which == "text" else list(request.token_ids.ids)
             return self.gateway.prepare_text(request.model, prompt, request.sampling,
                                              identity=await self._identity(context))
@@ -108,12 +112,14 @@ class InferenceService(pb_grpc.InferenceServicer):
         await _refuse_unreadable(request, context)
 
         async def prepare() -> Prepared:
-            messages = []
+            messages: list[dict[str, Any]] = []
             for m in request.messages:
-                if any(p.WhichOneof("part") == "image" for p in m.parts):
-                    raise invalid_request("image inputs are not supported by this server yet", param="messages")
-                text = m.content + "".join(p.text for p in m.parts)
-                messages.append({"role": m.role, "content": text})
+                parts = [{"type": "text", "text": m.content}] if m.content else []
+                parts += [{"type": "image", "image": p.image} if p.WhichOneof("part") == "image"
+                          else {"type": "text", "text": p.text} for p in m.parts]
+                images = any(p["type"] == "image" for p in parts)
+                content = parts if images else "".join(p["text"] for p in parts)
+                messages.append({"role": m.role, "content": content})
             return self.gateway.prepare_chat(request.model, messages, request.sampling,
                                              identity=await self._identity(context))
 

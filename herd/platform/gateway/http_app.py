@@ -27,6 +27,7 @@ from herd.platform.gateway import openai_translate as translate
 from herd.platform.gateway.body_limit import BodyLimitMiddleware
 from herd.platform.gateway.core import Gateway
 from herd.platform.gateway.errors import GatewayError, internal
+from herd.platform.gateway.image_urls import ImageUrlPolicy
 from herd.platform.gateway.openai_models import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -55,9 +56,12 @@ MAX_REQUEST_BODY_BYTES = 16 * 2**20
 
 
 def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = (),
-               max_request_body_bytes: int = MAX_REQUEST_BODY_BYTES) -> FastAPI:
+               max_request_body_bytes: int = MAX_REQUEST_BODY_BYTES,
+               image_urls: ImageUrlPolicy | None = None) -> FastAPI:
     """The HTTP door; `routers` adds more (the admin API) under the same error handling. A request body
-    over `max_request_body_bytes` is refused with 413 before it is read."""
+    over `max_request_body_bytes` is refused with 413 before it is read; `image_urls` says which image
+    URLs a chat may use."""
+    image_urls = image_urls or ImageUrlPolicy()
     app = FastAPI(title="Herd", version=__version__, description="OpenAI-compatible API for Llama 4 models.")
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_request_body_bytes)
     for router in routers:
@@ -137,7 +141,7 @@ def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = (),
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        prepared = translate.prepare_chat(gateway, body, await identity(request))
+        prepared = await translate.prepare_chat(gateway, body, await identity(request), image_urls)
         chunks = gateway.stream(prepared, trace_parent=_trace_parent(request))
         if body.stream:
             return await _stream(chunks, lambda c: translate.chat_events(body, prepared, c))

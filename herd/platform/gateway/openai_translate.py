@@ -1,6 +1,7 @@
 """OpenAI shapes <-> the gateway's: requests into Prepared requests, chunk streams into responses.
 
-Pure functions except for reading the chunk stream; the HTTP routes are thin wrappers around these.
+Pure functions except for reading the chunk stream and image URLs; the HTTP routes are thin wrappers
+around these.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from herd.model.tool_calls import arguments_json, offer_tools, parse_tool_calls
 from herd.platform.gateway.core import Gateway, Prepared
 from herd.platform.gateway.errors import invalid_request
+from herd.platform.gateway.image_urls import ImageUrlPolicy, image_bytes
 from herd.platform.gateway.openai_models import (
     AssistantMessage,
     ChatChoice,
@@ -50,13 +52,21 @@ def sampling(request: ChatCompletionRequest | CompletionRequest, *, logprobs: in
     return options
 
 
-def prepare_chat(gateway: Gateway, request: ChatCompletionRequest, identity: Any) -> Prepared:
+async def prepare_chat(gateway: Gateway, request: ChatCompletionRequest, identity: Any,
+                       image_urls: ImageUrlPolicy) -> Prepared:
+    """The chat as the gateway takes it; image_url parts are read (data: URLs) or fetched (http(s), where
+    allowed) first, after a count against the gateway's per-request limit so nothing is fetched in vain."""
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     tools = [t.function.model_dump(exclude_none=True) for t in request.tools or []]
     choice = request.tool_choice
     tool_choice = choice.model_dump() if hasattr(choice, "model_dump") else choice
+    count = sum(isinstance(m.content, list) and sum(p.type == "image_url" for p in m.content) for m in request.messages)
+    if count > gateway.max_images_per_request:
+        raise invalid_request(f"{count} images in one request; at most {gateway.max_images_per_request} are allowed",
+                              param="messages")
+    messages = [await _message(m, image_urls) for m in request.messages]
     return gateway.prepare_chat(
-        request.model, [_message(m) for m in request.messages], sampling(request, logprobs=logprobs),
+        request.model, messages, sampling(request, logprobs=logprobs),
         tools=[{"type": "function", "function": t} for t in tools] or None, tool_choice=tool_choice, identity=identity,
     )
 
@@ -66,16 +76,17 @@ def prepare_completion(gateway: Gateway, request: CompletionRequest, identity: A
                                 identity=identity)
 
 
-def _message(message: ChatMessage) -> dict[str, Any]:
-    """An OpenAI message as the chat template takes it."""
+async def _message(message: ChatMessage, image_urls: ImageUrlPolicy) -> dict[str, Any]:
+    """An OpenAI message as the chat template takes it (image parts carry their bytes)."""
     role = "system" if message.role == "developer" else message.role
     out: dict[str, Any] = {"role": role}
     if isinstance(message.content, list):
-        parts = []
+        parts: list[dict[str, Any]] = []
         for part in message.content:
             if part.type == "image_url":
-                raise invalid_request("image inputs are not supported by this server yet", param="messages")
-            parts.append({"type": "text", "text": part.text})
+                parts.append({"type": "image", "image": await image_bytes(part.image_url.url, image_urls)})
+            else:
+                parts.append({"type": "text", "text": part.text})
         out["content"] = parts
     else:
         out["content"] = message.content if message.content is not None else ""

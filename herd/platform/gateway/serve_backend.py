@@ -16,6 +16,7 @@ import ray
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from herd.model.image_prompts import ImagePrompts
 from herd.model.tokenizer import Tokenizer
 from herd.platform.gateway.cold_start import CachedCount
 from herd.platform.gateway.errors import GatewayError, from_code, overloaded, unavailable
@@ -30,6 +31,7 @@ class ServeBackend:
         self.name = card.id
         self._card = card
         self.tokenizer = Tokenizer.from_pretrained(card.root)
+        self.image_prompts = ImagePrompts.from_pretrained(card.root)
         self._ready = CachedCount(self._running)  # one controller call per model per second
 
     @classmethod

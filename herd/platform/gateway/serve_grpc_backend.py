@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import httpx
 
+from herd.model.image_prompts import ImagePrompts
 from herd.model.tokenizer import Tokenizer
 from herd.platform.gateway.cold_start import CachedCount
 from herd.platform.gateway.errors import from_code
@@ -30,6 +31,7 @@ class ServeGrpcBackend:
         self.status_url = status_url.rstrip("/") if status_url else None
         self._ready = CachedCount(self._fetch_ready)
         self.tokenizer = Tokenizer.from_pretrained(path)
+        self.image_prompts = ImagePrompts.from_pretrained(path)
         limit = max_model_len or _model_limit(Path(path))
         self._card = pb.ModelCard(id=name, root=str(path), max_model_len=limit, created=int(time.time()))
         self.channel = grpc.aio.insecure_channel(target)

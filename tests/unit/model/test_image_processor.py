@@ -2,29 +2,35 @@
 
 Tested against the reference: the tile-grid choice (the reference's ``find_supported_resolutions`` and
 ``get_best_fit``, whose module imports torchvision at the top and so cannot be imported here, are
-compiled from its source file on their own and run on many image sizes), and the prompt layout
-(``Llama4Processor._prompt_split_image``). Not tested against it: pixel values, because the reference
-resizes with torchvision; here shapes, value ranges, constants, padding and tile order are checked.
+compiled from its source file on their own and run on many image sizes), the prompt layout
+(``Llama4Processor._prompt_split_image``), and the pixel values, bit for bit: torchvision cannot be
+imported here, so ``tests/data/llama4_pixels/reference.safetensors`` holds the reference's output for a
+few PNG images (made by ``generate.py`` beside it, in a side environment with torchvision), whole
+tensors for small tiles and a SHA-256 for the real 336-pixel, 16-tile configuration.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
+import json
 import math
-import struct
-import zlib
 from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 import transformers.models.llama4 as llama4_pkg
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers.models.llama4.processing_llama4 import Llama4Processor
 
+from herd.model import image_processor
 from herd.model.image_processor import (
     IMAGE_MEAN,
     IMAGE_STD,
@@ -36,6 +42,7 @@ from herd.model.image_processor import (
     preprocess,
     supported_grids,
 )
+from tests.images import png_header_only
 
 CONFIG = ImageProcessorConfig()
 REFERENCE_SOURCE = Path(llama4_pkg.__file__).parent / "image_processing_llama4.py"
@@ -65,16 +72,6 @@ def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims ``width`` x ``height`` (1-bit grey) but carries no pixel data: cheap to build."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 # -- decoding -------------------------------------------------------------------------------------
@@ -117,18 +114,18 @@ def test_truncated_image_is_refused() -> None:
 
 def test_decompression_bomb_is_refused_without_allocating() -> None:
     with pytest.raises(ValueError, match=r"decompression bomb|decompression-bomb"):
-        decode_image(_png_header_only(20000, 20000), CONFIG)
+        decode_image(png_header_only(20000, 20000), CONFIG)
 
 
 def test_pixel_limit_is_ours_not_only_pillows() -> None:
     config = ImageProcessorConfig(max_pixels=1000)
     with pytest.raises(ValueError, match="over the maximum of 1000"):
-        decode_image(_png_header_only(100, 100), config)
+        decode_image(png_header_only(100, 100), config)
 
 
 def test_side_over_maximum_is_refused() -> None:
     with pytest.raises(ValueError, match="20000x100, over the maximum side of 16384"):
-        decode_image(_png_header_only(20000, 100), CONFIG)
+        decode_image(png_header_only(20000, 100), CONFIG)
 
 
 def test_bad_config_names_the_value() -> None:
@@ -244,3 +241,82 @@ def test_wide_image_is_padded_at_the_bottom() -> None:
     last_row_first_tile = out.pixel_values[(grid.rows - 1) * grid.cols].float()
     assert last_row_first_tile[:, -1, 0].tolist() == [-1.0, -1.0, -1.0]  # black padding
     assert out.pixel_values[0, :, 0, 0].float().tolist() == [1.0, 1.0, 1.0]
+
+
+# -- pixel values against the reference ----------------------------------------------------------
+
+GOLDEN = Path(__file__).parents[2] / "data" / "llama4_pixels" / "reference.safetensors"
+Case = dict[str, Any]
+"""One entry of the golden file's ``cases`` metadata: name, tile_px, max_tiles, grid, shape, sha256, stored."""
+
+
+@lru_cache(maxsize=1)
+def _golden() -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The golden file's metadata and tensors: ``<case>.png``, ``<case>.pixel_values``, ``<case>.aspect_ratios``."""
+    with safe_open(str(GOLDEN), framework="pt") as f:
+        metadata: dict[str, str] = f.metadata()
+    return metadata, load_file(GOLDEN)
+
+
+def _golden_cases(*, stored: bool) -> list[Case]:
+    """The cases whose whole tensor is kept (``stored``), or those kept only as a shape and a SHA-256."""
+    cases: list[Case] = json.loads(_golden()[0]["cases"])
+    return [case for case in cases if case["stored"] is stored]
+
+
+def _preprocess_golden(case: Case) -> image_processor.ProcessedImage:
+    """Herd's decoding and preprocessing of one golden case's PNG, with the case's tile size and count."""
+    config = ImageProcessorConfig(tile_px=case["tile_px"], max_tiles=case["max_tiles"])
+    png = _golden()[1][f"{case['name']}.png"].numpy().tobytes()
+    return preprocess(decode_image(png, config), config)
+
+
+def _sha256(pixel_values: torch.Tensor) -> str:
+    """As ``generate.py`` hashes: the tensor's bytes, row-major, native bfloat16."""
+    return hashlib.sha256(pixel_values.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def test_golden_file_is_from_the_reference_we_pin() -> None:
+    metadata, tensors = _golden()
+    assert metadata["transformers"] == "5.24.0"
+    assert metadata["processor"] == "transformers.Llama4ImageProcessor"
+    for case in _golden_cases(stored=True):
+        reference = tensors[f"{case['name']}.pixel_values"]
+        assert reference.dtype == torch.bfloat16
+        assert _sha256(reference) == case["sha256"], case["name"]
+    assert {case["tile_px"] for case in _golden_cases(stored=False)} == {336}
+
+
+@pytest.mark.parametrize("case", _golden_cases(stored=True), ids=lambda case: case["name"])
+def test_pixels_equal_reference(case: Case) -> None:
+    tensors = _golden()[1]
+    reference = tensors[f"{case['name']}.pixel_values"]  # [N(+1), 3, t, t] bfloat16
+    out = _preprocess_golden(case)
+    assert [out.grid.rows, out.grid.cols] == tensors[f"{case['name']}.aspect_ratios"][0].tolist()
+    assert out.pixel_values.dtype == reference.dtype
+    assert out.pixel_values.shape == reference.shape
+    diff = (out.pixel_values.float() - reference.float()).abs()
+    assert torch.equal(out.pixel_values, reference), f"{int((diff > 0).sum())} values differ, max {diff.max()}"
+
+
+@pytest.mark.parametrize("case", _golden_cases(stored=False), ids=lambda case: case["name"])
+def test_pixels_equal_reference_in_the_real_configuration(case: Case) -> None:
+    out = _preprocess_golden(case)
+    assert [out.grid.rows, out.grid.cols] == case["grid"]
+    assert list(out.pixel_values.shape) == case["shape"]
+    assert _sha256(out.pixel_values) == case["sha256"]
+
+
+def test_golden_pixels_tell_float_resizing_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resizing in float and rounding (torchvision off AVX2/AVX512 CPUs) must fail the comparison above."""
+
+    def float_resize(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if tuple(pixels.shape[-2:]) == size:
+            return pixels
+        resized = torch.nn.functional.interpolate(pixels[None].float(), size=size, mode="bilinear", antialias=True)
+        return resized[0].round().clamp(0, 255).to(torch.uint8)
+
+    monkeypatch.setattr(image_processor, "_resize", float_resize)
+    for case in _golden_cases(stored=True):
+        reference = _golden()[1][f"{case['name']}.pixel_values"]
+        assert not torch.equal(_preprocess_golden(case).pixel_values, reference), case["name"]
