@@ -4,6 +4,7 @@ official openai client, a gRPC client built from protos/, and curl."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -22,10 +23,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from herd.engine import EngineConfig, LLMEngine, SamplingParams
+from herd.engine.prompt_images import ImageInput
 from herd.model.chat_template import render_chat
+from herd.model.image_prompts import ImagePrompts
 from herd.model.tiny import make_tiny
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
+from tests.images import png_header_only, random_png
 
 HELLO = [{"role": "user", "content": "Tell me about the herd."}]
 
@@ -106,6 +110,50 @@ def test_openai_client_models_chat_stream_usage_logprobs(server, client):
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
     assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+
+
+def _image_chat(*images: bytes, text: str = "What is in this picture?") -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(data).decode()}}
+             for data in images]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def test_openai_client_chat_with_an_image_counts_its_tokens(server, client):
+    png = random_png(500, 260, seed=21)  # 1 x 2 tiles and the global tile: 437 image tokens
+    reply = client.chat.completions.create(model="scout", messages=_image_chat(png), max_tokens=8, temperature=0)
+    engine = LLMEngine.from_pretrained(server["path"], EngineConfig(kv_cache_bytes=16 * 2**20))
+    prompts = ImagePrompts.from_pretrained(server["path"])
+    rendered = render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                               "text": "What is in this picture?"}]}])
+    prompt = engine.tokenizer.encode(prompts.expand(rendered, [prompts.grid(png)]))
+    [expected] = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=8),
+                                 images=[ImageInput(prompts.pixel_values(png))])
+    assert reply.choices[0].message.content == expected.text
+    text_only = client.chat.completions.create(model="scout", messages=_image_chat(), max_tokens=1)
+    assert reply.usage.prompt_tokens == len(prompt) == text_only.usage.prompt_tokens + 437
+
+
+def test_bad_images_on_both_doors_and_the_server_keeps_serving(server, client):
+    bad = {"corrupt base64": [{"role": "user", "content": [
+               {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR*w0KGgo="}}]}],
+           "text labelled as PNG": _image_chat(b"plain text, saved as cat.png\n"),
+           "20000 x 20000": _image_chat(png_header_only(20000, 20000)),
+           "too many images": _image_chat(*[random_png(8, 8)] * 9),
+           "truncated (found by the replica)": _image_chat(random_png(64, 64)[:300])}
+    for what, messages in bad.items():
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="scout", messages=messages, max_tokens=3)
+        assert refused.value.status_code == 400, what
+        assert refused.value.body["message"], what
+    stub = pb_grpc.InferenceStub(grpc.insecure_channel(server["grpc"]))
+    for data in (b"GIF89a, not really", png_header_only(20000, 20000)):
+        message = pb.ChatMessage(role="user", parts=[pb.ContentPart(image=data)])
+        request = pb.ChatRequest(model="scout", messages=[message])
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Chat(request, metadata=_metadata(server["key"])))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details()
+    reply = client.chat.completions.create(model="scout", messages=_image_chat(random_png(30, 30)), max_tokens=3)
+    assert reply.choices[0].finish_reason and _settled(server)
 
 
 def test_grpc_client_from_protos_with_reflection_and_health(server):

@@ -658,6 +658,8 @@ def test_settings_file_loads_with_herd_settings(rendered_profiles: dict[str, Ren
         assert model.path == app_args(rayservices[model.name])["path"]
         assert model.cold_start_wait_s == 30 and model.cold_start_retry_after_s == 30
     assert (settings.http_host, settings.http_port, settings.grpc_port) == ("0.0.0.0", 8000, 50051)
+    assert settings.max_request_body_bytes == 16 * 2**20
+    assert settings.images.max_images_per_request == 8 and not settings.images.fetch_urls
     # The Secrets arrive as environment variables, laid over the file's tenancy section.
     clean_env.setenv("HERD_TENANCY__DATABASE_URL", "postgresql://herd@db/herd")
     clean_env.setenv("HERD_TENANCY__REDIS_URL", "redis://redis:6379/0")
