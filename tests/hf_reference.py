@@ -105,3 +105,23 @@ def conditional_generation_fixed() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(MoeCausalLMOutputWithPast, "image_outputs", None, raising=False)
         yield
+
+
+IMAGE = 250  # the placeholder id, inside the tiny vocabulary (transformers' default 200092 is not)
+# 4 x 4 patches of 14 pixels -> 4 features (placeholder tokens) per tile; 2 encoder layers.
+VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=56,
+              patch_size=14, vision_output_dim=48, projector_input_dim=48, projector_output_dim=48,
+              initializer_range=0.1)
+TOKENS_PER_TILE = 4
+
+
+def build_multimodal(seed: int) -> Llama4ForConditionalGeneration:
+    """Scout-like text and a 2-layer vision tower, norms and biases moved off their init (one and zero)."""
+    torch.manual_seed(seed)
+    config = Llama4Config(text_config=text_config("scout"), vision_config=VISION, image_token_index=IMAGE)
+    model = Llama4ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith(("vision_model.", "multi_modal_projector.")) and param.dim() == 1:
+                param.add_(0.1 * torch.randn_like(param))
+    return model

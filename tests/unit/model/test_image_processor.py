@@ -14,20 +14,16 @@ from __future__ import annotations
 import ast
 import hashlib
 import io
-import json
 import math
 from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import torch
 import transformers.models.llama4 as llama4_pkg
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file
 from transformers.models.llama4.processing_llama4 import Llama4Processor
 
 from herd.model import image_processor
@@ -42,7 +38,7 @@ from herd.model.image_processor import (
     preprocess,
     supported_grids,
 )
-from tests.images import png_header_only
+from tests.images import Case, golden, golden_cases, png_header_only
 
 CONFIG = ImageProcessorConfig()
 REFERENCE_SOURCE = Path(llama4_pkg.__file__).parent / "image_processing_llama4.py"
@@ -245,29 +241,10 @@ def test_wide_image_is_padded_at_the_bottom() -> None:
 
 # -- pixel values against the reference ----------------------------------------------------------
 
-GOLDEN = Path(__file__).parents[2] / "data" / "llama4_pixels" / "reference.safetensors"
-Case = dict[str, Any]
-"""One entry of the golden file's ``cases`` metadata: name, tile_px, max_tiles, grid, shape, sha256, stored."""
-
-
-@lru_cache(maxsize=1)
-def _golden() -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """The golden file's metadata and tensors: ``<case>.png``, ``<case>.pixel_values``, ``<case>.aspect_ratios``."""
-    with safe_open(str(GOLDEN), framework="pt") as f:
-        metadata: dict[str, str] = f.metadata()
-    return metadata, load_file(GOLDEN)
-
-
-def _golden_cases(*, stored: bool) -> list[Case]:
-    """The cases whose whole tensor is kept (``stored``), or those kept only as a shape and a SHA-256."""
-    cases: list[Case] = json.loads(_golden()[0]["cases"])
-    return [case for case in cases if case["stored"] is stored]
-
-
 def _preprocess_golden(case: Case) -> image_processor.ProcessedImage:
     """Herd's decoding and preprocessing of one golden case's PNG, with the case's tile size and count."""
     config = ImageProcessorConfig(tile_px=case["tile_px"], max_tiles=case["max_tiles"])
-    png = _golden()[1][f"{case['name']}.png"].numpy().tobytes()
+    png = golden()[1][f"{case['name']}.png"].numpy().tobytes()
     return preprocess(decode_image(png, config), config)
 
 
@@ -277,19 +254,19 @@ def _sha256(pixel_values: torch.Tensor) -> str:
 
 
 def test_golden_file_is_from_the_reference_we_pin() -> None:
-    metadata, tensors = _golden()
+    metadata, tensors = golden()
     assert metadata["transformers"] == "5.24.0"
     assert metadata["processor"] == "transformers.Llama4ImageProcessor"
-    for case in _golden_cases(stored=True):
+    for case in golden_cases(stored=True):
         reference = tensors[f"{case['name']}.pixel_values"]
         assert reference.dtype == torch.bfloat16
         assert _sha256(reference) == case["sha256"], case["name"]
-    assert {case["tile_px"] for case in _golden_cases(stored=False)} == {336}
+    assert {case["tile_px"] for case in golden_cases(stored=False)} == {336}
 
 
-@pytest.mark.parametrize("case", _golden_cases(stored=True), ids=lambda case: case["name"])
+@pytest.mark.parametrize("case", golden_cases(stored=True), ids=lambda case: case["name"])
 def test_pixels_equal_reference(case: Case) -> None:
-    tensors = _golden()[1]
+    tensors = golden()[1]
     reference = tensors[f"{case['name']}.pixel_values"]  # [N(+1), 3, t, t] bfloat16
     out = _preprocess_golden(case)
     assert [out.grid.rows, out.grid.cols] == tensors[f"{case['name']}.aspect_ratios"][0].tolist()
@@ -299,7 +276,7 @@ def test_pixels_equal_reference(case: Case) -> None:
     assert torch.equal(out.pixel_values, reference), f"{int((diff > 0).sum())} values differ, max {diff.max()}"
 
 
-@pytest.mark.parametrize("case", _golden_cases(stored=False), ids=lambda case: case["name"])
+@pytest.mark.parametrize("case", golden_cases(stored=False), ids=lambda case: case["name"])
 def test_pixels_equal_reference_in_the_real_configuration(case: Case) -> None:
     out = _preprocess_golden(case)
     assert [out.grid.rows, out.grid.cols] == case["grid"]
@@ -317,6 +294,6 @@ def test_golden_pixels_tell_float_resizing_apart(monkeypatch: pytest.MonkeyPatch
         return resized[0].round().clamp(0, 255).to(torch.uint8)
 
     monkeypatch.setattr(image_processor, "_resize", float_resize)
-    for case in _golden_cases(stored=True):
-        reference = _golden()[1][f"{case['name']}.pixel_values"]
+    for case in golden_cases(stored=True):
+        reference = golden()[1][f"{case['name']}.pixel_values"]
         assert not torch.equal(_preprocess_golden(case).pixel_values, reference), case["name"]
