@@ -3,8 +3,9 @@
 Each golden case (tests/data/llama4_pixels) is a PNG and transformers' Llama4ImageProcessor output for
 it with 56-pixel tiles. The reference Llama4ForConditionalGeneration (4 features per tile) runs on that
 output (cast to float32, as Herd's tower casts pixels to its weights' dtype); Herd decodes the PNG
-itself, preprocesses it, encodes it with its own vision tower and places the features. The prompt is Herd's layout of the case's grid, with the tiny vocabulary's ids: pixels, vision
-features and logits must agree (float32, relative error < 1e-4), and so must greedy generation.
+itself, preprocesses it, encodes it with its own vision tower and places the features. The prompt is
+Herd's layout of the case's grid, with the tiny vocabulary's ids: pixels, vision features and logits
+must agree (float32, relative error < 1e-4), and so must greedy generation.
 """
 
 from __future__ import annotations
