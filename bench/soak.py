@@ -37,6 +37,13 @@ from herd.platform.loadgen import make_workload
 ROOT = Path(__file__).resolve().parent.parent
 
 
+async def _sample(http: Any, roles: dict[str, int], outcomes: Any, *, t_s: int) -> dict[str, Any]:
+    """One row of the soak's table: memory of each process, KV blocks and requests held, outcomes so far."""
+    stats = (await http.get("/herd/stats")).json()["scout"]
+    return {"t_s": t_s, **{f"{role}_mib": round(_rss_mib(pid), 1) for role, pid in roles.items()},
+            "kv_blocks": stats["kv_blocks_held"], "in_flight": stats["in_flight"], **dict(outcomes)}
+
+
 def _rss_mib(pid: int) -> float:
     try:
         return psutil.Process(pid).memory_info().rss / 2**20
@@ -106,20 +113,12 @@ async def _soak(url: str, args: argparse.Namespace, roles: dict[str, int]) -> li
                 burst_tasks.append(asyncio.ensure_future(asyncio.gather(*[_one(http, r, outcomes) for r in bursts])))
                 next_burst += args.burst_every_s
             if now >= next_sample:
-                stats = (await http.get("/herd/stats")).json()["scout"]
-                samples.append({"t_s": round(now - start), **{f"{role}_mib": round(_rss_mib(pid), 1)
-                                                             for role, pid in roles.items()},
-                                "kv_blocks": sum(v for k, v in stats.items() if k.startswith("kv_blocks_used")),
-                                "in_flight": stats["in_flight"], **dict(outcomes)})
+                samples.append(await _sample(http, roles, outcomes, t_s=round(now - start)))
                 next_sample += args.sample_s
             await asyncio.sleep(0.2)
         await asyncio.gather(*clients, *burst_tasks)
         await asyncio.sleep(2)
-        stats = (await http.get("/herd/stats")).json()["scout"]
-        samples.append({"t_s": round(time.monotonic() - start), "idle": True,
-                        **{f"{role}_mib": round(_rss_mib(pid), 1) for role, pid in roles.items()},
-                        "kv_blocks": sum(v for k, v in stats.items() if k.startswith("kv_blocks_used")),
-                        "in_flight": stats["in_flight"], **dict(outcomes)})
+        samples.append({**await _sample(http, roles, outcomes, t_s=round(time.monotonic() - start)), "idle": True})
     return samples
 
 

@@ -3,7 +3,8 @@
 Legend: L MoE layers, E experts. Counts are summed since the replica started and read at scrape time
 (herd_expert_tokens_total); adding a step's counts is one vector add per layer, cheap enough for every
 step. `CountingExperts` is the experts executor of a replica that keeps its experts in the trunk, so
-the signal exists with or without expert shards.
+the signal exists with or without expert shards; its counts stay on the experts' device (no copy to
+the host, so no GPU sync in the step) until a scrape reads them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class ExpertLoad:
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
         self._tokens: dict[int, np.ndarray] = {}  # layer -> [E] rows routed, by expert id
+        self._on_device: dict[int, torch.Tensor] = {}  # layer -> [E] int64 where the experts run
         self._lock = threading.Lock()
 
     def add(self, layer: int, expert_order: Sequence[int], bounds: Sequence[int]) -> None:
@@ -32,10 +34,24 @@ class ExpertLoad:
             totals = self._tokens.setdefault(layer, np.zeros(self.num_experts, dtype=np.int64))
             totals[np.asarray(expert_order, dtype=np.int64)] += counts
 
+    def add_offsets(self, layer: int, expert_offsets: torch.Tensor) -> None:
+        """One layer step of all experts in order: expert e got rows expert_offsets[e]..[e+1], [E+1]."""
+        counts = torch.diff(expert_offsets).to(torch.int64)  # [E], on the offsets' device
+        with self._lock:
+            totals = self._on_device.get(layer)
+            if totals is None:
+                self._on_device[layer] = counts
+            else:
+                totals += counts
+
     def snapshot(self) -> dict[int, list[int]]:
         """{layer: [tokens of expert 0, 1, ...]} so far."""
         with self._lock:
-            return {layer: totals.tolist() for layer, totals in sorted(self._tokens.items())}
+            host = {layer: totals.copy() for layer, totals in self._tokens.items()}
+            device = {layer: totals.cpu().numpy() for layer, totals in self._on_device.items()}
+        for layer, totals in device.items():
+            host[layer] = host[layer] + totals if layer in host else totals
+        return {layer: totals.tolist() for layer, totals in sorted(host.items())}
 
 
 class CountingExperts:
@@ -45,11 +61,10 @@ class CountingExperts:
         self.layers = {m.layer: m.experts for m in model.modules() if isinstance(m, MoE)}
         self.load = load
         self.observe_s = observe_s
-        self.expert_order = tuple(range(load.num_experts))
 
     def __call__(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
-        self.load.add(layer, self.expert_order, expert_offsets.tolist())
+        self.load.add_offsets(layer, expert_offsets)
         out = self.layers[layer](rows, expert_offsets)
         if self.observe_s is not None:
             self.observe_s(time.perf_counter() - start)

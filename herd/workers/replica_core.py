@@ -201,11 +201,12 @@ class ReplicaCore:
         return not self._draining and (self.dispatcher is None or self.dispatcher.healthy())
 
     def stats(self) -> dict[str, int]:
-        """What the replica holds now: requests, KV blocks in use per group."""
+        """What the replica holds now: requests, KV blocks in use per group and in all (kv_blocks_held)."""
         engine = self.engine.engine
         used = {f"kv_blocks_used_{g}": p.num_blocks - p.num_free for g, p in engine.kv.pools.items()}
         return {"in_flight": self._in_flight, "running": len(engine.scheduler.running),
-                "waiting": sum(len(q) for q in engine.scheduler.waiting.values()), **used}
+                "waiting": sum(len(q) for q in engine.scheduler.waiting.values()), **used,
+                "kv_blocks_held": sum(used.values())}
 
     async def drain(self) -> None:
         """Stop admitting; wait for in-flight streams up to drain_timeout_s; abort what is left."""

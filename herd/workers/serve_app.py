@@ -15,14 +15,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import Any
 
+import grpc
 import ray
 import torch
 from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from herd.engine import EngineConfig
 from herd.protos.herd.v1 import inference_pb2 as pb
-from herd.workers.replica_core import ReplicaConfig, ReplicaCore
+from herd.workers.replica_core import ReplicaConfig, ReplicaCore, ReplicaError
 from herd.workers.transport import ExpertTransport, GrpcTransport, ShardError, ShardTls, ShardWork, TransportStats
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -125,10 +127,18 @@ class ModelReplica:
         async for chunk in self.core.generate(pb.GenerateRequest.FromString(request)):
             yield chunk.SerializeToString()
 
-    async def Generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
-        """The same, under the RPC's name, for Serve's gRPC proxy (a gateway outside Ray)."""
-        async for chunk in self.core.generate(request):
-            yield chunk
+    async def Generate(self, request: pb.GenerateRequest,
+                       grpc_context: RayServegRPCContext | None = None) -> AsyncIterator[pb.GenerateChunk]:
+        """The same, under the RPC's name, for Serve's gRPC proxy (a gateway outside Ray). A refusal keeps its
+        code: set on Serve's gRPC context before raising, the proxy answers with it instead of INTERNAL."""
+        try:
+            async for chunk in self.core.generate(request):
+                yield chunk
+        except ReplicaError as err:
+            if grpc_context is not None:
+                grpc_context.set_code(getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL))
+                grpc_context.set_details(err.message)
+            raise
 
     def model_card(self) -> bytes:
         return self.core.model_card().SerializeToString()

@@ -3,6 +3,7 @@ gRPC proxy (application metadata) deployed as serveConfigV2 deploys it; the answ
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from herd.model.chat_template import render_chat
 from herd.model.tiny import make_tiny
 from herd.platform.server import serve_config
 from herd.platform.settings import HerdSettings
+from tests.images import random_png
 from tests.integration.platform.processes import free_port, interrupt
 
 HELLO = [{"role": "user", "content": "through the proxy"}]
@@ -63,6 +65,17 @@ def test_herd_gateway_through_serves_grpc_proxy(ray_session, tmp_path):
         expected = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=10))[0]
         assert reply.json()["choices"][0]["message"]["content"] == expected.text
         assert reply.json()["usage"]["completion_tokens"] == len(expected.token_ids)
+        picture = "data:image/png;base64," + base64.b64encode(random_png(90, 60)).decode()
+        parts = [{"type": "image_url", "image_url": {"url": picture}}, {"type": "text", "text": "through the proxy"}]
+        with_image = httpx.post(url + "/v1/chat/completions", timeout=120,
+                                json={**body, "messages": [{"role": "user", "content": parts}]})
+        assert with_image.status_code == 200, with_image.text
+        assert with_image.json()["usage"]["prompt_tokens"] == reply.json()["usage"]["prompt_tokens"] + 147
+        truncated = "data:image/png;base64," + base64.b64encode(random_png(64, 64)[:300]).decode()
+        parts[0] = {"type": "image_url", "image_url": {"url": truncated}}
+        refused = httpx.post(url + "/v1/chat/completions", timeout=120,
+                             json={**body, "messages": [{"role": "user", "content": parts}]})
+        assert refused.status_code == 400 and "truncated or corrupt" in refused.json()["error"]["message"]
         unknown = httpx.post(url + "/v1/chat/completions", json={**body, "model": "nope"}, timeout=30)
         assert unknown.status_code == 404
         assert json.loads(httpx.get(url + "/herd/load", timeout=30).text)["scout"]["in_flight"] == 0

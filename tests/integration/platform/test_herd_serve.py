@@ -229,7 +229,7 @@ def _stats(server):
 def _settled(server):
     for _ in range(100):
         stats = _stats(server)
-        if stats["in_flight"] == 0 and all(v == 0 for k, v in stats.items() if k.startswith("kv_blocks_used")):
+        if stats["in_flight"] == 0 and stats["kv_blocks_held"] == 0:
             return True
         time.sleep(0.1)
     return False

@@ -9,7 +9,7 @@ def settled(core) -> bool:
     """True once the replica holds nothing (waits up to 5 s for streams being torn down)."""
     for _ in range(250):
         stats = core.stats()
-        if stats["in_flight"] == 0 and not any(v for k, v in stats.items() if k.startswith("kv_blocks_used")):
+        if stats["in_flight"] == 0 and not stats["kv_blocks_held"]:
             return True
         time.sleep(0.02)
     return False
