@@ -80,9 +80,11 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", type=Path, help="settings file (YAML or JSON)")
         cmd.set_defaults(run=_gateway if name == "gateway" else _controlplane)
 
+    from herd.platform.capacity.cli import add_parser as add_plan
     from herd.platform.tenancy.cli import add_parser as add_tenants
 
     add_tenants(commands)
+    add_plan(commands)
 
     bench = commands.add_parser("bench", help="load-test an OpenAI-compatible server", add_help=False)
     bench.set_defaults(run=_bench)

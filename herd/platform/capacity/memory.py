@@ -1,0 +1,87 @@
+"""KV cache, activation and runtime bytes of a replica, as Herd's engine allocates and uses them.
+
+Legend: S concurrent sequences, X context tokens per sequence, T tokens per engine step
+(max_num_batched_tokens), B tokens per KV block, C attention chunk, L layers (L_full global, L_chunk
+chunked), K key/value heads, D head dim, H hidden, I expert width, k experts per token, V vocabulary.
+
+KV, chunk-aware (what herd.engine.config.EngineConfig.kv_layout allocates): the chunked layers' pool
+holds 2 x (S x (C/B + 1) + ceil(T/B)) blocks whatever the context (each sequence's current window, and
+as much again so passed chunks stay cached a while); the global layers hold S x ceil(X/B) blocks. Without
+the chunk saving (every layer keeping the whole context, as an engine without a hybrid KV cache does):
+S x ceil(X/B) blocks of all L layers.
+
+Activations (an estimate, not a measurement; no GPU has run Herd yet): the step's hidden states,
+projections and MoE buffers, T x (4H + (Q + 2K)D + 2kH + 3kI + 3I) values; the attended keys and values
+Herd's model runner gathers for one global layer at a time (2 x S x X x K x D values: decodes are padded
+to the longest); logits for S rows in bfloat16 and float32. Runtime: CUDA context, cuBLAS and NCCL
+workspaces and allocator slack, a fixed reserve per GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from herd.model.config import TextConfig
+
+KV_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
+ACTIVATION_BYTES = 2
+"""bfloat16 activations."""
+TRUNK_RESERVE_BYTES = 3 * 2**29  # 1.5 GiB
+SHARD_RESERVE_BYTES = 2**30
+
+
+@dataclass(frozen=True, kw_only=True)
+class Workload:
+    """What one replica must hold at once."""
+
+    sequences: int
+    """S: sequences with KV at once."""
+    context_tokens: int
+    """X: prompt + output tokens of each."""
+    step_tokens: int = 8192
+    """T: tokens one engine step computes (max_num_batched_tokens)."""
+    block_size: int = 16
+    kv_dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        for name in ("sequences", "context_tokens", "step_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.kv_dtype not in KV_DTYPE_BYTES:
+            raise ValueError(f"KV dtype must be one of {sorted(KV_DTYPE_BYTES)}, got {self.kv_dtype!r}")
+
+
+def _token_layer_bytes(text: TextConfig, kv_dtype: str) -> int:
+    """Keys and values of one token in one layer."""
+    return 2 * text.num_key_value_heads * text.head_dim * KV_DTYPE_BYTES[kv_dtype]
+
+
+def kv_bytes(text: TextConfig, load: Workload, *, chunk_aware: bool = True) -> int:
+    """KV cache of the workload, with Herd's chunk-aware pools or with every layer keeping everything."""
+    per = _token_layer_bytes(text, load.kv_dtype) * load.block_size  # one block of one layer
+    context_blocks = load.sequences * -(-load.context_tokens // load.block_size)
+    chunked = sum(t == "chunked_attention" for t in text.layer_types)
+    full = text.num_hidden_layers - chunked
+    if not chunk_aware or not chunked:
+        return context_blocks * per * text.num_hidden_layers
+    assert text.attention_chunk_size is not None
+    window = text.attention_chunk_size // load.block_size + 1
+    chunk_blocks = 2 * (load.sequences * window + -(-load.step_tokens // load.block_size))
+    return chunk_blocks * per * chunked + context_blocks * per * full
+
+
+def trunk_activation_bytes(text: TextConfig, load: Workload) -> int:
+    """Peak transient memory of one engine step on the trunk's GPU (see the module docstring)."""
+    h, i, k = text.hidden_size, text.intermediate_size, text.num_experts_per_tok
+    heads = (text.num_attention_heads + 2 * text.num_key_value_heads) * text.head_dim
+    step = load.step_tokens * (4 * h + heads + 2 * k * h + 3 * k * i + 3 * i) * ACTIVATION_BYTES
+    gathered = 2 * load.sequences * load.context_tokens * text.num_key_value_heads * text.head_dim
+    gathered *= KV_DTYPE_BYTES[load.kv_dtype]
+    logits = load.sequences * text.vocab_size * (ACTIVATION_BYTES + 4)
+    return step + gathered + logits
+
+
+def shard_activation_bytes(text: TextConfig, load: Workload) -> int:
+    """An expert shard's step: every routed row could come to it (rows in and out, gate/up and act)."""
+    h, i, k = text.hidden_size, text.intermediate_size, text.num_experts_per_tok
+    return load.step_tokens * k * (2 * h + 3 * i) * ACTIVATION_BYTES
