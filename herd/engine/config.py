@@ -52,25 +52,46 @@ class EngineConfig:
         return self.max_model_len or min(model.max_position_embeddings, 8192)
 
     def kv_layout(self, model: TextConfig) -> KVLayout:
-        """Split kv_cache_bytes between the groups: the chunked pool gets what its windows can ever
-        need (twice, so passed chunks stay cached a while), the global pool the rest."""
+        """Split kv_cache_bytes between the groups.
+
+        A sequence holds as many chunked blocks as global ones until its context passes the attention
+        chunk, and then at most one window (chunk/B + 1 blocks). So the chunked pool gets as many blocks
+        as the global pool, but never more than every sequence's widest window plus one step's new blocks
+        (`chunked_blocks_needed`): beyond that, the bytes go to the global pool. Either way one sequence of
+        max_model_len must fit, or the config is refused.
+        """
         sizes = bytes_per_block(model, self.block_size, self.dtype)
         chunk = model.attention_chunk_size if CHUNKED in sizes else None
         blocks: dict[str, int] = {}
+        context = self.context_limit(model)
         if chunk is not None:
             if chunk % self.block_size:
                 raise ValueError(f"block_size {self.block_size} does not divide attention_chunk_size {chunk}")
-            window = chunk // self.block_size + 1
-            blocks[CHUNKED] = 2 * (self.max_num_seqs * window + -(-self.max_num_batched_tokens // self.block_size))
+            least = self.chunked_blocks_needed(model, sequences=1)
+            if FULL in sizes:
+                even = self.kv_cache_bytes // (sizes[CHUNKED] + sizes[FULL])
+                blocks[CHUNKED] = max(least, min(self.chunked_blocks_needed(model, sequences=self.max_num_seqs), even))
+            else:
+                blocks[CHUNKED] = self.kv_cache_bytes // sizes[CHUNKED]
+            if blocks[CHUNKED] * sizes[CHUNKED] > self.kv_cache_bytes or blocks[CHUNKED] < least:
+                raise ValueError(f"kv_cache_bytes {self.kv_cache_bytes} is too small for the chunked layers' "
+                                 f"windows ({least} blocks of {sizes[CHUNKED]} bytes for one sequence)")
         left = self.kv_cache_bytes - blocks.get(CHUNKED, 0) * sizes.get(CHUNKED, 0)
         if FULL in sizes:
             blocks[FULL] = max(0, left // sizes[FULL])
-            needed = -(-self.context_limit(model) // self.block_size)
+            needed = -(-context // self.block_size)
             if blocks[FULL] < needed:
                 raise ValueError(
                     f"kv_cache_bytes {self.kv_cache_bytes} holds {blocks[FULL]} global blocks; one sequence of "
-                    f"max_model_len {self.context_limit(model)} needs {needed}"
+                    f"max_model_len {context} needs {needed}"
                 )
-        elif left < 0:
-            raise ValueError(f"kv_cache_bytes {self.kv_cache_bytes} is too small for the chunked layers' windows")
         return KVLayout(block_size=self.block_size, chunk_size=chunk, num_blocks=blocks, bytes_per_block=sizes)
+
+    def chunked_blocks_needed(self, model: TextConfig, *, sequences: int, context_tokens: int | None = None) -> int:
+        """Chunked-layer blocks that `sequences` sequences of `context_tokens` (default max_model_len) hold at
+        most at once: each its widest window (its whole context while that is shorter than the chunk), plus
+        the new blocks of one step crossing into a next chunk."""
+        assert model.attention_chunk_size is not None
+        context = context_tokens if context_tokens is not None else self.context_limit(model)
+        window = min(model.attention_chunk_size // self.block_size + 1, -(-context // self.block_size))
+        return sequences * window + -(-self.max_num_batched_tokens // self.block_size)

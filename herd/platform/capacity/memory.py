@@ -4,11 +4,11 @@ Legend: S concurrent sequences, X context tokens per sequence, T tokens per engi
 (max_num_batched_tokens), B tokens per KV block, C attention chunk, L layers (L_full global, L_chunk
 chunked), K key/value heads, D head dim, H hidden, I expert width, k experts per token, V vocabulary.
 
-KV, chunk-aware (what herd.engine.config.EngineConfig.kv_layout allocates): the chunked layers' pool
-holds 2 x (S x (C/B + 1) + ceil(T/B)) blocks whatever the context (each sequence's current window, and
-as much again so passed chunks stay cached a while); the global layers hold S x ceil(X/B) blocks. Without
-the chunk saving (every layer keeping the whole context, as an engine without a hybrid KV cache does):
-S x ceil(X/B) blocks of all L layers.
+KV, chunk-aware (as herd.engine.config.EngineConfig.kv_layout splits kv_cache_bytes): the global layers
+need S x ceil(X/B) blocks; the chunked layers S x min(C/B + 1, ceil(X/B)) + ceil(T/B) (each sequence's
+widest window, plus one step's new blocks), and the engine gives them as many blocks as the global pool
+up to that. Without the chunk saving (every layer keeping the whole context, as an engine without a
+hybrid KV cache does): S x ceil(X/B) blocks of all L layers.
 
 Activations (an estimate, not a measurement; no GPU has run Herd yet): the step's hidden states,
 projections and MoE buffers, T x (4H + (Q + 2K)D + 2kH + 3kI + 3I) values; the attended keys and values
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from herd.engine.config import EngineConfig
 from herd.model.config import TextConfig
 
 KV_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
@@ -57,17 +58,22 @@ def _token_layer_bytes(text: TextConfig, kv_dtype: str) -> int:
 
 
 def kv_bytes(text: TextConfig, load: Workload, *, chunk_aware: bool = True) -> int:
-    """KV cache of the workload, with Herd's chunk-aware pools or with every layer keeping everything."""
+    """The least kv_cache_bytes with which the engine holds the workload: Herd's chunk-aware pools, split
+    as EngineConfig.kv_layout splits them, or every layer keeping the whole context."""
     per = _token_layer_bytes(text, load.kv_dtype) * load.block_size  # one block of one layer
     context_blocks = load.sequences * -(-load.context_tokens // load.block_size)
     chunked = sum(t == "chunked_attention" for t in text.layer_types)
     full = text.num_hidden_layers - chunked
     if not chunk_aware or not chunked:
         return context_blocks * per * text.num_hidden_layers
-    assert text.attention_chunk_size is not None
-    window = text.attention_chunk_size // load.block_size + 1
-    chunk_blocks = 2 * (load.sequences * window + -(-load.step_tokens // load.block_size))
-    return chunk_blocks * per * chunked + context_blocks * per * full
+    engine = EngineConfig(block_size=load.block_size, max_num_seqs=load.sequences,
+                          max_num_batched_tokens=load.step_tokens, max_model_len=max(2, load.context_tokens))
+    windows = engine.chunked_blocks_needed(text, sequences=load.sequences)
+    if not full:
+        return windows * per * chunked
+    if context_blocks >= windows:  # the chunked pool is capped at the windows, the rest is global
+        return windows * per * chunked + context_blocks * per * full
+    return windows * per * (chunked + full)  # the pools split evenly: the chunked one binds
 
 
 def trunk_activation_bytes(text: TextConfig, load: Workload) -> int:

@@ -86,17 +86,20 @@ def test_preempted_sequences_recompute_to_the_same_tokens(scout):
     reference = LLMEngine.from_pretrained(scout, EngineConfig(**SMALL))
     expected = [o.token_ids for o in reference.generate(prompts, GREEDY)]
     tight = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128)
-    layout = EngineConfig(**tight).kv_layout(reference.model.config)
-    chunked_bytes = layout.num_blocks["chunked"] * layout.bytes_per_block["chunked"]
-    # Room for 12 global blocks of 16 tokens, while 8 sequences growing to ~44 tokens need 24.
-    config = EngineConfig(**tight, kv_cache_bytes=chunked_bytes + 12 * layout.bytes_per_block["full"])
+    sizes = EngineConfig(**tight).kv_layout(reference.model.config).bytes_per_block
+    # Room for 12 blocks of 16 tokens in each group (the pools split evenly below every window's worth),
+    # while 8 sequences growing to ~44 tokens need 24 global blocks and up to 16 chunked ones.
+    config = EngineConfig(**tight, kv_cache_bytes=12 * (sizes["chunked"] + sizes["full"]))
     engine = LLMEngine(reference.model, reference.tokenizer, config)
-    assert engine.kv.layout.num_blocks["full"] == 12
+    assert engine.kv.layout.num_blocks == {"chunked": 12, "full": 12}
     assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
     assert engine.scheduler.num_preemptions > 0
     assert _all_blocks_free(engine)
+    one_window = config.chunked_blocks_needed(reference.model.config, sequences=1) * sizes["chunked"]
     with pytest.raises(ValueError, match="holds 0 global blocks"):
-        LLMEngine(reference.model, reference.tokenizer, EngineConfig(**tight, kv_cache_bytes=chunked_bytes))
+        LLMEngine(reference.model, reference.tokenizer, EngineConfig(**tight, kv_cache_bytes=one_window))
+    with pytest.raises(ValueError, match="too small for the chunked layers' windows"):
+        LLMEngine(reference.model, reference.tokenizer, EngineConfig(**tight, kv_cache_bytes=one_window - 1))
 
 
 def test_prefix_cache_is_shared_within_a_tenant_or_group_only(scout):

@@ -184,7 +184,7 @@ def test_pass_through_blocks_accept_any_kubernetes_content(render) -> None:
     resources = {"requests": {"cpu": "250m", "memory": "1Gi", "ephemeral-storage": "2Gi"},
                  "limits": {"cpu": 2, "memory": "2Gi", "example.com/fpga": 1}}
     block = {"affinity": affinity, "tolerations": tolerations, "nodeSelector": node_selector}
-    worker = {**block, "resources": {"limits": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": 1,
+    worker = {**block, "resources": {"limits": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": 4,
                                                 "rdma/hca": 1}}}
     values = {"gateway": {**block, "resources": resources}, "controlplane": {**block, "resources": resources},
               "models": {"scout": {"head": {**block, "resources": resources}, "worker": worker}}}
@@ -385,20 +385,48 @@ def test_maverick_replica_is_one_8_gpu_worker_pod(rendered_profiles: dict[str, R
     (group,) = worker_groups(rs)
     resources = group["template"]["spec"]["containers"][0]["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 8
-    assert args["num_shards"] == 8 and args["transport"] == "grpc"
+    assert args["num_shards"] == 7 and args["transport"] == "grpc"
     d = args["deployment"]
     assert d["gpus"] is True
     assert d["trunk_gpus"] + args["num_shards"] * d["shard_gpus"] == 8
     assert (args["engine"]["device"], args["engine"]["dtype"]) == ("cuda", "bfloat16")
 
 
-def test_scout_replica_is_one_gpu(rendered_profiles: dict[str, Rendered]) -> None:
+def test_scout_replica_is_one_4_gpu_worker_pod(rendered_profiles: dict[str, Rendered]) -> None:
     rs = rendered_profiles["scout"].one("RayService", f"{FULLNAME}-scout")
     args = app_args(rs)
     d = args["deployment"]
     (group,) = worker_groups(rs)
-    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert d["trunk_gpus"] + args["num_shards"] * d["shard_gpus"] == 1
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert args["num_shards"] == 3 and d["trunk_gpus"] + args["num_shards"] * d["shard_gpus"] == 4
+
+
+@pytest.mark.parametrize(("profile", "weights"), [("scout", "bf16"), ("maverick", "fp8")])
+def test_gpu_profiles_are_the_planners(rendered_profiles: dict[str, Rendered], profile: str, weights: str) -> None:
+    """The engine of each GPU profile starts on the real config (its KV split holds a full-length sequence),
+    and the capacity planner says the replica fits its GPUs with that KV cache and batch."""
+    from herd.engine import EngineConfig
+    from herd.platform.capacity.cli import load_model_config
+    from herd.platform.capacity.gpus import gpu_type
+    from herd.platform.capacity.memory import Workload, trunk_activation_bytes
+    from herd.platform.capacity.plan import plan
+
+    args = app_args(rendered_profiles[profile].one("RayService", f"{FULLNAME}-{profile}"))
+    engine = {k: v for k, v in args["engine"].items() if k not in ("dtype", "device")}
+    config = EngineConfig(**engine)
+    model, vision, _ = load_model_config(profile)
+    config.kv_layout(model.text)  # raises if the split cannot hold one sequence of max_model_len
+    gpus = int(args["deployment"]["trunk_gpus"] + args["num_shards"] * args["deployment"]["shard_gpus"])
+    result = plan(model.text, vision, weight_format=weights, gpu=gpu_type("h100"), num_gpus=gpus,
+                  load=Workload(sequences=config.max_num_seqs, context_tokens=1,
+                                step_tokens=config.max_num_batched_tokens))
+    trunk = result.gpus[0]
+    assert [g.role for g in result.gpus].count("trunk") == 1 and len(result.gpus) == args["num_shards"] + 1
+    kv_room = trunk.capacity_bytes - sum(trunk.weights.values()) - trunk.reserve_bytes - trunk_activation_bytes(
+        model.text, Workload(sequences=config.max_num_seqs, context_tokens=config.context_limit(model.text),
+                             step_tokens=config.max_num_batched_tokens))
+    assert 0.95 * kv_room <= config.kv_cache_bytes <= kv_room, "the KV cache is the room the planner leaves"
+    assert all(g.fits for g in result.gpus[1:])
 
 
 def test_dev_profile_is_the_tiny_model_on_cpu(rendered_profiles: dict[str, Rendered]) -> None:
