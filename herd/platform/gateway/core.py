@@ -174,7 +174,7 @@ class Gateway:
 
     def _images(self, backend: Backend, messages: Sequence[Mapping[str, Any]]) -> list[tuple[bytes, TileGrid]]:
         """Every image part's bytes, in prompt order, with its tile grid (from the header only)."""
-        found = [part["image"] for m in messages if isinstance(m, Mapping) and _is_parts(m.get("content"))
+        found = [part.get("image") for m in messages if isinstance(m, Mapping) and _is_parts(m.get("content"))
                  for part in m["content"] if isinstance(part, Mapping) and part.get("type") == "image"]
         if not found:
             return []
@@ -186,7 +186,7 @@ class Gateway:
         out = []
         for index, data in enumerate(found):
             if not isinstance(data, bytes) or not data:
-                raise invalid_request(f"image {index} is empty", param="messages")
+                raise invalid_request(f"image {index} has no image bytes", param="messages")
             try:
                 out.append((data, backend.image_prompts.grid(data)))
             except ValueError as err:

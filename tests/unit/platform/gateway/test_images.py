@@ -164,3 +164,12 @@ def test_grpc_bad_images_are_invalid_argument(gateway, request_, needle):
     error, good = _grpc(gateway, body)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in error.details(), error.details()
     assert good[-1].finish_reason
+
+
+def test_an_image_part_without_bytes_is_refused_at_the_gateway(gateway):
+    from herd.platform.gateway.errors import GatewayError
+
+    for part in ({"type": "image"}, {"type": "image", "image": b""}, {"type": "image", "image": "cat.png"}):
+        with pytest.raises(GatewayError, match="image 0 has no image bytes") as caught:
+            gateway.prepare_chat("scout", [{"role": "user", "content": [part]}], pb.SamplingOptions(max_tokens=2))
+        assert caught.value.status == 400
