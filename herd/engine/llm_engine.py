@@ -29,12 +29,11 @@ from herd.engine.sampler import TokenLogprobs, request_generator, sample
 from herd.engine.sampling_params import SamplingParams
 from herd.engine.scheduler import Scheduler, SchedulerOutput
 from herd.engine.sequence import Sequence, Status
-from herd.model.config import load_config
 from herd.model.llama4 import Llama4Model
 from herd.model.loader import load_model
 from herd.model.special_tokens import BEGIN_OF_TEXT
 from herd.model.tokenizer import Tokenizer
-from herd.model.vision import VisionTower, load_vision
+from herd.model.vision import VisionTower, load_vision_if_multimodal
 
 Prompt = str | Seq[int]
 
@@ -77,7 +76,7 @@ class LLMEngine:
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
         config = config or EngineConfig()
         model = load_model(path, dtype=config.dtype, device=config.device, progress=False)
-        vision = load_vision(path, dtype=config.dtype, device=config.device) if load_config(path).multimodal else None
+        vision = load_vision_if_multimodal(path, dtype=config.dtype, device=config.device)
         return cls(model, Tokenizer.from_pretrained(path), config, vision=vision)
 
     # --- requests -----------------------------------------------------------------------------------

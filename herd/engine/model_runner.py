@@ -9,8 +9,8 @@ mask the model uses, so a chunk computes exactly what the full causal forward wo
 - every decode (one new token) of the step attends in one padded, batched call per layer;
 - each prefill chunk attends on its own.
 Image features replace their placeholders' embeddings chunk by chunk, so a chunk boundary may fall
-inside an image. Where to read and what to mask depends only on the step and the layer's group, so it is worked out
-once per step and group, not per layer.
+inside an image. Where to read and what to mask depends only on the step and the layer's group, so it
+is worked out once per step and group, not per layer.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.model.checkpoint import Checkpoint, CheckpointError, copy_checked
+from herd.model.config import load_config
 from herd.model.rope import apply_rotary
 from herd.model.vision_config import LAYER_NORM_EPS, VisionConfig, load_vision_config
 
@@ -236,6 +237,16 @@ def load_vision(
     for name, param in params.items():
         copy_checked(param, checkpoint.tensor(name), directory=checkpoint.directory, name=name)
     return tower.eval()
+
+
+def load_vision_if_multimodal(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> VisionTower | None:
+    """The vision tower of a Llama4ForConditionalGeneration checkpoint, None for a text-only one."""
+    return load_vision(path, dtype=dtype, device=device) if load_config(path).multimodal else None
 
 
 def _check_pixels(pixel_values: torch.Tensor, config: VisionConfig) -> None:

@@ -22,9 +22,10 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from herd.engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput, SamplingParams
 from herd.engine.outputs import RequestTimes
 from herd.engine.prompt_images import ImageInput
-from herd.model import load_config, load_experts, load_model, load_vision
+from herd.model import load_experts, load_model
 from herd.model.image_prompts import ImagePrompts
 from herd.model.tokenizer import Tokenizer
+from herd.model.vision import load_vision_if_multimodal
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.workers.dispatch import ExpertDispatcher
 from herd.workers.expert_load import CountingExperts, ExpertLoad
@@ -106,9 +107,7 @@ class ReplicaCore:
             self.dispatcher = ExpertDispatcher(placement, factory(list(placement.shard_experts)),
                                                load=self.expert_load, observe_s=observe)
             self.dispatcher.attach(model)
-        vision = None
-        if load_config(config.path).multimodal:
-            vision = load_vision(config.path, dtype=engine_config.dtype, device=engine_config.device)
+        vision = load_vision_if_multimodal(config.path, dtype=engine_config.dtype, device=engine_config.device)
         self.image_prompts = ImagePrompts.from_pretrained(config.path)
         engine = LLMEngine(model, self.tokenizer, engine_config, vision=vision)
         self.metrics = ReplicaMetrics(config.name, engine, self.expert_load)

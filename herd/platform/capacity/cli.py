@@ -10,7 +10,7 @@ from typing import Any
 from herd.model.config import ModelConfig, read_config_json
 from herd.model.vision_config import VisionConfig
 from herd.platform.capacity.gpus import GPUS, gpu_type
-from herd.platform.capacity.memory import KV_DTYPE_BYTES, Workload
+from herd.platform.capacity.memory import KV_DTYPES, Workload
 from herd.platform.capacity.plan import plan
 from herd.platform.capacity.presets import PRESETS, preset_config
 from herd.platform.capacity.report import as_json, as_text
@@ -27,7 +27,7 @@ def add_parser(commands: Any) -> None:
     cmd.add_argument("--gpus", type=int, default=1, help="GPUs per replica")
     cmd.add_argument("--context", type=int, default=8192, help="prompt + output tokens per sequence")
     cmd.add_argument("--sequences", type=int, default=1, help="sequences holding KV at once")
-    cmd.add_argument("--kv-dtype", choices=sorted(KV_DTYPE_BYTES), default="bf16", help="KV cache dtype")
+    cmd.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16", help="KV cache dtype")
     cmd.add_argument("--step-tokens", type=int, default=8192, help="tokens per engine step (max_num_batched_tokens)")
     cmd.add_argument("--memory-utilization", type=float, default=0.90, help="share of each GPU's memory to use")
     cmd.add_argument("--json", action="store_true", help="print JSON instead of the table")

@@ -21,10 +21,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from herd.engine.config import EngineConfig
+from herd.engine.kv_cache_manager import CHUNKED, FULL
+from herd.engine.paged_kv import bytes_per_block
 from herd.model.config import TextConfig
 
-KV_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
+KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn, "fp32": torch.float32}
 ACTIVATION_BYTES = 2
 """bfloat16 activations."""
 TRUNK_RESERVE_BYTES = 3 * 2**29  # 1.5 GiB
@@ -48,32 +52,28 @@ class Workload:
         for name in ("sequences", "context_tokens", "step_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.kv_dtype not in KV_DTYPE_BYTES:
-            raise ValueError(f"KV dtype must be one of {sorted(KV_DTYPE_BYTES)}, got {self.kv_dtype!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"KV dtype must be one of {sorted(KV_DTYPES)}, got {self.kv_dtype!r}")
 
-
-def _token_layer_bytes(text: TextConfig, kv_dtype: str) -> int:
-    """Keys and values of one token in one layer."""
-    return 2 * text.num_key_value_heads * text.head_dim * KV_DTYPE_BYTES[kv_dtype]
+    @property
+    def kv_value_bytes(self) -> int:
+        return torch.finfo(KV_DTYPES[self.kv_dtype]).bits // 8
 
 
 def kv_bytes(text: TextConfig, load: Workload, *, chunk_aware: bool = True) -> int:
     """The least kv_cache_bytes with which the engine holds the workload: Herd's chunk-aware pools, split
     as EngineConfig.kv_layout splits them, or every layer keeping the whole context."""
-    per = _token_layer_bytes(text, load.kv_dtype) * load.block_size  # one block of one layer
+    sizes = bytes_per_block(text, load.block_size, KV_DTYPES[load.kv_dtype])  # group -> one block, its layers
     context_blocks = load.sequences * -(-load.context_tokens // load.block_size)
-    chunked = sum(t == "chunked_attention" for t in text.layer_types)
-    full = text.num_hidden_layers - chunked
-    if not chunk_aware or not chunked:
-        return context_blocks * per * text.num_hidden_layers
+    if not chunk_aware or CHUNKED not in sizes:
+        return context_blocks * sum(sizes.values())
     engine = EngineConfig(block_size=load.block_size, max_num_seqs=load.sequences,
                           max_num_batched_tokens=load.step_tokens, max_model_len=max(2, load.context_tokens))
     windows = engine.chunked_blocks_needed(text, sequences=load.sequences)
-    if not full:
-        return windows * per * chunked
+    full = sizes.get(FULL, 0)
     if context_blocks >= windows:  # the chunked pool is capped at the windows, the rest is global
-        return windows * per * chunked + context_blocks * per * full
-    return windows * per * (chunked + full)  # the pools split evenly: the chunked one binds
+        return windows * sizes[CHUNKED] + context_blocks * full
+    return windows * (sizes[CHUNKED] + full)  # the pools split evenly: the chunked one binds
 
 
 def trunk_activation_bytes(text: TextConfig, load: Workload) -> int:
@@ -82,7 +82,7 @@ def trunk_activation_bytes(text: TextConfig, load: Workload) -> int:
     heads = (text.num_attention_heads + 2 * text.num_key_value_heads) * text.head_dim
     step = load.step_tokens * (4 * h + heads + 2 * k * h + 3 * k * i + 3 * i) * ACTIVATION_BYTES
     gathered = 2 * load.sequences * load.context_tokens * text.num_key_value_heads * text.head_dim
-    gathered *= KV_DTYPE_BYTES[load.kv_dtype]
+    gathered *= load.kv_value_bytes
     logits = load.sequences * text.vocab_size * (ACTIVATION_BYTES + 4)
     return step + gathered + logits
 

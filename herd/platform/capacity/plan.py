@@ -18,10 +18,12 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from herd.engine.paged_kv import bytes_per_block
 from herd.model.config import TextConfig
 from herd.model.vision_config import VisionConfig
 from herd.platform.capacity.gpus import GpuType
 from herd.platform.capacity.memory import (
+    KV_DTYPES,
     SHARD_RESERVE_BYTES,
     TRUNK_RESERVE_BYTES,
     Workload,
@@ -90,8 +92,8 @@ def plan(text: TextConfig, vision: VisionConfig | None, *, weight_format: str, g
         raise ValueError(f"memory_utilization must be in (0, 1], got {memory_utilization}")
     weights = weight_sizes(text, vision, weight_format)
     capacity = int(gpu.memory_bytes * memory_utilization)
-    layouts = [num_gpus - 1, num_gpus] if num_gpus > 1 and text.num_local_experts >= num_gpus - 1 else [num_gpus]
-    layouts = [s for s in layouts if 1 <= s <= text.num_local_experts]
+    experts = text.num_local_experts
+    layouts = [s for s in (num_gpus - 1, num_gpus) if 1 <= s <= experts] or [experts]  # GPUs past E idle
 
     def build(shards: int, use: Workload, chunk_aware: bool = True) -> tuple[GpuUse, ...]:
         return _layout(text, weights, use, shards, num_gpus, capacity, chunk_aware)
@@ -100,10 +102,11 @@ def plan(text: TextConfig, vision: VisionConfig | None, *, weight_format: str, g
         return _bisect(lambda x: all(g.fits for g in build(shards, dataclasses.replace(load, context_tokens=x),
                                                             chunk_aware)), text.max_position_embeddings)
 
-    best = max(layouts, key=lambda s: (all(g.fits for g in build(s, load)), longest(s, True)))
+    contexts = {s: longest(s, True) for s in layouts}
+    best = max(layouts, key=lambda s: (all(g.fits for g in build(s, load)), contexts[s]))
     return Plan(
         gpus=build(best, load), weights=weights, load=load, max_position_embeddings=text.max_position_embeddings,
-        largest_context=longest(best, True),
+        largest_context=contexts[best],
         largest_batch=_bisect(lambda n: all(g.fits for g in build(best, dataclasses.replace(load, sequences=n))),
                               1 << 20),
         largest_context_without_chunk_saving=longest(best, False),
@@ -142,8 +145,7 @@ def _tensor_parallel_context(text: TextConfig, weights: WeightSizes, load: Workl
     step = dataclasses.replace(load, context_tokens=1)  # the activations without Herd's per-layer gather
     per_gpu = capacity - TRUNK_RESERVE_BYTES - trunk_activation_bytes(text, step)
     room = num_gpus * per_gpu - weights.total_bytes
-    per_token = kv_bytes(text, dataclasses.replace(load, context_tokens=load.block_size), chunk_aware=False)
-    per_token //= load.block_size
+    per_token = sum(bytes_per_block(text, 1, KV_DTYPES[load.kv_dtype]).values())  # every layer's K and V
     if room <= 0:
         return 0
     return min(int(room // per_token) // load.sequences, text.max_position_embeddings)

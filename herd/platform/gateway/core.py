@@ -30,6 +30,7 @@ from herd.platform.gateway.errors import (
     deadline_exceeded,
     invalid_request,
     model_not_found,
+    too_many_images,
 )
 from herd.platform.gateway.load import LoadTracker
 from herd.platform.telemetry.gateway_metrics import GatewayMetrics
@@ -181,8 +182,7 @@ class Gateway:
         if backend.image_prompts is None:
             raise invalid_request(f"model {backend.name} takes no images (text only)", param="messages")
         if len(found) > self.max_images_per_request:
-            raise invalid_request(f"{len(found)} images in one request; at most {self.max_images_per_request} "
-                                  f"are allowed", param="messages")
+            raise too_many_images(len(found), self.max_images_per_request)
         out = []
         for index, data in enumerate(found):
             if not isinstance(data, bytes) or not data:

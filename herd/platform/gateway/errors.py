@@ -29,6 +29,10 @@ def invalid_request(message: str, param: str | None = None) -> GatewayError:
     return GatewayError(400, "INVALID_ARGUMENT", "invalid_request_error", message, param=param)
 
 
+def too_many_images(count: int, limit: int) -> GatewayError:
+    return invalid_request(f"{count} images in one request; at most {limit} are allowed", param="messages")
+
+
 def model_not_found(name: str, known: list[str]) -> GatewayError:
     return GatewayError(404, "NOT_FOUND", "invalid_request_error", f"The model '{name}' does not exist; "
                         f"this server serves {known}", param="model", openai_code="model_not_found")

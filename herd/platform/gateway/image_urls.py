@@ -2,8 +2,9 @@
 
 A data: URL must carry base64 (``data:image/png;base64,...``). An http(s) URL is fetched only when the
 operator enabled it (``images.fetch_urls``): the gateway then reaches out to whatever the URL names, so it
-is off by default; when on, one fetch may take at most ``fetch_timeout_s`` in all and ``fetch_max_bytes``,
-and follows no redirects. Every failure is the client's request's fault: a GatewayError with code 400.
+is off by default; when on, one fetch may take at most ``fetch_timeout_s`` in all and ``max_bytes``
+(``images.max_image_bytes``), and follows no redirects. Every failure is the client's request's fault:
+a GatewayError with code 400.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any
 
 from herd.model.tool_calls import arguments_json, offer_tools, parse_tool_calls
 from herd.platform.gateway.core import Gateway, Prepared
-from herd.platform.gateway.errors import invalid_request
+from herd.platform.gateway.errors import too_many_images
 from herd.platform.gateway.image_urls import ImageUrlPolicy, image_bytes
 from herd.platform.gateway.openai_models import (
     AssistantMessage,
@@ -62,8 +62,7 @@ async def prepare_chat(gateway: Gateway, request: ChatCompletionRequest, identit
     tool_choice = choice.model_dump() if hasattr(choice, "model_dump") else choice
     count = sum(isinstance(m.content, list) and sum(p.type == "image_url" for p in m.content) for m in request.messages)
     if count > gateway.max_images_per_request:
-        raise invalid_request(f"{count} images in one request; at most {gateway.max_images_per_request} are allowed",
-                              param="messages")
+        raise too_many_images(count, gateway.max_images_per_request)
     messages = [await _message(m, image_urls) for m in request.messages]
     return gateway.prepare_chat(
         request.model, messages, sampling(request, logprobs=logprobs),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -49,16 +50,9 @@ def test_bf16_bytes_are_the_tiny_checkpoints_tensor_bytes(tiny):
     stored = 0
     for file in tiny.glob("model-*.safetensors"):
         with safe_open(str(file), framework="pt") as f:
-            stored += sum(_numel(f.get_slice(name).get_shape()) for name in f.keys()) * 2  # noqa: SIM118 (safe_open has no __iter__)
+            stored += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys()) * 2  # noqa: SIM118 (safe_open has no __iter__)
     sizes = weight_sizes(load_config(tiny).text, load_vision_config(tiny), "bf16")
     assert sizes.total_bytes == stored
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def test_formats_shrink_only_the_feed_forward_weights(tiny):
