@@ -41,6 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     tiny.set_defaults(run=_make_tiny)
 
+    quantize = commands.add_parser("quantize", help="write an int4 or FP8 copy of a bf16 checkpoint")
+    scheme = quantize.add_mutually_exclusive_group(required=True)
+    scheme.add_argument("--int4", dest="scheme", action="store_const", const="int4",
+                        help="int4 weight-only, symmetric, group 128 (Herd's layout)")
+    scheme.add_argument("--fp8", dest="scheme", action="store_const", const="fp8",
+                        help="FP8 e4m3 per output channel (the published compressed-tensors layout)")
+    quantize.add_argument("source", type=Path, help="checkpoint directory to read (bf16 or float32)")
+    quantize.add_argument("dest", type=Path, help="new directory to write")
+    quantize.set_defaults(run=_quantize)
+
     generate = commands.add_parser("generate", help="greedy completion from a checkpoint, on this machine")
     generate.add_argument("--model", type=Path, required=True, help="checkpoint directory")
     prompt = generate.add_mutually_exclusive_group(required=True)
@@ -95,6 +105,18 @@ def _make_tiny(args: argparse.Namespace) -> int:
     out = make_tiny(args.out, preset=args.preset, seed=args.seed)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote tiny {args.preset} checkpoint to {out} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from herd.model.quantize import quantize_checkpoint
+
+    start = time.perf_counter()
+    out = quantize_checkpoint(args.source, args.dest, args.scheme)
+    before = sum(f.stat().st_size for f in args.source.glob("*.safetensors"))
+    after = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"wrote {args.scheme} checkpoint to {out}: {after / 2**20:.1f} MiB of weights (from {before / 2**20:.1f} "
+          f"MiB) in {time.perf_counter() - start:.1f} s")
     return 0
 
 

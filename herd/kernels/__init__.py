@@ -7,7 +7,10 @@ inputs and the tensors' device picks the backend (torch on CPU; CuPy kernels plu
 
 from herd.kernels.api import combine, experts, permute, route
 from herd.kernels.permutation import Permutation
+from herd.kernels.quantized import QuantizedTensor, quantize
+from herd.kernels.quantized import matmul as quantized_matmul
 from herd.kernels.reference import moe_reference
 from herd.kernels.torch_moe import swiglu
 
-__all__ = ["Permutation", "combine", "experts", "moe_reference", "permute", "route", "swiglu"]
+__all__ = ["Permutation", "QuantizedTensor", "combine", "experts", "moe_reference", "permute", "quantize",
+           "quantized_matmul", "route", "swiglu"]

@@ -20,6 +20,8 @@ import torch
 
 from herd.kernels import torch_moe
 from herd.kernels.permutation import Permutation
+from herd.kernels.quantized import QuantizedTensor
+from herd.kernels.quantized import experts as quantized_experts
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +78,16 @@ def experts(
     """SwiGLU of each expert over its own rows: [R, H] -> [R, H]; experts with no rows cost nothing.
 
     gate_up [E', H, 2I] and down [E', I, H] hold exactly the experts that expert_offsets [E'+1]
-    describes, in the same order: all of a layer's experts, or the subset a shard owns.
+    describes, in the same order: all of a layer's experts, or the subset a shard owns. Both are tensors
+    in the rows' dtype, or both QuantizedTensors of one scheme (int4 or FP8, see herd.kernels.quantized).
     """
     check_tensor("rows", rows, dims=2, dtypes=FLOAT_DTYPES)
-    check_tensor("gate_up", gate_up, dims=3, dtypes=(rows.dtype,), device=rows.device)
-    check_tensor("down", down, dims=3, dtypes=(rows.dtype,), device=rows.device)
+    quantized = isinstance(gate_up, QuantizedTensor) or isinstance(down, QuantizedTensor)
+    if quantized:
+        _check_quantized(gate_up, down, rows.device)
+    else:
+        check_tensor("gate_up", gate_up, dims=3, dtypes=(rows.dtype,), device=rows.device)
+        check_tensor("down", down, dims=3, dtypes=(rows.dtype,), device=rows.device)
     check_tensor("expert_offsets", expert_offsets, dims=1, dtypes=(torch.int64, torch.int32), device=rows.device)
     count, hidden, inter2 = gate_up.shape
     if down.shape != (count, inter2 // 2, hidden) or inter2 % 2:
@@ -94,6 +101,8 @@ def experts(
     bounds = expert_offsets.tolist()  # one device sync, however many experts
     if bounds[0] != 0 or bounds[-1] != rows.shape[0] or any(b < a for a, b in itertools.pairwise(bounds)):
         raise ValueError(f"expert_offsets must rise from 0 to {rows.shape[0]} rows, got {bounds}")
+    if quantized:
+        return quantized_experts(rows, expert_offsets, gate_up, down)
     return torch_moe.experts(rows, expert_offsets, gate_up, down)
 
 
@@ -128,6 +137,18 @@ def check_tensor(
         raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device}, the other inputs on {device}")
+
+
+def _check_quantized(gate_up: object, down: object, device: torch.device) -> None:
+    for name, weight in (("gate_up", gate_up), ("down", down)):
+        if not isinstance(weight, QuantizedTensor):
+            raise ValueError(f"{name} must be a QuantizedTensor like the other weight, got {type(weight).__name__}")
+        if len(weight.shape) != 3:
+            raise ValueError(f"{name} must be [experts, in, out], got shape {weight.shape}")
+        if weight.device != device:
+            raise ValueError(f"{name} is on {weight.device}, the rows on {device}")
+    if gate_up.scheme != down.scheme:  # type: ignore[union-attr]
+        raise ValueError(f"gate_up is {gate_up.scheme} but down is {down.scheme}")  # type: ignore[union-attr]
 
 
 def _expert_order(order: Sequence[int] | torch.Tensor | None, num_experts: int, device: torch.device) -> torch.Tensor:

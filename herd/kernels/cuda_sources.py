@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 CUDA_DIR = Path(__file__).with_name("cuda")
-"""gating.cu, permute.cu, combine.cu and the header they share."""
+"""gating.cu, permute.cu, combine.cu, int4.cu and the header they share."""
 
 COMPILE_OPTIONS = ("-std=c++17", f"-I{CUDA_DIR}")
 """Options common to NVRTC (CuPy) and nvcc; the target architecture is added by the caller."""

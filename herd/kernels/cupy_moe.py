@@ -1,4 +1,4 @@
-"""CUDA backend for route, permute and combine: the kernels in herd/kernels/cuda/, run through CuPy.
+"""CUDA backend for route, permute, combine and int4 dequantisation: herd/kernels/cuda/, run through CuPy.
 
 Legend: T tokens, k experts per token, E experts, G groups, H hidden, R = T*k rows.
 
@@ -94,6 +94,21 @@ def combine(out_rows: torch.Tensor, permutation: Permutation, num_tokens: int) -
                 (num_tokens, _column_blocks(hidden)), (_THREADS,),
                 (_cp(out_rows), _cp(source_row), np.int32(num_tokens), np.int32(permutation.top_k),
                  np.int32(hidden), _cp(out)),
+            )
+    return out
+
+
+def dequantize_int4(weight, dtype: torch.dtype) -> torch.Tensor:
+    """One int4 matrix (a herd.kernels.quantized.QuantizedTensor [Din, Dout]) -> floats [Din, Dout] in `dtype`."""
+    d_in, d_out = weight.shape
+    out = _empty((d_in, d_out), dtype, weight.device)
+    total = weight.values.numel()
+    if total:
+        with _on(weight.device):
+            _kernel("int4", f"int4_dequantize_{_SUFFIX[dtype]}")(
+                (min((total + _THREADS - 1) // _THREADS, 65535 * 4),), (_THREADS,),
+                (_cp(weight.values.contiguous()), _cp(weight.scales.contiguous()), np.int32(d_in), np.int32(d_out),
+                 np.int32(weight.group), _cp(out)),
             )
     return out
 

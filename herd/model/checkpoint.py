@@ -53,6 +53,10 @@ class Checkpoint:
         """Every tensor name in the checkpoint, canonical form."""
         return set(self._where)
 
+    def raw_name(self, name: str) -> str:
+        """The name a canonical tensor name is stored under (with `language_model.` where the file has it)."""
+        return self._locate(name)[1]
+
     def __contains__(self, name: str) -> bool:
         return name in self._where
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from herd.model.quantization import QuantizationConfig
+
 LayerType = Literal["chunked_attention", "full_attention"]
 
 _TEXT_MODEL_TYPES = {"llama4_text"}
@@ -181,6 +183,7 @@ class ModelConfig(BaseModel):
 
     text: TextConfig = Field(description="the decoder Herd runs")
     multimodal: bool = Field(description="the checkpoint is Llama4ForConditionalGeneration (vision tower too)")
+    quantization: QuantizationConfig | None = Field(None, description="int4 or FP8 weights; None: all bf16")
 
     @property
     def image_token_id(self) -> int | None:
@@ -196,9 +199,14 @@ class ModelConfig(BaseModel):
                 f"{source}: model_type {model_type!r} (architectures {raw.get('architectures')}) is not "
                 f"Llama 4; Herd serves model_type 'llama4' or 'llama4_text'"
             )
-        if raw.get("quantization_config"):
-            method = raw["quantization_config"].get("quant_method", "unknown")
-            raise ValueError(f"{source}: quantized checkpoints ({method}) are not supported yet")
+        quantization = None
+        if raw.get("quantization_config") is not None:
+            if not isinstance(raw["quantization_config"], dict):
+                raise ValueError(f"{source}: quantization_config must be an object")
+            try:
+                quantization = QuantizationConfig.from_hf(raw["quantization_config"])
+            except ValueError as err:
+                raise ValueError(f"{source}: {err}") from err
         multimodal = model_type in _MULTIMODAL_MODEL_TYPES
         text = raw.get("text_config") if multimodal else raw
         if not isinstance(text, dict):
@@ -209,6 +217,7 @@ class ModelConfig(BaseModel):
             return cls(
                 text=TextConfig.from_hf(text, image_token_id=raw.get("image_token_index") if multimodal else None),
                 multimodal=multimodal,
+                quantization=quantization,
             )
         except ValidationError as err:
             raise ValueError(f"{source}: invalid Llama 4 config: {_describe(err)}") from err

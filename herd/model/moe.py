@@ -16,8 +16,11 @@ import torch
 from torch import nn
 
 from herd import kernels
+from herd.kernels import QuantizedTensor
+from herd.kernels.int4 import GROUP
 from herd.model.config import TextConfig
 from herd.model.mlp import FeedForward
+from herd.model.quantized_storage import expert_storage, expert_weights, keep_storage_dtypes
 
 
 class ExpertsExecutor(Protocol):
@@ -40,22 +43,37 @@ class Experts(nn.Module):
     """The routed experts of one layer held in this process: all E of them, or a shard's subset.
 
     Stored fused as in the checkpoint, in ascending expert id: gate_up_proj [E_held, H, 2I],
-    down_proj [E_held, I, H].
+    down_proj [E_held, I, H]; or, with `scheme` int4 or fp8, kept quantised in the buffers that
+    herd.model.quantized_storage lays out (and dequantised only inside the kernels).
     """
 
-    def __init__(self, config: TextConfig, expert_ids: Sequence[int]) -> None:
+    def __init__(self, config: TextConfig, expert_ids: Sequence[int], *, scheme: str | None = None,
+                 group: int = GROUP) -> None:
         super().__init__()
         self.num_experts = config.num_local_experts
         self.expert_ids = tuple(sorted(set(expert_ids)))
-        hidden, inter = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(len(self.expert_ids), hidden, 2 * inter))
-        self.down_proj = nn.Parameter(torch.empty(len(self.expert_ids), inter, hidden))
+        self.scheme, self.group = scheme, group
+        self.hidden, self.inter = config.hidden_size, config.intermediate_size
+        held = len(self.expert_ids)
+        if scheme is None:
+            self.gate_up_proj = nn.Parameter(torch.empty(held, self.hidden, 2 * self.inter))
+            self.down_proj = nn.Parameter(torch.empty(held, self.inter, self.hidden))
+        else:
+            for name, (shape, dtype) in expert_storage(scheme, held, self.hidden, self.inter, group).items():
+                self.register_buffer(name, torch.empty(shape, dtype=dtype))
         self._holds_all = self.expert_ids == tuple(range(self.num_experts))
+
+    def weights(self) -> tuple[torch.Tensor | QuantizedTensor, torch.Tensor | QuantizedTensor]:
+        """(gate_up [E_held, H, 2I], down [E_held, I, H]) as kernels.experts takes them."""
+        if self.scheme is None:
+            return self.gate_up_proj, self.down_proj
+        return expert_weights(self.scheme, dict(self.named_buffers()), self.hidden, self.inter, self.group)
 
     def forward(self, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
         """Rows grouped over all E experts -> outputs, running only the experts held here."""
+        gate_up, down = self.weights()
         if self._holds_all:
-            return kernels.experts(rows, expert_offsets, self.gate_up_proj, self.down_proj)
+            return kernels.experts(rows, expert_offsets, gate_up, down)
         counts = expert_offsets.diff()  # [E]
         missing = set(counts.nonzero().flatten().tolist()) - set(self.expert_ids)
         if missing:
@@ -66,7 +84,12 @@ class Experts(nn.Module):
         held = torch.tensor(self.expert_ids, device=counts.device)
         local_offsets = torch.zeros(len(self.expert_ids) + 1, dtype=torch.int64, device=counts.device)
         local_offsets[1:] = torch.cumsum(counts[held], 0)
-        return kernels.experts(rows, local_offsets, self.gate_up_proj, self.down_proj)
+        return kernels.experts(rows, local_offsets, gate_up, down)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        if self.scheme is None:
+            return super()._apply(fn, recurse)
+        return keep_storage_dtypes(self, fn)
 
 
 class MoE(nn.Module):

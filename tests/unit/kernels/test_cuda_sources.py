@@ -17,7 +17,7 @@ NVRTC = nvrtc.library()
 
 
 def test_the_kernels_are_all_here():
-    assert {s.stem for s in SOURCES} == {"gating", "permute", "combine"}
+    assert {s.stem for s in SOURCES} == {"gating", "permute", "combine", "int4"}
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc (CUDA toolkit); NVRTC below still compiles every source")

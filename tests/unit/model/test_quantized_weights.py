@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from herd.kernels.fp8 import E4M3, dequantize_fp8, quantize_fp8
+from herd.kernels.int4 import dequantize_int4, quantize_int4
 from herd.model import load_model
-from herd.model.fp8 import E4M3, dequantize_fp8, quantize_fp8
-from herd.model.int4 import dequantize_int4, quantize_int4
 from herd.model.moe import MoE
 from herd.model.tiny import make_tiny
 
