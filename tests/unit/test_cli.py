@@ -1,4 +1,4 @@
-"""`herd make-tiny` and `herd generate`, as a user runs them."""
+"""`herd make-tiny`, `herd quantize` and `herd generate`, as a user runs them."""
 
 from __future__ import annotations
 
@@ -26,3 +26,13 @@ def test_generate_is_deterministic(tmp_path, capsys):
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "absent"), "--prompt", "x"]) == 2
     assert "no tokenizer file" in capsys.readouterr().err
+
+
+def test_quantize_then_generate(tmp_path, capsys):
+    main(["make-tiny", "--out", str(tmp_path / "s")])
+    assert main(["quantize", "--int4", str(tmp_path / "s"), str(tmp_path / "q")]) == 0
+    assert "wrote int4 checkpoint" in capsys.readouterr().out
+    assert main(["generate", "--model", str(tmp_path / "q"), "--prompt", "the herd", "--max-tokens", "4"]) == 0
+    assert "generated" in capsys.readouterr().err
+    assert main(["quantize", "--fp8", str(tmp_path / "q"), str(tmp_path / "again")]) == 2
+    assert "already quantised" in capsys.readouterr().err

@@ -99,3 +99,29 @@ def test_a_killed_shard_fails_its_requests_in_time_and_serving_resumes_after_res
         out = engine.generate([list(range(5, 20))], GREEDY)[0]
         assert out.finish_reason == "length" and len(out.token_ids) == 16
         dispatcher.transport.close()
+
+
+@pytest.mark.parametrize("scheme", ["int4", "fp8"])
+def test_quantised_experts_served_by_shard_processes_equal_the_single_process_model(tmp_path, scheme):
+    from herd.model.quantize import quantize_checkpoint
+
+    source = make_tiny(tmp_path / "float", preset="maverick", seed=7)
+    path = quantize_checkpoint(source, tmp_path / scheme, scheme, progress=False)
+    group = ShardProcesses(path, _specs(32, 2))
+    try:
+        full = load_model(path, progress=False)
+        trunk, dispatcher = _trunk(path, 32, group.addresses)
+        ids = torch.randint(0, full.config.vocab_size, (45,), generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(trunk.logits(ids), full.logits(ids), rtol=0, atol=0)
+        prompts = [list(range(3, 3 + n)) for n in (5, 20)]
+        tokenizer = Tokenizer.from_pretrained(path)
+        alone = LLMEngine(full, tokenizer, ENGINE).generate(prompts, GREEDY)
+        sharded = LLMEngine(trunk, tokenizer, ENGINE).generate(prompts, GREEDY)
+        assert [o.token_ids for o in sharded] == [o.token_ids for o in alone]
+        quantised = sum(info.resident_expert_bytes for info in dispatcher.transport.infos)
+        dispatcher.transport.close()
+        config = full.config
+        float_bytes = 4 * 3 * config.hidden_size * config.intermediate_size * 32 * len(config.moe_layers)
+        assert quantised < float_bytes / (6 if scheme == "int4" else 3), (quantised, float_bytes)
+    finally:
+        group.stop()
