@@ -6,13 +6,20 @@ torch backend standing in for CuPy, so the script itself is tested where there i
 mean nothing. Checks first, with outputs poisoned (NaN / -1) so an element a kernel forgets
 to write shows; then CUDA-event timings (median of many runs after warm-up) beside the torch backend on
 the same GPU and the measured device-to-device copy bandwidth, the ceiling for these memory-bound
-kernels. Exits 1 when a check fails, 2 when there is no GPU or no CuPy (nothing was checked).
+kernels. Then one Scout-dimension and one Maverick-dimension MoE expert layer, random weights made on the
+GPU in bf16, FP8 and int4 (quantised one expert at a time, so no full-layer float copy is ever held),
+checked against the bf16 weights and against their own dequantised weights, and timed against the
+memory-bandwidth floor (the weight bytes a token batch reads over the copy bandwidth); a format that does
+not fit the GPU's free memory is reported as skipped. Exits 1 when a check fails, 2 when there is no GPU
+or no CuPy (nothing was checked).
 
 Legend: T tokens, E experts, k experts per token, H hidden, I expert intermediate, R = T*k rows.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import statistics
 import sys
 import time
@@ -28,6 +35,22 @@ KERNEL_CASES = [(1, 16, 1, 5120), (37, 16, 2, 1024), (3, 6, 4, 64), (511, 128, 2
 LAYER_CASES = [(4096, 16, 5120, 1024), (4096, 128, 5120, 1024)]  # (T, E, H, I), top-1
 DRY_KERNEL_CASES = [(1, 16, 1, 64), (37, 16, 2, 32), (3, 6, 4, 64)]
 DRY_LAYER_CASES = [(64, 16, 64, 32)]
+QUANT_LAYERS = [("Scout", 5120, 8192, 16), ("Maverick", 5120, 8192, 128)]  # (name, H, I, E), top-1
+DRY_QUANT_LAYERS = [("Scout-like", 256, 128, 4), ("Maverick-like", 256, 128, 8)]
+QUANT_TOKENS = (1, 16, 128, 2048)  # T of the timed batches; top-1, so R = T rows over min(T, E) experts
+DRY_QUANT_TOKENS = (1, 16, 128)
+FORMATS = ("bf16", "fp8", "int4")  # bf16 first: the others' speed-ups are against it
+# Relative error of the layer's output against the bf16 weights: the quantisation error of random Gaussian
+# weights through two GEMMs, measured on the CPU at the dry run's and at Scout's dimensions alike: int4 0.21,
+# FP8 0.066 (with its activation rounding), bf16 4e-3 (its output rounding). Nibbles swapped give 1.4, every
+# weight 10% off 0.46 (int4) and 0.36 (FP8). Against the format's own weights dequantised by torch (not by the
+# kernel under test) only accumulation order should differ: <5e-3; int4 groups read with a neighbour's
+# scales give 0.28 there (0.35 against bf16, too close to that limit to rely on).
+VS_BF16_LIMIT = {"bf16": 1e-2, "fp8": 0.1, "int4": 0.3}
+VS_DEQUANTISED_LIMIT = 2e-2
+CHECK_ROWS = (1, 16, 3, 32)  # rows of the check batch's touched experts, in turn
+CHECK_EXPERTS = 8  # experts the check batch touches (spread from the first to the last)
+EXPERT_SEED = 1000
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 DEVICE = "cuda"
 
@@ -49,7 +72,7 @@ def main(argv: list[str]) -> int:
     from herd.kernels import cupy_moe
 
     print(f"# gpu-check on {torch.cuda.get_device_name()}, torch {torch.__version__}, CuPy {cupy.__version__}")
-    return run(cupy_moe, KERNEL_CASES, LAYER_CASES)
+    return run(cupy_moe, KERNEL_CASES, LAYER_CASES, QUANT_LAYERS)
 
 
 def dry_run() -> int:
@@ -62,10 +85,10 @@ def dry_run() -> int:
         route=torch_moe.route, permute=torch_moe.permute, combine=torch_moe.combine, poison_outputs=False
     )
     print("# gpu-check DRY RUN on the CPU: torch backend standing in for CuPy; not a GPU result")
-    return run(stand_in, DRY_KERNEL_CASES, DRY_LAYER_CASES)
+    return run(stand_in, DRY_KERNEL_CASES, DRY_LAYER_CASES, DRY_QUANT_LAYERS)
 
 
-def run(cupy_moe: ModuleType | SimpleNamespace, kernel_cases: list, layer_cases: list) -> int:
+def run(cupy_moe: ModuleType | SimpleNamespace, kernel_cases: list, layer_cases: list, quant_layers: list) -> int:
     ceiling = copy_bandwidth_gbs()
     print(f"device-to-device copy: {ceiling:.0f} GB/s (the ceiling for the memory-bound kernels)\n")
     failures: list[str] = []
@@ -80,6 +103,7 @@ def run(cupy_moe: ModuleType | SimpleNamespace, kernel_cases: list, layer_cases:
     print("| kernel | dtype | shape | CuPy (us) | torch backend (us) | speed-up | GB/s | of copy BW |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     print("\n".join(table))
+    failures += quantized_section(quant_layers, QUANT_TOKENS if DEVICE == "cuda" else DRY_QUANT_TOKENS, ceiling)
     print("\nchecks: " + ("all passed" if not failures else f"{len(failures)} FAILED\n  " + "\n  ".join(failures)))
     return 1 if failures else 0
 
@@ -226,6 +250,264 @@ def time_layer(case: tuple[int, int, int, int], dtype: torch.dtype) -> list[str]
     tokens, experts, hidden, inter = case
     return [f"| MoE layer (router+experts+shared) | {_short(dtype)} | T={tokens} E={experts} H={hidden} I={inter} | "
             f"{ours:.1f} | {theirs:.1f} | {theirs / ours:.1f}x | - | - |"]
+
+
+# Quantised expert layers. A layer is (name, H, I, E); a format is bf16 or a herd.kernels.quantize scheme.
+
+
+def quantized_section(layers: list[tuple[str, int, int, int]], token_batches: tuple[int, ...], ceiling: float
+                      ) -> list[str]:
+    """Each layer in each format, built, checked, timed and freed in turn; prints two tables, returns failures."""
+    failures: list[str] = []
+    checks: list[str] = []
+    timings: list[str] = []
+    for layer in layers:
+        bf16_us: dict[int, float] = {}  # T -> the bf16 time, for the speed-ups
+        for fmt in FORMATS:
+            found, check_line, time_lines = layer_format(layer, fmt, token_batches, ceiling, bf16_us)
+            failures += found
+            checks.append(check_line)
+            timings += time_lines
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()  # the format's weights are gone: give their memory back before the next
+    print(f"\n## Quantised MoE expert layers (top-1, SwiGLU experts only; copy bandwidth {ceiling:.0f} GB/s)\n")
+    print(f"{fp8_gemm()}; int4 dequantises each touched expert to bf16, then a bf16 GEMM (cuBLAS on a GPU)\n")
+    print("| layer | format | weights (GB) | built (s) | rel err vs bf16 weights | limit "
+          "| rel err vs own weights dequantised | limit |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(checks))
+    print("\nfloor = weight bytes of the experts the batch touches / copy bandwidth; floor/time: 100% is the floor\n")
+    print("| layer | format | T | experts read | weights read (MB) | time (us) | floor (us) | floor/time "
+          "| speed-up vs bf16 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(timings))
+    return failures
+
+
+def layer_format(
+    layer: tuple[str, int, int, int], fmt: str, token_batches: tuple[int, ...], ceiling: float,
+    bf16_us: dict[int, float],
+) -> tuple[list[str], str, list[str]]:
+    """One layer in one format: (failures, its check-table row, its timing-table rows).
+
+    Skipped, not failed, when the format does not fit the GPU's free memory (or runs out of it anyway).
+    """
+    name, hidden, inter, experts = layer
+    label = f"| {name} H={hidden} I={inter} E={experts} | {fmt} |"
+    shortfall = memory_shortfall(layer, fmt)
+    if not shortfall:
+        try:
+            start = time.perf_counter()
+            gate_up, down = build_layer(layer, fmt)
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            built_s = time.perf_counter() - start
+            gigabytes = (gate_up.nbytes + down.nbytes) / 1e9
+            vs_bf16, vs_own = check_format(layer, fmt, gate_up, down)
+            time_lines = time_format(layer, fmt, gate_up, down, token_batches, ceiling, bf16_us)
+        except torch.cuda.OutOfMemoryError as err:
+            shortfall = f"out of memory ({str(err).splitlines()[0][:160]})"
+    if shortfall:
+        gigabytes = experts * expert_bytes(hidden, inter, fmt) / 1e9
+        return ([], f"{label} {gigabytes:.2f} | skipped: {shortfall} | - | - | - | - |",
+                [f"{label} - | - | - | skipped for memory | - | - | - |"])
+    failures = []
+    if not vs_bf16 <= VS_BF16_LIMIT[fmt]:  # written so that NaN fails
+        failures.append(f"{name} {fmt}: rel err {vs_bf16:.2e} against the bf16 weights (limit {VS_BF16_LIMIT[fmt]})")
+    if vs_own is not None and not vs_own <= VS_DEQUANTISED_LIMIT:
+        failures.append(f"{name} {fmt}: rel err {vs_own:.2e} against its own weights dequantised by torch "
+                        f"(limit {VS_DEQUANTISED_LIMIT})")
+    own = "- | -" if vs_own is None else f"{vs_own:.2e} | {VS_DEQUANTISED_LIMIT}"
+    check_line = f"{label} {gigabytes:.2f} | {built_s:.1f} | {vs_bf16:.2e} | {VS_BF16_LIMIT[fmt]} | {own} |"
+    return failures, check_line, time_lines
+
+
+def fp8_gemm() -> str:
+    """How herd.kernels runs FP8 experts here (herd.kernels.quantized decides; this only names the case)."""
+    if DEVICE != "cuda":
+        return "FP8 emulated on the CPU (dequantised weights, e4m3-rounded activations)"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) >= (8, 9):
+        return (f"FP8 on sm_{major}{minor}: torch._scaled_mm with per-token and per-channel scales (emulated for a "
+                "shape it refuses)")
+    return f"FP8 on sm_{major}{minor}: no FP8 GEMM before sm_89, emulated (dequantised to bf16)"
+
+
+def expert_bytes(hidden: int, inter: int, fmt: str) -> int:
+    """Bytes of one expert's gate_up [H, 2I] and down [I, H] in `fmt`, values and scales."""
+    weights = 3 * hidden * inter
+    if fmt == "bf16":
+        return 2 * weights
+    if fmt == "fp8":  # e4m3 values, a float32 scale per output channel
+        return weights + 4 * (2 * inter + hidden)
+    from herd.kernels.int4 import GROUP
+
+    groups = -(-hidden // GROUP) * 2 * inter + -(-inter // GROUP) * hidden  # int4: a bf16 scale per group of inputs
+    return -(-hidden // 2) * 2 * inter + -(-inter // 2) * hidden + 2 * groups
+
+
+def memory_shortfall(layer: tuple[str, int, int, int], fmt: str) -> str:
+    """'' when the layer in `fmt` fits the GPU's free memory with room to build it, else why not, in numbers."""
+    if DEVICE != "cuda":
+        return ""
+    _, hidden, inter, experts = layer
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    weights = experts * expert_bytes(hidden, inter, fmt)
+    headroom = 8 * hidden * 2 * inter * 4 + (1 << 30)  # float32 temporaries of one expert's build and reference
+    if weights + headroom <= free:
+        return ""
+    return (f"needs {weights / 1e9:.1f} GB of weights + {headroom / 1e9:.1f} GB to build them, "
+            f"{free / 1e9:.1f} GB free of {total / 1e9:.1f} GB")
+
+
+def expert_weights(expert: int, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert `expert`'s bf16 gate_up [H, 2I] and down [I, H], N(0, 1/fan_in), from its own seed: the same each call."""
+    g = torch.Generator(device=DEVICE).manual_seed(EXPERT_SEED + expert)
+    gate_up = torch.randn(hidden, 2 * inter, generator=g, device=DEVICE).mul_(hidden**-0.5).to(torch.bfloat16)
+    down = torch.randn(inter, hidden, generator=g, device=DEVICE).mul_(inter**-0.5).to(torch.bfloat16)
+    return gate_up, down
+
+
+def build_layer(layer: tuple[str, int, int, int], fmt: str) -> tuple[object, object]:
+    """gate_up [E, H, 2I] and down [E, I, H] in `fmt` (bf16 tensors or QuantizedTensors), made expert by expert.
+
+    Each expert is generated and quantised alone, then copied into stacks allocated once: the memory held
+    is the layer in `fmt` plus one expert's temporaries, never a float copy of the whole layer.
+    """
+    from herd.kernels import QuantizedTensor, quantize
+
+    _, hidden, inter, experts = layer
+    stacks: list = []
+    for e in range(experts):
+        pair = expert_weights(e, hidden, inter)
+        if fmt != "bf16":
+            pair = tuple(quantize(w, fmt) for w in pair)
+        if not stacks:
+            for w in pair:
+                if isinstance(w, QuantizedTensor):
+                    stacks.append(QuantizedTensor(w.scheme, _empty_stack(w.values, experts),
+                                                  _empty_stack(w.scales, experts), w.d_in, w.group))
+                else:
+                    stacks.append(_empty_stack(w, experts))
+        for stack, w in zip(stacks, pair, strict=True):
+            if isinstance(w, QuantizedTensor):
+                stack.values[e].copy_(w.values)
+                stack.scales[e].copy_(w.scales)
+            else:
+                stack[e].copy_(w)
+    return stacks[0], stacks[1]
+
+
+def _empty_stack(t: torch.Tensor, experts: int) -> torch.Tensor:
+    """Uninitialised [E, *t.shape] in t's dtype, each slice laid out as t is (column-major for FP8 values)."""
+    if t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous():
+        return torch.empty((experts, t.shape[1], t.shape[0]), dtype=t.dtype, device=t.device).transpose(1, 2)
+    return torch.empty((experts, *t.shape), dtype=t.dtype, device=t.device)
+
+
+def check_batch(hidden: int, experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Rows [R, H] bf16 already grouped by expert, expert_offsets [E+1], and the experts they touch.
+
+    Up to CHECK_EXPERTS experts spread from the first to the last get CHECK_ROWS rows each in turn (1 row,
+    more than one, odd counts); the others none.
+    """
+    n = min(CHECK_EXPERTS, experts)
+    touched = sorted({round(i * (experts - 1) / max(n - 1, 1)) for i in range(n)})
+    counts = [0] * experts
+    for i, e in enumerate(touched):
+        counts[e] = CHECK_ROWS[i % len(CHECK_ROWS)]
+    offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int64, device=DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    rows = torch.randn(sum(counts), hidden, generator=g, device=DEVICE).to(torch.bfloat16)
+    return rows, offsets, touched
+
+
+def check_format(layer: tuple[str, int, int, int], fmt: str, gate_up: object, down: object
+                 ) -> tuple[float, float | None]:
+    """herd.kernels.experts on the check batch: relative errors against the bf16 weights (regenerated expert by
+    expert) and against the layer's own weights dequantised by torch (None for bf16, where they are the same)."""
+    from herd.kernels import experts as herd_experts
+
+    _, hidden, inter, experts = layer
+    rows, offsets, touched = check_batch(hidden, experts)
+    got = herd_experts(rows, offsets, gate_up, down).float()
+    want = torch.zeros_like(got)
+    want_own = torch.zeros_like(got)
+    bounds = offsets.tolist()
+    for e in touched:
+        x = rows[bounds[e]:bounds[e + 1]]
+        bf16_gate_up, bf16_down = expert_weights(e, hidden, inter)
+        want[bounds[e]:bounds[e + 1]] = expert_reference(x, bf16_gate_up.float(), bf16_down.float())
+        if fmt != "bf16":
+            want_own[bounds[e]:bounds[e + 1]] = expert_reference(
+                x, torch_dequantized(gate_up[e]), torch_dequantized(down[e]), rounding=rows.dtype,
+                fp8_activations=fmt == "fp8",
+            )
+    return rel_error(got, want), (None if fmt == "bf16" else rel_error(got, want_own))
+
+
+def expert_reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, *, rounding: torch.dtype | None = None,
+                     fp8_activations: bool = False) -> torch.Tensor:
+    """One expert's SwiGLU with float32 GEMMs: x [n, H], gate_up [H, 2I], down [I, H] (float32) -> [n, H] float32.
+
+    rounding: the dtype the path under test rounds each GEMM's output to (the SwiGLU then runs in it); None
+    keeps float32. fp8_activations: each GEMM's input rows rounded to e4m3 per token, as the FP8 path does.
+    """
+    from herd.kernels import fp8
+
+    def gemm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if fp8_activations:
+            values, scales = fp8.quantize_rows(a)
+            a = values.float() * scales
+        out = a.float() @ w
+        return out if rounding is None else out.to(rounding)
+
+    inter = down.shape[0]
+    h = gemm(x, gate_up)  # [n, 2I]
+    return gemm(F.silu(h[:, :inter]) * h[:, inter:], down).float()
+
+
+def torch_dequantized(weight: object) -> torch.Tensor:
+    """A QuantizedTensor [Din, Dout] to float32 by herd.kernels' torch code (not the CuPy kernel under test)."""
+    from herd.kernels import fp8, int4
+
+    if weight.scheme == "int4":
+        return int4.dequantize_int4(weight.values, weight.scales, weight.d_in, group=weight.group, dtype=torch.float32)
+    return fp8.dequantize_fp8(weight.values, weight.scales, dtype=torch.float32)
+
+
+def timing_batch(tokens: int, hidden: int, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T rows [T, H] bf16, token t on expert t mod E (so min(T, E) experts touched), and expert_offsets [E+1]."""
+    counts = torch.bincount(torch.arange(tokens, device=DEVICE) % experts, minlength=experts)
+    offsets = torch.zeros(experts + 1, dtype=torch.int64, device=DEVICE)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return torch.randn(tokens, hidden, device=DEVICE).to(torch.bfloat16), offsets
+
+
+def time_format(
+    layer: tuple[str, int, int, int], fmt: str, gate_up: object, down: object, token_batches: tuple[int, ...],
+    ceiling: float, bf16_us: dict[int, float],
+) -> list[str]:
+    """herd.kernels.experts timed per token batch beside its bandwidth floor; records bf16's times in bf16_us."""
+    from herd.kernels import experts as herd_experts
+
+    name, hidden, inter, experts = layer
+    per_expert = (gate_up.nbytes + down.nbytes) / experts  # values and scales
+    lines = []
+    for tokens in token_batches:
+        rows, offsets = timing_batch(tokens, hidden, experts)
+        touched = min(tokens, experts)
+        iters, warmup = (20, 3) if DEVICE == "cuda" else (3, 1)  # CPU times mean nothing: just walk the code
+        us = cuda_time_us(functools.partial(herd_experts, rows, offsets, gate_up, down), iters=iters, warmup=warmup)
+        floor_us = touched * per_expert / ceiling / 1e3
+        if fmt == "bf16":
+            bf16_us[tokens] = us
+        speedup = f"{bf16_us[tokens] / us:.2f}x" if tokens in bf16_us else "-"
+        lines.append(f"| {name} H={hidden} I={inter} E={experts} | {fmt} | {tokens} | {touched} | "
+                     f"{touched * per_expert / 1e6:.1f} | {us:.1f} | {floor_us:.1f} | {floor_us / us:.0%} | "
+                     f"{speedup} |")
+    return lines
 
 
 def cuda_time_us(fn: Callable[[], object], *, iters: int = 50, warmup: int = 5) -> float:

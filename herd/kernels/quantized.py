@@ -113,7 +113,10 @@ def matmul(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
                 return torch._scaled_mm(values, weight.values, scale_a=scales, scale_b=weight.scales.float(),
                                         out_dtype=x.dtype)
             except RuntimeError as err:  # a shape this GEMM refuses (sizes not multiples of 16): emulate below
-                log.debug("torch._scaled_mm refused x %s @ %s: %s", tuple(x.shape), weight.shape, err)
+                if weight.shape not in _REFUSED_SHAPES:
+                    _REFUSED_SHAPES.add(weight.shape)
+                    log.warning("torch._scaled_mm refused x %s @ %s (%s); this shape runs emulated FP8 (dequantised)",
+                                tuple(x.shape), weight.shape, err)
         values, scales = fp8.quantize_rows(x)  # the same rounding as the GPU path, emulated in float32
         product = (values.float() * scales) @ weight.dequantize(torch.float32)
         return product.to(x.dtype)
@@ -141,6 +144,7 @@ def experts(
 
 
 _SCALED_MM: dict[tuple[str, torch.dtype], bool] = {}
+_REFUSED_SHAPES: set[tuple[int, ...]] = set()
 
 
 def _scaled_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
