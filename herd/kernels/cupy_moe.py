@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from herd.kernels.cuda_sources import COMPILE_OPTIONS, source
+from herd.kernels.int4 import gemv_splits
 from herd.kernels.permutation import Permutation
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -110,6 +111,44 @@ def dequantize_int4(weight, dtype: torch.dtype) -> torch.Tensor:
                 (_cp(weight.values.contiguous()), _cp(weight.scales.contiguous()), np.int32(d_in), np.int32(d_out),
                  np.int32(weight.group), _cp(out)),
             )
+    return out
+
+
+_GEMV_THREADS = 128
+
+
+def int4_matmul(x: torch.Tensor, weight) -> torch.Tensor | None:
+    """x [R, Din] @ an int4 QuantizedTensor [Din, Dout] -> [R, Dout] in x's dtype, dequantising inside the GEMM.
+
+    None where the kernel does not apply (more than GEMV_MAX_ROWS rows, Dout not a multiple of 4, or a slice
+    of x too wide for shared memory): the caller then dequantises and runs cuBLAS.
+    """
+    rows, d_in = x.shape
+    d_out = weight.shape[-1]
+    if x.dtype not in _SUFFIX:
+        return None
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    plan = gemv_splits(rows, d_in, d_out, weight.group, sms, threads=_GEMV_THREADS)
+    if plan is None:
+        return None
+    splits, split_inputs = plan
+    col_blocks = -(-(d_out // 4) // _GEMV_THREADS)
+    x = x.contiguous()
+    partials = _empty((splits, rows, d_out), torch.float32, x.device)
+    out = _empty((rows, d_out), x.dtype, x.device)
+    with _on(x.device):
+        _kernel("int4", f"int4_gemv_partial_{_SUFFIX[x.dtype]}")(
+            (col_blocks, splits), (_GEMV_THREADS,),
+            (_cp(x), _cp(weight.values.contiguous().view(torch.int32)), _cp(weight.scales.contiguous()),
+             np.int32(rows), np.int32(d_in), np.int32(d_out), np.int32(weight.group), np.int32(split_inputs),
+             _cp(partials)),
+            shared_mem=rows * split_inputs * 4,
+        )
+        count = rows * d_out
+        _kernel("int4", f"int4_gemv_reduce_{_SUFFIX[x.dtype]}")(
+            (min(-(-count // _THREADS), 65535),), (_THREADS,), (_cp(partials), np.int32(splits), np.int64(count),
+                                                              _cp(out)),
+        )
     return out
 
 

@@ -58,3 +58,30 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, d_in: int, *, gr
         return (grouped * scales.to(dtype).unsqueeze(-2)).flatten(-3, -2)
     per_input = scales.float().repeat_interleave(group, dim=-2)[..., :d_in, :]
     return (q.float() * per_input).to(dtype)
+
+
+GEMV_MAX_ROWS = 8
+"""Rows the dequantise-in-GEMM kernel (cuda/int4.cu, GEMV_MAX_ROWS there) serves; more use dequantise + cuBLAS."""
+SHARED_BYTES = 48 * 1024
+"""Dynamic shared memory a CUDA block gets without opting in: the kernel's slice of x must fit."""
+
+
+def gemv_splits(rows: int, d_in: int, d_out: int, group: int, sms: int, *, threads: int = 128
+                ) -> tuple[int, int] | None:
+    """How the dequantise-in-GEMM kernel splits the inputs: (splits S, inputs per split), or None where it
+    does not apply (too many rows, Dout not a multiple of 4, a slice of x too wide for shared memory).
+
+    Enough splits to fill the GPU's `sms` twice over; few enough that the float partial sums
+    (S * R * Dout * 4 bytes) stay small beside the packed weights (Din * Dout / 2); each split a whole
+    number of groups, so a thread reloads its scales only at group edges.
+    """
+    if not 1 <= rows <= GEMV_MAX_ROWS or d_out % 4 or d_in < 1:
+        return None
+    groups = -(-d_in // group)
+    col_blocks = -(-(d_out // 4) // threads)
+    splits = min(groups, -(-2 * sms // col_blocks), max(1, d_in // (32 * rows)))
+    splits = max(splits, -(-rows * d_in * 4 // SHARED_BYTES), 1)
+    split_inputs = -(-groups // splits) * group
+    if rows * split_inputs * 4 > SHARED_BYTES:
+        return None
+    return -(-d_in // split_inputs), split_inputs

@@ -10,10 +10,11 @@ A `QuantizedTensor` is logically [..., Din, Dout], the right operand of x @ W (H
   e4m3 on the fly (dynamic per-token scaling, herd.kernels.fp8.quantize_rows). `values` is normally the
   transposed view of an output-major [..., Dout, Din] tensor: column-major, as FP8 GEMMs want it.
 
-Execution: on a GPU with FP8 support (sm_89+), FP8 runs torch._scaled_mm with the row and column scales;
-int4 dequantises one expert at a time into a workspace (the CuPy kernel in cuda/int4.cu where CuPy is
-present) and runs cuBLAS on it. On the CPU, and wherever those are missing, both dequantise and matmul in
-the activations' dtype (float32 inside for FP8's emulated activation rounding): the same numbers, slower.
+Execution: on a GPU with FP8 support (sm_89+), FP8 runs torch._scaled_mm with the row and column scales.
+int4 with CuPy present runs cuda/int4.cu: up to 8 rows an expert (decode) dequantise inside the GEMM,
+reading each packed byte once; more rows dequantise one expert at a time into a workspace and run cuBLAS.
+On the CPU, and wherever those are missing, both dequantise and matmul in the activations' dtype (float32
+inside for FP8's emulated activation rounding): the same numbers, slower.
 """
 
 from __future__ import annotations
@@ -120,6 +121,11 @@ def matmul(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
         values, scales = fp8.quantize_rows(x)  # the same rounding as the GPU path, emulated in float32
         product = (values.float() * scales) @ weight.dequantize(torch.float32)
         return product.to(x.dtype)
+    if x.is_cuda:
+        fused = getattr(_cuda_int4(), "int4_matmul", None)  # dequantise-in-GEMM for a few rows (CuPy)
+        out = fused(x, weight) if fused is not None else None
+        if out is not None:
+            return out
     return x @ weight.dequantize(x.dtype)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from herd.kernels.fp8 import E4M3, dequantize_fp8, quantize_fp8, quantize_rows
-from herd.kernels.int4 import dequantize_int4, quantize_int4
+from herd.kernels.int4 import GEMV_MAX_ROWS, SHARED_BYTES, dequantize_int4, gemv_splits, quantize_int4
 
 
 def test_int4_packs_grid_values_exactly():
@@ -64,3 +64,20 @@ def test_fp8_rows_get_their_own_scale():
     assert ((back - x).abs() <= 2**-4 * x.abs() + scales * 2**-9).all()
     with pytest.raises(ValueError, match="rows, features"):
         quantize_rows(torch.ones(2, 3, 4))
+
+
+@pytest.mark.parametrize(("rows", "d_in", "d_out"), [(1, 5120, 16384), (8, 5120, 16384), (1, 8192, 5120),
+                                                     (8, 8192, 5120), (3, 200, 64), (8, 64, 8)])
+def test_the_dequantise_in_gemm_split_covers_the_inputs_in_whole_groups(rows, d_in, d_out):
+    splits, split_inputs = gemv_splits(rows, d_in, d_out, 128, sms=132)
+    assert split_inputs % 128 == 0 and (splits - 1) * split_inputs < d_in <= splits * split_inputs
+    assert rows * split_inputs * 4 <= SHARED_BYTES  # the slice of x fits shared memory
+    if d_in >= 4096:  # a real layer: the GPU is filled, and the partial sums stay small beside the weights
+        col_blocks = -(-(d_out // 4) // 128)
+        assert splits * col_blocks >= 132 or splits == -(-d_in // 128)
+        assert splits * rows * d_out * 4 <= 0.5 * d_in * d_out / 2
+
+
+def test_the_dequantise_in_gemm_refuses_what_it_cannot_do():
+    assert gemv_splits(GEMV_MAX_ROWS + 1, 5120, 16384, 128, sms=132) is None  # dequantise + cuBLAS instead
+    assert gemv_splits(1, 5120, 16382, 128, sms=132) is None  # four columns a thread
