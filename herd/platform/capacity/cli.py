@@ -21,7 +21,8 @@ def add_parser(commands: Any) -> None:
     cmd = commands.add_parser("plan", help="bytes per GPU of one replica, whether it fits, its largest context")
     cmd.add_argument("--model", required=True,
                      help=f"{' or '.join(sorted(PRESETS))} (the published configs), or a config.json / checkpoint")
-    cmd.add_argument("--weights", choices=FORMATS, default="bf16", help="weight format of the feed-forward layers")
+    cmd.add_argument("--weights", choices=FORMATS, help="weight format of the feed-forward layers (default: a "
+                     "config.json's quantization_config, else bf16)")
     cmd.add_argument("--gpu", default="h100", help=f"GPU type: {', '.join(sorted(GPUS))}")
     cmd.add_argument("--gpu-memory-gib", type=float, help="any other GPU: its memory in GiB")
     cmd.add_argument("--gpus", type=int, default=1, help="GPUs per replica")
@@ -50,11 +51,12 @@ def run(args: argparse.Namespace) -> int:
     gpu = gpu_type(args.gpu, memory_gib=args.gpu_memory_gib)
     load = Workload(sequences=args.sequences, context_tokens=args.context, step_tokens=args.step_tokens,
                     kv_dtype=args.kv_dtype)
-    result = plan(config.text, vision, weight_format=args.weights, gpu=gpu, num_gpus=args.gpus, load=load,
+    weights = args.weights or (config.quantization.scheme if config.quantization is not None else "bf16")
+    result = plan(config.text, vision, weight_format=weights, gpu=gpu, num_gpus=args.gpus, load=load,
                   memory_utilization=args.memory_utilization)
     if args.json:
         print(json.dumps(as_json(result), indent=2))
     else:
-        print(as_text(result, f"{source}, {args.weights} weights, {args.gpus} x {gpu.name} "
+        print(as_text(result, f"{source}, {weights} weights, {args.gpus} x {gpu.name} "
                               f"({gpu.memory_bytes / 2**30:.1f} GiB, {args.memory_utilization:.0%} used)"))
     return 0 if result.fits else 1

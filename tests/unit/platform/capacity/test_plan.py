@@ -148,3 +148,17 @@ def test_herd_plan_prints_the_table_and_exits_by_the_verdict(capsys, tiny):
     assert main(["plan", "--model", str(tiny), "--json", "--gpu-memory-gib", "4"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["fits"] and report["gpus"][0]["experts"] == "0-31"
+
+
+def test_a_quantised_checkpoint_is_planned_in_its_own_format(capsys, tiny, tmp_path):
+    from herd.cli import main
+    from herd.model.quantize import quantize_checkpoint
+
+    int4 = quantize_checkpoint(tiny, tmp_path / "int4", "int4", progress=False)
+    sizes = {}
+    for args, key in (([], "own"), (["--weights", "bf16"], "bf16")):
+        assert main(["plan", "--model", str(int4), "--json", *args]) == 0
+        report = json.loads(capsys.readouterr().out)
+        sizes[key] = (report["weight_format"], report["weights_bytes"]["routed_experts"])
+    assert sizes["own"][0] == "int4" and sizes["bf16"][0] == "bf16"
+    assert sizes["own"][1] < sizes["bf16"][1] / 3
