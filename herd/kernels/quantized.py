@@ -108,8 +108,8 @@ def matmul(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
     if x.device != weight.device:
         raise ValueError(f"x is on {x.device}, the {weight.scheme} weight on {weight.device}")
     if weight.scheme == "fp8":
+        values, scales = fp8.quantize_rows(x)  # per-token e4m3, on every device
         if x.is_cuda and _scaled_mm_works(x.device, x.dtype):
-            values, scales = fp8.quantize_rows(x)
             try:
                 return torch._scaled_mm(values, weight.values, scale_a=scales, scale_b=weight.scales.float(),
                                         out_dtype=x.dtype)
@@ -118,8 +118,7 @@ def matmul(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
                     _REFUSED_SHAPES.add(weight.shape)
                     log.warning("torch._scaled_mm refused x %s @ %s (%s); this shape runs emulated FP8 (dequantised)",
                                 tuple(x.shape), weight.shape, err)
-        values, scales = fp8.quantize_rows(x)  # the same rounding as the GPU path, emulated in float32
-        product = (values.float() * scales) @ weight.dequantize(torch.float32)
+        product = (values.float() * scales) @ weight.dequantize(torch.float32)  # the GPU's numbers, in float32
         return product.to(x.dtype)
     if x.is_cuda:
         fused = getattr(_cuda_int4(), "int4_matmul", None)  # dequantise-in-GEMM for a few rows (CuPy)

@@ -23,7 +23,13 @@ from herd.model.config import ModelConfig, TextConfig, load_config
 from herd.model.llama4 import Llama4Model
 from herd.model.moe import Experts
 from herd.model.quantized_model import experts_quantized, quantize_modules
-from herd.model.quantized_reader import dequantized_weight, expert_tensor_names, read_experts, read_fp8_linear
+from herd.model.quantized_reader import (
+    dequantized_weight,
+    expert_tensor_names,
+    read_experts,
+    read_fp8_linear,
+    read_int4_linear,
+)
 from herd.model.quantized_storage import QuantizedLinear, expert_storage, expert_weights
 
 log = logging.getLogger(__name__)
@@ -170,11 +176,7 @@ def _read_quantized(checkpoint: Checkpoint, prefix: str, module: QuantizedLinear
         return read_experts(checkpoint, module.scheme or "", prefix, module.expert_ids)
     if module.scheme == "fp8":
         return read_fp8_linear(checkpoint, prefix)
-    packed = checkpoint.tensor(f"{prefix}.weight_packed")
-    if packed.dtype != torch.uint8:
-        raise CheckpointError(f"{checkpoint.directory}: {prefix}.weight_packed is {packed.dtype}; config.json's "
-                              f"quantization_config implies torch.uint8")
-    return {"weight_packed": packed, "weight_scale": checkpoint.tensor(f"{prefix}.weight_scale")}
+    return read_int4_linear(checkpoint, prefix)
 
 
 def _stored_quantized_bytes(checkpoint: Checkpoint, prefix: str, module: QuantizedLinear | Experts) -> int:

@@ -26,11 +26,11 @@ from tqdm import tqdm
 
 from herd.kernels.fp8 import quantize_fp8
 from herd.kernels.int4 import quantize_int4
+from herd.kernels.quantized import SCHEMES
 from herd.model.checkpoint import INDEX_FILE, Checkpoint
 from herd.model.config import read_config_json
 from herd.model.quantization import QuantizationConfig
 
-SCHEMES = ("int4", "fp8")
 KEPT = ("re:.*self_attn.*", r"re:.*feed_forward\.router$", r"re:.*embed_tokens$", "lm_head",
         "re:vision_model.*", "re:multi_modal_projector.*")
 """The ignore list written: every module but the feed-forward ones stays as stored."""

@@ -70,6 +70,13 @@ def read_fp8_linear(checkpoint: Checkpoint, module: str) -> dict[str, torch.Tens
     return {"weight": weight, "weight_scale": scale}
 
 
+def read_int4_linear(checkpoint: Checkpoint, module: str) -> dict[str, torch.Tensor]:
+    """An int4 linear layer's `weight_packed` uint8 [ceil(in/2), out] and `weight_scale` bfloat16 [G, out]."""
+    packed = checkpoint.tensor(f"{module}.weight_packed")
+    _check_dtype(checkpoint, f"{module}.weight_packed", packed, torch.uint8)
+    return {"weight_packed": packed, "weight_scale": checkpoint.tensor(f"{module}.weight_scale")}
+
+
 def dequantized_weight(checkpoint: Checkpoint, name: str) -> torch.Tensor | None:
     """A weight the checkpoint stores in FP8 (with `<name>_scale`) as float32, or None if it is not FP8."""
     scale_name = f"{name}_scale"
