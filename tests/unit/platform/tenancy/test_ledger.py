@@ -13,28 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
-from herd.platform.tenancy.database import connect, migrate
+from herd.platform.tenancy.database import connect
 from herd.platform.tenancy.ledger import UsageLedger
 from herd.platform.tenancy.store import TenantStore
 
 T0 = datetime(2025, 3, 14, 12, 0, tzinfo=UTC)
 UNREACHABLE = "postgresql+psycopg://postgres@127.0.0.1:1/x?connect_timeout=2"  # nothing listens on port 1
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = connect("sqlite:///" + str(tmp_path / "tenancy.db"))
-    migrate(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def store(engine: Engine) -> TenantStore:
-    return TenantStore(engine)
 
 
 @pytest.fixture

@@ -3,32 +3,16 @@ and the usage ledger's table. Time is injected through `now=` and explicit row t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
 
-from herd.platform.tenancy.database import connect, migrate
 from herd.platform.tenancy.keys import hash_key
 from herd.platform.tenancy.store import Conflict, NotFound, TenantStore
 
 T0 = datetime(2025, 3, 14, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = connect("sqlite:///" + str(tmp_path / "tenancy.db"))
-    migrate(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def store(engine: Engine) -> TenantStore:
-    return TenantStore(engine)
 
 
 def usage_row(request_id: str, *, tenant_id: str = "acme", key_id: str | None = "k1", model: str = "llama",
