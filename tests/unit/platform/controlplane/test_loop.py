@@ -12,6 +12,7 @@ from herd.platform.controlplane.actuators import ReplicaStatus
 from herd.platform.controlplane.loop import ControlPlane
 from herd.platform.controlplane.metrics import HttpLoadSource
 from herd.platform.controlplane.policy import Fleet, ModelMetrics, ModelPolicy
+from tests.waiting import until
 
 
 class FakeActuator:
@@ -89,8 +90,7 @@ def test_a_slow_scale_up_does_not_stall_the_other_models_and_the_latest_target_w
         source.running = {"scout": 50, "maverick": 20}
         await plane.tick()  # maverick 1 -> 2 goes ahead; scout's new target waits for its change
         assert plane.acting("maverick"), "maverick's change started while scout's is blocked"
-        while plane.acting("maverick"):
-            await asyncio.sleep(0.01)
+        assert await until(lambda: not plane.acting("maverick")), "maverick's change never finished"
         calls_while_blocked = list(actuator.calls)
         acting = plane.acting("scout")
         release.set()

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import time
+from tests.waiting import wait_until
 
 
 def settled(core) -> bool:
     """True once the replica holds nothing (waits up to 5 s for streams being torn down)."""
-    for _ in range(250):
-        stats = core.stats()
-        if stats["in_flight"] == 0 and not stats["kv_blocks_held"]:
-            return True
-        time.sleep(0.02)
-    return False
+    return wait_until(lambda: core.stats()["in_flight"] == 0 and not core.stats()["kv_blocks_held"], timeout_s=5)

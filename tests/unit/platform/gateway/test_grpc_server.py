@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from herd.platform.gateway.grpc_server import start_grpc
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
+from tests.waiting import until
 
 GREEDY = pb.SamplingOptions(temperature=0, max_tokens=10)
 
@@ -118,11 +119,7 @@ def test_deadline_and_cancel_both_free_the_kv_blocks(gateway, core):
                               sampling=pb.SamplingOptions(temperature=0, max_tokens=400, ignore_eos=True))
 
     async def settle():
-        for _ in range(200):
-            if core.stats()["in_flight"] == 0 and _blocks_in_use(core) == 0:
-                return True
-            await asyncio.sleep(0.02)
-        return False
+        return await until(lambda: core.stats()["in_flight"] == 0 and _blocks_in_use(core) == 0, timeout_s=4)
 
     async def body(channel):
         stub = pb_grpc.InferenceStub(channel)

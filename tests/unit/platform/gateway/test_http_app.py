@@ -11,6 +11,7 @@ import pytest
 from herd.engine import SamplingParams
 from herd.model.chat_template import render_chat
 from herd.platform.gateway.http_app import create_app
+from tests.waiting import until
 
 CHAT = {"model": "scout", "messages": [{"role": "user", "content": "Tell me about the herd."}],
         "max_tokens": 12, "temperature": 0}
@@ -130,7 +131,7 @@ def test_beyond_capacity_requests_are_refused_at_once_with_retry_after(gateway, 
     async def main():
         async with _client(gateway) as client:
             running = [asyncio.create_task(client.post("/v1/chat/completions", json=long)) for _ in range(6)]
-            await asyncio.sleep(0.5)
+            assert await until(lambda: core.stats()["in_flight"] == 6), "the six requests never all got in"
             refused = await client.post("/v1/chat/completions", json=CHAT)
             done = await asyncio.gather(*running)
             return refused, done

@@ -25,6 +25,7 @@ from herd.platform.tenancy.rate_limit import InProcessRateLimiter
 from herd.platform.tenancy.store import TenantStore
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
+from tests.waiting import until
 
 
 class Renamed:
@@ -119,10 +120,13 @@ def test_keys_models_limits_and_a_ledger_that_matches_what_clients_saw(world, ca
         assert key not in logged and key.split("_")[2] not in logged, "key material in the logs"
 
 
-def test_revoked_and_expired_keys_are_refused_at_once(world):
+def test_revoked_and_expired_keys_are_refused_at_once(world, monkeypatch):
     store, _, gateway, keys = world
+    now = [datetime.now(UTC)]  # the time the guard's key checks see
+    authenticate = store.authenticate
+    monkeypatch.setattr(store, "authenticate", lambda plaintext: authenticate(plaintext, now=now[0]))
     key_id = store.list_keys("b")[0].id
-    _, expiring = store.issue_key("b", expires_at=datetime.now(UTC) + timedelta(seconds=1))
+    _, expiring = store.issue_key("b", expires_at=now[0] + timedelta(seconds=1))
 
     async def main():
         async with _http(gateway) as client:
@@ -130,7 +134,7 @@ def test_revoked_and_expired_keys_are_refused_at_once(world):
             store.revoke_key(key_id)
             after = await client.get("/v1/models", headers=_auth(keys["b"]))
             alive = await client.get("/v1/models", headers=_auth(expiring))
-            await asyncio.sleep(1.1)
+            now[0] += timedelta(seconds=1)
             expired = await client.get("/v1/models", headers=_auth(expiring))
             return before, after, alive, expired
 
@@ -215,7 +219,8 @@ def test_a_flooding_tenant_does_not_hold_back_a_light_one(world):
     async def main():
         async with _http(gateway) as client:
             floods = [asyncio.create_task(timed(client, keys["a"], flood)) for _ in range(40)]
-            await asyncio.sleep(0.3)
+            core = gateway.backends["scout"].core  # every flood request in the engine (or done) before the light ones
+            assert await until(lambda: core.stats()["in_flight"] + sum(f.done() for f in floods) == 40)
             lights = [await timed(client, keys["b"], light) for _ in range(5)]
             return await asyncio.gather(*floods), lights
 

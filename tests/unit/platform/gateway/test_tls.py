@@ -20,6 +20,7 @@ from herd.platform.settings import HerdSettings, TlsSettings
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
 from tests.certs import CertAuthority
+from tests.waiting import until
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +113,10 @@ def _https(settings, gateway, body):
         server = uvicorn.Server(http_config(create_app(gateway), settings))
         task = asyncio.create_task(server.serve())
         try:
-            while not server.started:  # uvicorn has no event for it; serve_doors waits the same way
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.02)
+            await until(lambda: server.started or task.done(), timeout_s=30)  # uvicorn has no event for it
+            if task.done():
+                task.result()  # why it stopped
+            assert server.started, "uvicorn did not start within 30 s"
             return await body(server.servers[0].sockets[0].getsockname()[1])
         finally:
             server.should_exit = True
