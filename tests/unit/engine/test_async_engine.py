@@ -8,6 +8,7 @@ import pytest
 
 from herd.engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
 from herd.model.tiny import make_tiny
+from tests.waiting import until
 
 CONFIG = EngineConfig(kv_cache_bytes=16 * 2**20, max_num_seqs=16)
 
@@ -67,8 +68,7 @@ def test_abort_and_a_consumer_that_leaves_both_free_the_blocks(scout):
 
     async def main():
         reasons, _ = await asyncio.gather(aborted(), leaves())
-        while engine.engine.has_unfinished():
-            await asyncio.sleep(0.01)
+        assert await until(lambda: not engine.engine.has_unfinished()), "the left stream's request never ended"
         return reasons
 
     reasons = asyncio.run(main())
