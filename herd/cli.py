@@ -109,7 +109,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from herd.model.quantize import quantize_checkpoint
+    from herd.model.quant.convert import quantize_checkpoint
 
     start = time.perf_counter()
     out = quantize_checkpoint(args.source, args.dest, args.scheme)

@@ -1,29 +1,23 @@
-"""The four MoE stages behind one API: inputs are checked here, then the tensors' device picks the backend.
+"""The four MoE stages and the quantised matmul behind one API: inputs are checked here, then run by the backend
+of the tensors' device (herd.kernels.backend: torch on the CPU; CuPy kernels and cuBLAS on CUDA).
 
 Legend: T tokens, k experts per token, E experts, G = E groups in output order, H hidden,
-I expert intermediate, R = T*k rows.
+I expert intermediate, R = T*k rows, Din / Dout a weight's inputs / outputs.
 
-CPU tensors run the torch backend. CUDA tensors run the CuPy kernels (`herd/kernels/cuda/*.cu`) for
-route, permute and combine, and cuBLAS through torch for the expert GEMMs; CuPy is imported only then,
-and where it is missing the torch backend runs on the GPU instead. Every check raises ValueError naming
-the tensor and the values, before anything is launched.
+Every check raises ValueError naming the tensor and the values, before anything is launched.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Sequence
-from types import ModuleType
+from typing import cast
 
 import torch
 
-from herd.kernels import torch_moe
+from herd.kernels.backend import backend_for
 from herd.kernels.permutation import Permutation
 from herd.kernels.quantized import QuantizedTensor
-from herd.kernels.quantized import experts as quantized_experts
-
-log = logging.getLogger(__name__)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16)
 MAX_EXPERTS = 1024  # the CUDA gating kernel keeps one bit per expert a lane owns (32 lanes x 32 bits)
@@ -37,7 +31,7 @@ def route(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
         raise ValueError(f"router_logits has {experts} experts; 1..{MAX_EXPERTS} are supported")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= experts:
         raise ValueError(f"k must be an integer in 1..{experts} (experts), got {k!r}")
-    return _backend(router_logits).route(router_logits, k)
+    return backend_for(router_logits.device).route(router_logits, k)
 
 
 def permute(
@@ -69,17 +63,20 @@ def permute(
         if low < 0 or high >= num_experts:
             raise ValueError(f"topk_ids hold experts {low}..{high}, outside 0..{num_experts - 1}")
     order = _expert_order(expert_order, num_experts, x.device)
-    return _backend(x).permute(x, topk_ids, topk_scores, order)
+    return backend_for(x.device).permute(x, topk_ids, topk_scores, order)
 
 
 def experts(
-    rows: torch.Tensor, expert_offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+    rows: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    gate_up: torch.Tensor | QuantizedTensor,
+    down: torch.Tensor | QuantizedTensor,
 ) -> torch.Tensor:
     """SwiGLU of each expert over its own rows: [R, H] -> [R, H]; experts with no rows cost nothing.
 
     gate_up [E', H, 2I] and down [E', I, H] hold exactly the experts that expert_offsets [E'+1]
     describes, in the same order: all of a layer's experts, or the subset a shard owns. Both are tensors
-    in the rows' dtype, or both QuantizedTensors of one scheme (int4 or FP8, see herd.kernels.quantized).
+    in the rows' dtype, or both QuantizedTensors of one scheme (int4 or FP8, see herd.kernels.schemes).
     """
     check_tensor("rows", rows, dims=2, dtypes=FLOAT_DTYPES)
     quantized = isinstance(gate_up, QuantizedTensor) or isinstance(down, QuantizedTensor)
@@ -101,9 +98,11 @@ def experts(
     bounds = expert_offsets.tolist()  # one device sync, however many experts
     if bounds[0] != 0 or bounds[-1] != rows.shape[0] or any(b < a for a, b in itertools.pairwise(bounds)):
         raise ValueError(f"expert_offsets must rise from 0 to {rows.shape[0]} rows, got {bounds}")
+    backend = backend_for(rows.device)
     if quantized:
-        return quantized_experts(rows, expert_offsets, gate_up, down)
-    return torch_moe.experts(rows, expert_offsets, gate_up, down)
+        return backend.quantized_experts(rows, expert_offsets, cast(QuantizedTensor, gate_up),
+                                         cast(QuantizedTensor, down))
+    return backend.experts(rows, expert_offsets, cast(torch.Tensor, gate_up), cast(torch.Tensor, down))
 
 
 def combine(out_rows: torch.Tensor, permutation: Permutation, num_tokens: int) -> torch.Tensor:
@@ -115,7 +114,16 @@ def combine(out_rows: torch.Tensor, permutation: Permutation, num_tokens: int) -
             f"out_rows has {out_rows.shape[0]} rows; the permutation has {rows} = "
             f"{num_tokens} tokens x k={permutation.top_k}?"
         )
-    return _backend(out_rows).combine(out_rows, permutation, num_tokens)
+    return backend_for(out_rows.device).combine(out_rows, permutation, num_tokens)
+
+
+def quantized_matmul(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
+    """x [R, Din] @ weight [Din, Dout] -> [R, Dout] in x's dtype."""
+    if weight.values.dim() != 2 or x.dim() != 2 or x.shape[1] != weight.d_in:
+        raise ValueError(f"x {tuple(x.shape)} cannot multiply a {weight.scheme} weight of shape {weight.shape}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device}, the {weight.scheme} weight on {weight.device}")
+    return backend_for(x.device).quantized_matmul(x, weight)
 
 
 def check_tensor(
@@ -140,6 +148,7 @@ def check_tensor(
 
 
 def _check_quantized(gate_up: object, down: object, device: torch.device) -> None:
+    schemes = []
     for name, weight in (("gate_up", gate_up), ("down", down)):
         if not isinstance(weight, QuantizedTensor):
             raise ValueError(f"{name} must be a QuantizedTensor like the other weight, got {type(weight).__name__}")
@@ -147,8 +156,9 @@ def _check_quantized(gate_up: object, down: object, device: torch.device) -> Non
             raise ValueError(f"{name} must be [experts, in, out], got shape {weight.shape}")
         if weight.device != device:
             raise ValueError(f"{name} is on {weight.device}, the rows on {device}")
-    if gate_up.scheme != down.scheme:  # type: ignore[union-attr]
-        raise ValueError(f"gate_up is {gate_up.scheme} but down is {down.scheme}")  # type: ignore[union-attr]
+        schemes.append(weight.scheme)
+    if schemes[0] != schemes[1]:
+        raise ValueError(f"gate_up is {schemes[0]} but down is {schemes[1]}")
 
 
 def _expert_order(order: Sequence[int] | torch.Tensor | None, num_experts: int, device: torch.device) -> torch.Tensor:
@@ -158,22 +168,3 @@ def _expert_order(order: Sequence[int] | torch.Tensor | None, num_experts: int, 
     if sorted(values) != list(range(num_experts)):
         raise ValueError(f"expert_order must list each of the {num_experts} experts once, got {values}")
     return torch.tensor(values, dtype=torch.int64, device=device)
-
-
-_cupy_backend: ModuleType | None = None
-_cupy_missing = False
-
-
-def _backend(t: torch.Tensor) -> ModuleType:
-    global _cupy_backend, _cupy_missing
-    if t.device.type != "cuda" or _cupy_missing:
-        return torch_moe
-    if _cupy_backend is None:
-        try:
-            from herd.kernels import cupy_moe
-        except ImportError as err:
-            _cupy_missing = True
-            log.warning("CuPy is not importable (%s); MoE stages run with the torch backend on the GPU", err)
-            return torch_moe
-        _cupy_backend = cupy_moe
-    return _cupy_backend

@@ -1,33 +1,90 @@
-"""CUDA backend for route, permute, combine and int4 dequantisation: herd/kernels/cuda/, run through CuPy.
+"""The CUDA backend: route, permute, combine and int4 (herd/kernels/cuda/) run through CuPy; `CupyBackend`.
 
-Legend: T tokens, k experts per token, E experts, G groups, H hidden, R = T*k rows.
+Legend: T tokens, k experts per token, E experts, G groups, H hidden, R = T*k rows, Din / Dout a weight's
+inputs / outputs.
 
-Imported only when a CUDA tensor reaches herd.kernels (so CuPy is needed only there). Inputs were
-checked by herd.kernels.api. Outputs are allocated by torch and handed to CuPy through DLPack, so no
-tensor is copied, and kernels run on torch's current stream, in order with the surrounding torch work.
-bfloat16 crosses as its raw 16 bits (CuPy has no bfloat16 dtype); the kernels convert in registers.
+Imported only by herd.kernels.backend, when a CUDA tensor first reaches herd.kernels (so CuPy is needed
+only there). Inputs were checked by herd.kernels.api. Outputs are allocated by torch and handed to CuPy
+through DLPack, so no tensor is copied, and kernels run on torch's current stream, in order with the
+surrounding torch work. bfloat16 crosses as its raw 16 bits (CuPy has no bfloat16 dtype); the kernels
+convert in registers. The expert GEMMs stay torch's (cuBLAS), FP8 too (torch._scaled_mm).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING
 
-import cupy  # type: ignore[import-not-found]
+import cupy
 import numpy as np
 import torch
 
+from herd.kernels.backend import Backend
 from herd.kernels.cuda_sources import COMPILE_OPTIONS, source
 from herd.kernels.int4 import gemv_splits
 from herd.kernels.permutation import Permutation
+from herd.kernels.schemes import Int4
+
+if TYPE_CHECKING:
+    from herd.kernels.quantized import QuantizedTensor
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _THREADS = 256
 _WARPS_PER_ROUTE_BLOCK = 4
 
 poison_outputs = False
-"""When set (by `make gpu-check`), outputs start as NaN / -1 so a value a kernel forgot to write shows."""
+"""When set (CupyBackend.poisoned, for `make gpu-check`), outputs start as NaN / -1 so a value a kernel forgot
+to write shows."""
+
+
+class CupyInt4(Int4):
+    """int4 with the CuPy kernels: a matrix dequantised by cuda/int4.cu; up to GEMV_MAX_ROWS rows an expert
+    (decode) multiplied with the weight dequantised inside the GEMM, reading each packed byte once; more rows
+    dequantise into a workspace and run cuBLAS. Stacked weights [E, Din, Dout] dequantise with torch."""
+
+    def dequantize(self, weight: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+        if weight.values.dim() != 2 or dtype not in _SUFFIX:
+            return super().dequantize(weight, dtype)
+        return dequantize_int4(weight, dtype)
+
+    def matmul(self, x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
+        out = int4_matmul(x, weight)
+        return out if out is not None else super().matmul(x, weight)
+
+
+class CupyBackend(Backend):
+    """CuPy kernels for route, permute, combine and int4; torch (cuBLAS) for the expert GEMMs and FP8."""
+
+    name = "cupy"
+
+    def __init__(self) -> None:
+        super().__init__({CupyInt4.name: CupyInt4()})
+
+    def route(self, router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return route(router_logits, k)
+
+    def permute(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_scores: torch.Tensor, expert_order: torch.Tensor
+    ) -> tuple[torch.Tensor, Permutation]:
+        return permute(x, topk_ids, topk_scores, expert_order)
+
+    def combine(self, out_rows: torch.Tensor, permutation: Permutation, num_tokens: int) -> torch.Tensor:
+        return combine(out_rows, permutation, num_tokens)
+
+    def poisoned(self) -> AbstractContextManager[None]:
+        return _poisoned()
+
+
+@contextmanager
+def _poisoned() -> Iterator[None]:
+    global poison_outputs
+    poison_outputs = True
+    try:
+        yield
+    finally:
+        poison_outputs = False
 
 
 def route(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +156,8 @@ def combine(out_rows: torch.Tensor, permutation: Permutation, num_tokens: int) -
     return out
 
 
-def dequantize_int4(weight, dtype: torch.dtype) -> torch.Tensor:
-    """One int4 matrix (a herd.kernels.quantized.QuantizedTensor [Din, Dout]) -> floats [Din, Dout] in `dtype`."""
+def dequantize_int4(weight: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """One int4 matrix (a QuantizedTensor [Din, Dout]) -> floats [Din, Dout] in `dtype` (float32 or bfloat16)."""
     d_in, d_out = weight.shape
     out = _empty((d_in, d_out), dtype, weight.device)
     total = weight.values.numel()
@@ -117,7 +174,7 @@ def dequantize_int4(weight, dtype: torch.dtype) -> torch.Tensor:
 _GEMV_THREADS = 128
 
 
-def int4_matmul(x: torch.Tensor, weight) -> torch.Tensor | None:
+def int4_matmul(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor | None:
     """x [R, Din] @ an int4 QuantizedTensor [Din, Dout] -> [R, Dout] in x's dtype, dequantising inside the GEMM.
 
     None where the kernel does not apply (more than GEMV_MAX_ROWS rows, Dout not a multiple of 4, or a slice

@@ -54,7 +54,7 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, d_in: int, *, gr
     q = torch.stack([low, high], dim=-2).flatten(-3, -2)[..., :d_in, :]  # [..., Din, Dout] interleaved back
     groups = scales.shape[-2]
     if d_in == groups * group:  # whole groups: scale by broadcasting, no per-input copy of the scales
-        grouped = q.to(dtype).unflatten(-2, (groups, group))  # [..., G, group, Dout]
+        grouped = q.to(dtype).reshape(*q.shape[:-2], groups, group, q.shape[-1])  # [..., G, group, Dout]
         return (grouped * scales.to(dtype).unsqueeze(-2)).flatten(-3, -2)
     per_input = scales.float().repeat_interleave(group, dim=-2)[..., :d_in, :]
     return (q.float() * per_input).to(dtype)

@@ -20,7 +20,3 @@ class Permutation:
     source_row: torch.Tensor  # [R] integer: the row that holds each flat (token * k + choice)
     top_k: int
 
-    @property
-    def row_token(self) -> torch.Tensor:
-        """[R]: the token each row belongs to."""
-        return torch.div(self.row_source, self.top_k, rounding_mode="floor")

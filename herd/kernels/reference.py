@@ -17,7 +17,7 @@ def moe_reference(
     scores = torch.sigmoid(top_logits.float()).to(x.dtype)  # [T, k]
     out = torch.zeros_like(x)
     for slot in range(k):
-        for e in top_ids[:, slot].unique().tolist():
+        for e in torch.unique(top_ids[:, slot]).tolist():
             tokens = (top_ids[:, slot] == e).nonzero().squeeze(1)  # tokens whose slot-th choice is e
             xin = x[tokens] * scores[tokens, slot, None]  # Llama 4 scales the expert input
             gate, up = (xin @ gate_up[e]).chunk(2, dim=-1)

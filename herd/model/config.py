@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from herd.model.quantization import QuantizationConfig
+from herd.model.quant.config import QuantizationConfig
 
 LayerType = Literal["chunked_attention", "full_attention"]
 

@@ -22,15 +22,16 @@ from herd.model.checkpoint import Checkpoint, CheckpointError, copy_checked
 from herd.model.config import ModelConfig, TextConfig, load_config
 from herd.model.llama4 import Llama4Model
 from herd.model.moe import Experts
-from herd.model.quantized_model import experts_quantized, quantize_modules
-from herd.model.quantized_reader import (
+from herd.model.quant.layout import expert_storage, expert_weights
+from herd.model.quant.linear import QuantizedLinear
+from herd.model.quant.reader import (
     dequantized_weight,
     expert_tensor_names,
     read_experts,
     read_fp8_linear,
     read_int4_linear,
 )
-from herd.model.quantized_storage import QuantizedLinear, expert_storage, expert_weights
+from herd.model.quant.swap import experts_quantized, quantize_modules
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from herd.kernels import QuantizedTensor
 from herd.kernels.int4 import GROUP
 from herd.model.config import TextConfig
 from herd.model.mlp import FeedForward
-from herd.model.quantized_storage import expert_storage, expert_weights, keep_storage_dtypes
+from herd.model.quant.layout import expert_storage, expert_weights, keep_storage_dtypes
 
 
 class ExpertsExecutor(Protocol):

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from herd.model.checkpoint import INDEX_FILE
+from herd.model.checkpoint_writer import write_sharded
 from herd.model.config import ModelConfig
 from herd.model.image_processor import ImageProcessorConfig
 from herd.model.image_prompts import PREPROCESSOR_CONFIG, preprocessor_config
@@ -60,7 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "maverick": dict(num_local_experts=32, interleave_moe_layer_step=2, use_qk_norm=False, rope_scaling=None),
 }
 
-_VISION = dict(
+_VISION: dict[str, Any] = dict(
     hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=336,
     patch_size=14, num_channels=3, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64,
     pixel_shuffle_ratio=0.5, norm_eps=1e-5, hidden_act="gelu", vision_feature_select_strategy="default",
@@ -87,7 +86,8 @@ def make_tiny(out: str | Path, *, preset: str = "scout", seed: int = 0) -> Path:
     (out / PREPROCESSOR_CONFIG).write_text(json.dumps(preprocessor_config(processor), indent=2) + "\n")
     tensors = random_weights(ModelConfig.from_hf(raw, source=str(out / "config.json")), seed=seed)
     vision = random_vision_weights(VisionConfig.from_hf(raw, source=str(out / "config.json")), seed=seed)
-    _write_shards(out, {**{f"language_model.{name}": t for name, t in tensors.items()}, **vision})
+    named = {**{f"language_model.{name}": t for name, t in tensors.items()}, **vision}
+    write_sharded(out, ((name, named[name]) for name in sorted(named)), shard_bytes=SHARD_BYTES)
     return out
 
 
@@ -164,25 +164,3 @@ def _generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
         "pad_token_id": tokenizer.token_to_id(FINETUNE_RIGHT_PAD),
         "do_sample": False,
     }
-
-
-def _write_shards(out: Path, tensors: dict[str, torch.Tensor]) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
-    for old in out.glob("model*.safetensors"):
-        old.unlink()
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

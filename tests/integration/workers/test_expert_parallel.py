@@ -103,7 +103,7 @@ def test_a_killed_shard_fails_its_requests_in_time_and_serving_resumes_after_res
 
 @pytest.mark.parametrize("scheme", ["int4", "fp8"])
 def test_quantised_experts_served_by_shard_processes_equal_the_single_process_model(tmp_path, scheme):
-    from herd.model.quantize import quantize_checkpoint
+    from herd.model.quant.convert import quantize_checkpoint
 
     source = make_tiny(tmp_path / "float", preset="maverick", seed=7)
     path = quantize_checkpoint(source, tmp_path / scheme, scheme, progress=False)

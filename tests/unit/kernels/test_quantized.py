@@ -7,7 +7,7 @@ import torch
 
 from herd import kernels
 from herd.kernels import QuantizedTensor, quantize, quantized_matmul
-from herd.kernels import quantized as quantized_module
+from herd.kernels import schemes as quantized_module
 
 E, H, INTER = 4, 256, 64  # two int4 groups along H
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from herd.model.config import ModelConfig, read_config_json
-from herd.model.quantization import QuantizationConfig
+from herd.model.quant.config import QuantizationConfig
 from herd.model.tiny import make_tiny
 
 # Shaped like the published Maverick FP8 checkpoint's: compressed-tensors, FP8 weights per channel,

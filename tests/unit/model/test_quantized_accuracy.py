@@ -14,7 +14,7 @@ import torch
 
 from herd.model import load_model
 from herd.model.moe import Experts
-from herd.model.quantize import quantize_checkpoint
+from herd.model.quant.convert import quantize_checkpoint
 from herd.model.tiny import make_tiny
 
 # Thresholds, asserted with a margin over what was measured (docs/CAPACITY.md has the numbers); a

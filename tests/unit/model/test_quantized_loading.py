@@ -13,8 +13,8 @@ from herd.kernels import QuantizedTensor
 from herd.kernels.fp8 import E4M3, quantize_fp8
 from herd.model import CheckpointError, MissingExpertsError, load_config, load_experts, load_model
 from herd.model.checkpoint import Checkpoint, canonical_name
-from herd.model.quantize import quantize_checkpoint
-from herd.model.quantized_storage import QuantizedLinear
+from herd.model.quant.convert import quantize_checkpoint
+from herd.model.quant.linear import QuantizedLinear
 from herd.model.tiny import make_tiny
 
 IDS = torch.arange(3, 19)

@@ -152,7 +152,7 @@ def test_herd_plan_prints_the_table_and_exits_by_the_verdict(capsys, tiny):
 
 def test_a_quantised_checkpoint_is_planned_in_its_own_format(capsys, tiny, tmp_path):
     from herd.cli import main
-    from herd.model.quantize import quantize_checkpoint
+    from herd.model.quant.convert import quantize_checkpoint
 
     int4 = quantize_checkpoint(tiny, tmp_path / "int4", "int4", progress=False)
     sizes = {}

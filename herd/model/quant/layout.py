@@ -1,4 +1,4 @@
-"""How int4 and FP8 weights are stored in Herd's modules and checkpoints, and the modules' linear layer.
+"""How int4 and FP8 weights are stored in Herd's modules and checkpoints: buffer names, shapes and dtypes.
 
 Legend: E experts held, H hidden, I expert intermediate, G_x = ceil(x / group) int4 groups.
 
@@ -8,7 +8,7 @@ Routed experts (buffers of herd.model.moe.Experts, same names in Herd's checkpoi
 - fp8:  gate_up_proj e4m3 [E, 2I, H], gate_up_proj_scale float32 [E, 2I, 1],
         down_proj e4m3 [E, H, I], down_proj_scale float32 [E, H, 1]  (output-major, nn.Linear's way, so one
         expert's matrix is column-major for the FP8 GEMM and the published per-expert tensors stack as stored).
-Linear layers (QuantizedLinear; the shared expert and the dense MLPs):
+Linear layers (herd.model.quant.linear.QuantizedLinear; the shared expert and the dense MLPs):
 - int4: weight_packed uint8 [ceil(in/2), out], weight_scale bfloat16 [G_in, out];
 - fp8:  weight e4m3 [out, in], weight_scale float32 [out, 1] (compressed-tensors' names and layout).
 
@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from herd.kernels import QuantizedTensor, quantized_matmul
+from herd.kernels import QuantizedTensor
 from herd.kernels.fp8 import E4M3
 
 Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -80,31 +80,3 @@ def keep_storage_dtypes(module: nn.Module, fn: Callable[[torch.Tensor], torch.Te
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
-
-
-class QuantizedLinear(nn.Module):
-    """y = x @ W with W [in, out] stored int4 or FP8 (no bias: Llama 4's feed-forward has none)."""
-
-    def __init__(self, in_features: int, out_features: int, scheme: str, group: int) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.scheme, self.group = in_features, out_features, scheme, group
-        for name, (shape, dtype) in linear_storage(scheme, in_features, out_features, group).items():
-            self.register_buffer(name, torch.empty(shape, dtype=dtype))
-
-    @property
-    def quantized(self) -> QuantizedTensor:
-        """The weight [in, out]."""
-        if self.scheme == "int4":
-            return QuantizedTensor("int4", self.weight_packed, self.weight_scale, self.in_features, self.group)
-        return QuantizedTensor("fp8", self.weight.t(), self.weight_scale.t(), self.in_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., in] -> [..., out]."""
-        flat = x.reshape(-1, self.in_features)
-        return quantized_matmul(flat, self.quantized).reshape(*x.shape[:-1], self.out_features)
-
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        return keep_storage_dtypes(self, fn)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"

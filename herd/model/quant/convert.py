@@ -4,12 +4,13 @@ Legend: E experts, H hidden, I expert intermediate.
 
 The feed-forward weights (routed experts, shared expert, dense MLPs) are quantised; everything else is
 copied as stored, and the tokenizer and other files are copied beside it. Formats written:
-- int4: Herd's fused layout (herd.model.quantized_storage), `quant_method` "herd";
+- int4: Herd's fused layout (herd.model.quant.layout), `quant_method` "herd";
 - fp8: the published compressed-tensors layout: per-expert `experts.{e}.{gate,up,down}_proj.weight`
   e4m3 [out, in] with float32 `weight_scale` [out, 1], and the same for the linear layers.
 Tensor names keep the source's spelling (a multimodal checkpoint's `language_model.` prefix stays).
 Tensors are read one at a time from the memory-mapped source, experts one expert at a time, and written
-into safetensors shards of at most `shard_bytes`, so memory stays near one shard.
+into safetensors shards of at most `shard_bytes` (herd.model.checkpoint_writer), so memory stays near
+one shard.
 """
 
 from __future__ import annotations
@@ -19,17 +20,18 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from herd.kernels.fp8 import quantize_fp8
 from herd.kernels.int4 import quantize_int4
-from herd.kernels.quantized import SCHEMES
+from herd.kernels.schemes import SCHEMES
 from herd.model.checkpoint import INDEX_FILE, Checkpoint
+from herd.model.checkpoint_writer import write_sharded
 from herd.model.config import read_config_json
-from herd.model.quantization import QuantizationConfig
+from herd.model.quant.config import QuantizationConfig
 
 KEPT = ("re:.*self_attn.*", r"re:.*feed_forward\.router$", r"re:.*embed_tokens$", "lm_head",
         "re:vision_model.*", "re:multi_modal_projector.*")
@@ -43,7 +45,7 @@ def quantize_checkpoint(source: str | Path, dest: str | Path, scheme: str, *, sh
                         progress: bool = True) -> Path:
     """Write `source` quantised to `scheme` (int4 or fp8) into the new directory `dest`; returns `dest`."""
     if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+        raise ValueError(f"scheme must be one of {tuple(SCHEMES)}, got {scheme!r}")
     source, dest = Path(source), Path(dest)
     raw_config, where = read_config_json(source)
     if raw_config.get("quantization_config") is not None:
@@ -60,11 +62,12 @@ def quantize_checkpoint(source: str | Path, dest: str | Path, scheme: str, *, sh
     names = sorted(checkpoint.names())
     with tqdm(total=sum(checkpoint.nbytes(n) for n in names), unit="B", unit_scale=True, desc=f"quantising {scheme}",
               delay=0.5, disable=not progress) as bar:
-        _write_shards(dest, _converted(checkpoint, names, scheme, bar), shard_bytes)
+        write_sharded(dest, _converted(checkpoint, names, scheme, bar), shard_bytes=shard_bytes)
     return dest
 
 
-def _converted(checkpoint: Checkpoint, names: list[str], scheme: str, bar: tqdm) -> Iterator[tuple[str, torch.Tensor]]:
+def _converted(checkpoint: Checkpoint, names: list[str], scheme: str, bar: tqdm[Any]
+               ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name as the source spells it, tensor) for everything the quantised checkpoint holds."""
     for name in names:
         raw = checkpoint.raw_name(name)
@@ -108,31 +111,4 @@ def _linear(module: str, weight: torch.Tensor, scheme: str) -> Iterator[tuple[st
     yield f"{module}.weight_scale", scales.t().contiguous()
 
 
-def _write_shards(dest: Path, tensors: Iterator[tuple[str, torch.Tensor]], shard_bytes: int) -> None:
-    """Save into model-0000i-of-0000N.safetensors files of at most shard_bytes (one tensor may exceed it)."""
-    shards: list[list[str]] = []
-    current: dict[str, torch.Tensor] = {}
-    size = 0
-
-    def flush() -> None:
-        nonlocal current, size
-        if current:
-            save_file(current, str(dest / f"part-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
-            shards.append(list(current))
-            current, size = {}, 0
-
-    for name, tensor in tensors:
-        if current and size + tensor.nbytes > shard_bytes:
-            flush()
-        current[name] = tensor.contiguous()
-        size += tensor.nbytes
-    flush()
-    weight_map: dict[str, str] = {}
-    for i, names in enumerate(shards):
-        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        (dest / f"part-{i:05d}.safetensors").rename(dest / final)
-        weight_map.update(dict.fromkeys(names, final))
-    (dest / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-
-
-__all__ = ["SCHEMES", "quantize_checkpoint"]
+__all__ = ["quantize_checkpoint"]

@@ -1,4 +1,4 @@
-"""Give a model (built on the meta device) the quantised modules its checkpoint's quantization_config asks for.
+"""Swap a model's layers (built on the meta device) for the quantised ones its quantization_config asks for.
 
 Herd keeps the feed-forward weights quantised: routed experts, the shared expert and the dense MLPs (the
 bulk of Llama 4's bytes, and the scope of the published FP8 checkpoint). Everything else (attention,
@@ -13,8 +13,8 @@ from torch import nn
 from herd.model.llama4 import Llama4Model
 from herd.model.mlp import FeedForward
 from herd.model.moe import Experts, MoE
-from herd.model.quantization import QuantizationConfig
-from herd.model.quantized_storage import QuantizedLinear
+from herd.model.quant.config import QuantizationConfig
+from herd.model.quant.linear import QuantizedLinear
 
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 

@@ -1,4 +1,4 @@
-"""Read int4 and FP8 tensors out of a checkpoint into Herd's storage layout (herd.model.quantized_storage).
+"""Read int4 and FP8 tensors out of a checkpoint into Herd's storage layout (herd.model.quant.layout).
 
 Legend: E experts, e held experts, H hidden, I expert intermediate.
 
