@@ -1,9 +1,9 @@
 """`make gpu-check`: every CuPy MoE kernel, and a whole MoE layer, against torch on a CUDA GPU, then timed.
 
 Runs with PyTorch and CuPy alone (`PYTHONPATH=. python3 bench/gpu_check.py`): the GPU machines have
-nothing else installed. `--cpu-dry-run` walks the same script on the CPU with small shapes and the
-torch backend standing in for CuPy, so the script itself is tested where there is no GPU; its numbers
-mean nothing. Checks first, with outputs poisoned (NaN / -1) so an element a kernel forgets
+nothing else installed. `--smoke` (or `--cpu-dry-run`) walks the same script on the CPU with small shapes
+and the torch backend standing in for CuPy's, so the script itself is tested where there is no GPU; its
+numbers mean nothing. Checks first, with outputs poisoned (NaN / -1) so an element a kernel forgets
 to write shows; then CUDA-event timings (median of many runs after warm-up) beside the torch backend on
 the same GPU and the measured device-to-device copy bandwidth, the ceiling for these memory-bound
 kernels. Then one Scout-dimension and one Maverick-dimension MoE expert layer, random weights made on the
@@ -24,10 +24,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from types import ModuleType, SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+
+from herd.kernels import QuantizedTensor
+from herd.kernels.backend import Backend, backend_for
+
+Weight = torch.Tensor | QuantizedTensor
 
 # (T, E, k, H): T=1, odd T, k > 1, more experts than rows, Scout- and Maverick-like widths.
 KERNEL_CASES = [(1, 16, 1, 5120), (37, 16, 2, 1024), (3, 6, 4, 64), (511, 128, 2, 5120),
@@ -56,47 +60,49 @@ DEVICE = "cuda"
 
 
 def main(argv: list[str]) -> int:
-    if argv == ["--cpu-dry-run"]:
+    if argv in (["--smoke"], ["--cpu-dry-run"]):
         return dry_run()
     if argv:
-        print(f"usage: gpu_check.py [--cpu-dry-run], got {argv}")
+        print(f"usage: gpu_check.py [--smoke | --cpu-dry-run], got {argv}")
         return 2
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device on this machine; nothing was checked")
         return 2
     try:
-        import cupy  # type: ignore[import-not-found]
+        import cupy
     except ImportError as err:
         print(f"gpu-check: CuPy is not importable ({err}); nothing was checked")
         return 2
-    from herd.kernels import cupy_moe
-
+    backend = backend_for(torch.device(DEVICE))  # the object herd.kernels runs CUDA tensors with
+    if backend.name != "cupy":
+        print(f"gpu-check: herd.kernels chose the {backend.name} backend for CUDA (see the log); nothing was checked")
+        return 2
     print(f"# gpu-check on {torch.cuda.get_device_name()}, torch {torch.__version__}, CuPy {cupy.__version__}")
-    return run(cupy_moe, KERNEL_CASES, LAYER_CASES, QUANT_LAYERS)
+    return run(backend, KERNEL_CASES, LAYER_CASES, QUANT_LAYERS)
 
 
 def dry_run() -> int:
-    """The whole script on the CPU, torch backend in CuPy's place: proves the script, not the kernels."""
+    """The whole script on the CPU, the torch backend in CuPy's place: proves the script, not the kernels."""
     global DEVICE
-    from herd.kernels import torch_moe
-
     DEVICE = "cpu"
-    stand_in = SimpleNamespace(
-        route=torch_moe.route, permute=torch_moe.permute, combine=torch_moe.combine, poison_outputs=False
-    )
     print("# gpu-check DRY RUN on the CPU: torch backend standing in for CuPy; not a GPU result")
-    return run(stand_in, DRY_KERNEL_CASES, DRY_LAYER_CASES, DRY_QUANT_LAYERS)
+    return run(Backend(), DRY_KERNEL_CASES, DRY_LAYER_CASES, DRY_QUANT_LAYERS)
 
 
-def run(cupy_moe: ModuleType | SimpleNamespace, kernel_cases: list, layer_cases: list, quant_layers: list) -> int:
+KernelCase = tuple[int, int, int, int]
+QuantLayer = tuple[str, int, int, int]
+
+
+def run(backend: Backend, kernel_cases: list[KernelCase], layer_cases: list[KernelCase],
+        quant_layers: list[QuantLayer]) -> int:
     ceiling = copy_bandwidth_gbs()
     print(f"device-to-device copy: {ceiling:.0f} GB/s (the ceiling for the memory-bound kernels)\n")
     failures: list[str] = []
     table: list[str] = []
     for dtype in (torch.float32, torch.bfloat16):
         for case in kernel_cases:
-            failures += check_kernels(case, dtype, cupy_moe)
-            table += time_kernels(case, dtype, cupy_moe, ceiling)
+            failures += check_kernels(case, dtype, backend)
+            table += time_kernels(case, dtype, backend, ceiling)
         for case in layer_cases:
             failures += check_layer(case, dtype)
             table += time_layer(case, dtype)
@@ -120,22 +126,17 @@ def inputs(case: tuple[int, int, int, int], dtype: torch.dtype, seed: int = 0) -
     }
 
 
-def check_kernels(
-    case: tuple[int, int, int, int], dtype: torch.dtype, cupy_moe: ModuleType | SimpleNamespace
-) -> list[str]:
+def check_kernels(case: tuple[int, int, int, int], dtype: torch.dtype, backend: Backend) -> list[str]:
     from herd.kernels import torch_moe
 
     tokens, experts, k, _ = case
     name = f"{dtype} T={tokens} E={experts} k={k}"
     data = inputs(case, dtype, seed=tokens)
     order = torch.randperm(experts, device=DEVICE)
-    cupy_moe.poison_outputs = True
-    try:
-        ids, scores = cupy_moe.route(data["logits"], k)
-        rows, perm = cupy_moe.permute(data["x"], ids, scores, order)
-        combined = cupy_moe.combine(data["out_rows"], perm, tokens)
-    finally:
-        cupy_moe.poison_outputs = False
+    with backend.poisoned():
+        ids, scores = backend.route(data["logits"], k)
+        rows, perm = backend.permute(data["x"], ids, scores, order)
+        combined = backend.combine(data["out_rows"], perm, tokens)
     want_ids, want_scores = torch_moe.route(data["logits"], k)
     want_rows, want_perm = torch_moe.permute(data["x"], want_ids, want_scores, order)
     want_combined = torch_moe.combine(data["out_rows"], want_perm, tokens)
@@ -154,25 +155,23 @@ def check_kernels(
     return failures
 
 
-def time_kernels(
-    case: tuple[int, int, int, int], dtype: torch.dtype, cupy_moe: ModuleType | SimpleNamespace, ceiling: float
-) -> list[str]:
+def time_kernels(case: tuple[int, int, int, int], dtype: torch.dtype, backend: Backend, ceiling: float) -> list[str]:
     from herd.kernels import torch_moe
 
     tokens, experts, k, hidden = case
     data = inputs(case, dtype)
     order = torch.arange(experts, device=DEVICE)
-    ids, scores = cupy_moe.route(data["logits"], k)
-    _, perm = cupy_moe.permute(data["x"], ids, scores, order)
+    ids, scores = backend.route(data["logits"], k)
+    _, perm = backend.permute(data["x"], ids, scores, order)
     _, torch_perm = torch_moe.permute(data["x"], ids, scores, order)
     size = data["x"].element_size()
     rows = tokens * k
-    kernels = [
-        ("route (top-k+sigmoid)", lambda: cupy_moe.route(data["logits"], k), lambda: torch_moe.route(data["logits"], k),
+    kernels: list[tuple[str, Callable[[], object], Callable[[], object], int]] = [
+        ("route (top-k+sigmoid)", lambda: backend.route(data["logits"], k), lambda: torch_moe.route(data["logits"], k),
          tokens * experts * size + rows * (4 + size)),
-        ("permute (+scale)", lambda: cupy_moe.permute(data["x"], ids, scores, order),
+        ("permute (+scale)", lambda: backend.permute(data["x"], ids, scores, order),
          lambda: torch_moe.permute(data["x"], ids, scores, order), 2 * rows * hidden * size),
-        ("combine", lambda: cupy_moe.combine(data["out_rows"], perm, tokens),
+        ("combine", lambda: backend.combine(data["out_rows"], perm, tokens),
          lambda: torch_moe.combine(data["out_rows"], torch_perm, tokens), (rows + tokens) * hidden * size),
     ]
     lines = []
@@ -189,7 +188,7 @@ def layer_weights(case: tuple[int, int, int, int], dtype: torch.dtype) -> dict[s
     g = torch.Generator(device=DEVICE).manual_seed(7)
 
     def randn(*shape: int, fan_in: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g, device=DEVICE) * fan_in**-0.5).to(dtype)
+        return torch.randn(*shape, generator=g, device=DEVICE).mul_(fan_in**-0.5).to(dtype)
 
     return {
         "x": torch.randn(tokens, hidden, generator=g, device=DEVICE).to(dtype),
@@ -271,7 +270,8 @@ def quantized_section(layers: list[tuple[str, int, int, int]], token_batches: tu
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()  # the format's weights are gone: give their memory back before the next
     print(f"\n## Quantised MoE expert layers (top-1, SwiGLU experts only; copy bandwidth {ceiling:.0f} GB/s)\n")
-    print(f"{fp8_gemm()}; int4 dequantises each touched expert to bf16, then a bf16 GEMM (cuBLAS on a GPU)\n")
+    print(f"{fp8_gemm()}; int4 on a GPU: up to 8 rows an expert dequantise inside the GEMM (CuPy), more dequantise "
+          "each touched expert to bf16, then a bf16 GEMM (cuBLAS); on the CPU always the latter\n")
     print("| layer | format | weights (GB) | built (s) | rel err vs bf16 weights | limit "
           "| rel err vs own weights dequantised | limit |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -323,7 +323,7 @@ def layer_format(
 
 
 def fp8_gemm() -> str:
-    """How herd.kernels runs FP8 experts here (herd.kernels.quantized decides; this only names the case)."""
+    """How herd.kernels runs FP8 experts here (herd.kernels.schemes decides; this only names the case)."""
     if DEVICE != "cuda":
         return "FP8 emulated on the CPU (dequantised weights, e4m3-rounded activations)"
     major, minor = torch.cuda.get_device_capability()
@@ -369,20 +369,19 @@ def expert_weights(expert: int, hidden: int, inter: int) -> tuple[torch.Tensor, 
     return gate_up, down
 
 
-def build_layer(layer: tuple[str, int, int, int], fmt: str) -> tuple[object, object]:
+def build_layer(layer: tuple[str, int, int, int], fmt: str) -> tuple[Weight, Weight]:
     """gate_up [E, H, 2I] and down [E, I, H] in `fmt` (bf16 tensors or QuantizedTensors), made expert by expert.
 
     Each expert is generated and quantised alone, then copied into stacks allocated once: the memory held
     is the layer in `fmt` plus one expert's temporaries, never a float copy of the whole layer.
     """
-    from herd.kernels import QuantizedTensor, quantize
+    from herd.kernels import quantize
 
     _, hidden, inter, experts = layer
-    stacks: list = []
+    stacks: list[Weight] = []
     for e in range(experts):
-        pair = expert_weights(e, hidden, inter)
-        if fmt != "bf16":
-            pair = tuple(quantize(w, fmt) for w in pair)
+        floats = expert_weights(e, hidden, inter)
+        pair: tuple[Weight, ...] = floats if fmt == "bf16" else tuple(quantize(w, fmt) for w in floats)
         if not stacks:
             for w in pair:
                 if isinstance(w, QuantizedTensor):
@@ -391,10 +390,10 @@ def build_layer(layer: tuple[str, int, int, int], fmt: str) -> tuple[object, obj
                 else:
                     stacks.append(_empty_stack(w, experts))
         for stack, w in zip(stacks, pair, strict=True):
-            if isinstance(w, QuantizedTensor):
+            if isinstance(stack, QuantizedTensor) and isinstance(w, QuantizedTensor):
                 stack.values[e].copy_(w.values)
                 stack.scales[e].copy_(w.scales)
-            else:
+            elif isinstance(stack, torch.Tensor) and isinstance(w, torch.Tensor):
                 stack[e].copy_(w)
     return stacks[0], stacks[1]
 
@@ -423,7 +422,7 @@ def check_batch(hidden: int, experts: int) -> tuple[torch.Tensor, torch.Tensor, 
     return rows, offsets, touched
 
 
-def check_format(layer: tuple[str, int, int, int], fmt: str, gate_up: object, down: object
+def check_format(layer: tuple[str, int, int, int], fmt: str, gate_up: Weight, down: Weight
                  ) -> tuple[float, float | None]:
     """herd.kernels.experts on the check batch: relative errors against the bf16 weights (regenerated expert by
     expert) and against the layer's own weights dequantised by torch (None for bf16, where they are the same)."""
@@ -468,10 +467,12 @@ def expert_reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     return gemm(F.silu(h[:, :inter]) * h[:, inter:], down).float()
 
 
-def torch_dequantized(weight: object) -> torch.Tensor:
+def torch_dequantized(weight: Weight) -> torch.Tensor:
     """A QuantizedTensor [Din, Dout] to float32 by herd.kernels' torch code (not the CuPy kernel under test)."""
     from herd.kernels import fp8, int4
 
+    if isinstance(weight, torch.Tensor):
+        return weight.float()
     if weight.scheme == "int4":
         return int4.dequantize_int4(weight.values, weight.scales, weight.d_in, group=weight.group, dtype=torch.float32)
     return fp8.dequantize_fp8(weight.values, weight.scales, dtype=torch.float32)
@@ -486,7 +487,7 @@ def timing_batch(tokens: int, hidden: int, experts: int) -> tuple[torch.Tensor, 
 
 
 def time_format(
-    layer: tuple[str, int, int, int], fmt: str, gate_up: object, down: object, token_batches: tuple[int, ...],
+    layer: tuple[str, int, int, int], fmt: str, gate_up: Weight, down: Weight, token_batches: tuple[int, ...],
     ceiling: float, bf16_us: dict[int, float],
 ) -> list[str]:
     """herd.kernels.experts timed per token batch beside its bandwidth floor; records bf16's times in bf16_us."""
@@ -519,12 +520,13 @@ def cuda_time_us(fn: Callable[[], object], *, iters: int = 50, warmup: int = 5) 
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
         start.record()
         fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append(float(start.elapsed_time(end)) * 1e3)
     return statistics.median(times)
 
 

@@ -9,12 +9,15 @@ CPU that is the price of holding a model that would not fit otherwise. Rows are 
 over the experts. Times are medians of repeated runs; the ratios are what to read.
 
     .venv/bin/python bench/quantized_experts.py [--hidden 1024] [--inter 512] [--experts 16]
-                                                [--tokens 1 16 128 512]
+                                                [--tokens 1 16 128 512] [--smoke]
+
+`--smoke`: the smallest run of the whole script (two int4 groups, few rows, one repeat), for the tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -34,18 +37,28 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+SMOKE = {"hidden": 256, "inter": 64, "experts": 4, "tokens": [1, 8], "repeats": 1}
+"""--smoke's sizes: H of two int4 groups, and more experts than the smaller batch has rows."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    doc = __doc__ or ""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--inter", type=int, default=512)
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 512])
     parser.add_argument("--repeats", type=int, default=15)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help=f"the smallest run of the whole script: {SMOKE}")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     torch.manual_seed(0)
     h, i, e = args.hidden, args.inter, args.experts
     gate_up, down = torch.randn(e, h, 2 * i) / h**0.5, torch.randn(e, i, h) / i**0.5
-    weights = {
+    weights: dict[str, tuple[torch.Tensor | kernels.QuantizedTensor, torch.Tensor | kernels.QuantizedTensor,
+                             torch.dtype]] = {
         "float32": (gate_up, down, torch.float32),
         "bfloat16": (gate_up.bfloat16(), down.bfloat16(), torch.bfloat16),
         "int4 (bf16 rows)": (kernels.quantize(gate_up, "int4"), kernels.quantize(down, "int4"), torch.bfloat16),
@@ -57,14 +70,13 @@ def main() -> None:
     print("|---|---:|" + "---:|" * (2 * len(args.tokens)))
     baseline: dict[int, float] = {}
     for name, (w_gate_up, w_down, dtype) in weights.items():
-        cells = []
+        cells: list[float] = []
         for t in args.tokens:
             rows = torch.randn(t, h).to(dtype)
             counts = torch.bincount(torch.arange(t) % e, minlength=e)
             offsets = torch.zeros(e + 1, dtype=torch.int64)
             offsets[1:] = torch.cumsum(counts, 0)
-            cells.append(median_ms(lambda r=rows, o=offsets, g=w_gate_up, d=w_down: kernels.experts(r, o, g, d),
-                                   args.repeats))
+            cells.append(median_ms(functools.partial(kernels.experts, rows, offsets, w_gate_up, w_down), args.repeats))
         if name == "bfloat16":
             baseline = dict(zip(args.tokens, cells, strict=True))
         mib = (w_gate_up.nbytes + w_down.nbytes) / 2**20
