@@ -8,14 +8,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from herd.model import greedy_decode, load_model
 from herd.model.chat_template import render_chat
+from herd.model.dtypes import DTYPES
 from herd.model.tiny import PRESETS, make_tiny
 from herd.model.tokenizer import Tokenizer
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", help="raw text, sent as is after <|begin_of_text|>")
     prompt.add_argument("--chat", help="a user message, rendered with the Llama 4 chat template")
     generate.add_argument("--max-tokens", type=int, default=32, help="most new tokens to generate")
-    generate.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="compute dtype")
+    generate.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype")
     generate.set_defaults(run=_generate)
 
     shard = commands.add_parser("expert-shard", help="serve some experts of every MoE layer over gRPC")
@@ -65,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     shard.add_argument("--experts", required=True, help="owned experts: 'a:b' or a comma-separated list")
     shard.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
     shard.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    shard.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="compute dtype")
+    shard.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype")
     shard.add_argument("--tls-cert", type=Path, help="mutual TLS: this shard's certificate (PEM; with --tls-key, "
                        "--tls-ca)")
     shard.add_argument("--tls-key", type=Path, help="mutual TLS: the private key of --tls-cert")
@@ -122,7 +119,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_pretrained(args.model)
-    model = load_model(args.model, dtype=_DTYPES[args.dtype])
+    model = load_model(args.model, dtype=DTYPES[args.dtype])
     if args.chat is not None:
         prompt_ids = tokenizer.encode(render_chat([{"role": "user", "content": args.chat}]))
     else:
@@ -193,7 +190,7 @@ def _controlplane(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from herd.platform.loadgen import main as loadgen_main
+    from herd_loadgen import main as loadgen_main
 
     return int(loadgen_main(args.rest))
 
@@ -204,15 +201,15 @@ def _expert_shard(args: argparse.Namespace) -> int:
 
     from herd.model import load_config
     from herd.workers.expert_shard import parse_experts, serve
-    from herd.workers.transport import ShardTls
+    from herd.workers.shard_tls import ShardTls
 
     tls = ShardTls.of(args.tls_cert, args.tls_key, args.tls_ca)
     credentials = tls.server_credentials() if tls is not None else None  # unreadable files: an error before loading
     experts = parse_experts(args.experts, load_config(args.model).text.num_local_experts)
-    server, port, service = serve(args.model, experts, port=args.port, host=args.host, dtype=_DTYPES[args.dtype],
+    server, port, service = serve(args.model, experts, port=args.port, host=args.host, dtype=DTYPES[args.dtype],
                                   credentials=credentials)
     print(f"expert shard listening on {args.host}:{port}{' (mutual TLS)' if tls else ''} (experts "
-          f"{experts[0]}..{experts[-1]}, {service.resident_bytes() / 2**20:.1f} MiB)", flush=True)
+          f"{experts[0]}..{experts[-1]}, {service.shard.resident_bytes / 2**20:.1f} MiB)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

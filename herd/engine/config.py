@@ -1,55 +1,56 @@
-"""Engine settings: one typed object, units in the names."""
+"""Engine settings: one typed object, units in the names. It is also the `engine` section of a model's
+settings and of what a Serve replica receives (herd.workers.replica_config), so a field added here is a
+setting everywhere: the config file, `herd serve --print-config`, the Helm chart's values and the engine."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema
 
 from herd.engine.kv_cache_manager import CHUNKED, FULL, KVLayout
 from herd.engine.paged_kv import bytes_per_block
 from herd.engine.scheduler import SchedulerConfig
 from herd.model.config import TextConfig
+from herd.model.dtypes import DTYPES, dtype_name, to_dtype
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEFAULT_CONTEXT_TOKENS = 8192
+"""The context limit when neither the engine nor the checkpoint says less (max_model_len unset)."""
+
+TorchDType = Annotated[
+    torch.dtype, PlainValidator(to_dtype), PlainSerializer(dtype_name, return_type=str),
+    WithJsonSchema({"type": "string", "enum": sorted(DTYPES)}),
+]
+"""A torch dtype that settings and JSON write by name ("bfloat16")."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class EngineConfig:
+class EngineConfig(BaseModel):
     """How big the engine's batches and KV cache are, and where it computes."""
 
-    block_size: int = 16
-    """Tokens per KV block; must divide the model's attention_chunk_size."""
-    max_num_seqs: int = 64
-    """Sequences holding KV blocks at once."""
-    max_num_batched_tokens: int = 512
-    """Tokens computed per step (prefill chunks and decodes together)."""
-    max_model_len: int | None = None
-    """Longest prompt + output in tokens; default min(max_position_embeddings, 8192)."""
-    kv_cache_bytes: int = 256 * 2**20
-    """Memory for KV blocks, both groups together."""
-    enable_prefix_caching: bool = True
-    """Reuse cached KV blocks of identical prefixes (per tenant unless a sharing group is set)."""
-    dtype: torch.dtype = torch.float32
-    """Weights, activations and KV cache."""
-    device: str = "cpu"
-    """torch device of the model and the cache."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
-            raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype}")
+    block_size: int = Field(16, ge=1, description="tokens per KV block; must divide the model's attention_chunk_size")
+    max_num_seqs: int = Field(64, ge=1, description="sequences holding KV blocks at once")
+    max_num_batched_tokens: int = Field(512, ge=1, description="tokens computed per step (prefill chunks and "
+                                        "decodes together)")
+    max_model_len: int | None = Field(None, ge=2, description="prompt + completion tokens; null: "
+                                      f"min(the model's max_position_embeddings, {DEFAULT_CONTEXT_TOKENS})")
+    kv_cache_mb: float = Field(256, gt=0, description="memory for KV blocks, both layer groups together, MiB")
+    enable_prefix_caching: bool = Field(True, description="reuse cached KV blocks of identical prefixes (per "
+                                        "tenant unless a sharing group is set)")
+    dtype: TorchDType = Field("float32", validate_default=True, description="weights, activations and KV cache")
+    device: str = Field("cpu", description="torch device of the model and the cache")
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return round(self.kv_cache_mb * 2**20)
 
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens)
 
     def context_limit(self, model: TextConfig) -> int:
-        return self.max_model_len or min(model.max_position_embeddings, 8192)
+        return self.max_model_len or min(model.max_position_embeddings, DEFAULT_CONTEXT_TOKENS)
 
     def kv_layout(self, model: TextConfig) -> KVLayout:
         """Split kv_cache_bytes between the groups.

@@ -5,18 +5,18 @@ Legend: T query tokens, S key tokens, N query heads, K key/value heads, D head d
 RoPE layers rotate q and k, L2-normalise them (when use_qk_norm) and attend only within their fixed
 absolute chunk of `attention_chunk_size` tokens. NoPE layers (every fourth) skip RoPE, attend to the
 whole causal prefix, and scale queries by a temperature that grows with log(position) so attention
-stays sharp at long context. Masks are built from positions, so the same code serves a full prompt,
-one decode step against a cache, and (later) chunked prefill.
+stays sharp at long context. Where keys and values are kept is the KV context's business (the model's
+contiguous cache, or the engine's paged one): a layer projects, hands over, and projects back.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from herd.model.causal_attention import attend
 from herd.model.config import TextConfig
-from herd.model.kv_cache import LayerKV
+from herd.model.kv_cache import KVContext
 from herd.model.norm import rms_normalize
 from herd.model.rope import apply_rotary
 
@@ -26,6 +26,7 @@ class Attention(nn.Module):
 
     def __init__(self, config: TextConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, heads * dim, bias=bias)
@@ -59,37 +60,13 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rot: torch.Tensor, cache: LayerKV | None = None
+        self, x: torch.Tensor, positions: torch.Tensor, rot: torch.Tensor, kv: KVContext | None = None
     ) -> torch.Tensor:
-        """[T, H] -> [T, H]; with a cache, attends to everything cached before plus these tokens."""
+        """[T, H] -> [T, H]; with a KV context, attends to everything it holds for this layer plus these
+        tokens (which it keeps); without one, to these tokens alone."""
         q, k, v = self.project(x, positions, rot)
-        key_positions = positions
-        if cache is not None:
-            k, v, key_positions = cache.append(k, v, positions)
-        out = attend(q, k, v, positions, key_positions, self.chunk_size)  # [T, N, D]
+        if kv is None:
+            out = attend(q, k, v, positions, positions, self.chunk_size)  # [T, N, D]
+        else:
+            out = kv.attend(self.layer, q, k, v, positions, self.chunk_size)
         return self.o_proj(out.reshape(x.shape[0], -1))
-
-
-def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_positions: torch.Tensor,
-    k_positions: torch.Tensor,
-    chunk_size: int | None,
-) -> torch.Tensor:
-    """Causal (optionally chunk-local) GQA attention: q [T, N, D], k/v [S, K, D] -> [T, N, D]."""
-    visible = attention_mask(q_positions, k_positions, chunk_size)  # [T, S]
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),  # [N, T, D], [K, S, D]
-        attn_mask=visible, scale=q.shape[-1] ** -0.5, enable_gqa=True,
-    )  # [N, T, D]
-    return out.transpose(0, 1)
-
-
-def attention_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
-    """[T, S] bool: key visible to query. Chunks are fixed absolute windows [c*C, (c+1)*C)."""
-    visible = k_positions[None, :] <= q_positions[:, None]
-    if chunk_size is not None:
-        visible &= (k_positions[None, :] // chunk_size) == (q_positions[:, None] // chunk_size)
-    return visible

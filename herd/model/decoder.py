@@ -9,7 +9,7 @@ from torch import nn
 
 from herd.model.attention import Attention
 from herd.model.config import TextConfig
-from herd.model.kv_cache import LayerKV
+from herd.model.kv_cache import KVContext
 from herd.model.mlp import FeedForward
 from herd.model.moe import MoE
 from herd.model.norm import RMSNorm
@@ -30,8 +30,8 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rot: torch.Tensor, cache: LayerKV | None = None
+        self, x: torch.Tensor, positions: torch.Tensor, rot: torch.Tensor, kv: KVContext | None = None
     ) -> torch.Tensor:
         """[T, H] -> [T, H]."""
-        h = x + self.self_attn(self.input_layernorm(x), positions, rot, cache)
+        h = x + self.self_attn(self.input_layernorm(x), positions, rot, kv)
         return h + self.feed_forward(self.post_attention_layernorm(h))

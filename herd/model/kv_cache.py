@@ -1,12 +1,28 @@
-"""The simplest KV cache: every key and value of one sequence, per layer, kept whole.
+"""Where attention keeps and reads keys and values: the interface the model's forward takes, and the simplest
+cache behind it, every key and value of one sequence, per layer, kept whole.
 
-Legend: S cached tokens, K key/value heads, D head dim. It is the reference the engine's paged,
-chunk-aware cache is checked against, and what lets the model decode one token at a time.
+Legend: T new tokens, S cached tokens, N query heads, K key/value heads, D head dim. The contiguous cache is
+the reference the engine's paged, chunk-aware one (herd.engine.paged_attention) is checked against, and what
+lets the model decode one token at a time. The model never knows which one it runs on.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+
+from herd.model.causal_attention import attend
+
+
+class KVContext(Protocol):
+    """The keys and values the model's attention layers store to and read from, for one forward."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               chunk_size: int | None) -> torch.Tensor:
+        """Keep layer `layer`'s new k, v [T, K, D] at `positions` [T], then attend q [T, N, D] to everything
+        the tokens may see (causal, within their chunk when chunk_size is set) -> [T, N, D]."""
+        ...
 
 
 class LayerKV:
@@ -34,10 +50,15 @@ class LayerKV:
 
 
 class ContiguousKVCache:
-    """One LayerKV per decoder layer."""
+    """One LayerKV per decoder layer; a KVContext."""
 
     def __init__(self, num_layers: int) -> None:
         self.layers = [LayerKV() for _ in range(num_layers)]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               chunk_size: int | None) -> torch.Tensor:
+        keys, values, key_positions = self.layers[layer].append(k, v, positions)
+        return attend(q, keys, values, positions, key_positions, chunk_size)
 
     def __len__(self) -> int:
         """Tokens cached so far."""

@@ -7,6 +7,11 @@ parameters.
 Early fusion: image features (from herd.model.vision, already projected to H) replace the embeddings
 of the `<|patch|>` placeholder tokens, in order, before the first decoder layer, as transformers'
 masked_scatter does; the decoder then treats them like any other token.
+
+One forward serves every caller: one sequence with the contiguous cache (or none), and the engine's mixed
+batch of prefill chunks and decodes over its paged cache. The KV context decides where keys and values live;
+the engine also says which rows take image features (a chunk may hold part of an image) and which rows need
+logits (the last of each sampling chunk).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from torch import nn
 
 from herd.model.config import TextConfig
 from herd.model.decoder import DecoderLayer
-from herd.model.kv_cache import ContiguousKVCache
+from herd.model.kv_cache import ContiguousKVCache, KVContext
 from herd.model.moe import ExpertsExecutor, MoE
 from herd.model.norm import RMSNorm
 from herd.model.rope import inv_frequencies, rotations
@@ -62,28 +67,34 @@ class Llama4Model(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache: ContiguousKVCache | None = None,
+        cache: KVContext | None = None,
         *,
         image_embeds: torch.Tensor | None = None,
+        image_rows: torch.Tensor | None = None,
+        logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """ids [T] at positions [T] (default: after what the cache holds) -> logits [T, V].
+        """ids [T] at positions [T] -> logits [T, V] (or [L, V] for the L `logit_rows`).
 
-        `image_embeds` [M, H]: the projected features of the M placeholder tokens in `input_ids`, in order.
+        `positions` default to following what a ContiguousKVCache holds. `image_embeds` [M, H]: projected
+        image features for M rows: `image_rows` [M], or by default the M placeholder tokens of input_ids, in
+        order. `cache`: where attention keeps keys and values (None: these tokens attend to themselves).
         """
         self._check_ids(input_ids)
         if image_embeds is not None:
-            self._check_image_embeds(input_ids, image_embeds)
+            self._check_image_embeds(input_ids, image_embeds, image_rows)
         device = self.lm_head.weight.device
         if positions is None:
-            start = 0 if cache is None else len(cache)
+            start = len(cache) if isinstance(cache, ContiguousKVCache) else 0
             positions = torch.arange(start, start + input_ids.shape[0], device=device)
         rot = rotations(positions, self._frequencies(device))  # [T, D/2]
         x = self.model.embed_tokens(input_ids.to(device))  # [T, H]
         if image_embeds is not None:
-            placeholders = (input_ids == self.config.image_token_id).to(device)  # [T]
-            x[placeholders] = image_embeds.to(device=device, dtype=x.dtype)  # [M, H] into M rows, in order
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, rot, None if cache is None else cache.layers[i])
+            rows = (input_ids == self.config.image_token_id) if image_rows is None else image_rows  # [T] or [M]
+            x[rows.to(device)] = image_embeds.to(device=device, dtype=x.dtype)  # [M, H] into M rows, in order
+        for layer in self.model.layers:
+            x = layer(x, positions, rot, cache)
+        if logit_rows is not None:
+            x = x[logit_rows.to(device)]  # [L, H]
         return self.lm_head(self.model.norm(x))
 
     def new_cache(self) -> ContiguousKVCache:
@@ -114,7 +125,8 @@ class Llama4Model(nn.Module):
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside the vocabulary 0..{self.config.vocab_size - 1}")
 
-    def _check_image_embeds(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> None:
+    def _check_image_embeds(self, input_ids: torch.Tensor, image_embeds: torch.Tensor,
+                            image_rows: torch.Tensor | None) -> None:
         if self.config.image_token_id is None:
             raise ValueError("image_embeds given, but this model has no image placeholder token (text-only config)")
         hidden = self.config.hidden_size
@@ -123,6 +135,11 @@ class Llama4Model(nn.Module):
             raise ValueError(f"image_embeds must be [image tokens, {hidden}] (the text hidden size), got {shape}")
         if not image_embeds.dtype.is_floating_point:
             raise ValueError(f"image_embeds must be floating point, got dtype {image_embeds.dtype}")
+        if image_rows is not None:
+            if image_rows.shape != (image_embeds.shape[0],):
+                raise ValueError(f"image_rows must be [{image_embeds.shape[0]}] (one per image_embeds row), "
+                                 f"got {tuple(image_rows.shape)}")
+            return
         count = int((input_ids == self.config.image_token_id).sum())
         if count != image_embeds.shape[0]:
             raise ValueError(

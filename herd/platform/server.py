@@ -13,21 +13,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from pydantic import BaseModel
 
-from herd.engine import EngineConfig
 from herd.model.tiny import make_tiny
 from herd.platform.settings import PRESETS, HerdSettings, ModelSettings
 from herd.platform.telemetry.tracing import flush_traces
 from herd.platform.tenancy.setup import Tenancy, start_tenancy
-from herd.workers.replica_core import ReplicaConfig
+from herd.workers.replica_config import ReplicaArgs
+from herd.workers.shard_tls import ShardTls
 
 if TYPE_CHECKING:
     import uvicorn
 
 log = logging.getLogger("herd.serve")
-
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
 
 def model_path(model: ModelSettings, settings: HerdSettings) -> Path:
     """The checkpoint of a model: its path, or a tiny preset made on first use."""
@@ -43,32 +41,36 @@ def model_path(model: ModelSettings, settings: HerdSettings) -> Path:
     return path.resolve()
 
 
-def app_args(model: ModelSettings, settings: HerdSettings) -> dict[str, Any]:
-    """The JSON args of herd.platform.replica_app:build_app for one model."""
-    from herd.workers.serve_app import config_args
-    from herd.workers.transport import ShardTls
-
-    engine = model.engine
-    import torch
-
-    engine_config = EngineConfig(
-        block_size=engine.block_size, max_num_seqs=engine.max_num_seqs,
-        max_num_batched_tokens=engine.max_num_batched_tokens, max_model_len=engine.max_model_len,
-        kv_cache_bytes=engine.kv_cache_mb * 2**20, enable_prefix_caching=engine.enable_prefix_caching,
-        dtype=getattr(torch, engine.dtype), device=engine.device,
-    )
-    config = ReplicaConfig(name=model.name, path=str(model_path(model, settings)), num_shards=model.shards,
-                           transport=model.transport, engine=engine_config,
-                           dispatch_timeout_s=model.dispatch_timeout_s, drain_timeout_s=model.drain_timeout_s,
-                           stream_interval_s=model.stream_interval_s)
-    deployment = model.deployment.model_dump(exclude_none=True)
+def replica_args(model: ModelSettings, settings: HerdSettings) -> ReplicaArgs:
+    """The args of herd.platform.replica_app:build_app for one model: its checkpoint resolved (a preset made),
+    and the shards' TLS files as absolute paths (not resolved: a Kubernetes Secret's files are symlinks that
+    change on rotation), which the replica and its shards open on their own nodes."""
     tls = settings.tls
-    # Absolute (not resolved: a Kubernetes secret's files are symlinks that change on rotation) paths,
-    # which the replica and its shards open on their own nodes.
     shard_tls = ShardTls.of(*(p.absolute() if p is not None else None
                               for p in (tls.shard_cert_file, tls.shard_key_file, tls.shard_ca_file)),
                             server_name=tls.shard_server_name)
-    return config_args(config, deployment, settings.telemetry.model_dump(mode="json"), shard_tls)
+    return model.replica_args(path=str(model_path(model, settings)), telemetry=settings.telemetry,
+                              shard_tls=shard_tls)
+
+
+def app_args(model: ModelSettings, settings: HerdSettings) -> dict[str, Any]:
+    """replica_args as the JSON a Serve config holds, as the Helm chart writes it from its values: keys sorted,
+    and no null where null is the default anyway (Helm drops null values; shard_tls is null in plain text)."""
+    return _json(replica_args(model, settings))
+
+
+def _json(model: BaseModel) -> dict[str, Any]:
+    out = {}
+    for name, field in sorted(type(model).model_fields.items()):
+        value = getattr(model, name)
+        if value is None and field.default is None:
+            continue
+        out[name] = _json(value) if isinstance(value, BaseModel) else _plain(model, name)
+    return dict(sorted((out | (model.__pydantic_extra__ or {})).items()))
+
+
+def _plain(model: BaseModel, name: str) -> Any:
+    return model.model_dump(mode="json", include={name})[name]
 
 
 def serve_config(settings: HerdSettings) -> dict[str, Any]:
@@ -103,7 +105,8 @@ async def run(settings: HerdSettings) -> None:
     from herd.platform.replica_app import build_app
 
     apps = {m.name: app_args(m, settings) for m in settings.models}
-    needed = sum((1 + m.shards) * max(m.deployment.num_replicas, m.autoscale.max_replicas) for m in settings.models)
+    needed = sum((1 + m.shard_processes) * max(m.deployment.num_replicas, m.autoscale.max_replicas)
+                 for m in settings.models)
     # The control plane scales through Serve's external-scaler REST call, which the dashboard serves.
     scaled = settings.controlplane.enabled
     if settings.ray_address:

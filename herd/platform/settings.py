@@ -12,40 +12,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from herd.workers.replica_config import ReplicaArgs, ReplicaConfig, ReplicaTelemetry
+from herd.workers.shard_tls import ShardTls
+
 PRESETS = ("scout", "maverick")
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class EngineSettings(_Section):
-    block_size: int = Field(16, ge=1, description="tokens per KV block")
-    max_num_seqs: int = Field(64, ge=1, description="sequences holding KV blocks at once")
-    max_num_batched_tokens: int = Field(512, ge=1, description="tokens computed per engine step")
-    max_model_len: int | None = Field(None, ge=2, description="prompt + completion tokens; default from the model")
-    kv_cache_mb: int = Field(256, ge=1, description="memory for KV blocks, MiB")
-    enable_prefix_caching: bool = Field(True, description="reuse cached prefixes (per tenant)")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="compute and KV dtype")
-    device: str = Field("cpu", description="torch device of the trunk")
-
-
-class AutoscalingSettings(_Section):
-    min_replicas: int = Field(1, ge=0, description="replicas kept at least (0: scale to zero)")
-    max_replicas: int = Field(1, ge=1, description="replicas at most")
-    target_ongoing_requests: float = Field(32, gt=0, description="requests per replica Serve aims for")
-
-
-class DeploymentSettings(_Section):
-    num_replicas: int = Field(1, ge=1, description="fixed replica count when autoscaling is off")
-    autoscaling: AutoscalingSettings | None = Field(None, description="Ray Serve autoscaling; off when null")
-    max_ongoing_requests: int | None = Field(None, ge=1, description="per replica; default max_num_seqs")
-    max_queued_requests: int = Field(64, ge=0, description="waiting beyond this is refused at once (429)")
-    placement_strategy: Literal["STRICT_PACK", "PACK"] = Field("STRICT_PACK", description="PACK for multi-node")
-    gpus: bool = Field(False, description="GPU bundles: trunk_gpus for the trunk, shard_gpus for each shard")
-    trunk_gpus: float = Field(1.0, ge=0, description="GPUs of the trunk's bundle (fractional shares a device)")
-    shard_gpus: float = Field(1.0, ge=0, description="GPUs of each expert shard's bundle")
-    health_check_period_s: float = Field(10, gt=0, description="how often Serve asks a replica")
 
 
 class AutoscaleSettings(_Section):
@@ -63,16 +37,12 @@ class AutoscaleSettings(_Section):
     priority: int = Field(0, description="higher is served first when the GPU pool is full")
 
 
-class ModelSettings(_Section):
-    name: str = Field("scout", description="the model name clients ask for")
-    path: str = Field("scout", description="checkpoint directory, or a tiny preset (scout, maverick) made on use")
-    shards: int = Field(2, ge=0, description="expert shards per replica (0: experts in the trunk)")
-    transport: Literal["grpc", "ray", "local"] = Field("grpc", description="how the trunk reaches its shards")
-    dispatch_timeout_s: float = Field(30, gt=0, description="a shard's deadline per layer step")
-    drain_timeout_s: float = Field(30, ge=0, description="graceful shutdown: time for in-flight streams")
-    stream_interval_s: float = Field(0.05, ge=0, description="after the first token, send a stream at most this often")
-    engine: EngineSettings = Field(default_factory=EngineSettings)
-    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+class ModelSettings(ReplicaConfig):
+    """One served model: what its replicas run (ReplicaConfig) and what the gateway and the control plane
+    read of it (the fields below)."""
+
+    model_config = ConfigDict(frozen=False, extra="forbid")
+
     autoscale: AutoscaleSettings = Field(default_factory=AutoscaleSettings)
     cold_start_wait_s: float = Field(30, ge=0, description="a request for a model with no ready replica (scaled "
                                      "to zero) waits this long for one, then gets 503 + Retry-After")
@@ -81,10 +51,12 @@ class ModelSettings(_Section):
     serve_status_url: str | None = Field(None, description="herd gateway: the Ray dashboard of the model's cluster "
                                          "(its ready replicas; null: requests are never held for one)")
 
-    @property
-    def gpus_per_replica(self) -> float:
-        d = self.deployment
-        return d.trunk_gpus + self.shards * d.shard_gpus if d.gpus else 0.0
+    def replica_args(self, *, path: str, telemetry: TelemetrySettings, shard_tls: ShardTls | None) -> ReplicaArgs:
+        """The Serve application's args of this model: its replica settings as they are, with the checkpoint
+        `path` resolved on this machine, and the process-wide telemetry and shard TLS."""
+        fields = {name: getattr(self, name) for name in ReplicaConfig.model_fields}
+        return ReplicaArgs(**fields | {"path": path}, telemetry=telemetry.model_dump(mode="json"),
+                           shard_tls=shard_tls)
 
 
 class TenancySettings(_Section):
@@ -111,8 +83,10 @@ class ControlPlaneSettings(_Section):
     metrics_port: int = Field(9090, ge=0, le=65535, description="herd controlplane: Prometheus /metrics port")
 
 
-class TelemetrySettings(_Section):
+class TelemetrySettings(ReplicaTelemetry):
     """Traces, logs and the replicas' metrics endpoint (the gateway's /metrics is always on)."""
+
+    model_config = ConfigDict(frozen=False, extra="forbid")
 
     traces: Literal["none", "console", "otlp", "memory"] = Field("none", description="where spans go (memory: "
                                                                  "kept in the process, for tests)")
@@ -121,14 +95,10 @@ class TelemetrySettings(_Section):
     service_name: str = Field("herd", description="service.name of the spans; each part adds its role")
     trace_sample_ratio: float = Field(1.0, ge=0, le=1, description="requests traced, of those without a "
                                       "sampled parent (a caller's sampled traceparent is always followed)")
-    step_sample_ratio: float = Field(0.01, ge=0, le=1, description="engine steps traced with a span per MoE "
-                                     "layer's expert dispatch (and the shards' compute spans)")
     log_format: Literal["text", "json"] = Field("text", description="json: one object per line")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="root log level")
     log_prompts: bool = Field(False, description="put prompt and completion text in spans and logs (off: "
                                   "never; key material is never logged)")
-    replica_metrics_port: int | None = Field(0, ge=0, le=65535, description="each model replica serves "
-                                             "Prometheus /metrics here (0: a free port, in /herd/stats; null: off)")
 
 
 class ImageSettings(_Section):

@@ -20,17 +20,14 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry import propagate, trace
 
-from herd import kernels
 from herd.model.config import load_config
-from herd.model.loader import ExpertWeights, load_experts
 from herd.protos.herd.v1 import experts_pb2 as pb
 from herd.protos.herd.v1 import experts_pb2_grpc as pb_grpc
+from herd.workers.shard_experts import ShardExperts
 from herd.workers.wire import TO_WIRE, from_wire, to_wire
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("herd.workers.expert_shard")
 
 MAX_MESSAGE_BYTES = 512 * 2**20
 """Room for a real step: 8192 tokens x 5120 hidden x 4 bytes is 168 MB a message."""
@@ -38,23 +35,19 @@ SERVICE = "herd.v1.ExpertShard"
 
 
 class ExpertShardService(pb_grpc.ExpertShardServicer):
-    """The experts one shard owns, for every MoE layer, and the RPCs over them."""
+    """herd.v1.ExpertShard over one shard's experts (ShardExperts: the compute entry every transport calls)."""
 
-    def __init__(self, model: str | Path, experts: Sequence[int], *, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: str | Path, shard: ShardExperts) -> None:
         self.model = str(model)
-        self.dtype = dtype
+        self.shard = shard
         self.config = load_config(model).text
-        self.layers: dict[int, ExpertWeights] = load_experts(model, experts, dtype=dtype)
-        self.experts = tuple(sorted(experts))
-
-    def resident_bytes(self) -> int:
-        return sum(w.gate_up.nbytes + w.down.nbytes for w in self.layers.values())
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.ShardInfo:
+        shard = self.shard
         return pb.ShardInfo(
-            model=self.model, dtype=TO_WIRE[self.dtype], experts=self.experts, moe_layers=sorted(self.layers),
+            model=self.model, dtype=TO_WIRE[shard.dtype], experts=shard.experts, moe_layers=sorted(shard.layers),
             hidden_size=self.config.hidden_size, num_experts=self.config.num_local_experts,
-            resident_expert_bytes=self.resident_bytes(),
+            resident_expert_bytes=shard.resident_bytes,
         )
 
     def Dispatch(
@@ -62,44 +55,16 @@ class ExpertShardService(pb_grpc.ExpertShardServicer):
     ) -> Iterator[pb.DispatchReply]:
         for request in requests:
             try:
-                rows, offsets, weights = self.check(request)
+                counts = list(request.counts)
+                # The shape first: one whose element count wraps past int64 would pass the byte count in from_wire.
+                self.shard.check(request.layer, counts, list(request.rows.shape))
+                rows = from_wire(request.rows, name="rows")  # [R, H]
+                start = time.perf_counter()
+                out = self.shard.compute(request.layer, counts, rows, request.trace_context)
             except ValueError as err:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-            start = time.perf_counter()
-            if request.trace_context:  # a traced step: this message's compute is a span of that trace
-                parent = propagate.extract(dict(request.trace_context))
-                with tracer.start_as_current_span("herd.expert_shard.compute", context=parent, attributes={
-                        "herd.layer": request.layer, "herd.rows": rows.shape[0], "herd.experts": len(self.experts)}):
-                    out = kernels.experts(rows, offsets, weights.gate_up, weights.down)
-            else:
-                out = kernels.experts(rows, offsets, weights.gate_up, weights.down)
             yield pb.DispatchReply(sequence=request.sequence, layer=request.layer, rows=to_wire(out),
                                    compute_seconds=time.perf_counter() - start)
-
-    def check(self, request: pb.DispatchRequest) -> tuple[torch.Tensor, torch.Tensor, ExpertWeights]:
-        """Rows [R, H], offsets [E_owned+1] and the layer's weights, or ValueError saying what is wrong."""
-        weights = self.layers.get(request.layer)
-        if weights is None:
-            raise ValueError(f"layer {request.layer} is not a MoE layer of this model ({sorted(self.layers)})")
-        counts = list(request.counts)
-        if len(counts) != len(self.experts):
-            raise ValueError(
-                f"counts has {len(counts)} entries; this shard owns {len(self.experts)} experts {list(self.experts)}"
-            )
-        if any(c < 0 for c in counts):
-            raise ValueError(f"counts must not be negative, got {counts}")
-        # The shape first: one whose element count wraps past int64 would pass the byte count in from_wire.
-        shape = list(request.rows.shape)
-        if len(shape) != 2 or shape[1] != self.config.hidden_size:
-            raise ValueError(f"rows must be [R, {self.config.hidden_size}], got {shape}")
-        if sum(counts) != shape[0]:
-            raise ValueError(f"counts sum to {sum(counts)} but {shape[0]} rows were sent")
-        rows = from_wire(request.rows, name="rows")  # [R, H]
-        if rows.dtype != self.dtype:
-            raise ValueError(f"rows are {rows.dtype}; this shard computes in {self.dtype}")
-        offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
-        return rows, offsets, weights
 
 
 def serve(
@@ -114,9 +79,9 @@ def serve(
 ) -> tuple[grpc.Server, int, ExpertShardService]:
     """Load the experts and start serving; returns the server, the bound port and the service.
 
-    With `credentials` (herd.workers.transport.ShardTls.server_credentials(): mutual TLS) the port is TLS
+    With `credentials` (herd.workers.shard_tls.ShardTls.server_credentials(): mutual TLS) the port is TLS
     only; a client without a certificate from the shards' CA is refused in the handshake."""
-    service = ExpertShardService(model, experts, dtype=dtype)
+    service = ExpertShardService(model, ShardExperts.load(model, experts, dtype=dtype))
     options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options)
@@ -134,7 +99,7 @@ def serve(
     server.start()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("expert shard for experts %s of %s listening on %s:%d%s", list(service.experts), model, host, bound,
+    log.info("expert shard for experts %s of %s listening on %s:%d%s", list(service.shard.experts), model, host, bound,
              " (mutual TLS)" if credentials is not None else "")
     return server, bound, service
 

@@ -14,15 +14,14 @@ import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from herd.engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from herd.engine import AsyncLLMEngine, LLMEngine, RequestOutput, SamplingParams
 from herd.engine.outputs import RequestTimes
 from herd.engine.prompt_images import ImageInput
-from herd.model import load_experts, load_model
+from herd.model import load_model
 from herd.model.image_prompts import ImagePrompts
 from herd.model.tokenizer import Tokenizer
 from herd.model.vision import load_vision_if_multimodal
@@ -30,7 +29,9 @@ from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.workers.dispatch import ExpertDispatcher
 from herd.workers.expert_load import CountingExperts, ExpertLoad
 from herd.workers.placement import place_experts
+from herd.workers.replica_config import ReplicaConfig
 from herd.workers.replica_metrics import ReplicaMetrics
+from herd.workers.shard_experts import ShardExperts
 from herd.workers.transport import ExpertTransport, InProcessTransport
 
 tracer = trace.get_tracer("herd.workers.replica")
@@ -49,38 +50,6 @@ class ReplicaError(Exception):
         return ReplicaError, (self.code, self.message)
 
 
-@dataclass(frozen=True, kw_only=True)
-class ReplicaConfig:
-    """What one replica serves and how its experts are hosted."""
-
-    name: str
-    """The model name clients ask for."""
-    path: str
-    """Checkpoint directory."""
-    num_shards: int = 1
-    """Expert shards; 0 keeps all experts inside the trunk (no dispatch)."""
-    transport: str = "local"
-    """How the trunk reaches the shards: local (in-process), grpc or ray."""
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    dispatch_timeout_s: float = 30.0
-    """A shard that does not answer a layer step in this time fails the step (DEADLINE_EXCEEDED)."""
-    drain_timeout_s: float = 30.0
-    """How long draining waits for in-flight streams before aborting them."""
-    stream_interval_s: float = 0.05
-    """After the first token, a request's new tokens are sent at most this often (each message through
-    Ray Serve costs about a millisecond of CPU; at 32 streams, one message per step per stream was
-    most of a replica's time). 0 sends every step."""
-    step_sample_ratio: float = 0.0
-    """Engine steps traced (a span per step, its MoE layers' dispatches and the shards' compute inside),
-    when tracing is configured in the process."""
-
-    def __post_init__(self) -> None:
-        if self.transport not in ("local", "grpc", "ray"):
-            raise ValueError(f"transport must be local, grpc or ray, got {self.transport!r}")
-        if self.num_shards < 0:
-            raise ValueError(f"num_shards must be >= 0, got {self.num_shards}")
-
-
 TransportFactory = Callable[[list[tuple[int, ...]]], ExpertTransport]
 """Given each shard's experts, bring the shards up (processes, actors, ...) and return their transport."""
 
@@ -88,21 +57,25 @@ TransportFactory = Callable[[list[tuple[int, ...]]], ExpertTransport]
 class ReplicaCore:
     """Engine + trunk + experts of one replica."""
 
-    def __init__(self, config: ReplicaConfig, transport_factory: TransportFactory | None = None) -> None:
+    def __init__(self, config: ReplicaConfig, transport_factory: TransportFactory | None = None, *,
+                 step_sample_ratio: float = 0.0) -> None:
+        """`step_sample_ratio`: engine steps traced (a span per step, its MoE layers' dispatches and the shards'
+        compute inside), when tracing is configured in the process."""
         self.config = config
+        self.step_sample_ratio = step_sample_ratio
         self.created = int(time.time())
         self.tokenizer = Tokenizer.from_pretrained(config.path)
         engine_config = config.engine
         self.dispatcher: ExpertDispatcher | None = None
-        experts = None if config.num_shards == 0 else ()
+        experts = None if config.shards == 0 else ()
         model = load_model(config.path, experts=experts, dtype=engine_config.dtype, device=engine_config.device,
                            progress=False)
         self.expert_load = ExpertLoad(model.config.num_local_experts)
         observe = self._observe_dispatch
-        if config.num_shards == 0:
+        if config.shards == 0:
             model.set_experts_executor(CountingExperts(model, self.expert_load, observe))
         else:
-            placement = place_experts(model.config.num_local_experts, config.num_shards)
+            placement = place_experts(model.config.num_local_experts, config.shards)
             factory = transport_factory or self._in_process_transport
             self.dispatcher = ExpertDispatcher(placement, factory(list(placement.shard_experts)),
                                                load=self.expert_load, observe_s=observe)
@@ -185,7 +158,7 @@ class ReplicaCore:
     def _step_scope(self) -> Iterator[None]:
         """Around an engine step, on the engine's thread: a sampled step is a span (current, so the expert
         dispatches inside are its children), linked to the requests the replica is serving."""
-        if not self.config.step_sample_ratio or random.random() >= self.config.step_sample_ratio:
+        if not self.step_sample_ratio or random.random() >= self.step_sample_ratio:
             yield
             return
         links = [Link(c) for c in list(self._spans.values()) if c.is_valid]
@@ -283,5 +256,5 @@ class ReplicaCore:
 
     def _in_process_transport(self, shard_experts: list[tuple[int, ...]]) -> ExpertTransport:
         engine = self.config.engine
-        return InProcessTransport([load_experts(self.config.path, experts, dtype=engine.dtype, device=engine.device)
-                                   for experts in shard_experts])
+        return InProcessTransport([ShardExperts.load(self.config.path, experts, dtype=engine.dtype,
+                                                     device=engine.device) for experts in shard_experts])

@@ -221,14 +221,33 @@ The checkpoint directory of a model as the pods see it.
 {{- end }}
 
 {{/*
-The Ray Serve config of one model: exactly the shape of `herd serve --print-config`
-(herd.platform.server.serve_config), in the same key order; the args are those of
-herd.platform.replica_app:build_app. Scalars are written as JSON, which is YAML.
+The telemetry settings every herd process reads, as JSON: `telemetry` as it is, with replica_metrics_port kept
+when it is null (off), which Helm would otherwise drop from a profile's values.
+*/}}
+{{- define "herd.telemetry" -}}
+{{- merge (dict "replica_metrics_port" .Values.telemetry.replica_metrics_port) .Values.telemetry | toJson }}
+{{- end }}
+
+{{/*
+A model's settings that its replicas read (herd.workers.replica_config.ReplicaConfig), as JSON: the model's
+values passed through unchanged, less what only the chart, the gateway and the control plane read, with its name
+and its path as the pods mount it. A replica setting added to ReplicaConfig needs only its value here.
+*/}}
+{{- define "herd.replicaConfig" -}}
+{{- $config := omit .model "enabled" "head" "worker" "autoscale" "cold_start_wait_s" "cold_start_retry_after_s" }}
+{{- $_ := set $config "name" .name }}
+{{- $_ := set $config "path" (include "herd.modelPath" .) }}
+{{- toJson $config }}
+{{- end }}
+
+{{/*
+The Ray Serve config of one model: exactly `herd serve --print-config` (herd.platform.server.serve_config), in
+the same key order; the args are herd.workers.replica_config.ReplicaArgs, which
+herd.platform.replica_app:build_app takes: the replica config and the telemetry settings.
 */}}
 {{- define "herd.serveConfig" -}}
-{{- $m := .model }}
-{{- $e := $m.engine }}
-{{- $d := $m.deployment -}}
+{{- $args := include "herd.replicaConfig" . | fromJson }}
+{{- $_ := set $args "telemetry" (include "herd.telemetry" .root | fromJson) -}}
 proxy_location: EveryNode
 grpc_options:
   port: {{ include "herd.serveGrpcPort" . }}
@@ -239,55 +258,7 @@ applications:
   route_prefix: {{ printf "/%s" .name | toJson }}
   import_path: herd.platform.replica_app:build_app
   args:
-    name: {{ .name | toJson }}
-    path: {{ include "herd.modelPath" . | toJson }}
-    num_shards: {{ $m.shards | int }}
-    transport: {{ $m.transport | toJson }}
-    dispatch_timeout_s: {{ $m.dispatch_timeout_s | toJson }}
-    drain_timeout_s: {{ $m.drain_timeout_s | toJson }}
-    stream_interval_s: {{ $m.stream_interval_s | toJson }}
-    engine:
-      block_size: {{ $e.block_size | int }}
-      max_num_seqs: {{ $e.max_num_seqs | int }}
-      max_num_batched_tokens: {{ $e.max_num_batched_tokens | int }}
-      max_model_len: {{ if kindIs "invalid" $e.max_model_len }}null{{ else }}{{ $e.max_model_len | int }}{{ end }}
-      kv_cache_bytes: {{ mul ($e.kv_cache_mb | int64) 1048576 }}
-      enable_prefix_caching: {{ $e.enable_prefix_caching | toJson }}
-      dtype: {{ $e.dtype | toJson }}
-      device: {{ $e.device | toJson }}
-    deployment:
-      num_replicas: {{ $d.num_replicas | int }}
-      {{- with $d.autoscaling }}
-      autoscaling:
-        min_replicas: {{ .min_replicas | int }}
-        max_replicas: {{ .max_replicas | int }}
-        target_ongoing_requests: {{ .target_ongoing_requests | toJson }}
-      {{- end }}
-      {{- if not (kindIs "invalid" $d.max_ongoing_requests) }}
-      max_ongoing_requests: {{ $d.max_ongoing_requests | int }}
-      {{- end }}
-      max_queued_requests: {{ $d.max_queued_requests | int }}
-      placement_strategy: {{ $d.placement_strategy | toJson }}
-      gpus: {{ $d.gpus | toJson }}
-      {{- if not (kindIs "invalid" $d.trunk_gpus) }}
-      trunk_gpus: {{ $d.trunk_gpus | toJson }}
-      {{- end }}
-      {{- if not (kindIs "invalid" $d.shard_gpus) }}
-      shard_gpus: {{ $d.shard_gpus | toJson }}
-      {{- end }}
-      health_check_period_s: {{ $d.health_check_period_s | toJson }}
-    {{- $t := .root.Values.telemetry }}
-    telemetry:
-      traces: {{ $t.traces | toJson }}
-      otlp_endpoint: {{ $t.otlp_endpoint | toJson }}
-      otlp_insecure: {{ $t.otlp_insecure | toJson }}
-      service_name: {{ $t.service_name | toJson }}
-      trace_sample_ratio: {{ $t.trace_sample_ratio | toJson }}
-      step_sample_ratio: {{ $t.step_sample_ratio | toJson }}
-      log_format: {{ $t.log_format | toJson }}
-      log_level: {{ $t.log_level | toJson }}
-      log_prompts: {{ $t.log_prompts | toJson }}
-      replica_metrics_port: {{ $t.replica_metrics_port | toJson }}
+    {{- toYaml $args | nindent 4 }}
 {{- end }}
 
 {{/*

@@ -60,7 +60,7 @@ def test_herd_gateway_through_serves_grpc_proxy(ray_session, tmp_path):
         body = {"model": "scout", "messages": HELLO, "max_tokens": 10, "temperature": 0}
         reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
         assert reply.status_code == 200, reply.text
-        engine = LLMEngine.from_pretrained(model, EngineConfig(kv_cache_bytes=16 * 2**20))
+        engine = LLMEngine.from_pretrained(model, EngineConfig(kv_cache_mb=16))
         prompt = engine.tokenizer.encode(render_chat(HELLO))
         expected = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=10))[0]
         assert reply.json()["choices"][0]["message"]["content"] == expected.text

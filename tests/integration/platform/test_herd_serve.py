@@ -98,7 +98,7 @@ def test_openai_client_models_chat_stream_usage_logprobs(server, client):
     assert sorted(m.id for m in client.models.list().data) == ["maverick", "scout"]
     reply = client.chat.completions.create(model="scout", messages=HELLO, max_tokens=12, temperature=0,
                                            logprobs=True, top_logprobs=2)
-    engine = LLMEngine.from_pretrained(server["path"], EngineConfig(kv_cache_bytes=16 * 2**20))
+    engine = LLMEngine.from_pretrained(server["path"], EngineConfig(kv_cache_mb=16))
     prompt = engine.tokenizer.encode(render_chat(HELLO))
     expected = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12))[0]
     choice = reply.choices[0]
@@ -121,7 +121,7 @@ def _image_chat(*images: bytes, text: str = "What is in this picture?") -> list[
 def test_openai_client_chat_with_an_image_counts_its_tokens(server, client):
     png = random_png(500, 260, seed=21)  # 1 x 2 tiles and the global tile: 437 image tokens
     reply = client.chat.completions.create(model="scout", messages=_image_chat(png), max_tokens=8, temperature=0)
-    engine = LLMEngine.from_pretrained(server["path"], EngineConfig(kv_cache_bytes=16 * 2**20))
+    engine = LLMEngine.from_pretrained(server["path"], EngineConfig(kv_cache_mb=16))
     prompts = ImagePrompts.from_pretrained(server["path"])
     rendered = render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text",
                                                                                "text": "What is in this picture?"}]}])

@@ -13,12 +13,12 @@ from herd.model import load_model
 from herd.model.tiny import make_tiny
 from herd.model.tokenizer import Tokenizer
 from herd.workers.dispatch import ExpertDispatcher
+from herd.workers.grpc_transport import GrpcTransport
 from herd.workers.placement import place_experts
-from herd.workers.transport import GrpcTransport
 from tests.integration.workers.shard_processes import ShardProcesses
 
 SHARD_COUNTS = (1, 2, 4)
-ENGINE = EngineConfig(kv_cache_bytes=16 * 2**20, max_num_seqs=16)
+ENGINE = EngineConfig(kv_cache_mb=16, max_num_seqs=16)
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 

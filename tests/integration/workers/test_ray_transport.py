@@ -8,9 +8,10 @@ import torch
 from herd.model import load_model
 from herd.model.tiny import make_tiny
 from herd.workers.dispatch import ExpertDispatcher
+from herd.workers.grpc_transport import GrpcTransport
 from herd.workers.placement import place_experts
-from herd.workers.serve_app import ExpertShardActor, RayTransport
-from herd.workers.transport import GrpcTransport
+from herd.workers.ray_transport import RayTransport
+from herd.workers.shard_actor import ExpertShardActor
 
 
 def test_shard_actors_over_ray_calls_and_grpc(ray_session, tmp_path):

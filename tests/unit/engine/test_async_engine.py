@@ -10,7 +10,7 @@ from herd.engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
 from herd.model.tiny import make_tiny
 from tests.waiting import until
 
-CONFIG = EngineConfig(kv_cache_bytes=16 * 2**20, max_num_seqs=16)
+CONFIG = EngineConfig(kv_cache_mb=16, max_num_seqs=16)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from herd.engine import EngineConfig, LLMEngine, SamplingParams
 from herd.model.tiny import make_tiny
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-SMALL = dict(kv_cache_bytes=16 * 2**20, max_num_seqs=32)
+SMALL = dict(kv_cache_mb=16, max_num_seqs=32)
 
 
 @pytest.fixture(scope="module", params=["scout", "maverick"])
@@ -89,7 +89,7 @@ def test_preempted_sequences_recompute_to_the_same_tokens(scout):
     sizes = EngineConfig(**tight).kv_layout(reference.model.config).bytes_per_block
     # Room for 12 blocks of 16 tokens in each group (the pools split evenly below every window's worth),
     # while 8 sequences growing to ~44 tokens need 24 global blocks and up to 16 chunked ones.
-    config = EngineConfig(**tight, kv_cache_bytes=12 * (sizes["chunked"] + sizes["full"]))
+    config = EngineConfig(**tight, kv_cache_mb=12 * (sizes["chunked"] + sizes["full"]) / 2**20)
     engine = LLMEngine(reference.model, reference.tokenizer, config)
     assert engine.kv.layout.num_blocks == {"chunked": 12, "full": 12}
     assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
@@ -97,9 +97,9 @@ def test_preempted_sequences_recompute_to_the_same_tokens(scout):
     assert _all_blocks_free(engine)
     one_window = config.chunked_blocks_needed(reference.model.config, sequences=1) * sizes["chunked"]
     with pytest.raises(ValueError, match="holds 0 global blocks"):
-        LLMEngine(reference.model, reference.tokenizer, EngineConfig(**tight, kv_cache_bytes=one_window))
+        LLMEngine(reference.model, reference.tokenizer, EngineConfig(**tight, kv_cache_mb=one_window / 2**20))
     with pytest.raises(ValueError, match="too small for the chunked layers' windows"):
-        LLMEngine(reference.model, reference.tokenizer, EngineConfig(**tight, kv_cache_bytes=one_window - 1))
+        LLMEngine(reference.model, reference.tokenizer, EngineConfig(**tight, kv_cache_mb=(one_window - 1) / 2**20))
 
 
 def test_prefix_cache_is_shared_within_a_tenant_or_group_only(scout):

@@ -34,7 +34,7 @@ def reference(tiny):
 
 
 def _engine(tiny, **overrides) -> LLMEngine:
-    config = dict(kv_cache_bytes=16 * 2**20, max_num_batched_tokens=48, block_size=16) | overrides
+    config = dict(kv_cache_mb=16, max_num_batched_tokens=48, block_size=16) | overrides
     return LLMEngine.from_pretrained(tiny, EngineConfig(**config))
 
 

@@ -365,7 +365,7 @@ def test_a_replica_fits_one_worker_pod_and_the_pods_hold_max_replicas(
         args = app_args(rs)
         deployment = args["deployment"]
         assert deployment["placement_strategy"] == "STRICT_PACK"  # the whole placement group on one node
-        shards = 0 if args["transport"] == "local" else args["num_shards"]
+        shards = 0 if args["transport"] == "local" else args["shards"]
         (group,) = worker_groups(rs)
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         per_pod = math.floor(cpus(limits["cpu"]) / (1 + shards))  # build_app: one CPU per bundle
@@ -385,10 +385,10 @@ def test_maverick_replica_is_one_8_gpu_worker_pod(rendered_profiles: dict[str, R
     (group,) = worker_groups(rs)
     resources = group["template"]["spec"]["containers"][0]["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 8
-    assert args["num_shards"] == 7 and args["transport"] == "grpc"
+    assert args["shards"] == 7 and args["transport"] == "grpc"
     d = args["deployment"]
     assert d["gpus"] is True
-    assert d["trunk_gpus"] + args["num_shards"] * d["shard_gpus"] == 8
+    assert d["trunk_gpus"] + args["shards"] * d["shard_gpus"] == 8
     assert (args["engine"]["device"], args["engine"]["dtype"]) == ("cuda", "bfloat16")
 
 
@@ -398,7 +398,7 @@ def test_scout_replica_is_one_4_gpu_worker_pod(rendered_profiles: dict[str, Rend
     d = args["deployment"]
     (group,) = worker_groups(rs)
     assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
-    assert args["num_shards"] == 3 and d["trunk_gpus"] + args["num_shards"] * d["shard_gpus"] == 4
+    assert args["shards"] == 3 and d["trunk_gpus"] + args["shards"] * d["shard_gpus"] == 4
 
 
 @pytest.mark.parametrize(("profile", "weights"), [("scout", "bf16"), ("maverick", "fp8")])
@@ -416,12 +416,12 @@ def test_gpu_profiles_are_the_planners(rendered_profiles: dict[str, Rendered], p
     config = EngineConfig(**engine)
     model, vision, _ = load_model_config(profile)
     config.kv_layout(model.text)  # raises if the split cannot hold one sequence of max_model_len
-    gpus = int(args["deployment"]["trunk_gpus"] + args["num_shards"] * args["deployment"]["shard_gpus"])
+    gpus = int(args["deployment"]["trunk_gpus"] + args["shards"] * args["deployment"]["shard_gpus"])
     result = plan(model.text, vision, weight_format=weights, gpu=gpu_type("h100"), num_gpus=gpus,
                   load=Workload(sequences=config.max_num_seqs, context_tokens=1,
                                 step_tokens=config.max_num_batched_tokens))
     trunk = result.gpus[0]
-    assert [g.role for g in result.gpus].count("trunk") == 1 and len(result.gpus) == args["num_shards"] + 1
+    assert [g.role for g in result.gpus].count("trunk") == 1 and len(result.gpus) == args["shards"] + 1
     kv_room = trunk.capacity_bytes - sum(trunk.weights.values()) - trunk.reserve_bytes - trunk_activation_bytes(
         model.text, Workload(sequences=config.max_num_seqs, context_tokens=config.context_limit(model.text),
                              step_tokens=config.max_num_batched_tokens))

@@ -46,15 +46,15 @@ def test_serve_config_names_the_app_builder_and_carries_the_replica_settings(tmp
     app = config["applications"][0]
     # The route prefix is what makes Serve's gRPC proxy route to the app (test_gateway_serve_grpc.py).
     assert app["import_path"] == "herd.platform.replica_app:build_app" and app["route_prefix"] == "/scout"
-    assert app["args"]["num_shards"] == 2 and app["args"]["engine"]["dtype"] == "float32"
+    assert app["args"]["shards"] == 2 and app["args"]["engine"]["dtype"] == "float32"
     assert (tmp_path / "tiny-scout" / "config.json").is_file(), "presets are made on first use"
     from ray.serve.schema import ServeDeploySchema
 
     ServeDeploySchema.model_validate(yaml.safe_load(yaml.safe_dump(config)))  # what `serve deploy` accepts
-    from herd.workers.serve_app import replica_config
+    from herd.workers.replica_config import ReplicaArgs
 
-    replica = replica_config(app["args"])
-    assert replica.num_shards == 2 and replica.engine.kv_cache_bytes == 256 * 2**20
+    replica = ReplicaArgs.model_validate(app["args"])
+    assert replica.shards == 2 and replica.engine.kv_cache_bytes == 256 * 2**20
 
 
 def _pem_files(directory, *names):
@@ -109,6 +109,6 @@ def test_serve_config_carries_the_shards_tls_as_absolute_paths_only_when_set(tmp
     here = Path.cwd()
     assert args["shard_tls"] == {"cert_file": str(here / "s.crt"), "key_file": str(here / "s.key"),
                                  "ca_file": str(here / "ca.crt"), "server_name": "x"}
-    from herd.workers.transport import ShardTls
+    from herd.workers.shard_tls import ShardTls
 
-    assert ShardTls.from_args(yaml.safe_load(yaml.safe_dump(args))["shard_tls"]).server_name == "x"
+    assert ShardTls.model_validate(yaml.safe_load(yaml.safe_dump(args))["shard_tls"]).server_name == "x"

@@ -7,10 +7,12 @@ import grpc
 import pytest
 import torch
 
-from herd.model import load_experts
 from herd.model.tiny import make_tiny
 from herd.workers.expert_shard import serve
-from herd.workers.transport import GrpcTransport, InProcessTransport, ShardError, ShardTls, ShardWork
+from herd.workers.grpc_transport import GrpcTransport
+from herd.workers.shard_experts import ShardExperts
+from herd.workers.shard_tls import ShardTls
+from herd.workers.transport import InProcessTransport, ShardError, ShardWork
 from tests.certs import CertAuthority
 
 EXPERTS = [0, 1, 2, 3]
@@ -47,7 +49,7 @@ def test_mutual_tls_computes_what_in_process_does(shard, server_name):
     transport = GrpcTransport([address], timeout_s=10, credentials=tls.channel_credentials(), server_name=server_name)
     try:
         assert transport.shard_experts() == [tuple(EXPERTS)]
-        local = InProcessTransport([load_experts(path, EXPERTS)])
+        local = InProcessTransport([ShardExperts.load(path, EXPERTS)])
         work = _work(transport.infos[0].hidden_size)
         for layer in (0, 2):
             torch.testing.assert_close(transport.run(layer, work)[0], local.run(layer, work)[0], rtol=0, atol=0)
@@ -90,7 +92,7 @@ def test_shard_tls_is_all_three_files_or_none(tmp_path):
     with pytest.raises(ValueError, match="ca missing"):
         ShardTls.of("a.crt", "a.key", None)
     tls = ShardTls.of(tmp_path / "gone.crt", tmp_path / "gone.key", tmp_path / "ca.crt", "shard")
-    assert ShardTls.from_args(tls.as_args()) == tls and ShardTls.from_args(None) is None
+    assert ShardTls.model_validate(tls.model_dump()) == tls
     with pytest.raises(ValueError, match=r"cannot read the certificate .*gone\.crt"):
         tls.server_credentials()
 

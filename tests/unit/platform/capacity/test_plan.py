@@ -73,7 +73,7 @@ def test_kv_bytes_are_the_least_the_engine_needs_for_the_workload(tiny, sequence
     load = Workload(sequences=sequences, context_tokens=context, step_tokens=step, block_size=16)
 
     def holds(kv_cache_bytes: int) -> bool:
-        engine = EngineConfig(kv_cache_bytes=kv_cache_bytes, max_num_seqs=sequences, max_num_batched_tokens=step,
+        engine = EngineConfig(kv_cache_mb=kv_cache_bytes / 2**20, max_num_seqs=sequences, max_num_batched_tokens=step,
                               max_model_len=context, block_size=16, dtype=torch.bfloat16)
         try:
             blocks = engine.kv_layout(text).num_blocks

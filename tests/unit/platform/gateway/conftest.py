@@ -8,7 +8,8 @@ from herd.engine import EngineConfig
 from herd.model.tiny import make_tiny
 from herd.platform.gateway.backend import LocalBackend
 from herd.platform.gateway.core import Gateway
-from herd.workers.replica_core import ReplicaConfig, ReplicaCore
+from herd.workers.replica_config import ReplicaConfig
+from herd.workers.replica_core import ReplicaCore
 
 
 @pytest.fixture(scope="package")
@@ -18,8 +19,8 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture(scope="package")
 def core(tiny_path):
-    config = ReplicaConfig(name="scout", path=str(tiny_path), num_shards=2, transport="local",
-                           engine=EngineConfig(kv_cache_bytes=16 * 2**20, max_num_seqs=16, max_model_len=512))
+    config = ReplicaConfig(name="scout", path=str(tiny_path), shards=2, transport="local",
+                           engine=EngineConfig(kv_cache_mb=16, max_num_seqs=16, max_model_len=512))
     return ReplicaCore(config)
 
 

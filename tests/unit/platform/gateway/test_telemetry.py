@@ -27,9 +27,10 @@ from herd.platform.tenancy.ledger import UsageLedger
 from herd.platform.tenancy.rate_limit import InProcessRateLimiter
 from herd.platform.tenancy.store import TenantStore
 from herd.workers.expert_shard import serve as serve_shard
+from herd.workers.grpc_transport import GrpcTransport
 from herd.workers.placement import place_experts
-from herd.workers.replica_core import ReplicaConfig, ReplicaCore
-from herd.workers.transport import GrpcTransport
+from herd.workers.replica_config import ReplicaConfig
+from herd.workers.replica_core import ReplicaCore
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"
@@ -116,9 +117,9 @@ def sharded_core(tiny_path):
     placement = place_experts(16, 2)
     servers = [serve_shard(tiny_path, list(experts)) for experts in placement.shard_experts]
     addresses = [f"127.0.0.1:{port}" for _, port, _ in servers]
-    config = ReplicaConfig(name="scout", path=str(tiny_path), num_shards=2, transport="grpc", step_sample_ratio=1.0,
-                           engine=EngineConfig(kv_cache_bytes=8 * 2**20, max_num_seqs=4, max_model_len=256))
-    core = ReplicaCore(config, lambda shard_experts: GrpcTransport(addresses, timeout_s=10))
+    config = ReplicaConfig(name="scout", path=str(tiny_path), shards=2, transport="grpc",
+                           engine=EngineConfig(kv_cache_mb=8, max_num_seqs=4, max_model_len=256))
+    core = ReplicaCore(config, lambda shard_experts: GrpcTransport(addresses, timeout_s=10), step_sample_ratio=1.0)
     yield core
     core.dispatcher.transport.close()
     for server, _, _ in servers:

@@ -1,0 +1,185 @@
+"""Expert shards reached over gRPC: one persistent herd.v1.ExpertShard Dispatch stream per shard.
+
+With ShardTls credentials the traffic is mutual TLS: each shard and the trunk present one certificate and
+accept only a peer whose certificate the same CA signed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from herd.protos.herd.v1 import experts_pb2 as pb
+from herd.protos.herd.v1 import experts_pb2_grpc as pb_grpc
+from herd.workers.expert_shard import MAX_MESSAGE_BYTES, SERVICE
+from herd.workers.transport import ShardError, ShardWork, TransportStats
+from herd.workers.wire import from_wire, to_wire
+
+
+class GrpcTransport:
+    """One persistent Dispatch stream per shard; every layer's messages go out to all shards at once.
+
+    With `credentials` (ShardTls.channel_credentials(), or any grpc channel credentials) the channels are
+    TLS; `server_name` is the name checked in the shards' certificates instead of their addresses.
+    """
+
+    def __init__(self, addresses: list[str], *, timeout_s: float = 30.0,
+                 credentials: grpc.ChannelCredentials | None = None, server_name: str | None = None) -> None:
+        self.timeout_s = timeout_s
+        self.stats = TransportStats()
+        self.streams = [_ShardStream(address, timeout_s, credentials, server_name) for address in addresses]
+        self.infos = [s.info() for s in self.streams]
+
+    def shard_experts(self) -> list[tuple[int, ...]]:
+        return [tuple(info.experts) for info in self.infos]
+
+    def run(self, layer: int, work: list[ShardWork]) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        sent = []
+        for stream, item in zip(self.streams, work, strict=True):
+            if item.rows.shape[0]:
+                sent.append(stream.send(layer, item.counts, to_wire(item.rows), item.trace_context))
+            else:
+                sent.append(None)
+        waited = time.perf_counter()
+        replies = [s.receive(seq) if seq is not None else None for s, seq in zip(self.streams, sent, strict=True)]
+        received = time.perf_counter()
+        outputs = [
+            from_wire(reply.rows, name="reply rows").to(item.rows.device) if reply is not None else item.rows.clone()
+            for reply, item in zip(replies, work, strict=True)
+        ]
+        done = time.perf_counter()
+        self.stats.calls += 1
+        self.stats.serialize_s += waited - start
+        self.stats.wait_s += received - waited
+        self.stats.deserialize_s += done - received
+        self.stats.compute_s += max((r.compute_seconds for r in replies if r is not None), default=0.0)
+        return outputs
+
+    def healthy(self) -> bool:
+        return all(s.healthy() for s in self.streams)
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+
+class _ShardStream:
+    """A Dispatch stream to one shard: requests through a queue, replies read by a thread.
+
+    After a failure the stream is rebuilt on the next send; the channel reconnects by itself when
+    the shard is back.
+    """
+
+    def __init__(self, address: str, timeout_s: float, credentials: grpc.ChannelCredentials | None = None,
+                 server_name: str | None = None) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # A restarted shard is found again within a second, not after gRPC's default backoff (up to 2 min).
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        if server_name is not None:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if credentials is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        self.stub = pb_grpc.ExpertShardStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self._sequence = itertools.count(1)
+        self._requests: queue.Queue[pb.DispatchRequest | None] | None = None
+        self._replies: queue.Queue[pb.DispatchReply | grpc.RpcError] = queue.Queue()
+        self._call: grpc.Future | None = None
+        self._lock = threading.Lock()
+
+    def info(self) -> pb.ShardInfo:
+        """The shard's Info, waiting up to timeout_s for it to come up. A channel that never connected
+        (nothing listening, a TLS handshake refused) is UNAVAILABLE, with gRPC's reason, not a deadline."""
+        try:
+            return self.stub.Info(pb.InfoRequest(), timeout=self.timeout_s, wait_for_ready=True)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                try:  # without waiting for the channel: fails at once with why it cannot connect
+                    return self.stub.Info(pb.InfoRequest(), timeout=min(self.timeout_s, 2.0))
+                except grpc.RpcError as probe:
+                    err = probe
+            raise ShardError(f"expert shard at {self.address}: {err.details()}", code=err.code().name) from err
+
+    def send(self, layer: int, counts: list[int], rows: pb.Tensor, trace_context: dict[str, str] | None = None) -> int:
+        with self._lock:
+            if self._requests is None:
+                self._open()
+            assert self._requests is not None
+            sequence = next(self._sequence)
+            self._requests.put(pb.DispatchRequest(sequence=sequence, layer=layer, counts=counts, rows=rows,
+                                                  trace_context=trace_context or {}))
+        return sequence
+
+    def receive(self, sequence: int) -> pb.DispatchReply:
+        try:
+            reply = self._replies.get(timeout=self.timeout_s)
+        except queue.Empty:
+            self._break()
+            raise ShardError(f"expert shard at {self.address} did not answer within {self.timeout_s:g} s",
+                             code="DEADLINE_EXCEEDED") from None
+        if isinstance(reply, grpc.RpcError):
+            self._break()
+            code = reply.code().name if reply.code() is not None else "UNAVAILABLE"
+            raise ShardError(f"expert shard at {self.address}: {reply.details()}", code=code)
+        if reply.sequence != sequence:
+            self._break()
+            raise ShardError(f"expert shard at {self.address} answered message {reply.sequence}, not {sequence}")
+        return reply
+
+    def healthy(self) -> bool:
+        """SERVING by the standard health service, waiting up to 2 s for the channel to (re)connect."""
+        try:
+            request = health_pb2.HealthCheckRequest(service=SERVICE)
+            answer = self.health.Check(request, timeout=2.0, wait_for_ready=True)
+        except grpc.RpcError:
+            return False
+        return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+    def close(self) -> None:
+        self._break()
+        self.channel.close()
+
+    def _open(self) -> None:
+        requests: queue.Queue[pb.DispatchRequest | None] = queue.Queue()
+        replies: queue.Queue[pb.DispatchReply | grpc.RpcError] = queue.Queue()
+
+        def outgoing():
+            while (message := requests.get()) is not None:
+                yield message
+
+        call = self.stub.Dispatch(outgoing())
+
+        def incoming() -> None:
+            try:
+                for reply in call:
+                    replies.put(reply)
+            except grpc.RpcError as err:
+                replies.put(err)
+
+        threading.Thread(target=incoming, name=f"shard-{self.address}", daemon=True).start()
+        self._requests, self._replies, self._call = requests, replies, call
+
+    def _break(self) -> None:
+        with self._lock:
+            if self._requests is not None:
+                self._requests.put(None)
+            if self._call is not None:
+                self._call.cancel()
+            self._requests, self._call = None, None
+            self._replies = queue.Queue()

@@ -1,0 +1,121 @@
+"""A Ray Serve replica of one model: one placement group holding the trunk (bundle 0) and its expert shards.
+
+Bundles 1..N hold the expert-shard actors, scheduled into the replica's own placement group (STRICT_PACK on
+one node by default, PACK for multi-node). Shards serve herd.v1.ExpertShard over gRPC, or answer Ray calls
+when transport is "ray". The replica reports engine and shard health to Serve, and drains on shutdown
+(Serve stops routing to it first). With args.shard_tls the shards' port and the trunk's channels are mutual TLS.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import ray
+import torch
+from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from herd.model.dtypes import dtype_name
+from herd.protos.herd.v1 import inference_pb2 as pb
+from herd.workers.grpc_transport import GrpcTransport
+from herd.workers.process_setup import ProcessSetup
+from herd.workers.ray_transport import RayTransport
+from herd.workers.replica_config import BUNDLE_CPUS, ReplicaArgs
+from herd.workers.replica_core import ReplicaCore, ReplicaError
+from herd.workers.shard_actor import ExpertShardActor
+from herd.workers.transport import ExpertTransport
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment
+class ModelReplica:
+    """A Serve replica of one model; `args` is its application's ReplicaArgs as JSON."""
+
+    def __init__(self, args: dict[str, Any], process_setup: ProcessSetup | None = None) -> None:
+        if process_setup is not None:
+            process_setup("replica")
+        self.process_setup = process_setup
+        self.args = ReplicaArgs.model_validate(args)
+        self.shards: list[Any] = []
+        factory = self._start_shards if self.args.shard_processes else None
+        self.core = ReplicaCore(self.args, factory, step_sample_ratio=self.args.telemetry.step_sample_ratio)
+        self.metrics_port = self._serve_metrics(self.args.telemetry.replica_metrics_port)
+
+    async def generate(self, request: bytes) -> AsyncIterator[bytes]:
+        """Serialized GenerateRequest in, serialized GenerateChunks out (protobuf objects do not pickle)."""
+        async for chunk in self.core.generate(pb.GenerateRequest.FromString(request)):
+            yield chunk.SerializeToString()
+
+    async def Generate(self, request: pb.GenerateRequest,
+                       grpc_context: RayServegRPCContext | None = None) -> AsyncIterator[pb.GenerateChunk]:
+        """The same, under the RPC's name, for Serve's gRPC proxy (a gateway outside Ray). A refusal keeps its
+        code: set on Serve's gRPC context before raising, the proxy answers with it instead of INTERNAL."""
+        try:
+            async for chunk in self.core.generate(request):
+                yield chunk
+        except ReplicaError as err:
+            if grpc_context is not None:
+                grpc_context.set_code(getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL))
+                grpc_context.set_details(err.message)
+            raise
+
+    def model_card(self) -> bytes:
+        return self.core.model_card().SerializeToString()
+
+    def stats(self) -> dict[str, int]:
+        stats = self.core.stats()
+        if self.metrics_port is not None:
+            stats["metrics_port"] = self.metrics_port
+        return stats
+
+    def config(self) -> dict[str, Any]:
+        """What this replica runs: its args, and the engine's own config (for operators and tests)."""
+        return {"args": self.args.model_dump(mode="json"),
+                "engine": self.core.engine.engine.config.model_dump(mode="json")}
+
+    def check_health(self) -> None:
+        if not self.core.healthy():
+            raise RuntimeError(f"replica of {self.args.name}: an expert shard is not serving")
+
+    async def __del__(self) -> None:
+        await self.core.drain()
+        for shard in self.shards:
+            ray.kill(shard)
+
+    def _serve_metrics(self, port: int | None) -> int | None:
+        """/metrics on the configured port; a second replica on the same node finds it taken and takes a free
+        one (reported in stats(); a PodMonitor scrapes only the configured port)."""
+        if port is None:
+            return None
+        try:
+            bound = self.core.metrics.serve(port)
+        except OSError as err:
+            bound = self.core.metrics.serve(0)
+            log.warning("replica of %s: metrics port %d is taken (%s); serving /metrics on %d instead",
+                        self.args.name, port, err, bound)
+        log.info("replica of %s: Prometheus /metrics on port %d", self.args.name, bound)
+        return bound
+
+    def _start_shards(self, shard_experts: list[tuple[int, ...]]) -> ExpertTransport:
+        """One actor per shard in bundles 1..N of this replica's placement group; their transport."""
+        args = self.args
+        group = ray.util.get_current_placement_group()
+        for index, experts in enumerate(shard_experts):
+            strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index + 1)
+            options: dict[str, Any] = {"num_cpus": BUNDLE_CPUS, "scheduling_strategy": strategy}
+            if torch.cuda.is_available():
+                options["num_gpus"] = args.deployment.shard_gpus
+            self.shards.append(ExpertShardActor.options(**options).remote(  # type: ignore[attr-defined]
+                args.path, list(experts), dtype_name(args.engine.dtype), self.process_setup, args.shard_tls))
+        if args.transport == "ray":
+            return RayTransport(self.shards, timeout_s=args.dispatch_timeout_s)
+        addresses = ray.get([s.address.remote() for s in self.shards], timeout=600)
+        tls = args.shard_tls
+        return GrpcTransport(addresses, timeout_s=args.dispatch_timeout_s,
+                             credentials=tls.channel_credentials() if tls is not None else None,
+                             server_name=tls.server_name if tls is not None else None)

@@ -1,0 +1,50 @@
+"""Expert shards reached by Ray actor calls (the object store instead of gRPC)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+import torch
+
+from herd.workers.transport import ShardError, ShardWork, TransportStats
+
+
+class RayTransport:
+    """Every layer's work goes to all shard actors at once; a refusal or a dead actor is a ShardError."""
+
+    def __init__(self, actors: list[Any], *, timeout_s: float) -> None:
+        self.actors = actors
+        self.timeout_s = timeout_s
+        self.stats = TransportStats()
+        self._experts = ray.get([a.experts.remote() for a in actors], timeout=timeout_s)
+
+    def shard_experts(self) -> list[tuple[int, ...]]:
+        return [tuple(e) for e in self._experts]
+
+    def run(self, layer: int, work: list[ShardWork]) -> list[torch.Tensor]:
+        refs = [a.dispatch.remote(layer, w.counts, w.rows, w.trace_context)
+                for a, w in zip(self.actors, work, strict=True)]
+        try:
+            outputs: list[torch.Tensor] = ray.get(refs, timeout=self.timeout_s)
+            return outputs
+        except ray.exceptions.GetTimeoutError as err:
+            raise ShardError(f"an expert shard did not answer within {self.timeout_s:g} s",
+                             code="DEADLINE_EXCEEDED") from err
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+            raise ShardError(f"an expert shard is unavailable: {err}", code="UNAVAILABLE") from err
+        except ray.exceptions.RayTaskError as err:  # the shard refused the work (ValueError: a bad dispatch)
+            raise ShardError(f"an expert shard refused the work: {err.cause}", code="INVALID_ARGUMENT") from err
+        finally:
+            self.stats.calls += 1
+
+    def healthy(self) -> bool:
+        try:
+            ray.get([a.experts.remote() for a in self.actors], timeout=2.0)
+        except Exception:
+            return False
+        return True
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)

@@ -1,0 +1,97 @@
+"""What a model replica runs: one pydantic model from the settings file to the Serve replica.
+
+`ReplicaConfig` is the part of a model's settings that the replica reads; herd.platform.settings'
+ModelSettings extends it with what only the gateway and the control plane read. `ReplicaArgs` is exactly
+the JSON args of the model's Serve application (`herd serve --print-config`, the Helm chart's serveConfigV2,
+which passes the chart's model values through unchanged): a ReplicaConfig plus the process-wide telemetry
+and the shards' mutual TLS. So a replica setting is one field here (or in EngineConfig or DeploymentConfig)
+and its chart value: nothing in between copies it field by field.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from herd.engine.config import EngineConfig
+from herd.workers.shard_tls import ShardTls
+
+BUNDLE_CPUS = 1
+"""Logical CPUs of each bundle of a replica's placement group (the trunk's and every shard's)."""
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServeAutoscaling(_Config):
+    """Ray Serve's own autoscaling_config of a deployment."""
+
+    min_replicas: int = Field(1, ge=0, description="replicas kept at least (0: scale to zero)")
+    max_replicas: int = Field(1, ge=1, description="replicas at most")
+    target_ongoing_requests: float = Field(32, gt=0, description="requests per replica Serve aims for")
+
+
+class DeploymentConfig(_Config):
+    """The Serve deployment of a model: replicas, admission, and the placement group of each replica."""
+
+    num_replicas: int = Field(1, ge=1, description="fixed replica count when autoscaling is off")
+    autoscaling: ServeAutoscaling | None = Field(None, description="Ray Serve autoscaling; off when null")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="per replica; default max_num_seqs")
+    max_queued_requests: int = Field(64, ge=0, description="waiting beyond this is refused at once (429)")
+    placement_strategy: Literal["STRICT_PACK", "PACK"] = Field("STRICT_PACK", description="PACK for multi-node")
+    gpus: bool = Field(False, description="GPU bundles: trunk_gpus for the trunk, shard_gpus for each shard")
+    trunk_gpus: float = Field(1.0, ge=0, description="GPUs of the trunk's bundle (fractional shares a device)")
+    shard_gpus: float = Field(1.0, ge=0, description="GPUs of each expert shard's bundle")
+    health_check_period_s: float = Field(10, gt=0, description="how often Serve asks a replica")
+
+
+class ReplicaConfig(_Config):
+    """What one replica serves and how its experts are hosted."""
+
+    name: str = Field("scout", description="the model name clients ask for")
+    path: str = Field("scout", description="checkpoint directory, or a tiny preset (scout, maverick) made on use")
+    shards: int = Field(2, ge=0, description="expert shards per replica (0: experts in the trunk)")
+    transport: Literal["grpc", "ray", "local"] = Field("grpc", description="how the trunk reaches its shards "
+                                                       "(local: the shards' experts in the trunk's process)")
+    dispatch_timeout_s: float = Field(30, gt=0, description="a shard that does not answer a layer step in this "
+                                      "time fails the step (DEADLINE_EXCEEDED)")
+    drain_timeout_s: float = Field(30, ge=0, description="graceful shutdown: time for in-flight streams")
+    stream_interval_s: float = Field(0.05, ge=0, description="after the first token, send a stream at most this "
+                                     "often (each message through Ray Serve costs about a millisecond of CPU); 0: "
+                                     "every step")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+
+    @property
+    def shard_processes(self) -> int:
+        """Shard actors each replica starts (a local transport keeps its shards in the trunk's process)."""
+        return self.shards if self.transport != "local" else 0
+
+    @property
+    def gpus_per_replica(self) -> float:
+        d = self.deployment
+        return d.trunk_gpus + self.shard_processes * d.shard_gpus if d.gpus else 0.0
+
+
+class ReplicaTelemetry(BaseModel):
+    """What a replica reads of the telemetry settings itself; the rest (herd.platform.settings'
+    TelemetrySettings) rides along for the process set-up the platform injects."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    step_sample_ratio: float = Field(0.01, ge=0, le=1, description="engine steps traced with a span per MoE "
+                                     "layer's expert dispatch (and the shards' compute spans)")
+    replica_metrics_port: int | None = Field(0, ge=0, le=65535, description="each model replica serves "
+                                             "Prometheus /metrics here (0: a free port, in /herd/stats; null: off)")
+
+
+class ReplicaArgs(ReplicaConfig):
+    """The args of a model's Serve application (herd.platform.replica_app:build_app), as JSON."""
+
+    telemetry: ReplicaTelemetry = Field(default_factory=ReplicaTelemetry)
+    shard_tls: ShardTls | None = Field(None, description="mutual TLS between the trunk and its shards")
+
+
+__all__ = ["BUNDLE_CPUS", "DeploymentConfig", "ReplicaArgs", "ReplicaConfig", "ReplicaTelemetry", "ServeAutoscaling"]

@@ -1,0 +1,84 @@
+"""The experts one shard owns, for every MoE layer, and the one entry that computes them.
+
+Legend: R rows, H hidden, E' the shard's experts. Every transport ends here: the gRPC service (after
+decoding the wire), the Ray actor, and the in-process transport. So every dispatch is checked the same way
+before any work (a bad one raises ValueError saying what is wrong), and a traced step's compute is a span
+of the caller's trace, whichever way the rows came.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from opentelemetry import propagate, trace
+
+from herd import kernels
+from herd.model.config import load_config
+from herd.model.loader import ExpertWeights, load_experts
+
+tracer = trace.get_tracer("herd.workers.expert_shard")
+
+
+def expert_offsets(counts: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Rows per expert [E'] -> where each expert's rows start, and the end: [E'+1] int64."""
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(list(counts), dtype=torch.int64).cumsum(0)
+    return offsets.to(device)
+
+
+class ShardExperts:
+    """Experts `experts` of every MoE layer (`layers`: layer -> weights), computed in `dtype`."""
+
+    def __init__(self, layers: Mapping[int, ExpertWeights], *, hidden_size: int, dtype: torch.dtype) -> None:
+        if not layers:
+            raise ValueError("a shard needs the experts of at least one MoE layer")
+        self.layers = dict(layers)
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.experts: tuple[int, ...] = tuple(sorted(next(iter(self.layers.values())).expert_ids))
+
+    @classmethod
+    def load(cls, model: str | Path, experts: Sequence[int], *, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu") -> ShardExperts:
+        """Only these experts of a checkpoint (memory in proportion to the shard's share)."""
+        hidden = load_config(model).text.hidden_size
+        return cls(load_experts(model, experts, dtype=dtype, device=device), hidden_size=hidden, dtype=dtype)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(w.nbytes for w in self.layers.values())
+
+    def check(self, layer: int, counts: Sequence[int], shape: Sequence[int]) -> ExpertWeights:
+        """The layer's weights, or ValueError saying what is wrong with a dispatch of rows of `shape`. Shapes
+        are checked before any tensor is built from the wire."""
+        weights = self.layers.get(layer)
+        if weights is None:
+            raise ValueError(f"layer {layer} is not a MoE layer of this model ({sorted(self.layers)})")
+        if len(counts) != len(self.experts):
+            raise ValueError(
+                f"counts has {len(counts)} entries; this shard owns {len(self.experts)} experts {list(self.experts)}"
+            )
+        if any(c < 0 for c in counts):
+            raise ValueError(f"counts must not be negative, got {list(counts)}")
+        if len(shape) != 2 or shape[1] != self.hidden_size:
+            raise ValueError(f"rows must be [R, {self.hidden_size}], got {list(shape)}")
+        if sum(counts) != shape[0]:
+            raise ValueError(f"counts sum to {sum(counts)} but {shape[0]} rows were sent")
+        return weights
+
+    def compute(self, layer: int, counts: Sequence[int], rows: torch.Tensor,
+                trace_context: Mapping[str, str] | None = None) -> torch.Tensor:
+        """SwiGLU of each owned expert over its rows: rows [R, H], grouped by expert in the shard's order with
+        `counts` [E'] rows each -> [R, H]. With a trace context (a traced step) the compute is a span of it."""
+        weights = self.check(layer, counts, tuple(rows.shape))
+        if rows.dtype != self.dtype:
+            raise ValueError(f"rows are {rows.dtype}; this shard computes in {self.dtype}")
+        offsets = expert_offsets(counts, rows.device)
+        if not trace_context:
+            return kernels.experts(rows, offsets, weights.gate_up, weights.down)
+        parent = propagate.extract(dict(trace_context))
+        with tracer.start_as_current_span("herd.expert_shard.compute", context=parent, attributes={
+                "herd.layer": layer, "herd.rows": rows.shape[0], "herd.experts": len(self.experts)}):
+            return kernels.experts(rows, offsets, weights.gate_up, weights.down)
