@@ -23,6 +23,7 @@ from herd.model.tiny import make_tiny
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.platform.processes import descendants, free_port, interrupt, wait_until_serving
+from tests.waiting import until
 
 RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 STREAMS = 32
@@ -36,18 +37,21 @@ def _kill_one(root: int, title: str) -> int:
     return pids[0]
 
 
-async def _one(stub, key: str, n: int) -> tuple[str, object]:
-    """One stream: ("ok", tokens) or ("retriable", code) or ("bad", what)."""
+async def _one(stub, key: str, n: int, under_way: set[int]) -> tuple[str, object]:
+    """One stream: ("ok", tokens) or ("retriable", code) or ("bad", what); in `under_way` from its first chunk on."""
     request = pb.ChatRequest(model="scout", messages=[pb.ChatMessage(role="user", content=f"fault {n}")],
                              sampling=pb.SamplingOptions(max_tokens=120, temperature=0, ignore_eos=True))
     tokens = 0
     try:
         async for chunk in stub.Chat(request, timeout=DEADLINE_S, metadata=(("authorization", f"Bearer {key}"),)):
             tokens += len(chunk.token_ids)
+            under_way.add(n)
     except grpc.aio.AioRpcError as err:
         if err.code() in RETRIABLE and err.details():
             return "retriable", err.code()
         return "bad", f"{err.code()}: {err.details()}"
+    finally:
+        under_way.add(n)  # or over
     return ("ok", tokens) if tokens == 120 else ("bad", f"{tokens} tokens")
 
 
@@ -55,8 +59,9 @@ async def _load(grpc_url: str, key: str, kill) -> tuple[list[tuple[str, object]]
     async with grpc.aio.insecure_channel(grpc_url) as channel:
         stub = pb_grpc.InferenceStub(channel)
         start = time.monotonic()
-        tasks = [asyncio.create_task(_one(stub, key, n)) for n in range(STREAMS)]
-        await asyncio.sleep(1.5)  # the batch is decoding
+        under_way: set[int] = set()
+        tasks = [asyncio.create_task(_one(stub, key, n, under_way)) for n in range(STREAMS)]
+        assert await until(lambda: len(under_way) == STREAMS, timeout_s=DEADLINE_S), "the streams never got going"
         await asyncio.to_thread(kill)
         results = await asyncio.gather(*tasks)
         return results, time.monotonic() - start

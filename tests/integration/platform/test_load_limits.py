@@ -19,6 +19,7 @@ from herd.platform.gateway.http_app import create_app
 from herd.platform.server import app_args
 from herd.platform.settings import HerdSettings
 from tests.integration.platform.processes import descendants
+from tests.waiting import until, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,8 @@ async def _gateway_client():
                              timeout=300)
 
 
-async def _stream(client, tokens: int) -> tuple[int, int, float]:
-    """(status, tokens received, seconds) of one streamed chat."""
+async def _stream(client, tokens: int, decoding: list[None] | None = None) -> tuple[int, int, float]:
+    """(status, tokens received, seconds) of one streamed chat; `decoding` gets an entry at its first chunk."""
     body = {"model": "scout", "messages": [{"role": "user", "content": "steady"}], "max_tokens": tokens,
             "ignore_eos": True, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.monotonic()
@@ -56,8 +57,11 @@ async def _stream(client, tokens: int) -> tuple[int, int, float]:
         if response.status_code != 200:
             await response.aread()
             return response.status_code, 0, time.monotonic() - start
-        usage = 0
+        usage, first = 0, True
         async for line in response.aiter_lines():
+            if first and decoding is not None and line.startswith("data: {"):
+                decoding.append(None)
+                first = False
             if line.startswith("data: {") and '"usage":{' in line.replace(" ", "") and '"completion_tokens"' in line:
                 usage = int(line.split('"completion_tokens":')[1].split(",")[0].split("}")[0])
         return 200, usage, time.monotonic() - start
@@ -77,17 +81,16 @@ def test_scaling_down_during_load_loses_no_request(ray_session, tiny):
 
     async def main():
         async with await _gateway_client() as client:
-            tasks = [asyncio.create_task(_stream(client, 150)) for _ in range(32)]
-            await asyncio.sleep(2.0)  # both replicas are decoding
+            decoding: list[None] = []
+            tasks = [asyncio.create_task(_stream(client, 150, decoding)) for _ in range(32)]
+            # Every stream has its first token (the gateway sends nothing before): both replicas are decoding.
+            assert await until(lambda: len(decoding) == 32, timeout_s=120), "not every stream got a token"
             await asyncio.to_thread(_deploy, tiny, num_replicas=1)  # Serve removes one, draining it
             return await asyncio.gather(*tasks)
 
     try:
         results = asyncio.run(main())
-        deadline = time.monotonic() + 60
-        while _running() != 1 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert _running() == 1
+        assert wait_until(lambda: _running() == 1, timeout_s=60, interval_s=0.5), "Serve never got down to 1 replica"
     finally:
         serve.delete("scout")
     assert [(status, tokens) for status, tokens, _ in results] == [(200, 150)] * 32
