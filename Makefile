@@ -27,7 +27,7 @@ serve: $(STAMP) $(PROTOS)
 	$(BIN)/herd serve
 
 lint: $(STAMP) $(PROTOS)
-	$(BIN)/ruff check herd tests bench protos
+	$(BIN)/ruff check herd tests bench protos herd_loadgen
 	$(BIN)/lint-imports
 
 test: lint

@@ -34,7 +34,7 @@ SLO attainment counts every arrival: met when TTFT <= the model's SLO; a request
 end counts as missed. TTFT percentiles are over requests that got a first token.
 
     .venv/bin/python bench/autoscale_sim.py [--seed 0] [--seeds 5] [--hours 24] [--step-s 1] [--gpu-pool N]
-                                        [--scale-up-window-s S]
+                                        [--scale-up-window-s S] [--smoke]
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common from a checkout
 
+from bench.common import parse_args_with_smoke
 from herd.platform.controlplane.policy import Fleet, ModelMetrics, ModelPolicy, ModelState, decide
 
 CONTROL_INTERVAL_S = 10.0  # the control loop's default interval
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-pool", type=float, default=None, help="GPUs both models may use together")
     parser.add_argument("--scale-up-window-s", type=float, default=None,
                         help="override both policies' scale_up_window_s (default: theirs, 0)")
-    args = parser.parse_args(argv)
+    args = parse_args_with_smoke(parser, argv, hours=1.0, seeds=1)
     policies = dict(POLICIES)
     if args.scale_up_window_s is not None:
         policies = {m: replace(p, scale_up_window_s=args.scale_up_window_s) for m, p in POLICIES.items()}

@@ -21,7 +21,7 @@ and reports the KV bytes herd pins for one sequence four chunks long against a k
 
     .venv/bin/python bench/engine_throughput.py [--requests 200] [--prompt-tokens 8 200]
                                                 [--output-tokens 16 64] [--batch-size 16] [--threads N]
-                                                [--checkpoint DIR]
+                                                [--checkpoint DIR] [--smoke]
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ import transformers
 from transformers import Llama4ForCausalLM, Llama4ForConditionalGeneration
 from transformers.generation.streamers import BaseStreamer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common from a checkout
+
+from bench.common import parse_args_with_smoke, percentile, tiny_checkpoint
 from herd.engine import EngineConfig, LLMEngine, SamplingParams
-from herd.model.tiny import make_tiny
 
 PAD_ID = 0  # left padding for transformers' batches; masked out, so any id works
 KV_CHUNKS = 4  # the KV-bytes probe: one sequence this many attention chunks long
@@ -81,14 +83,10 @@ def make_requests(
     return requests
 
 
-def percentile(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
-
-
 # --- herd ---------------------------------------------------------------------------------------------
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        kv_cache_bytes=args.kv_cache_mib * 2**20, block_size=16)
+                        kv_cache_mb=args.kv_cache_mib, block_size=16)
 
 
 def run_herd(engine: LLMEngine, requests: list[Request]) -> RunResult:
@@ -207,7 +205,7 @@ def table(results: list[RunResult], n: int) -> str:
     return "\n".join(lines)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, help="a Llama 4 checkpoint; default: make_tiny(preset='scout', seed=0)")
     p.add_argument("--requests", type=int, default=200)
@@ -220,11 +218,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--kv-cache-mib", type=int, default=32)
     p.add_argument("--threads", type=int, help="torch intra-op threads for both systems; default: torch's choice")
-    return p.parse_args()
+    return parse_args_with_smoke(p, argv, requests=6, prompt_tokens=(8, 24), output_tokens=(4, 8), batch_size=3,
+                                 check_requests=2)
 
 
-def main() -> int:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     begun = time.perf_counter()
@@ -234,7 +233,7 @@ def main() -> int:
           f"transformers {transformers.__version__}, load average {os.getloadavg()[0]:.2f} (other processes on these "
           "cores skew both systems, herd's many small ops most)")
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.checkpoint or make_tiny(Path(tmp) / "scout", preset="scout", seed=0)
+        path = args.checkpoint or tiny_checkpoint(Path(tmp) / "scout")
         engine = LLMEngine.from_pretrained(path, engine_config(args))
         hf = load_transformers(path)
         token_limit = min(engine.tokenizer.special_ids)  # prompts of ordinary tokens only (specials follow them)

@@ -9,7 +9,7 @@ trunk-side work (router, permute, combine, shared expert), serialise, wire (wait
 shard's compute), expert compute (the slowest shard, as it reports), deserialise.
 Target (issue "expert parallelism"): gRPC <= 1.25x in-process at 1024 tokens with 2 shards.
 
-    .venv/bin/python bench/expert_dispatch.py [--tokens 64 256 1024 4096] [--shards 2 4]
+    .venv/bin/python bench/expert_dispatch.py [--tokens 64 256 1024 4096] [--shards 2 4] [--smoke]
 """
 
 from __future__ import annotations
@@ -26,14 +26,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common and tests' shard processes
 
-from herd.model import load_experts, load_model
+from bench.common import parse_args_with_smoke
+from herd.model import load_model
 from herd.model.config import ModelConfig
 from herd.model.tiny import random_weights
 from herd.workers.dispatch import ExpertDispatcher
+from herd.workers.grpc_transport import GrpcTransport
 from herd.workers.placement import place_experts
-from herd.workers.transport import GrpcTransport, InProcessTransport, TransportStats
+from herd.workers.shard_experts import ShardExperts
+from herd.workers.transport import InProcessTransport, TransportStats
 from tests.integration.workers.shard_processes import ShardProcesses
 
 
@@ -62,7 +65,7 @@ def time_layer(layer: torch.nn.Module, x: torch.Tensor, stats: TransportStats, r
     return median
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--inter", type=int, default=2048)
@@ -70,7 +73,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 1024, 4096])
     parser.add_argument("--shards", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--runs", type=int, default=7)
-    args = parser.parse_args()
+    args = parse_args_with_smoke(parser, argv, hidden=64, inter=128, experts=4, tokens=[8], shards=[2], runs=2)
     cores = os.cpu_count() or 1
     print(f"MoE layer step, H={args.hidden} I={args.inter} E={args.experts} top-1, float32, loopback, "
           f"{cores} cores, torch {torch.__version__}")
@@ -87,7 +90,7 @@ def main() -> None:
             with ShardProcesses(path, specs) as processes:
                 del os.environ["OMP_NUM_THREADS"]
                 local_model = load_model(path, experts=(), progress=False)
-                local = InProcessTransport([load_experts(path, owned) for owned in placement.shard_experts])
+                local = InProcessTransport([ShardExperts.load(path, owned) for owned in placement.shard_experts])
                 ExpertDispatcher(placement, local).attach(local_model)
                 remote_model = load_model(path, experts=(), progress=False)
                 remote = GrpcTransport(processes.addresses)

@@ -11,20 +11,23 @@ Targets (issue "MoE dispatch kernels"): herd >= 0.8 of the ideal's speed at T >=
 faster than transformers at E=16, T >= 1024. Times are medians; ratios are what to read.
 
     .venv/bin/python bench/moe_layer.py [--hidden 1024] [--inter 2048] [--experts 16 128]
-                                        [--tokens 64 256 512 1024 2048 4096]
+                                        [--tokens 64 256 512 1024 2048 4096] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import Llama4TextConfig
 from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common from a checkout
+
+from bench.common import interleaved_medians, median_seconds, parse_args_with_smoke
 from herd import kernels
 from herd.model.config import ModelConfig
 from herd.model.moe import MoE
@@ -80,34 +83,13 @@ def ideal_gemms(layer: MoE, x: torch.Tensor) -> Callable[[], None]:
     return min((looped, grouped), key=lambda fn: median_seconds(fn, budget_s=0.5))
 
 
-def median_seconds(fn: Callable[[], object], *, budget_s: float = 2.0, min_runs: int = 3) -> float:
-    """Median wall time of fn after one warm-up run, over at least min_runs runs or budget_s seconds."""
-    return interleaved_medians([fn], budget_s=budget_s, min_runs=min_runs)[0]
-
-
-def interleaved_medians(
-    fns: list[Callable[[], object]], *, budget_s: float = 3.0, min_runs: int = 5, max_runs: int = 50
-) -> list[float]:
-    """Median wall time of each fn, run in turn (a, b, a, b, ...) so that load on this shared machine
-    falls on all of them alike; one warm-up run each first."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    while len(times[0]) < max_runs and (len(times[0]) < min_runs or sum(map(sum, times)) < budget_s):
-        for fn, bucket in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - start)
-    return [statistics.median(bucket) for bucket in times]
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--inter", type=int, default=2048)
     parser.add_argument("--experts", type=int, nargs="+", default=[16, 128])
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 512, 1024, 2048, 4096])
-    args = parser.parse_args()
+    args = parse_args_with_smoke(parser, argv, hidden=64, inter=128, experts=[4, 8], tokens=[16])
     torch.manual_seed(0)
     print(f"MoE layer, H={args.hidden} I={args.inter} top-1 + shared expert, float32, CPU, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")

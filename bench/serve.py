@@ -3,18 +3,18 @@ and herd's engine offline on the same requests as the ceiling for serving overhe
 
 One run, three systems, the same requests for each:
 
-- `transformers serve`, forced on the checkpoint. It cannot load the checkpoint as written (its
-  Llama4ForConditionalGeneration path needs an image processor, which needs torchvision and a
-  preprocessor_config.json the text-only checkpoint lacks), so it is given a text-only view: a folder of
-  symlinks to the same files whose config.json is the checkpoint's text_config with architecture
-  Llama4ForCausalLM (transformers maps the `language_model.` weights onto it; same weights, same tokenizer
-  and chat template). It loads every model with a device_map, which needs `accelerate` (and psutil), the
-  `transformers[serving]` extra: they are looked for in the venv and in --hf-extra-path. Its default
-  generation is sequential (`--continuous-batching` refuses Llama 4's chunked_attention layers in 5.24).
-  It has no ignore_eos; `min_new_tokens = max_tokens` (through its `generation_config` request field) makes
-  every request produce exactly max_tokens, as herd's ignore_eos does.
-- `herd serve` (`--herd-cmd`, a template), with `ignore_eos: true`. Ready when it prints
-  `http://127.0.0.1:<port>` and that port answers HTTP.
+- `transformers serve`, forced on the checkpoint. It cannot load the checkpoint as written, so it is given a
+  text-only view: a folder of symlinks to the same files whose config.json is the checkpoint's text_config
+  with architecture Llama4ForCausalLM (transformers maps the `language_model.` weights onto it; same weights,
+  same tokenizer and chat template), and without preprocessor_config.json (see `hf_text_view`). It loads
+  every model with a device_map, which needs `accelerate` (and psutil), the `transformers[serving]` extra:
+  they are looked for in the venv and in --hf-extra-path; without them it is reported as not measured. Its
+  default generation is sequential (`--continuous-batching` refuses Llama 4's chunked_attention layers in
+  5.24). It has no ignore_eos; `min_new_tokens = max_tokens` (through its `generation_config` request
+  field) makes every request produce exactly max_tokens, as herd's ignore_eos does.
+- `herd serve` with API keys on, as a user runs it: a fresh tenancy database in a temporary folder, a
+  tenant and key made through its admin API, every request sent with that key (bench.common.HerdServe);
+  `ignore_eos: true`. `--herd-args` adds flags (e.g. `--shards 0`).
 - herd's `LLMEngine` offline: every request of the highest level's workload rendered with `render_chat`
   (as the chat endpoint does) and run by `generate` at once, max_num_seqs = the highest concurrency, so it
   is what serving at that concurrency could reach with no HTTP, no streaming and no queueing.
@@ -22,10 +22,13 @@ One run, three systems, the same requests for each:
 Each concurrency level has its own workload (seed + i for level i), the same for every system, so no level
 reuses another's prompts through a prefix cache. Every server gets a few warm-up requests first (not
 counted). Targets (issue "serving load generator"): herd serve >= 2x transformers serve output tok/s at 8 and
->= 4x at 32, with lower p50 TTFT; herd serve at 32 >= 0.7x the offline engine's output tok/s.
+>= 4x at 32, with lower p50 TTFT; herd serve at 32 >= 0.7x the offline engine's output tok/s. Exits 1 when a
+request failed or a server did not come up (a missing accelerate only notes it), so a broken benchmark fails
+its --smoke run in make test.
 
     .venv/bin/python bench/serve.py [--requests 64] [--concurrency 1 8 32] [--seed 0] [--plot docs/serve_bench.png]
-                                    [--checkpoint DIR] [--herd-cmd TEMPLATE] [--skip transformers herd offline]
+                                    [--checkpoint DIR] [--herd-args "--shards 0"] [--skip transformers herd offline]
+                                    [--smoke]
 """
 
 from __future__ import annotations
@@ -34,137 +37,50 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from herd.platform.loadgen import LoadResult, Request, make_workload, plot, run_load, table_header, table_row
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common from a checkout
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.common import (
+    ROOT,
+    HerdServe,
+    ServerError,
+    ServerProcess,
+    free_port,
+    parse_args_with_smoke,
+    tiny_checkpoint,
+)
+from herd_loadgen import LoadResult, Request, make_workload, plot, run_load, table_header, table_row
+
 VENV_BIN = Path(sys.executable).parent
-HERD_CMD = f"{VENV_BIN}/herd serve --model {{model}} --http-port {{http_port}} --grpc-port {{grpc_port}}"
-HF_CMD = (f"{VENV_BIN}/transformers serve {{model}} --device cpu --dtype float32 --host 127.0.0.1 "
-          f"--port {{http_port}} --log-level warning")
-URL_LINE = re.compile(r"http://127\.0\.0\.1:(\d+)")
+DEFAULT_PLOT = ROOT / "docs" / "serve_bench.png"
 
 
-class ServerError(RuntimeError):
-    """A server did not come up; the message says why."""
-
-
-class Server:
-    """One server subprocess: output to a log file, ready when its URL answers, stopped on exit."""
-
-    def __init__(self, name: str, cmd: str, *, env: Mapping[str, str], log: Path, url: str | None,
-                 ready_timeout_s: float) -> None:
-        self.name, self.cmd, self.log, self.url = name, cmd, log, url
-        self._env, self._ready_timeout_s = dict(env), ready_timeout_s
-        self._proc: subprocess.Popen[str] | None = None
-        self._seen_url = threading.Event()
-
-    def __enter__(self) -> Server:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._proc = subprocess.Popen(shlex.split(self.cmd), cwd=ROOT, env=self._env, text=True, bufsize=1,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        except OSError as err:
-            raise ServerError(f"{self.name}: cannot start `{self.cmd}`: {err}") from err
-        threading.Thread(target=self._pump, daemon=True).start()
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-
-    def _pump(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        with self.log.open("w") as out:
-            for line in self._proc.stdout:
-                out.write(line)
-                out.flush()
-                match = URL_LINE.search(line)
-                if match and not self._seen_url.is_set():
-                    self.url = self.url or f"http://127.0.0.1:{match.group(1)}"
-                    self._seen_url.set()
-
-    def _wait_ready(self) -> None:
-        """Until the URL (given, or printed by the server) answers any HTTP below 500 at /health or /v1/models."""
-        assert self._proc is not None
-        deadline = time.monotonic() + self._ready_timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                time.sleep(0.2)  # let the pump write the last lines
-                raise ServerError(f"{self.name} exited with {self._proc.returncode}: {self.reason()}")
-            if self.url is not None and self._answers(self.url):
-                return
-            self._seen_url.wait(0.25)
-        raise ServerError(f"{self.name} not ready after {self._ready_timeout_s:.0f} s: {self.reason()}")
-
-    @staticmethod
-    def _answers(url: str) -> bool:
-        for path in ("/health", "/v1/models"):
-            try:
-                if httpx.get(url + path, timeout=2).status_code < 500:
-                    return True
-            except httpx.HTTPError:
-                pass
-        return False
-
-    def reason(self) -> str:
-        """The last line of the log that is not a traceback frame, and where the whole log is."""
-        lines = [ln.rstrip() for ln in self.log.read_text(errors="replace").splitlines()] if self.log.exists() else []
-        last = [ln for ln in lines if ln and not ln.startswith((" ", "Traceback", "^"))]
-        return f"{last[-1] if last else '(no output)'} [log: {self.log}]"
-
-    def model_id(self, default: str) -> str:
-        """The first model the server lists, else `default`."""
-        try:
-            data = httpx.get(f"{self.url}/v1/models", timeout=5).json()["data"]
-            return str(data[0]["id"])
-        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
-            return default
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def ensure_checkpoint(path: Path) -> Path:
-    if not (path / "config.json").exists():
-        from herd.model.tiny import make_tiny
-
-        make_tiny(path, preset="scout", seed=0)
-    return path
+class MissingDependency(ServerError):
+    """A server cannot run here for want of an optional package: noted, not a failure."""
 
 
 def hf_text_view(checkpoint: Path, out: Path) -> Path:
-    """Symlinks to every file of the checkpoint, with config.json replaced by its text_config as a
-    Llama4ForCausalLM (transformers' multimodal path needs an image processor the checkpoint lacks)."""
+    """Symlinks to the checkpoint's files, with config.json replaced by its text_config as a Llama4ForCausalLM
+    and without the image processor's config.
+
+    `transformers serve` loads a processor with AutoProcessor, which follows preprocessor_config.json (make-tiny
+    writes one since the checkpoint serves images) to Llama4Processor and its Llama4ImageProcessorFast; that
+    needs torchvision, which neither Herd nor this venv installs, so the server exits at start. A text-only
+    model needs no image processor: without the file AutoProcessor falls back to the tokenizer, as it did
+    before make-tiny wrote it. transformers' multimodal Llama4ForConditionalGeneration would need it anyway."""
     out.mkdir(parents=True, exist_ok=True)
     for f in checkpoint.iterdir():
-        if f.name != "config.json":
+        if f.name not in ("config.json", "preprocessor_config.json", "processor_config.json"):
             (out / f.name).symlink_to(f.resolve())
     raw = json.loads((checkpoint / "config.json").read_text())
     text = dict(raw.get("text_config", raw), architectures=["Llama4ForCausalLM"], model_type="llama4_text")
@@ -172,8 +88,8 @@ def hf_text_view(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-def hf_env(extra_path: Path) -> tuple[dict[str, str], str | None]:
-    """Environment for `transformers serve`, and why it cannot run (None if it can)."""
+def hf_env(extra_path: Path) -> dict[str, str]:
+    """Environment for `transformers serve`; MissingDependency when accelerate or psutil cannot be imported."""
     env = dict(os.environ)
     if extra_path.is_dir():
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(extra_path), env.get("PYTHONPATH")) if p)
@@ -181,20 +97,32 @@ def hf_env(extra_path: Path) -> tuple[dict[str, str], str | None]:
                            text=True)
     if probe.returncode:
         missing = probe.stderr.strip().splitlines()[-1]
-        return env, (f"transformers serve loads models with a device_map, which needs accelerate and psutil (the "
-                     f"transformers[serving] extra): {missing}. Install them with `.venv/bin/pip install --target "
-                     f"{extra_path} --no-deps accelerate psutil` (or into the venv)")
-    return env, None
+        raise MissingDependency(f"transformers serve loads models with a device_map, which needs accelerate and "
+                                f"psutil (the transformers[serving] extra): {missing}. Install them with "
+                                f"`.venv/bin/pip install --target {extra_path} --no-deps accelerate psutil` (or into "
+                                "the venv)")
+    return env
+
+
+def model_id(url: str, default: str, api_key: str | None = None) -> str:
+    """The first model the server lists, else `default`."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        data = httpx.get(f"{url}/v1/models", headers=headers, timeout=5).json()["data"]
+        return str(data[0]["id"])
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+        return default
 
 
 def drive(url: str, model: str, workloads: dict[int, list[Request]], extra: Callable[[Request], dict[str, Any]],
-          args: argparse.Namespace, system: str) -> dict[int, LoadResult]:
+          args: argparse.Namespace, system: str, api_key: str | None = None) -> dict[int, LoadResult]:
     """Warm-up, then one load run per concurrency level; prints each row as it ends."""
     warmup = make_workload(args.warmup, seed=args.seed + 1000, prompt_words=(8, 16), max_tokens=(4, 8))
-    asyncio.run(run_load(url, model, warmup, concurrency=1, timeout_s=args.timeout_s, extra_body=extra))
+    asyncio.run(run_load(url, model, warmup, concurrency=1, api_key=api_key, timeout_s=args.timeout_s,
+                         extra_body=extra))
     results = {}
     for concurrency, workload in workloads.items():
-        results[concurrency] = asyncio.run(run_load(url, model, workload, concurrency=concurrency,
+        results[concurrency] = asyncio.run(run_load(url, model, workload, concurrency=concurrency, api_key=api_key,
                                                     timeout_s=args.timeout_s, extra_body=extra))
         print(table_row(system, results[concurrency].summary()), file=sys.stderr, flush=True)
         for line in results[concurrency].errors()[:3]:
@@ -204,26 +132,27 @@ def drive(url: str, model: str, workloads: dict[int, list[Request]], extra: Call
 
 def run_transformers(checkpoint: Path, workloads: dict[int, list[Request]], args: argparse.Namespace,
                      tmp: Path) -> dict[int, LoadResult]:
-    env, missing = hf_env(args.hf_extra_path)
-    if missing:
-        raise ServerError(missing)
+    env = hf_env(args.hf_extra_path)
     view = hf_text_view(checkpoint, tmp / "hf-text-view")
     port = free_port()
-    cmd = HF_CMD.format(model=shlex.quote(str(view)), http_port=port)
-    with Server("transformers serve", cmd, env=env, log=args.log_dir / "transformers_serve.log",
-                url=f"http://127.0.0.1:{port}", ready_timeout_s=args.ready_timeout_s) as server:
+    cmd = [str(VENV_BIN / "transformers"), "serve", str(view), "--device", "cpu", "--dtype", "float32", "--host",
+           "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    with ServerProcess("transformers serve", cmd, url=f"http://127.0.0.1:{port}", env=env,
+                       log=args.log_dir / "transformers_serve.log", ready_path="/v1/models",
+                       ready_timeout_s=args.ready_timeout_s) as server:
         def extra(r: Request) -> dict[str, Any]:
             return {"generation_config": json.dumps({"min_new_tokens": r.max_tokens})}
 
-        return drive(server.url or "", server.model_id(str(view)), workloads, extra, args, "transformers serve")
+        return drive(server.url, model_id(server.url, str(view)), workloads, extra, args, "transformers serve")
 
 
-def run_herd(checkpoint: Path, workloads: dict[int, list[Request]], args: argparse.Namespace) -> dict[int, LoadResult]:
-    cmd = args.herd_cmd.format(model=shlex.quote(str(checkpoint)), http_port=free_port(), grpc_port=free_port())
-    with Server("herd serve", cmd, env=os.environ, log=args.log_dir / "herd_serve.log", url=None,
-                ready_timeout_s=args.ready_timeout_s) as server:
-        return drive(server.url or "", server.model_id(str(checkpoint)), workloads,
-                     lambda r: {"ignore_eos": True}, args, "herd serve")
+def run_herd(checkpoint: Path, workloads: dict[int, list[Request]], args: argparse.Namespace,
+             tmp: Path) -> dict[int, LoadResult]:
+    flags = ["--model", str(checkpoint), *shlex.split(args.herd_args)]
+    with HerdServe(tmp / "herd", args=flags, log=args.log_dir / "herd_serve.log",
+                   ready_timeout_s=args.ready_timeout_s) as server:
+        return drive(server.url, model_id(server.url, checkpoint.name, server.api_key), workloads,
+                     lambda r: {"ignore_eos": True}, args, "herd serve", api_key=server.api_key)
 
 
 def run_offline(checkpoint: Path, workload: list[Request], max_num_seqs: int) -> dict[str, Any]:
@@ -273,7 +202,7 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} ms"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, default=ROOT / ".herd" / "tiny-scout",
                    help="checkpoint directory; made with make_tiny(preset='scout', seed=0) if it has no config.json")
@@ -285,28 +214,32 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="uncounted requests sent to each server first")
     p.add_argument("--timeout-s", type=float, default=900.0, help="connect and per-read timeout of each request")
     p.add_argument("--ready-timeout-s", type=float, default=300.0, help="how long a server may take to come up")
-    p.add_argument("--herd-cmd", default=HERD_CMD,
-                   help="herd's server command; {model}, {http_port} and {grpc_port} are filled in")
+    p.add_argument("--herd-args", default="", help="flags added to `herd serve --model CHECKPOINT`, e.g. '--shards 0'")
     p.add_argument("--hf-extra-path", type=Path, default=ROOT / ".herd" / "hf-serve-deps",
                    help="a pip --target folder with accelerate and psutil for transformers serve, if not in the venv")
     p.add_argument("--skip", nargs="*", choices=["transformers", "herd", "offline"], default=[])
     p.add_argument("--log-dir", type=Path, default=ROOT / ".herd" / "serve-bench-logs")
-    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "serve_bench.png")
-    return p.parse_args()
+    p.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
+    args = parse_args_with_smoke(p, argv, requests=2, concurrency=[1, 2], prompt_words=[4, 8], max_tokens=[4, 4],
+                                 warmup=1)
+    if args.smoke and args.plot == DEFAULT_PLOT:
+        args.plot = args.log_dir / "serve_bench_smoke.png"  # never over the recorded plot
+    return args
 
 
-def main() -> int:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     levels = sorted(set(args.concurrency))
-    checkpoint = ensure_checkpoint(args.checkpoint)
+    checkpoint = tiny_checkpoint(args.checkpoint)
     workloads = {c: make_workload(args.requests, seed=args.seed + i, prompt_words=tuple(args.prompt_words),
                                   max_tokens=tuple(args.max_tokens)) for i, c in enumerate(levels)}
     results: dict[str, dict[int, LoadResult]] = {}
     notes: list[str] = []
+    failures: list[str] = []
     print(table_header(), file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         runs = (("transformers serve", lambda: run_transformers(checkpoint, workloads, args, Path(tmp))),
-                ("herd serve", lambda: run_herd(checkpoint, workloads, args)))
+                ("herd serve", lambda: run_herd(checkpoint, workloads, args, Path(tmp))))
         for system, run in runs:
             if system.split()[0] in args.skip:
                 notes.append(f"{system}: skipped (--skip)")
@@ -316,13 +249,18 @@ def main() -> int:
             except ServerError as err:
                 notes.append(f"{system}: not measured: {err}")
                 print(f"{system}: not measured: {err}", file=sys.stderr, flush=True)
+                if not isinstance(err, MissingDependency):
+                    failures.append(f"{system} did not come up")
     offline = None
     if "offline" not in args.skip:
         offline = run_offline(checkpoint, workloads[levels[-1]], max_num_seqs=levels[-1])
+    failures += [f"{system} at {level}: {result.summary()['errors']} of {len(result.records)} requests failed"
+                 for system, by_level in results.items() for level, result in by_level.items() if result.errors()]
 
     print(f"## Serving benchmark: tiny Scout ({checkpoint}), CPU float32, greedy, {args.requests} requests per "
           f"level, prompts {args.prompt_words[0]}-{args.prompt_words[1]} words, max_tokens "
-          f"{args.max_tokens[0]}-{args.max_tokens[1]}, seed {args.seed} (+ level index), {os.cpu_count()} CPUs\n")
+          f"{args.max_tokens[0]}-{args.max_tokens[1]}, seed {args.seed} (+ level index), {os.cpu_count()} CPUs"
+          f"{' (--smoke: sizes too small to mean anything)' if args.smoke else ''}\n")
     print(table_header())
     for system, by_level in results.items():
         for level in sorted(by_level):
@@ -336,7 +274,10 @@ def main() -> int:
     if results:
         ceilings = {f"herd engine offline (batch <= {levels[-1]})": offline["output_tok_per_s"]} if offline else None
         print(f"\nplot: {plot(results, args.plot, ceilings=ceilings)}")
-    return 0
+    if failures:
+        print(f"\nFAILED (the errors are in the rows above, the servers' logs in {args.log_dir}):\n"
+              + "\n".join(f"- {f}" for f in failures))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

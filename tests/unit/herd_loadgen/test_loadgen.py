@@ -20,8 +20,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from herd.platform import loadgen
-from herd.platform.loadgen import make_workload, run_load
+import herd_loadgen as loadgen
+from herd_loadgen import LoadResult, RequestRecord, make_workload, run_load
 
 
 @dataclass
@@ -208,3 +208,15 @@ def test_main_prints_a_row_per_level_and_plots(fake: tuple[str, FakeState], tmp_
     rows = [line for line in out.splitlines() if line.startswith("| fake server |")]
     assert [row.split("|")[2].strip() for row in rows] == ["1", "4"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_survives_a_run_whose_every_request_failed(tmp_path: Any) -> None:
+    """Zero tok/s and no TTFT at all (say, every request answered 401): a log axis has nothing to show."""
+    pytest.importorskip("matplotlib")
+    refused = [RequestRecord(index=i, start_s=0.0, status=401, error="HTTP 401") for i in range(4)]
+    answered = [RequestRecord(index=0, start_s=0.0, ttft_s=0.05, output_tokens=8)]
+    failed = {c: LoadResult(concurrency=c, wall_s=0.5, max_in_flight=c, records=refused) for c in (1, 4)}
+    served = {c: LoadResult(concurrency=c, wall_s=1.0, max_in_flight=c, records=answered) for c in (1, 4)}
+    for results in ({"down": failed}, {"down": failed, "up": served}, {}):
+        png = loadgen.plot(results, tmp_path / f"{len(results)}.png", ceilings={"ceiling": 10.0})
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

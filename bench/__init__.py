@@ -1,0 +1,1 @@
+"""Benchmarks: scripts run as `.venv/bin/python bench/NAME.py`; a package only so they share bench.common."""
