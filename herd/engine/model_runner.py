@@ -28,7 +28,7 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.cache = cache
-        self.device = model.lm_head.weight.device
+        self.device = model.device
 
     @torch.inference_mode()
     def run(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:

@@ -53,6 +53,11 @@ class Llama4Model(nn.Module):
         self.tie_weights()
         self._inv_freq: torch.Tensor | None = None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights (and so its activations) are."""
+        return self.lm_head.weight.device
+
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head when the config says so (again after to_empty)."""
         if self.config.tie_word_embeddings:
@@ -82,7 +87,7 @@ class Llama4Model(nn.Module):
         self._check_ids(input_ids)
         if image_embeds is not None:
             self._check_image_embeds(input_ids, image_embeds, image_rows)
-        device = self.lm_head.weight.device
+        device = self.device
         if positions is None:
             start = len(cache) if isinstance(cache, ContiguousKVCache) else 0
             positions = torch.arange(start, start + input_ids.shape[0], device=device)
