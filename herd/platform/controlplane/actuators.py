@@ -10,12 +10,15 @@ autoscaler owns it. Locally (herd serve) it is Serve's external-scaler REST call
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 import yaml
 
 from herd.workers.serve_details import replica_counts, target_replicas
+
+if TYPE_CHECKING:
+    from kubernetes import client as k8s
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,8 @@ def replicas_in(serve_config_yaml: str, application: str) -> int | None:
                     return int(deployment["num_replicas"])
                 if deployment.get("name") == application and "autoscaling_config" in deployment:
                     return 0
-            return app.get("args", {}).get("deployment", {}).get("num_replicas")
+            started: int | None = app.get("args", {}).get("deployment", {}).get("num_replicas")
+            return started
     return None
 
 
@@ -111,14 +115,17 @@ class KubernetesActuator:
 
     GROUP, VERSION, PLURAL = "ray.io", "v1", "rayservices"
 
-    def __init__(self, api: Any, namespace: str, rayservices: dict[str, str]) -> None:
-        self.api = api  # kubernetes.client.CustomObjectsApi
+    def __init__(self, api: k8s.CustomObjectsApi, namespace: str, rayservices: dict[str, str]) -> None:
+        self.api = api
         self.namespace = namespace
         self.rayservices = rayservices  # model -> RayService name
 
     def _get(self, model: str) -> dict[str, Any]:
-        return self.api.get_namespaced_custom_object(self.GROUP, self.VERSION, self.namespace, self.PLURAL,
-                                                     self.rayservices[model])
+        obj = self.api.get_namespaced_custom_object(self.GROUP, self.VERSION, self.namespace, self.PLURAL,
+                                                    self.rayservices[model])
+        if not isinstance(obj, dict):  # the client types a custom object as `object`
+            raise TypeError(f"RayService {self.rayservices[model]!r} came back as {type(obj).__name__}, not an object")
+        return obj
 
     def status(self, model: str) -> ReplicaStatus:
         obj = self._get(model)

@@ -8,7 +8,8 @@ import logging
 import os
 import signal
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from herd.platform.controlplane.actuators import Actuator, KubernetesActuator, ServeActuator
 from herd.platform.controlplane.leader import LeaseElector
@@ -16,6 +17,9 @@ from herd.platform.controlplane.loop import ControlPlane
 from herd.platform.controlplane.metrics import GatewayLoadSource, HttpLoadSource, MetricsSource
 from herd.platform.controlplane.policy import Fleet, ModelPolicy
 from herd.platform.settings import HerdSettings
+
+if TYPE_CHECKING:
+    from herd.platform.gateway.core import Gateway
 
 log = logging.getLogger("herd.controlplane")
 
@@ -28,7 +32,7 @@ def fleet(settings: HerdSettings) -> Fleet:
     return Fleet(gpu_pool=settings.controlplane.gpu_pool, policies=policies)
 
 
-def local_control_plane(settings: HerdSettings, gateway: Any, dashboard_url: str) -> ControlPlane:
+def local_control_plane(settings: HerdSettings, gateway: Gateway, dashboard_url: str) -> ControlPlane:
     """herd serve's: reads the gateway in this process, scales the Serve applications through the dashboard."""
     return _plane(settings, GatewayLoadSource(gateway), ServeActuator(dashboard_url), leader=None)
 
@@ -50,7 +54,8 @@ def kubernetes_control_plane(settings: HerdSettings) -> ControlPlane:
     return _plane(settings, source, actuator, leader=elector.try_lead)
 
 
-def _plane(settings: HerdSettings, source: MetricsSource, actuator: Actuator, leader: Any) -> ControlPlane:
+def _plane(settings: HerdSettings, source: MetricsSource, actuator: Actuator,
+           leader: Callable[[], bool] | None) -> ControlPlane:
     return ControlPlane(source, actuator, fleet(settings), interval_s=settings.controlplane.interval_s, leader=leader)
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: the kubernetes package takes a second to import
+    from kubernetes import client as k8s
 
 
-def api_client(kubeconfig: Path | None = None) -> Any:
+def api_client(kubeconfig: Path | None = None) -> k8s.ApiClient:
     """A client of its own (the library's default configuration is left alone): from `kubeconfig` when
     given, else the pod's service account, else $KUBECONFIG or ~/.kube/config."""
     from kubernetes import client, config
@@ -22,13 +25,13 @@ def api_client(kubeconfig: Path | None = None) -> Any:
     return client.ApiClient(configuration)
 
 
-def custom_objects(api: Any) -> Any:
+def custom_objects(api: k8s.ApiClient) -> k8s.CustomObjectsApi:
     from kubernetes import client
 
     return client.CustomObjectsApi(api)
 
 
-def leases(api: Any) -> Any:
+def leases(api: k8s.ApiClient) -> k8s.CoordinationV1Api:
     from kubernetes import client
 
     return client.CoordinationV1Api(api)

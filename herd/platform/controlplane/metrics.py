@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
 from herd.platform.controlplane.policy import ModelMetrics
+
+if TYPE_CHECKING:
+    from herd.platform.gateway.core import Gateway
 
 
 class MetricsSource(Protocol):
@@ -33,7 +36,7 @@ def from_load(load: dict[str, dict[str, Any]]) -> dict[str, ModelMetrics]:
 class GatewayLoadSource:
     """The gateway running in this process (herd serve)."""
 
-    def __init__(self, gateway: Any) -> None:
+    def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
     async def read(self) -> dict[str, ModelMetrics]:

@@ -118,8 +118,8 @@ def decide(
         got = granted[name]
         if got < target:
             reason += f"; GPU pool full: {got} of {target} granted (priority {fleet.policies[name].priority})"
-        previous = state.get(name, ModelState(target=fleet.policies[name].min_replicas, last_busy=now)).target
-        decisions[name] = Decision(target=got, previous=previous, reason=reason)
+        was = state.get(name, ModelState(target=fleet.policies[name].min_replicas, last_busy=now)).target
+        decisions[name] = Decision(target=got, previous=was, reason=reason)
         new_state[name] = replace(new_state[name], target=got)
     return decisions, new_state
 

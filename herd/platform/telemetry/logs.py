@@ -14,7 +14,7 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 from opentelemetry import trace
 
@@ -42,11 +42,13 @@ class ContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         span = trace.get_current_span().get_span_context()
-        record.request_id = getattr(record, "request_id", "") or request_id.get()
+        rid = getattr(record, "request_id", "") or request_id.get()
         if span.is_valid:
-            record.trace_id, record.span_id = format(span.trace_id, "032x"), format(span.span_id, "016x")
+            trace_id, span_id = format(span.trace_id, "032x"), format(span.span_id, "016x")
         else:
-            record.trace_id, record.span_id = trace_ids.get(record.request_id, ("", ""))
+            trace_id, span_id = trace_ids.get(rid, ("", ""))
+        # Set as logging sets `extra=` fields: LogRecord declares no such attributes.
+        record.__dict__.update(request_id=rid, trace_id=trace_id, span_id=span_id)
         return True
 
 
@@ -77,7 +79,7 @@ class TextFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
-def configure_logging(settings: TelemetrySettings, stream: Any = None) -> logging.Handler:
+def configure_logging(settings: TelemetrySettings, stream: TextIO | None = None) -> logging.Handler:
     """Route the root logger through one handler of the configured format (replacing Herd's earlier one)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(ContextFilter())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -19,6 +19,10 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from herd.platform.telemetry import logs
 from herd.platform.telemetry.gateway_metrics import GatewayMetrics
 from herd.platform.telemetry.tracing import inject
+
+if TYPE_CHECKING:
+    from herd.platform.gateway.errors import GatewayError
+    from herd.protos.herd.v1 import inference_pb2 as pb
 
 tracer = trace.get_tracer("herd.gateway")
 access = logging.getLogger("herd.access")
@@ -31,7 +35,7 @@ class RequestTelemetry:
         self.metrics = metrics or GatewayMetrics()
         self.log_prompts = log_prompts
 
-    def start(self, request: Any, *, prompt_tokens: int, tenant: str, parent: Context | None,
+    def start(self, request: pb.GenerateRequest, *, prompt_tokens: int, tenant: str, parent: Context | None,
               prompt_text: str | None = None) -> RequestRecord:
         """`request` is the internal GenerateRequest; its trace_context is filled with the new span's."""
         span = tracer.start_span(f"herd.request {request.model}", context=parent, kind=SpanKind.SERVER, attributes={
@@ -81,7 +85,8 @@ class RequestRecord:
                 metrics.itl.labels(self.model).observe(gap)
         self._last_token_at = now
 
-    def end(self, status: str, *, completion_tokens: int, cached_tokens: int, error: Any = None) -> None:
+    def end(self, status: str, *, completion_tokens: int, cached_tokens: int,
+            error: GatewayError | None = None) -> None:
         """The request is over (any way): count it, close its spans, write its access-log line."""
         metrics = self.owner.metrics
         if self.admitted_at is None:

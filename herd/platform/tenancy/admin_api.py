@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -25,6 +26,9 @@ class _Body(BaseModel):
 
 
 INT64_MAX = 2**63 - 1  # the database's integer columns
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class TenantFields(_Body):
@@ -73,7 +77,7 @@ def admin_router(store: TenantStore, admin_token: str) -> APIRouter:
 
     router = APIRouter(prefix="/admin/v1", dependencies=[Depends(admin)], tags=["admin"])
 
-    async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    async def call(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except NotFound as err:

@@ -23,7 +23,7 @@ _LIMIT_FLAGS = {
 }
 
 
-def add_parser(commands: Any) -> None:
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tenants = commands.add_parser("tenants", help="tenants, API keys and usage (database or admin API)")
     tenants.add_argument("--db", help="database URL (default: the settings' tenancy.database_url)")
     tenants.add_argument("--url", help="a running server (uses its admin API instead of the database)")
@@ -75,7 +75,8 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
-def _via_database(args: argparse.Namespace) -> Any:
+def _via_database(args: argparse.Namespace) -> object:
+    """The action's result as JSON-ready data."""
     url = args.db or HerdSettings.load(args.config).tenancy.database_url
     engine = connect(url)
     migrate(engine)
@@ -101,7 +102,8 @@ def _via_database(args: argparse.Namespace) -> Any:
     return store.usage(tenant_id=args.tenant, key_id=args.key, model=args.model, day=args.day)
 
 
-def _via_api(args: argparse.Namespace) -> Any:
+def _via_api(args: argparse.Namespace) -> object:
+    """The admin API's JSON answer to the action."""
     token_file = args.admin_token_file or HerdSettings.load(args.config).tenancy.admin_token_file
     headers = {"authorization": f"Bearer {Path(token_file).read_text().strip()}"}
     base = args.url.rstrip("/") + "/admin/v1"

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -254,7 +254,7 @@ class RedisRateLimiter:
         if charges:
             await self._call("refund", key, charges, now)
 
-    async def _call(self, mode: str, key: str, charges: Sequence[Charge], now: float | None) -> list[Any]:
+    async def _call(self, mode: str, key: str, charges: Sequence[Charge], now: float | None) -> list[int | bytes | str]:
         args: list[str | float] = [mode, "" if now is None else now, WINDOW_S, EPS_S]
         for c in charges:
             args += [c.limit.name, c.limit.interval_s, c.amount]
