@@ -89,10 +89,7 @@ class ChatMessage:
                 if not isinstance(part, TextPart | ImagePart):
                     raise ValueError(f"content part must be a TextPart or ImagePart, got {part!r:.80}")
         elif not isinstance(self.content, str):
-            raise ValueError(
-                f"message content must be a str or a list of parts, got {type(self.content).__name__}: "
-                f"{self.content!r:.80}"
-            )
+            raise _bad_content(self.content)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ChatMessage:
@@ -113,6 +110,8 @@ class ChatMessage:
             content = ""
         if isinstance(content, Sequence) and not isinstance(content, str | bytes):
             content = tuple(_part_from_dict(part) for part in content)
+        elif not isinstance(content, str):
+            raise _bad_content(content)
         return cls(role=data["role"], content=content, tool_calls=tool_calls)
 
 
@@ -193,6 +192,12 @@ def _tool_section(offer: ToolOffer) -> str:
 
 def _header(role: str) -> str:
     return f"{HEADER_START}{role}{HEADER_END}\n\n"
+
+
+def _bad_content(content: object) -> ValueError:
+    return ValueError(
+        f"message content must be a str or a list of parts, got {type(content).__name__}: {content!r:.80}"
+    )
 
 
 def _part_from_dict(part: Any) -> ContentPart:

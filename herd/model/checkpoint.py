@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -18,6 +19,16 @@ from safetensors import SafetensorError, safe_open
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _TEXT_PREFIX = "language_model."
+
+
+class _TensorSlice(Protocol):
+    """What Herd reads through a safetensors slice (the library gives the type no public name)."""
+
+    def get_shape(self) -> list[int]: ...
+
+    def get_dtype(self) -> str: ...  # safetensors' code: "BF16", "F8_E4M3", ...
+
+    def __getitem__(self, index: slice) -> torch.Tensor: ...
 
 
 class CheckpointError(ValueError):
@@ -72,9 +83,10 @@ class Checkpoint:
         """The whole tensor, in its stored dtype."""
         file, raw = self._locate(name)
         try:
-            return self._handles[file].get_tensor(raw)
+            tensor: torch.Tensor = self._handles[file].get_tensor(raw)
         except SafetensorError as err:
             raise CheckpointError(f"{file}: cannot read {raw!r}: {err}") from err
+        return tensor
 
     def expert_rows(self, name: str, experts: Sequence[int]) -> torch.Tensor:
         """Rows `experts` of a tensor stacked by expert on dim 0, reading only those rows from disk."""
@@ -94,9 +106,10 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"checkpoint {self.directory} has no tensor {name!r}") from None
 
-    def _slice(self, name: str):  # safetensors handles have no public type
+    def _slice(self, name: str) -> _TensorSlice:
         file, raw = self._locate(name)
-        return self._handles[file].get_slice(raw)
+        handle: _TensorSlice = self._handles[file].get_slice(raw)
+        return handle
 
     def _find_files(self) -> dict[str, Path]:
         index = self.directory / INDEX_FILE
@@ -125,7 +138,7 @@ def canonical_name(raw: str) -> str:
     return raw[len(_TEXT_PREFIX) :] if raw.startswith(_TEXT_PREFIX) else raw
 
 
-def _open(file: Path):  # safetensors handles have no public type
+def _open(file: Path) -> safe_open:
     try:
         return safe_open(str(file), framework="pt")
     except (SafetensorError, OSError) as err:

@@ -18,4 +18,5 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        out: torch.Tensor = self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return out

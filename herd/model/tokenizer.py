@@ -146,6 +146,7 @@ def _token_string(value: Any, *, key: str) -> str | None:
     """A token string from a config entry, which is a string, ``{"content": ...}``, or null."""
     if value is None or isinstance(value, str):
         return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
+    content = value.get("content") if isinstance(value, dict) else None
+    if isinstance(content, str):
+        return content
     raise ValueError(f"tokenizer config {key} must be a string or {{'content': str}}, got {value!r}")

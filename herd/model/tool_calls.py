@@ -73,9 +73,10 @@ class FunctionTool:
         if "function" in data or "type" in data:
             if data.get("type") != "function":
                 raise ValueError(f"tool type {data.get('type')!r} is not supported; expected 'function'")
-            data = data.get("function")
-            if not isinstance(data, Mapping):
-                raise ValueError(f"a function tool needs a 'function' mapping, got {data!r:.80}")
+            function = data.get("function")
+            if not isinstance(function, Mapping):
+                raise ValueError(f"a function tool needs a 'function' mapping, got {function!r:.80}")
+            data = function
         if "name" not in data:
             raise ValueError(f"a tool function needs a 'name', got keys {sorted(data)}")
         return cls(name=data["name"], description=data.get("description"), parameters=data.get("parameters"))
@@ -339,18 +340,20 @@ def _literal_value(node: ast.expr) -> Any:
             return value
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
         operand = node.operand
-        if isinstance(operand, ast.Constant) and type(operand.value) in (int, float):
-            value = -operand.value if isinstance(node.op, ast.USub) else operand.value
-            if math.isfinite(value):
-                return value
+        # A number, not a bool: -True is no JSON value.
+        if (isinstance(operand, ast.Constant) and isinstance(operand.value, int | float)
+                and not isinstance(operand.value, bool)):
+            number = -operand.value if isinstance(node.op, ast.USub) else operand.value
+            if math.isfinite(number):
+                return number
     elif isinstance(node, ast.List | ast.Tuple):
         return [_literal_value(e) for e in node.elts]
     elif isinstance(node, ast.Dict):
-        out = {}
-        for key, value in zip(node.keys, node.values, strict=True):
+        out: dict[str, Any] = {}
+        for key, item in zip(node.keys, node.values, strict=True):
             if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
                 raise ValueError("dict keys must be string literals")
-            out[key.value] = _literal_value(value)
+            out[key.value] = _literal_value(item)
         return out
     elif isinstance(node, ast.Name) and node.id in _JSON_NAMES:
         return _JSON_NAMES[node.id]

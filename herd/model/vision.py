@@ -69,7 +69,8 @@ class PatchEmbedding(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [N, C, G*patch, G*patch] -> [N, P, Hv], patches in row-major order."""
         patches = F.unfold(pixels, kernel_size=self.patch_size, stride=self.patch_size)  # [N, C*patch^2, P]
-        return self.linear(patches.transpose(1, 2))
+        embedded: torch.Tensor = self.linear(patches.transpose(1, 2))  # [N, P, Hv]
+        return embedded
 
 
 class VisionAttention(nn.Module):
@@ -91,7 +92,8 @@ class VisionAttention(nn.Module):
         k = apply_rotary(self.k_proj(x).view(n, t, -1, self.head_dim), rot)
         v = self.v_proj(x).view(n, t, -1, self.head_dim)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.o_proj(out.transpose(1, 2).reshape(n, t, -1))
+        projected: torch.Tensor = self.o_proj(out.transpose(1, 2).reshape(n, t, -1))  # [N, S, Hv]
+        return projected
 
 
 class VisionMLP(nn.Module):
@@ -103,7 +105,8 @@ class VisionMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        out: torch.Tensor = self.fc2(F.gelu(self.fc1(x)))
+        return out
 
 
 class VisionEncoderLayer(nn.Module):
@@ -118,7 +121,8 @@ class VisionEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rot)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return out
 
 
 class VisionEncoder(nn.Module):
@@ -138,7 +142,8 @@ class AdapterMLP(nn.Module):
         self.fc2 = nn.Linear(config.projector_output_dim, config.projector_output_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.fc2(F.gelu(self.fc1(x))))
+        hidden: torch.Tensor = self.fc1(x)
+        return F.gelu(self.fc2(F.gelu(hidden)))
 
 
 class VisionAdapter(nn.Module):
@@ -150,7 +155,8 @@ class VisionAdapter(nn.Module):
         self.mlp = AdapterMLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(pixel_shuffle(x, self.shuffle_factor))
+        out: torch.Tensor = self.mlp(pixel_shuffle(x, self.shuffle_factor))
+        return out
 
 
 class VisionModel(nn.Module):
@@ -172,7 +178,7 @@ class VisionModel(nn.Module):
         """pixel_values [N, C, side, side] -> encoder output [N, S, Hv], class token last, before layernorm_post."""
         weight = self.patch_embedding.linear.weight
         _check_pixels(pixel_values, self.config)
-        x = self.patch_embedding(pixel_values.to(device=weight.device, dtype=weight.dtype))  # [N, P, Hv]
+        x: torch.Tensor = self.patch_embedding(pixel_values.to(device=weight.device, dtype=weight.dtype))  # [N, P, Hv]
         cls = self.class_embedding.expand(x.shape[0], 1, -1)  # [N, 1, Hv]
         x = self.layernorm_pre(torch.cat([x, cls], dim=1) + self.positional_embedding_vlm)  # [N, S, Hv]
         rot = vision_rotations(self.config, weight.device)  # [S, D/2]
@@ -183,7 +189,8 @@ class VisionModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, C, side, side] -> [N, F, A]."""
         x = self.layernorm_post(self.encode(pixel_values))[:, :-1]  # [N, P, Hv], class token dropped
-        return self.vision_adapter(x)
+        adapted: torch.Tensor = self.vision_adapter(x)
+        return adapted
 
 
 class Projector(nn.Module):
@@ -194,7 +201,8 @@ class Projector(nn.Module):
         self.linear_1 = nn.Linear(config.vision_output_dim, config.text_hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_1(x)
+        projected: torch.Tensor = self.linear_1(x)
+        return projected
 
 
 class VisionTower(nn.Module):
@@ -209,7 +217,8 @@ class VisionTower(nn.Module):
     @torch.inference_mode()
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, C, side, side] -> [N, F, H]: F = tokens_per_tile embeddings per tile, in order."""
-        return self.multi_modal_projector(self.vision_model(pixel_values))
+        features: torch.Tensor = self.multi_modal_projector(self.vision_model(pixel_values))
+        return features
 
 
 def load_vision(
