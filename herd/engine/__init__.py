@@ -7,12 +7,13 @@
 
 from herd.engine.async_engine import AsyncLLMEngine
 from herd.engine.config import EngineConfig
-from herd.engine.errors import StepError
+from herd.engine.errors import Code, HerdError
 from herd.engine.llm_engine import LLMEngine
 from herd.engine.outputs import RequestOutput
 from herd.engine.sampler import TokenLogprobs
 from herd.engine.sampling_params import SamplingParams
 
 __all__ = [
-    "AsyncLLMEngine", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams", "StepError", "TokenLogprobs",
+    "AsyncLLMEngine", "Code", "EngineConfig", "HerdError", "LLMEngine", "RequestOutput", "SamplingParams",
+    "TokenLogprobs",
 ]

@@ -19,7 +19,7 @@ import torch
 
 from herd.engine.config import EngineConfig
 from herd.engine.detokenizer import IncrementalDetokenizer
-from herd.engine.errors import StepError
+from herd.engine.errors import HerdError
 from herd.engine.kv_cache_manager import KVCacheManager
 from herd.engine.model_runner import ModelRunner
 from herd.engine.outputs import RequestOutput, RequestTimes
@@ -70,7 +70,6 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._aborted: list[_Request] = []
         self._ids = itertools.count()
-        self.last_error: str | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -161,7 +160,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         try:
             logits = self.runner.run(scheduled.chunks) if scheduled.chunks else None
-        except StepError as err:
+        except HerdError as err:
             return self._fail(scheduled, err)
         self.scheduler.on_step_done(scheduled)
         return self._postprocess(scheduled, logits)
@@ -207,14 +206,13 @@ class LLMEngine:
             outputs.append(self._report(request))
         return outputs
 
-    def _fail(self, scheduled: SchedulerOutput, err: StepError) -> list[RequestOutput]:
-        """The step's work is lost: its requests end with the error (within their deadline, never a hang)
-        and give back their blocks; requests not in the step carry on."""
-        self.last_error = f"{err.code}: {err}"
+    def _fail(self, scheduled: SchedulerOutput, err: HerdError) -> list[RequestOutput]:
+        """The step's work is lost (an expert shard unreachable, a deadline missed, ...): its requests end with
+        the error (within their deadline, never a hang) and give back their blocks; others carry on."""
         outputs = [self._report(r) for r in self._aborted]
         self._aborted.clear()
         for chunk in scheduled.chunks:
-            chunk.seq.error = self.last_error
+            chunk.seq.error = err
             self.scheduler.finish(chunk.seq, "error")
             outputs.append(self._report(self._requests[chunk.seq.request_id]))
         return outputs

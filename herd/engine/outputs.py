@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from herd.engine.errors import HerdError
 from herd.engine.sampler import TokenLogprobs
 
 
@@ -33,5 +34,5 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length", "abort" or "error" once finished
     logprobs: list[TokenLogprobs] | None
     num_cached_tokens: int  # prompt tokens served from the prefix cache
-    error: str | None = None  # "CODE: message" when finish_reason is "error" (CODE a gRPC status name)
+    error: HerdError | None = None  # why, when finish_reason is "error"
     times: RequestTimes | None = None  # on the finished output only

@@ -13,6 +13,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from herd.engine.errors import HerdError
 from herd.engine.prompt_images import ImageSpan, PromptImages
 from herd.engine.sampling_params import SamplingParams
 
@@ -45,7 +46,7 @@ class Sequence:
     num_computed: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None
-    error: str | None = None
+    error: HerdError | None = None
     arrival: int = field(default_factory=lambda: next(_arrivals))
     num_cached_prompt_tokens: int = 0
     """Prompt tokens served from the prefix cache at admission (the last admission, after preemption)."""

@@ -15,10 +15,11 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from herd.engine.errors import Code, HerdError
 from herd.protos.herd.v1 import experts_pb2 as pb
 from herd.protos.herd.v1 import experts_pb2_grpc as pb_grpc
 from herd.workers.expert_shard import MAX_MESSAGE_BYTES, SERVICE
-from herd.workers.transport import ShardError, ShardWork, TransportStats
+from herd.workers.transport import ShardWork, TransportStats
 from herd.workers.wire import from_wire, to_wire
 
 
@@ -114,7 +115,7 @@ class _ShardStream:
                     return self.stub.Info(pb.InfoRequest(), timeout=min(self.timeout_s, 2.0))
                 except grpc.RpcError as probe:
                     err = probe
-            raise ShardError(f"expert shard at {self.address}: {err.details()}", code=err.code().name) from err
+            raise HerdError(Code.of(err.code().name), f"expert shard at {self.address}: {err.details()}") from err
 
     def send(self, layer: int, counts: list[int], rows: pb.Tensor, trace_context: dict[str, str] | None = None) -> int:
         with self._lock:
@@ -131,15 +132,16 @@ class _ShardStream:
             reply = self._replies.get(timeout=self.timeout_s)
         except queue.Empty:
             self._break()
-            raise ShardError(f"expert shard at {self.address} did not answer within {self.timeout_s:g} s",
-                             code="DEADLINE_EXCEEDED") from None
+            raise HerdError(Code.DEADLINE_EXCEEDED,
+                            f"expert shard at {self.address} did not answer within {self.timeout_s:g} s") from None
         if isinstance(reply, grpc.RpcError):
             self._break()
             code = reply.code().name if reply.code() is not None else "UNAVAILABLE"
-            raise ShardError(f"expert shard at {self.address}: {reply.details()}", code=code)
+            raise HerdError(Code.of(code), f"expert shard at {self.address}: {reply.details()}")
         if reply.sequence != sequence:
             self._break()
-            raise ShardError(f"expert shard at {self.address} answered message {reply.sequence}, not {sequence}")
+            raise HerdError(Code.INTERNAL,
+                            f"expert shard at {self.address} answered message {reply.sequence}, not {sequence}")
         return reply
 
     def healthy(self) -> bool:

@@ -19,13 +19,14 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from herd.engine.errors import HerdError
 from herd.model.dtypes import dtype_name
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.workers.grpc_transport import GrpcTransport
 from herd.workers.process_setup import ProcessSetup
 from herd.workers.ray_transport import RayTransport
 from herd.workers.replica_config import BUNDLE_CPUS, ReplicaArgs
-from herd.workers.replica_core import ReplicaCore, ReplicaError
+from herd.workers.replica_core import ReplicaCore
 from herd.workers.shard_actor import ExpertShardActor
 from herd.workers.transport import ExpertTransport
 
@@ -58,9 +59,9 @@ class ModelReplica:
         try:
             async for chunk in self.core.generate(request):
                 yield chunk
-        except ReplicaError as err:
+        except HerdError as err:
             if grpc_context is not None:
-                grpc_context.set_code(getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL))
+                grpc_context.set_code(getattr(grpc.StatusCode, err.code.value))
                 grpc_context.set_details(err.message)
             raise
 

@@ -7,11 +7,12 @@ from typing import Any
 import ray
 import torch
 
-from herd.workers.transport import ShardError, ShardWork, TransportStats
+from herd.engine.errors import Code, HerdError
+from herd.workers.transport import ShardWork, TransportStats
 
 
 class RayTransport:
-    """Every layer's work goes to all shard actors at once; a refusal or a dead actor is a ShardError."""
+    """Every layer's work goes to all shard actors at once; a refusal or a dead actor is a HerdError."""
 
     def __init__(self, actors: list[Any], *, timeout_s: float) -> None:
         self.actors = actors
@@ -29,12 +30,12 @@ class RayTransport:
             outputs: list[torch.Tensor] = ray.get(refs, timeout=self.timeout_s)
             return outputs
         except ray.exceptions.GetTimeoutError as err:
-            raise ShardError(f"an expert shard did not answer within {self.timeout_s:g} s",
-                             code="DEADLINE_EXCEEDED") from err
+            late = f"an expert shard did not answer within {self.timeout_s:g} s"
+            raise HerdError(Code.DEADLINE_EXCEEDED, late) from err
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
-            raise ShardError(f"an expert shard is unavailable: {err}", code="UNAVAILABLE") from err
+            raise HerdError(Code.UNAVAILABLE, f"an expert shard is unavailable: {err}") from err
         except ray.exceptions.RayTaskError as err:  # the shard refused the work (ValueError: a bad dispatch)
-            raise ShardError(f"an expert shard refused the work: {err.cause}", code="INVALID_ARGUMENT") from err
+            raise HerdError(Code.INVALID_ARGUMENT, f"an expert shard refused the work: {err.cause}") from err
         finally:
             self.stats.calls += 1
 

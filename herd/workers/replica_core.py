@@ -19,6 +19,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from herd.engine import AsyncLLMEngine, LLMEngine, RequestOutput, SamplingParams
+from herd.engine.errors import Code, HerdError
 from herd.engine.outputs import RequestTimes
 from herd.engine.prompt_images import ImageInput
 from herd.model import load_model
@@ -35,19 +36,6 @@ from herd.workers.shard_experts import ShardExperts
 from herd.workers.transport import ExpertTransport, InProcessTransport
 
 tracer = trace.get_tracer("herd.workers.replica")
-
-
-class ReplicaError(Exception):
-    """A request this replica cannot serve; `code` is a gRPC status name for the gateway to map."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-    def __reduce__(self) -> tuple[type[ReplicaError], tuple[str, str]]:
-        # Ray pickles a replica's exception to the caller; the default would call ReplicaError("CODE: msg").
-        return ReplicaError, (self.code, self.message)
 
 
 TransportFactory = Callable[[list[tuple[int, ...]]], ExpertTransport]
@@ -98,9 +86,9 @@ class ReplicaCore:
                             created=self.created)
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
-        """Stream the request's chunks; ReplicaError for what cannot be served."""
+        """Stream the request's chunks; HerdError for what cannot be served."""
         if self._draining:
-            raise ReplicaError("UNAVAILABLE", f"replica of {self.config.name} is shutting down")
+            raise HerdError(Code.UNAVAILABLE, f"replica of {self.config.name} is shutting down")
         params, prompt = self._unpack(request)
         images = await asyncio.to_thread(self._images, request) if request.images else ()
         tenant = request.tenant
@@ -123,8 +111,7 @@ class ReplicaCore:
                     if out.times is not None:
                         self._finished(span, out.times)
                     if out.finish_reason == "error":
-                        code, _, message = (out.error or "INTERNAL: step failed").partition(": ")
-                        raise ReplicaError(code, message)
+                        raise out.error or HerdError(Code.INTERNAL, "the engine step failed")
                     pending = self._merge(pending, self._chunk(out))
                     now = time.monotonic()
                     if out.finished or not sent_at or now - sent_at >= self.config.stream_interval_s:
@@ -132,8 +119,8 @@ class ReplicaCore:
                         pending, sent_at = None, now
         except ValueError as err:
             span.set_status(Status(StatusCode.ERROR, str(err)))
-            raise ReplicaError("INVALID_ARGUMENT", str(err)) from err
-        except ReplicaError as err:
+            raise HerdError(Code.INVALID_ARGUMENT, str(err)) from err
+        except HerdError as err:
             span.set_status(Status(StatusCode.ERROR, err.message))
             raise
         finally:
@@ -193,7 +180,7 @@ class ReplicaCore:
 
     def _unpack(self, request: pb.GenerateRequest) -> tuple[SamplingParams, list[int]]:
         if request.WhichOneof("prompt") != "token_ids":
-            raise ReplicaError("INVALID_ARGUMENT", "a replica takes token ids (the gateway tokenizes)")
+            raise HerdError(Code.INVALID_ARGUMENT, "a replica takes token ids (the gateway tokenizes)")
         options = request.sampling
         try:
             params = SamplingParams(
@@ -209,19 +196,19 @@ class ReplicaCore:
                 ignore_eos=options.ignore_eos,
             )
         except ValueError as err:
-            raise ReplicaError("INVALID_ARGUMENT", str(err)) from err
+            raise HerdError(Code.INVALID_ARGUMENT, str(err)) from err
         return params, list(request.token_ids.ids)
 
     def _images(self, request: pb.GenerateRequest) -> list[ImageInput]:
         """Each encoded image of the request, decoded and tiled as the gateway counted it."""
         if self.image_prompts is None:
-            raise ReplicaError("INVALID_ARGUMENT", f"model {self.config.name} takes no images (text only)")
+            raise HerdError(Code.INVALID_ARGUMENT, f"model {self.config.name} takes no images (text only)")
         images = []
         for index, data in enumerate(request.images):
             try:
                 images.append(ImageInput(self.image_prompts.pixel_values(data)))
             except ValueError as err:
-                raise ReplicaError("INVALID_ARGUMENT", f"image {index}: {err}") from err
+                raise HerdError(Code.INVALID_ARGUMENT, f"image {index}: {err}") from err
         return images
 
     def _chunk(self, out: RequestOutput) -> pb.GenerateChunk:

@@ -2,8 +2,8 @@
 
 Legend: R rows, H hidden. A transport takes, per shard, the rows for its experts and the row count
 of each of its experts (in the shard's own expert order), runs them on every shard at once, and
-returns each shard's outputs in the same order. Failures surface as ShardError with a gRPC status
-name, which the engine turns into failed requests. Every transport ends in ShardExperts.compute on the
+returns each shard's outputs in the same order. Failures surface as HerdError (a shard unreachable,
+late or refusing), which the engine turns into failed requests. Every transport ends in ShardExperts.compute on the
 shard's side (herd.workers.shard_experts); the others are herd.workers.grpc_transport and ray_transport.
 """
 
@@ -15,12 +15,7 @@ from typing import Protocol
 
 import torch
 
-from herd.engine.errors import StepError
 from herd.workers.shard_experts import ShardExperts
-
-
-class ShardError(StepError):
-    """An expert shard could not do its part of a step."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Where the gateway sends a model's requests: one interface, a replica in this process or Ray Serve.
 
 A backend takes internal herd.v1 GenerateRequests (token ids, checked) and streams GenerateChunks;
-failures arrive as GatewayError. Closing the stream early (client gone, deadline) aborts the request
+failures arrive as HerdError. Closing the stream early (client gone, deadline) aborts the request
 in the engine, which frees its KV blocks.
 """
 
@@ -11,11 +11,12 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from herd.engine.errors import HerdError
 from herd.model.image_prompts import ImagePrompts
 from herd.model.tokenizer import Tokenizer
-from herd.platform.gateway.errors import GatewayError, from_code, overloaded
+from herd.platform.gateway.errors import from_replica, overloaded
 from herd.protos.herd.v1 import inference_pb2 as pb
-from herd.workers.replica_core import ReplicaCore, ReplicaError
+from herd.workers.replica_core import ReplicaCore
 
 
 class Backend(Protocol):
@@ -59,8 +60,8 @@ class LocalBackend:
             async with contextlib.aclosing(self.core.generate(request)) as stream:
                 async for chunk in stream:
                     yield chunk
-        except ReplicaError as err:
-            raise from_code(err.code, err.message) from err
+        except HerdError as err:
+            raise from_replica(err) from err
         finally:
             self._active -= 1
 
@@ -74,4 +75,4 @@ class LocalBackend:
         return 1  # the core in this process
 
 
-__all__ = ["Backend", "GatewayError", "LocalBackend"]
+__all__ = ["Backend", "LocalBackend"]

@@ -11,7 +11,7 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from herd.platform.gateway.errors import payload_too_large
+from herd.platform.gateway.errors import openai_body, payload_too_large
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -81,7 +81,7 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _refuse(send: Send, limit_bytes: int) -> None:
-    body = json.dumps(payload_too_large(limit_bytes).body()).encode()
+    body = json.dumps(openai_body(payload_too_large(limit_bytes))).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from herd.platform.gateway.errors import GatewayError
+from herd.platform.gateway.errors import cold_start
 from herd.platform.gateway.load import LoadTracker
 
 
@@ -51,13 +51,6 @@ class ReplicaCount(Protocol):
     async def ready_replicas(self) -> int | None: ...
 
 
-def cold_start_refusal(model: str, waited_s: float, retry_after_s: int) -> GatewayError:
-    return GatewayError(503, "UNAVAILABLE", "server_error",
-                        f"The model '{model}' has no ready replica yet (it was scaled to zero and one is starting); "
-                        f"waited {waited_s:.0f} s. Retry after {retry_after_s} s.",
-                        openai_code="model_starting", retry_after_s=retry_after_s)
-
-
 async def wait_for_replica(backend: ReplicaCount, load: LoadTracker, policy: ColdStartPolicy, *,
                            deadline: float, clock: Callable[[], float] = time.monotonic) -> None:
     """Return once `backend` has a ready replica (or cannot tell); raise the 503 when the wait runs out."""
@@ -74,6 +67,6 @@ async def wait_for_replica(backend: ReplicaCount, load: LoadTracker, policy: Col
             if ready is None or ready > 0:
                 return
         load.refused_for_cold_start(backend.name)
-        raise cold_start_refusal(backend.name, clock() - started, policy.retry_after_s)
+        raise cold_start(backend.name, clock() - started, policy.retry_after_s)
     finally:
         load.waiting(backend.name, -1)

@@ -4,7 +4,7 @@ Both doors turn their request into the same internal herd.v1 GenerateRequest her
 (chat) and tokenized, its images' grids read from their headers and their placeholder tokens put in
 the prompt (so image tokens are counted and checked like text), its length checked against the model's
 context, max_tokens defaulted or refused, the tenant context attached. The stream that comes back is
-the same for both; errors are GatewayErrors.
+the same for both; refusals are HerdErrors (herd.platform.gateway.errors builds them).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from typing import Any, Protocol
 
 from opentelemetry.context import Context
 
+from herd.engine.errors import HerdError
 from herd.model.chat_template import render_chat
 from herd.model.image_processor import TileGrid
 from herd.model.special_tokens import BEGIN_OF_TEXT
 from herd.platform.gateway.backend import Backend
 from herd.platform.gateway.cold_start import ColdStartPolicy, wait_for_replica
 from herd.platform.gateway.errors import (
-    GatewayError,
     context_length_exceeded,
     deadline_exceeded,
     invalid_request,
@@ -88,11 +88,11 @@ class Gateway:
 
     @contextlib.contextmanager
     def _counting_rejections(self) -> Iterator[None]:
-        """A GatewayError raised before a request reaches a model is counted by its code, then re-raised."""
+        """A refusal before a request reaches a model is counted by its code, then re-raised."""
         try:
             yield
-        except GatewayError as err:
-            self.telemetry.metrics.rejected.labels(err.code).inc()
+        except HerdError as err:
+            self.telemetry.metrics.rejected.labels(err.code.value).inc()
             raise
 
     def backend(self, model: str, identity: Any = None) -> Backend:
@@ -235,8 +235,8 @@ class Gateway:
                     if chunk.finish_reason:
                         cached = chunk.usage.cached_tokens
                     yield chunk
-        except GatewayError as err:
-            status, error = err.code.lower(), err
+        except HerdError as err:
+            status, error = err.code.value.lower(), err
             raise
         finally:
             if started is not None:
@@ -286,4 +286,4 @@ def _is_parts(content: object) -> bool:
     return isinstance(content, Sequence) and not isinstance(content, str | bytes)
 
 
-__all__ = ["Gateway", "GatewayError", "Prepared"]
+__all__ = ["Gateway", "Prepared"]

@@ -1,85 +1,159 @@
-"""Every way a request can be refused, once, with its HTTP status, OpenAI error type and gRPC code."""
+"""Every way a request can be refused, built here and only here, and how each door presents it.
+
+Refusals are HerdErrors (herd.engine.errors: a gRPC code, a message, the bad parameter, a reason, a retry
+delay), the one error type from the engine to the gateway. The gRPC door answers with the code; the HTTP
+door with `http_status` and `openai_body`. A replica's errors arrive as HerdErrors too (`from_replica`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from herd.engine.errors import Code, HerdError
+
+_HTTP = {  # code -> (HTTP status, OpenAI error type)
+    Code.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    Code.UNAUTHENTICATED: (401, "authentication_error"),
+    Code.PERMISSION_DENIED: (403, "permission_error"),
+    Code.NOT_FOUND: (404, "invalid_request_error"),
+    Code.ALREADY_EXISTS: (409, "invalid_request_error"),
+    Code.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    Code.CANCELLED: (499, "cancelled"),
+    Code.INTERNAL: (500, "server_error"),
+    Code.UNAVAILABLE: (503, "server_error"),
+    Code.DEADLINE_EXCEEDED: (504, "timeout"),
+}
+_HTTP_BY_REASON = {"request_too_large": (413, "invalid_request_error")}  # RESOURCE_EXHAUSTED, but not a limit
+_HTTP_CODES = {404: Code.NOT_FOUND, 401: Code.UNAUTHENTICATED, 403: Code.PERMISSION_DENIED}
 
 
-@dataclass
-class GatewayError(Exception):
-    """A request the gateway answers with an error; the server keeps serving."""
-
-    status: int  # HTTP status
-    code: str  # gRPC status name
-    type: str  # OpenAI error type
-    message: str
-    param: str | None = None
-    openai_code: str | None = None  # OpenAI error code, e.g. context_length_exceeded
-    retry_after_s: int | None = None
-
-    def __str__(self) -> str:
-        return self.message
-
-    def body(self) -> dict[str, object]:
-        """The OpenAI-shaped error body."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.openai_code}}
+def http_status(err: HerdError) -> int:
+    return _HTTP_BY_REASON.get(err.reason or "", _HTTP[err.code])[0]
 
 
-def invalid_request(message: str, param: str | None = None) -> GatewayError:
-    return GatewayError(400, "INVALID_ARGUMENT", "invalid_request_error", message, param=param)
+def openai_body(err: HerdError) -> dict[str, object]:
+    """The OpenAI-shaped error body."""
+    kind = _HTTP_BY_REASON.get(err.reason or "", _HTTP[err.code])[1]
+    return {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.reason}}
 
 
-def too_many_images(count: int, limit: int) -> GatewayError:
+def bearer_credential(header: str | None) -> str | None:
+    """The credential of an `Authorization: Bearer <credential>` header (None when absent or another scheme).
+    The gRPC door also takes the bare credential as its `authorization` metadata."""
+    scheme, _, credential = (header or "").strip().partition(" ")
+    return (credential.strip() or None) if scheme.lower() == "bearer" else None
+
+
+# --- the request --------------------------------------------------------------------------------------------
+def invalid_request(message: str, param: str | None = None) -> HerdError:
+    return HerdError(Code.INVALID_ARGUMENT, message, param=param)
+
+
+def http_refusal(status: int, message: str) -> HerdError:
+    """A refusal of the HTTP framework's own (no such route, wrong method, an unreadable body)."""
+    return HerdError(_HTTP_CODES.get(status, Code.INTERNAL if status >= 500 else Code.INVALID_ARGUMENT), message)
+
+
+def too_many_images(count: int, limit: int) -> HerdError:
     return invalid_request(f"{count} images in one request; at most {limit} are allowed", param="messages")
 
 
-def model_not_found(name: str, known: list[str]) -> GatewayError:
-    return GatewayError(404, "NOT_FOUND", "invalid_request_error", f"The model '{name}' does not exist; "
-                        f"this server serves {known}", param="model", openai_code="model_not_found")
+def model_not_found(name: str, known: list[str]) -> HerdError:
+    return HerdError(Code.NOT_FOUND, f"The model '{name}' does not exist; this server serves {known}",
+                     param="model", reason="model_not_found")
 
 
-def context_length_exceeded(limit: int, prompt: int, completion: int) -> GatewayError:
-    return GatewayError(
-        400, "INVALID_ARGUMENT", "invalid_request_error",
+def context_length_exceeded(limit: int, prompt: int, completion: int) -> HerdError:
+    return HerdError(
+        Code.INVALID_ARGUMENT,
         f"This model's maximum context length is {limit} tokens. However, you requested {prompt + completion} "
         f"tokens ({prompt} in the prompt, {completion} in the completion).",
-        param="messages", openai_code="context_length_exceeded",
+        param="messages", reason="context_length_exceeded",
     )
 
 
-def payload_too_large(limit_bytes: int) -> GatewayError:
-    return GatewayError(413, "RESOURCE_EXHAUSTED", "invalid_request_error",
-                        f"The request body is larger than this server's limit of {limit_bytes} bytes.",
-                        openai_code="request_too_large")
+def payload_too_large(limit_bytes: int) -> HerdError:
+    return HerdError(Code.RESOURCE_EXHAUSTED, f"The request body is larger than this server's limit of "
+                     f"{limit_bytes} bytes.", reason="request_too_large")
 
 
-def overloaded(retry_after_s: int = 1) -> GatewayError:
-    return GatewayError(429, "RESOURCE_EXHAUSTED", "rate_limit_error",
-                        "The server is at capacity; retry shortly.", retry_after_s=retry_after_s)
+# --- tenancy ------------------------------------------------------------------------------------------------
+def unauthenticated(message: str = "Missing or invalid API key.") -> HerdError:
+    return HerdError(Code.UNAUTHENTICATED, message, reason="invalid_api_key")
 
 
-def unavailable(message: str) -> GatewayError:
-    return GatewayError(503, "UNAVAILABLE", "server_error", message, retry_after_s=1)
+def admin_unauthenticated() -> HerdError:
+    return HerdError(Code.UNAUTHENTICATED, "Admin credential required.")
 
 
-def deadline_exceeded(seconds: float) -> GatewayError:
-    return GatewayError(504, "DEADLINE_EXCEEDED", "timeout", f"The request did not finish within {seconds:g} s.")
+def permission_denied(model: str) -> HerdError:
+    return HerdError(Code.PERMISSION_DENIED, f"This API key may not use the model '{model}'.", param="model",
+                     reason="model_not_allowed")
 
 
-def internal(message: str) -> GatewayError:
-    return GatewayError(500, "INTERNAL", "server_error", message)
+def context_limit(limit: int, needed: int) -> HerdError:
+    return HerdError(Code.INVALID_ARGUMENT, f"Your context limit is {limit} tokens; this request needs {needed}.",
+                     param="max_tokens", reason="context_length_exceeded")
 
 
-_FROM_CODE = {
-    "INVALID_ARGUMENT": lambda m: invalid_request(m),
-    "NOT_FOUND": lambda m: GatewayError(404, "NOT_FOUND", "invalid_request_error", m),
-    "RESOURCE_EXHAUSTED": lambda m: overloaded(),
-    "UNAVAILABLE": unavailable,
-    "DEADLINE_EXCEEDED": lambda m: GatewayError(504, "DEADLINE_EXCEEDED", "timeout", m),
-    "CANCELLED": lambda m: GatewayError(499, "CANCELLED", "cancelled", m),
-}
+def output_limit(limit: int) -> HerdError:
+    return invalid_request(f"max_tokens may be at most {limit} for your key.", param="max_tokens")
 
 
-def from_code(code: str, message: str) -> GatewayError:
-    """The GatewayError for a gRPC status name reported by a replica."""
-    return _FROM_CODE.get(code, internal)(message)
+def limit_exceeded(limit: str, retry_after_s: float, detail: str) -> HerdError:
+    retry = 3600 if retry_after_s == float("inf") else max(1, int(retry_after_s + 0.999))
+    return HerdError(Code.RESOURCE_EXHAUSTED, f"Limit '{limit}' reached: {detail}", reason=limit,
+                     retry_after_s=retry)
+
+
+def database_unavailable() -> HerdError:
+    return HerdError(Code.UNAVAILABLE, "The tenancy database is unavailable; retry shortly.", retry_after_s=5)
+
+
+def not_found(message: str) -> HerdError:
+    return HerdError(Code.NOT_FOUND, message)
+
+
+def already_exists(message: str) -> HerdError:
+    return HerdError(Code.ALREADY_EXISTS, message)
+
+
+# --- capacity and time --------------------------------------------------------------------------------------
+def overloaded(retry_after_s: int = 1) -> HerdError:
+    return HerdError(Code.RESOURCE_EXHAUSTED, "The server is at capacity; retry shortly.",
+                     retry_after_s=retry_after_s)
+
+
+def unavailable(message: str) -> HerdError:
+    return HerdError(Code.UNAVAILABLE, message, retry_after_s=1)
+
+
+def cold_start(model: str, waited_s: float, retry_after_s: int) -> HerdError:
+    return HerdError(Code.UNAVAILABLE, f"The model '{model}' has no ready replica yet (it was scaled to zero and one "
+                     f"is starting); waited {waited_s:.0f} s. Retry after {retry_after_s} s.",
+                     reason="model_starting", retry_after_s=retry_after_s)
+
+
+def deadline_exceeded(seconds: float) -> HerdError:
+    return HerdError(Code.DEADLINE_EXCEEDED, f"The request did not finish within {seconds:g} s.")
+
+
+def internal(message: str) -> HerdError:
+    return HerdError(Code.INTERNAL, message)
+
+
+def from_replica(err: HerdError) -> HerdError:
+    """A replica's error as the gateway answers it: a replica at capacity is the server at capacity, and a
+    replica that is going away is worth a retry in a second; the rest as the replica said. Always a plain
+    HerdError (what Ray raises is its own subclass, whose text is a remote traceback)."""
+    if err.code is Code.RESOURCE_EXHAUSTED:
+        return overloaded()
+    if err.code is Code.UNAVAILABLE and err.retry_after_s is None:
+        return unavailable(err.message)
+    return HerdError(err.code, err.message, param=err.param, reason=err.reason, retry_after_s=err.retry_after_s)
+
+
+def from_status(name: str, message: str) -> HerdError:
+    """The error of a gRPC status a replica answered with through Serve's gRPC proxy (its name, its details)."""
+    return from_replica(HerdError(Code.of(name), message))
+
+
+__all__ = ["HerdError", "http_status", "openai_body"]

@@ -19,8 +19,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from herd.engine.errors import HerdError
 from herd.platform.gateway.core import Gateway, Prepared
-from herd.platform.gateway.errors import GatewayError, internal, invalid_request
+from herd.platform.gateway.errors import bearer_credential, internal, invalid_request
 from herd.platform.telemetry.tracing import extract
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
@@ -83,7 +84,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         await _refuse_unreadable(request, context)
         try:
             return pb.ListModelsResponse(models=self.gateway.list_models(await self._identity(context)))
-        except GatewayError as err:
+        except HerdError as err:
             await _abort(context, err)
             raise  # _abort always raises; this keeps type checkers honest
 
@@ -137,7 +138,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             async with contextlib.aclosing(stream) as chunks:
                 async for chunk in chunks:
                     yield chunk
-        except GatewayError as err:
+        except HerdError as err:
             await _abort(context, err)
         except Exception as err:  # a bug, never a bare UNKNOWN: INTERNAL with what happened
             await _abort(context, internal(f"{type(err).__name__}: {err}"))
@@ -146,13 +147,12 @@ class InferenceService(pb_grpc.InferenceServicer):
         """The caller, from `authorization` metadata ("Bearer <key>" or the bare key)."""
         metadata = dict(context.invocation_metadata() or ())
         value = str(metadata.get("authorization", "")).strip()
-        credential = value[7:].strip() if value.lower().startswith("bearer ") else value
-        return await self.gateway.identify(credential or None)
+        return await self.gateway.identify(bearer_credential(value) or value or None)
 
 
-async def _abort(context: grpc.aio.ServicerContext, err: GatewayError) -> None:
+async def _abort(context: grpc.aio.ServicerContext, err: HerdError) -> None:
     """End the call with the error's status; a retriable one carries google.rpc.RetryInfo (and retry-after)."""
-    code = getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL)
+    code = getattr(grpc.StatusCode, err.code.value)
     if err.retry_after_s is None:
         await context.abort(code, err.message)
     detail = any_pb2.Any()

@@ -23,10 +23,18 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
 from herd import __version__
+from herd.engine.errors import HerdError
 from herd.platform.gateway import openai_translate as translate
 from herd.platform.gateway.body_limit import BodyLimitMiddleware
 from herd.platform.gateway.core import Gateway
-from herd.platform.gateway.errors import GatewayError, internal
+from herd.platform.gateway.errors import (
+    bearer_credential,
+    http_refusal,
+    http_status,
+    internal,
+    invalid_request,
+    openai_body,
+)
 from herd.platform.gateway.image_urls import ImageUrlPolicy
 from herd.platform.gateway.openai_models import (
     ChatCompletion,
@@ -70,19 +78,16 @@ def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = (),
 
     async def identity(request: Request) -> Any:
         """The caller, from `Authorization: Bearer <key>` (401 when tenancy is on and it is missing or bad)."""
-        header = request.headers.get("authorization", "")
-        scheme, _, credential = header.partition(" ")
-        return await gateway.identify(credential.strip() if scheme.lower() == "bearer" else None)
+        return await gateway.identify(bearer_credential(request.headers.get("authorization")))
 
-    @app.exception_handler(GatewayError)
-    async def _gateway_error(_: Request, err: GatewayError) -> JSONResponse:
+    @app.exception_handler(HerdError)
+    async def _refused(_: Request, err: HerdError) -> JSONResponse:
         return error_response(err)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, err: HTTPException) -> JSONResponse:
         """Starlette's own refusals (no such route, wrong method, a body it cannot read), OpenAI-shaped."""
-        kind = "server_error" if err.status_code >= 500 else "invalid_request_error"
-        response = error_response(GatewayError(err.status_code, "INVALID_ARGUMENT", kind, str(err.detail)))
+        response = error_response(http_refusal(err.status_code, str(err.detail)), status=err.status_code)
         response.headers.update(err.headers or {})
         return response
 
@@ -93,8 +98,7 @@ def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = (),
         message = f"{where}: {first['msg']}" if where else str(first["msg"])
         if first.get("type") == "json_invalid":
             message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
-        return error_response(GatewayError(400, "INVALID_ARGUMENT", "invalid_request_error", message,
-                                           param=where or None))
+        return error_response(invalid_request(message, param=where or None))
 
     @app.get("/health", responses={503: {"description": "a model is not healthy"}})
     async def health() -> JSONResponse:
@@ -205,9 +209,10 @@ def _trace_parent(request: Request) -> Context | None:
     return None if trace.get_current_span().get_span_context().is_valid else extract(request.headers)
 
 
-def error_response(err: GatewayError) -> JSONResponse:
+def error_response(err: HerdError, *, status: int | None = None) -> JSONResponse:
+    """The OpenAI-shaped answer to a refusal: its HTTP status (or `status`), and Retry-After when it has one."""
     headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    return JSONResponse(openai_body(err), status_code=status or http_status(err), headers=headers)
 
 
 async def _stream(
@@ -218,7 +223,7 @@ async def _stream(
         first = await anext(chunks)
     except StopAsyncIteration:
         first = None
-    except GatewayError as err:
+    except HerdError as err:
         await chunks.aclose()
         return error_response(err)
 
@@ -233,10 +238,10 @@ async def _stream(
             try:
                 async for event in events(replay()):
                     yield translate.sse(event)
-            except GatewayError as err:
-                yield translate.sse(err.body())
+            except HerdError as err:
+                yield translate.sse(openai_body(err))
             except Exception as err:
-                yield translate.sse(internal(f"{type(err).__name__}: {err}").body())
+                yield translate.sse(openai_body(internal(f"{type(err).__name__}: {err}")))
             yield b"data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

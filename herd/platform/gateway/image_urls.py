@@ -4,7 +4,7 @@ A data: URL must carry base64 (``data:image/png;base64,...``). An http(s) URL is
 operator enabled it (``images.fetch_urls``): the gateway then reaches out to whatever the URL names, so it
 is off by default; when on, one fetch may take at most ``fetch_timeout_s`` in all and ``max_bytes``
 (``images.max_image_bytes``), and follows no redirects. Every failure is the client's request's fault:
-a GatewayError with code 400.
+a HerdError (INVALID_ARGUMENT, HTTP 400).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from herd.platform.gateway.errors import GatewayError, invalid_request
+from herd.engine.errors import HerdError
+from herd.platform.gateway.errors import invalid_request
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,7 +33,7 @@ class ImageUrlPolicy:
 
 
 async def image_bytes(url: str, policy: ImageUrlPolicy) -> bytes:
-    """The encoded image an ``image_url.url`` stands for; GatewayError (400) when it cannot be had."""
+    """The encoded image an ``image_url.url`` stands for; HerdError (INVALID_ARGUMENT, 400) when it cannot be had."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         return _data_url(url, policy)
@@ -77,7 +78,7 @@ async def _fetch(url: str, policy: ImageUrlPolicy) -> bytes:
                 if len(data) > policy.max_bytes:
                     raise _too_large(policy)
             return bytes(data)
-    except GatewayError:
+    except HerdError:
         raise
     except TimeoutError:
         raise invalid_request(f"image_url {url[:80]!r} took longer than {policy.fetch_timeout_s:g} s",
@@ -86,5 +87,5 @@ async def _fetch(url: str, policy: ImageUrlPolicy) -> bytes:
         raise invalid_request(f"image_url {url[:80]!r} could not be fetched: {err}", param="messages") from None
 
 
-def _too_large(policy: ImageUrlPolicy) -> GatewayError:
+def _too_large(policy: ImageUrlPolicy) -> HerdError:
     return invalid_request(f"image is larger than {policy.max_bytes} bytes", param="messages")

@@ -16,12 +16,12 @@ import ray
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from herd.engine.errors import HerdError
 from herd.model.image_prompts import ImagePrompts
 from herd.model.tokenizer import Tokenizer
 from herd.platform.gateway.cold_start import CachedCount
-from herd.platform.gateway.errors import GatewayError, from_code, overloaded, unavailable
+from herd.platform.gateway.errors import from_replica, overloaded, unavailable
 from herd.protos.herd.v1 import inference_pb2 as pb
-from herd.workers.replica_core import ReplicaError
 from herd.workers.serve_app import replica_states
 
 
@@ -52,10 +52,8 @@ class ServeBackend:
                 yield chunk
         except BackPressureError:
             raise overloaded() from None
-        except GatewayError:
-            raise
-        except ReplicaError as err:  # Ray re-raises the replica's exception as a subclass of it
-            raise from_code(err.code, err.message) from err
+        except HerdError as err:  # the replica's refusal (Ray re-raises it as a subclass of HerdError)
+            raise from_replica(err) from err
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
             raise unavailable(f"the replica of {self.name} is unavailable: {err}") from err
         except ray.exceptions.RayError as err:  # Ray itself failed between here and the replica: worth a retry

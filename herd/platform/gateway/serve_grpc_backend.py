@@ -16,7 +16,7 @@ import httpx
 from herd.model.image_prompts import ImagePrompts
 from herd.model.tokenizer import Tokenizer
 from herd.platform.gateway.cold_start import CachedCount
-from herd.platform.gateway.errors import from_code
+from herd.platform.gateway.errors import from_status
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
 from herd.workers.serve_details import replica_counts
@@ -46,7 +46,7 @@ class ServeGrpcBackend:
             async for chunk in call:
                 yield chunk
         except grpc.aio.AioRpcError as err:
-            raise from_code(err.code().name, err.details() or "the replica failed") from err
+            raise from_status(err.code().name, err.details() or "the replica failed") from err
         finally:
             call.cancel()
 

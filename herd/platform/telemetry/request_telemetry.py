@@ -16,12 +16,13 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from herd.platform.gateway.errors import http_status
 from herd.platform.telemetry import logs
 from herd.platform.telemetry.gateway_metrics import GatewayMetrics
 from herd.platform.telemetry.tracing import inject
 
 if TYPE_CHECKING:
-    from herd.platform.gateway.errors import GatewayError
+    from herd.engine.errors import HerdError
     from herd.protos.herd.v1 import inference_pb2 as pb
 
 tracer = trace.get_tracer("herd.gateway")
@@ -86,15 +87,15 @@ class RequestRecord:
         self._last_token_at = now
 
     def end(self, status: str, *, completion_tokens: int, cached_tokens: int,
-            error: GatewayError | None = None) -> None:
+            error: HerdError | None = None) -> None:
         """The request is over (any way): count it, close its spans, write its access-log line."""
         metrics = self.owner.metrics
         if self.admitted_at is None:
             self._queue.end()
         seconds = time.monotonic() - self.started
         metrics.requests.labels(self.model, self.tenant, status).inc()
-        if error is not None and getattr(error, "status", None) == 429 and error.code == "RESOURCE_EXHAUSTED":
-            metrics.rate_limited.labels(self.model, self.tenant, error.openai_code or "capacity").inc()
+        if error is not None and http_status(error) == 429:
+            metrics.rate_limited.labels(self.model, self.tenant, error.reason or "capacity").inc()
         if self.admitted_at is not None:
             metrics.e2e.labels(self.model, status).observe(time.monotonic() - self.admitted_at)
             metrics.prompt_tokens.labels(self.model, self.tenant).inc(self.prompt_tokens)
@@ -103,7 +104,7 @@ class RequestRecord:
         self.span.set_attributes({"gen_ai.usage.output_tokens": completion_tokens, "herd.cached_tokens": cached_tokens,
                                   "herd.status": status})
         if error is not None:
-            self.span.set_status(Status(StatusCode.ERROR, f"{error.code}: {error.message}"))
+            self.span.set_status(Status(StatusCode.ERROR, f"{error.code.value}: {error.message}"))
         self.span.end()
         with trace.use_span(self.span, end_on_exit=False):  # the line carries the request's trace id
             access.info("request %s", status, extra={

@@ -16,7 +16,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from herd.platform.gateway.errors import GatewayError
+from herd.platform.gateway.errors import (
+    admin_unauthenticated,
+    already_exists,
+    bearer_credential,
+    invalid_request,
+    not_found,
+)
 from herd.platform.tenancy.schema import ApiKey, Tenant
 from herd.platform.tenancy.store import Conflict, NotFound, TenantStore
 
@@ -71,9 +77,9 @@ def key_json(key: ApiKey) -> dict[str, Any]:
 
 def admin_router(store: TenantStore, admin_token: str) -> APIRouter:
     async def admin(request: Request) -> None:
-        scheme, _, credential = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip(), admin_token):
-            raise GatewayError(401, "UNAUTHENTICATED", "authentication_error", "Admin credential required.")
+        credential = bearer_credential(request.headers.get("authorization"))
+        if credential is None or not hmac.compare_digest(credential, admin_token):
+            raise admin_unauthenticated()
 
     router = APIRouter(prefix="/admin/v1", dependencies=[Depends(admin)], tags=["admin"])
 
@@ -81,11 +87,11 @@ def admin_router(store: TenantStore, admin_token: str) -> APIRouter:
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except NotFound as err:
-            raise GatewayError(404, "NOT_FOUND", "invalid_request_error", str(err)) from err
+            raise not_found(str(err)) from err
         except Conflict as err:
-            raise GatewayError(409, "ALREADY_EXISTS", "invalid_request_error", str(err)) from err
+            raise already_exists(str(err)) from err
         except ValueError as err:
-            raise GatewayError(400, "INVALID_ARGUMENT", "invalid_request_error", str(err)) from err
+            raise invalid_request(str(err)) from err
 
     @router.post("/tenants", status_code=201)
     async def create_tenant(body: NewTenant) -> JSONResponse:

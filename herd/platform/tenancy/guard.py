@@ -14,7 +14,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from herd.platform.gateway.errors import GatewayError
+from herd.engine.errors import HerdError
+from herd.platform.gateway.errors import (
+    context_limit,
+    database_unavailable,
+    limit_exceeded,
+    output_limit,
+    permission_denied,
+    unauthenticated,
+)
 from herd.platform.tenancy.ledger import UsageLedger
 from herd.platform.tenancy.rate_limit import Charge, Limit, RateLimiter
 from herd.platform.tenancy.schema import Tenant
@@ -23,26 +31,6 @@ from herd.protos.herd.v1 import inference_pb2 as pb
 
 ANONYMOUS = Tenant(id="anonymous", name="anonymous", allowed_models=["*"], weight=1.0, priority_class="standard",
                    disabled=False)
-
-
-def unauthenticated(message: str = "Missing or invalid API key.") -> GatewayError:
-    return GatewayError(401, "UNAUTHENTICATED", "authentication_error", message, openai_code="invalid_api_key")
-
-
-def permission_denied(model: str) -> GatewayError:
-    return GatewayError(403, "PERMISSION_DENIED", "permission_error", f"This API key may not use the model '{model}'.",
-                        param="model", openai_code="model_not_allowed")
-
-
-def limit_exceeded(limit: str, retry_after_s: float, detail: str) -> GatewayError:
-    retry = 3600 if retry_after_s == float("inf") else max(1, int(retry_after_s + 0.999))
-    return GatewayError(429, "RESOURCE_EXHAUSTED", "rate_limit_error", f"Limit '{limit}' reached: {detail}",
-                        openai_code=limit, retry_after_s=retry)
-
-
-def database_unavailable() -> GatewayError:
-    return GatewayError(503, "UNAVAILABLE", "server_error", "The tenancy database is unavailable; retry shortly.",
-                        retry_after_s=5)
 
 
 @dataclass
@@ -105,8 +93,8 @@ class Guard:
             decision = await self.limiter.acquire(tenant.id, self._charges(tenant, prompt_tokens, max_tokens))
             if not decision.allowed:
                 raise limit_exceeded(decision.limit_name or "rate", decision.retry_after_s, "per-minute rate")
-        except GatewayError as err:  # refused before any compute: recorded, billed nothing
-            self._write(admission, completion=0, cached=0, status=f"refused:{err.openai_code or err.code}", prompt=0)
+        except HerdError as err:  # refused before any compute: recorded, billed nothing
+            self._write(admission, completion=0, cached=0, status=f"refused:{err.reason or err.code.value}", prompt=0)
             raise
         self._in_flight[tenant.id] += 1
         self.ledger.open(self._row(admission, completion=0, cached=0, status="admitted"))
@@ -142,13 +130,9 @@ class Guard:
 
     def _check_caps(self, tenant: Tenant, prompt_tokens: int, max_tokens: int) -> None:
         if tenant.max_context is not None and prompt_tokens + max_tokens > tenant.max_context:
-            needed = prompt_tokens + max_tokens
-            message = f"Your context limit is {tenant.max_context} tokens; this request needs {needed}."
-            raise GatewayError(400, "INVALID_ARGUMENT", "invalid_request_error", message, param="max_tokens",
-                               openai_code="context_length_exceeded")
+            raise context_limit(tenant.max_context, prompt_tokens + max_tokens)
         if tenant.max_output_tokens is not None and max_tokens > tenant.max_output_tokens:
-            message = f"max_tokens may be at most {tenant.max_output_tokens} for your key."
-            raise GatewayError(400, "INVALID_ARGUMENT", "invalid_request_error", message, param="max_tokens")
+            raise output_limit(tenant.max_output_tokens)
 
     async def _check_budget(self, tenant: Tenant, tokens: int) -> None:
         if tenant.monthly_token_budget is None:

@@ -7,12 +7,13 @@ import grpc
 import pytest
 import torch
 
+from herd.engine.errors import HerdError
 from herd.model.tiny import make_tiny
 from herd.workers.expert_shard import serve
 from herd.workers.grpc_transport import GrpcTransport
 from herd.workers.shard_experts import ShardExperts
 from herd.workers.shard_tls import ShardTls
-from herd.workers.transport import InProcessTransport, ShardError, ShardWork
+from herd.workers.transport import InProcessTransport, ShardWork
 from tests.certs import CertAuthority
 
 EXPERTS = [0, 1, 2, 3]
@@ -74,7 +75,7 @@ def _credentials(case, tls, pki):
                                   "shard not trusted (another CA)", "plain text"])
 def test_a_trunk_the_shard_does_not_trust_is_unavailable_not_a_hang(shard, pki, case):
     _path, address, tls = shard
-    with pytest.raises(ShardError) as info:
+    with pytest.raises(HerdError) as info:
         GrpcTransport([address], timeout_s=2, credentials=_credentials(case, tls, pki))
     assert info.value.code == "UNAVAILABLE", (case, info.value)
     assert address in str(info.value)
@@ -82,7 +83,7 @@ def test_a_trunk_the_shard_does_not_trust_is_unavailable_not_a_hang(shard, pki, 
 
 def test_the_certificate_must_name_the_address(shard):
     _path, address, tls = shard
-    with pytest.raises(ShardError) as info:
+    with pytest.raises(HerdError) as info:
         GrpcTransport([address], timeout_s=2, credentials=tls.channel_credentials(), server_name="someone-else")
     assert info.value.code == "UNAVAILABLE"
 

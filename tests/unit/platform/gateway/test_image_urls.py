@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from herd.platform.gateway.errors import GatewayError
+from herd.engine.errors import HerdError
+from herd.platform.gateway.errors import http_status
 from herd.platform.gateway.image_urls import ImageUrlPolicy, image_bytes
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
@@ -22,9 +23,9 @@ def _read(url: str, **policy) -> bytes:
 
 
 def _refused(url: str, **policy) -> str:
-    with pytest.raises(GatewayError) as caught:
+    with pytest.raises(HerdError) as caught:
         _read(url, **policy)
-    assert caught.value.status == 400 and caught.value.code == "INVALID_ARGUMENT"
+    assert http_status(caught.value) == 400 and caught.value.code == "INVALID_ARGUMENT"
     return caught.value.message
 
 

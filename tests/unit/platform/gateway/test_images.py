@@ -167,9 +167,10 @@ def test_grpc_bad_images_are_invalid_argument(gateway, request_, needle):
 
 
 def test_an_image_part_without_bytes_is_refused_at_the_gateway(gateway):
-    from herd.platform.gateway.errors import GatewayError
+    from herd.engine.errors import HerdError
+    from herd.platform.gateway.errors import http_status
 
     for part in ({"type": "image"}, {"type": "image", "image": b""}, {"type": "image", "image": "cat.png"}):
-        with pytest.raises(GatewayError, match="image 0 has no image bytes") as caught:
+        with pytest.raises(HerdError, match="image 0 has no image bytes") as caught:
             gateway.prepare_chat("scout", [{"role": "user", "content": [part]}], pb.SamplingOptions(max_tokens=2))
-        assert caught.value.status == 400
+        assert http_status(caught.value) == 400

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from herd.cli import main
-from herd.platform.gateway.errors import GatewayError
+from herd.engine.errors import HerdError
+from herd.platform.gateway.errors import http_status
 from herd.platform.tenancy.database import connect
 from herd.platform.tenancy.guard import Guard
 from herd.platform.tenancy.ledger import UsageLedger
@@ -44,6 +45,6 @@ def test_tenants_cli_against_the_database(tmp_path, capsys):
 def test_a_database_that_is_down_refuses_with_503(tmp_path):
     store = TenantStore(connect("postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=2"))
     guard = Guard(store, InProcessRateLimiter(), UsageLedger(store))
-    with pytest.raises(GatewayError) as info:
+    with pytest.raises(HerdError) as info:
         asyncio.run(guard.authenticate("hk_abcdefgh_" + "x" * 32))
-    assert info.value.status == 503 and info.value.code == "UNAVAILABLE" and info.value.retry_after_s
+    assert http_status(info.value) == 503 and info.value.code == "UNAVAILABLE" and info.value.retry_after_s
