@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from herd.engine.config import EngineConfig
-from herd.engine.llm_engine import LLMEngine, Prompt
+from herd.engine.llm_engine import EngineRequest, LLMEngine, Prompt
 from herd.engine.outputs import RequestOutput
 from herd.engine.prompt_images import ImageInput
 from herd.engine.sampling_params import SamplingParams
@@ -33,8 +33,9 @@ class AsyncLLMEngine:
         self.step_scope = step_scope or contextlib.nullcontext
         """Entered around every engine step on the worker thread (the replica's sampled step spans)."""
         self._lock = threading.Lock()  # guards the hand-over lists, never held across a step
-        self._to_submit: list = []
+        self._to_submit: list[EngineRequest] = []
         self._to_abort: list[str] = []
+        self._abort_all = False
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -83,6 +84,12 @@ class AsyncLLMEngine:
             self._to_abort.append(request_id)
         self._ensure_loop()
 
+    def abort_all(self) -> None:
+        """Abort every request, submitted or still being handed over; each stream ends with "abort"."""
+        with self._lock:
+            self._abort_all = True  # after this step's submissions: those are aborted too
+        self._ensure_loop()
+
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
@@ -95,7 +102,8 @@ class AsyncLLMEngine:
                 if queue is not None:
                     queue.put_nowait(out)
             with self._lock:
-                idle = not self._to_submit and not self._to_abort and not self.engine.has_unfinished()
+                idle = (not self._to_submit and not self._to_abort and not self._abort_all
+                        and not self.engine.has_unfinished())
             if idle:
                 return
 
@@ -104,10 +112,13 @@ class AsyncLLMEngine:
         with self._lock:
             submit, self._to_submit = self._to_submit, []
             abort, self._to_abort = self._to_abort, []
+            abort_all, self._abort_all = self._abort_all, False
         for request in submit:
             self.engine.submit(request)
         for rid in abort:
             self.engine.abort(rid)
+        if abort_all:
+            self.engine.abort_all()
         if not self.engine.has_unfinished():
             return []
         with self.step_scope():

@@ -29,6 +29,7 @@ from herd.engine.sampler import TokenLogprobs, request_generator, sample
 from herd.engine.sampling_params import SamplingParams
 from herd.engine.scheduler import Scheduler, SchedulerOutput
 from herd.engine.sequence import Sequence, Status
+from herd.engine.stats import EngineStats
 from herd.model.llama4 import Llama4Model
 from herd.model.loader import load_model
 from herd.model.special_tokens import BEGIN_OF_TEXT
@@ -39,7 +40,7 @@ Prompt = str | Seq[int]
 
 
 @dataclass(eq=False)
-class _Request:
+class EngineRequest:
     """Engine-side state of a sequence: text so far, sampling generator, what was already reported."""
 
     seq: Sequence
@@ -67,8 +68,8 @@ class LLMEngine:
         cache = PagedKVCache(model.config, layout, dtype=self.config.dtype, device=torch.device(self.config.device))
         self.runner = ModelRunner(model, self.kv, cache)
         self.scheduler = Scheduler(self.config.scheduler(), self.kv)
-        self._requests: dict[str, _Request] = {}
-        self._aborted: list[_Request] = []
+        self._requests: dict[str, EngineRequest] = {}
+        self._aborted: list[EngineRequest] = []
         self._ids = itertools.count()
 
     @classmethod
@@ -106,7 +107,7 @@ class LLMEngine:
         tenant_weight: float = 1.0,
         sharing_group: str | None = None,
         images: Seq[ImageInput] = (),
-    ) -> _Request:
+    ) -> EngineRequest:
         """Check and tokenize a request, and encode its images, without touching the engine's state (safe
         from any thread)."""
         params = params or SamplingParams()
@@ -128,14 +129,14 @@ class LLMEngine:
             cache_salt=f"group:{sharing_group}" if sharing_group else f"tenant:{tenant_id}", stop_ids=frozenset(stops),
             images=self._encode_images(ids, images) if images else None,
         )
-        return _Request(
+        return EngineRequest(
             seq=seq,
             detokenizer=IncrementalDetokenizer(self.tokenizer),
             generator=request_generator(params, torch.device(self.config.device)),
             logprobs=[] if params.logprobs is not None else None,
         )
 
-    def submit(self, request: _Request) -> None:
+    def submit(self, request: EngineRequest) -> None:
         rid = request.seq.request_id
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -151,8 +152,23 @@ class LLMEngine:
         self._aborted.append(request)
         return True
 
+    def abort_all(self) -> int:
+        """Abort every unfinished request (a replica shutting down); how many there were."""
+        return sum(self.abort(rid) for rid in list(self._requests))
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborted)
+
+    def stats(self) -> EngineStats:
+        """What the engine holds now: requests by state, KV blocks per group, prefix-cache and preemption counts."""
+        pools = self.kv.pools
+        return EngineStats(
+            running=len(self.scheduler.running), waiting=sum(len(q) for q in self.scheduler.waiting.values()),
+            kv_blocks={g: p.num_blocks for g, p in pools.items()},
+            kv_blocks_used={g: p.num_blocks - p.num_free for g, p in pools.items()},
+            prefix_queried_tokens=self.kv.prefix_queried_tokens, prefix_hit_tokens=self.kv.prefix_hit_tokens,
+            preemptions=self.scheduler.num_preemptions,
+        )
 
     # --- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -217,7 +233,7 @@ class LLMEngine:
             outputs.append(self._report(self._requests[chunk.seq.request_id]))
         return outputs
 
-    def _finish_reason(self, request: _Request, token: int) -> str | None:
+    def _finish_reason(self, request: EngineRequest, token: int) -> str | None:
         seq = request.seq
         request.detokenizer.push(seq.output_ids)
         if token in seq.stop_ids:
@@ -228,7 +244,7 @@ class LLMEngine:
             return "length"
         return None
 
-    def _cut_at_stop_string(self, request: _Request) -> bool:
+    def _cut_at_stop_string(self, request: EngineRequest) -> bool:
         params = request.seq.params
         text = request.detokenizer.text
         longest = max(len(s) for s in params.stop)
@@ -240,7 +256,7 @@ class LLMEngine:
         request.text_end = index + len(stop) if params.include_stop_str_in_output else index
         return True
 
-    def _report(self, request: _Request) -> RequestOutput:
+    def _report(self, request: EngineRequest) -> RequestOutput:
         seq = request.seq
         finished = seq.status is Status.FINISHED
         if finished and request.text_end is None:

@@ -77,7 +77,7 @@ class ModelReplica:
     def config(self) -> dict[str, Any]:
         """What this replica runs: its args, and the engine's own config (for operators and tests)."""
         return {"args": self.args.model_dump(mode="json"),
-                "engine": self.core.engine.engine.config.model_dump(mode="json")}
+                "engine": self.core.engine_config().model_dump(mode="json")}
 
     def check_health(self) -> None:
         if not self.core.healthy():

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from herd.engine import AsyncLLMEngine, LLMEngine, RequestOutput, SamplingParams
+from herd.engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput, SamplingParams
 from herd.engine.errors import Code, HerdError
 from herd.engine.outputs import RequestTimes
 from herd.engine.prompt_images import ImageInput
@@ -156,16 +156,19 @@ class ReplicaCore:
     def _observe_dispatch(self, seconds: float) -> None:
         self.metrics.dispatch.observe(seconds)
 
+    def engine_config(self) -> EngineConfig:
+        """The config the engine runs with (as it received it)."""
+        return self.engine.engine.config
+
     def healthy(self) -> bool:
         return not self._draining and (self.dispatcher is None or self.dispatcher.healthy())
 
     def stats(self) -> dict[str, int]:
         """What the replica holds now: requests, KV blocks in use per group and in all (kv_blocks_held)."""
-        engine = self.engine.engine
-        used = {f"kv_blocks_used_{g}": p.num_blocks - p.num_free for g, p in engine.kv.pools.items()}
-        return {"in_flight": self._in_flight, "running": len(engine.scheduler.running),
-                "waiting": sum(len(q) for q in engine.scheduler.waiting.values()), **used,
-                "kv_blocks_held": sum(used.values())}
+        engine = self.engine.engine.stats()
+        used = {f"kv_blocks_used_{g}": n for g, n in engine.kv_blocks_used.items()}
+        return {"in_flight": self._in_flight, "running": engine.running, "waiting": engine.waiting, **used,
+                "kv_blocks_held": engine.kv_blocks_held}
 
     async def drain(self) -> None:
         """Stop admitting; wait for in-flight streams up to drain_timeout_s; abort what is left."""
@@ -173,8 +176,7 @@ class ReplicaCore:
         deadline = time.monotonic() + self.config.drain_timeout_s
         while self._in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for rid in list(self.engine.engine._requests):
-            self.engine.abort(rid)
+        self.engine.abort_all()
         if self.dispatcher is not None:
             self.dispatcher.transport.close()
 

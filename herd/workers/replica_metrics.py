@@ -57,26 +57,25 @@ class _EngineCollector(Collector):
         self.model, self.engine, self.expert_load = model, engine, expert_load
 
     def collect(self) -> Iterator[Any]:
-        engine, model = self.engine, [self.model]
-        scheduler, kv = engine.scheduler, engine.kv
+        stats, model = self.engine.stats(), [self.model]
         running = GaugeMetricFamily("herd_replica_requests_running", "Requests holding KV blocks", labels=["model"])
-        running.add_metric(model, len(scheduler.running))
+        running.add_metric(model, stats.running)
         waiting = GaugeMetricFamily("herd_replica_requests_waiting", "Requests queued for the engine (queue depth)",
                                     labels=["model"])
-        waiting.add_metric(model, sum(len(q) for q in scheduler.waiting.values()))
+        waiting.add_metric(model, stats.waiting)
         usage = GaugeMetricFamily("herd_replica_kv_cache_usage_ratio", "KV blocks in use, of the pool (per layer "
                                   "group: full attention, chunked)", labels=["model", "group"])
-        for group, pool in kv.pools.items():
-            usage.add_metric([self.model, group], (pool.num_blocks - pool.num_free) / max(1, pool.num_blocks))
+        for group, blocks in stats.kv_blocks.items():
+            usage.add_metric([self.model, group], stats.kv_blocks_used[group] / max(1, blocks))
         queried = CounterMetricFamily("herd_replica_prefix_cache_queries_tokens", "Prompt tokens looked up in the "
                                       "prefix cache", labels=["model"])
-        queried.add_metric(model, kv.prefix_queried_tokens)
+        queried.add_metric(model, stats.prefix_queried_tokens)
         hits = CounterMetricFamily("herd_replica_prefix_cache_hits_tokens", "Prompt tokens found in the prefix "
                                    "cache (hit rate: hits / queries)", labels=["model"])
-        hits.add_metric(model, kv.prefix_hit_tokens)
+        hits.add_metric(model, stats.prefix_hit_tokens)
         preempted = CounterMetricFamily("herd_replica_preemptions", "Requests preempted for KV blocks",
                                         labels=["model"])
-        preempted.add_metric(model, scheduler.num_preemptions)
+        preempted.add_metric(model, stats.preemptions)
         experts = CounterMetricFamily("herd_expert_tokens", "Tokens routed to each expert of each MoE layer",
                                       labels=["model", "layer", "expert"])
         for layer, counts in self.expert_load.snapshot().items():

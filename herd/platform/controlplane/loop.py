@@ -14,7 +14,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -79,6 +80,21 @@ class ControlPlane:
                 self._acting[model] = asyncio.create_task(self._scale(model, decision.target))
         self.last = decisions
         return decisions
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The control plane's Prometheus metrics (a gateway running it serves them on its /metrics)."""
+        return self.metrics.registry
+
+    async def report(self) -> dict[str, Any]:
+        """Each model's replicas as the actuator holds them (and whether a change is under way), and the last
+        decision per model with its reason: what /herd/controlplane shows."""
+        replicas = {}
+        for model in self.fleet.policies:
+            status = await asyncio.to_thread(self.actuator.status, model)
+            replicas[model] = {**asdict(status), "acting": self.acting(model)}
+        decisions = {m: {"target": d.target, "previous": d.previous, "reason": d.reason} for m, d in self.last.items()}
+        return {"enabled": True, "replicas": replicas, "decisions": decisions}
 
     def acting(self, model: str) -> bool:
         """Whether a change of `model`'s replicas is still being applied."""

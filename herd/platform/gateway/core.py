@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from opentelemetry.context import Context
+from prometheus_client import CollectorRegistry
 
 from herd.engine.errors import HerdError
 from herd.model.chat_template import render_chat
@@ -54,6 +55,15 @@ class AdmissionGuard(Protocol):
     async def settle(self, admission: Any, *, completion_tokens: int, cached_tokens: int, status: str) -> None: ...
 
 
+class ControlPlaneView(Protocol):
+    """A control plane this process runs (herd.platform.controlplane.loop.ControlPlane), as the HTTP door shows it."""
+
+    @property
+    def registry(self) -> CollectorRegistry: ...
+
+    async def report(self) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A checked request and what the front door needs to answer it."""
@@ -79,7 +89,7 @@ class Gateway:
         self.cold_start = dict(cold_start or {})  # per model; ColdStartPolicy() where not given
         self.load = LoadTracker()
         self.telemetry = RequestTelemetry(GatewayMetrics(self.load), log_prompts=log_prompts)
-        self.control_plane: Any = None  # set by herd serve when it runs one (read by /herd/controlplane)
+        self.control_plane: ControlPlaneView | None = None  # set by herd serve when it runs one
 
     async def identify(self, credential: str | None) -> Any:
         """The caller's identity from its API key (None when the gateway runs without tenancy)."""

@@ -8,7 +8,6 @@ request in the engine.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -113,23 +112,17 @@ def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = (),
     @app.get("/herd/controlplane")
     async def controlplane() -> dict[str, Any]:
         """The last decision per model, with its reason, when this process runs the control plane."""
-        plane = getattr(gateway, "control_plane", None)
-        if plane is None:
-            return {"enabled": False}
-        replicas = {m: {**vars(await asyncio.to_thread(plane.actuator.status, m)), "acting": plane.acting(m)}
-                    for m in plane.fleet.policies}
-        return {"enabled": True, "replicas": replicas,
-                "decisions": {m: {"target": d.target, "previous": d.previous, "reason": d.reason}
-                              for m, d in plane.last.items()}}
+        plane = gateway.control_plane
+        return {"enabled": False} if plane is None else await plane.report()
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         """Prometheus text exposition: the gateway's requests and load, and the control plane's numbers when
         this process runs it (docs/METRICS.md)."""
-        plane = getattr(gateway, "control_plane", None)
+        plane = gateway.control_plane
         text = generate_latest(gateway.telemetry.metrics.registry)
         if plane is not None:
-            text += generate_latest(plane.metrics.registry)
+            text += generate_latest(plane.registry)
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/herd/load")

@@ -170,3 +170,25 @@ def test_a_headless_service_is_resolved_to_every_gateway_pod_each_round():
     assert asyncio.run(source.read())["scout"].running == 4
     assert asyncio.run(HttpLoadSource(["http://10.0.0.6:8000"], transport=httpx.MockTransport(handler))
                        .read())["scout"].running == 3, "without resolve the URL is asked as it is"
+
+
+def test_report_says_each_models_replicas_and_last_decision():
+    """What /herd/controlplane shows, from the plane's own report (the HTTP door reads nothing else of it)."""
+    source, actuator = FakeSource(), FakeActuator(models=("scout", "maverick"))
+    fleet = Fleet(policies={"scout": ModelPolicy(min_replicas=1, max_replicas=4),
+                            "maverick": ModelPolicy(min_replicas=1, max_replicas=2)})
+    plane = ControlPlane(source, actuator, fleet, clock=lambda: 0.0)
+
+    async def round_and_report():
+        source.running["scout"] = 100
+        await plane.tick()
+        await plane.settle()
+        return await plane.report()
+
+    report = asyncio.run(round_and_report())
+    assert report["enabled"] is True
+    assert report["replicas"]["scout"] == {"target": 4, "ready": 4, "starting": 0, "acting": False}
+    assert report["replicas"]["maverick"]["target"] == 1
+    scout = report["decisions"]["scout"]
+    assert (scout["previous"], scout["target"]) == (1, 4) and "requests" in scout["reason"]
+    assert plane.registry is plane.metrics.registry
