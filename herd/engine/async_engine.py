@@ -13,14 +13,14 @@ import contextlib
 import dataclasses
 import functools
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Unpack
 
 from herd.engine.config import EngineConfig
-from herd.engine.llm_engine import EngineRequest, LLMEngine, Prompt
+from herd.engine.llm_engine import EngineRequest, LLMEngine, Prompt, RequestOptions
 from herd.engine.outputs import RequestOutput
-from herd.engine.prompt_images import ImageInput
 from herd.engine.sampling_params import SamplingParams
 
 
@@ -43,22 +43,12 @@ class AsyncLLMEngine:
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> AsyncLLMEngine:
         return cls(LLMEngine.from_pretrained(path, config))
 
-    async def generate(
-        self,
-        prompt: Prompt,
-        params: SamplingParams | None = None,
-        *,
-        request_id: str | None = None,
-        tenant_id: str = "default",
-        tenant_weight: float = 1.0,
-        sharing_group: str | None = None,
-        images: Sequence[ImageInput] = (),
-    ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       **options: Unpack[RequestOptions]) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after every step that changes it; the last one has finished=True.
         A request with images is prepared on a worker thread (the vision tower runs there, not on the loop)."""
-        prepare = functools.partial(self.engine.prepare, prompt, params, request_id=request_id, tenant_id=tenant_id,
-                                    tenant_weight=tenant_weight, sharing_group=sharing_group, images=images)
-        request = await asyncio.to_thread(prepare) if images else prepare()
+        prepare = functools.partial(self.engine.prepare, prompt, params, **options)
+        request = await asyncio.to_thread(prepare) if options.get("images") else prepare()
         rid = request.seq.request_id
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already in use")

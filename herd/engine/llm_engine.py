@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import torch
 
@@ -32,11 +33,24 @@ from herd.engine.sequence import Sequence, Status
 from herd.engine.stats import EngineStats
 from herd.model.llama4 import Llama4Model
 from herd.model.loader import load_model
-from herd.model.special_tokens import BEGIN_OF_TEXT
+from herd.model.prompt import Prompt, is_token_list, prompt_ids
 from herd.model.tokenizer import Tokenizer
 from herd.model.vision import VisionTower, load_vision_if_multimodal
 
-Prompt = str | Seq[int]
+
+class RequestOptions(TypedDict, total=False):
+    """Who sends a request and what comes with it (keyword arguments of add_request, prepare and generate)."""
+
+    request_id: str | None
+    """The caller's id for the request (default: one the engine makes); unique among unfinished requests."""
+    tenant_id: str
+    """Whose request it is (fair share and the prefix cache's namespace); default "default"."""
+    tenant_weight: float
+    """The tenant's share of the engine relative to others (positive); default 1."""
+    sharing_group: str | None
+    """A prefix-cache namespace several tenants opted into (default: the tenant's own)."""
+    images: Seq[ImageInput]
+    """Preprocessed images for the prompt's image placeholders, in order."""
 
 
 @dataclass(eq=False)
@@ -80,42 +94,29 @@ class LLMEngine:
         return cls(model, Tokenizer.from_pretrained(path), config, vision=vision)
 
     # --- requests -----------------------------------------------------------------------------------
-    def add_request(
-        self,
-        prompt: Prompt,
-        params: SamplingParams | None = None,
-        *,
-        request_id: str | None = None,
-        tenant_id: str = "default",
-        tenant_weight: float = 1.0,
-        sharing_group: str | None = None,
-        images: Seq[ImageInput] = (),
-    ) -> str:
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    **options: Unpack[RequestOptions]) -> str:
         """Queue a request; ValueError (and nothing queued) if any part of it is invalid."""
-        request = self.prepare(prompt, params, request_id=request_id, tenant_id=tenant_id,
-                               tenant_weight=tenant_weight, sharing_group=sharing_group, images=images)
+        request = self.prepare(prompt, params, **options)
         self.submit(request)
         return request.seq.request_id
 
-    def prepare(
-        self,
-        prompt: Prompt,
-        params: SamplingParams | None = None,
-        *,
-        request_id: str | None = None,
-        tenant_id: str = "default",
-        tenant_weight: float = 1.0,
-        sharing_group: str | None = None,
-        images: Seq[ImageInput] = (),
-    ) -> EngineRequest:
+    def prepare(self, prompt: Prompt, params: SamplingParams | None = None,
+                **options: Unpack[RequestOptions]) -> EngineRequest:
         """Check and tokenize a request, and encode its images, without touching the engine's state (safe
         from any thread)."""
+        known = RequestOptions.__optional_keys__
+        if unknown := set(options) - known:
+            raise TypeError(f"unknown request options {sorted(unknown)}; known: {sorted(known)}")
+        tenant_id, tenant_weight = options.get("tenant_id", "default"), options.get("tenant_weight", 1.0)
+        request_id, sharing_group = options.get("request_id"), options.get("sharing_group")
+        images = options.get("images", ())
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if not isinstance(tenant_weight, (int, float)) or isinstance(tenant_weight, bool) or not tenant_weight > 0:
             raise ValueError(f"tenant_weight must be a positive number, got {tenant_weight!r}")
-        ids = self._prompt_ids(prompt)
+        ids = prompt_ids(self.tokenizer, prompt, self.model.config.vocab_size)
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(ids)} tokens; the context limit is {self.max_model_len} (prompt + at least 1 new)"
@@ -185,15 +186,15 @@ class LLMEngine:
         self,
         prompts: Prompt | Seq[Prompt],
         params: SamplingParams | Seq[SamplingParams] | None = None,
-        **kwargs: object,
+        **options: Unpack[RequestOptions],
     ) -> list[RequestOutput]:
         """Run a batch to completion: one final output per prompt, in order."""
-        batch = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
+        batch = [prompts] if isinstance(prompts, str) or is_token_list(prompts) else list(prompts)
         per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(batch)
         if len(per_prompt) != len(batch):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(batch)} prompts")
         pairs = zip(batch, per_prompt, strict=True)
-        requests = [self.prepare(p, sp, **kwargs) for p, sp in pairs]  # type: ignore[arg-type]
+        requests = [self.prepare(p, sp, **options) for p, sp in pairs]
         for request in requests:
             self.submit(request)
         final: dict[str, RequestOutput] = {}
@@ -299,22 +300,3 @@ class LLMEngine:
         features = [self.vision.image_features(image.pixel_values).flatten(0, 1) for image in images]
         return PromptImages.place(ids, placeholder, features, [pixel_digest(image.pixel_values) for image in images])
 
-    def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
-            return self.tokenizer.encode(prompt, add_bos=not prompt.startswith(BEGIN_OF_TEXT))
-        if not _is_token_list(prompt):
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        ids = list(prompt)
-        if not ids:
-            raise ValueError("prompt is empty")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary 0..{vocab - 1}")
-        return ids
-
-
-def _is_token_list(value: object) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)

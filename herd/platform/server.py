@@ -147,7 +147,7 @@ async def run_gateway(settings: HerdSettings) -> None:
         if not model.serve_grpc_target:
             raise ValueError(f"model {model.name}: serve_grpc_target (Serve's gRPC proxy) is not set")
         backends[model.name] = ServeGrpcBackend(model.name, model_path(model, settings), model.serve_grpc_target,
-                                                max_model_len=model.engine.max_model_len,
+                                                engine=model.engine,
                                                 status_url=model.serve_status_url)
     await serve_doors(settings, backends, lambda _gateway: None)
 

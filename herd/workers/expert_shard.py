@@ -18,12 +18,12 @@ from pathlib import Path
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from herd.model.config import load_config
 from herd.protos.herd.v1 import experts_pb2 as pb
 from herd.protos.herd.v1 import experts_pb2_grpc as pb_grpc
+from herd.workers.grpc_serving import add_health_and_reflection, listen, message_options
 from herd.workers.shard_experts import ShardExperts
 from herd.workers.wire import TO_WIRE, from_wire, to_wire
 
@@ -82,20 +82,11 @@ def serve(
     With `credentials` (herd.workers.shard_tls.ShardTls.server_credentials(): mutual TLS) the port is TLS
     only; a client without a certificate from the shards' CA is refused in the handshake."""
     service = ExpertShardService(model, ShardExperts.load(model, experts, dtype=dtype))
-    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=message_options(MAX_MESSAGE_BYTES))
     pb_grpc.add_ExpertShardServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    if credentials is None:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    else:
-        bound = server.add_secure_port(f"{host}:{port}", credentials)
-    if not bound:
-        raise OSError(f"cannot listen on {host}:{port}")
+    add_health_and_reflection(server, SERVICE, health_servicer)
+    bound = listen(server, host, port, credentials)
     server.start()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -19,6 +19,7 @@ from herd.engine.errors import Code, HerdError
 from herd.protos.herd.v1 import experts_pb2 as pb
 from herd.protos.herd.v1 import experts_pb2_grpc as pb_grpc
 from herd.workers.expert_shard import MAX_MESSAGE_BYTES, SERVICE
+from herd.workers.grpc_serving import message_options
 from herd.workers.transport import ShardWork, TransportStats
 from herd.workers.wire import from_wire, to_wire
 
@@ -82,9 +83,8 @@ class _ShardStream:
                  server_name: str | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        options = [
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        options: list[tuple[str, int | str]] = [
+            *message_options(MAX_MESSAGE_BYTES),
             # A restarted shard is found again within a second, not after gRPC's default backoff (up to 2 min).
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),

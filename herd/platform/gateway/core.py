@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from herd.engine.errors import HerdError
 from herd.model.chat_template import render_chat
 from herd.model.image_processor import TileGrid
-from herd.model.special_tokens import BEGIN_OF_TEXT
+from herd.model.prompt import prompt_ids
 from herd.platform.gateway.backend import Backend
 from herd.platform.gateway.cold_start import ColdStartPolicy, wait_for_replica
 from herd.platform.gateway.errors import (
@@ -136,18 +136,10 @@ class Gateway:
     def _prepare_text(self, model: str, prompt: str | Sequence[int], options: pb.SamplingOptions, identity: Any,
                       default_max_tokens: int | None) -> Prepared:
         backend = self.backend(model, identity)
-        if isinstance(prompt, str):
-            if not prompt:
-                raise invalid_request("prompt must not be empty", param="prompt")
-            ids = backend.tokenizer.encode(prompt, add_bos=not prompt.startswith(BEGIN_OF_TEXT))
-        else:
-            ids = list(prompt)
-            if not ids:
-                raise invalid_request("prompt must not be empty", param="prompt")
-            vocab = backend.tokenizer.vocab_size
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
-                raise invalid_request(f"prompt token ids {bad[:5]} are outside the vocabulary 0..{vocab - 1}", "prompt")
+        try:
+            ids = prompt_ids(backend.tokenizer, prompt, backend.tokenizer.vocab_size)
+        except ValueError as err:
+            raise invalid_request(str(err), param="prompt") from err
         return self._prepared(backend, ids, options, identity, default_max_tokens)
 
     def prepare_chat(

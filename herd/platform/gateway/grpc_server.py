@@ -15,8 +15,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 from grpc_status import rpc_status
 
 from herd.engine.errors import HerdError
@@ -25,6 +24,7 @@ from herd.platform.gateway.errors import bearer_credential, internal, invalid_re
 from herd.platform.telemetry.tracing import extract
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
+from herd.workers.grpc_serving import add_health_and_reflection, listen, message_options
 
 SERVICE = "herd.v1.Inference"
 MAX_MESSAGE_BYTES = 64 * 2**20
@@ -170,23 +170,18 @@ async def start_grpc(
 
     With a PEM certificate chain and its key the port is TLS only; with a client CA too, a client must
     present a certificate that CA signed (refused in the handshake otherwise)."""
-    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-    server = grpc.aio.server(options=options)
-    add_inference_service(InferenceService(gateway), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    credentials = None
     if cert_chain is None or private_key is None:
         if cert_chain is not None or private_key is not None or client_ca is not None:
             raise ValueError("gRPC TLS needs both a certificate chain and its private key")
-        bound = server.add_insecure_port(f"{host}:{port}")
     else:
         credentials = grpc.ssl_server_credentials([(private_key, cert_chain)], root_certificates=client_ca,
                                                   require_client_auth=client_ca is not None)
-        bound = server.add_secure_port(f"{host}:{port}", credentials)
-    if not bound:
-        raise OSError(f"cannot listen on {host}:{port}")
+    server = grpc.aio.server(options=message_options(MAX_MESSAGE_BYTES))
+    add_inference_service(InferenceService(gateway), server)
+    health_servicer = health.aio.HealthServicer()
+    add_health_and_reflection(server, SERVICE, health_servicer)
+    bound = listen(server, host, port, credentials)
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

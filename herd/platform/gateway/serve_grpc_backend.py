@@ -5,7 +5,6 @@ replicas come from the cluster's Ray dashboard (`GET /api/serve/applications/`) 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +12,8 @@ from pathlib import Path
 import grpc
 import httpx
 
+from herd.engine.config import EngineConfig
+from herd.model.config import load_config
 from herd.model.image_prompts import ImagePrompts
 from herd.model.tokenizer import Tokenizer
 from herd.platform.gateway.cold_start import CachedCount
@@ -25,14 +26,15 @@ from herd.workers.serve_details import replica_counts
 class ServeGrpcBackend:
     HEALTH_TIMEOUT_S = 2.0  # /health answers 503 rather than hang while Serve's proxy is out of reach
 
-    def __init__(self, name: str, path: str | Path, target: str, *, max_model_len: int | None = None,
+    def __init__(self, name: str, path: str | Path, target: str, *, engine: EngineConfig | None = None,
                  status_url: str | None = None) -> None:
+        """`engine`: the replicas' engine settings, for the context limit they allow."""
         self.name = name
         self.status_url = status_url.rstrip("/") if status_url else None
         self._ready = CachedCount(self._fetch_ready)
         self.tokenizer = Tokenizer.from_pretrained(path)
         self.image_prompts = ImagePrompts.from_pretrained(path)
-        limit = max_model_len or _model_limit(Path(path))
+        limit = (engine or EngineConfig()).context_limit(load_config(path).text)
         self._card = pb.ModelCard(id=name, root=str(path), max_model_len=limit, created=int(time.time()))
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = pb_grpc.InferenceStub(self.channel)
@@ -72,11 +74,4 @@ class ServeGrpcBackend:
         except (grpc.aio.AioRpcError, TimeoutError):
             return False
         return True
-
-
-def _model_limit(path: Path) -> int:
-    """What the replicas will allow by default: the engine's min(max_position_embeddings, 8192)."""
-    raw = json.loads((path / "config.json").read_text())
-    text = raw.get("text_config", raw)
-    return min(int(text.get("max_position_embeddings", 8192)), 8192)
 

@@ -23,7 +23,7 @@ from herd.platform.gateway.errors import (
     invalid_request,
     not_found,
 )
-from herd.platform.tenancy.schema import ApiKey, Tenant
+from herd.platform.tenancy.schema import TENANT_FIELDS, ApiKey, Tenant
 from herd.platform.tenancy.store import Conflict, NotFound, TenantStore
 
 
@@ -38,6 +38,8 @@ R = TypeVar("R")
 
 
 class TenantFields(_Body):
+    """A tenant's settable fields as the admin API takes them (one per column of TENANT_FIELDS, checked by a test)."""
+
     name: str | None = None
     allowed_models: list[str] | None = Field(None, description='model names, or ["*"] for all')
     requests_per_min: int | None = Field(None, ge=1, le=INT64_MAX)
@@ -63,10 +65,7 @@ class NewKey(_Body):
 
 
 def tenant_json(tenant: Tenant) -> dict[str, Any]:
-    fields = ("id", "name", "allowed_models", "requests_per_min", "input_tokens_per_min", "output_tokens_per_min",
-              "max_concurrent", "max_context", "max_output_tokens", "monthly_token_budget", "weight",
-              "priority_class", "sharing_group", "disabled")
-    return {f: getattr(tenant, f) for f in fields}
+    return {f: getattr(tenant, f) for f in ("id", *TENANT_FIELDS)}
 
 
 def key_json(key: ApiKey) -> dict[str, Any]:

@@ -41,6 +41,12 @@ class Tenant(Base):
     keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant", cascade="all, delete-orphan")
 
 
+TENANT_FIELDS: tuple[str, ...] = tuple(
+    c.key for c in Tenant.__table__.columns if c.key not in ("id", "created_at", "updated_at")
+)
+"""What an operator sets on a tenant (its columns less the key and timestamps), in column order."""
+
+
 class ApiKey(Base):
     __tablename__ = "api_keys"
 

@@ -9,18 +9,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from herd.platform.tenancy import keys as keymod
 from herd.platform.tenancy.database import sessions
-from herd.platform.tenancy.schema import ApiKey, Tenant, UsageRecord
-
-TENANT_FIELDS = ("name", "allowed_models", "requests_per_min", "input_tokens_per_min", "output_tokens_per_min",
-                 "max_concurrent", "max_context", "max_output_tokens", "monthly_token_budget", "weight",
-                 "priority_class", "sharing_group", "disabled")
+from herd.platform.tenancy.schema import TENANT_FIELDS, ApiKey, Tenant, UsageRecord
 
 
 class NotFound(LookupError):
@@ -179,10 +175,6 @@ class TenantStore:
         with self.session() as s:
             return list(s.scalars(select(UsageRecord).where(UsageRecord.tenant_id == tenant_id)
                                   .order_by(UsageRecord.id)))
-
-    def delete_usage(self, tenant_id: str) -> None:
-        with self.session.begin() as s:
-            s.execute(delete(UsageRecord).where(UsageRecord.tenant_id == tenant_id))
 
 
 def _check_fields(fields: dict[str, Any]) -> None:

@@ -317,3 +317,12 @@ def test_tokens_used_since_counts_prompt_and_completion_of_one_tenant(store: Ten
     assert store.tokens_used_since("acme", T0 + timedelta(days=2)) == 0
     assert store.tokens_used_since("beta", T0) == 1100
     assert store.tokens_used_since("ghost", T0) == 0
+
+
+def test_the_admin_api_takes_exactly_a_tenants_settable_columns():
+    """TENANT_FIELDS comes from the table; the admin API's body model must name the same fields, so a column
+    added to Tenant is settable everywhere or this fails."""
+    from herd.platform.tenancy.admin_api import TenantFields
+    from herd.platform.tenancy.schema import TENANT_FIELDS
+
+    assert list(TenantFields.model_fields) == list(TENANT_FIELDS)

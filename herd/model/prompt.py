@@ -1,0 +1,33 @@
+"""A completion prompt as token ids: what the engine and the gateway both accept, checked the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from herd.model.special_tokens import BEGIN_OF_TEXT
+from herd.model.tokenizer import Tokenizer
+
+Prompt = str | Sequence[int]
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: object, vocab_size: int) -> list[int]:
+    """Text is encoded with <|begin_of_text|> first (unless it starts with it); token ids are taken as they are,
+    each in 0..vocab_size-1. ValueError saying what is wrong: the prompt is empty, not text or ids, or an id is
+    outside the vocabulary."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt is empty")
+        return tokenizer.encode(prompt, add_bos=not prompt.startswith(BEGIN_OF_TEXT))
+    if not is_token_list(prompt):
+        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+    ids = list(prompt)
+    if not ids:
+        raise ValueError("prompt is empty")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary 0..{vocab_size - 1}")
+    return ids
+
+
+def is_token_list(value: object) -> bool:
+    return isinstance(value, list | tuple) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
