@@ -4,7 +4,7 @@ The model is built on the meta device (no memory, no random init), materialised 
 device, and filled tensor by tensor from the memory-mapped safetensors files, so peak memory is the
 model plus one tensor. With `experts=`, MoE layers hold only those experts and read only their rows.
 An int4 or FP8 checkpoint (config.json's quantization_config) fills Herd's quantised modules instead,
-as herd.model.quantized_reader reads them, whatever its expert layout.
+as herd.model.quant.reader reads them, whatever its expert layout.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ class Experts(nn.Module):
 
     Stored fused as in the checkpoint, in ascending expert id: gate_up_proj [E_held, H, 2I],
     down_proj [E_held, I, H]; or, with `scheme` int4 or fp8, kept quantised in the buffers that
-    herd.model.quantized_storage lays out (and dequantised only inside the kernels).
+    herd.model.quant.layout lays out (and dequantised only inside the kernels).
     """
 
     def __init__(self, config: TextConfig, expert_ids: Sequence[int], *, scheme: str | None = None,
