@@ -188,19 +188,23 @@ class LLMEngine:
         params: SamplingParams | Seq[SamplingParams] | None = None,
         **options: Unpack[RequestOptions],
     ) -> list[RequestOutput]:
-        """Run a batch to completion: one final output per prompt, in order."""
-        batch = [prompts] if isinstance(prompts, str) or is_token_list(prompts) else list(prompts)
-        per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(batch)
+        """Run a batch to completion: one final output per prompt, in order. Requests already queued with
+        add_request advance alongside; their outputs are not among those returned."""
+        batch = _prompt_batch(prompts)
+        per_prompt = list(params) if isinstance(params, Seq) else [params] * len(batch)
         if len(per_prompt) != len(batch):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(batch)} prompts")
+        if options.get("request_id") is not None and len(batch) > 1:
+            raise ValueError(f"request_id {options['request_id']!r} names one request, not {len(batch)} prompts")
         pairs = zip(batch, per_prompt, strict=True)
         requests = [self.prepare(p, sp, **options) for p, sp in pairs]
         for request in requests:
             self.submit(request)
+        ours = {r.seq.request_id for r in requests}
         final: dict[str, RequestOutput] = {}
         while len(final) < len(requests):
             for out in self.step():
-                if out.finished:
+                if out.finished and out.request_id in ours:
                     final[out.request_id] = out
         return [final[r.seq.request_id] for r in requests]
 
@@ -300,3 +304,14 @@ class LLMEngine:
         features = [self.vision.image_features(image.pixel_values).flatten(0, 1) for image in images]
         return PromptImages.place(ids, placeholder, features, [pixel_digest(image.pixel_values) for image in images])
 
+
+def _prompt_batch(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
+    """One prompt (text or token ids) or a sequence of them, as a list; ValueError for an item that is neither."""
+    if isinstance(prompts, str) or is_token_list(prompts):
+        return [prompts]
+    batch: list[Prompt] = []
+    for prompt in prompts:
+        if not (isinstance(prompt, str) or is_token_list(prompt)):
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        batch.append(prompt)
+    return batch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeGuard
 
 from herd.model.special_tokens import BEGIN_OF_TEXT
 from herd.model.tokenizer import Tokenizer
@@ -29,5 +30,6 @@ def prompt_ids(tokenizer: Tokenizer, prompt: object, vocab_size: int) -> list[in
     return ids
 
 
-def is_token_list(value: object) -> bool:
+def is_token_list(value: object) -> TypeGuard[list[int] | tuple[int, ...]]:
+    """A list or tuple of ints (bools excluded): a prompt given as token ids."""
     return isinstance(value, list | tuple) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
