@@ -39,8 +39,8 @@ class ModelRunner:
         sampled = torch.tensor([int(end) - 1 for end, c in zip(ends, chunks, strict=True) if c.samples],
                                dtype=torch.long)
         context = PagedAttention(chunks, self.kv, self.cache, self.device)
-        logits = self.model(ids, positions.to(self.device), context, image_embeds=image_embeds, image_rows=image_rows,
-                            logit_rows=sampled)
+        logits: torch.Tensor = self.model(ids, positions.to(self.device), context, image_embeds=image_embeds,
+                                          image_rows=image_rows, logit_rows=sampled)  # [C_sampling, V]
         return logits.float()
 
     @staticmethod

@@ -69,4 +69,5 @@ class Attention(nn.Module):
             out = attend(q, k, v, positions, positions, self.chunk_size)  # [T, N, D]
         else:
             out = kv.attend(self.layer, q, k, v, positions, self.chunk_size)
-        return self.o_proj(out.reshape(x.shape[0], -1))
+        projected: torch.Tensor = self.o_proj(out.reshape(x.shape[0], -1))  # [T, H]
+        return projected

@@ -33,5 +33,7 @@ class DecoderLayer(nn.Module):
         self, x: torch.Tensor, positions: torch.Tensor, rot: torch.Tensor, kv: KVContext | None = None
     ) -> torch.Tensor:
         """[T, H] -> [T, H]."""
-        h = x + self.self_attn(self.input_layernorm(x), positions, rot, kv)
-        return h + self.feed_forward(self.post_attention_layernorm(h))
+        attended: torch.Tensor = self.self_attn(self.input_layernorm(x), positions, rot, kv)  # [T, H]
+        h = x + attended
+        mixed: torch.Tensor = self.feed_forward(self.post_attention_layernorm(h))  # [T, H]
+        return h + mixed

@@ -86,21 +86,21 @@ class Llama4Model(nn.Module):
         """
         self._check_ids(input_ids)
         if image_embeds is not None:
-            self._check_image_embeds(input_ids, image_embeds, image_rows)
+            image_rows = self._image_rows(input_ids, image_embeds, image_rows)  # [T] or [M]
         device = self.device
         if positions is None:
             start = len(cache) if isinstance(cache, ContiguousKVCache) else 0
             positions = torch.arange(start, start + input_ids.shape[0], device=device)
         rot = rotations(positions, self._frequencies(device))  # [T, D/2]
         x = self.model.embed_tokens(input_ids.to(device))  # [T, H]
-        if image_embeds is not None:
-            rows = (input_ids == self.config.image_token_id) if image_rows is None else image_rows  # [T] or [M]
-            x[rows.to(device)] = image_embeds.to(device=device, dtype=x.dtype)  # [M, H] into M rows, in order
+        if image_embeds is not None and image_rows is not None:
+            x[image_rows.to(device)] = image_embeds.to(device=device, dtype=x.dtype)  # [M, H] into M rows, in order
         for layer in self.model.layers:
             x = layer(x, positions, rot, cache)
         if logit_rows is not None:
             x = x[logit_rows.to(device)]  # [L, H]
-        return self.lm_head(self.model.norm(x))
+        logits: torch.Tensor = self.lm_head(self.model.norm(x))  # [T, V] or [L, V]
+        return logits
 
     def new_cache(self) -> ContiguousKVCache:
         """An empty KV cache for incremental decoding of one sequence."""
@@ -130,9 +130,11 @@ class Llama4Model(nn.Module):
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside the vocabulary 0..{self.config.vocab_size - 1}")
 
-    def _check_image_embeds(self, input_ids: torch.Tensor, image_embeds: torch.Tensor,
-                            image_rows: torch.Tensor | None) -> None:
-        if self.config.image_token_id is None:
+    def _image_rows(self, input_ids: torch.Tensor, image_embeds: torch.Tensor,
+                    image_rows: torch.Tensor | None) -> torch.Tensor:
+        """Check the image features; the rows they go to: `image_rows` [M], or the placeholder mask [T]."""
+        placeholder = self.config.image_token_id
+        if placeholder is None:
             raise ValueError("image_embeds given, but this model has no image placeholder token (text-only config)")
         hidden = self.config.hidden_size
         if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 2 or image_embeds.shape[1] != hidden:
@@ -144,10 +146,12 @@ class Llama4Model(nn.Module):
             if image_rows.shape != (image_embeds.shape[0],):
                 raise ValueError(f"image_rows must be [{image_embeds.shape[0]}] (one per image_embeds row), "
                                  f"got {tuple(image_rows.shape)}")
-            return
-        count = int((input_ids == self.config.image_token_id).sum())
+            return image_rows
+        mask = input_ids.eq(placeholder)  # [T]
+        count = int(mask.sum())
         if count != image_embeds.shape[0]:
             raise ValueError(
-                f"input_ids hold {count} image placeholder tokens (id {self.config.image_token_id}) "
+                f"input_ids hold {count} image placeholder tokens (id {placeholder}) "
                 f"but image_embeds has {image_embeds.shape[0]} rows"
             )
+        return mask

@@ -118,6 +118,8 @@ def load_experts(
     layers: dict[int, ExpertWeights] = {}
     for layer in text.moe_layers:
         prefix = f"model.layers.{layer}.feed_forward.experts"
+        gate_up: torch.Tensor | QuantizedTensor
+        down: torch.Tensor | QuantizedTensor
         if quantization is not None and experts_quantized(prefix, text.num_local_experts, quantization) and ids:
             stored = read_experts(checkpoint, quantization.scheme, prefix, ids)
             shapes = expert_storage(quantization.scheme, len(ids), text.hidden_size, text.intermediate_size,
@@ -191,7 +193,9 @@ def _stored_quantized_bytes(checkpoint: Checkpoint, prefix: str, module: Quantiz
 
 def _held_experts(model: Llama4Model, param_name: str) -> tuple[int, ...]:
     experts = model.get_submodule(param_name.rsplit(".", 1)[0])
-    return experts.expert_ids  # type: ignore[no-any-return]
+    if not isinstance(experts, Experts):  # only the fused expert parameters come here
+        raise TypeError(f"{param_name} is not a parameter of an Experts module")
+    return experts.expert_ids
 
 
 def _expert_ids(experts: Iterable[int], config: TextConfig) -> tuple[int, ...]:

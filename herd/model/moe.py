@@ -9,7 +9,7 @@ held here), and the workers layer injects a remote one that dispatches rows to e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -30,7 +30,8 @@ class ExpertsExecutor(Protocol):
     so that, for example, each expert shard's rows come out contiguous.
     """
 
-    expert_order: tuple[int, ...] | None
+    @property
+    def expert_order(self) -> tuple[int, ...] | None: ...
 
     def __call__(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor: ...
 
@@ -86,9 +87,10 @@ class Experts(nn.Module):
         local_offsets[1:] = torch.cumsum(counts[held], 0)
         return kernels.experts(rows, local_offsets, gate_up, down)
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         if self.scheme is None:
-            return super()._apply(fn, recurse)
+            module: nn.Module = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # bare in torch
+            return module
         return keep_storage_dtypes(self, fn)
 
 
@@ -114,4 +116,5 @@ class MoE(nn.Module):
             out_rows = self.experts(rows, permutation.expert_offsets)
         else:
             out_rows = self.executor(self.layer, rows, permutation.expert_offsets)
-        return self.shared_expert(x) + kernels.combine(out_rows, permutation, x.shape[0])
+        shared: torch.Tensor = self.shared_expert(x)  # [T, H]
+        return shared + kernels.combine(out_rows, permutation, x.shape[0])

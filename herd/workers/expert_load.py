@@ -57,6 +57,9 @@ class ExpertLoad:
 class CountingExperts:
     """An ExpertsExecutor over the experts the model holds in this process, counting each layer's rows."""
 
+    expert_order: tuple[int, ...] | None = None
+    """Rows come grouped by expert id, as the experts held here take them."""
+
     def __init__(self, model: Llama4Model, load: ExpertLoad, observe_s: Callable[[float], None] | None = None) -> None:
         self.layers = {m.layer: m.experts for m in model.modules() if isinstance(m, MoE)}
         self.load = load
@@ -65,7 +68,7 @@ class CountingExperts:
     def __call__(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         self.load.add_offsets(layer, expert_offsets)
-        out = self.layers[layer](rows, expert_offsets)
+        out: torch.Tensor = self.layers[layer](rows, expert_offsets)  # [R, H]
         if self.observe_s is not None:
             self.observe_s(time.perf_counter() - start)
         return out
