@@ -13,15 +13,16 @@ import contextlib
 import dataclasses
 import functools
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Unpack
 
 from herd.engine.config import EngineConfig
-from herd.engine.llm_engine import EngineRequest, LLMEngine, Prompt, RequestOptions
+from herd.engine.llm_engine import EngineRequest, LLMEngine, RequestOptions
 from herd.engine.outputs import RequestOutput
 from herd.engine.sampling_params import SamplingParams
+from herd.model.prompt import Prompt
 
 
 class AsyncLLMEngine:
@@ -44,7 +45,7 @@ class AsyncLLMEngine:
         return cls(LLMEngine.from_pretrained(path, config))
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
-                       **options: Unpack[RequestOptions]) -> AsyncIterator[RequestOutput]:
+                       **options: Unpack[RequestOptions]) -> AsyncGenerator[RequestOutput, None]:
         """Yield the request's output after every step that changes it; the last one has finished=True.
         A request with images is prepared on a worker thread (the vision tower runs there, not on the loop)."""
         prepare = functools.partial(self.engine.prepare, prompt, params, **options)

@@ -78,7 +78,8 @@ class KVCacheManager:
             tables[FULL] = [self.pools[FULL].take_cached(keys[i]) for i in range(hit)]
         if CHUNKED in self.pools:
             first = self._window_start(hit * self.block_size) // self.block_size
-            tables[CHUNKED] = [None] * first + [self.pools[CHUNKED].take_cached(keys[i]) for i in range(first, hit)]
+            released: list[int | None] = [None] * first  # the chunks before the one it resumes in
+            tables[CHUNKED] = released + [self.pools[CHUNKED].take_cached(keys[i]) for i in range(first, hit)]
         self._hashes[seq.request_id] = keys[:hit]
         seq.num_computed = seq.num_cached_prompt_tokens = hit * self.block_size
         self.prefix_queried_tokens += len(known) - 1
@@ -108,14 +109,16 @@ class KVCacheManager:
                                parent=keys[-1] if keys else None, images=seq.image_spans)
             for i, key in enumerate(new, start=len(keys)):
                 for group, table in tables.items():
-                    if i < len(table) and table[i] is not None:
-                        self.pools[group].register(table[i], key)
+                    block = table[i] if i < len(table) else None
+                    if block is not None:
+                        self.pools[group].register(block, key)
             keys.extend(new)
         if CHUNKED in tables:
             table = tables[CHUNKED]
             for i in range(self._window_start(seq.num_computed) // self.block_size):
-                if i < len(table) and table[i] is not None:
-                    self.pools[CHUNKED].release(table[i])
+                block = table[i] if i < len(table) else None
+                if block is not None:
+                    self.pools[CHUNKED].release(block)
                     table[i] = None
 
     def free(self, seq: Sequence) -> None:

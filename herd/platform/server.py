@@ -46,9 +46,9 @@ def replica_args(model: ModelSettings, settings: HerdSettings) -> ReplicaArgs:
     and the shards' TLS files as absolute paths (not resolved: a Kubernetes Secret's files are symlinks that
     change on rotation), which the replica and its shards open on their own nodes."""
     tls = settings.tls
-    shard_tls = ShardTls.of(*(p.absolute() if p is not None else None
-                              for p in (tls.shard_cert_file, tls.shard_key_file, tls.shard_ca_file)),
-                            server_name=tls.shard_server_name)
+    cert, key, ca = (p.absolute() if p is not None else None
+                     for p in (tls.shard_cert_file, tls.shard_key_file, tls.shard_ca_file))
+    shard_tls = ShardTls.of(cert, key, ca, server_name=tls.shard_server_name)
     return model.replica_args(path=str(model_path(model, settings)), telemetry=settings.telemetry,
                               shard_tls=shard_tls)
 

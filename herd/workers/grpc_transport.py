@@ -10,6 +10,7 @@ import itertools
 import queue
 import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 import torch
@@ -43,7 +44,7 @@ class GrpcTransport:
 
     def run(self, layer: int, work: list[ShardWork]) -> list[torch.Tensor]:
         start = time.perf_counter()
-        sent = []
+        sent: list[int | None] = []  # each shard's message sequence; None: no rows for it this layer
         for stream, item in zip(self.streams, work, strict=True):
             if item.rows.shape[0]:
                 sent.append(stream.send(layer, item.counts, to_wire(item.rows), item.trace_context))
@@ -101,18 +102,20 @@ class _ShardStream:
         self._sequence = itertools.count(1)
         self._requests: queue.Queue[pb.DispatchRequest | None] | None = None
         self._replies: queue.Queue[pb.DispatchReply | grpc.RpcError] = queue.Queue()
-        self._call: grpc.Future | None = None
+        self._call: grpc.Future[pb.DispatchReply] | None = None  # the Dispatch call, to cancel it
         self._lock = threading.Lock()
 
     def info(self) -> pb.ShardInfo:
         """The shard's Info, waiting up to timeout_s for it to come up. A channel that never connected
         (nothing listening, a TLS handshake refused) is UNAVAILABLE, with gRPC's reason, not a deadline."""
         try:
-            return self.stub.Info(pb.InfoRequest(), timeout=self.timeout_s, wait_for_ready=True)
+            info: pb.ShardInfo = self.stub.Info(pb.InfoRequest(), timeout=self.timeout_s, wait_for_ready=True)
+            return info
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 try:  # without waiting for the channel: fails at once with why it cannot connect
-                    return self.stub.Info(pb.InfoRequest(), timeout=min(self.timeout_s, 2.0))
+                    info = self.stub.Info(pb.InfoRequest(), timeout=min(self.timeout_s, 2.0))
+                    return info
                 except grpc.RpcError as probe:
                     err = probe
             raise HerdError(Code.of(err.code().name), f"expert shard at {self.address}: {err.details()}") from err
@@ -148,10 +151,11 @@ class _ShardStream:
         """SERVING by the standard health service, waiting up to 2 s for the channel to (re)connect."""
         try:
             request = health_pb2.HealthCheckRequest(service=SERVICE)
-            answer = self.health.Check(request, timeout=2.0, wait_for_ready=True)
+            answer: health_pb2.HealthCheckResponse = self.health.Check(request, timeout=2.0, wait_for_ready=True)
         except grpc.RpcError:
             return False
-        return answer.status == health_pb2.HealthCheckResponse.SERVING
+        # bool(): grpc-stubs' grpc_health package shadows health_pb2's own .pyi with a module __getattr__ -> Any.
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
     def close(self) -> None:
         self._break()
@@ -161,7 +165,7 @@ class _ShardStream:
         requests: queue.Queue[pb.DispatchRequest | None] = queue.Queue()
         replies: queue.Queue[pb.DispatchReply | grpc.RpcError] = queue.Queue()
 
-        def outgoing():
+        def outgoing() -> Iterator[pb.DispatchRequest]:
             while (message := requests.get()) is not None:
                 yield message
 

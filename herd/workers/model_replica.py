@@ -106,6 +106,8 @@ class ModelReplica:
         """One actor per shard in bundles 1..N of this replica's placement group; their transport."""
         args = self.args
         group = ray.util.get_current_placement_group()
+        if group is None:  # Serve gives every replica one, from the deployment's placement_group_bundles
+            raise RuntimeError(f"replica of {args.name} is in no placement group: its shards have no bundles")
         for index, experts in enumerate(shard_experts):
             strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index + 1)
             options: dict[str, Any] = {"num_cpus": BUNDLE_CPUS, "scheduling_strategy": strategy}

@@ -54,7 +54,7 @@ def place_experts(
         size = base + (1 if shard < extra else 0)
         owned.append(list(range(start, start + size)))
         start += size
-    replicas = {e: (s,) for s, experts in enumerate(owned) for e in experts}
+    replicas: dict[int, tuple[int, ...]] = {e: (s,) for s, experts in enumerate(owned) for e in experts}
     if replicate_hot:
         assert expert_load is not None
         load = [sum(expert_load[e] for e in experts) for experts in owned]

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
@@ -85,7 +85,7 @@ class ReplicaCore:
         return pb.ModelCard(id=self.config.name, root=self.config.path, max_model_len=self.max_model_len,
                             created=self.created)
 
-    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+    async def generate(self, request: pb.GenerateRequest) -> AsyncGenerator[pb.GenerateChunk, None]:
         """Stream the request's chunks; HerdError for what cannot be served."""
         if self._draining:
             raise HerdError(Code.UNAVAILABLE, f"replica of {self.config.name} is shutting down")

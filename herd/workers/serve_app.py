@@ -6,7 +6,7 @@ herd.platform.replica_app:build_app; `replica_states` reads the application's re
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from ray import serve
 
@@ -39,7 +39,9 @@ def build_app(args: dict[str, Any], *, process_setup: ProcessSetup | None = None
         options["autoscaling_config"] = deployment.autoscaling.model_dump()
     else:
         options["num_replicas"] = deployment.num_replicas
-    return ModelReplica.options(**options).bind(config.model_dump(mode="json"), process_setup)
+    # @serve.deployment made the class a Deployment; mypy keeps a decorated class's own type.
+    replica = cast(serve.Deployment, ModelReplica)
+    return replica.options(**options).bind(config.model_dump(mode="json"), process_setup)
 
 
 def replica_states(app_name: str) -> dict[str, int]:

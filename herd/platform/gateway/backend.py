@@ -8,7 +8,7 @@ in the engine, which frees its KV blocks.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from herd.engine.errors import HerdError
@@ -27,7 +27,9 @@ class Backend(Protocol):
 
     def card(self) -> pb.ModelCard: ...
 
-    def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]: ...
+    def generate(self, request: pb.GenerateRequest) -> AsyncGenerator[pb.GenerateChunk, None]:
+        """The request's chunks; closing the stream early (aclose) aborts the request."""
+        ...
 
     async def stats(self) -> dict[str, int]: ...
 
@@ -52,7 +54,7 @@ class LocalBackend:
     def card(self) -> pb.ModelCard:
         return self.core.model_card()
 
-    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+    async def generate(self, request: pb.GenerateRequest) -> AsyncGenerator[pb.GenerateChunk, None]:
         if self._active >= self.capacity:
             raise overloaded()
         self._active += 1

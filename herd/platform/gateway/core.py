@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -196,7 +196,7 @@ class Gateway:
         return out
 
     async def stream(self, prepared: Prepared, *, timeout_s: float | None = None,
-                     trace_parent: Context | None = None) -> AsyncIterator[pb.GenerateChunk]:
+                     trace_parent: Context | None = None) -> AsyncGenerator[pb.GenerateChunk, None]:
         """The backend's chunks, within the deadline, after tenant admission and (for a model scaled to
         zero) a wait for its replica; leaving early aborts the request. With tenancy, every request ends in
         exactly one settlement (its usage row). Every request is one span (a child of `trace_parent`, the

@@ -29,7 +29,10 @@ from herd.workers.grpc_serving import add_health_and_reflection, listen, message
 SERVICE = "herd.v1.Inference"
 MAX_MESSAGE_BYTES = 64 * 2**20
 
-GrpcTenantResolver = Callable[[grpc.aio.ServicerContext], Awaitable[pb.TenantContext | None]]
+CallContext = grpc.aio.ServicerContext[Any, Any]
+"""The context of a call to any of the service's methods (what the helpers below read or abort)."""
+
+GrpcTenantResolver = Callable[[CallContext], Awaitable[pb.TenantContext | None]]
 
 
 class Unreadable:
@@ -50,7 +53,7 @@ def _parse(message_type: type[Message]) -> Callable[[bytes], Message | Unreadabl
     return parse
 
 
-async def _refuse_unreadable(request: object, context: grpc.aio.ServicerContext) -> None:
+async def _refuse_unreadable(request: object, context: CallContext) -> None:
     if isinstance(request, Unreadable):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.text)
 
@@ -70,7 +73,8 @@ def add_inference_service(service: InferenceService, server: grpc.aio.Server) ->
             response_serializer=pb.GenerateChunk.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
+    # Server.add_registered_method_handlers (grpcio 1.63+) is missing from grpc-stubs.
+    server.add_registered_method_handlers(SERVICE, handlers)  # type: ignore[attr-defined]
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -79,7 +83,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.tenant_resolver = tenant_resolver
 
     async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListModelsRequest,
+        context: grpc.aio.ServicerContext[pb.ListModelsRequest, pb.ListModelsResponse],
     ) -> pb.ListModelsResponse:
         await _refuse_unreadable(request, context)
         try:
@@ -89,7 +94,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             raise  # _abort always raises; this keeps type checkers honest
 
     async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateChunk]
     ) -> AsyncIterator[pb.GenerateChunk]:
         await _refuse_unreadable(request, context)
 
@@ -108,14 +113,14 @@ class InferenceService(pb_grpc.InferenceServicer):
             yield chunk
 
     async def Chat(
-        self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ChatRequest, context: grpc.aio.ServicerContext[pb.ChatRequest, pb.GenerateChunk]
     ) -> AsyncIterator[pb.GenerateChunk]:
         await _refuse_unreadable(request, context)
 
         async def prepare() -> Prepared:
             messages: list[dict[str, Any]] = []
             for m in request.messages:
-                parts = [{"type": "text", "text": m.content}] if m.content else []
+                parts: list[dict[str, Any]] = [{"type": "text", "text": m.content}] if m.content else []
                 parts += [{"type": "image", "image": p.image} if p.WhichOneof("part") == "image"
                           else {"type": "text", "text": p.text} for p in m.parts]
                 images = any(p["type"] == "image" for p in parts)
@@ -128,7 +133,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             yield chunk
 
     async def _serve(
-        self, prepare: Callable[[], Awaitable[Prepared]], context: grpc.aio.ServicerContext
+        self, prepare: Callable[[], Awaitable[Prepared]], context: grpc.aio.ServicerContext[Any, pb.GenerateChunk]
     ) -> AsyncIterator[pb.GenerateChunk]:
         try:
             prepared = await prepare()
@@ -143,14 +148,14 @@ class InferenceService(pb_grpc.InferenceServicer):
         except Exception as err:  # a bug, never a bare UNKNOWN: INTERNAL with what happened
             await _abort(context, internal(f"{type(err).__name__}: {err}"))
 
-    async def _identity(self, context: grpc.aio.ServicerContext) -> object:
+    async def _identity(self, context: CallContext) -> object:
         """The caller, from `authorization` metadata ("Bearer <key>" or the bare key)."""
         metadata = dict(context.invocation_metadata() or ())
         value = str(metadata.get("authorization", "")).strip()
         return await self.gateway.identify(bearer_credential(value) or value or None)
 
 
-async def _abort(context: grpc.aio.ServicerContext, err: HerdError) -> None:
+async def _abort(context: CallContext, err: HerdError) -> None:
     """End the call with the error's status; a retriable one carries google.rpc.RetryInfo (and retry-after)."""
     code = getattr(grpc.StatusCode, err.code.value)
     if err.retry_after_s is None:
@@ -159,7 +164,7 @@ async def _abort(context: grpc.aio.ServicerContext, err: HerdError) -> None:
     detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=err.retry_after_s)))
     rich = status_pb2.Status(code=code.value[0], message=err.message, details=[detail])
     context.set_trailing_metadata((("retry-after", str(err.retry_after_s)),))
-    await context.abort_with_status(rpc_status.to_status(rich))
+    await context.abort_with_status(rpc_status.to_status(rich))  # type: ignore[attr-defined]  # not in grpc-stubs
 
 
 async def start_grpc(
@@ -179,7 +184,7 @@ async def start_grpc(
                                                   require_client_auth=client_ca is not None)
     server = grpc.aio.server(options=message_options(MAX_MESSAGE_BYTES))
     add_inference_service(InferenceService(gateway), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs' health.pyi lacks aio
     add_health_and_reflection(server, SERVICE, health_servicer)
     bound = listen(server, host, port, credentials)
     await server.start()

@@ -9,7 +9,7 @@ request in the engine.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -92,7 +92,7 @@ def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = (),
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        first: Mapping[str, Any] = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first['msg']}" if where else str(first["msg"])
         if first.get("type") == "json_invalid":
@@ -209,7 +209,7 @@ def error_response(err: HerdError, *, status: int | None = None) -> JSONResponse
 
 
 async def _stream(
-    chunks: AsyncIterator[pb.GenerateChunk],
+    chunks: AsyncGenerator[pb.GenerateChunk, None],
     events: Callable[[AsyncIterator[pb.GenerateChunk]], AsyncIterator[dict[str, Any]]],
 ) -> StreamingResponse | JSONResponse:
     try:

@@ -28,6 +28,7 @@ from herd.platform.gateway.openai_models import (
     CompletionChoice,
     CompletionRequest,
     FunctionCall,
+    NamedToolChoice,
     PromptTokensDetails,
     TokenLogprob,
     ToolCall,
@@ -59,7 +60,7 @@ async def prepare_chat(gateway: Gateway, request: ChatCompletionRequest, identit
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     tools = [t.function.model_dump(exclude_none=True) for t in request.tools or []]
     choice = request.tool_choice
-    tool_choice = choice.model_dump() if hasattr(choice, "model_dump") else choice
+    tool_choice = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
     count = sum(isinstance(m.content, list) and sum(p.type == "image_url" for p in m.content) for m in request.messages)
     if count > gateway.max_images_per_request:
         raise too_many_images(count, gateway.max_images_per_request)
@@ -154,7 +155,7 @@ def tool_names(request: ChatCompletionRequest) -> list[str]:
     choice = request.tool_choice
     tools = [{"type": "function", "function": t.function.model_dump(exclude_none=True)} for t in request.tools]
     try:
-        named = choice.model_dump() if hasattr(choice, "model_dump") else choice or "auto"
+        named = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice or "auto"
         return sorted(offer_tools(tools, named).names)
     except ValueError:
         return []  # prepare_chat has refused such a request already

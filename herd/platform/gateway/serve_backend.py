@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import ray
@@ -42,7 +42,7 @@ class ServeBackend:
     def card(self) -> pb.ModelCard:
         return self._card
 
-    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+    async def generate(self, request: pb.GenerateRequest) -> AsyncGenerator[pb.GenerateChunk, None]:
         stream = self.handle.options(stream=True).generate.remote(request.SerializeToString())
         finished = False
         try:
@@ -66,7 +66,8 @@ class ServeBackend:
                     stream.cancel()
 
     async def stats(self) -> dict[str, int]:
-        return await self.handle.stats.remote()
+        stats: dict[str, int] = await self.handle.stats.remote()  # ReplicaCore.stats, through Serve
+        return stats
 
     async def ready_replicas(self) -> int | None:
         return await self._ready.get()

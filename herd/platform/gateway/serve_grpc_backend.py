@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import grpc
@@ -42,7 +42,7 @@ class ServeGrpcBackend:
     def card(self) -> pb.ModelCard:
         return self._card
 
-    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+    async def generate(self, request: pb.GenerateRequest) -> AsyncGenerator[pb.GenerateChunk, None]:
         call = self.stub.Generate(request, metadata=(("application", self.name),))
         try:
             async for chunk in call:
