@@ -29,6 +29,7 @@ serve: $(STAMP) $(PROTOS)
 lint: $(STAMP) $(PROTOS)
 	$(BIN)/ruff check herd tests bench protos herd_loadgen
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest -q
