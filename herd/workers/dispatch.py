@@ -33,9 +33,11 @@ class ExpertDispatcher:
 
     def __init__(self, placement: Placement, transport: ExpertTransport, *, load: ExpertLoad | None = None,
                  observe_s: Callable[[float], None] | None = None) -> None:
-        served = [tuple(sorted(e)) for e in transport.shard_experts()]
+        # In order, not as sets: each shard's counts are sent in the placement's expert order.
+        served = [tuple(e) for e in transport.shard_experts()]
         if served != list(placement.shard_experts):
-            raise ValueError(f"the shards own {served}, the placement expects {list(placement.shard_experts)}")
+            raise ValueError(f"the shards own {served} (in their count order), the placement expects "
+                             f"{list(placement.shard_experts)}")
         self.placement = placement
         self.transport = transport
         self.expert_order: tuple[int, ...] = placement.expert_order

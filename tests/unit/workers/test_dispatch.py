@@ -42,7 +42,7 @@ class FakeTransport:
         for experts, w in zip(self.experts, work, strict=True):
             assert len(w.counts) == len(experts) and sum(w.counts) == w.rows.shape[0]
             chunks = torch.split(w.rows, w.counts)
-            outputs.append(torch.cat([expert_fn(layer, e, c) for e, c in zip(sorted(experts), chunks, strict=True)]))
+            outputs.append(torch.cat([expert_fn(layer, e, c) for e, c in zip(experts, chunks, strict=True)]))
         return outputs
 
 
@@ -147,7 +147,9 @@ def test_a_transport_serving_other_experts_than_the_placement_is_refused():
     for served in ([(0, 1, 2), (3, 4, 5, 6, 7)], [(0, 1, 2, 3)], [(0, 1, 2, 3), (4, 5, 6, 7), (7,)]):
         with pytest.raises(ValueError, match=r"the shards own .* the placement expects"):
             ExpertDispatcher(placement, FakeTransport(served))
-    ExpertDispatcher(placement, FakeTransport([(3, 2, 1, 0), (7, 6, 5, 4)]))  # any order within a shard
+    # The same experts in another order would read each shard's counts against the wrong experts.
+    with pytest.raises(ValueError, match=r"in their count order"):
+        ExpertDispatcher(placement, FakeTransport([(3, 2, 1, 0), (7, 6, 5, 4)]))
 
 
 def test_the_observe_callback_gets_each_calls_duration():
