@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[int, LoadResult]] = {}
     notes: list[str] = []
     failures: list[str] = []
+    load: dict[str, float] = {}  # the 1-minute load average as each system began: others' work skews its numbers
     print(table_header(), file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         runs = (("transformers serve", lambda: run_transformers(checkpoint, workloads, args, Path(tmp))),
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             if system.split()[0] in args.skip:
                 notes.append(f"{system}: skipped (--skip)")
                 continue
+            load[system] = os.getloadavg()[0]
             try:
                 results[system] = run()
             except ServerError as err:
@@ -253,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                     failures.append(f"{system} did not come up")
     offline = None
     if "offline" not in args.skip:
+        load["offline engine"] = os.getloadavg()[0]
         offline = run_offline(checkpoint, workloads[levels[-1]], max_num_seqs=levels[-1])
     failures += [f"{system} at {level}: {result.summary()['errors']} of {len(result.records)} requests failed"
                  for system, by_level in results.items() for level, result in by_level.items() if result.errors()]
@@ -269,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         print(table_row("herd engine offline", offline))
     print("\nTargets:")
     print("\n".join(target_checks(results, offline)))
-    if notes:
-        print("\nNotes:\n" + "\n".join(f"- {n}" for n in notes))
+    began = ", ".join(f"{system} {value:.2f}" for system, value in load.items())
+    notes.append(f"load average (1 min) as each began, on {os.cpu_count()} CPUs: {began}; at the end "
+                 f"{os.getloadavg()[0]:.2f}")
+    print("\nNotes:\n" + "\n".join(f"- {n}" for n in notes))
     if results:
         ceilings = {f"herd engine offline (batch <= {levels[-1]})": offline["output_tok_per_s"]} if offline else None
         print(f"\nplot: {plot(results, args.plot, ceilings=ceilings)}")
