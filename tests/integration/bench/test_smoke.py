@@ -2,7 +2,7 @@
 must finish with exit code 0 and print its table, so a benchmark that a feature broke fails here. Nothing is
 timed; the timeout only stops a hang. serve.py and soak.py start `herd serve` (and Ray) with API keys on.
 
-bench/gpu_check.py and bench/quantized_experts.py are run at their --smoke size by test_smoke_quant.py;
+bench/gpu_check.py and bench/quantized_experts.py are run at their --smoke size by tests/unit/bench/test_smoke_quant.py;
 every other script must be listed here.
 """
 
