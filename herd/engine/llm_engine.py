@@ -33,7 +33,7 @@ from herd.engine.sequence import Sequence, Status
 from herd.engine.stats import EngineStats
 from herd.model.llama4 import Llama4Model
 from herd.model.loader import load_model
-from herd.model.prompt import Prompt, is_token_list, prompt_ids
+from herd.model.prompt import Prompt, as_prompt, is_token_list, prompt_ids
 from herd.model.tokenizer import Tokenizer
 from herd.model.vision import VisionTower, load_vision_if_multimodal
 
@@ -309,9 +309,4 @@ def _prompt_batch(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
     """One prompt (text or token ids) or a sequence of them, as a list; ValueError for an item that is neither."""
     if isinstance(prompts, str) or is_token_list(prompts):
         return [prompts]
-    batch: list[Prompt] = []
-    for prompt in prompts:
-        if not (isinstance(prompt, str) or is_token_list(prompt)):
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        batch.append(prompt)
-    return batch
+    return [as_prompt(prompt) for prompt in prompts]

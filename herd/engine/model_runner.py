@@ -10,6 +10,7 @@ The arithmetic is the model's.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -35,9 +36,8 @@ class ModelRunner:
         """Compute every chunk; return float32 logits [C_sampling, V] for the chunks that sample, in order."""
         ids, positions = self._tokens(chunks)  # [N], [N]
         image_rows, image_embeds = self._images(chunks)  # [M], [M, H]
-        ends = torch.tensor([c.num_tokens for c in chunks]).cumsum(0)
-        sampled = torch.tensor([int(end) - 1 for end, c in zip(ends, chunks, strict=True) if c.samples],
-                               dtype=torch.long)
+        ends = itertools.accumulate(c.num_tokens for c in chunks)
+        sampled = torch.tensor([end - 1 for end, c in zip(ends, chunks, strict=True) if c.samples], dtype=torch.long)
         context = PagedAttention(chunks, self.kv, self.cache, self.device)
         logits: torch.Tensor = self.model(ids, positions.to(self.device), context, image_embeds=image_embeds,
                                           image_rows=image_rows, logit_rows=sampled)  # [C_sampling, V]

@@ -60,17 +60,19 @@ def app_args(model: ModelSettings, settings: HerdSettings) -> dict[str, Any]:
 
 
 def _json(model: BaseModel) -> dict[str, Any]:
+    return _pruned(model, model.model_dump(mode="json"))
+
+
+def _pruned(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (model's JSON) with keys sorted, less the nulls that are their field's default, all the way down."""
+    fields = type(model).model_fields
     out = {}
-    for name, field in sorted(type(model).model_fields.items()):
-        value = getattr(model, name)
-        if value is None and field.default is None:
+    for name, value in sorted(data.items()):
+        if value is None and name in fields and fields[name].default is None:
             continue
-        out[name] = _json(value) if isinstance(value, BaseModel) else _plain(model, name)
-    return dict(sorted((out | (model.__pydantic_extra__ or {})).items()))
-
-
-def _plain(model: BaseModel, name: str) -> Any:
-    return model.model_dump(mode="json", include={name})[name]
+        child = getattr(model, name, None)
+        out[name] = _pruned(child, value) if isinstance(child, BaseModel) else value
+    return out
 
 
 def serve_config(settings: HerdSettings) -> dict[str, Any]:
