@@ -66,6 +66,15 @@ class TenancySettings(_Section):
     admin_token_file: Path = Field(Path(".herd/admin-token"), description="admin credential, made on first start")
     spill_path: Path = Field(Path(".herd/usage-spill.jsonl"), description="usage rows the database would not take")
     usage_flush_interval_s: float = Field(0.5, gt=0, description="how often usage rows are written")
+    redis_timeout_s: float = Field(1.0, gt=0, description="longest one Redis call (connect or command) may take")
+    database_timeout_s: float = Field(5.0, gt=0, description="longest one database connect or statement may take")
+    key_cache_ttl_s: float = Field(5.0, ge=0, description="a verified API key is trusted this long without asking "
+                                   "the database (a revoke through another gateway takes effect within it; 0: off)")
+    key_cache_size: int = Field(10_000, ge=0, description="verified keys cached at most (least recently used go)")
+    default_output_reservation_tokens: int = Field(1024, ge=1, description="a request without max_tokens reserves "
+                                                   "this many output tokens (or its room, if less) against the "
+                                                   "per-minute limits and the budget; what it produces beyond is "
+                                                   "charged when it ends")
 
 
 class ControlPlaneSettings(_Section):
@@ -108,7 +117,25 @@ class ImageSettings(_Section):
     fetch_urls: bool = Field(False, description="fetch http(s) image_url parts (off: only data: URLs are read); "
                              "the gateway then connects wherever a client's URL points")
     fetch_timeout_s: float = Field(10.0, gt=0, description="longest one image fetch may take in all")
-    max_image_bytes: int = Field(20 * 2**20, ge=1, description="largest encoded image, from a data: or http(s) URL")
+    max_image_bytes: int = Field(20 * 2**20, ge=1, description="largest encoded image, from a data: or http(s) URL "
+                                 "on the HTTP door, or an image part on the gRPC door")
+    fetch_allow_networks: list[str] = Field(default_factory=list, description="networks (CIDR) an image fetch may "
+                                            "reach although they are not public (loopback, private, link-local "
+                                            "and the like are refused otherwise)")
+
+
+class DoorLimits(_Section):
+    """What one client may hold at the public doors, whether or not its key is good."""
+
+    http_max_connections: int = Field(1024, ge=1, description="HTTP connections at once; beyond, 503")
+    http_keep_alive_timeout_s: float = Field(5, gt=0, description="an idle HTTP connection is closed after this")
+    http_read_timeout_s: float = Field(30, gt=0, description="a request's headers and body must arrive within this")
+    http_max_header_bytes: int = Field(64 * 2**10, ge=1024, description="largest HTTP request line and headers")
+    grpc_max_concurrent_streams: int = Field(64, ge=1, description="gRPC calls at once on one connection")
+    grpc_max_message_bytes: int = Field(32 * 2**20, ge=2**20, description="largest gRPC request message")
+    grpc_min_ping_interval_s: float = Field(30, gt=0, description="a client pinging more often is disconnected")
+    stream_write_timeout_s: float = Field(30, gt=0, description="a streamed answer its client does not read for "
+                                          "this long is aborted, and billed for what was streamed")
 
 
 class TlsSettings(_Section):
@@ -179,7 +206,13 @@ class HerdSettings(BaseSettings):
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port")
     grpc_host: str = Field("127.0.0.1", description="herd.v1.Inference gRPC address")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port")
+    ops_host: str = Field("127.0.0.1", description="operator endpoints (/metrics, /herd/*, /health, /admin/v1)")
+    ops_port: int = Field(9401, ge=0, le=65535, description="operator port; the public ports keep only a cheap "
+                          "/health/live and /health/ready")
     request_timeout_s: float = Field(600, gt=0, description="longest a request may take")
+    shutdown_timeout_s: float = Field(25, gt=0, description="SIGTERM to exit: in-flight requests may finish within "
+                                      "it, then are ended as interrupted and the ledger is written (keep it under "
+                                      "the pod's terminationGracePeriodSeconds)")
     max_request_body_bytes: int = Field(16 * 2**20, ge=1, description="largest HTTP request body; a larger one is "
                                         "refused with 413 before it is read")
     models_dir: Path = Field(Path(".herd/models"), description="where tiny presets are made")
@@ -189,6 +222,7 @@ class HerdSettings(BaseSettings):
     controlplane: ControlPlaneSettings = Field(default_factory=ControlPlaneSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
+    limits: DoorLimits = Field(default_factory=DoorLimits)
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     _config_file: ClassVar[Path | None] = None

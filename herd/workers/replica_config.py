@@ -57,6 +57,9 @@ class ReplicaConfig(_Config):
                                                        "(local: the shards' experts in the trunk's process)")
     dispatch_timeout_s: float = Field(30, gt=0, description="a shard that does not answer a layer step in this "
                                       "time fails the step (DEADLINE_EXCEEDED)")
+    shard_listen: Literal["loopback", "node"] = Field("loopback", description="where expert shards listen: "
+                                                      "loopback (every shard beside its trunk: STRICT_PACK) or "
+                                                      "the node's address (PACK over nodes; needs shard mTLS)")
     drain_timeout_s: float = Field(30, ge=0, description="graceful shutdown: time for in-flight streams")
     stream_interval_s: float = Field(0.05, ge=0, description="after the first token, send a stream at most this "
                                      "often (each message through Ray Serve costs about a millisecond of CPU); 0: "
@@ -83,6 +86,8 @@ class ReplicaTelemetry(BaseModel):
 
     step_sample_ratio: float = Field(0.01, ge=0, le=1, description="engine steps traced with a span per MoE "
                                      "layer's expert dispatch (and the shards' compute spans)")
+    replica_metrics_host: str = Field("127.0.0.1", description="address of each replica's /metrics (0.0.0.0 "
+                                      "where Prometheus scrapes the pod)")
     replica_metrics_port: int | None = Field(0, ge=0, le=65535, description="each model replica serves "
                                              "Prometheus /metrics here (0: a free port, in /herd/stats; null: off)")
 
