@@ -13,14 +13,14 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from opentelemetry.context import Context
 from prometheus_client import CollectorRegistry
 
-from herd.engine.errors import HerdError
+from herd.engine.errors import Code, HerdError
 from herd.model.chat_template import render_chat
 from herd.model.image_processor import TileGrid
 from herd.model.prompt import prompt_ids
@@ -37,6 +37,9 @@ from herd.platform.gateway.load import LoadTracker
 from herd.platform.telemetry.gateway_metrics import GatewayMetrics
 from herd.platform.telemetry.request_telemetry import RequestTelemetry
 from herd.protos.herd.v1 import inference_pb2 as pb
+
+ImageLoader = Callable[[str], Awaitable[bytes]]
+"""Reads an image URL's bytes (the HTTP door's policy: data: URLs, and http(s) where allowed)."""
 
 
 class AdmissionGuard(Protocol):
@@ -80,16 +83,44 @@ class Gateway:
     def __init__(
         self, backends: Mapping[str, Backend], *, guard: AdmissionGuard | None = None, request_timeout_s: float = 600.0,
         cold_start: Mapping[str, ColdStartPolicy] | None = None, log_prompts: bool = False,
-        max_images_per_request: int = 8,
+        max_images_per_request: int = 8, max_image_bytes: int = 20 * 2**20,
     ) -> None:
         self.backends = dict(backends)
         self.max_images_per_request = max_images_per_request
+        self.max_image_bytes = max_image_bytes
         self.guard = guard
         self.request_timeout_s = request_timeout_s
         self.cold_start = dict(cold_start or {})  # per model; ColdStartPolicy() where not given
         self.load = LoadTracker()
         self.telemetry = RequestTelemetry(GatewayMetrics(self.load), log_prompts=log_prompts)
         self.control_plane: ControlPlaneView | None = None  # set by herd serve when it runs one
+        self.in_flight = 0  # requests between admission and their end
+        self._closing = False
+        self._interrupts: set[asyncio.Future[None]] = set()  # one per request in flight; resolved by interrupt()
+
+    def begin_shutdown(self) -> None:
+        """From now on a new request is refused (503, retry elsewhere); those in flight go on."""
+        self._closing = True
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for the requests in flight to end; True when none is left."""
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return not self.in_flight
+
+    def interrupt(self) -> None:
+        """End every request in flight now: each stream ends with an `interrupted` error and is settled
+        (its usage row written) for the tokens it streamed."""
+        self._closing = True
+        for waiter in self._interrupts:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise HerdError(Code.UNAVAILABLE, "the server is shutting down; retry the request", reason="shutting_down",
+                            retry_after_s=1)
 
     async def identify(self, credential: str | None) -> Any:
         """The caller's identity from its API key (None when the gateway runs without tenancy)."""
@@ -120,7 +151,7 @@ class Gateway:
         names = sorted(self.backends)
         return names if self.guard is None else self.guard.allowed_models(identity, names)
 
-    def prepare_text(
+    async def prepare_text(
         self,
         model: str,
         prompt: str | Sequence[int],
@@ -129,20 +160,18 @@ class Gateway:
         identity: Any = None,
         default_max_tokens: int | None = 16,
     ) -> Prepared:
-        """A completion: text (given <|begin_of_text|> unless it starts with it) or token ids."""
+        """A completion: text (given <|begin_of_text|> unless it starts with it) or token ids. The model is
+        authorised first; tokenising runs off the event loop."""
         with self._counting_rejections():
-            return self._prepare_text(model, prompt, options, identity, default_max_tokens)
+            self._check_open()
+            backend = self.backend(model, identity)
+            try:
+                ids = await asyncio.to_thread(prompt_ids, backend.tokenizer, prompt, backend.tokenizer.vocab_size)
+            except ValueError as err:
+                raise invalid_request(str(err), param="prompt") from err
+            return self._prepared(backend, ids, options, identity, default_max_tokens)
 
-    def _prepare_text(self, model: str, prompt: str | Sequence[int], options: pb.SamplingOptions, identity: Any,
-                      default_max_tokens: int | None) -> Prepared:
-        backend = self.backend(model, identity)
-        try:
-            ids = prompt_ids(backend.tokenizer, prompt, backend.tokenizer.vocab_size)
-        except ValueError as err:
-            raise invalid_request(str(err), param="prompt") from err
-        return self._prepared(backend, ids, options, identity, default_max_tokens)
-
-    def prepare_chat(
+    async def prepare_chat(
         self,
         model: str,
         messages: Sequence[Mapping[str, Any]],
@@ -151,17 +180,26 @@ class Gateway:
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: Any = None,
         identity: Any = None,
+        load_image: ImageLoader | None = None,
     ) -> Prepared:
-        """A chat: messages rendered in the Llama 4 format (with tools when given), then tokenized."""
+        """A chat: messages rendered in the Llama 4 format (with tools when given), then tokenized. An image
+        part carries its bytes (`{"type": "image", "image": b"..."}`) or a URL (`{"type": "image_url", "url":
+        ...}`) that `load_image` reads; URLs are read only after the model is authorised and the image count
+        checked, so nothing is fetched for a request that would be refused anyway. Rendering and tokenizing run
+        off the event loop."""
         with self._counting_rejections():
-            return self._prepare_chat(model, messages, options, tools, tool_choice, identity)
+            self._check_open()
+            backend = self.backend(model, identity)
+            if not messages:
+                raise invalid_request("messages must not be empty", param="messages")
+            messages = await self._load_images(backend, messages, load_image)
+            images = self._images(backend, messages)
+            ids = await asyncio.to_thread(self._chat_ids, backend, messages, tools, tool_choice, images)
+            return self._prepared(backend, ids, options, identity, None, images=[data for data, _ in images])
 
-    def _prepare_chat(self, model: str, messages: Sequence[Mapping[str, Any]], options: pb.SamplingOptions,
-                      tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any, identity: Any) -> Prepared:
-        backend = self.backend(model, identity)
-        if not messages:
-            raise invalid_request("messages must not be empty", param="messages")
-        images = self._images(backend, messages)
+    @staticmethod
+    def _chat_ids(backend: Backend, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None,
+                  tool_choice: Any, images: Sequence[tuple[bytes, TileGrid]]) -> list[int]:
         try:
             kwargs: dict[str, Any] = {"tools": list(tools)} if tools else {}
             if tools and tool_choice is not None:
@@ -172,8 +210,33 @@ class Gateway:
                 text = backend.image_prompts.expand(text, [grid for _, grid in images])
         except ValueError as err:
             raise invalid_request(str(err), param="messages") from err
-        ids = backend.tokenizer.encode(text)
-        return self._prepared(backend, ids, options, identity, None, images=[data for data, _ in images])
+        return list(backend.tokenizer.encode(text))
+
+    async def _load_images(self, backend: Backend, messages: Sequence[Mapping[str, Any]],
+                           load_image: ImageLoader | None) -> list[Mapping[str, Any]]:
+        """`messages` with every image_url part read into an image part (after the count is checked)."""
+        parts = [part for m in messages if isinstance(m, Mapping) and _is_parts(m.get("content"))
+                 for part in m["content"] if isinstance(part, Mapping) and part.get("type") in ("image", "image_url")]
+        if not parts:
+            return list(messages)
+        if backend.image_prompts is None:
+            raise invalid_request(f"model {backend.name} takes no images (text only)", param="messages")
+        if len(parts) > self.max_images_per_request:
+            raise too_many_images(len(parts), self.max_images_per_request)
+        if not any(part.get("type") == "image_url" for part in parts):
+            return list(messages)
+        if load_image is None:
+            raise invalid_request("image URLs are not taken here; send the image's bytes", param="messages")
+        loaded = []
+        for m in messages:
+            content = m.get("content") if isinstance(m, Mapping) else None
+            if isinstance(m, Mapping) and _is_parts(content):
+                assert isinstance(content, Sequence)
+                m = {**m, "content": [
+                    {"type": "image", "image": await load_image(str(p.get("url")))}
+                    if isinstance(p, Mapping) and p.get("type") == "image_url" else p for p in content]}
+            loaded.append(m)
+        return loaded
 
     def _images(self, backend: Backend, messages: Sequence[Mapping[str, Any]]) -> list[tuple[bytes, TileGrid]]:
         """Every image part's bytes, in prompt order, with its tile grid (from the header only)."""
@@ -181,14 +244,14 @@ class Gateway:
                  for part in m["content"] if isinstance(part, Mapping) and part.get("type") == "image"]
         if not found:
             return []
-        if backend.image_prompts is None:
-            raise invalid_request(f"model {backend.name} takes no images (text only)", param="messages")
-        if len(found) > self.max_images_per_request:
-            raise too_many_images(len(found), self.max_images_per_request)
+        assert backend.image_prompts is not None  # _load_images refused images for a text-only model
         out = []
         for index, data in enumerate(found):
             if not isinstance(data, bytes) or not data:
                 raise invalid_request(f"image {index} has no image bytes", param="messages")
+            if len(data) > self.max_image_bytes:
+                raise invalid_request(f"image {index} is {len(data)} bytes, over the limit of {self.max_image_bytes}",
+                                      param="messages")
             try:
                 out.append((data, backend.image_prompts.grid(data)))
             except ValueError as err:
@@ -208,7 +271,11 @@ class Gateway:
                                       parent=trace_parent, prompt_text=self._prompt_text(prepared))
         status, completion, cached, error = "cancelled", 0, 0, None
         admission, reserved, started = None, prepared.prompt_tokens + request.sampling.max_tokens, None
+        self.in_flight += 1
+        interrupted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._interrupts.add(interrupted)
         try:
+            self._check_open()
             if self.guard is not None:
                 admission = await self.guard.admit(prepared.identity, model, request.request_id,
                                                    prepared.prompt_tokens, request.sampling.max_tokens)
@@ -219,11 +286,8 @@ class Gateway:
             record.admitted()
             async with contextlib.aclosing(prepared.backend.generate(request)) as chunks:
                 while True:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise deadline_exceeded(limit)
                     try:
-                        chunk = await asyncio.wait_for(anext(chunks), remaining)
+                        chunk = await self._next(chunks, interrupted, deadline - time.monotonic())
                     except StopAsyncIteration:
                         status = "ok"
                         return
@@ -238,14 +302,37 @@ class Gateway:
                         cached = chunk.usage.cached_tokens
                     yield chunk
         except HerdError as err:
-            status, error = err.code.value.lower(), err
+            status, error = ("interrupted" if err.reason == "interrupted" else err.code.value.lower()), err
             raise
         finally:
+            self._interrupts.discard(interrupted)
+            self.in_flight -= 1
             if started is not None:
                 self.load.finished(model, reserved)
             if admission is not None and self.guard is not None:
                 await self.guard.settle(admission, completion_tokens=completion, cached_tokens=cached, status=status)
             record.end(status, completion_tokens=completion, cached_tokens=cached, error=error)
+
+    @staticmethod
+    async def _next(chunks: AsyncGenerator[pb.GenerateChunk, None], interrupted: asyncio.Future[Any],
+                    remaining_s: float) -> pb.GenerateChunk:
+        """The next chunk; TimeoutError past the deadline, an `interrupted` HerdError when the gateway stops."""
+        if remaining_s <= 0:
+            raise TimeoutError
+        if interrupted.done():
+            raise HerdError(Code.UNAVAILABLE, "the server is shutting down; the request was interrupted",
+                            reason="interrupted")
+        following = asyncio.ensure_future(anext(chunks))
+        await asyncio.wait((following, interrupted), timeout=remaining_s, return_when=asyncio.FIRST_COMPLETED)
+        if not following.done():
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await following
+            if interrupted.done():
+                raise HerdError(Code.UNAVAILABLE, "the server is shutting down; the request was interrupted",
+                                reason="interrupted")
+            raise TimeoutError
+        return following.result()
 
     def _prompt_text(self, prepared: Prepared) -> str | None:
         """The prompt as text, for a span, only when prompts may be recorded."""

@@ -106,7 +106,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 raise invalid_request("Generate takes no images; send them as image parts of a Chat call",
                                       param="images")
             prompt = request.text if which == "text" else list(request.token_ids.ids)
-            return self.gateway.prepare_text(request.model, prompt, request.sampling,
+            return await self.gateway.prepare_text(request.model, prompt, request.sampling,
                                              identity=await self._identity(context))
 
         async for chunk in self._serve(prepare, context):
@@ -126,7 +126,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 images = any(p["type"] == "image" for p in parts)
                 content = parts if images else "".join(p["text"] for p in parts)
                 messages.append({"role": m.role, "content": content})
-            return self.gateway.prepare_chat(request.model, messages, request.sampling,
+            return await self.gateway.prepare_chat(request.model, messages, request.sampling,
                                              identity=await self._identity(context))
 
         async for chunk in self._serve(prepare, context):

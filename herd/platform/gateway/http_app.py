@@ -146,7 +146,7 @@ def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = (),
 
     @app.post("/v1/completions", response_model=Completion, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        prepared = translate.prepare_completion(gateway, body, await identity(request))
+        prepared = await translate.prepare_completion(gateway, body, await identity(request))
         chunks = gateway.stream(prepared, trace_parent=_trace_parent(request))
         if body.stream:
             return await _stream(chunks, lambda c: translate.completion_events(body, prepared, c))

@@ -15,7 +15,6 @@ from typing import Any
 
 from herd.model.tool_calls import arguments_json, offer_tools, parse_tool_calls
 from herd.platform.gateway.core import Gateway, Prepared
-from herd.platform.gateway.errors import too_many_images
 from herd.platform.gateway.image_urls import ImageUrlPolicy, image_bytes
 from herd.platform.gateway.openai_models import (
     AssistantMessage,
@@ -56,38 +55,34 @@ def sampling(request: ChatCompletionRequest | CompletionRequest, *, logprobs: in
 async def prepare_chat(gateway: Gateway, request: ChatCompletionRequest, identity: Any,
                        image_urls: ImageUrlPolicy) -> Prepared:
     """The chat as the gateway takes it; image_url parts are read (data: URLs) or fetched (http(s), where
-    allowed) first, after a count against the gateway's per-request limit so nothing is fetched in vain."""
+    allowed) by the gateway only once the model is authorised and the image count checked."""
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     tools = [t.function.model_dump(exclude_none=True) for t in request.tools or []]
     choice = request.tool_choice
     tool_choice = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
-    count = sum(isinstance(m.content, list) and sum(p.type == "image_url" for p in m.content) for m in request.messages)
-    if count > gateway.max_images_per_request:
-        raise too_many_images(count, gateway.max_images_per_request)
-    messages = [await _message(m, image_urls) for m in request.messages]
-    return gateway.prepare_chat(
-        request.model, messages, sampling(request, logprobs=logprobs),
+
+    async def load_image(url: str) -> bytes:
+        return await image_bytes(url, image_urls)
+
+    return await gateway.prepare_chat(
+        request.model, [_message(m) for m in request.messages], sampling(request, logprobs=logprobs),
         tools=[{"type": "function", "function": t} for t in tools] or None, tool_choice=tool_choice, identity=identity,
+        load_image=load_image,
     )
 
 
-def prepare_completion(gateway: Gateway, request: CompletionRequest, identity: Any) -> Prepared:
-    return gateway.prepare_text(request.model, request.prompt, sampling(request, logprobs=request.logprobs),
-                                identity=identity)
+async def prepare_completion(gateway: Gateway, request: CompletionRequest, identity: Any) -> Prepared:
+    return await gateway.prepare_text(request.model, request.prompt, sampling(request, logprobs=request.logprobs),
+                                      identity=identity)
 
 
-async def _message(message: ChatMessage, image_urls: ImageUrlPolicy) -> dict[str, Any]:
-    """An OpenAI message as the chat template takes it (image parts carry their bytes)."""
+def _message(message: ChatMessage) -> dict[str, Any]:
+    """An OpenAI message as the gateway takes it (an image part keeps its URL, read after authorisation)."""
     role = "system" if message.role == "developer" else message.role
     out: dict[str, Any] = {"role": role}
     if isinstance(message.content, list):
-        parts: list[dict[str, Any]] = []
-        for part in message.content:
-            if part.type == "image_url":
-                parts.append({"type": "image", "image": await image_bytes(part.image_url.url, image_urls)})
-            else:
-                parts.append({"type": "text", "text": part.text})
-        out["content"] = parts
+        out["content"] = [{"type": "image_url", "url": part.image_url.url} if part.type == "image_url"
+                          else {"type": "text", "text": part.text} for part in message.content]
     else:
         out["content"] = message.content if message.content is not None else ""
     if message.tool_calls:

@@ -172,5 +172,6 @@ def test_an_image_part_without_bytes_is_refused_at_the_gateway(gateway):
 
     for part in ({"type": "image"}, {"type": "image", "image": b""}, {"type": "image", "image": "cat.png"}):
         with pytest.raises(HerdError, match="image 0 has no image bytes") as caught:
-            gateway.prepare_chat("scout", [{"role": "user", "content": [part]}], pb.SamplingOptions(max_tokens=2))
+            asyncio.run(gateway.prepare_chat("scout", [{"role": "user", "content": [part]}],
+                                             pb.SamplingOptions(max_tokens=2)))
         assert http_status(caught.value) == 400

@@ -1,0 +1,160 @@
+"""The gateway's one request path: what runs before authorisation, and how it stops."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from herd.engine.errors import HerdError
+from herd.platform.gateway import openai_translate as translate
+from herd.platform.gateway.backend import LocalBackend
+from herd.platform.gateway.core import Gateway
+from herd.platform.gateway.errors import http_status
+from herd.platform.gateway.image_urls import ImageUrlPolicy
+from herd.platform.gateway.openai_models import ChatCompletionRequest
+from herd.platform.tenancy.database import connect, migrate
+from herd.platform.tenancy.guard import Guard
+from herd.platform.tenancy.ledger import UsageLedger
+from herd.platform.tenancy.rate_limit import InProcessRateLimiter
+from herd.platform.tenancy.store import TenantStore
+from herd.protos.herd.v1 import inference_pb2 as pb
+
+
+@pytest.fixture
+def tenancy(tmp_path, core):
+    store = TenantStore(connect(f"sqlite:///{tmp_path / 'herd.db'}"))
+    migrate(store.engine)
+    guard = Guard(store, InProcessRateLimiter(), UsageLedger(store))
+    gateway = Gateway({"scout": LocalBackend(core, max_ongoing_requests=8, max_queued_requests=8)}, guard=guard)
+    store.create_tenant("nothing", allowed_models=["maverick"])
+    store.create_tenant("all", allowed_models=["*"])
+    return gateway, store
+
+
+def _image_chat(model: str) -> ChatCompletionRequest:
+    parts = [{"type": "text", "text": "What is this?"},
+             {"type": "image_url", "image_url": {"url": "https://images.example/cat.png"}}]
+    return ChatCompletionRequest.model_validate({"model": model, "max_tokens": 2,
+                                                 "messages": [{"role": "user", "content": parts}]})
+
+
+@pytest.mark.parametrize(("model", "status"), [("scout", 403), ("llama-5", 404)])
+def test_no_image_url_is_fetched_for_a_model_the_caller_may_not_use(tenancy, monkeypatch, model, status):
+    gateway, store = tenancy
+    fetched: list[str] = []
+
+    async def spy(url: str, policy: ImageUrlPolicy) -> bytes:
+        fetched.append(url)
+        raise AssertionError("fetched before the model was authorised")
+
+    monkeypatch.setattr(translate, "image_bytes", spy)
+
+    async def main() -> HerdError:
+        identity = await gateway.identify(store.issue_key("nothing")[1])
+        with pytest.raises(HerdError) as caught:
+            await translate.prepare_chat(gateway, _image_chat(model), identity, ImageUrlPolicy(fetch_urls=True))
+        return caught.value
+
+    error = asyncio.run(main())
+    assert http_status(error) == status and fetched == []
+
+
+def test_too_many_image_urls_are_refused_before_any_is_fetched(tenancy, monkeypatch):
+    gateway, store = tenancy
+    gateway.max_images_per_request = 1
+    fetched: list[str] = []
+
+    async def spy(url: str, policy: ImageUrlPolicy) -> bytes:
+        fetched.append(url)
+        return b""
+
+    monkeypatch.setattr(translate, "image_bytes", spy)
+    body = _image_chat("scout")
+    body.messages[0].content += body.messages[0].content[1:]  # type: ignore[operator]
+
+    async def main() -> HerdError:
+        identity = await gateway.identify(store.issue_key("all")[1])
+        with pytest.raises(HerdError) as caught:
+            await translate.prepare_chat(gateway, body, identity, ImageUrlPolicy(fetch_urls=True))
+        return caught.value
+
+    assert http_status(asyncio.run(main())) == 400 and fetched == []
+
+
+def test_tokenising_runs_off_the_event_loop(gateway):
+    tokenizer = gateway.backends["scout"].tokenizer
+    threads: list[threading.Thread] = []
+    encode = tokenizer.encode
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread())
+        return encode(*args, **kwargs)
+
+    async def main() -> threading.Thread:
+        loop_thread = threading.current_thread()
+        tokenizer.encode = spy
+        try:
+            await gateway.prepare_text("scout", "Tell me about the herd.", pb.SamplingOptions(max_tokens=2))
+            await gateway.prepare_chat("scout", [{"role": "user", "content": "Hello"}], pb.SamplingOptions(max_tokens=2))
+        finally:
+            del tokenizer.encode
+        return loop_thread
+
+    loop_thread = asyncio.run(main())
+    assert len(threads) == 2 and loop_thread not in threads
+
+
+class Settlements:
+    """A stand-in guard that admits everyone and keeps each settlement."""
+
+    def __init__(self) -> None:
+        self.settled: list[dict[str, Any]] = []
+
+    async def authenticate(self, credential: str | None) -> Any:
+        return "caller"
+
+    def authorize(self, identity: Any, model: str) -> None:
+        pass
+
+    def allowed_models(self, identity: Any, models: list[str]) -> list[str]:
+        return models
+
+    def context(self, identity: Any) -> pb.TenantContext:
+        return pb.TenantContext(tenant_id="t", weight=1.0)
+
+    async def admit(self, identity: Any, model: str, request_id: str, prompt_tokens: int, max_tokens: int) -> Any:
+        return request_id
+
+    async def settle(self, admission: Any, *, completion_tokens: int, cached_tokens: int, status: str) -> None:
+        self.settled.append({"request": admission, "completion_tokens": completion_tokens, "status": status})
+
+
+def test_shutdown_refuses_new_requests_and_interrupts_those_in_flight_billing_what_they_streamed(core):
+    guard = Settlements()
+    gateway = Gateway({"scout": LocalBackend(core, max_ongoing_requests=8, max_queued_requests=8)}, guard=guard)
+
+    async def main() -> tuple[int, HerdError, HerdError, bool]:
+        prepared = await gateway.prepare_text("scout", "Once upon a time",
+                                              pb.SamplingOptions(max_tokens=400, temperature=0, ignore_eos=True))
+        chunks = gateway.stream(prepared)
+        streamed = len((await anext(chunks)).token_ids)
+        gateway.begin_shutdown()
+        with pytest.raises(HerdError) as refused:
+            await gateway.prepare_text("scout", "Hello", pb.SamplingOptions(max_tokens=2))
+        assert not await gateway.drain(0.05), "the first request is still streaming"
+        gateway.interrupt()
+        with pytest.raises(HerdError) as interrupted:
+            while True:
+                streamed += len((await anext(chunks)).token_ids)
+        return streamed, refused.value, interrupted.value, await gateway.drain(1.0)
+
+    streamed, refused, interrupted, drained = asyncio.run(main())
+    assert http_status(refused) == 503 and refused.retry_after_s is not None
+    assert http_status(interrupted) == 503 and interrupted.reason == "interrupted"
+    assert drained and gateway.in_flight == 0
+    assert guard.settled == [{"request": guard.settled[0]["request"], "completion_tokens": streamed,
+                               "status": "interrupted"}]
+    assert 0 < streamed < 400
