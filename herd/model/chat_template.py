@@ -8,6 +8,11 @@ placeholders and tool results):
     <|header_start|>{role}<|header_end|>\\n\\n{content}<|eot|>     once per message
     <|header_start|>assistant<|header_end|>\\n\\n                 with add_generation_prompt
 
+The template's own tokens (``<|begin_of_text|>``, headers, ``<|eot|>``, an image part's ``<|image|>``) are
+``Control`` pieces of ``render_chat_pieces``; everything else, a client's content above all, is text. So
+``herd.model.chat_prompt.chat_ids`` can encode the text with special-token strings as plain text: a user who
+types ``<|header_start|>assistant<|header_end|>`` cannot open a turn. ``render_chat`` joins the pieces.
+
 Quirks of the reference kept on purpose: a leading system message is stripped of surrounding
 whitespace (only the first); a ``tool``/``ipython`` message gets the header ``ipython``. Where the
 reference would silently drop or mangle input (unknown part types, a multi-part system message) we raise
@@ -60,6 +65,17 @@ class ImagePart:
 
 
 ContentPart = TextPart | ImagePart
+
+
+@dataclass(frozen=True)
+class Control:
+    """A special token the template itself writes; never made from what a client sent."""
+
+    token: str
+
+
+Piece = str | Control
+"""A piece of a rendered chat: text (markup words and content alike, always literal) or a Control token."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,13 +152,26 @@ def render_chat(
         ValueError: no messages, a message that is malformed or uses an unsupported feature, an invalid
             tool or tool_choice.
     """
+    pieces = render_chat_pieces(messages, tools=tools, tool_choice=tool_choice,
+                                add_generation_prompt=add_generation_prompt)
+    return "".join(p.token if isinstance(p, Control) else p for p in pieces)
+
+
+def render_chat_pieces(
+    messages: Sequence[ChatMessage | Mapping[str, Any]],
+    *,
+    tools: Sequence[FunctionTool | Mapping[str, Any]] | None = None,
+    tool_choice: str | Mapping[str, Any] = "auto",
+    add_generation_prompt: bool = True,
+) -> list[Piece]:
+    """``render_chat``'s prompt as text pieces and the template's own Control tokens (same arguments)."""
     if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
         raise ValueError(f"messages must be a list of messages, got {type(messages).__name__}")
     offer = offer_tools(tools, tool_choice)
     parsed = [m if isinstance(m, ChatMessage) else ChatMessage.from_dict(m) for m in messages]
     if not parsed:
         raise ValueError("cannot render an empty list of messages")
-    out = [BEGIN_OF_TEXT]
+    out: list[Piece] = [Control(BEGIN_OF_TEXT)]
     system = None
     if parsed[0].role == "system":
         system = _system_text(parsed[0].content)
@@ -150,20 +179,20 @@ def render_chat(
     if offer.functions:
         system = f"{system}\n\n{_tool_section(offer)}" if system else _tool_section(offer)
     if system is not None:
-        out.append(_header("system") + system + EOT)
+        out += [*_header("system"), system, Control(EOT)]
     for message in parsed:
         if message.role in _TOOL_ROLES:
             result = _tool_result_json(message.content) if tools is None else _tool_result_text(message.content)
-            out.append(_header("ipython") + result + EOT)
+            out += [*_header("ipython"), result, Control(EOT)]
         elif message.tool_calls:
             text = _content_text(message.content)
             calls = format_tool_calls(message.tool_calls)
-            out.append(_header("assistant") + (f"{text}\n\n{calls}" if text.strip() else calls) + EOT)
+            out += [*_header("assistant"), *([*text, "\n\n", calls] if _has_text(text) else [calls]), Control(EOT)]
         else:
-            out.append(_header(message.role) + _content_text(message.content) + EOT)
+            out += [*_header(message.role), *_content_text(message.content), Control(EOT)]
     if add_generation_prompt:
-        out.append(_header("assistant"))
-    return "".join(out)
+        out += _header("assistant")
+    return out
 
 
 _TOOL_SECTION = """\
@@ -190,8 +219,8 @@ def _tool_section(offer: ToolOffer) -> str:
     return _TOOL_SECTION.format(listing=listing, choice=choice)
 
 
-def _header(role: str) -> str:
-    return f"{HEADER_START}{role}{HEADER_END}\n\n"
+def _header(role: str) -> list[Piece]:
+    return [Control(HEADER_START), role, Control(HEADER_END), "\n\n"]
 
 
 def _bad_content(content: object) -> ValueError:
@@ -213,10 +242,15 @@ def _part_from_dict(part: Any) -> ContentPart:
     raise ValueError(f"unknown content part type {kind!r}; expected 'text' or 'image'")
 
 
-def _content_text(content: str | tuple[ContentPart, ...]) -> str:
+def _content_text(content: str | tuple[ContentPart, ...]) -> list[Piece]:
     if isinstance(content, str):
-        return content
-    return "".join(part.text if isinstance(part, TextPart) else IMAGE for part in content)
+        return [content]
+    return [part.text if isinstance(part, TextPart) else Control(IMAGE) for part in content]
+
+
+def _has_text(pieces: list[Piece]) -> bool:
+    """What ``text.strip()`` tested on the joined content: an image part counts, as its marker did."""
+    return any(isinstance(p, Control) or p.strip() for p in pieces)
 
 
 def _system_text(content: str | tuple[ContentPart, ...]) -> str:

@@ -2,7 +2,9 @@
 
 Invariant: ``encode`` never adds tokens the text does not spell out, except ``<|begin_of_text|>`` when
 asked with ``add_bos``. Special-token strings written in the text (a rendered chat prompt is full of
-them) become their single special ids, so ``encode(render_chat(...))`` is the prompt the model expects.
+them) become their single special ids, so ``encode(render_chat(...))`` is the prompt the model expects;
+with ``literal=True`` they are plain text instead, which is how a client's content must be encoded
+(``herd.model.chat_prompt.chat_ids``): a user who types ``<|eot|>`` gets the characters, not the token.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ class Tokenizer:
             eos_token: an extra stop token (the checkpoint's ``eos_token``), added to Llama 4's stop tokens.
         """
         self._backend = backend
+        # A copy that reads special-token strings as text. The flag is the tokenizer's own state, so the copy
+        # is separate rather than the flag toggled per call, which would race between threads encoding at once.
+        self._literal_backend = tokenizers.Tokenizer.from_str(backend.to_str())
+        self._literal_backend.encode_special_tokens = True
         self._bos_id = self._id_or_raise(bos_token, what="bos token")
         stop = {tid for tok in STOP_TOKENS if (tid := backend.token_to_id(tok)) is not None}
         if eos_token is not None:
@@ -93,11 +99,13 @@ class Tokenizer:
         """Ids of every special token (what ``decode`` skips by default)."""
         return self._special_ids
 
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
-        """Token ids of ``text``; special-token strings in it map to their ids. ``add_bos`` prepends bos."""
+    def encode(self, text: str, *, add_bos: bool = False, literal: bool = False) -> list[int]:
+        """Token ids of ``text``; special-token strings in it map to their ids, or with ``literal`` are encoded
+        as the plain text they spell (never a special id). ``add_bos`` prepends bos."""
         if not isinstance(text, str):
             raise ValueError(f"text to encode must be a str, got {type(text).__name__}: {text!r:.80}")
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        backend = self._literal_backend if literal else self._backend
+        ids = backend.encode(text, add_special_tokens=False).ids
         return [self._bos_id, *ids] if add_bos else ids
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:

@@ -214,3 +214,13 @@ def test_bad_config_is_named(tiny_dir: Path, tmp_path: Path, config_text: str, m
     (tmp_path / "tokenizer_config.json").write_text(config_text)
     with pytest.raises(ValueError, match=match):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_literal_encoding_spells_special_tokens_as_text(tok: Tokenizer) -> None:
+    text = f"a{st.EOT}b{st.HEADER_START}"
+    assert tok.token_to_id(st.EOT) in tok.encode(text)
+    literal = tok.encode(text, literal=True)
+    assert not set(literal) & tok.special_ids
+    assert tok.decode(literal) == text
+    assert tok.encode("plain words", literal=True) == tok.encode("plain words")
+    assert tok.token_to_id(st.EOT) in tok.encode(text)  # the literal copy leaves the normal encoding alone
