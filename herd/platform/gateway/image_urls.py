@@ -5,6 +5,15 @@ operator enabled it (``images.fetch_urls``): the gateway then reaches out to wha
 is off by default; when on, one fetch may take at most ``fetch_timeout_s`` in all and ``max_bytes``
 (``images.max_image_bytes``), and follows no redirects. Every failure is the client's request's fault:
 a HerdError (INVALID_ARGUMENT, HTTP 400).
+
+A fetch must not become a way into the gateway's own network (SSRF). The host is resolved once, off the
+event loop, and the fetch goes ahead only if every address it resolves to is public (or inside one of the
+operator's ``allow_networks``); the connection then goes to the address that was checked (the URL's host
+still names the Host header and the TLS server name, so certificates are verified for the host), so a name
+that resolves differently a moment later (DNS rebinding) reaches nothing new. Proxies and .netrc in the
+environment are ignored. Every failure to reach the URL, whatever its cause (refused address, unknown
+host, closed port, reset), reads the same to the client, so the door cannot map a network; the cause is
+logged.
 """
 
 from __future__ import annotations
@@ -12,12 +21,33 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from dataclasses import dataclass
+import ipaddress
+import logging
+import socket
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import httpx
 
 from herd.engine.errors import HerdError
 from herd.platform.gateway.errors import invalid_request
+
+log = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_NOT_PUBLIC = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "100.64.0.0/10", "192.0.0.0/24", "198.18.0.0/15",
+    "64:ff9b::/96", "64:ff9b:1::/48",  # NAT64: an IPv4 address (maybe private) inside an IPv6 one
+    "2001::/32", "2002::/16",  # Teredo and 6to4: the same
+))
+"""Ranges refused besides what `ipaddress` already counts as not global (shared, benchmarking, translated)."""
+
+FETCH_FAILED = "could not fetch the image URL"
+"""The one message for every network-level failure of a fetch (its cause is logged, not returned)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,9 +57,38 @@ class ImageUrlPolicy:
     fetch_urls: bool = False
     """Fetch http(s) URLs (off: only data: URLs are accepted)."""
     fetch_timeout_s: float = 10.0
-    """The longest one fetch may take, connection to last byte."""
+    """The longest one fetch may take, name resolution to last byte."""
     max_bytes: int = 20 * 2**20
     """The largest image, in encoded bytes, from either kind of URL."""
+    allow_networks: Sequence[str] = ()
+    """Networks (CIDR) a fetch may reach although they are not public (everything else non-public is refused)."""
+    tls_context: ssl.SSLContext | None = field(default=None, compare=False)
+    """Whom https fetches trust (None: the public roots certifi ships)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allow_networks", tuple(self.allow_networks))
+        _ = self.allowed  # a bad CIDR fails here, at startup, not on the first fetch
+
+    @cached_property
+    def allowed(self) -> tuple[IPNetwork, ...]:
+        """`allow_networks`, parsed."""
+        out = []
+        for text in self.allow_networks:
+            try:
+                out.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise ValueError(f"images.fetch_allow_networks: {text!r} is not a network (CIDR)") from None
+        return tuple(out)
+
+    def may_reach(self, address: IPAddress) -> bool:
+        """Whether a fetch may connect to `address`: a public one, or one inside `allow_networks`."""
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if any(address in network for network in self.allowed):
+            return True
+        return address.is_global and not (
+            address.is_private or address.is_loopback or address.is_link_local or address.is_multicast
+            or address.is_reserved or address.is_unspecified or any(address in n for n in _NOT_PUBLIC))
 
 
 async def image_bytes(url: str, policy: ImageUrlPolicy) -> bytes:
@@ -65,26 +124,68 @@ def _data_url(url: str, policy: ImageUrlPolicy) -> bytes:
     return data
 
 
+class _Unreachable(Exception):
+    """The URL names no address a fetch may reach (the reason is for the log only)."""
+
+
+async def resolve(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to, by the system resolver, run off the event loop."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+async def _pinned_address(url: httpx.URL, policy: ImageUrlPolicy) -> str:
+    """The one address the fetch connects to, after every address the host resolves to passed the check."""
+    host = url.raw_host.decode("ascii")
+    try:
+        found = await resolve(host, url.port or (443 if url.scheme == "https" else 80))
+    except OSError as err:
+        raise _Unreachable(f"{host} does not resolve: {err}") from None
+    addresses = []
+    for text in found:
+        try:
+            addresses.append(ipaddress.ip_address(text))
+        except ValueError:
+            raise _Unreachable(f"{host} resolves to {text!r}, not an IP address") from None
+    refused = [str(a) for a in addresses if not policy.may_reach(a)]
+    if refused or not addresses:
+        raise _Unreachable(f"{host} resolves to {', '.join(refused) or 'nothing'}: not public and not in "
+                           "images.fetch_allow_networks")
+    return str(addresses[0])
+
+
 async def _fetch(url: str, policy: ImageUrlPolicy) -> bytes:
     try:
-        async with asyncio.timeout(policy.fetch_timeout_s), httpx.AsyncClient(
-            timeout=policy.fetch_timeout_s, follow_redirects=False
-        ) as client, client.stream("GET", url) as response:
-            if response.status_code != 200:
-                raise invalid_request(f"image_url {url[:80]!r} answered HTTP {response.status_code}", param="messages")
-            data = bytearray()
-            async for piece in response.aiter_bytes():
-                data += piece
-                if len(data) > policy.max_bytes:
-                    raise _too_large(policy)
-            return bytes(data)
+        async with asyncio.timeout(policy.fetch_timeout_s):
+            target = httpx.URL(url)
+            address = await _pinned_address(target, policy)
+            async with httpx.AsyncClient(
+                timeout=policy.fetch_timeout_s, follow_redirects=False, trust_env=False,
+                verify=policy.tls_context or True,
+            ) as client, client.stream(
+                # The connection goes to the checked address; the Host header and TLS (server name and
+                # certificate check) keep the URL's host.
+                "GET", target.copy_with(host=address),
+                headers={"Host": target.netloc.decode("ascii")},
+                extensions={"sni_hostname": target.raw_host.decode("ascii")},
+            ) as response:
+                if response.status_code != 200:
+                    raise invalid_request(f"image_url {url[:80]!r} answered HTTP {response.status_code}",
+                                          param="messages")
+                data = bytearray()
+                async for piece in response.aiter_bytes():
+                    data += piece
+                    if len(data) > policy.max_bytes:
+                        raise _too_large(policy)
+                return bytes(data)
     except HerdError:
         raise
-    except TimeoutError:
+    except (TimeoutError, httpx.TimeoutException):
         raise invalid_request(f"image_url {url[:80]!r} took longer than {policy.fetch_timeout_s:g} s",
                               param="messages") from None
-    except httpx.HTTPError as err:
-        raise invalid_request(f"image_url {url[:80]!r} could not be fetched: {err}", param="messages") from None
+    except (_Unreachable, httpx.HTTPError, httpx.InvalidURL, ssl.SSLError, OSError) as err:
+        log.warning("image fetch of %.80r failed: %s: %s", url, type(err).__name__, err)
+        raise invalid_request(FETCH_FAILED, param="messages") from None
 
 
 def _too_large(policy: ImageUrlPolicy) -> HerdError:
