@@ -31,6 +31,7 @@ from herd.engine.sampling_params import SamplingParams
 from herd.engine.scheduler import Scheduler, SchedulerOutput
 from herd.engine.sequence import Sequence, Status
 from herd.engine.stats import EngineStats
+from herd.engine.stop_strings import StopStrings
 from herd.model.llama4 import Llama4Model
 from herd.model.loader import load_model
 from herd.model.prompt import Prompt, as_prompt, is_token_list, prompt_ids
@@ -59,6 +60,7 @@ class EngineRequest:
 
     seq: Sequence
     detokenizer: IncrementalDetokenizer
+    stops: StopStrings
     generator: torch.Generator | None
     logprobs: list[TokenLogprobs] | None
     reported_tokens: int = 0
@@ -133,6 +135,7 @@ class LLMEngine:
         return EngineRequest(
             seq=seq,
             detokenizer=IncrementalDetokenizer(self.tokenizer),
+            stops=StopStrings(params.stop),
             generator=request_generator(params, torch.device(self.config.device)),
             logprobs=[] if params.logprobs is not None else None,
         )
@@ -250,15 +253,11 @@ class LLMEngine:
         return None
 
     def _cut_at_stop_string(self, request: EngineRequest) -> bool:
-        params = request.seq.params
-        text = request.detokenizer.text
-        longest = max(len(s) for s in params.stop)
-        window_start = max(0, request.reported_chars - longest)
-        hits = [(i, s) for s in params.stop if (i := text.find(s, window_start)) >= 0]
-        if not hits:
+        hit = request.stops.find(request.detokenizer.text)  # only the new text and the tail before it
+        if hit is None:
             return False
-        index, stop = min(hits)
-        request.text_end = index + len(stop) if params.include_stop_str_in_output else index
+        index, stop = hit
+        request.text_end = index + len(stop) if request.seq.params.include_stop_str_in_output else index
         return True
 
     def _report(self, request: EngineRequest) -> RequestOutput:
@@ -271,7 +270,7 @@ class LLMEngine:
             text = text[: request.text_end]
         elif not finished and seq.params.stop:
             # Hold back what could still become a stop string, so streamed text is never taken back.
-            text = text[: max(request.reported_chars, len(text) - max(len(s) for s in seq.params.stop) + 1)]
+            text = text[: max(request.reported_chars, request.stops.releasable(text))]
         out = RequestOutput(
             request_id=seq.request_id,
             tenant_id=seq.tenant_id,

@@ -9,9 +9,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# The wire's integer widths (herd.v1.SamplingOptions): a larger value is refused here, not overflowed later.
+from herd.engine.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_SEED,
+    MAX_TOKENS_LIMIT,
+    checked_stop,
+    checked_stop_token_ids,
+)
+
+# The wire's integer width (herd.v1.SamplingOptions): a larger value is refused here, not overflowed later.
 INT32_MAX = 2**31 - 1
-UINT64_MAX = 2**64 - 1
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
@@ -91,9 +98,9 @@ class _Sampling(_Strict):
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=UINT64_MAX)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -106,22 +113,25 @@ class _Sampling(_Strict):
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
 
+    # The engine's limits, checked by the engine's own functions, so both doors say the same thing.
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
-        strings = [value] if isinstance(value, str) else value or []
-        if any(not s for s in strings):
-            raise ValueError("stop strings must not be empty")
-        if len(strings) > 4:
-            raise ValueError(f"at most 4 stop strings, got {len(strings)}")
+        checked_stop(value)
+        return value
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_token_ids(cls, value: list[int] | None) -> list[int] | None:
+        checked_stop_token_ids(value or [])
         return value
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None

@@ -167,6 +167,24 @@ def test_stop_tokens_stop_strings_and_lengths(scout):
     assert _all_blocks_free(engine)
 
 
+def test_streamed_stop_string_spanning_tokens_is_never_taken_back(scout):
+    engine = LLMEngine.from_pretrained(scout, EngineConfig(**SMALL))
+    prompt = _prompts(1, 5, low=20, high=21)[0]
+    free_run = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0]
+    text = free_run.text
+    stop = next(text[i : i + 7] for i in range(8, len(text) - 7) if "\ufffd" not in text[i : i + 7])
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=30, stop=["never there", stop],
+                                              ignore_eos=True), request_id="streamed")
+    pieces, texts = [], []
+    while engine.has_unfinished():
+        for out in engine.step():
+            pieces.append(out.delta_text)
+            texts.append(out.text)
+    assert out.finish_reason == "stop"
+    assert out.text == "".join(pieces) == text[: text.index(stop)]
+    assert all(out.text.startswith(seen) for seen in texts)
+
+
 def test_seeded_sampling_repeats_alone_and_in_a_batch(scout):
     engine = LLMEngine.from_pretrained(scout, EngineConfig(**SMALL))
     prompts = _prompts(6, 6)

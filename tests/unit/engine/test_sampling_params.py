@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import pytest
 
-from herd.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from herd.engine.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_SEED,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOKENS_LIMIT,
+    SamplingError,
+    SamplingParams,
+)
 
 
 def test_defaults() -> None:
@@ -107,6 +117,11 @@ def test_empty_stop_string_raises(stop: object) -> None:
         {"seed": 0},
         {"seed": 2**40},
         {"stop_token_ids": [0, 200007]},
+        {"max_tokens": MAX_TOKENS_LIMIT},
+        {"seed": MAX_SEED},
+        {"stop": ("s",) * MAX_STOP_STRINGS},
+        {"stop": ("s" * MAX_STOP_STRING_CHARS,)},
+        {"stop_token_ids": list(range(MAX_STOP_TOKEN_IDS))},
     ],
 )
 def test_boundary_values_are_accepted(kwargs: dict[str, object]) -> None:
@@ -145,3 +160,56 @@ def test_greedy_below_a_temperature_of_1e5(temperature: float, greedy: bool) -> 
 def test_greedy_ignores_other_settings() -> None:
     assert SamplingParams(temperature=0.0, top_k=5, top_p=0.5, seed=3).greedy is True
     assert SamplingParams(temperature=1.0, top_k=1).greedy is False
+
+
+# -- limits: what one request may ask of an engine it shares with everyone -------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "field", "message"),
+    [
+        ({"stop": ["s"] * (MAX_STOP_STRINGS + 1)}, "stop", f"at most {MAX_STOP_STRINGS} stop strings, got 5"),
+        ({"stop": [str(i) for i in range(10_000)]}, "stop", "got 10000"),
+        ({"stop": ["ok", "x" * (MAX_STOP_STRING_CHARS + 1)]}, "stop",
+         f"at most {MAX_STOP_STRING_CHARS} characters, got one of {MAX_STOP_STRING_CHARS + 1}"),
+        ({"stop_token_ids": list(range(MAX_STOP_TOKEN_IDS + 1))}, "stop_token_ids",
+         f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {MAX_STOP_TOKEN_IDS + 1}"),
+        ({"logprobs": MAX_LOGPROBS + 1}, "logprobs", f"logprobs must be in 0..{MAX_LOGPROBS}, got 21"),
+        ({"max_tokens": MAX_TOKENS_LIMIT + 1}, "max_tokens", f"max_tokens must be in 1..{MAX_TOKENS_LIMIT}"),
+        ({"seed": MAX_SEED + 1}, "seed", f"seed must be in 0..{MAX_SEED}"),
+        ({"top_k": -1}, "top_k", "top_k must be >= 0"),
+        ({"stop_token_ids": [3, -4]}, "stop_token_ids", "-4"),
+    ],
+)
+def test_limits_are_refused_naming_the_field(kwargs: dict[str, object], field: str, message: str) -> None:
+    with pytest.raises(SamplingError) as info:
+        SamplingParams(**kwargs)  # type: ignore[arg-type]
+    assert isinstance(info.value, ValueError)
+    assert info.value.field == field
+    assert message in str(info.value)
+
+
+def test_a_count_over_the_limit_is_refused_before_the_items_are_looked_at() -> None:
+    """Millions of stop strings cost one len(), not a pass over each (the gRPC door hands them over as they are)."""
+
+    class Huge(tuple[str, ...]):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            raise AssertionError("items were read")
+
+    with pytest.raises(SamplingError, match="got 4000000"):
+        SamplingParams(stop=Huge(("a",) * 4_000_000))
+
+
+class Repeated(Sequence[str]):
+    """Like a protobuf repeated field: a sequence, but neither a list nor a tuple."""
+
+    def __init__(self, items: list[str]) -> None:
+        self._items = items
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def]
+        return self._items[index]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def test_any_sequence_of_strings_is_taken_as_stop_strings() -> None:
+    assert SamplingParams(stop=Repeated(["a", "b"])).stop == ("a", "b")  # type: ignore[arg-type]

@@ -1,0 +1,23 @@
+"""The sampling limits both doors apply to every request, before any work is done for it.
+
+The limits are the engine's own (herd.engine.sampling_params: stop strings by count and length,
+stop_token_ids by count, logprobs, max_tokens, and every field's range): the options are checked by
+building the engine's SamplingParams from them, so a door can never accept what a replica would refuse,
+and a request that asks too much of the shared engine is refused here, naming the field, rather than
+after it was admitted and sent.
+"""
+
+from __future__ import annotations
+
+from herd.engine.sampling_params import SamplingError, SamplingParams
+from herd.platform.gateway.errors import invalid_request
+from herd.protos.herd.v1 import inference_pb2 as pb
+
+
+def check_sampling(options: pb.SamplingOptions) -> None:
+    """Refuse (invalid_request, param = the field) options outside the engine's limits; the fields left unset
+    take the engine's defaults. A repeated field's count is checked before its items are read."""
+    try:
+        SamplingParams(**{field.name: value for field, value in options.ListFields()})
+    except SamplingError as err:
+        raise invalid_request(str(err), param=err.field) from err
