@@ -75,9 +75,12 @@ def key_json(key: ApiKey) -> dict[str, Any]:
 
 
 def admin_router(store: TenantStore, admin_token: str) -> APIRouter:
+    expected = admin_token.encode()
+
     async def admin(request: Request) -> None:
+        # Compared as bytes: compare_digest takes str only when both are ASCII (a TypeError, a 500, otherwise).
         credential = bearer_credential(request.headers.get("authorization"))
-        if credential is None or not hmac.compare_digest(credential, admin_token):
+        if credential is None or not hmac.compare_digest(credential.encode(), expected):
             raise admin_unauthenticated()
 
     router = APIRouter(prefix="/admin/v1", dependencies=[Depends(admin)], tags=["admin"])
