@@ -48,6 +48,9 @@ IMAGE_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 """Per-channel standard deviation, as in the reference's ``image_std``."""
 RESCALE_FACTOR = 1 / 255
 """uint8 pixel -> [0, 1]."""
+IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "GIF", "WEBP")
+"""The only formats Pillow is let decode (its names): what images are sent in. Every other plugin (BMP, TIFF,
+ICO, PPM, ...) is parser code reachable by any caller, so none is tried."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,11 +116,12 @@ def open_image(data: bytes, config: ImageProcessorConfig) -> Image.Image:
         with warnings.catch_warnings():
             # Our own limits below are the ones that count; Pillow's global warning is noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as exc:
         raise ValueError(f"image refused as a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ValueError(f"bytes are not a recognised image ({len(data)} bytes)") from exc
+        raise ValueError(f"bytes are not a recognised image ({len(data)} bytes); the accepted formats are PNG, "
+                         f"JPEG, GIF and WebP") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # a known format with a broken header
         raise ValueError(f"image header is corrupt: {exc}") from exc
     width, height = image.size

@@ -35,6 +35,7 @@ from herd.model.image_processor import (
     best_fit_grid,
     decode_image,
     image_prompt,
+    open_image,
     preprocess,
     supported_grids,
 )
@@ -122,6 +123,27 @@ def test_pixel_limit_is_ours_not_only_pillows() -> None:
 def test_side_over_maximum_is_refused() -> None:
     with pytest.raises(ValueError, match="20000x100, over the maximum side of 16384"):
         decode_image(png_header_only(20000, 100), CONFIG)
+
+
+def _encoded(image: Image.Image, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "GIF", "WEBP"])
+def test_the_accepted_formats_decode(image_format: str) -> None:
+    decoded = decode_image(_encoded(Image.new("RGB", (6, 4), (0, 128, 255)), image_format), CONFIG)
+    assert decoded.mode == "RGB" and decoded.size == (6, 4)
+
+
+@pytest.mark.parametrize("image_format", ["BMP", "TIFF", "ICO", "PPM", "TGA", "PCX"])
+def test_other_formats_are_refused_naming_the_accepted_ones(image_format: str) -> None:
+    """Only the decoders images are sent in are reachable: every other Pillow plugin is attack surface."""
+    data = _encoded(Image.new("RGB", (16, 16), (1, 2, 3)), image_format)
+    for read in (decode_image, open_image):
+        with pytest.raises(ValueError, match=r"not a recognised image .* accepted formats are PNG, JPEG, GIF and WebP"):
+            read(data, CONFIG)
 
 
 def test_bad_config_names_the_value() -> None:
