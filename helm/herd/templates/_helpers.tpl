@@ -128,6 +128,9 @@ Returns JSON: `include "herd.models" . | fromJson`.
 {{- fail (printf "models.%s.worker: needs minReplicas (%d) <= replicas (%d) <= maxReplicas (%d)" $name (int $w.minReplicas) (int $w.replicas) (int $w.maxReplicas)) }}
 {{- end }}
 {{- include "herd.checkReplicaFits" (dict "name" $name "model" $m) }}
+{{- if and (eq $m.shard_listen "node") (not $.Values.tls.shards.enabled) }}
+{{- fail (printf "models.%s.shard_listen: node puts the expert shards on the pod's address, which needs their mutual TLS: set tls.shards.enabled and tls.shards.secretName (or keep shard_listen: loopback)" $name) }}
+{{- end }}
 {{- $_ := set $models $name $m }}
 {{- end }}
 {{- end }}
@@ -241,6 +244,40 @@ and its path as the pods mount it. A replica setting added to ReplicaConfig need
 {{- end }}
 
 {{/*
+Where the Ray pods mount the shards' TLS Secret (tls.shards.secretName).
+*/}}
+{{- define "herd.shardTlsDir" -}}
+/etc/herd/shard-tls
+{{- end }}
+
+{{/*
+The shards' mutual TLS as a replica reads it (herd.workers.shard_tls.ShardTls: the files of the mounted Secret),
+as JSON; {} when tls.shards is off. herd serve writes the same from herd's tls.shard_* settings.
+*/}}
+{{- define "herd.shardTls" -}}
+{{- $tls := .Values.tls.shards }}
+{{- if $tls.enabled }}
+{{- $_ := required "tls.shards.secretName: the Secret with the shards' tls.crt, tls.key and ca.crt is required when tls.shards.enabled" $tls.secretName }}
+{{- $dir := include "herd.shardTlsDir" . }}
+{{- $out := dict "cert_file" (printf "%s/tls.crt" $dir) "key_file" (printf "%s/tls.key" $dir) "ca_file" (printf "%s/ca.crt" $dir) }}
+{{- with $tls.serverName }}
+{{- $_ := set $out "server_name" . }}
+{{- end }}
+{{- toJson $out }}
+{{- else }}
+{{- toJson dict }}
+{{- end }}
+{{- end }}
+
+{{/*
+A pod's terminationGracePeriodSeconds: its process's shutdown budget in seconds, rounded up, plus
+terminationGraceMarginSeconds. Takes (dict "root" $ "budget" seconds).
+*/}}
+{{- define "herd.graceSeconds" -}}
+{{- add (ceil (float64 .budget) | int) (int .root.Values.terminationGraceMarginSeconds) }}
+{{- end }}
+
+{{/*
 The Ray Serve config of one model: exactly `herd serve --print-config` (herd.platform.server.serve_config), in
 the same key order; the args are herd.workers.replica_config.ReplicaArgs, which
 herd.platform.replica_app:build_app takes: the replica config and the telemetry settings.
@@ -248,6 +285,9 @@ herd.platform.replica_app:build_app takes: the replica config and the telemetry 
 {{- define "herd.serveConfig" -}}
 {{- $args := include "herd.replicaConfig" . | fromJson }}
 {{- $_ := set $args "telemetry" (include "herd.telemetry" .root | fromJson) -}}
+{{- with (include "herd.shardTls" .root | fromJson) }}
+{{- $_ := set $args "shard_tls" . }}
+{{- end -}}
 proxy_location: EveryNode
 grpc_options:
   port: {{ include "herd.serveGrpcPort" . }}
@@ -319,7 +359,8 @@ Takes (dict "root" $ "models" $models).
 {{/*
 The pod spec of a Ray head or worker: the herd image, non-root with a read-only root filesystem, /tmp and
 /tmp/ray writable, the weights read-only. KubeRay adds the `ray start` command and a /dev/shm emptyDir sized
-from the memory request. Takes (dict "root" $ "models" {name: model} "group" head|worker "container" name).
+from the memory request. The grace period holds the model's drain_timeout_s; with tls.shards the shards' Secret is
+mounted read-only. Takes (dict "root" $ "models" {name: model} "model" model "group" head|worker "container" name).
 */}}
 {{- define "herd.rayPodSpec" -}}
 {{- $root := .root }}
@@ -330,6 +371,7 @@ imagePullSecrets:
 {{- end }}
 securityContext:
   {{- toYaml $values.podSecurityContext | nindent 2 }}
+terminationGracePeriodSeconds: {{ include "herd.graceSeconds" (dict "root" $root "budget" .model.drain_timeout_s) }}
 {{- with (include "herd.tinyInitContainers" (dict "root" $root "models" .models) | trim) }}
 initContainers:
   {{- . | nindent 2 }}
@@ -374,12 +416,23 @@ containers:
       - name: ray-logs
         mountPath: /tmp/ray
       {{- include "herd.weightsMount" $root | nindent 6 }}
+      {{- if $values.tls.shards.enabled }}
+      - name: shard-tls
+        mountPath: {{ include "herd.shardTlsDir" $root }}
+        readOnly: true
+      {{- end }}
 volumes:
   {{- include "herd.tmpVolume" $root | nindent 2 }}
   - name: ray-logs
     emptyDir:
       sizeLimit: {{ $values.tmpSizeLimit }}
   {{- include "herd.weightsVolume" $root | nindent 2 }}
+  {{- if $values.tls.shards.enabled }}
+  - name: shard-tls
+    secret:
+      secretName: {{ $values.tls.shards.secretName }}
+      defaultMode: 0440
+  {{- end }}
 {{- with .group.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,3 +89,12 @@ def render(chart: helm.Chart) -> Callable[..., Rendered]:
 @pytest.fixture(scope="session")
 def rendered_profiles(render: Callable[..., Rendered]) -> dict[str, Rendered]:
     return {profile: render(profile_values(profile)) for profile in PROFILES}
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No HERD_* variables from the test run's environment leak into HerdSettings."""
+    for name in list(os.environ):
+        if name.startswith("HERD_"):
+            monkeypatch.delenv(name)
+    return monkeypatch

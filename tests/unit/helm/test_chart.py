@@ -79,17 +79,6 @@ def settings_text(rendered: Rendered) -> str:
     return rendered.one("ConfigMap", f"{FULLNAME}-config")["data"]["herd.yaml"]
 
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """No HERD_* variables from the test run's environment leak into HerdSettings."""
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("HERD_"):
-            monkeypatch.delenv(name)
-    return monkeypatch
-
-
 def load_settings(text: str, tmp_path: Path):
     from herd.platform.settings import HerdSettings
 
@@ -546,13 +535,19 @@ def test_network_policy_admits_only_the_release_to_ray_pods(rendered_profiles: d
     pods = rendered.pod_templates()
     for where, pod in pods:
         assert matches(selector, pod["metadata"]["labels"]) == where.startswith("RayService/"), where
-    release_peer, operator_peer = spec["ingress"]
-    (peer,) = release_peer["from"]
-    assert set(peer) == {"podSelector"}  # same namespace, and no port limit: Ray talks on many
-    for where, pod in pods:  # gateway, control plane and Ray pods reach the Ray pods
-        assert matches(peer["podSelector"]["matchLabels"], pod["metadata"]["labels"]), where
+    ray_rule, gateway_rule, operator_peer = spec["ingress"]
+    (peer,) = ray_rule["from"]
+    assert set(peer) == {"podSelector"} and "ports" not in ray_rule  # same namespace, any port: Ray talks on many
+    (gateway_peer,) = gateway_rule["from"]
+    assert gateway_rule["ports"] == [{"protocol": "TCP", "port": 9000}]  # Serve's gRPC proxy, nothing else
+    for where, pod in pods:  # the Ray pods reach each other; the gateway reaches them on one port
+        assert matches(peer["podSelector"]["matchLabels"], pod["metadata"]["labels"]) == \
+            where.startswith("RayService/"), where
+        assert matches(gateway_peer["podSelector"]["matchLabels"], pod["metadata"]["labels"]) == \
+            (where == f"Deployment/{FULLNAME}-gateway"), where
     other_release = {**pods[0][1]["metadata"]["labels"], "app.kubernetes.io/instance": "other"}
     assert not matches(peer["podSelector"]["matchLabels"], other_release)
+    assert not matches(gateway_peer["podSelector"]["matchLabels"], other_release)
     (operator,) = operator_peer["from"]
     assert operator["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
     assert sorted(p["port"] for p in operator_peer["ports"]) == [8000, 8265, 52365]
@@ -569,11 +564,12 @@ def test_gateway_deployment_service_hpa_pdb(rendered_profiles: dict[str, Rendere
     (container,) = pod["spec"]["containers"]
     assert container["command"] == ["herd", "gateway", "--config", SETTINGS_PATH]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": 8000, "grpc": 50051}
+    assert ports == {"http": 8000, "grpc": 50051, "ops": 9401}
     config = [m for m in container["volumeMounts"] if m["mountPath"] == SETTINGS_PATH]
     assert config == [{"name": "config", "mountPath": SETTINGS_PATH, "subPath": "herd.yaml", "readOnly": True}]
-    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-    assert "httpGet" not in container["livenessProbe"]  # a model's RayService restarting must not kill the gateway
+    # The public port's cheap checks: a model's RayService restarting must not kill the gateway.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
     assert "checksum/config" in pod["metadata"]["annotations"]  # a settings change rolls the pods
     service = rendered.one("Service", name)
     assert matches(service["spec"]["selector"], pod["metadata"]["labels"])
@@ -604,8 +600,8 @@ def test_service_monitor_only_when_enabled(rendered_profiles: dict[str, Rendered
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     selector = monitor["spec"]["selector"]
     selected = [svc for svc in rendered.kind("Service") if selects(selector, svc["metadata"]["labels"])]
-    assert {svc["metadata"]["name"] for svc in selected} == {f"{FULLNAME}-gateway", f"{FULLNAME}-controlplane"}, \
-        "each gateway pod once (not through the headless Service too), and the control plane"
+    assert {svc["metadata"]["name"] for svc in selected} == {f"{FULLNAME}-gateway-ops", f"{FULLNAME}-controlplane"}, \
+        "each gateway pod once, on its operator port (not the public or the headless Service), and the control plane"
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     ports = {e["port"] for e in monitor["spec"]["endpoints"]}
     for svc in selected:
@@ -674,7 +670,7 @@ def test_settings_file_loads_with_herd_settings(rendered_profiles: dict[str, Ren
     assert pods["spec"]["clusterIP"] == "None" and cp.resolve_gateways
     gateway_pods = rendered.one("Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["metadata"]["labels"]
     assert matches(pods["spec"]["selector"], gateway_pods)
-    assert cp.gateway_urls == [f"http://{pods['metadata']['name']}.{NAMESPACE}.svc:8000"]
+    assert cp.gateway_urls == [f"http://{pods['metadata']['name']}.{NAMESPACE}.svc:9401"]  # the operator port
     (port,) = rendered.one("Deployment", f"{FULLNAME}-controlplane")["spec"]["template"]["spec"]["containers"][0][
         "ports"]
     assert port["containerPort"] == cp.metrics_port == 9090
@@ -682,7 +678,7 @@ def test_settings_file_loads_with_herd_settings(rendered_profiles: dict[str, Ren
         name = rayservices[model.name]["metadata"]["name"]
         grpc = rendered.one("Service", f"{name}-serve-grpc")
         assert model.serve_grpc_target == f"{grpc['metadata']['name']}.{NAMESPACE}.svc:9000"
-        assert model.serve_status_url == f"http://{name}-head-svc.{NAMESPACE}.svc:8265", "KubeRay's head Service"
+        assert model.serve_status_url is None  # gateways are kept off the Ray dashboard (test_chart_hardening)
         assert model.path == app_args(rayservices[model.name])["path"]
         assert model.cold_start_wait_s == 30 and model.cold_start_retry_after_s == 30
     assert (settings.http_host, settings.http_port, settings.grpc_port) == ("0.0.0.0", 8000, 50051)
