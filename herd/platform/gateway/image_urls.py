@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -134,8 +135,9 @@ async def resolve(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
-async def _pinned_address(url: httpx.URL, policy: ImageUrlPolicy) -> str:
-    """The one address the fetch connects to, after every address the host resolves to passed the check."""
+async def _checked_addresses(url: httpx.URL, policy: ImageUrlPolicy) -> list[str]:
+    """The addresses the fetch may connect to, in the resolver's order: all the host resolves to, once every
+    one of them passed the check (one refused address refuses the host)."""
     host = url.raw_host.decode("ascii")
     try:
         found = await resolve(host, url.port or (443 if url.scheme == "https" else 80))
@@ -151,33 +153,20 @@ async def _pinned_address(url: httpx.URL, policy: ImageUrlPolicy) -> str:
     if refused or not addresses:
         raise _Unreachable(f"{host} resolves to {', '.join(refused) or 'nothing'}: not public and not in "
                            "images.fetch_allow_networks")
-    return str(addresses[0])
+    return list(dict.fromkeys(str(a) for a in addresses))
 
 
 async def _fetch(url: str, policy: ImageUrlPolicy) -> bytes:
     try:
         async with asyncio.timeout(policy.fetch_timeout_s):
             target = httpx.URL(url)
-            address = await _pinned_address(target, policy)
-            async with httpx.AsyncClient(
-                timeout=policy.fetch_timeout_s, follow_redirects=False, trust_env=False,
-                verify=policy.tls_context or True,
-            ) as client, client.stream(
-                # The connection goes to the checked address; the Host header and TLS (server name and
-                # certificate check) keep the URL's host.
-                "GET", target.copy_with(host=address),
-                headers={"Host": target.netloc.decode("ascii")},
-                extensions={"sni_hostname": target.raw_host.decode("ascii")},
-            ) as response:
-                if response.status_code != 200:
-                    raise invalid_request(f"image_url {url[:80]!r} answered HTTP {response.status_code}",
-                                          param="messages")
-                data = bytearray()
-                async for piece in response.aiter_bytes():
-                    data += piece
-                    if len(data) > policy.max_bytes:
-                        raise _too_large(policy)
-                return bytes(data)
+            *others, last = await _checked_addresses(target, policy)
+            async with httpx.AsyncClient(timeout=policy.fetch_timeout_s, follow_redirects=False, trust_env=False,
+                                         verify=policy.tls_context or True) as client:
+                for address in others:  # the next address when one cannot be connected to (IPv6 without a route)
+                    with contextlib.suppress(httpx.ConnectError):
+                        return await _get(client, target, address, policy)
+                return await _get(client, target, last, policy)
     except HerdError:
         raise
     except (TimeoutError, httpx.TimeoutException):
@@ -186,6 +175,22 @@ async def _fetch(url: str, policy: ImageUrlPolicy) -> bytes:
     except (_Unreachable, httpx.HTTPError, httpx.InvalidURL, ssl.SSLError, OSError) as err:
         log.warning("image fetch of %.80r failed: %s: %s", url, type(err).__name__, err)
         raise invalid_request(FETCH_FAILED, param="messages") from None
+
+
+async def _get(client: httpx.AsyncClient, url: httpx.URL, address: str, policy: ImageUrlPolicy) -> bytes:
+    """GET `url` from `address`: the connection goes there, while the Host header and TLS (the server name sent
+    and the one the certificate must carry) keep the URL's host."""
+    async with client.stream("GET", url.copy_with(host=address), headers={"Host": url.netloc.decode("ascii")},
+                             extensions={"sni_hostname": url.raw_host.decode("ascii")}) as response:
+        if response.status_code != 200:
+            raise invalid_request(f"image_url {str(url)[:80]!r} answered HTTP {response.status_code}",
+                                  param="messages")
+        data = bytearray()
+        async for piece in response.aiter_bytes():
+            data += piece
+            if len(data) > policy.max_bytes:
+                raise _too_large(policy)
+        return bytes(data)
 
 
 def _too_large(policy: ImageUrlPolicy) -> HerdError:

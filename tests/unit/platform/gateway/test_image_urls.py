@@ -186,6 +186,23 @@ def test_the_fetch_connects_to_the_address_that_was_checked(rebinding, second_se
     policy = {"fetch_urls": True, "allow_networks": ["127.0.0.2/32"]}
     assert _read(f"http://images.test:{second_server}/cat.png", **policy) == PNG
     assert _Handler.hosts == [f"images.test:{second_server}"]  # the Host header names the URL's host, not the IP
+    assert rebinding.lookups == 1
+
+
+def test_each_checked_address_is_tried_in_turn(second_server, monkeypatch):
+    """A host with an address that cannot be reached (IPv6 without a route, say) is fetched from the next one."""
+    real = socket.getaddrinfo
+
+    def two_addresses(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "two.test":
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (a, int(port)))
+                for a in ("127.0.0.3", "127.0.0.2")]  # nothing listens on 127.0.0.3
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    assert _read(f"http://two.test:{second_server}/cat.png", **LOCAL) == PNG
+    policy = {"fetch_urls": True, "allow_networks": ["127.0.0.2/32"]}  # one address refused: the host is refused
+    assert _refused(f"http://two.test:{second_server}/cat.png", **policy) == FETCH_FAILED
 
 
 def _tls_pair(tmp: Path, host: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
