@@ -22,6 +22,7 @@ from herd.engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput, 
 from herd.engine.errors import Code, HerdError
 from herd.engine.outputs import RequestTimes
 from herd.engine.prompt_images import ImageInput
+from herd.engine.sampling_params import SamplingError
 from herd.model import load_model
 from herd.model.image_prompts import ImagePrompts
 from herd.model.tokenizer import Tokenizer
@@ -197,6 +198,8 @@ class ReplicaCore:
                 logprobs=options.logprobs if options.HasField("logprobs") else None,
                 ignore_eos=options.ignore_eos,
             )
+        except SamplingError as err:
+            raise HerdError(Code.INVALID_ARGUMENT, str(err), param=err.field) from err
         except ValueError as err:
             raise HerdError(Code.INVALID_ARGUMENT, str(err)) from err
         return params, list(request.token_ids.ids)

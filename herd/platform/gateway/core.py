@@ -21,7 +21,7 @@ from opentelemetry.context import Context
 from prometheus_client import CollectorRegistry
 
 from herd.engine.errors import Code, HerdError
-from herd.model.chat_template import render_chat
+from herd.model.chat_prompt import chat_ids
 from herd.model.image_processor import TileGrid
 from herd.model.prompt import prompt_ids
 from herd.platform.gateway.backend import Backend
@@ -34,6 +34,7 @@ from herd.platform.gateway.errors import (
     too_many_images,
 )
 from herd.platform.gateway.load import LoadTracker
+from herd.platform.gateway.sampling_limits import check_sampling
 from herd.platform.telemetry.gateway_metrics import GatewayMetrics
 from herd.platform.telemetry.request_telemetry import RequestTelemetry
 from herd.protos.herd.v1 import inference_pb2 as pb
@@ -165,6 +166,7 @@ class Gateway:
         with self._counting_rejections():
             self._check_open()
             backend = self.backend(model, identity)
+            check_sampling(options)
             try:
                 ids = await asyncio.to_thread(prompt_ids, backend.tokenizer, prompt, backend.tokenizer.vocab_size)
             except ValueError as err:
@@ -190,6 +192,7 @@ class Gateway:
         with self._counting_rejections():
             self._check_open()
             backend = self.backend(model, identity)
+            check_sampling(options)
             if not messages:
                 raise invalid_request("messages must not be empty", param="messages")
             messages = await self._load_images(backend, messages, load_image)
@@ -200,17 +203,13 @@ class Gateway:
     @staticmethod
     def _chat_ids(backend: Backend, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None,
                   tool_choice: Any, images: Sequence[tuple[bytes, TileGrid]]) -> list[int]:
+        """The prompt's ids; the client's text stays text even where it spells a control token."""
         try:
-            kwargs: dict[str, Any] = {"tools": list(tools)} if tools else {}
-            if tools and tool_choice is not None:
-                kwargs["tool_choice"] = tool_choice
-            text = render_chat(list(messages), **kwargs)
-            if images:
-                assert backend.image_prompts is not None
-                text = backend.image_prompts.expand(text, [grid for _, grid in images])
+            return chat_ids(backend.tokenizer, messages, tools=tools or None,
+                            tool_choice=tool_choice if tools else None, image_prompts=backend.image_prompts,
+                            grids=[grid for _, grid in images])
         except ValueError as err:
             raise invalid_request(str(err), param="messages") from err
-        return list(backend.tokenizer.encode(text))
 
     async def _load_images(self, backend: Backend, messages: Sequence[Mapping[str, Any]],
                            load_image: ImageLoader | None) -> list[Mapping[str, Any]]:
@@ -352,9 +351,7 @@ class Gateway:
     ) -> Prepared:
         limit = backend.card().max_model_len
         options = pb.SamplingOptions(**{f.name: v for f, v in options.ListFields()})
-        if options.HasField("max_tokens"):
-            if options.max_tokens < 1:
-                raise invalid_request(f"max_tokens must be at least 1, got {options.max_tokens}", param="max_tokens")
+        if options.HasField("max_tokens"):  # at least 1: check_sampling has seen to it
             if len(ids) + options.max_tokens > limit:
                 raise context_length_exceeded(limit, len(ids), options.max_tokens)
         else:

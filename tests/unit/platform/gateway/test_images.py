@@ -89,7 +89,6 @@ BAD = [
     ("not base64 at all", _chat("data:image/png,rawbytes"), "must be base64"),
     ("not an image media type", _chat(_data_url(b"x", media="text/plain")), "not an image"),
     ("grid over the context", _chat(_data_url(random_png(1300, 1300))), "maximum context length is 512"),
-    ("the marker typed in text", _chat(_data_url(random_png(8, 8)), text="<|image|>"), "image markers"),
 ]
 
 
@@ -102,6 +101,15 @@ def test_bad_images_are_400_and_the_server_keeps_serving(gateway, body, needle):
     assert error["type"] == "invalid_request_error"
     assert error["param"] in ("messages", None)  # None: refused by the replica, which decodes the pixels
     assert good.status_code == 200, good.text
+
+
+def test_the_image_marker_typed_in_text_is_text_beside_a_real_image(gateway):
+    """<|image|> in a client's text is literal text (herd.model.chat_prompt): it neither takes the place of an
+    image nor makes a second one."""
+    typed, good = _post_all(gateway, _chat(_data_url(random_png(8, 8)), text="<|image|>"),
+                            _chat(_data_url(random_png(8, 8)), text="image"))
+    assert typed.status_code == 200 and good.status_code == 200, typed.text
+    assert typed.json()["usage"]["prompt_tokens"] > good.json()["usage"]["prompt_tokens"]
 
 
 @pytest.fixture
