@@ -159,3 +159,23 @@ def test_shutdown_refuses_new_requests_and_interrupts_those_in_flight_billing_wh
     assert guard.settled == [{"request": guard.settled[0]["request"], "completion_tokens": streamed,
                                "status": "interrupted"}]
     assert 0 < streamed < 400
+
+
+def test_sampling_limits_hold_for_whatever_door_builds_the_options(gateway):
+    """The gRPC door passes SamplingOptions through as the client sent them: the gateway refuses what the
+    engine would not take before tokenising (4 million short stop strings once cost every tenant a second per
+    step)."""
+    cases = {"stop": pb.SamplingOptions(max_tokens=2, stop=["x"] * 10_000),
+             "stop_token_ids": pb.SamplingOptions(max_tokens=2, stop_token_ids=list(range(1000))),
+             "logprobs": pb.SamplingOptions(max_tokens=2, logprobs=1000)}
+
+    async def main() -> dict[str, HerdError]:
+        refused = {}
+        for field, options in cases.items():
+            with pytest.raises(HerdError) as caught:
+                await gateway.prepare_chat("scout", [{"role": "user", "content": "Hi"}], options)
+            refused[field] = caught.value
+        return refused
+
+    for field, error in asyncio.run(main()).items():
+        assert http_status(error) == 400 and error.param == field, (field, error.message)
