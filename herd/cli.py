@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 import time
 from collections.abc import Sequence
@@ -61,7 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     shard.add_argument("--model", type=Path, required=True, help="checkpoint directory")
     shard.add_argument("--experts", required=True, help="owned experts: 'a:b' or a comma-separated list")
     shard.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
-    shard.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    shard.add_argument("--host", default="127.0.0.1", help="address to listen on (other than loopback: only with "
+                       "the --tls-* flags)")
+    shard.add_argument("--step-tokens", type=int, default=8192, help="tokens of the trunk's largest step (its "
+                       "max_num_batched_tokens): sizes the largest message taken")
+    shard.add_argument("--reflection", action="store_true", help="serve gRPC reflection (off: shards are internal)")
     shard.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype")
     shard.add_argument("--tls-cert", type=Path, help="mutual TLS: this shard's certificate (PEM; with --tls-key, "
                        "--tls-ca)")
@@ -204,10 +209,15 @@ def _expert_shard(args: argparse.Namespace) -> int:
     from herd.workers.shard_tls import ShardTls
 
     tls = ShardTls.of(args.tls_cert, args.tls_key, args.tls_ca)
+    if tls is None and not _is_loopback(args.host):
+        raise ValueError(f"--host {args.host} is reachable from the network: a shard there needs mutual TLS "
+                         "(--tls-cert, --tls-key, --tls-ca)")
     credentials = tls.server_credentials() if tls is not None else None  # unreadable files: an error before loading
+    if args.step_tokens < 1:
+        raise ValueError(f"--step-tokens must be at least 1, got {args.step_tokens}")
     experts = parse_experts(args.experts, load_config(args.model).text.num_local_experts)
     server, port, service = serve(args.model, experts, port=args.port, host=args.host, dtype=DTYPES[args.dtype],
-                                  credentials=credentials)
+                                  credentials=credentials, step_tokens=args.step_tokens, reflection=args.reflection)
     print(f"expert shard listening on {args.host}:{port}{' (mutual TLS)' if tls else ''} (experts "
           f"{experts[0]}..{experts[-1]}, {service.shard.resident_bytes / 2**20:.1f} MiB)", flush=True)
     stop = threading.Event()
@@ -216,6 +226,16 @@ def _expert_shard(args: argparse.Namespace) -> int:
     stop.wait()
     server.stop(grace=5).wait()
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback address (or the name localhost): no one else on the network reaches it."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":

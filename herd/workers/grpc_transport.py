@@ -19,10 +19,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from herd.engine.errors import Code, HerdError
 from herd.protos.herd.v1 import experts_pb2 as pb
 from herd.protos.herd.v1 import experts_pb2_grpc as pb_grpc
-from herd.workers.expert_shard import MAX_MESSAGE_BYTES, SERVICE
+from herd.workers.expert_shard import SERVICE
 from herd.workers.grpc_serving import message_options
 from herd.workers.transport import ShardWork, TransportStats
 from herd.workers.wire import from_wire, to_wire
+
+DEFAULT_MAX_MESSAGE_BYTES = 512 * 2**20
+"""The largest message either way when the caller does not pass its shards' own limit (a replica does:
+herd.workers.expert_shard.max_message_bytes of its engine's largest step)."""
 
 
 class GrpcTransport:
@@ -33,10 +37,12 @@ class GrpcTransport:
     """
 
     def __init__(self, addresses: list[str], *, timeout_s: float = 30.0,
-                 credentials: grpc.ChannelCredentials | None = None, server_name: str | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, server_name: str | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.timeout_s = timeout_s
         self.stats = TransportStats()
-        self.streams = [_ShardStream(address, timeout_s, credentials, server_name) for address in addresses]
+        self.streams = [_ShardStream(address, timeout_s, credentials, server_name, max_message_bytes)
+                        for address in addresses]
         self.infos = [s.info() for s in self.streams]
 
     def shard_experts(self) -> list[tuple[int, ...]]:
@@ -81,11 +87,11 @@ class _ShardStream:
     """
 
     def __init__(self, address: str, timeout_s: float, credentials: grpc.ChannelCredentials | None = None,
-                 server_name: str | None = None) -> None:
+                 server_name: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.address = address
         self.timeout_s = timeout_s
         options: list[tuple[str, int | str]] = [
-            *message_options(MAX_MESSAGE_BYTES),
+            *message_options(max_message_bytes),
             # A restarted shard is found again within a second, not after gRPC's default backoff (up to 2 min).
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),

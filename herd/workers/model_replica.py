@@ -4,6 +4,10 @@ Bundles 1..N hold the expert-shard actors, scheduled into the replica's own plac
 one node by default, PACK for multi-node). Shards serve herd.v1.ExpertShard over gRPC, or answer Ray calls
 when transport is "ray". The replica reports engine and shard health to Serve, and drains on shutdown
 (Serve stops routing to it first). With args.shard_tls the shards' port and the trunk's channels are mutual TLS.
+
+Shards listen on loopback unless args.shard_listen is "node", which needs args.shard_tls (checked before
+anything starts); on loopback the trunk checks every shard is on its own node, where 127.0.0.1 reaches it.
+The replica's /metrics binds args.telemetry.replica_metrics_host (loopback unless the settings open it).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from herd.workers.ray_transport import RayTransport
 from herd.workers.replica_config import BUNDLE_CPUS, ReplicaArgs
 from herd.workers.replica_core import ReplicaCore
 from herd.workers.shard_actor import ExpertShardActor
+from herd.workers.shard_tls import check_shard_listen
 from herd.workers.transport import ExpertTransport
 
 log = logging.getLogger(__name__)
@@ -42,6 +47,7 @@ class ModelReplica:
             process_setup("replica")
         self.process_setup = process_setup
         self.args = ReplicaArgs.model_validate(args)
+        check_replica_args(self.args)
         self.shards: list[Any] = []
         factory = self._start_shards if self.args.shard_processes else None
         self.core = ReplicaCore(self.args, factory, step_sample_ratio=self.args.telemetry.step_sample_ratio)
@@ -93,13 +99,14 @@ class ModelReplica:
         one (reported in stats(); a PodMonitor scrapes only the configured port)."""
         if port is None:
             return None
+        host = self.args.telemetry.replica_metrics_host
         try:
-            bound = self.core.metrics.serve(port)
+            bound = self.core.metrics.serve(port, host)
         except OSError as err:
-            bound = self.core.metrics.serve(0)
+            bound = self.core.metrics.serve(0, host)
             log.warning("replica of %s: metrics port %d is taken (%s); serving /metrics on %d instead",
                         self.args.name, port, err, bound)
-        log.info("replica of %s: Prometheus /metrics on port %d", self.args.name, bound)
+        log.info("replica of %s: Prometheus /metrics on %s:%d", self.args.name, host, bound)
         return bound
 
     def _start_shards(self, shard_experts: list[tuple[int, ...]]) -> ExpertTransport:
@@ -114,11 +121,27 @@ class ModelReplica:
             if torch.cuda.is_available():
                 options["num_gpus"] = args.deployment.shard_gpus
             self.shards.append(ExpertShardActor.options(**options).remote(  # type: ignore[attr-defined]
-                args.path, list(experts), dtype_name(args.engine.dtype), self.process_setup, args.shard_tls))
+                args.path, list(experts), dtype_name(args.engine.dtype), self.process_setup, args.shard_tls,
+                listen=args.shard_listen, step_tokens=args.engine.max_num_batched_tokens))
         if args.transport == "ray":
             return RayTransport(self.shards, timeout_s=args.dispatch_timeout_s)
-        addresses = ray.get([s.address.remote() for s in self.shards], timeout=600)
+        addresses: list[str] = ray.get([s.address.remote() for s in self.shards], timeout=600)
+        limits: list[int] = ray.get([s.max_message_bytes.remote() for s in self.shards], timeout=60)
+        if args.shard_listen == "loopback":
+            nodes = ray.get([s.node_id.remote() for s in self.shards], timeout=60)
+            here = ray.get_runtime_context().get_node_id()
+            elsewhere = [a for a, node in zip(addresses, nodes, strict=True) if node != here]
+            if elsewhere:  # 127.0.0.1 would reach this node, not theirs
+                raise RuntimeError(f"replica of {args.name}: shards {elsewhere} listen on loopback but run on another "
+                                   "node than the trunk; use placement_strategy STRICT_PACK, or shard_listen 'node' "
+                                   "with shard_tls")
         tls = args.shard_tls
-        return GrpcTransport(addresses, timeout_s=args.dispatch_timeout_s,
+        return GrpcTransport(addresses, timeout_s=args.dispatch_timeout_s, max_message_bytes=max(limits),
                              credentials=tls.channel_credentials() if tls is not None else None,
                              server_name=tls.server_name if tls is not None else None)
+
+
+def check_replica_args(args: ReplicaArgs) -> None:
+    """What the args' own validation cannot see across fields: shards on the node's address need shard mTLS."""
+    if args.shard_processes:
+        check_shard_listen(args.shard_listen, args.shard_tls)

@@ -46,8 +46,9 @@ class ReplicaMetrics:
                 self.prefill.observe((times.first_token_ns - times.scheduled_ns) / 1e9)
                 self.decode.observe((times.finished_ns - times.first_token_ns) / 1e9)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve /metrics on `port` (0: a free one); returns the port bound."""
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve /metrics on host:port (0: a free port; loopback unless told, as the labels name every model's
+        load); returns the port bound."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return int(server.server_port)
 

@@ -10,15 +10,17 @@ from typing import Any, cast
 
 from ray import serve
 
-from herd.workers.model_replica import ModelReplica
+from herd.workers.model_replica import ModelReplica, check_replica_args
 from herd.workers.process_setup import ProcessSetup
 from herd.workers.replica_config import BUNDLE_CPUS, ReplicaArgs
 
 
 def build_app(args: dict[str, Any], *, process_setup: ProcessSetup | None = None) -> serve.Application:
     """The application of one model from its ReplicaArgs (as JSON): deployment options from args.deployment,
-    one placement group per replica (the trunk's bundle, then one per shard process)."""
+    one placement group per replica (the trunk's bundle, then one per shard process). ValueError for args no
+    replica could start with (shards on the node's address without shard TLS), before anything is deployed."""
     config = ReplicaArgs.model_validate(args)
+    check_replica_args(config)
     deployment = config.deployment
 
     def bundle(gpus: float) -> dict[str, float]:

@@ -49,3 +49,14 @@ class ShardTls(BaseModel):
             except OSError as err:
                 raise ValueError(f"shard TLS: cannot read the {what} {path}: {err.strerror or err}") from None
         return out[0], out[1], out[2]
+
+
+def check_shard_listen(listen: str, tls: ShardTls | None) -> None:
+    """Shards listen on loopback (beside their trunk), or on the node's address only with mutual TLS: anyone
+    on the network could otherwise compute on them and read what they send. ValueError saying so."""
+    if listen not in ("loopback", "node"):
+        raise ValueError(f"shard_listen must be 'loopback' or 'node', got {listen!r}")
+    if listen == "node" and tls is None:
+        raise ValueError("shard_listen 'node' puts the expert shards on the node's network address, which needs "
+                         "shard_tls (mutual TLS between the trunk and its shards); set shard_tls, or shard_listen "
+                         "'loopback' with every shard on its trunk's node (placement_strategy STRICT_PACK)")

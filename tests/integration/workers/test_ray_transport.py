@@ -3,6 +3,7 @@ and by gRPC: both give the single-process model's logits."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from herd.model import load_model
@@ -12,6 +13,7 @@ from herd.workers.grpc_transport import GrpcTransport
 from herd.workers.placement import place_experts
 from herd.workers.ray_transport import RayTransport
 from herd.workers.shard_actor import ExpertShardActor
+from tests.unit.workers.network import listening_hosts, refused_on_the_network
 
 
 def test_shard_actors_over_ray_calls_and_grpc(ray_session, tmp_path):
@@ -29,3 +31,18 @@ def test_shard_actors_over_ray_calls_and_grpc(ray_session, tmp_path):
         assert float((trunk.logits(ids) - expected).norm() / expected.norm()) < 1e-5
         assert transport.healthy()
     RayTransport(actors, timeout_s=60).close()
+
+
+def test_shard_actors_listen_on_loopback_unless_told_and_then_only_with_tls(ray_session, tmp_path):
+    path = make_tiny(tmp_path / "scout", preset="scout", seed=13)
+    actor = ExpertShardActor.options(num_cpus=1).remote(str(path), [0, 1], "float32")
+    address = ray_session.get(actor.address.remote())
+    host, port = address.rsplit(":", 1)
+    assert host == "127.0.0.1"
+    assert listening_hosts(int(port)) == {"127.0.0.1"}
+    assert refused_on_the_network(int(port))
+    assert GrpcTransport([address]).shard_experts() == [(0, 1)]  # the trunk, on the same node, reaches it
+    ray_session.kill(actor)
+    refused = ExpertShardActor.options(num_cpus=1).remote(str(path), [0, 1], "float32", listen="node")
+    with pytest.raises(ray_session.exceptions.RayActorError, match="needs shard_tls"):
+        ray_session.get(refused.address.remote())

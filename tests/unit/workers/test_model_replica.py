@@ -1,0 +1,31 @@
+"""A replica's args that no replica may start with are refused before anything is deployed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from herd.workers.model_replica import ModelReplica
+from herd.workers.serve_app import build_app
+
+TLS = {"cert_file": "shard.crt", "key_file": "shard.key", "ca_file": "ca.crt"}
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .ModelReplica.__del__. was never awaited")  # its __init__ raised
+@pytest.mark.parametrize("args", [{"shard_listen": "node"}, {"shard_listen": "node", "transport": "ray"}])
+def test_shards_on_the_node_address_need_shard_tls(args: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=r"shard_listen 'node' .* needs shard_tls"):
+        build_app(args)
+    with pytest.raises(ValueError, match="needs shard_tls"):  # the replica checks before it loads anything
+        ModelReplica.func_or_class(args)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("args", [
+    {},  # loopback, the default
+    {"shard_listen": "node", "shard_tls": TLS},
+    {"shard_listen": "node", "shards": 0},  # no shard processes: nothing listens
+    {"shard_listen": "node", "transport": "local"},
+])
+def test_what_may_start(args: dict[str, Any]) -> None:
+    build_app(args)
