@@ -181,6 +181,21 @@ def test_image_fetching_opens_the_public_internet_only(render) -> None:
     assert len(v6) == 1 and {"fc00::/7", "fe80::/10", "::1/128"} <= set(v6[0]["except"])
 
 
+def test_the_fetch_allow_list_reaches_the_settings_and_the_policy(render, tmp_path: Path, clean_env) -> None:
+    rendered = render({"images": {"fetch_urls": True, "fetch_allow_networks": ["10.1.0.0/16", "fd00:1::/64"]}})
+    assert load_settings(settings_text(rendered), tmp_path).images.fetch_allow_networks == ["10.1.0.0/16",
+                                                                                             "fd00:1::/64"]
+    blocks = [r["to"] for r in _gateway_policy(rendered)["egress"]
+              if any(peer.get("ipBlock", {}).get("cidr") == "10.1.0.0/16" for peer in r.get("to", []))]
+    assert blocks == [[{"ipBlock": {"cidr": "10.1.0.0/16"}}, {"ipBlock": {"cidr": "fd00:1::/64"}}]]
+    all_valid(rendered)
+    without_fetching = render({"images": {"fetch_allow_networks": ["10.1.0.0/16"]}})
+    assert not any("ipBlock" in peer for r in _gateway_policy(without_fetching)["egress"] for peer in r.get("to", []))
+    with pytest.raises(helm.HelmValuesError) as caught:
+        render({"images": {"fetch_allow_networks": ["localhost"]}})
+    assert "/images/fetch_allow_networks/0" in str(caught.value)
+
+
 def test_gateway_store_peers_come_from_values(render) -> None:
     peers = {"database": {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [5433]},
              "redis": {"to": [{"podSelector": {"matchLabels": {"app": "redis"}}}], "ports": [6380]}}
