@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +40,23 @@ class UsageLedger:
         """A request was admitted: journal its row as it stands, in case this process dies before it ends."""
         self._open[row["request_id"]] = row
         if self.journal is not None:
-            self.journal.opened(row)
+            self._journaled(self.journal.opened, row)
 
     def record(self, row: dict[str, Any]) -> None:
         """Queue one usage row (tenant_id, key_id, model, request_id, tokens, status, latency_ms, time)."""
         self._open.pop(row["request_id"], None)
         self._pending.append(row)
         if self.journal is not None:
-            self.journal.finished(row)
+            self._journaled(self.journal.finished, row)
+
+    def _journaled(self, write: Callable[[dict[str, Any]], None], row: dict[str, Any]) -> None:
+        """Journal a row; a journal that cannot be written (disk full, volume gone) costs only the crash
+        safety of that row: the row itself is in memory already and reaches the database with the rest."""
+        try:
+            write(row)
+        except OSError as err:
+            log.error("usage journal %s: could not write request %s (%s); it is kept in memory only",
+                      self.spill_path, row["request_id"], err)
 
     @property
     def pending(self) -> int:

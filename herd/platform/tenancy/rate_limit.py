@@ -12,6 +12,9 @@ moves TAT before `now`: the bucket never holds more than one window, so refunds 
 beyond the burst, and the bound above still holds because each refund lowers `max(TAT, now)` by at most
 the refunded units' cost (it is the ordinary GCRA proof with refunds counted as negative charges).
 
+Take rule: `TAT = max(TAT, now) + amount * T`, admitted whatever it costs. It bills units already spent
+(output tokens beyond a request's reservation): the bucket may go into debt, and later charges wait it out.
+
 A call is all-or-nothing across its charges: if any limit refuses, nothing is taken, and the decision
 names the limit with the longest wait. A single charge larger than a whole window can never pass; it is
 refused at once with `retry_after_s = math.inf` (`Decision.too_large`). Tenant keys never appear in
@@ -20,6 +23,7 @@ error messages: the gateway decides what a client sees.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
@@ -91,6 +95,10 @@ class RateLimiter(Protocol):
         """Give back (part of) an earlier charge, e.g. output tokens reserved but not generated."""
         ...
 
+    async def take(self, key: str, charges: Sequence[Charge], *, now: float | None = None) -> None:
+        """Charge units already spent (output beyond a reservation), even past the limit."""
+        ...
+
 
 def _validate(charges: Sequence[Charge], now: float | None) -> None:
     names = [c.limit.name for c in charges]
@@ -136,6 +144,14 @@ def gcra_refund(tats: Mapping[str, float], charges: Sequence[Charge], now: float
     return new
 
 
+def gcra_take(tats: Mapping[str, float], charges: Sequence[Charge], now: float) -> dict[str, float]:
+    """Pure take step: each TAT moves later by the charged cost, with no admission test."""
+    new = dict(tats)
+    for c in charges:
+        new[c.limit.name] = max(tats.get(c.limit.name, now), now) + c.amount * c.limit.interval_s
+    return new
+
+
 class InProcessRateLimiter:
     """One gateway's limits in a dict. Each call runs without awaiting, so it is atomic on the event loop;
     a lock makes it safe across threads too. Tenants whose buckets are full again are swept once a window."""
@@ -159,10 +175,17 @@ class InProcessRateLimiter:
         return decision
 
     async def refund(self, key: str, charges: Sequence[Charge], *, now: float | None = None) -> None:
+        self._apply(gcra_refund, key, charges, now)
+
+    async def take(self, key: str, charges: Sequence[Charge], *, now: float | None = None) -> None:
+        self._apply(gcra_take, key, charges, now)
+
+    def _apply(self, step: Callable[[Mapping[str, float], Sequence[Charge], float], dict[str, float]], key: str,
+               charges: Sequence[Charge], now: float | None) -> None:
         _validate(charges, now)
         t = self._clock() if now is None else now
         with self._lock:
-            self._store(key, gcra_refund(self._tats.get(key, {}), charges, t), t)
+            self._store(key, step(self._tats.get(key, {}), charges, t), t)
 
     def _store(self, key: str, tats: dict[str, float], now: float) -> None:
         # A TAT at or before now is a full bucket, the same as no entry: drop it so idle tenants cost nothing.
@@ -178,32 +201,39 @@ class InProcessRateLimiter:
 
 
 # KEYS[1]: the tenant's hash, field = limit name, value = TAT in seconds ("%.17g", so it round-trips).
-# ARGV: mode ("acquire" | "refund"), now ("" = Redis server TIME), WINDOW_S, EPS_S, then per charge:
+# ARGV: mode ("acquire" | "refund" | "take"), now ("" = Redis server TIME), WINDOW_S, EPS_S, then per charge:
 #   limit name, interval_s, amount.
-# Returns {1} when admitted (always for refund), else {0, i, retry_after_s as "%.17g"} with i the 1-based
+# Returns {1} when admitted (always for refund and take), else {0, i, retry_after_s as "%.17g"} with i the 1-based
 # index of the charge whose limit waits longest; a refusal writes nothing. Fields at or before now are
 # deleted (a full bucket), and the key's TTL is raised to cover its latest TAT, so idle tenants expire.
-_LUA = """
+def lua_now(argument: int) -> str:
+    """Lua that sets `now` (seconds) from ARGV[argument], or from Redis's own clock when that is empty."""
+    return f"""
 local now
-if ARGV[2] == "" then
+if ARGV[{argument}] == "" then
   local t = redis.call("TIME")
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 else
-  now = tonumber(ARGV[2])
+  now = tonumber(ARGV[{argument}])
 end
-local refund, window, eps = ARGV[1] == "refund", tonumber(ARGV[3]), tonumber(ARGV[4])
+"""
+
+
+_LUA = lua_now(2) + """local mode, window, eps = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
 local names, tats = {}, {}
 local worst, worst_retry = 0, 0
 for i = 1, (#ARGV - 4) / 3 do
   local name, interval, amount = ARGV[3 * i + 2], tonumber(ARGV[3 * i + 3]), tonumber(ARGV[3 * i + 4])
   local tat = tonumber(redis.call("HGET", KEYS[1], name)) or now
   local new_tat
-  if refund then
+  if mode == "refund" then
     new_tat = math.max(tat - amount * interval, now)
   else
     new_tat = math.max(tat, now) + amount * interval
     local retry = new_tat - now - window
-    if retry > eps and (worst == 0 or retry > worst_retry) then worst, worst_retry = i, retry end
+    if mode == "acquire" and retry > eps and (worst == 0 or retry > worst_retry) then
+      worst, worst_retry = i, retry
+    end
   end
   names[i], tats[i] = name, new_tat
 end
@@ -225,11 +255,16 @@ return {1}
 
 class RedisRateLimiter:
     """Limits shared by every gateway replica: one Lua script per call does the check-and-set for all its
-    charges atomically on Redis's clock. One hash per tenant, so a call touches one key (cluster-safe)."""
+    charges atomically on Redis's clock. One hash per tenant, so a call touches one key (cluster-safe). Each
+    call gives up after `timeout_s` (TimeoutError), however the client is configured: a Redis that hangs
+    cannot stall admission."""
 
-    def __init__(self, client: redis.asyncio.Redis, *, prefix: str = "herd:rl:") -> None:
+    def __init__(self, client: redis.asyncio.Redis, *, prefix: str = "herd:rl:", timeout_s: float = 1.0) -> None:
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         self._client = client
         self._prefix = prefix
+        self.timeout_s = timeout_s
         self._script = client.register_script(_LUA)  # EVALSHA, loading the script on NOSCRIPT
 
     def bucket_key(self, key: str) -> str:
@@ -254,9 +289,15 @@ class RedisRateLimiter:
         if charges:
             await self._call("refund", key, charges, now)
 
+    async def take(self, key: str, charges: Sequence[Charge], *, now: float | None = None) -> None:
+        _validate(charges, now)
+        if charges:
+            await self._call("take", key, charges, now)
+
     async def _call(self, mode: str, key: str, charges: Sequence[Charge], now: float | None) -> list[int | bytes | str]:
         args: list[str | float] = [mode, "" if now is None else now, WINDOW_S, EPS_S]
         for c in charges:
             args += [c.limit.name, c.limit.interval_s, c.amount]
-        reply = await self._script(keys=[self.bucket_key(key)], args=args)
+        async with asyncio.timeout(self.timeout_s):
+            reply = await self._script(keys=[self.bucket_key(key)], args=args)
         return list(reply)

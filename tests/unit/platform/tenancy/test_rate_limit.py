@@ -19,6 +19,7 @@ from herd.platform.tenancy.rate_limit import (
     RateLimiter,
     gcra_acquire,
     gcra_refund,
+    gcra_take,
 )
 
 T0 = 1_000.0
@@ -115,6 +116,18 @@ class RateLimiterContract:
 
         run(body)
 
+    def test_take_bills_units_already_spent_even_past_the_limit(self, run: Runner) -> None:
+        async def body(limiter: RateLimiter) -> None:
+            assert (await limiter.acquire("t", [Charge(TOKENS, 50)], now=T0)).allowed  # a reservation of 50
+            await limiter.take("t", [Charge(TOKENS, 80)], now=T0)  # it produced 130: 80 more, into debt
+            refused = await limiter.acquire("t", [Charge(TOKENS, 1)], now=T0)
+            assert refused == Decision(False, "input_tokens_per_min", pytest.approx(18.6))  # 131 tokens: 78.6 s of TAT
+            assert await admitted(limiter, "t", [Charge(TOKENS, 1)], T0 + 18.6, 5) == 1  # the debt is waited out
+            await limiter.take("u", [Charge(TOKENS, 500)], now=T0)  # more than a window at once: still billed
+            assert not (await limiter.acquire("u", [Charge(TOKENS, 1)], now=T0 + 60.0)).allowed
+
+        run(body)
+
     def test_keys_and_limits_are_independent(self, run: Runner) -> None:
         other = Limit("output_tokens_per_min", 60)
 
@@ -155,7 +168,10 @@ class RateLimiterContract:
                 now += rng.choice([0.0] * 6 + [0.37, 1.9, 13.0])
                 key = rng.choice(["a", "b"])
                 charges = [Charge(limit, rng.choice([0, 1, 3, 7])) for limit in rng.sample(limits, rng.randint(1, 3))]
-                if rng.random() < 0.2:
+                if rng.random() < 0.1:
+                    await limiter.take(key, charges, now=now)
+                    model[key] = gcra_take(model.get(key, {}), charges, now)
+                elif rng.random() < 0.2:
                     await limiter.refund(key, charges, now=now)
                     model[key] = gcra_refund(model.get(key, {}), charges, now)
                 else:
