@@ -3,7 +3,9 @@ the database is down rows wait in memory (and the gateway refuses new requests, 
 keys). Every row, and every admitted request before it ends, is also in the usage journal
 (herd.platform.tenancy.journal, at `spill_path`) until the database has it; the next start writes
 back what the journal holds, so neither a shutdown with the database down nor a killed gateway loses
-a row (rows are keyed by request id, so nothing is counted twice).
+a row (rows are keyed by request id, so nothing is counted twice). The writer also writes the API keys'
+last uses that the store keeps in memory (TenantStore.flush_last_used), every LAST_USED_INTERVAL_S and on
+close.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from herd.platform.tenancy.journal import UsageJournal
 from herd.platform.tenancy.store import TenantStore
 
 log = logging.getLogger(__name__)
+LAST_USED_INTERVAL_S = 5.0
 
 
 class UsageLedger:
@@ -100,11 +104,24 @@ class UsageLedger:
             self._spill()
         if self.journal is not None:
             self.journal.close()
+        await self.flush_last_used()
+
+    async def flush_last_used(self) -> None:
+        """Write the keys' last uses; on a failure they wait for the next time."""
+        try:
+            await asyncio.to_thread(self.store.flush_last_used)
+        except Exception as err:
+            log.warning("usage ledger: could not write API keys' last use (%s); kept for the next try",
+                        type(err).__name__)
 
     async def _run(self) -> None:
+        last_used_at = time.monotonic()
         while True:
             await asyncio.sleep(self.flush_interval_s)
             await self.flush()
+            if time.monotonic() - last_used_at >= LAST_USED_INTERVAL_S:
+                last_used_at = time.monotonic()
+                await self.flush_last_used()
 
     def _spill(self) -> None:
         if self.journal is None:

@@ -1,19 +1,31 @@
 """The tenancy database's operations: tenants, keys, authentication, usage. Synchronous SQLAlchemy;
-the gateway calls it from worker threads."""
+the gateway calls it from worker threads.
+
+Verified keys are cached (a bounded LRU keyed by the key's SHA-256, never its plaintext) for
+`key_cache_ttl_s`: a request with a cached key reads nothing from the database. A key's expiry is checked on
+every use, and any change made through this store (a revoke, a tenant updated, disabled or deleted) empties
+the cache at once; a change made by another process (another gateway, `herd tenants`) takes effect here
+within the TTL. A key's last use is kept in memory and written in one batch by `flush_last_used` (the usage
+ledger calls it every few seconds and on close); a key read from the database has it written then.
+"""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
+from herd.platform.settings import TenancySettings
 from herd.platform.tenancy import keys as keymod
 from herd.platform.tenancy.database import sessions
 from herd.platform.tenancy.schema import TENANT_FIELDS, ApiKey, Tenant, UsageRecord
@@ -35,10 +47,34 @@ class Identity:
     key_id: str | None
 
 
+@dataclass(frozen=True)
+class _Verified:
+    """A key the database confirmed: who it is, when it expires, and until when it is trusted unasked."""
+
+    identity: Identity
+    expires_at: datetime | None
+    trusted_until: float  # on the store's monotonic clock
+
+
+DEFAULT_KEY_CACHE_TTL_S: float = TenancySettings.model_fields["key_cache_ttl_s"].default
+DEFAULT_KEY_CACHE_SIZE: int = TenancySettings.model_fields["key_cache_size"].default
+
+
 class TenantStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, key_cache_ttl_s: float = DEFAULT_KEY_CACHE_TTL_S,
+                 key_cache_size: int = DEFAULT_KEY_CACHE_SIZE, clock: Callable[[], float] = time.monotonic) -> None:
+        if key_cache_ttl_s < 0 or key_cache_size < 0:
+            raise ValueError(f"key_cache_ttl_s and key_cache_size must be >= 0, got {key_cache_ttl_s!r} and "
+                             f"{key_cache_size!r}")
         self.engine = engine
         self.session = sessions(engine)
+        self.key_cache_ttl_s = key_cache_ttl_s
+        self.key_cache_size = key_cache_size
+        self._clock = clock
+        self._verified: OrderedDict[str, _Verified] = OrderedDict()  # key hash -> verified key, least recent first
+        self._last_used: dict[str, datetime] = {}  # key id -> its latest use not yet written
+        self._lock = threading.Lock()  # authenticate runs on worker threads
+        self._generation = 0  # raised by every forget: a check that began before it is not cached
 
     # --- tenants --------------------------------------------------------------------------------
     def create_tenant(self, tenant_id: str, **fields: Any) -> Tenant:
@@ -60,6 +96,7 @@ class TenantStore:
                 raise NotFound(f"no tenant {tenant_id!r}")
             for name, value in fields.items():
                 setattr(tenant, name, value)
+        self.forget_verified_keys()
         return tenant
 
     def delete_tenant(self, tenant_id: str) -> None:
@@ -68,6 +105,7 @@ class TenantStore:
             if tenant is None:
                 raise NotFound(f"no tenant {tenant_id!r}")
             s.delete(tenant)
+        self.forget_verified_keys()
 
     def get_tenant(self, tenant_id: str) -> Tenant:
         with self.session() as s:
@@ -98,6 +136,7 @@ class TenantStore:
             if key is None:
                 raise NotFound(f"no key {key_id!r}")
             key.revoked_at = key.revoked_at or datetime.now(UTC)
+        self.forget_verified_keys()
         return key
 
     def rotate_key(self, key_id: str) -> tuple[ApiKey, str]:
@@ -115,11 +154,26 @@ class TenantStore:
         if prefix is None:
             return None
         now = now or datetime.now(UTC)
+        key_hash = keymod.hash_key(plaintext)
+        verified = self._cached(key_hash)
+        if verified is None:
+            verified = self._verify(plaintext, prefix, key_hash, now)
+            if verified is None:
+                return None
+        elif verified.identity.key_id is not None:
+            with self._lock:
+                self._last_used[verified.identity.key_id] = now
+        if verified.expires_at is not None and _aware(verified.expires_at) <= now:
+            return None
+        return verified.identity
+
+    def _verify(self, plaintext: str, prefix: str, key_hash: str, now: datetime) -> _Verified | None:
+        """Ask the database about a key; a good one is cached (expired or not: `authenticate` checks the
+        expiry on every use), and its last use written."""
+        generation = self._generation
         with self.session.begin() as s:
             key = s.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one_or_none()
             if key is None or not keymod.matches(plaintext, key.key_hash) or key.revoked_at is not None:
-                return None
-            if key.expires_at is not None and _aware(key.expires_at) <= now:
                 return None
             tenant = key.tenant
             if tenant.disabled:
@@ -127,7 +181,52 @@ class TenantStore:
             key.last_used_at = now
             s.flush()
             s.expunge(tenant)
-            return Identity(tenant=tenant, key_id=key.id)
+            verified = _Verified(Identity(tenant=tenant, key_id=key.id), key.expires_at,
+                                 self._clock() + self.key_cache_ttl_s)
+        with self._lock:
+            if self.key_cache_ttl_s > 0 and self.key_cache_size > 0 and generation == self._generation:
+                self._verified[key_hash] = verified
+                self._verified.move_to_end(key_hash)
+                while len(self._verified) > self.key_cache_size:
+                    self._verified.popitem(last=False)
+        return verified
+
+    def _cached(self, key_hash: str) -> _Verified | None:
+        with self._lock:
+            verified = self._verified.get(key_hash)
+            if verified is None:
+                return None
+            if self._clock() >= verified.trusted_until:
+                del self._verified[key_hash]
+                return None
+            self._verified.move_to_end(key_hash)
+            return verified
+
+    def forget_verified_keys(self) -> None:
+        """Empty the key cache: the next use of every key asks the database again."""
+        with self._lock:
+            self._verified.clear()
+            self._generation += 1
+
+    def flush_last_used(self) -> int:
+        """Write the keys' last uses kept in memory, in one statement; how many keys. On a failure they are
+        kept for the next call (and the error raised)."""
+        with self._lock:
+            pending, self._last_used = self._last_used, {}
+        if not pending:
+            return 0
+        statement = (update(ApiKey).where(ApiKey.id == bindparam("key"),
+                                          or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < bindparam("used")))
+                     .values(last_used_at=bindparam("used")))
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(statement, [{"key": key, "used": used} for key, used in pending.items()])
+        except Exception:
+            with self._lock:
+                for key, used in pending.items():
+                    self._last_used[key] = max(used, self._last_used.get(key, used))
+            raise
+        return len(pending)
 
     # --- usage ----------------------------------------------------------------------------------
     def record_usage(self, records: Sequence[dict[str, Any]]) -> None:

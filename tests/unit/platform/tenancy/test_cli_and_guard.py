@@ -32,7 +32,7 @@ def test_tenants_cli_against_the_database(tmp_path, capsys):
     assert code == 0 and key["key"].startswith("hk_") and key["prefix"] in key["key"]
     code, keys, _ = _run(capsys, "--db", db, "keys", "team-x")
     assert [k["id"] for k in keys] == [key["id"]] and all("key" not in k for k in keys), "never shown again"
-    store = TenantStore(connect(db))
+    store = TenantStore(connect(db), key_cache_ttl_s=0)  # another process's revoke is seen at once only uncached
     assert store.authenticate(key["key"]).tenant.id == "team-x"
     _run(capsys, "--db", db, "key-revoke", key["id"])
     assert store.authenticate(key["key"]) is None

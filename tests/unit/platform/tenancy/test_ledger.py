@@ -382,3 +382,47 @@ def test_a_line_cut_short_by_the_kill_is_skipped(tmp_path: Path) -> None:
     with (tmp_path / "usage.jsonl").open("a") as out:
         out.write('{"request_id": "req-1", "tim')
     assert [r["request_id"] for r in journal.recover()] == ["req-0"]
+
+
+def test_close_writes_the_keys_last_uses(store: TenantStore) -> None:
+    store.create_tenant("acme")
+    key, plaintext = store.issue_key("acme")
+    assert store.authenticate(plaintext, now=T0) is not None
+    assert store.authenticate(plaintext, now=T0 + timedelta(hours=1)) is not None  # cached: kept in memory
+
+    async def main() -> None:
+        ledger = UsageLedger(store)
+        ledger.start()
+        await close(ledger)
+
+    asyncio.run(main())
+    (stored,) = store.list_keys("acme")
+    assert stored.id == key.id and stored.last_used_at is not None
+    assert stored.last_used_at.replace(tzinfo=UTC) == T0 + timedelta(hours=1)
+
+
+def test_the_writer_writes_last_uses_every_few_seconds(store: TenantStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("herd.platform.tenancy.ledger.LAST_USED_INTERVAL_S", 0.0)
+    written_last_uses = threading.Event()
+    flush_last_used = store.flush_last_used
+
+    def flushed() -> int:
+        count = flush_last_used()
+        if count:
+            written_last_uses.set()
+        return count
+
+    monkeypatch.setattr(store, "flush_last_used", flushed)
+    store.create_tenant("acme")
+    _, plaintext = store.issue_key("acme")
+    assert store.authenticate(plaintext, now=T0) is not None
+    assert store.authenticate(plaintext, now=T0 + timedelta(hours=1)) is not None
+
+    async def main() -> None:
+        ledger = UsageLedger(store, flush_interval_s=0.01)
+        ledger.start()
+        assert await asyncio.to_thread(written_last_uses.wait, 10)
+        ledger._task.cancel()  # not close(): the writer alone wrote them
+
+    asyncio.run(main())
+    assert store.list_keys("acme")[0].last_used_at.replace(tzinfo=UTC) == T0 + timedelta(hours=1)

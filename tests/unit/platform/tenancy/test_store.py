@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 from herd.platform.tenancy.keys import hash_key
 from herd.platform.tenancy.store import Conflict, NotFound, TenantStore
@@ -138,7 +138,9 @@ def test_authenticate_a_good_key_and_record_its_last_use(store: TenantStore) -> 
     assert aware(store.list_keys("acme")[0].last_used_at) == T0
 
     later = T0 + timedelta(hours=3)
-    assert store.authenticate(plaintext, now=later) is not None
+    assert store.authenticate(plaintext, now=later) is not None  # from the cache: its use kept in memory
+    assert aware(store.list_keys("acme")[0].last_used_at) == T0
+    assert store.flush_last_used() == 1
     assert aware(store.list_keys("acme")[0].last_used_at) == later
 
 
@@ -326,3 +328,125 @@ def test_the_admin_api_takes_exactly_a_tenants_settable_columns():
     from herd.platform.tenancy.schema import TENANT_FIELDS
 
     assert list(TenantFields.model_fields) == list(TENANT_FIELDS)
+
+
+# --- verified keys cached, last uses batched (issue 17 item 16) ----------------------------------------------------
+class Statements:
+    """Counts the SQL statements an engine runs that start with one of `verbs` and name `table`."""
+
+    def __init__(self, engine: Engine, table: str, *verbs: str) -> None:
+        self.seen: list[str] = []
+
+        @event.listens_for(engine, "before_cursor_execute")
+        def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if statement.lstrip().upper().startswith(verbs) and table in statement:
+                self.seen.append(statement)
+
+    def __len__(self) -> int:
+        return len(self.seen)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def cached(engine: Engine, clock: Clock) -> TenantStore:
+    """A store that trusts a verified key for 5 s of `clock`, and remembers at most 2 keys."""
+    return TenantStore(engine, key_cache_ttl_s=5.0, key_cache_size=2, clock=clock)
+
+
+def test_a_key_used_many_times_within_the_ttl_is_read_once(cached: TenantStore, engine: Engine,
+                                                           clock: Clock) -> None:
+    cached.create_tenant("acme")
+    _, plaintext = cached.issue_key("acme")
+    reads, writes = Statements(engine, "api_keys", "SELECT"), Statements(engine, "api_keys", "UPDATE")
+    for n in range(50):
+        assert cached.authenticate(plaintext, now=T0 + timedelta(seconds=n)) is not None
+    assert (len(reads), len(writes)) == (1, 1), "one read and its last-use write; the other 49 asked nothing"
+    clock.now += 5.0  # the TTL is over: the database is asked again
+    assert cached.authenticate(plaintext, now=T0) is not None
+    assert len(reads) == 2
+
+
+def test_a_revoke_or_tenant_change_through_the_store_is_seen_at_once(cached: TenantStore) -> None:
+    cached.create_tenant("acme")
+    key, plaintext = cached.issue_key("acme")
+    _, other = cached.issue_key("acme")
+    assert cached.authenticate(plaintext, now=T0) is not None and cached.authenticate(other, now=T0) is not None
+    cached.revoke_key(key.id)
+    assert cached.authenticate(plaintext, now=T0) is None
+    assert cached.authenticate(other, now=T0) is not None
+    cached.update_tenant("acme", disabled=True)
+    assert cached.authenticate(other, now=T0) is None
+    cached.update_tenant("acme", disabled=False, requests_per_min=7)
+    identity = cached.authenticate(other, now=T0)
+    assert identity is not None and identity.tenant.requests_per_min == 7
+    cached.delete_tenant("acme")
+    assert cached.authenticate(other, now=T0) is None
+
+
+def test_another_processs_revoke_takes_effect_within_the_ttl(cached: TenantStore, engine: Engine,
+                                                             clock: Clock) -> None:
+    cached.create_tenant("acme")
+    key, plaintext = cached.issue_key("acme")
+    assert cached.authenticate(plaintext, now=T0) is not None
+    TenantStore(engine).revoke_key(key.id)  # `herd tenants key-revoke`, or another gateway's admin API
+    assert cached.authenticate(plaintext, now=T0) is not None  # trusted until the TTL runs out
+    clock.now += 5.0
+    assert cached.authenticate(plaintext, now=T0) is None
+
+
+def test_an_expired_key_is_refused_even_when_cached(cached: TenantStore) -> None:
+    cached.create_tenant("acme")
+    _, plaintext = cached.issue_key("acme", expires_at=T0 + timedelta(seconds=1))
+    assert cached.authenticate(plaintext, now=T0) is not None
+    assert cached.authenticate(plaintext, now=T0 + timedelta(seconds=1)) is None
+
+
+def test_the_cache_is_keyed_by_hash_and_bounded(cached: TenantStore, engine: Engine) -> None:
+    cached.create_tenant("acme")
+    plaintexts = [cached.issue_key("acme")[1] for _ in range(3)]
+    reads = Statements(engine, "api_keys", "SELECT")
+    for plaintext in plaintexts:
+        assert cached.authenticate(plaintext, now=T0) is not None
+    assert sorted(cached._verified) == sorted(hash_key(p) for p in plaintexts[1:]), "2 at most, least recent gone"
+    assert not any(p in repr(cached._verified) for p in plaintexts), "never the plaintext"
+    assert cached.authenticate(plaintexts[2], now=T0) is not None and len(reads) == 3
+    assert cached.authenticate(plaintexts[0], now=T0) is not None and len(reads) == 4
+    wrong = plaintexts[1][:-1] + ("x" if plaintexts[1][-1] != "x" else "y")
+    assert cached.authenticate(wrong, now=T0) is None
+
+
+def test_last_uses_are_written_in_one_batch(cached: TenantStore, engine: Engine) -> None:
+    cached.create_tenant("acme")
+    keys = [cached.issue_key("acme") for _ in range(2)]
+    for n in range(1, 4):
+        for _, plaintext in keys:
+            assert cached.authenticate(plaintext, now=T0 + timedelta(minutes=n)) is not None
+    assert [aware(k.last_used_at) for k in cached.list_keys("acme")] == [T0 + timedelta(minutes=1)] * 2
+    updates = Statements(engine, "api_keys", "UPDATE")
+    assert cached.flush_last_used() == 2
+    assert len(updates) == 1
+    assert [aware(k.last_used_at) for k in cached.list_keys("acme")] == [T0 + timedelta(minutes=3)] * 2
+    assert cached.flush_last_used() == 0
+
+
+def test_a_last_use_never_moves_back(cached: TenantStore, clock: Clock) -> None:
+    cached.create_tenant("acme")
+    _, plaintext = cached.issue_key("acme")
+    assert cached.authenticate(plaintext, now=T0) is not None
+    assert cached.authenticate(plaintext, now=T0 + timedelta(minutes=1)) is not None  # cached: kept in memory
+    clock.now += 5.0
+    assert cached.authenticate(plaintext, now=T0 + timedelta(minutes=2)) is not None  # read: written at once
+    cached.flush_last_used()  # the older use in memory does not overwrite it
+    assert aware(cached.list_keys("acme")[0].last_used_at) == T0 + timedelta(minutes=2)
