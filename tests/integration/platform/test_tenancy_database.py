@@ -7,7 +7,9 @@ platform/postgres.py). Without a server on 127.0.0.1:5432 these tests skip, exce
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,10 +17,10 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, inspect, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, event, inspect, text
+from sqlalchemy.exc import IntegrityError, OperationalError
 
-from herd.platform.tenancy.database import connect, migrate
+from herd.platform.tenancy.database import MIGRATION_LOCK, connect, migrate
 from herd.platform.tenancy.keys import new_key
 from herd.platform.tenancy.schema import Base
 from herd.platform.tenancy.store import TenantStore
@@ -119,6 +121,37 @@ def test_an_empty_database_migrates_to_head(backend: Backend) -> None:
 
     migrate(engine)  # at head already: nothing to do, nothing broken
     assert revision(engine) == HEAD
+
+
+def test_gateways_migrating_at_once_run_the_migrations_once(backend: Backend) -> None:
+    """Gateway pods started together all migrate the one database: exactly one runs the migrations, the
+    others wait for it and find the schema at head (without the lock: duplicate tables, version errors)."""
+    first = backend()
+    url = first.url.render_as_string(hide_password=False)
+    engines = [first, *(connect(url) for _ in range(3))]
+    tables_made: list[str] = []
+    for engine in engines:
+        @event.listens_for(engine, "before_cursor_execute")
+        def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if statement.lstrip().upper().startswith("CREATE TABLE TENANTS"):
+                tables_made.append(statement)
+
+    together = threading.Barrier(len(engines))
+
+    def start(engine: Engine) -> None:
+        together.wait()
+        migrate(engine)
+
+    try:
+        with ThreadPoolExecutor(len(engines)) as pool:
+            for started in [pool.submit(start, engine) for engine in engines]:
+                started.result()
+        assert revision(first) == HEAD and len(tables_made) == 1
+        with first.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
+    finally:
+        for engine in engines[1:]:
+            engine.dispose()
 
 
 def test_the_migrations_build_what_the_orm_describes(backend: Backend) -> None:
@@ -288,3 +321,50 @@ def test_usage_days_are_utc_days_whatever_the_servers_timezone(
         reports[name] = [(r["day"], r["requests"], r["prompt_tokens"]) for r in store.usage()]
     assert reports["sqlite"] == [("2025-03-15", 2, 50)]
     assert reports["postgresql"] == reports["sqlite"]
+
+
+# --- timeouts -----------------------------------------------------------------------------------------------
+def test_a_statement_past_the_timeout_is_cancelled(databases: Databases) -> None:
+    """A database that stops answering (here: a statement that sleeps) costs a call database_timeout_s."""
+    url = databases.create()
+    engine = connect(url, timeout_s=0.5)
+    try:
+        with pytest.raises(OperationalError, match="statement timeout"), engine.connect() as connection:
+            connection.execute(text("SELECT pg_sleep(30)"))
+        with engine.connect() as connection:  # the session stays usable
+            assert connection.execute(text("SELECT 1")).scalar_one() == 1
+    finally:
+        engine.dispose()
+        databases.drop(url)
+
+
+def test_a_migration_waits_for_another_past_the_statement_timeout(databases: Databases) -> None:
+    """Waiting for another gateway's migration (and the migration itself) is not cut at the request path's
+    statement timeout: the waiting gateway migrates once the other is done."""
+    url = databases.create()
+    holder, waiter = connect(url), connect(url, timeout_s=0.5)
+    try:
+        with holder.connect() as held, ThreadPoolExecutor(1) as pool:
+            held.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+            waiting = pool.submit(migrate, waiter)
+            while not _waited_on_the_lock_for_1_s(held):
+                assert not waiting.done(), waiting.exception()
+            held.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+            waiting.result()
+        assert revision(waiter) == HEAD
+    finally:
+        holder.dispose()
+        waiter.dispose()
+        databases.drop(url)
+
+
+def _waited_on_the_lock_for_1_s(connection: Connection) -> bool:
+    """Whether a session of this database has waited on an advisory lock for a second (twice the timeout).
+    Asked in a transaction of its own (pg_stat_activity is a snapshot per transaction), a little later each
+    time; the session's advisory lock outlives the commit."""
+    waited = connection.execute(text(
+        "SELECT count(*) FROM pg_stat_activity JOIN pg_locks USING (pid), pg_sleep(0.05) "
+        "WHERE datname = current_database() AND locktype = 'advisory' AND NOT granted "
+        "AND clock_timestamp() - query_start > interval '1 second'")).scalar_one()
+    connection.commit()
+    return bool(waited)
