@@ -7,7 +7,8 @@ survives the process (not the machine: there is no fsync per request). The ledge
 with only what is still needed after each flush. On the next start `recover` returns every row the
 file holds, and for a request that was opened and never finished a row with status "interrupted": its
 prompt tokens, and no completion tokens (the tokens it streamed before the kill are not known).
-Rows are keyed by request id in the database, so a row written twice counts once.
+Rows are keyed by request id in the database, so a row written twice counts once. The file (and the
+directory Herd makes for it) is owner-only: it names tenants, keys and their usage.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
+
+from herd.platform.tenancy.files import open_private
 
 INTERRUPTED = "interrupted"
 
@@ -41,9 +44,10 @@ class UsageJournal:
         if not lines:
             self.path.unlink(missing_ok=True)
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_suffix(self.path.suffix + ".tmp")
-        temporary.write_text("".join(lines))
+        temporary.unlink(missing_ok=True)  # one a crash left keeps its mode if reopened: made anew, owner-only
+        with os.fdopen(open_private(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "w") as out:
+            out.write("".join(lines))
         os.replace(temporary, self.path)
 
     def recover(self) -> list[dict[str, Any]]:
@@ -70,8 +74,7 @@ class UsageJournal:
 
     def _append(self, row: dict[str, Any]) -> None:
         if self._out is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._out = self.path.open("a")
+            self._out = os.fdopen(open_private(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a")
         self._out.write(_line(row))
         self._out.flush()  # into the kernel: it survives the process
 
