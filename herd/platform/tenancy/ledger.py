@@ -27,8 +27,9 @@ LAST_USED_INTERVAL_S = 5.0
 
 class UsageLedger:
     def __init__(self, store: TenantStore, *, flush_interval_s: float = 0.5, max_batch: int = 500,
-                 spill_path: Path | None = None) -> None:
+                 spill_path: Path | None = None, timeout_s: float = 5.0) -> None:
         self.store = store
+        self.timeout_s = timeout_s  # one database write waited for at most this long (then retried: idempotent)
         self.flush_interval_s = flush_interval_s
         self.max_batch = max_batch
         self.spill_path = spill_path
@@ -78,7 +79,7 @@ class UsageLedger:
         while self._pending:
             batch = self._pending[: self.max_batch]
             try:
-                await asyncio.to_thread(self.store.record_usage, batch)
+                await asyncio.wait_for(asyncio.to_thread(self.store.record_usage, batch), self.timeout_s)
             except Exception as err:
                 if self.database_ok:
                     log.error("usage ledger: database write failed, %d rows kept for retry: %s",
@@ -109,7 +110,7 @@ class UsageLedger:
     async def flush_last_used(self) -> None:
         """Write the keys' last uses; on a failure they wait for the next time."""
         try:
-            await asyncio.to_thread(self.store.flush_last_used)
+            await asyncio.wait_for(asyncio.to_thread(self.store.flush_last_used), self.timeout_s)
         except Exception as err:
             log.warning("usage ledger: could not write API keys' last use (%s); kept for the next try",
                         type(err).__name__)

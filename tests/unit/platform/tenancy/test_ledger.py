@@ -426,3 +426,26 @@ def test_the_writer_writes_last_uses_every_few_seconds(store: TenantStore, monke
 
     asyncio.run(main())
     assert store.list_keys("acme")[0].last_used_at.replace(tzinfo=UTC) == T0 + timedelta(hours=1)
+
+
+def test_a_database_write_that_hangs_is_given_up_and_retried_once_it_answers(
+        store: TenantStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = threading.Event()
+    real = store.record_usage
+
+    def hangs(records: Sequence[dict[str, Any]]) -> None:
+        answers.wait()
+        real(records)
+
+    monkeypatch.setattr(store, "record_usage", hangs)
+
+    async def main() -> None:
+        ledger = UsageLedger(store, timeout_s=0.05)
+        ledger.record(row(0))
+        assert await flush(ledger) is False  # bounded: not stalled behind the hung write
+        assert (ledger.pending, ledger.database_ok) == (1, False)
+        answers.set()
+        assert await flush(ledger) is True
+
+    asyncio.run(main())
+    assert written(store) == ids(0), "the hung write landed too: still one row"
