@@ -198,6 +198,8 @@ class RedisQuota:
 
     async def _admit(self, mode: str, tenant_id: str, request_id: str, month: str, tokens: int, caps: Caps,
                      used: UsedTokens) -> str | None:
+        if caps.monthly_token_budget is None and (mode == "reserve" or caps.max_concurrent is None):
+            return None  # nothing to count: no round trip (release of a slot never taken is a no-op)
         reply = await self._call(mode, tenant_id, request_id, month, tokens, caps, "")
         if int(reply[0]) == -1:  # the month's counter is missing: the database's count seeds it
             reply = await self._call(mode, tenant_id, request_id, month, tokens, caps, str(await used()))
