@@ -3,11 +3,22 @@
 Refusals are HerdErrors (herd.engine.errors: a gRPC code, a message, the bad parameter, a reason, a retry
 delay), the one error type from the engine to the gateway. The gRPC door answers with the code; the HTTP
 door with `http_status` and `openai_body`. A replica's errors arrive as HerdErrors too (`from_replica`).
+
+A failure on our side is answered without its detail: exception text, Ray's, a shard's address stay in the
+log, under the request id, and the caller gets that id to quote (`internal`, `replica_unavailable`, and
+`from_replica` for a replica's INTERNAL, UNAVAILABLE or DEADLINE_EXCEEDED). A refusal of the request itself
+(4xx) keeps its message: it tells the caller what to change.
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
+
 from herd.engine.errors import Code, HerdError
+from herd.platform.telemetry import logs
+
+log = logging.getLogger(__name__)
 
 _HTTP = {  # code -> (HTTP status, OpenAI error type)
     Code.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -37,9 +48,15 @@ def openai_body(err: HerdError) -> dict[str, object]:
 
 def bearer_credential(header: str | None) -> str | None:
     """The credential of an `Authorization: Bearer <credential>` header (None when absent or another scheme).
-    The gRPC door also takes the bare credential as its `authorization` metadata."""
+    The gRPC door also takes the bare credential as its `authorization` metadata. A credential that is not
+    printable ASCII is no key or token Herd issues: refused here (401), before anything compares it."""
     scheme, _, credential = (header or "").strip().partition(" ")
-    return (credential.strip() or None) if scheme.lower() == "bearer" else None
+    credential = credential.strip()
+    if scheme.lower() != "bearer" or not credential:
+        return None
+    if not (credential.isascii() and credential.isprintable()):
+        raise unauthenticated("Invalid API key: a key is printable ASCII.")
+    return credential
 
 
 # --- the request --------------------------------------------------------------------------------------------
@@ -122,10 +139,6 @@ def overloaded(retry_after_s: int = 1) -> HerdError:
                      retry_after_s=retry_after_s)
 
 
-def unavailable(message: str) -> HerdError:
-    return HerdError(Code.UNAVAILABLE, message, retry_after_s=1)
-
-
 def cold_start(model: str, waited_s: float, retry_after_s: int) -> HerdError:
     return HerdError(Code.UNAVAILABLE, f"The model '{model}' has no ready replica yet (it was scaled to zero and one "
                      f"is starting); waited {waited_s:.0f} s. Retry after {retry_after_s} s.",
@@ -136,24 +149,55 @@ def deadline_exceeded(seconds: float) -> HerdError:
     return HerdError(Code.DEADLINE_EXCEEDED, f"The request did not finish within {seconds:g} s.")
 
 
-def internal(message: str) -> HerdError:
-    return HerdError(Code.INTERNAL, message)
+def slow_reader(write_timeout_s: float) -> HerdError:
+    """A stream whose client took none of its next chunk within the write deadline (it is aborted)."""
+    return HerdError(Code.DEADLINE_EXCEEDED, f"The client read nothing of the stream for {write_timeout_s:g} s; "
+                     "the request was aborted.", reason="slow_reader")
 
 
-def from_replica(err: HerdError) -> HerdError:
-    """A replica's error as the gateway answers it: a replica at capacity is the server at capacity, and a
-    replica that is going away is worth a retry in a second; the rest as the replica said. Always a plain
-    HerdError (what Ray raises is its own subclass, whose text is a remote traceback)."""
+# --- failures on our side: the detail is logged, the caller gets the request id -----------------------------
+_HIDDEN = {  # code -> what the caller is told instead of the detail
+    Code.INTERNAL: "internal error",
+    Code.UNAVAILABLE: "the model is unavailable; retry shortly",
+    Code.DEADLINE_EXCEEDED: "the model did not answer in time",
+}
+
+
+def _hidden(code: Code, detail: str, request_id: str | None, retry_after_s: int | None = None) -> HerdError:
+    """`detail` logged under the request id (the one given, the current request's, else a new one), and an
+    error that tells the caller only what kind of failure it was and that id."""
+    request_id = request_id or logs.request_id.get() or f"herd-{uuid.uuid4().hex}"
+    log.error("%s: %s", code.value, detail, extra={"request_id": request_id})
+    return HerdError(code, f"{_HIDDEN[code]}; request id {request_id}", retry_after_s=retry_after_s)
+
+
+def internal(detail: str, *, request_id: str | None = None) -> HerdError:
+    """A failure of ours (a bug): `detail` is logged, not answered."""
+    return _hidden(Code.INTERNAL, detail, request_id)
+
+
+def replica_unavailable(detail: str, *, request_id: str | None = None) -> HerdError:
+    """No replica could be reached (Ray, the network, a replica going away): worth a retry in a second.
+    `detail` is logged, not answered."""
+    return _hidden(Code.UNAVAILABLE, detail, request_id, retry_after_s=1)
+
+
+def from_replica(err: HerdError, *, request_id: str | None = None) -> HerdError:
+    """A replica's error as the gateway answers it: a replica at capacity is the server at capacity; a failure
+    of the replica's own (INTERNAL, UNAVAILABLE: worth a retry in a second, DEADLINE_EXCEEDED) is logged and
+    answered without its text (it names shards, hosts, Ray); a refusal of the request as the replica said.
+    Always a plain HerdError (what Ray raises is its own subclass, whose text is a remote traceback)."""
     if err.code is Code.RESOURCE_EXHAUSTED:
         return overloaded()
-    if err.code is Code.UNAVAILABLE and err.retry_after_s is None:
-        return unavailable(err.message)
+    if err.code in _HIDDEN:
+        retry = err.retry_after_s or 1 if err.code is Code.UNAVAILABLE else err.retry_after_s
+        return _hidden(err.code, f"from the replica: {err.message}", request_id, retry)
     return HerdError(err.code, err.message, param=err.param, reason=err.reason, retry_after_s=err.retry_after_s)
 
 
-def from_status(name: str, message: str) -> HerdError:
+def from_status(name: str, message: str, *, request_id: str | None = None) -> HerdError:
     """The error of a gRPC status a replica answered with through Serve's gRPC proxy (its name, its details)."""
-    return from_replica(HerdError(Code.of(name), message))
+    return from_replica(HerdError(Code.of(name), message), request_id=request_id)
 
 
 __all__ = ["HerdError", "http_status", "openai_body"]

@@ -3,13 +3,20 @@
 Same gateway as HTTP. Errors are status codes with the message; the call's deadline bounds the
 request; a cancelled call (client gone, deadline passed) closes the stream, which aborts the request
 in the engine and frees its KV blocks.
+
+Nothing is spent on a caller before its key is checked: a method's handler receives the request's bytes
+and reads the `authorization` metadata first, so with tenancy on an unknown caller is UNAUTHENTICATED before
+its message is parsed. What one connection may hold is bounded whatever its key (message size, calls at
+once, ping rate: DoorLimits), and a streamed answer its client stops reading is aborted after
+`stream_write_timeout_s` (the gateway then settles it for what was streamed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -20,57 +27,43 @@ from grpc_status import rpc_status
 
 from herd.engine.errors import HerdError
 from herd.platform.gateway.core import Gateway, Prepared
-from herd.platform.gateway.errors import bearer_credential, internal, invalid_request
+from herd.platform.gateway.errors import bearer_credential, internal, invalid_request, slow_reader
+from herd.platform.settings import DoorLimits
 from herd.platform.telemetry.tracing import extract
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
 from herd.workers.grpc_serving import add_health_and_reflection, listen, message_options
 
 SERVICE = "herd.v1.Inference"
-MAX_MESSAGE_BYTES = 64 * 2**20
+MAX_PING_STRIKES = 2  # pings closer than the limit a connection may send before it is closed
 
 CallContext = grpc.aio.ServicerContext[Any, Any]
 """The context of a call to any of the service's methods (what the helpers below read or abort)."""
 
-GrpcTenantResolver = Callable[[CallContext], Awaitable[pb.TenantContext | None]]
+M = TypeVar("M", bound=Message)
 
 
-class Unreadable:
-    """A request whose bytes are not the method's message. The deserializer returns it instead of raising,
-    which would make gRPC answer UNKNOWN and log a traceback per call (a client could flood the logs)."""
-
-    def __init__(self, message_type: type[Message], error: Exception) -> None:
-        self.text = f"the request is not a valid {message_type.DESCRIPTOR.full_name} message: {error}"
-
-
-def _parse(message_type: type[Message]) -> Callable[[bytes], Message | Unreadable]:
-    def parse(data: bytes) -> Message | Unreadable:
-        try:
-            return message_type.FromString(data)
-        except DecodeError as err:
-            return Unreadable(message_type, err)
-
-    return parse
-
-
-async def _refuse_unreadable(request: object, context: CallContext) -> None:
-    if isinstance(request, Unreadable):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.text)
+def parse(message_type: type[M], data: bytes) -> M:
+    """The request message of `data` (the handlers parse once the caller is known). Bytes that are not the
+    message are INVALID_ARGUMENT: a deserializer that raised would make gRPC answer UNKNOWN and log a
+    traceback per call (a client could flood the logs)."""
+    try:
+        return message_type.FromString(data)
+    except DecodeError as err:
+        name = message_type.DESCRIPTOR.full_name
+        raise invalid_request(f"the request is not a valid {name} message: {err}") from None
 
 
 def add_inference_service(service: InferenceService, server: grpc.aio.Server) -> None:
-    """herd.v1.Inference on the server, as the generated add_InferenceServicer_to_server does, but with
-    deserializers that never raise (an unreadable request is INVALID_ARGUMENT, see Unreadable)."""
+    """herd.v1.Inference on the server, as the generated add_InferenceServicer_to_server does, but its
+    handlers take the request's bytes (no deserializer): each checks the caller, then parses."""
     handlers = {
         "ListModels": grpc.unary_unary_rpc_method_handler(
-            service.ListModels, request_deserializer=_parse(pb.ListModelsRequest),
-            response_serializer=pb.ListModelsResponse.SerializeToString),
+            service.ListModels, response_serializer=pb.ListModelsResponse.SerializeToString),
         "Generate": grpc.unary_stream_rpc_method_handler(
-            service.Generate, request_deserializer=_parse(pb.GenerateRequest),
-            response_serializer=pb.GenerateChunk.SerializeToString),
+            service.Generate, response_serializer=pb.GenerateChunk.SerializeToString),
         "Chat": grpc.unary_stream_rpc_method_handler(
-            service.Chat, request_deserializer=_parse(pb.ChatRequest),
-            response_serializer=pb.GenerateChunk.SerializeToString),
+            service.Chat, response_serializer=pb.GenerateChunk.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     # Server.add_registered_method_handlers (grpcio 1.63+) is missing from grpc-stubs.
@@ -78,27 +71,27 @@ def add_inference_service(service: InferenceService, server: grpc.aio.Server) ->
 
 
 class InferenceService(pb_grpc.InferenceServicer):
-    def __init__(self, gateway: Gateway, tenant_resolver: GrpcTenantResolver | None = None) -> None:
+    """The methods take the request's bytes (see add_inference_service) and write a stream's chunks with a
+    deadline of `write_timeout_s` each."""
+
+    def __init__(self, gateway: Gateway, *, write_timeout_s: float = DoorLimits().stream_write_timeout_s) -> None:
         self.gateway = gateway
-        self.tenant_resolver = tenant_resolver
+        self.write_timeout_s = write_timeout_s
 
     async def ListModels(
-        self, request: pb.ListModelsRequest,
-        context: grpc.aio.ServicerContext[pb.ListModelsRequest, pb.ListModelsResponse],
+        self, data: bytes, context: grpc.aio.ServicerContext[bytes, pb.ListModelsResponse],
     ) -> pb.ListModelsResponse:
-        await _refuse_unreadable(request, context)
         try:
-            return pb.ListModelsResponse(models=self.gateway.list_models(await self._identity(context)))
+            identity = await self._identity(context)
+            parse(pb.ListModelsRequest, data)
+            return pb.ListModelsResponse(models=self.gateway.list_models(identity))
         except HerdError as err:
             await _abort(context, err)
             raise  # _abort always raises; this keeps type checkers honest
 
-    async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateChunk]
-    ) -> AsyncIterator[pb.GenerateChunk]:
-        await _refuse_unreadable(request, context)
-
-        async def prepare() -> Prepared:
+    async def Generate(self, data: bytes, context: grpc.aio.ServicerContext[bytes, pb.GenerateChunk]) -> None:
+        async def prepare(identity: object) -> Prepared:
+            request = parse(pb.GenerateRequest, data)
             which = request.WhichOneof("prompt")
             if which is None:
                 raise invalid_request("a prompt is needed: text or token_ids", param="prompt")
@@ -106,18 +99,13 @@ class InferenceService(pb_grpc.InferenceServicer):
                 raise invalid_request("Generate takes no images; send them as image parts of a Chat call",
                                       param="images")
             prompt = request.text if which == "text" else list(request.token_ids.ids)
-            return await self.gateway.prepare_text(request.model, prompt, request.sampling,
-                                             identity=await self._identity(context))
+            return await self.gateway.prepare_text(request.model, prompt, request.sampling, identity=identity)
 
-        async for chunk in self._serve(prepare, context):
-            yield chunk
+        await self._serve(prepare, context)
 
-    async def Chat(
-        self, request: pb.ChatRequest, context: grpc.aio.ServicerContext[pb.ChatRequest, pb.GenerateChunk]
-    ) -> AsyncIterator[pb.GenerateChunk]:
-        await _refuse_unreadable(request, context)
-
-        async def prepare() -> Prepared:
+    async def Chat(self, data: bytes, context: grpc.aio.ServicerContext[bytes, pb.GenerateChunk]) -> None:
+        async def prepare(identity: object) -> Prepared:
+            request = parse(pb.ChatRequest, data)
             messages: list[dict[str, Any]] = []
             for m in request.messages:
                 parts: list[dict[str, Any]] = [{"type": "text", "text": m.content}] if m.content else []
@@ -126,27 +114,31 @@ class InferenceService(pb_grpc.InferenceServicer):
                 images = any(p["type"] == "image" for p in parts)
                 content = parts if images else "".join(p["text"] for p in parts)
                 messages.append({"role": m.role, "content": content})
-            return await self.gateway.prepare_chat(request.model, messages, request.sampling,
-                                             identity=await self._identity(context))
+            return await self.gateway.prepare_chat(request.model, messages, request.sampling, identity=identity)
 
-        async for chunk in self._serve(prepare, context):
-            yield chunk
+        await self._serve(prepare, context)
 
-    async def _serve(
-        self, prepare: Callable[[], Awaitable[Prepared]], context: grpc.aio.ServicerContext[Any, pb.GenerateChunk]
-    ) -> AsyncIterator[pb.GenerateChunk]:
+    async def _serve(self, prepare: Callable[[object], Awaitable[Prepared]],
+                     context: grpc.aio.ServicerContext[bytes, pb.GenerateChunk]) -> None:
+        """Authenticate, prepare, then write the gateway's chunks; a chunk the client does not take within
+        write_timeout_s closes the gateway's stream (which settles the request) and ends the call."""
+        request_id = None
         try:
-            prepared = await prepare()
+            prepared = await prepare(await self._identity(context))
+            request_id = prepared.request.request_id
             remaining = context.time_remaining()
             parent = extract({k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)})
             stream = self.gateway.stream(prepared, timeout_s=remaining, trace_parent=parent)
             async with contextlib.aclosing(stream) as chunks:
                 async for chunk in chunks:
-                    yield chunk
+                    try:
+                        await asyncio.wait_for(context.write(chunk), self.write_timeout_s)
+                    except TimeoutError:
+                        raise slow_reader(self.write_timeout_s) from None
         except HerdError as err:
             await _abort(context, err)
-        except Exception as err:  # a bug, never a bare UNKNOWN: INTERNAL with what happened
-            await _abort(context, internal(f"{type(err).__name__}: {err}"))
+        except Exception as err:  # a bug, never a bare UNKNOWN: INTERNAL, its detail logged under the request id
+            await _abort(context, internal(f"{type(err).__name__}: {err}", request_id=request_id))
 
     async def _identity(self, context: CallContext) -> object:
         """The caller, from `authorization` metadata ("Bearer <key>" or the bare key)."""
@@ -169,12 +161,14 @@ async def _abort(context: CallContext, err: HerdError) -> None:
 
 async def start_grpc(
     gateway: Gateway, *, host: str = "127.0.0.1", port: int = 50051, cert_chain: bytes | None = None,
-    private_key: bytes | None = None, client_ca: bytes | None = None,
+    private_key: bytes | None = None, client_ca: bytes | None = None, limits: DoorLimits | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start the Inference server (with health and reflection); returns it and the bound port.
 
     With a PEM certificate chain and its key the port is TLS only; with a client CA too, a client must
-    present a certificate that CA signed (refused in the handshake otherwise)."""
+    present a certificate that CA signed (refused in the handshake otherwise). `limits` (DoorLimits() when
+    not given) bound what each connection may hold and how long a stream may wait for its reader."""
+    limits = limits or DoorLimits()
     credentials = None
     if cert_chain is None or private_key is None:
         if cert_chain is not None or private_key is not None or client_ca is not None:
@@ -182,8 +176,8 @@ async def start_grpc(
     else:
         credentials = grpc.ssl_server_credentials([(private_key, cert_chain)], root_certificates=client_ca,
                                                   require_client_auth=client_ca is not None)
-    server = grpc.aio.server(options=message_options(MAX_MESSAGE_BYTES))
-    add_inference_service(InferenceService(gateway), server)
+    server = grpc.aio.server(options=door_options(limits))
+    add_inference_service(InferenceService(gateway, write_timeout_s=limits.stream_write_timeout_s), server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs' health.pyi lacks aio
     add_health_and_reflection(server, SERVICE, health_servicer)
     bound = listen(server, host, port, credentials)
@@ -191,3 +185,16 @@ async def start_grpc(
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, bound
+
+
+def door_options(limits: DoorLimits) -> list[tuple[str, int]]:
+    """The server options that hold every connection to `limits`, before any key is checked: messages up to
+    grpc_max_message_bytes (a larger one is RESOURCE_EXHAUSTED unread), grpc_max_concurrent_streams calls at
+    once (more wait in the client), and pings no closer than grpc_min_ping_interval_s, none while no call
+    is open (MAX_PING_STRIKES such pings and the connection is closed)."""
+    ping_ms = int(limits.grpc_min_ping_interval_s * 1000)
+    return [*message_options(limits.grpc_max_message_bytes),
+            ("grpc.max_concurrent_streams", limits.grpc_max_concurrent_streams),
+            ("grpc.http2.min_ping_interval_without_data_ms", ping_ms),
+            ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+            ("grpc.keepalive_permit_without_calls", 0)]

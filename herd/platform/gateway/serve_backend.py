@@ -20,7 +20,7 @@ from herd.engine.errors import HerdError
 from herd.model.image_prompts import ImagePrompts
 from herd.model.tokenizer import Tokenizer
 from herd.platform.gateway.cold_start import CachedCount
-from herd.platform.gateway.errors import from_replica, overloaded, unavailable
+from herd.platform.gateway.errors import from_replica, overloaded, replica_unavailable
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.workers.serve_app import replica_states
 
@@ -53,11 +53,13 @@ class ServeBackend:
         except BackPressureError:
             raise overloaded() from None
         except HerdError as err:  # the replica's refusal (Ray re-raises it as a subclass of HerdError)
-            raise from_replica(err) from err
+            raise from_replica(err, request_id=request.request_id) from err
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
-            raise unavailable(f"the replica of {self.name} is unavailable: {err}") from err
+            raise replica_unavailable(f"the replica of {self.name} is unavailable: {err}",
+                                      request_id=request.request_id) from err
         except ray.exceptions.RayError as err:  # Ray itself failed between here and the replica: worth a retry
-            raise unavailable(f"the replica of {self.name} could not be reached: {type(err).__name__}") from err
+            raise replica_unavailable(f"the replica of {self.name} could not be reached: {type(err).__name__}: {err}",
+                                      request_id=request.request_id) from err
         finally:
             if not finished:
                 # Cancelling a request Serve refused re-raises the refusal (it fetches the result to cancel it):

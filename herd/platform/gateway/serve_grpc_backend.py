@@ -48,7 +48,8 @@ class ServeGrpcBackend:
             async for chunk in call:
                 yield chunk
         except grpc.aio.AioRpcError as err:
-            raise from_status(err.code().name, err.details() or "the replica failed") from err
+            raise from_status(err.code().name, err.details() or "the replica failed",
+                              request_id=request.request_id) from err
         finally:
             call.cancel()
 

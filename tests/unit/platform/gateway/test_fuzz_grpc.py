@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from herd.platform.gateway.backend import LocalBackend
 from herd.platform.gateway.core import Gateway
-from herd.platform.gateway.grpc_server import MAX_MESSAGE_BYTES, start_grpc
+from herd.platform.gateway.grpc_server import start_grpc
+from herd.platform.settings import DoorLimits
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
 from tests.unit.platform.gateway.replica_state import settled
@@ -32,6 +33,7 @@ FUZZ = settings(max_examples=400, derandomize=True, database=None, deadline=None
 REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
 TIMEOUT_S = 30  # a call that outlives this is a hang, and fails the test
 MAX_TOKENS = 4
+MAX_MESSAGE_BYTES = DoorLimits().grpc_max_message_bytes
 
 
 @pytest.fixture(scope="module")
