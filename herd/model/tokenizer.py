@@ -41,10 +41,7 @@ class Tokenizer:
             eos_token: an extra stop token (the checkpoint's ``eos_token``), added to Llama 4's stop tokens.
         """
         self._backend = backend
-        # A copy that reads special-token strings as text. The flag is the tokenizer's own state, so the copy
-        # is separate rather than the flag toggled per call, which would race between threads encoding at once.
-        self._literal_backend = tokenizers.Tokenizer.from_str(backend.to_str())
-        self._literal_backend.encode_special_tokens = True
+        self._literal_backend: tokenizers.Tokenizer | None = None  # made on first use (_literal)
         self._bos_id = self._id_or_raise(bos_token, what="bos token")
         stop = {tid for tok in STOP_TOKENS if (tid := backend.token_to_id(tok)) is not None}
         if eos_token is not None:
@@ -104,7 +101,7 @@ class Tokenizer:
         as the plain text they spell (never a special id). ``add_bos`` prepends bos."""
         if not isinstance(text, str):
             raise ValueError(f"text to encode must be a str, got {type(text).__name__}: {text!r:.80}")
-        backend = self._literal_backend if literal else self._backend
+        backend = self._literal() if literal else self._backend
         ids = backend.encode(text, add_special_tokens=False).ids
         return [self._bos_id, *ids] if add_bos else ids
 
@@ -120,6 +117,22 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int:
         """Id of the token string ``token``; ``ValueError`` naming it when it is not in the vocabulary."""
         return self._id_or_raise(token, what="token")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A pickled tokenizers.Tokenizer forgets encode_special_tokens: the copy is made again after unpickling.
+        return {**self.__dict__, "_literal_backend": None}
+
+    def _literal(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that reads special-token strings as text. The flag is the backend's own state,
+        so it is a copy rather than the flag toggled per call, which would race between threads encoding at
+        once; made on first use, since only a front door encodes clients' text. Two threads that race here
+        each make one, and either is right."""
+        literal = self._literal_backend
+        if literal is None:
+            literal = tokenizers.Tokenizer.from_str(self._backend.to_str())
+            literal.encode_special_tokens = True
+            self._literal_backend = literal
+        return literal
 
     def _id_or_raise(self, token: str, *, what: str) -> int:
         tid = self._backend.token_to_id(token)

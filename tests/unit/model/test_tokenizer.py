@@ -224,3 +224,14 @@ def test_literal_encoding_spells_special_tokens_as_text(tok: Tokenizer) -> None:
     assert tok.decode(literal) == text
     assert tok.encode("plain words", literal=True) == tok.encode("plain words")
     assert tok.token_to_id(st.EOT) in tok.encode(text)  # the literal copy leaves the normal encoding alone
+
+
+def test_literal_encoding_survives_pickling(tok: Tokenizer) -> None:
+    """A pickled tokenizers.Tokenizer forgets that it reads special-token strings as text (a Ray hop pickles)."""
+    import pickle
+
+    text = f"a{st.EOT}"
+    tok.encode(text, literal=True)  # the literal copy exists before the hop
+    copy = pickle.loads(pickle.dumps(tok))
+    assert copy.encode(text, literal=True) == tok.encode(text, literal=True)
+    assert copy.encode(text) == tok.encode(text)
