@@ -3,7 +3,9 @@
 The request id is a context variable the gateway sets for the life of a request; the trace and span ids
 come from the current OpenTelemetry span. Prompt text and key material are never put in a log record by
 Herd's code (`log_prompts` only adds prompt text to spans); `redact` is the last guard for messages that
-quote a key anyway.
+quote a key or a credential anyway. Both formats apply it to everything they write (message with its
+arguments, `extra=` fields, exception and stack text), and whatever Herd prints for an operator goes
+through it too.
 """
 
 from __future__ import annotations
@@ -29,12 +31,31 @@ is served carries its trace even where its span is not the current one (the gate
 open across a stream without making it current)."""
 
 _KEY = re.compile(r"\bhk_[A-Za-z0-9]{4,}_[A-Za-z0-9_-]{8,}")
+# scheme://user:password@host: the password runs to the authority's last @ (one may be left unescaped in it).
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/?#@]*:)[^\s/?#]*@")
+# password=... as a URL query or libpq keyword parameter, and a URL's token or API key.
+_PARAMETER = re.compile(r"(?i)\b(\w*password|passwd|pwd|secret|(?:access_|refresh_)?token|api_?key)=[^\s&;'\"]+")
+_REDACTED = "[redacted]"
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id", "trace_id", "span_id"}
 
 
 def redact(text: str) -> str:
-    """`text` with anything shaped like a Herd API key replaced by its public prefix."""
-    return _KEY.sub(lambda m: m.group(0).rsplit("_", 1)[0] + "_[redacted]", text)
+    """`text` with anything shaped like a Herd API key replaced by its public prefix, and the passwords of
+    URLs (`scheme://user:[redacted]@host`) and password/secret/token parameters replaced."""
+    text = _KEY.sub(lambda m: m.group(0).rsplit("_", 1)[0] + "_" + _REDACTED, text)
+    text = _URL_PASSWORD.sub(lambda m: m.group(1) + _REDACTED + "@", text)
+    return _PARAMETER.sub(lambda m: m.group(1) + "=" + _REDACTED, text)
+
+
+def _redacted(value: object) -> object:
+    """An `extra=` field as it may be written: strings redacted, also inside lists and dicts."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v) for v in value]
+    return value
 
 
 class ContextFilter(logging.Filter):
@@ -65,10 +86,12 @@ class JsonFormatter(logging.Formatter):
             "trace_id": getattr(record, "trace_id", ""),
             "span_id": getattr(record, "span_id", ""),
         }
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
+        entry.update({k: _redacted(v) for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
         if record.exc_info:
             entry["exception"] = redact(self.formatException(record.exc_info))
-        return json.dumps(entry, default=str)
+        if record.stack_info:
+            entry["stack"] = redact(self.formatStack(record.stack_info))
+        return json.dumps(entry, default=lambda value: redact(str(value)))
 
 
 class TextFormatter(logging.Formatter):

@@ -1,4 +1,5 @@
-"""Logs: the formats, the ids on every record, and key material cut to its public prefix."""
+"""Logs: the formats, the ids on every record, key material cut to its public prefix, and credentials in
+URLs and parameters hidden by every format."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import io
 import json
 import logging
 
+import pytest
 from opentelemetry import trace
 
 from herd.platform.settings import TelemetrySettings
@@ -76,3 +78,54 @@ def test_configuring_twice_replaces_herds_handler():
     finally:
         root.removeHandler(second)
         root.setLevel(level)
+
+
+# --- credentials in URLs and parameters -------------------------------------------------------------------
+PASSWORD = "pg-S3cret!pw"
+URL = f"postgresql+psycopg://herd:{PASSWORD}@db.internal:5432/herd"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (URL, "postgresql+psycopg://herd:[redacted]@db.internal:5432/herd"),
+    (f"redis://:{PASSWORD}@redis:6379/0", "redis://:[redacted]@redis:6379/0"),
+    (f"tenancy at {URL}; admin", "tenancy at postgresql+psycopg://herd:[redacted]@db.internal:5432/herd; admin"),
+    ("postgresql://herd:p@ss@db/herd", "postgresql://herd:[redacted]@db/herd"),  # an unescaped @ in the password
+    (f"postgresql://db/herd?user=herd&password={PASSWORD}&sslmode=require",
+     "postgresql://db/herd?user=herd&password=[redacted]&sslmode=require"),
+    (f"host=db user=herd password={PASSWORD} dbname=herd", "host=db user=herd password=[redacted] dbname=herd"),
+    (f"https://x/cb?access_token={PASSWORD}", "https://x/cb?access_token=[redacted]"),
+])
+def test_redact_hides_passwords_in_urls_and_parameters(text, expected):
+    assert redact(text) == expected and PASSWORD not in redact(text)
+
+
+@pytest.mark.parametrize("text", [
+    "http://127.0.0.1:8000/v1", "sqlite:///.herd/herd.db", "redis://redis:6379/0", "user@example.com wrote",
+    "postgresql://herd@db/herd", "max_tokens=16 tokens=3", "herd:8000 and a@b",
+])
+def test_redact_leaves_what_holds_no_credential(text):
+    assert redact(text) == text
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_every_format_redacts_message_args_extras_exceptions_and_stacks(log_format):
+    log = logging.getLogger("herd.test.logs")
+
+    def emit():
+        log.info("connecting to " + URL)
+        log.info("connecting to %s", URL)
+        log.info("connecting to %(url)s", {"url": URL})
+        log.info("settings", extra={"database_url": URL, "nested": {"urls": [URL]}})
+        log.info("here", stack_info=True, extra={"where": URL})
+        try:
+            raise ConnectionError(f"could not reach {URL}")
+        except ConnectionError:
+            log.exception("failed")
+
+    text = _capture(TelemetrySettings(log_format=log_format), emit)
+    shown = {"text": 4, "json": 7}[log_format]  # three messages and the exception; json adds the extras
+    assert PASSWORD not in text and text.count("herd:[redacted]@db.internal") == shown
+    if log_format == "json":
+        lines = [json.loads(line) for line in text.splitlines()]
+        assert lines[3]["database_url"].endswith("[redacted]@db.internal:5432/herd")
+        assert "ConnectionError" in lines[5]["exception"]
