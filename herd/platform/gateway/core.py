@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,7 +54,10 @@ class AdmissionGuard(Protocol):
 
     def context(self, identity: Any) -> pb.TenantContext: ...
 
-    async def admit(self, identity: Any, model: str, request_id: str, prompt_tokens: int, max_tokens: int) -> Any: ...
+    async def enter(self, identity: Any, model: str, request_id: str) -> Any: ...
+
+    async def reserve(self, admission: Any, prompt_tokens: int, max_tokens: int, *,
+                      max_tokens_given: bool = True) -> None: ...
 
     async def settle(self, admission: Any, *, completion_tokens: int, cached_tokens: int, status: str) -> None: ...
 
@@ -76,6 +79,17 @@ class Prepared:
     request: pb.GenerateRequest
     prompt_tokens: int
     identity: Any = None
+    admission: Any = None  # the guard's, settled when the request's stream ends
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A request let in before any expensive work: its model's backend, its caller, its id, its admission."""
+
+    backend: Backend
+    identity: Any
+    request_id: str
+    admission: Any = None
 
 
 class Gateway:
@@ -163,15 +177,13 @@ class Gateway:
     ) -> Prepared:
         """A completion: text (given <|begin_of_text|> unless it starts with it) or token ids. The model is
         authorised first; tokenising runs off the event loop."""
-        with self._counting_rejections():
-            self._check_open()
-            backend = self.backend(model, identity)
-            check_sampling(options)
+        async with self._admitted(model, identity, options) as ticket:
+            tokenizer = ticket.backend.tokenizer
             try:
-                ids = await asyncio.to_thread(prompt_ids, backend.tokenizer, prompt, backend.tokenizer.vocab_size)
+                ids = await asyncio.to_thread(prompt_ids, tokenizer, prompt, tokenizer.vocab_size)
             except ValueError as err:
                 raise invalid_request(str(err), param="prompt") from err
-            return self._prepared(backend, ids, options, identity, default_max_tokens)
+            return await self._prepared(ticket, ids, options, default_max_tokens)
 
     async def prepare_chat(
         self,
@@ -189,16 +201,32 @@ class Gateway:
         ...}`) that `load_image` reads; URLs are read only after the model is authorised and the image count
         checked, so nothing is fetched for a request that would be refused anyway. Rendering and tokenizing run
         off the event loop."""
-        with self._counting_rejections():
-            self._check_open()
-            backend = self.backend(model, identity)
-            check_sampling(options)
+        async with self._admitted(model, identity, options) as ticket:
+            backend = ticket.backend
             if not messages:
                 raise invalid_request("messages must not be empty", param="messages")
             messages = await self._load_images(backend, messages, load_image)
             images = self._images(backend, messages)
             ids = await asyncio.to_thread(self._chat_ids, backend, messages, tools, tool_choice, images)
-            return self._prepared(backend, ids, options, identity, None, images=[data for data, _ in images])
+            return await self._prepared(ticket, ids, options, None, images=[data for data, _ in images])
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, model: str, identity: Any, options: pb.SamplingOptions) -> AsyncIterator[Ticket]:
+        """Before any expensive work: the gateway open, the model authorised (403/404), the sampling limits met
+        and the tenant let in (concurrency, request rate, budget: 429). A request refused or failed while it is
+        prepared is settled at once (it was never reserved: no usage row); every refusal is counted."""
+        with self._counting_rejections():
+            self._check_open()
+            backend = self.backend(model, identity)
+            check_sampling(options)
+            request_id = f"herd-{uuid.uuid4().hex}"  # ours, never the client's: ledger rows are keyed by it
+            admission = None if self.guard is None else await self.guard.enter(identity, model, request_id)
+            try:
+                yield Ticket(backend, identity, request_id, admission)
+            except BaseException:
+                if admission is not None and self.guard is not None:
+                    await self.guard.settle(admission, completion_tokens=0, cached_tokens=0, status="refused")
+                raise
 
     @staticmethod
     def _chat_ids(backend: Backend, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None,
@@ -269,15 +297,12 @@ class Gateway:
         record = self.telemetry.start(request, prompt_tokens=prepared.prompt_tokens, tenant=request.tenant.tenant_id,
                                       parent=trace_parent, prompt_text=self._prompt_text(prepared))
         status, completion, cached, error = "cancelled", 0, 0, None
-        admission, reserved, started = None, prepared.prompt_tokens + request.sampling.max_tokens, None
+        admission, reserved, started = prepared.admission, prepared.prompt_tokens + request.sampling.max_tokens, None
         self.in_flight += 1
         interrupted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._interrupts.add(interrupted)
         try:
             self._check_open()
-            if self.guard is not None:
-                admission = await self.guard.admit(prepared.identity, model, request.request_id,
-                                                   prepared.prompt_tokens, request.sampling.max_tokens)
             started = time.monotonic()
             self.load.started(model, reserved)
             await wait_for_replica(prepared.backend, self.load, self.cold_start.get(model, ColdStartPolicy()),
@@ -339,17 +364,13 @@ class Gateway:
             return None
         return prepared.backend.tokenizer.decode(list(prepared.request.token_ids.ids), skip_special_tokens=False)
 
-    def _prepared(
-        self,
-        backend: Backend,
-        ids: list[int],
-        options: pb.SamplingOptions,
-        identity: Any,
-        default_max_tokens: int | None,
-        *,
-        images: Sequence[bytes] = (),
-    ) -> Prepared:
+    async def _prepared(self, ticket: Ticket, ids: list[int], options: pb.SamplingOptions,
+                        default_max_tokens: int | None, *, images: Sequence[bytes] = ()) -> Prepared:
+        """The request as the backend takes it, its max_tokens defaulted to fit the context or refused, and its
+        tokens reserved by the tenant's guard."""
+        backend = ticket.backend
         limit = backend.card().max_model_len
+        given = options.HasField("max_tokens") or default_max_tokens is not None
         options = pb.SamplingOptions(**{f.name: v for f, v in options.ListFields()})
         if options.HasField("max_tokens"):  # at least 1: check_sampling has seen to it
             if len(ids) + options.max_tokens > limit:
@@ -359,13 +380,15 @@ class Gateway:
                 raise context_length_exceeded(limit, len(ids), 1)
             room = limit - len(ids)
             options.max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
-        tenant = self.guard.context(identity) if self.guard is not None else None
+        if self.guard is not None:
+            await self.guard.reserve(ticket.admission, len(ids), options.max_tokens, max_tokens_given=given)
+        tenant = self.guard.context(ticket.identity) if self.guard is not None else None
         request = pb.GenerateRequest(
-            model=backend.name, token_ids=pb.TokenIds(ids=ids), sampling=options,
-            request_id=f"herd-{uuid.uuid4().hex}",  # ours, never the client's: ledger rows are keyed by it
+            model=backend.name, token_ids=pb.TokenIds(ids=ids), sampling=options, request_id=ticket.request_id,
             tenant=tenant or pb.TenantContext(tenant_id="default", weight=1.0), images=images,
         )
-        return Prepared(backend=backend, request=request, prompt_tokens=len(ids), identity=identity)
+        return Prepared(backend=backend, request=request, prompt_tokens=len(ids), identity=ticket.identity,
+                        admission=ticket.admission)
 
 
 def _is_parts(content: object) -> bool:

@@ -126,8 +126,12 @@ class Settlements:
     def context(self, identity: Any) -> pb.TenantContext:
         return pb.TenantContext(tenant_id="t", weight=1.0)
 
-    async def admit(self, identity: Any, model: str, request_id: str, prompt_tokens: int, max_tokens: int) -> Any:
+    async def enter(self, identity: Any, model: str, request_id: str) -> Any:
         return request_id
+
+    async def reserve(self, admission: Any, prompt_tokens: int, max_tokens: int, *,
+                      max_tokens_given: bool = True) -> None:
+        pass
 
     async def settle(self, admission: Any, *, completion_tokens: int, cached_tokens: int, status: str) -> None:
         self.settled.append({"request": admission, "completion_tokens": completion_tokens, "status": status})
@@ -179,3 +183,46 @@ def test_sampling_limits_hold_for_whatever_door_builds_the_options(gateway):
 
     for field, error in asyncio.run(main()).items():
         assert http_status(error) == 400 and error.param == field, (field, error.message)
+
+
+def test_a_tenant_over_its_rate_is_refused_before_any_image_is_fetched(tenancy, monkeypatch):
+    gateway, store = tenancy
+    store.create_tenant("slow", allowed_models=["*"], requests_per_min=1)
+    fetched: list[str] = []
+
+    async def spy(url: str, policy: ImageUrlPolicy) -> bytes:
+        fetched.append(url)
+        raise AssertionError("fetched for a request over its rate")
+
+    monkeypatch.setattr(translate, "image_bytes", spy)
+
+    async def main() -> HerdError:
+        identity = await gateway.identify(store.issue_key("slow")[1])
+        prepared = await gateway.prepare_text("scout", "Hello", pb.SamplingOptions(max_tokens=2), identity=identity)
+        async for _ in gateway.stream(prepared):
+            pass
+        with pytest.raises(HerdError) as caught:
+            await translate.prepare_chat(gateway, _image_chat("scout"), identity, ImageUrlPolicy(fetch_urls=True))
+        return caught.value
+
+    error = asyncio.run(main())
+    assert http_status(error) == 429 and error.reason == "requests_per_min" and fetched == []
+    assert gateway.telemetry.metrics.rejected.labels("RESOURCE_EXHAUSTED")._value.get() == 1
+
+
+def test_a_request_refused_after_admission_gives_its_slot_back_and_writes_no_row(tenancy):
+    gateway, store = tenancy
+    store.create_tenant("one", allowed_models=["*"], max_concurrent=1, max_output_tokens=4)
+
+    async def main() -> tuple[HerdError, int]:
+        identity = await gateway.identify(store.issue_key("one")[1])
+        with pytest.raises(HerdError) as caught:  # over the tenant's output cap: found once tokenised
+            await gateway.prepare_text("scout", "Hello", pb.SamplingOptions(max_tokens=8), identity=identity)
+        prepared = await gateway.prepare_text("scout", "Hello", pb.SamplingOptions(max_tokens=2), identity=identity)
+        streamed = sum([len(c.token_ids) async for c in gateway.stream(prepared)])
+        await gateway.guard.ledger.flush()
+        return caught.value, streamed
+
+    refused, streamed = asyncio.run(main())
+    assert http_status(refused) == 400 and streamed == 2, "the slot came back: the next request was served"
+    assert [(r.status, r.completion_tokens) for r in store.usage_rows("one")] == [("ok", 2)]
