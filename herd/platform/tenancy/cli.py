@@ -1,5 +1,9 @@
 """`herd tenants ...`: manage tenants, keys and usage, directly in the database or through a running
-server's admin API. Prints JSON; a key's plaintext only when it is created."""
+server's admin API. Prints JSON; a key's plaintext only when it is created.
+
+A database password never goes on the command line, where every user of the machine reads it in the process
+list: --db refuses a URL that carries one; such a URL comes from a file (--db-file) or from the settings
+(HERD_TENANCY__DATABASE_URL, or tenancy.database_url in --config)."""
 
 from __future__ import annotations
 
@@ -10,12 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
 
 from herd.platform.settings import HerdSettings
 from herd.platform.tenancy.admin_api import key_json, tenant_json
 from herd.platform.tenancy.database import connect, migrate
 from herd.platform.tenancy.store import TenantStore
 
+DATABASE_URL_ENV = "HERD_TENANCY__DATABASE_URL"
 _LIMIT_FLAGS = {
     "rpm": "requests_per_min", "input_tpm": "input_tokens_per_min", "output_tpm": "output_tokens_per_min",
     "max_concurrent": "max_concurrent", "max_context": "max_context", "max_output": "max_output_tokens",
@@ -25,7 +32,10 @@ _LIMIT_FLAGS = {
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tenants = commands.add_parser("tenants", help="tenants, API keys and usage (database or admin API)")
-    tenants.add_argument("--db", help="database URL (default: the settings' tenancy.database_url)")
+    source = tenants.add_mutually_exclusive_group()
+    source.add_argument("--db", help="database URL without a password (default: the settings' tenancy.database_url, "
+                        f"which {DATABASE_URL_ENV} sets)")
+    source.add_argument("--db-file", type=Path, help="a file holding the database URL (one with a password)")
     tenants.add_argument("--url", help="a running server (uses its admin API instead of the database)")
     tenants.add_argument("--admin-token-file", type=Path, help="admin credential for --url")
     tenants.add_argument("--config", type=Path, help="settings file")
@@ -75,11 +85,31 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
+def database_url(args: argparse.Namespace) -> tuple[str, float]:
+    """The database URL from --db (refused with a password in it), --db-file or the settings; and the
+    settings' database timeout."""
+    if args.db is not None:
+        try:
+            url = make_url(args.db)
+        except ArgumentError:
+            raise ValueError("--db is not a database URL (sqlite:///path or postgresql+psycopg://...)") from None
+        if url.password is not None or "password" in url.query:
+            raise ValueError("--db carries a password, which every user of this machine can read in the process "
+                             f"list; put the URL in a file and pass --db-file, or set {DATABASE_URL_ENV}")
+    settings = HerdSettings.load(args.config).tenancy
+    if args.db_file is not None:
+        return args.db_file.read_text().strip(), settings.database_timeout_s
+    return args.db or settings.database_url, settings.database_timeout_s
+
+
 def _via_database(args: argparse.Namespace) -> object:
     """The action's result as JSON-ready data."""
-    url = args.db or HerdSettings.load(args.config).tenancy.database_url
-    engine = connect(url)
-    migrate(engine)
+    url, timeout_s = database_url(args)
+    engine = connect(url, timeout_s=timeout_s)
+    try:
+        migrate(engine)
+    except OperationalError as err:  # its text names the host and the driver's reason, never the password
+        raise ValueError(f"the database did not answer: {str(err.orig or err).strip().splitlines()[0]}") from err
     store = TenantStore(engine)
     action = args.action
     if action == "list":
