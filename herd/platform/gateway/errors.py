@@ -47,16 +47,22 @@ def openai_body(err: HerdError) -> dict[str, object]:
 
 
 def bearer_credential(header: str | None) -> str | None:
-    """The credential of an `Authorization: Bearer <credential>` header (None when absent or another scheme).
-    The gRPC door also takes the bare credential as its `authorization` metadata. A credential that is not
-    printable ASCII is no key or token Herd issues: refused here (401), before anything compares it."""
+    """The credential of an `Authorization: Bearer <credential>` header; None when absent, another scheme, or
+    not printable ASCII (no key or token Herd issues is: such a value is no credential, a 401, and never
+    reaches a comparison that would fail on it)."""
     scheme, _, credential = (header or "").strip().partition(" ")
-    credential = credential.strip()
-    if scheme.lower() != "bearer" or not credential:
-        return None
-    if not (credential.isascii() and credential.isprintable()):
-        raise unauthenticated("Invalid API key: a key is printable ASCII.")
-    return credential
+    return _printable(credential.strip()) if scheme.lower() == "bearer" else None
+
+
+def metadata_credential(value: str | None) -> str | None:
+    """The credential of gRPC `authorization` metadata: "Bearer <credential>" or the bare credential; None as
+    bearer_credential says."""
+    value = (value or "").strip()
+    return bearer_credential(value) if value.lower().startswith("bearer ") else _printable(value)
+
+
+def _printable(credential: str) -> str | None:
+    return credential if credential and credential.isascii() and credential.isprintable() else None
 
 
 # --- the request --------------------------------------------------------------------------------------------

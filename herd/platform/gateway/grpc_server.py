@@ -27,7 +27,7 @@ from grpc_status import rpc_status
 
 from herd.engine.errors import HerdError
 from herd.platform.gateway.core import Gateway, Prepared
-from herd.platform.gateway.errors import bearer_credential, internal, invalid_request, slow_reader
+from herd.platform.gateway.errors import internal, invalid_request, metadata_credential, slow_reader
 from herd.platform.settings import DoorLimits
 from herd.platform.telemetry.tracing import extract
 from herd.protos.herd.v1 import inference_pb2 as pb
@@ -143,8 +143,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def _identity(self, context: CallContext) -> object:
         """The caller, from `authorization` metadata ("Bearer <key>" or the bare key)."""
         metadata = dict(context.invocation_metadata() or ())
-        value = str(metadata.get("authorization", "")).strip()
-        return await self.gateway.identify(bearer_credential(value) or value or None)
+        return await self.gateway.identify(metadata_credential(str(metadata.get("authorization", ""))))
 
 
 async def _abort(context: CallContext, err: HerdError) -> None:

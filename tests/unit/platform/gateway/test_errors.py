@@ -21,6 +21,7 @@ from herd.platform.gateway.errors import (
     from_status,
     http_status,
     internal,
+    metadata_credential,
     openai_body,
     replica_unavailable,
 )
@@ -79,15 +80,16 @@ def test_refusals_of_the_request_keep_their_message():
 
 @pytest.mark.parametrize("header", ["Bearer é", "Bearer hk_éééééééé_" + "x" * 32, "Bearer \u2603", "bearer ab\x01cd",
                                     "Bearer ab\x7fcd"])
-def test_a_credential_that_is_not_printable_ascii_is_unauthenticated(header):
-    with pytest.raises(HerdError) as info:
-        bearer_credential(header)
-    assert info.value.code is Code.UNAUTHENTICATED and http_status(info.value) == 401
+def test_a_value_that_is_not_printable_ascii_is_no_credential(header):
+    assert bearer_credential(header) is None
+    assert metadata_credential(header) is None and metadata_credential(header.split(" ", 1)[1]) is None
 
 
-def test_bearer_credential_reads_the_scheme_and_the_credential():
+def test_credentials_are_read_from_the_scheme_or_the_bare_metadata():
     assert bearer_credential("Bearer hk_a_b ") == "hk_a_b" and bearer_credential("bearer  tok") == "tok"
     assert bearer_credential(None) is bearer_credential("Basic abc") is bearer_credential("Bearer ") is None
+    assert metadata_credential("Bearer hk_a_b") == metadata_credential(" hk_a_b ") == "hk_a_b"
+    assert metadata_credential("") is metadata_credential(None) is None
 
 
 # --- at the doors -------------------------------------------------------------------------------------------
