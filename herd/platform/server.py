@@ -7,25 +7,27 @@ drains its replicas), then Ray goes down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import uvicorn
 import yaml
 from pydantic import BaseModel
 
 from herd.model.tiny import make_tiny
-from herd.platform.settings import PRESETS, HerdSettings, ModelSettings
+from herd.platform.settings import PRESETS, HerdSettings, ModelSettings, TenancySettings
+from herd.platform.telemetry.logs import redact
 from herd.platform.telemetry.tracing import flush_traces
 from herd.platform.tenancy.setup import Tenancy, start_tenancy
 from herd.workers.replica_config import ReplicaArgs
 from herd.workers.shard_tls import ShardTls
 
-if TYPE_CHECKING:
-    import uvicorn
-
 log = logging.getLogger("herd.serve")
+EMBEDDED_DATABASE_URL: str = TenancySettings.model_fields["database_url"].default
 
 def model_path(model: ModelSettings, settings: HerdSettings) -> Path:
     """The checkpoint of a model: its path, or a tiny preset made on first use."""
@@ -133,7 +135,7 @@ async def run(settings: HerdSettings) -> None:
                 raise RuntimeError("the control plane needs the Ray dashboard, and this Ray cluster has none")
             return local_control_plane(settings, gateway, context.dashboard_url)
 
-        await serve_doors(settings, backends, control_plane)
+        await serve_doors(settings, backends, control_plane, dev_tenant=True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -154,114 +156,229 @@ async def run_gateway(settings: HerdSettings) -> None:
     await serve_doors(settings, backends, lambda _gateway: None)
 
 
-async def serve_doors(settings: HerdSettings, backends: dict[str, Any], control_plane: Any) -> None:
-    """The gateway with its HTTP and gRPC doors (and tenancy, and optionally a control plane) until a
-    signal; then stop admitting, drain, write the ledger."""
-    import uvicorn
-
+async def serve_doors(settings: HerdSettings, backends: dict[str, Any], control_plane: Any, *,
+                      dev_tenant: bool = False) -> None:
+    """The gateway with its HTTP and gRPC doors, its operator listener (and tenancy, and optionally a control
+    plane) until SIGINT or SIGTERM; then `stop_doors` within settings.shutdown_timeout_s. `dev_tenant`: a local
+    `herd serve` on the embedded database makes tenant `dev` on an empty database (herd.platform.tenancy.setup)."""
     from herd.platform.gateway.cold_start import ColdStartPolicy
     from herd.platform.gateway.core import Gateway
     from herd.platform.gateway.grpc_server import start_grpc
+    from herd.platform.gateway.health import BackendHealth
     from herd.platform.gateway.http_app import create_app
     from herd.platform.gateway.image_urls import ImageUrlPolicy
+    from herd.platform.gateway.ops_app import create_ops_app
     from herd.platform.tenancy.admin_api import admin_router
 
-    tenancy = _tenancy(settings)
+    tenancy = _tenancy(settings, dev_tenant=dev_tenant)
     cold_start = {m.name: ColdStartPolicy(wait_s=m.cold_start_wait_s, retry_after_s=m.cold_start_retry_after_s)
                   for m in settings.models}
+    images = settings.images
     gateway = Gateway(backends, guard=tenancy.guard if tenancy else None, request_timeout_s=settings.request_timeout_s,
                       cold_start=cold_start, log_prompts=settings.telemetry.log_prompts,
-                      max_images_per_request=settings.images.max_images_per_request)
-    routers = [admin_router(tenancy.store, tenancy.admin_token)] if tenancy else []
+                      max_images_per_request=images.max_images_per_request, max_image_bytes=images.max_image_bytes)
     tls = settings.tls
-    pem = {name: path.read_bytes() for name, path in (("cert_chain", tls.cert_file), ("private_key", tls.key_file),
-                                                      ("client_ca", tls.client_ca_file)) if path is not None}
-    grpc_server, grpc_port = await start_grpc(gateway, host=settings.grpc_host, port=settings.grpc_port, **pem)
-    images = settings.images
+    cert_chain, private_key, client_ca = (path.read_bytes() if path is not None else None
+                                          for path in (tls.cert_file, tls.key_file, tls.client_ca_file))
+    grpc_server, grpc_port = await start_grpc(gateway, host=settings.grpc_host, port=settings.grpc_port,
+                                              cert_chain=cert_chain, private_key=private_key, client_ca=client_ca,
+                                              limits=settings.limits)
     image_urls = ImageUrlPolicy(fetch_urls=images.fetch_urls, fetch_timeout_s=images.fetch_timeout_s,
-                                max_bytes=images.max_image_bytes)
-    app = create_app(gateway, routers=routers, max_request_body_bytes=settings.max_request_body_bytes,
-                     image_urls=image_urls)
-    http = uvicorn.Server(http_config(app, settings))
-    http_task = asyncio.create_task(http.serve())
-    while not http.started:
-        if http_task.done():
-            http_task.result()
-        await asyncio.sleep(0.05)
+                                max_bytes=images.max_image_bytes, allow_networks=images.fetch_allow_networks)
+    health = BackendHealth(gateway)
+    limits = settings.limits
+    app = create_app(gateway, max_request_body_bytes=settings.max_request_body_bytes,
+                     read_timeout_s=limits.http_read_timeout_s, stream_write_timeout_s=limits.stream_write_timeout_s,
+                     image_urls=image_urls, health=health)
+    routers = [admin_router(tenancy.store, tenancy.admin_token)] if tenancy else []
+    ops_app = create_ops_app(gateway, routers=routers, health=health,
+                             max_request_body_bytes=settings.max_request_body_bytes)
+    http, ops = _Uvicorn(http_config(app, settings)), _Uvicorn(ops_config(ops_app, settings))
+    tasks = [asyncio.create_task(http.serve()), asyncio.create_task(ops.serve())]
+    await _started(http, tasks[0])
+    await _started(ops, tasks[1])
     stop = asyncio.Event()
     plane = control_plane(gateway)
     plane_task = asyncio.create_task(plane.run(stop)) if plane is not None else None
     if plane is not None:
         gateway.control_plane = plane
-    _announce(settings, http.servers[0].sockets[0].getsockname()[1], grpc_port, tenancy)
+    _announce(settings, _port(http), grpc_port, tenancy, ops_port=_port(ops))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("stopping: no new requests; draining in-flight ones")
+    await stop_doors(settings, gateway, plane_task=plane_task, servers=(http, ops), server_tasks=tasks,
+                     grpc_server=grpc_server, tenancy=tenancy)
+
+
+LEDGER_SHARE = 0.2  # of the shutdown budget, kept for writing the ledger (at most LEDGER_MAX_S)
+LEDGER_MAX_S = 5.0
+INTERRUPT_SHARE = 0.1  # of the budget, for interrupted requests to settle and their streams to end
+INTERRUPT_MAX_S = 2.0
+
+
+async def stop_doors(settings: HerdSettings, gateway: Any, *, plane_task: asyncio.Task[Any] | None,
+                     servers: Sequence[uvicorn.Server], server_tasks: Sequence[asyncio.Task[None]],
+                     grpc_server: Any, tenancy: Tenancy | None) -> None:
+    """Stop within settings.shutdown_timeout_s, so that a pod's SIGKILL after its grace period finds every
+    usage row written: refuse new requests (503), stop the control plane and the listeners, let requests in
+    flight finish for most of the budget, then interrupt the rest (each settled as `interrupted` with the
+    tokens it streamed), and write the ledger in what is left (what the database does not take in time is
+    in the usage journal, which the next start writes back)."""
+    loop = asyncio.get_running_loop()
+    budget_s = settings.shutdown_timeout_s
+    deadline = loop.time() + budget_s
+    ledger_s, interrupt_s = ledger_reserve_s(budget_s), min(INTERRUPT_MAX_S, INTERRUPT_SHARE * budget_s)
+
+    def left(reserve_s: float = 0.0) -> float:
+        return max(0.0, deadline - reserve_s - loop.time())
+
+    log.info("stopping: new requests are refused; in-flight ones may finish within %g s", budget_s)
+    gateway.begin_shutdown()
+    for server in servers:
+        server.should_exit = True  # stop accepting; connections end with their responses
+    grpc_stop = asyncio.create_task(grpc_server.stop(grace=left(ledger_s)))  # stop accepting; cancels past grace
     if plane_task is not None:
-        await plane_task
-    http.should_exit = True
-    await grpc_server.stop(grace=max(m.drain_timeout_s for m in settings.models))
-    await http_task
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(plane_task, left(ledger_s + interrupt_s))
+    if not await gateway.drain(left(ledger_s + interrupt_s)):
+        log.warning("shutdown: %d requests still in flight; interrupting them", gateway.in_flight)
+        gateway.interrupt()
+        await gateway.drain(left(ledger_s))
+    for pending in (grpc_stop, *server_tasks):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pending, left(ledger_s))
     if tenancy is not None:
-        await tenancy.ledger.close()  # every usage row written (or spilled) before exit
+        try:
+            await asyncio.wait_for(tenancy.ledger.close(), max(left(), 0.5))
+        except TimeoutError:
+            log.error("shutdown: the ledger was not written in time; its rows stay in the usage journal")
     flush_traces()
+
+
+def ledger_reserve_s(budget_s: float) -> float:
+    """What of a shutdown budget is kept for writing the ledger."""
+    return min(LEDGER_MAX_S, LEDGER_SHARE * budget_s)
+
+
+def door_grace_s(settings: HerdSettings) -> float:
+    """How long uvicorn lets connections finish once told to exit, before it cancels their requests (each
+    then settled for what it streamed): the shutdown budget less the ledger's share, so interrupted streams
+    end on their own first."""
+    budget_s = settings.shutdown_timeout_s
+    return budget_s - ledger_reserve_s(budget_s)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, leaving SIGINT and SIGTERM to serve_doors (uvicorn's own handlers would stop only
+    it, and put back the default handlers when it exits, so a second signal would kill the ledger's write)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _started(server: uvicorn.Server, task: asyncio.Task[None]) -> None:
+    while not server.started:
+        if task.done():
+            task.result()  # why it stopped
+            raise RuntimeError("uvicorn stopped before it started")
+        await asyncio.sleep(0.05)
+
+
+def _port(server: uvicorn.Server) -> int:
+    return int(server.servers[0].sockets[0].getsockname()[1])
 
 
 def http_config(app: Any, settings: HerdSettings) -> uvicorn.Config:
     """uvicorn's config for the HTTP door: TLS when settings.tls has a certificate, and client certificates
-    from tls.client_ca_file required when that is set."""
+    from tls.client_ca_file required when that is set; the door's limits (settings.limits): connections at
+    once (503 beyond), keep-alive, request line and header size, and the time headers may take (h11 with
+    HeaderDeadlineProtocol: httptools has no header size limit to set). Shutdown is bounded by
+    settings.shutdown_timeout_s."""
     import ssl
 
-    import uvicorn
+    from herd.platform.gateway.body_limit import HeaderDeadlineProtocol
 
     tls = settings.tls
+    limits = settings.limits
     options: dict[str, Any] = {}
     if tls.public:
         options = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
         if tls.client_ca_file is not None:
             options |= {"ssl_ca_certs": str(tls.client_ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     return uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
-                          lifespan="off", **options)
+                          lifespan="off", http=HeaderDeadlineProtocol.with_timeout(limits.http_read_timeout_s),
+                          limit_concurrency=limits.http_max_connections,
+                          timeout_keep_alive=limits.http_keep_alive_timeout_s,  # type: ignore[arg-type]
+                          h11_max_incomplete_event_size=limits.http_max_header_bytes,
+                          timeout_graceful_shutdown=door_grace_s(settings), **options)  # type: ignore[arg-type]
 
 
-def _tenancy(settings: HerdSettings) -> Tenancy | None:
+def ops_config(app: Any, settings: HerdSettings) -> uvicorn.Config:
+    """uvicorn's config for the operator listener: plain HTTP on settings.ops_host:ops_port (loopback by
+    default; in Kubernetes a Service that only the cluster reaches)."""
+    return uvicorn.Config(app, host=settings.ops_host, port=settings.ops_port, log_level="warning", lifespan="off",
+                          timeout_graceful_shutdown=door_grace_s(settings))  # type: ignore[arg-type]
+
+
+def _tenancy(settings: HerdSettings, *, dev_tenant: bool) -> Tenancy | None:
     if not settings.tenancy.auth:
         log.warning("AUTHENTICATION IS OFF (--no-auth): anyone who can reach the ports can use every model, "
                     "with no limits and no usage ledger. For local experiments only.")
         return None
-    tenancy = start_tenancy(settings.tenancy)
+    tenancy = start_tenancy(settings.tenancy, dev_tenant=dev_tenant)
     tenancy.ledger.start()
     return tenancy
 
 
-def _announce(settings: HerdSettings, http_port: int, grpc_port: int, tenancy: Tenancy | None) -> None:
+def _announce(settings: HerdSettings, http_port: int, grpc_port: int, tenancy: Tenancy | None, *,
+              ops_port: int | None = None) -> None:
+    """What serves where, on stdout. Every line goes through the log redaction (no key, no URL password); the
+    one exception is the development key of a local first start (start_tenancy makes one only for a local
+    `herd serve` on the embedded database, never on a configured one), shown once on purpose."""
     model = settings.models[0].name
     tls = settings.tls
     url = f"{'https' if tls.public else 'http'}://{settings.http_host}:{http_port}"
+    ops = f"http://{settings.ops_host}:{settings.ops_port if ops_port is None else ops_port}"
     grpc_mode = ("TLS, client certificates required, " if tls.client_ca_file else "TLS, ") if tls.public else ""
-    print(f"herd is serving {[m.name for m in settings.models]}", flush=True)
-    print(f"  OpenAI HTTP: {url}/v1   (OpenAPI: {url}/docs)", flush=True)
-    print(f"  gRPC herd.v1.Inference: {settings.grpc_host}:{grpc_port} ({grpc_mode}reflection on)", flush=True)
+    _say(f"herd is serving {[m.name for m in settings.models]}")
+    _say(f"  OpenAI HTTP: {url}/v1   (OpenAPI: {url}/docs; {url}/health/ready)")
+    _say(f"  gRPC herd.v1.Inference: {settings.grpc_host}:{grpc_port} ({grpc_mode}reflection on)")
+    _say(f"  operators: {ops}/metrics, /health, /herd/load, /herd/stats" + (", /admin/v1" if tenancy else ""))
     if tls.public:
         clients = f"; clients need a certificate from {tls.client_ca_file}" if tls.client_ca_file else ""
-        print(f"  TLS on both doors with {tls.cert_file}{clients}", flush=True)
+        _say(f"  TLS on both doors with {tls.cert_file}{clients}")
     if tls.shards:
-        print(f"  expert shards: mutual TLS with {tls.shard_cert_file} (CA {tls.shard_ca_file})", flush=True)
+        _say(f"  expert shards: mutual TLS with {tls.shard_cert_file} (CA {tls.shard_ca_file})")
     auth = "--cert <client.crt> --key <client.key> " if tls.client_ca_file else ""
     if tenancy is None:
-        print("  WARNING: authentication is off (--no-auth)", flush=True)
+        _say("  WARNING: authentication is off (--no-auth)")
     else:
-        print(f"  tenants and usage: {settings.tenancy.database_url}; admin API {url}/admin/v1 with the token in "
-              f"{settings.tenancy.admin_token_file}", flush=True)
-        if tenancy.first_key:
-            print(f"  first start: tenant 'dev' made; its API key (shown once, keep it): {tenancy.first_key}",
-                  flush=True)
-        key = tenancy.first_key or "<your API key>"
-        auth += f"-H 'Authorization: Bearer {key}' "
-    print("  try:", flush=True)
-    print(f"    curl -s {url}/v1/chat/completions {auth}-H 'Content-Type: application/json' \\\n"
-          f"      -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], "
-          f"\"max_tokens\": 16}}'", flush=True)
-    print("  Ctrl-C stops everything.", flush=True)
+        _say(f"  tenants and usage: {redact_url(settings.tenancy.database_url)}; admin API {ops}/admin/v1 with the "
+            f"token in {settings.tenancy.admin_token_file}")
+        if tenancy.first_key and settings.tenancy.database_url == EMBEDDED_DATABASE_URL:
+            # Deliberately unredacted: the local development key, made on this start and shown only now.
+            print(f"  first start: tenant 'dev' made; its API key (shown once, keep it): "
+                  f"export HERD_KEY={tenancy.first_key}", flush=True)
+        auth += "-H \"Authorization: Bearer $HERD_KEY\" "
+    _say("  try:")
+    _say(f"    curl -s {url}/v1/chat/completions {auth}-H 'Content-Type: application/json' \\\n"
+        f"      -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], "
+        f"\"max_tokens\": 16}}'")
+    _say("  Ctrl-C stops everything.")
+
+
+def _say(line: str) -> None:
+    """One line of the banner on stdout, redacted as a log line is."""
+    print(redact(line), flush=True)
+
+
+def redact_url(url: str) -> str:
+    """A database or Redis URL without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<a URL that does not parse>"

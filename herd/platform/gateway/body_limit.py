@@ -1,16 +1,26 @@
-"""Request bodies over a size limit are refused with 413 and an OpenAI-shaped error, before they are read.
+"""What the HTTP door reads from a client, bounded: the body's size (413) and time (408), and the headers' time.
 
 A pure ASGI middleware: a declared Content-Length over the limit is refused without reading a byte; a
-body without one (chunked) is counted as it arrives and refused at the first byte past the limit. The
-application never sees more than the limit.
+body without one (chunked) is counted as it arrives and refused at the first byte past the limit. A body
+that has not all arrived `read_timeout_s` after the request began is refused with 408. The application
+never sees more than the limit, and never waits on a slow client past the deadline.
+
+The headers come before the application exists: HeaderDeadlineProtocol (uvicorn's h11 protocol) closes a
+connection whose request line and headers have not all arrived within the deadline of its start (or of the
+end of its previous response), so a client that trickles a byte at a time (slowloris) cannot hold one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from herd.engine.errors import Code, HerdError
 from herd.platform.gateway.errors import openai_body, payload_too_large
 
 Scope = MutableMapping[str, Any]
@@ -20,18 +30,22 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-class _TooLarge(Exception):
-    """Raised into the application when a counted body passes the limit (the 413 is already sent)."""
+class _Refused(Exception):
+    """Raised into the application when a body passes the limit or the deadline (the refusal is already sent)."""
 
 
 class BodyLimitMiddleware:
-    """Refuses HTTP request bodies larger than `max_body_bytes` with 413."""
+    """Refuses HTTP request bodies larger than `max_body_bytes` with 413, and slower than `read_timeout_s`
+    (from the request's start to its last byte) with 408."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, read_timeout_s: float | None = None) -> None:
         if max_body_bytes < 0:
             raise ValueError(f"max_body_bytes must be >= 0, got {max_body_bytes}")
+        if read_timeout_s is not None and read_timeout_s <= 0:
+            raise ValueError(f"read_timeout_s must be > 0, got {read_timeout_s}")
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -39,26 +53,39 @@ class BodyLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
-            await _refuse(send, self.max_body_bytes)
+            await _refuse(send, 413, payload_too_large(self.max_body_bytes))
             return
-        received, started, refused = 0, False, False
+        loop = asyncio.get_running_loop()
+        deadline = None if self.read_timeout_s is None else loop.time() + self.read_timeout_s
+        received, started, refused, complete = 0, False, False, False
+
+        async def refuse(status: int, err: HerdError) -> _Refused:
+            nonlocal refused
+            if not started:
+                await _refuse(send, status, err)
+                refused = True
+            return _Refused(err.message)
 
         async def counting_receive() -> Message:
-            nonlocal received, refused
-            message = await receive()
+            nonlocal received, complete
+            if complete or deadline is None:
+                message = await receive()  # the body is in: what follows is a disconnect, never waited on
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), deadline - loop.time())
+                except TimeoutError:
+                    raise await refuse(408, body_timeout(self.read_timeout_s or 0)) from None
             if message["type"] == "http.request":
+                complete = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    if not started:
-                        await _refuse(send, self.max_body_bytes)
-                        refused = True
-                    raise _TooLarge(f"request body past {self.max_body_bytes} bytes")
+                    raise await refuse(413, payload_too_large(self.max_body_bytes))
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
             if refused:
-                return  # the 413 is the answer; whatever the application makes of the error is dropped
+                return  # the refusal is the answer; whatever the application makes of the error is dropped
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
@@ -68,6 +95,11 @@ class BodyLimitMiddleware:
         except Exception:
             if not refused:
                 raise
+
+
+def body_timeout(seconds: float) -> HerdError:
+    return HerdError(Code.DEADLINE_EXCEEDED, f"The request body did not arrive within {seconds:g} s.",
+                     reason="request_timeout")
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -80,9 +112,57 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _refuse(send: Send, limit_bytes: int) -> None:
-    body = json.dumps(openai_body(payload_too_large(limit_bytes))).encode()
-    await send({"type": "http.response.start", "status": 413,
+async def _refuse(send: Send, status: int, err: HerdError) -> None:
+    body = json.dumps(openai_body(err)).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
+
+
+class HeaderDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request headers are not all in within
+    `header_timeout_s` of the connection's start, or of the end of its previous response (uvicorn bounds only
+    the idle time before a request's first byte; a byte now and then kept a connection forever)."""
+
+    header_timeout_s: float = 30.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._header_deadline: asyncio.TimerHandle | None = None
+        self._await_headers()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # a request line and headers are in
+            self._cancel_header_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._await_headers()  # the next request on this connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_deadline()
+        super().connection_lost(exc)
+
+    def _await_headers(self) -> None:
+        self._cancel_header_deadline()
+        self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_late)
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_late(self) -> None:
+        self._header_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.logger.info("closing a connection whose request headers took over %g s", self.header_timeout_s)
+            self.transport.close()
+
+    @classmethod
+    def with_timeout(cls, header_timeout_s: float) -> type[HeaderDeadlineProtocol]:
+        if header_timeout_s <= 0:
+            raise ValueError(f"header_timeout_s must be > 0, got {header_timeout_s}")
+        return type(cls.__name__, (cls,), {"header_timeout_s": header_timeout_s})

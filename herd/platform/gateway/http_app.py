@@ -1,30 +1,34 @@
-"""The OpenAI-compatible HTTP front door (FastAPI): /v1/models, /v1/chat/completions, /v1/completions.
+"""The OpenAI-compatible HTTP front door (FastAPI): /v1/models, /v1/chat/completions, /v1/completions, and a
+cheap /health/live and /health/ready (operator endpoints are herd.platform.gateway.ops_app's, on their own port).
 
-Errors are OpenAI-shaped bodies with the right status. A streamed request reads its first chunk
-before answering, so a refusal (429, 503, ...) is still a proper status; a failure after that ends
-the stream with an error event. A client that disconnects cancels its stream, which aborts the
-request in the engine.
+With tenancy on, the API key of a /v1 request is checked before a byte of its body is read: an unknown
+client costs a header parse and a key lookup, never a JSON parse. Errors are OpenAI-shaped bodies with the
+right status. A streamed request reads its first chunk before answering, so a refusal (429, 503, ...) is
+still a proper status; a failure after that ends the stream with an error event. A client that disconnects,
+or stops reading for `stream_write_timeout_s`, ends its stream, which aborts the request in the engine and
+settles it for what was streamed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import trace
 from opentelemetry.context import Context
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
 from herd import __version__
 from herd.engine.errors import HerdError
 from herd.platform.gateway import openai_translate as translate
-from herd.platform.gateway.body_limit import BodyLimitMiddleware
+from herd.platform.gateway.body_limit import ASGIApp, BodyLimitMiddleware, Message, Receive, Scope, Send
 from herd.platform.gateway.core import Gateway
 from herd.platform.gateway.errors import (
     bearer_credential,
@@ -34,6 +38,7 @@ from herd.platform.gateway.errors import (
     invalid_request,
     openai_body,
 )
+from herd.platform.gateway.health import BackendHealth
 from herd.platform.gateway.image_urls import ImageUrlPolicy
 from herd.platform.gateway.openai_models import (
     ChatCompletion,
@@ -55,29 +60,100 @@ def _errors(*pairs: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
 
 
 _ERRORS = _errors((400, "invalid request"), (401, "no key, or a bad one"), (403, "model not allowed for this key"),
-                  (404, "unknown model"), (413, "request body over the limit"), (429, "at capacity, retry"),
-                  (503, "unavailable"), (504, "deadline exceeded"))
-_ROUTER_ERRORS = _errors((400, "invalid request"), (401, "credential required"), (404, "not found"),
-                         (409, "exists already"), (413, "request body over the limit"))
+                  (404, "unknown model"), (408, "the request body came too slowly"),
+                  (413, "request body over the limit"), (429, "at capacity, retry"), (503, "unavailable"),
+                  (504, "deadline exceeded"))
 MAX_REQUEST_BODY_BYTES = 16 * 2**20
+IDENTITY = "herd_identity"  # the request state's caller, set before the body is read
+log = logging.getLogger(__name__)
 
 
-def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = (),
-               max_request_body_bytes: int = MAX_REQUEST_BODY_BYTES,
-               image_urls: ImageUrlPolicy | None = None) -> FastAPI:
-    """The HTTP door; `routers` adds more (the admin API) under the same error handling. A request body
-    over `max_request_body_bytes` is refused with 413 before it is read; `image_urls` says which image
-    URLs a chat may use."""
+def create_app(gateway: Gateway, *, max_request_body_bytes: int = MAX_REQUEST_BODY_BYTES,
+               read_timeout_s: float | None = None, stream_write_timeout_s: float | None = None,
+               image_urls: ImageUrlPolicy | None = None, health: BackendHealth | None = None) -> FastAPI:
+    """The public HTTP door. A request body over `max_request_body_bytes` is refused with 413 before it is
+    read, one not all in within `read_timeout_s` with 408; a stream whose client takes longer than
+    `stream_write_timeout_s` to take one more event is aborted. `image_urls` says which image URLs a chat may
+    use; `health` is the cached backend health /health/ready answers from."""
     image_urls = image_urls or ImageUrlPolicy()
+    health = health or BackendHealth(gateway)
     app = FastAPI(title="Herd", version=__version__, description="OpenAI-compatible API for Llama 4 models.")
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_request_body_bytes)
-    for router in routers:
-        app.include_router(router, responses=_ROUTER_ERRORS)
-    _document_as_served(app)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_request_body_bytes, read_timeout_s=read_timeout_s)
+    app.add_middleware(AuthenticateFirst, gateway=gateway)  # outermost: before the body limit reads anything
+    install_error_handlers(app)
+    document_as_served(app)
 
-    async def identity(request: Request) -> Any:
-        """The caller, from `Authorization: Bearer <key>` (401 when tenancy is on and it is missing or bad)."""
-        return await gateway.identify(bearer_credential(request.headers.get("authorization")))
+    @app.get("/health/live")
+    async def live() -> dict[str, str]:
+        """200 while this process serves."""
+        return {"status": "live"}
+
+    @app.get("/health/ready", responses={503: {"description": "shutting down, or a model was not healthy"}})
+    async def ready() -> JSONResponse:
+        """200 when this gateway takes requests and every model's backend was healthy at its last check
+        (checked at most every few seconds, whatever the probe rate)."""
+        if gateway._closing:  # the lead adds a public Gateway.closing; until then the same flag
+            return JSONResponse({"ready": False, "reason": "shutting down"}, status_code=503)
+        states = await health.states()
+        ok = all(states.values())
+        return JSONResponse({"ready": ok, "models": states}, status_code=200 if ok else 503)
+
+    @app.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[400] | {"description": "no key"}})
+    async def list_models(request: Request) -> ModelList:
+        caller = _identity(request)
+        return ModelList(data=[ModelEntry(id=c.id, created=c.created, root=c.root, max_model_len=c.max_model_len)
+                               for c in gateway.list_models(caller)])
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        prepared = await translate.prepare_chat(gateway, body, _identity(request), image_urls)
+        chunks = gateway.stream(prepared, trace_parent=_trace_parent(request))
+        if body.stream:
+            return await _stream(chunks, lambda c: translate.chat_events(body, prepared, c), stream_write_timeout_s,
+                                 prepared.request.request_id)
+        return translate.chat_completion(body, prepared, await translate.collect(chunks))
+
+    @app.post("/v1/completions", response_model=Completion, responses=_ERRORS)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        prepared = await translate.prepare_completion(gateway, body, _identity(request))
+        chunks = gateway.stream(prepared, trace_parent=_trace_parent(request))
+        if body.stream:
+            return await _stream(chunks, lambda c: translate.completion_events(body, prepared, c),
+                                 stream_write_timeout_s, prepared.request.request_id)
+        return translate.completion(body, prepared, await translate.collect(chunks))
+
+    return app
+
+
+class AuthenticateFirst:
+    """ASGI middleware: a /v1 request's caller is known (its key checked, 401 otherwise) before anything
+    reads its body; the endpoints take it from the request state."""
+
+    def __init__(self, app: ASGIApp, *, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        header = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), None)
+        try:
+            identity = await self.gateway.identify(bearer_credential(header))
+        except HerdError as err:
+            await error_response(err)(scope, receive, send)  # a JSON answer: it never reads the body
+            return
+        scope.setdefault("state", {})[IDENTITY] = identity
+        await self.app(scope, receive, send)
+
+
+def _identity(request: Request) -> Any:
+    """The caller AuthenticateFirst found (None without tenancy)."""
+    return request.scope.get("state", {}).get(IDENTITY)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """OpenAI-shaped answers for HerdErrors, Starlette's own refusals and invalid bodies (400, never 422)."""
 
     @app.exception_handler(HerdError)
     async def _refused(_: Request, err: HerdError) -> JSONResponse:
@@ -99,63 +175,8 @@ def create_app(gateway: Gateway, *, routers: Sequence[APIRouter] = (),
             message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
         return error_response(invalid_request(message, param=where or None))
 
-    @app.get("/health", responses={503: {"description": "a model is not healthy"}})
-    async def health() -> JSONResponse:
-        states = {name: await b.healthy() for name, b in gateway.backends.items()}
-        return JSONResponse({"models": states}, status_code=200 if all(states.values()) else 503)
 
-    @app.get("/herd/stats")
-    async def stats() -> dict[str, dict[str, int]]:
-        """What each model's replica holds now (requests, KV blocks in use): for operators and tests."""
-        return {name: await b.stats() for name, b in gateway.backends.items()}
-
-    @app.get("/herd/controlplane")
-    async def controlplane() -> dict[str, Any]:
-        """The last decision per model, with its reason, when this process runs the control plane."""
-        plane = gateway.control_plane
-        return {"enabled": False} if plane is None else await plane.report()
-
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        """Prometheus text exposition: the gateway's requests and load, and the control plane's numbers when
-        this process runs it (docs/METRICS.md)."""
-        plane = gateway.control_plane
-        text = generate_latest(gateway.telemetry.metrics.registry)
-        if plane is not None:
-            text += generate_latest(plane.registry)
-        return Response(text, media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/herd/load")
-    async def load() -> dict[str, dict[str, float | None]]:
-        """Per-model load over the last minute as this gateway saw it (the control plane reads it)."""
-        return gateway.load.snapshot()
-
-    @app.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[400] | {"description": "no key"}})
-    async def list_models(request: Request) -> ModelList:
-        caller = await identity(request)
-        return ModelList(data=[ModelEntry(id=c.id, created=c.created, root=c.root, max_model_len=c.max_model_len)
-                               for c in gateway.list_models(caller)])
-
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        prepared = await translate.prepare_chat(gateway, body, await identity(request), image_urls)
-        chunks = gateway.stream(prepared, trace_parent=_trace_parent(request))
-        if body.stream:
-            return await _stream(chunks, lambda c: translate.chat_events(body, prepared, c))
-        return translate.chat_completion(body, prepared, await translate.collect(chunks))
-
-    @app.post("/v1/completions", response_model=Completion, responses=_ERRORS)
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        prepared = await translate.prepare_completion(gateway, body, await identity(request))
-        chunks = gateway.stream(prepared, trace_parent=_trace_parent(request))
-        if body.stream:
-            return await _stream(chunks, lambda c: translate.completion_events(body, prepared, c))
-        return translate.completion(body, prepared, await translate.collect(chunks))
-
-    return app
-
-
-def _document_as_served(app: FastAPI) -> None:
+def document_as_served(app: FastAPI) -> None:
     """The OpenAPI document says what the door does: a refused body is 400 with an OpenAI error (never
     FastAPI's 422), and a streamed answer is text/event-stream of chunk events ending in [DONE]."""
     generate = app.openapi
@@ -180,6 +201,8 @@ def _document_as_served(app: FastAPI) -> None:
                 if responses.pop("422", None) is not None:
                     responses.setdefault("400", bad_request)
         for path, chunk in (("/v1/chat/completions", ChatCompletionChunk), ("/v1/completions", CompletionChunk)):
+            if path not in schema.get("paths", {}):
+                continue  # the operator app serves no streams
             content = schema["paths"][path]["post"]["responses"]["200"]["content"]
             content["text/event-stream"] = {"schema": _event_schema(chunk.__name__)}
         return schema
@@ -211,6 +234,8 @@ def error_response(err: HerdError, *, status: int | None = None) -> JSONResponse
 async def _stream(
     chunks: AsyncGenerator[pb.GenerateChunk, None],
     events: Callable[[AsyncIterator[pb.GenerateChunk]], AsyncIterator[dict[str, Any]]],
+    write_timeout_s: float | None,
+    request_id: str,
 ) -> StreamingResponse | JSONResponse:
     try:
         first = await anext(chunks)
@@ -226,7 +251,7 @@ async def _stream(
         async for chunk in chunks:
             yield chunk
 
-    async def body() -> AsyncIterator[bytes]:
+    async def body() -> AsyncGenerator[bytes, None]:
         async with contextlib.aclosing(chunks):
             try:
                 async for event in events(replay()):
@@ -234,8 +259,41 @@ async def _stream(
             except HerdError as err:
                 yield translate.sse(openai_body(err))
             except Exception as err:
-                yield translate.sse(openai_body(internal(f"{type(err).__name__}: {err}")))
+                yield translate.sse(openai_body(internal(f"{type(err).__name__}: {err}", request_id=request_id)))
             yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return DeadlineStreamingResponse(body(), write_timeout_s=write_timeout_s, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
 
+
+class _ClientStalled(Exception):
+    """A send of the stream did not complete within the write deadline: the client stopped reading."""
+
+
+class DeadlineStreamingResponse(StreamingResponse):
+    """A StreamingResponse whose every send must complete within `write_timeout_s` (None: no deadline), and
+    whose body generator is closed however the response ends (a stalled client, a disconnect, the end), so
+    what it streams from (the gateway's request) is aborted and settled at once, not when it is collected."""
+
+    def __init__(self, content: AsyncGenerator[bytes, None], *, write_timeout_s: float | None,
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.content = content
+        self.write_timeout_s = write_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        timeout_s = self.write_timeout_s
+
+        async def timed_send(message: Message) -> None:
+            try:
+                await asyncio.wait_for(send(message), timeout_s)
+            except TimeoutError:
+                raise _ClientStalled from None
+
+        try:
+            await super().__call__(scope, receive, send if timeout_s is None else timed_send)
+        except _ClientStalled:
+            # uvicorn closes the connection: the response is incomplete.
+            log.warning("a streamed answer was aborted: its client read nothing for %g s", timeout_s)
+        finally:
+            await self.content.aclose()

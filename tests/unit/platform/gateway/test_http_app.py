@@ -158,3 +158,170 @@ def test_the_openapi_document_describes_what_the_server_accepts(gateway):
                  "n", "logprobs", "top_logprobs", "stream", "stream_options", "tools", "tool_choice"):
         assert name in schema["properties"], name
     assert extra.status_code == 400 and "not_in_the_schema" in extra.json()["error"]["message"]
+
+
+# --- issue 17: nothing read for an unknown client, slow bodies, clients that stop reading --------------------
+class RecordingGuard:
+    """A stand-in for tenancy: one good key, and every settlement recorded."""
+
+    KEY = "hk_goodgood_" + "k" * 32
+
+    def __init__(self):
+        self.settled: list[dict] = []
+
+    async def authenticate(self, credential):
+        from herd.platform.gateway.errors import unauthenticated
+
+        if credential != self.KEY:
+            raise unauthenticated()
+        return "tenant"
+
+    def authorize(self, identity, model):
+        pass
+
+    def allowed_models(self, identity, models):
+        return models
+
+    def context(self, identity):
+        from herd.protos.herd.v1 import inference_pb2 as pb
+
+        return pb.TenantContext(tenant_id="t", weight=1.0)
+
+    async def enter(self, identity, model, request_id):
+        return request_id
+
+    async def reserve(self, admission, prompt_tokens, max_tokens, *, max_tokens_given=True):
+        pass
+
+    async def settle(self, admission, *, completion_tokens, cached_tokens, status):
+        self.settled.append({"request_id": admission, "completion_tokens": completion_tokens, "status": status})
+
+
+def _asgi(app, scope_path: str, headers, receive):
+    """One POST through the ASGI app with `receive`: (status, JSON body)."""
+    import json as _json
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": scope_path, "raw_path": scope_path.encode(),
+             "query_string": b"", "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
+             "server": ("herd", 80)}
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], _json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+def test_a_bad_key_is_401_before_a_byte_of_a_10_mb_body_is_read(core):
+    from herd.platform.gateway.backend import LocalBackend
+    from herd.platform.gateway.core import Gateway
+
+    gateway = Gateway({"scout": LocalBackend(core)}, guard=RecordingGuard())
+    body = b"{" * (10 * 2**20)  # malformed JSON, under the 16 MB limit: parsing it first would be a 400
+    reads = 0
+
+    async def receive():
+        nonlocal reads
+        reads += 1
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"authorization", b"Bearer hk_wrongkey_" + b"x" * 32)]
+    status, answer = _asgi(create_app(gateway), "/v1/chat/completions", headers, receive)
+    assert status == 401 and answer["error"]["type"] == "authentication_error"
+    assert reads == 0, "the body was read before the key was checked"
+    status, _ = _asgi(create_app(gateway), "/v1/chat/completions", headers[:2], receive)
+    assert status == 401 and reads == 0, "no key at all is refused the same way"
+
+
+def test_a_good_key_reaches_the_model_and_authenticates_once(core):
+    from herd.platform.gateway.backend import LocalBackend
+    from herd.platform.gateway.core import Gateway
+
+    guard = RecordingGuard()
+    calls = 0
+    authenticate = guard.authenticate
+
+    async def counted(credential):
+        nonlocal calls
+        calls += 1
+        return await authenticate(credential)
+
+    guard.authenticate = counted
+    gateway = Gateway({"scout": LocalBackend(core)}, guard=guard)
+
+    async def main():
+        async with _client(gateway) as client:
+            return await client.post("/v1/chat/completions", json=CHAT,
+                                     headers={"authorization": f"Bearer {RecordingGuard.KEY}"})
+
+    reply = _run(main())
+    assert reply.status_code == 200 and calls == 1
+    assert guard.settled and guard.settled[0]["status"] == "ok"
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408(gateway):
+    app = create_app(gateway, read_timeout_s=0.2)
+    first = True
+
+    async def receive():
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": b'{"model": "scout", ', "more_body": True}
+        await asyncio.Event().wait()  # the rest never comes
+
+    status, answer = _asgi(app, "/v1/completions", [(b"content-type", b"application/json")], receive)
+    assert status == 408, answer
+    assert "did not arrive within 0.2 s" in answer["error"]["message"]
+
+
+def test_a_stream_whose_client_stops_reading_is_aborted_and_settled(core):
+    """A real uvicorn (as herd serve builds it) and a raw socket that sends a request and never reads."""
+    import socket
+
+    import uvicorn
+
+    from herd.platform.gateway.backend import LocalBackend
+    from herd.platform.gateway.core import Gateway
+    from herd.platform.server import http_config
+    from herd.platform.settings import DoorLimits, HerdSettings
+
+    guard = RecordingGuard()
+    gateway = Gateway({"scout": LocalBackend(core)}, guard=guard)
+    settings = HerdSettings(http_port=0, limits=DoorLimits(stream_write_timeout_s=0.5))
+    app = create_app(gateway, stream_write_timeout_s=settings.limits.stream_write_timeout_s)
+    body = json.dumps({**CHAT, "stream": True, "max_tokens": 480, "ignore_eos": True, "logprobs": True,
+                       "top_logprobs": 20}).encode()  # ~1 MB of events: far past what the socket buffers hold
+
+    async def main():
+        server = uvicorn.Server(http_config(app, settings))
+        task = asyncio.create_task(server.serve())
+        try:
+            assert await until(lambda: server.started or task.done(), timeout_s=30)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            # A small segment size: the server's send buffer, which Linux sizes from it, stays small too.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            await asyncio.get_running_loop().sock_sendall(sock, (
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: herd\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {RecordingGuard.KEY}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+            started = await until(lambda: gateway.in_flight == 1, timeout_s=30)
+            ended = await until(lambda: gateway.in_flight == 0 and guard.settled, timeout_s=120)
+            sock.close()
+            return started, ended
+        finally:
+            server.should_exit = True
+            await task
+
+    started, ended = _run(main())
+    assert started, "the request never began"
+    assert ended, "the stream of a client that reads nothing was never ended"
+    [settled] = guard.settled
+    assert settled["status"] == "cancelled" and 0 < settled["completion_tokens"] < 480, settled

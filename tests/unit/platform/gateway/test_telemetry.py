@@ -18,6 +18,7 @@ from herd.engine import EngineConfig
 from herd.platform.gateway.backend import LocalBackend
 from herd.platform.gateway.core import Gateway
 from herd.platform.gateway.http_app import create_app
+from herd.platform.gateway.ops_app import create_ops_app
 from herd.platform.settings import TelemetrySettings
 from herd.platform.telemetry.logs import configure_logging
 from herd.platform.telemetry.tracing import MEMORY, configure_tracing
@@ -47,6 +48,13 @@ def spans():
 
 def _http(gateway):
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(gateway)), base_url="http://herd")
+
+
+async def _metrics(gateway) -> str:
+    """/metrics, from the operator listener."""
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_ops_app(gateway)),
+                                 base_url="http://herd-ops") as ops:
+        return (await ops.get("/metrics")).text
 
 
 def _chat(content="Tell me about the herd.", model="scout", **extra):
@@ -162,7 +170,7 @@ def test_gateway_metrics_count_requests_tokens_latencies_and_rejections(gateway)
             answers = [await http.post("/v1/chat/completions", json=_chat(f"question {i}")) for i in range(3)]
             await http.post("/v1/chat/completions", json=_chat(model="nope"))
             await http.post("/v1/chat/completions", json=_chat(max_tokens=10**6))
-            text = (await http.get("/metrics")).text
+            text = await _metrics(gateway)
             return answers, text
 
     answers, text = asyncio.run(main())
@@ -194,7 +202,7 @@ def test_rate_limit_refusals_are_counted_by_limit(tmp_path, core):
             codes = [(await http.post("/v1/chat/completions", json=_chat(), headers={"authorization": f"Bearer {key}"}))
                      .status_code for _ in range(3)]
             unauthenticated = await http.post("/v1/chat/completions", json=_chat())
-            return codes, unauthenticated.status_code, (await http.get("/metrics")).text
+            return codes, unauthenticated.status_code, await _metrics(gateway)
 
     codes, unauthenticated, text = asyncio.run(main())
     samples = _samples(text)
