@@ -171,9 +171,11 @@ _HIDDEN = {  # code -> what the caller is told instead of the detail
 
 def _hidden(code: Code, detail: str, request_id: str | None, retry_after_s: int | None = None) -> HerdError:
     """`detail` logged under the request id (the one given, the current request's, else a new one), and an
-    error that tells the caller only what kind of failure it was and that id."""
+    error that tells the caller only what kind of failure it was and that id. A bug is an error in the log;
+    a replica out of reach or late, a warning (replicas come and go)."""
     request_id = request_id or logs.request_id.get() or f"herd-{uuid.uuid4().hex}"
-    log.error("%s: %s", code.value, detail, extra={"request_id": request_id})
+    level = logging.ERROR if code is Code.INTERNAL else logging.WARNING
+    log.log(level, "%s: %s", code.value, detail, extra={"request_id": request_id})
     return HerdError(code, f"{_HIDDEN[code]}; request id {request_id}", retry_after_s=retry_after_s)
 
 
@@ -196,7 +198,7 @@ def from_replica(err: HerdError, *, request_id: str | None = None) -> HerdError:
     if err.code is Code.RESOURCE_EXHAUSTED:
         return overloaded()
     if err.code in _HIDDEN:
-        retry = err.retry_after_s or 1 if err.code is Code.UNAVAILABLE else err.retry_after_s
+        retry = (err.retry_after_s or 1) if err.code is Code.UNAVAILABLE else err.retry_after_s
         return _hidden(err.code, f"from the replica: {err.message}", request_id, retry)
     return HerdError(err.code, err.message, param=err.param, reason=err.reason, retry_after_s=err.retry_after_s)
 
