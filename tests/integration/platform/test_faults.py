@@ -20,6 +20,8 @@ import grpc
 import httpx
 
 from herd.model.tiny import make_tiny
+from herd.platform.tenancy.database import connect, migrate
+from herd.platform.tenancy.store import TenantStore
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.platform.processes import descendants, free_port, interrupt, wait_until_serving
@@ -82,14 +84,14 @@ def _until_serving_again(http: str, key: str, timeout_s: float = 240) -> int:
     raise AssertionError("the model never served again")
 
 
-def _blocks_held(http: str) -> int:
-    stats = httpx.get(http + "/herd/stats", timeout=30).json()["scout"]
+def _blocks_held(ops: str) -> int:
+    stats = httpx.get(ops + "/herd/stats", timeout=30).json()["scout"]
     return stats["kv_blocks_held"]
 
 
 def test_killing_a_shard_then_a_replica_under_load_loses_nothing(tmp_path):
     model = make_tiny(tmp_path / "scout", preset="scout", seed=31)
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port, ops_port = free_port(), free_port(), free_port()
     database = tmp_path / "herd.db"
     config = tmp_path / "herd.json"
     config.write_text(json.dumps({
@@ -98,6 +100,7 @@ def test_killing_a_shard_then_a_replica_under_load_loses_nothing(tmp_path):
                     "engine": {"max_num_seqs": 64}}],
         "tenancy": {"database_url": f"sqlite:///{database}", "admin_token_file": str(tmp_path / "admin"),
                     "spill_path": str(tmp_path / "spill.jsonl")},
+        "ops_port": ops_port,
     }))
     proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", "--config", str(config),
                              "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
@@ -107,7 +110,7 @@ def test_killing_a_shard_then_a_replica_under_load_loses_nothing(tmp_path):
     sent = 0
     try:
         wait_until_serving(proc, output)
-        key = re.search(r"shown once, keep it\): (hk_\w+)", "".join(output)).group(1)
+        key = re.search(r"export HERD_KEY=(hk_\w+)", "".join(output)).group(1)
         report = {}
         for title in ("ExpertShardActor", "ServeReplica:scout"):
             results, seconds = asyncio.run(_load(grpc_url, key, lambda t=title: _kill_one(proc.pid, t)))
@@ -118,7 +121,7 @@ def test_killing_a_shard_then_a_replica_under_load_loses_nothing(tmp_path):
             assert seconds < DEADLINE_S + 10, "within the deadline: nothing hung"
             refused = _until_serving_again(http, key)
             sent += refused + 1
-            assert _blocks_held(http) == 0, "every KV block came back"
+            assert _blocks_held(f"http://127.0.0.1:{ops_port}") == 0, "every KV block came back"
             report[title] = (dict(outcomes), refused)
         # And it serves a full load again.
         results, _ = asyncio.run(_load(grpc_url, key, lambda: None))
@@ -153,7 +156,7 @@ def test_killing_the_gateway_under_load_frees_the_replica_and_its_usage_comes_ba
                  "engine": {"max_num_seqs": 64}, "deployment": {"max_ongoing_requests": 64}}],
         tenancy={"database_url": f"sqlite:///{database}", "admin_token_file": str(tmp_path / "admin"),
                  "spill_path": str(tmp_path / "journal.jsonl"), "usage_flush_interval_s": 0.2},
-        http_port=http_port, grpc_port=grpc_port)
+        http_port=http_port, grpc_port=grpc_port, ops_port=free_port())
     config = tmp_path / "gateway.json"
     config.write_text(settings.model_dump_json())
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()},
@@ -172,8 +175,11 @@ def test_killing_the_gateway_under_load_frees_the_replica_and_its_usage_comes_ba
         (app,) = serve_config(settings)["applications"]
         serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"])
         replica = serve.get_app_handle("scout")
+        store = TenantStore(connect(f"sqlite:///{database}"))  # herd gateway makes no tenant of its own
+        migrate(store.engine)
+        store.create_tenant("acme", allowed_models=["*"])
+        key = store.issue_key("acme")[1]
         first, output = gateway()
-        key = re.search(r"shown once, keep it\): (hk_\w+)", "".join(output)).group(1)
         results, seconds = asyncio.run(_load(f"127.0.0.1:{grpc_port}", key, lambda: first.kill()))
         assert [kind for kind, _ in results] == ["retriable"] * STREAMS, results
         assert {code for _, code in results} == {grpc.StatusCode.UNAVAILABLE}

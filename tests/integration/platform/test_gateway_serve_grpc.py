@@ -4,7 +4,6 @@ gRPC proxy (application metadata) deployed as serveConfigV2 deploys it; the answ
 from __future__ import annotations
 
 import base64
-import json
 import subprocess
 import sys
 import time
@@ -30,10 +29,11 @@ def test_herd_gateway_through_serves_grpc_proxy(ray_session, tmp_path):
     from herd.workers.serve_app import build_app
 
     model = make_tiny(tmp_path / "scout", preset="scout", seed=5)
-    proxy_port, http_port = free_port(), free_port()
+    proxy_port, http_port, ops_port = free_port(), free_port(), free_port()
     settings = HerdSettings.load(models=[{"name": "scout", "path": str(model), "shards": 0,
                                           "serve_grpc_target": f"127.0.0.1:{proxy_port}"}],
-                                 tenancy={"auth": False}, http_port=http_port, grpc_port=free_port())
+                                 tenancy={"auth": False}, http_port=http_port, grpc_port=free_port(),
+                                 ops_port=ops_port)
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()},
                 grpc_options={"port": proxy_port, "grpc_servicer_functions": [
                     "herd.protos.herd.v1.inference_pb2_grpc.add_InferenceServicer_to_server"]})
@@ -49,7 +49,7 @@ def test_herd_gateway_through_serves_grpc_proxy(ray_session, tmp_path):
         deadline = time.monotonic() + 120
         while True:
             try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                if httpx.get(url + "/health/ready", timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -78,7 +78,8 @@ def test_herd_gateway_through_serves_grpc_proxy(ray_session, tmp_path):
         assert refused.status_code == 400 and "truncated or corrupt" in refused.json()["error"]["message"]
         unknown = httpx.post(url + "/v1/chat/completions", json={**body, "model": "nope"}, timeout=30)
         assert unknown.status_code == 404
-        assert json.loads(httpx.get(url + "/herd/load", timeout=30).text)["scout"]["in_flight"] == 0
+        load = httpx.get(f"http://127.0.0.1:{ops_port}/herd/load", timeout=30).json()
+        assert load["scout"]["in_flight"] == 0
     finally:
         if proc is not None:
             interrupt(proc, timeout_s=60)

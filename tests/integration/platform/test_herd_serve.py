@@ -45,13 +45,14 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("herd")
     scout = make_tiny(root / "scout", preset="scout", seed=12)
     maverick = make_tiny(root / "maverick", preset="maverick", seed=12)
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port, ops_port = _free_port(), _free_port(), _free_port()
     config = root / "herd.yaml"
     config.write_text(json.dumps({
         "models": [{"name": "scout", "path": str(scout), "shards": 2},
                    {"name": "maverick", "path": str(maverick), "shards": 0}],
         "tenancy": {"database_url": f"sqlite:///{root / 'herd.db'}", "admin_token_file": str(root / "admin-token"),
                     "spill_path": str(root / "spill.jsonl"), "usage_flush_interval_s": 0.2},
+        "ops_port": ops_port,
     }))
     command = [sys.executable, "-m", "herd.cli", "serve", "--config", str(config), "--http-port", str(http_port),
                "--grpc-port", str(grpc_port)]
@@ -72,8 +73,9 @@ def server(tmp_path_factory):
         pytest.fail("herd serve did not come up:\n" + "".join(lines))
     threading.Thread(target=proc.stdout.read, daemon=True).start()
     banner = "".join(lines)
-    key = re.search(r"shown once, keep it\): (hk_\w+)", banner).group(1)
+    key = re.search(r"export HERD_KEY=(hk_\w+)", banner).group(1)
     yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}", "path": scout,
+           "ops": f"http://127.0.0.1:{ops_port}",
            "banner": banner, "proc": proc, "key": key, "root": root, "command": command, "env": env,
            "admin": (root / "admin-token").read_text().strip(), "completed": []}
     if proc.poll() is None:
@@ -223,7 +225,7 @@ def test_bad_input_on_both_doors_and_the_server_keeps_serving(server, client):
 
 
 def _stats(server):
-    return httpx.get(server["http"] + "/herd/stats", timeout=30).json()["scout"]
+    return httpx.get(server["ops"] + "/herd/stats", timeout=30).json()["scout"]
 
 
 def _settled(server):
@@ -254,14 +256,15 @@ def test_deadline_and_cancel_free_the_requests_blocks(server):
 
 def test_the_readme_curl_command(server):
     command = re.search(r"curl -s .*?\}'", server["banner"].replace("\\\n", " "), re.S).group(0)
-    out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60, check=True,
+                         env={**os.environ, "HERD_KEY": server["key"]}).stdout  # as the banner says to export it
     reply = json.loads(out)
     assert reply["object"] == "chat.completion" and 1 <= reply["usage"]["completion_tokens"] <= 16
 
 
 def _admin(server, method, path, **kwargs):
     headers = {"authorization": f"Bearer {server['admin']}"}
-    return httpx.request(method, server["http"] + "/admin/v1" + path, headers=headers, timeout=30, **kwargs)
+    return httpx.request(method, server["ops"] + "/admin/v1" + path, headers=headers, timeout=30, **kwargs)
 
 
 def test_two_tenants_see_their_models_hit_their_limits_and_are_billed_exactly(server):
@@ -317,7 +320,7 @@ def test_two_tenants_see_their_models_hit_their_limits_and_are_billed_exactly(se
         assert sum(r["prompt_tokens"] for r in rows) == prompt, (tenant, rows)
         assert sum(r["completion_tokens"] for r in rows) == completion, (tenant, rows)
         assert {r["tenant_id"] for r in rows} == {tenant}
-    assert httpx.get(server["http"] + "/admin/v1/usage", headers={"authorization": f"Bearer {keys['small']}"},
+    assert httpx.get(server["ops"] + "/admin/v1/usage", headers={"authorization": f"Bearer {keys['small']}"},
                      timeout=30).status_code == 401, "a tenant key cannot read the ledger"
 
 
@@ -329,7 +332,7 @@ def test_a_tenant_gets_no_prefix_cache_hit_on_another_tenants_prompt(server):
     keys = {t: _admin(server, "POST", f"/tenants/{t}/keys", json={"name": "t"}).json()["key"]
             for t in ("owner", "other")}
     body = {"model": "scout", "prompt": list(range(200, 296)), "max_tokens": 2, "temperature": 0}  # six blocks
-    port = httpx.get(server["http"] + "/herd/stats", timeout=30).json()["scout"]["metrics_port"]
+    port = httpx.get(server["ops"] + "/herd/stats", timeout=30).json()["scout"]["metrics_port"]
 
     def hits() -> float:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text

@@ -18,7 +18,7 @@ from tests.integration.platform.processes import free_port, interrupt, wait_unti
 
 def test_burst_up_quiet_down_idle_to_zero_and_back_with_nothing_failed(tmp_path):
     model = make_tiny(tmp_path / "scout", preset="scout", seed=21)
-    port = free_port()
+    port, ops_port = free_port(), free_port()
     config = tmp_path / "herd.json"
     config.write_text(json.dumps({
         "models": [{"name": "scout", "path": str(model), "shards": 0, "drain_timeout_s": 60,
@@ -27,11 +27,12 @@ def test_burst_up_quiet_down_idle_to_zero_and_back_with_nothing_failed(tmp_path)
                                   "scale_down_window_s": 6, "idle_to_zero_s": 8, "ttft_slo_s": None}}],
         "controlplane": {"enabled": True, "interval_s": 1},
         "tenancy": {"auth": False},
+        "ops_port": ops_port,
     }))
     proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", "--config", str(config),
                              "--http-port", str(port), "--grpc-port", str(free_port())],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    url, ops = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{ops_port}"
     output: list[str] = []
     history: list[dict] = []  # what /herd/controlplane said, in order
 
@@ -42,7 +43,7 @@ def test_burst_up_quiet_down_idle_to_zero_and_back_with_nothing_failed(tmp_path)
         wait_until_serving(proc, output)
 
         def scout() -> dict:
-            state = httpx.get(url + "/herd/controlplane", timeout=30).json()
+            state = httpx.get(ops + "/herd/controlplane", timeout=30).json()
             history.append({**state["replicas"]["scout"], "reason": state["decisions"].get("scout", {}).get("reason")})
             return state["replicas"]["scout"]
 
@@ -81,7 +82,7 @@ def test_burst_up_quiet_down_idle_to_zero_and_back_with_nothing_failed(tmp_path)
 
         assert asyncio.run(wake()) == 5, "held until a replica came back, then served"
         assert scout()["target"] == 1
-        metrics = httpx.get(url + "/metrics", timeout=30).text
+        metrics = httpx.get(ops + "/metrics", timeout=30).text
         assert 'herd_controlplane_decisions_total{direction="up",model="scout"}' in metrics
         assert 'herd_controlplane_target_replicas{model="scout"} 1.0' in metrics
     finally:

@@ -22,13 +22,14 @@ TRACEPARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"
 def test_one_trace_from_gateway_to_replica_to_expert_shards_and_metrics_on_both(tmp_path):
     collector = Collector()
     model = make_tiny(tmp_path / "scout", preset="scout", seed=5)
-    port = free_port()
+    port, ops_port = free_port(), free_port()
     config = tmp_path / "herd.json"
     config.write_text(json.dumps({
         "models": [{"name": "scout", "path": str(model), "shards": 2, "transport": "grpc"}],
         "tenancy": {"auth": False},
         "telemetry": {"traces": "otlp", "otlp_endpoint": collector.endpoint, "step_sample_ratio": 1.0,
                       "log_format": "json"},
+        "ops_port": ops_port,
     }))
     proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", "--config", str(config),
                              "--http-port", str(port), "--grpc-port", str(free_port())],
@@ -42,9 +43,10 @@ def test_one_trace_from_gateway_to_replica_to_expert_shards_and_metrics_on_both(
                 "temperature": 0}
         reply = httpx.post(url + "/v1/chat/completions", json=body, headers={"traceparent": TRACEPARENT}, timeout=120)
         assert reply.status_code == 200, reply.text
-        stats = httpx.get(url + "/herd/stats", timeout=30).json()["scout"]
+        ops = f"http://127.0.0.1:{ops_port}"
+        stats = httpx.get(ops + "/herd/stats", timeout=30).json()["scout"]
         replica_metrics = httpx.get(f"http://127.0.0.1:{stats['metrics_port']}/metrics", timeout=30).text
-        gateway_metrics = httpx.get(url + "/metrics", timeout=30).text
+        gateway_metrics = httpx.get(ops + "/metrics", timeout=30).text
 
         wanted = {("herd-gateway", "herd.request scout"), ("herd-replica", "herd.replica.generate"),
                   ("herd-replica", "herd.expert_dispatch"), ("herd-expert-shard", "herd.expert_shard.compute")}
