@@ -16,6 +16,7 @@ from herd.platform.tenancy.files import private_directory
 from herd.platform.tenancy.guard import Guard
 from herd.platform.tenancy.keys import redact
 from herd.platform.tenancy.ledger import UsageLedger
+from herd.platform.tenancy.quota import InProcessQuota, Quota, RedisQuota
 from herd.platform.tenancy.rate_limit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
 from herd.platform.tenancy.store import TenantStore
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("herd.tenancy")
 DEV_TENANT = "dev"
 MIN_ADMIN_TOKEN_CHARS = 32
+SLOT_LEASE_MARGIN_S = 60  # a concurrency slot outlives the request timeout by this (then a dead gateway's expires)
 REDIS_HEALTH_CHECK_S = 30  # a pooled connection idle this long is pinged before its next command
 EMBEDDED_DATABASE_URL: str = TenancySettings.model_fields["database_url"].default
 
@@ -38,17 +40,28 @@ class Tenancy:
     first_key: str | None  # the development key, only on the start that created it
 
 
-def start_tenancy(settings: TenancySettings, *, dev_tenant: bool = False) -> Tenancy:
+def start_tenancy(settings: TenancySettings, *, dev_tenant: bool = False, request_timeout_s: float = 600.0) -> Tenancy:
     """Connect, migrate, and read (or make) the admin credential. With `dev_tenant` (a local `herd serve`)
     on the embedded SQLite default, an empty database also gets tenant `dev`: every model, no limits, and
-    its key in `first_key`. Never on a configured database: that one is a deployment's."""
+    its key in `first_key`. Never on a configured database: that one is a deployment's. With Redis, rate
+    limits, concurrency slots and the monthly budget are shared by every gateway; a slot's lease outlives
+    the longest request (`request_timeout_s`) a little, so a dead gateway's slots come back."""
     token = admin_token(settings.admin_token_file)
     engine = connect(settings.database_url, timeout_s=settings.database_timeout_s)
     migrate(engine)
-    store = TenantStore(engine)
-    limiter: RateLimiter = RedisRateLimiter(redis_client(settings)) if settings.redis_url else InProcessRateLimiter()
-    ledger = UsageLedger(store, flush_interval_s=settings.usage_flush_interval_s, spill_path=settings.spill_path)
-    guard = Guard(store, limiter, ledger)
+    store = TenantStore(engine, key_cache_ttl_s=settings.key_cache_ttl_s, key_cache_size=settings.key_cache_size)
+    limiter: RateLimiter
+    quota: Quota
+    if settings.redis_url:
+        client = redis_client(settings)
+        limiter = RedisRateLimiter(client, timeout_s=settings.redis_timeout_s)
+        quota = RedisQuota(client, lease_s=request_timeout_s + SLOT_LEASE_MARGIN_S, timeout_s=settings.redis_timeout_s)
+    else:
+        limiter, quota = InProcessRateLimiter(), InProcessQuota()
+    ledger = UsageLedger(store, flush_interval_s=settings.usage_flush_interval_s, spill_path=settings.spill_path,
+                         timeout_s=settings.database_timeout_s)
+    guard = Guard(store, limiter, ledger, quota=quota, database_timeout_s=settings.database_timeout_s,
+                  default_output_reservation_tokens=settings.default_output_reservation_tokens)
     first_key = None
     if dev_tenant and settings.database_url == EMBEDDED_DATABASE_URL and not store.list_tenants():
         store.create_tenant(DEV_TENANT, name="development", allowed_models=["*"])

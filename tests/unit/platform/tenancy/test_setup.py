@@ -16,6 +16,8 @@ import redis.exceptions
 
 from herd.platform.settings import TenancySettings
 from herd.platform.tenancy import setup
+from herd.platform.tenancy.quota import InProcessQuota, RedisQuota
+from herd.platform.tenancy.rate_limit import RedisRateLimiter
 from herd.platform.tenancy.setup import DEV_TENANT, MIN_ADMIN_TOKEN_CHARS, admin_token, redis_client, start_tenancy
 
 
@@ -181,3 +183,27 @@ def test_the_database_directory_and_files_are_owner_only(tmp_path, monkeypatch, 
         assert {p.name: _mode(p) for p in files} == {p.name: 0o600 for p in files}
     finally:
         tenancy.store.engine.dispose()
+
+
+# --- what the settings reach ---------------------------------------------------------------------------------
+def test_the_tenancy_settings_reach_the_guard_the_store_and_the_ledger(tmp_path):
+    """With Redis, concurrency slots and the budget are shared (RedisQuota), leased a little past the request
+    timeout; the key cache, the database timeout and the output reservation are the settings'."""
+    settings = _settings(tmp_path, database_url=f"sqlite:///{tmp_path / 'herd.db'}", redis_url="redis://127.0.0.1:6379/0",
+                         key_cache_ttl_s=7.0, key_cache_size=99, database_timeout_s=3.0, redis_timeout_s=0.5,
+                         default_output_reservation_tokens=77)
+    tenancy = start_tenancy(settings, request_timeout_s=120.0)
+    try:
+        guard, store = tenancy.guard, tenancy.store
+        assert isinstance(guard.limits.quota, RedisQuota) and isinstance(guard.limits.rates, RedisRateLimiter)
+        assert guard.limits.quota.lease_s > 120.0 and guard.limits.quota.timeout_s == 0.5
+        assert (store.key_cache_ttl_s, store.key_cache_size) == (7.0, 99)
+        assert (guard.database_timeout_s, guard.default_output_reservation_tokens) == (3.0, 77)
+        assert tenancy.ledger.timeout_s == 3.0
+    finally:
+        store.engine.dispose()
+    local = start_tenancy(_settings(tmp_path, database_url=f"sqlite:///{tmp_path / 'local.db'}"))
+    try:
+        assert isinstance(local.guard.limits.quota, InProcessQuota)
+    finally:
+        local.store.engine.dispose()
