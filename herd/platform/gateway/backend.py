@@ -63,7 +63,7 @@ class LocalBackend:
                 async for chunk in stream:
                     yield chunk
         except HerdError as err:
-            raise from_replica(err) from err
+            raise from_replica(err, request_id=request.request_id) from err
         finally:
             self._active -= 1
 

@@ -328,6 +328,9 @@ class Gateway:
         except HerdError as err:
             status, error = ("interrupted" if err.reason == "interrupted" else err.code.value.lower()), err
             raise
+        except Exception:  # a bug or a backend's own failure: the door answers INTERNAL; the row says so too
+            status = "internal"
+            raise
         finally:
             self._interrupts.discard(interrupted)
             self.in_flight -= 1

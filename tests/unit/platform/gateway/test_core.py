@@ -226,3 +226,25 @@ def test_a_request_refused_after_admission_gives_its_slot_back_and_writes_no_row
     refused, streamed = asyncio.run(main())
     assert http_status(refused) == 400 and streamed == 2, "the slot came back: the next request was served"
     assert [(r.status, r.completion_tokens) for r in store.usage_rows("one")] == [("ok", 2)]
+
+
+def test_a_backend_that_fails_midway_settles_its_request_as_internal(core):
+    class Failing(LocalBackend):
+        async def generate(self, request: pb.GenerateRequest) -> Any:
+            async for chunk in super().generate(request):
+                yield chunk
+                raise RuntimeError("10.0.0.7:50061 is down")
+
+    guard = Settlements()
+    gateway = Gateway({"scout": Failing(core)}, guard=guard)
+
+    async def main() -> int:
+        prepared = await gateway.prepare_text("scout", "Hello", pb.SamplingOptions(max_tokens=40, ignore_eos=True))
+        streamed = 0
+        with pytest.raises(RuntimeError):
+            async for chunk in gateway.stream(prepared):
+                streamed += len(chunk.token_ids)
+        return streamed
+
+    streamed = asyncio.run(main())
+    assert [(s["status"], s["completion_tokens"]) for s in guard.settled] == [("internal", streamed)]
