@@ -293,12 +293,12 @@ def _port(server: uvicorn.Server) -> int:
 def http_config(app: Any, settings: HerdSettings) -> uvicorn.Config:
     """uvicorn's config for the HTTP door: TLS when settings.tls has a certificate, and client certificates
     from tls.client_ca_file required when that is set; the door's limits (settings.limits): connections at
-    once (503 beyond), keep-alive, request line and header size, and the time headers may take (h11 with
-    HeaderDeadlineProtocol: httptools has no header size limit to set). Shutdown is bounded by
+    once (503 beyond), keep-alive, request line and header size, the time headers may take, and the write
+    deadline at the socket (h11 with DoorProtocol: httptools has no header size limit to set). Shutdown is bounded by
     settings.shutdown_timeout_s."""
     import ssl
 
-    from herd.platform.gateway.body_limit import HeaderDeadlineProtocol
+    from herd.platform.gateway.body_limit import DoorProtocol
 
     tls = settings.tls
     limits = settings.limits
@@ -307,8 +307,10 @@ def http_config(app: Any, settings: HerdSettings) -> uvicorn.Config:
         options = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
         if tls.client_ca_file is not None:
             options |= {"ssl_ca_certs": str(tls.client_ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    protocol = DoorProtocol.with_limits(header_timeout_s=limits.http_read_timeout_s,
+                                        write_timeout_s=limits.stream_write_timeout_s)
     return uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
-                          lifespan="off", http=HeaderDeadlineProtocol.with_timeout(limits.http_read_timeout_s),
+                          lifespan="off", http=protocol,
                           limit_concurrency=limits.http_max_connections,
                           timeout_keep_alive=limits.http_keep_alive_timeout_s,  # type: ignore[arg-type]
                           h11_max_incomplete_event_size=limits.http_max_header_bytes,

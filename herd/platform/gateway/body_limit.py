@@ -5,15 +5,20 @@ body without one (chunked) is counted as it arrives and refused at the first byt
 that has not all arrived `read_timeout_s` after the request began is refused with 408. The application
 never sees more than the limit, and never waits on a slow client past the deadline.
 
-The headers come before the application exists: HeaderDeadlineProtocol (uvicorn's h11 protocol) closes a
-connection whose request line and headers have not all arrived within the deadline of its start (or of the
-end of its previous response), so a client that trickles a byte at a time (slowloris) cannot hold one.
+The headers come before the application exists: DoorProtocol (uvicorn's h11 protocol) closes a connection
+whose request line and headers have not all arrived within the deadline of its start (or of the end of its
+previous response), so a client that trickles a byte at a time (slowloris) cannot hold one. It also sets
+TCP_USER_TIMEOUT on each connection (Linux): a peer that acknowledges nothing for the write deadline, a
+client that stopped reading included (zero-window probes count), is dropped by the kernel, so the socket of
+a stream aborted for a stalled reader does not linger with its unsent bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -120,17 +125,24 @@ async def _refuse(send: Send, status: int, err: HerdError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class HeaderDeadlineProtocol(H11Protocol):
+class DoorProtocol(H11Protocol):
     """uvicorn's h11 protocol, closing a connection whose request headers are not all in within
     `header_timeout_s` of the connection's start, or of the end of its previous response (uvicorn bounds only
-    the idle time before a request's first byte; a byte now and then kept a connection forever)."""
+    the idle time before a request's first byte; a byte now and then kept a connection forever), and
+    dropping one whose peer acknowledges nothing for `write_timeout_s` (None: the system's default)."""
 
     header_timeout_s: float = 30.0
+    write_timeout_s: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
         self._header_deadline: asyncio.TimerHandle | None = None
         self._await_headers()
+        sock = transport.get_extra_info("socket")
+        user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux only
+        if self.write_timeout_s is not None and sock is not None and user_timeout is not None:
+            with contextlib.suppress(OSError):  # not TCP (a Unix socket): nothing to bound
+                sock.setsockopt(socket.IPPROTO_TCP, user_timeout, int(self.write_timeout_s * 1000))
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -162,7 +174,10 @@ class HeaderDeadlineProtocol(H11Protocol):
             self.transport.close()
 
     @classmethod
-    def with_timeout(cls, header_timeout_s: float) -> type[HeaderDeadlineProtocol]:
+    def with_limits(cls, *, header_timeout_s: float, write_timeout_s: float | None) -> type[DoorProtocol]:
+        """This protocol with these limits (uvicorn takes a class, and makes one per connection)."""
         if header_timeout_s <= 0:
             raise ValueError(f"header_timeout_s must be > 0, got {header_timeout_s}")
-        return type(cls.__name__, (cls,), {"header_timeout_s": header_timeout_s})
+        if write_timeout_s is not None and write_timeout_s <= 0:
+            raise ValueError(f"write_timeout_s must be > 0, got {write_timeout_s}")
+        return type(cls.__name__, (cls,), {"header_timeout_s": header_timeout_s, "write_timeout_s": write_timeout_s})

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import uvicorn
 from fastapi import FastAPI
 
-from herd.platform.gateway.body_limit import HeaderDeadlineProtocol
+from herd.platform.gateway.body_limit import DoorProtocol
 from herd.platform.server import _announce, door_grace_s, http_config, ledger_reserve_s
 from herd.platform.settings import DoorLimits, HerdSettings, TenancySettings
 from tests.waiting import until
@@ -23,7 +23,8 @@ def test_the_door_limits_reach_uvicorn():
     config = http_config(None, HerdSettings(http_port=0, limits=limits, shutdown_timeout_s=25))
     assert config.limit_concurrency == 7 and config.timeout_keep_alive == 3
     assert config.h11_max_incomplete_event_size == 4096
-    assert issubclass(config.http, HeaderDeadlineProtocol) and config.http.header_timeout_s == 2
+    assert issubclass(config.http, DoorProtocol) and config.http.header_timeout_s == 2
+    assert config.http.write_timeout_s == DoorLimits().stream_write_timeout_s
     assert config.timeout_graceful_shutdown == door_grace_s(HerdSettings(shutdown_timeout_s=25)) == 20
     assert ledger_reserve_s(25) == 5 and door_grace_s(HerdSettings(shutdown_timeout_s=3)) == 2.4
 

@@ -314,14 +314,17 @@ def test_a_stream_whose_client_stops_reading_is_aborted_and_settled(core):
                 f"Authorization: Bearer {RecordingGuard.KEY}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
             started = await until(lambda: gateway.in_flight == 1, timeout_s=30)
             ended = await until(lambda: gateway.in_flight == 0 and guard.settled, timeout_s=120)
+            # The socket goes too (the kernel's TCP_USER_TIMEOUT), though the client still holds it open.
+            dropped = await until(lambda: not server.server_state.connections, timeout_s=120)
             sock.close()
-            return started, ended
+            return started, ended, dropped
         finally:
             server.should_exit = True
             await task
 
-    started, ended = _run(main())
+    started, ended, dropped = _run(main())
     assert started, "the request never began"
     assert ended, "the stream of a client that reads nothing was never ended"
+    assert dropped, "the connection of the aborted stream was kept"
     [settled] = guard.settled
     assert settled["status"] == "cancelled" and 0 < settled["completion_tokens"] < 480, settled
