@@ -124,7 +124,7 @@ class _ShardStream:
                     return info
                 except grpc.RpcError as probe:
                     err = probe
-            raise HerdError(Code.of(err.code().name), f"expert shard at {self.address}: {err.details()}") from err
+            raise HerdError(shard_code(err.code().name), f"expert shard at {self.address}: {err.details()}") from err
 
     def send(self, layer: int, counts: list[int], rows: pb.Tensor, trace_context: dict[str, str] | None = None) -> int:
         with self._lock:
@@ -146,7 +146,7 @@ class _ShardStream:
         if isinstance(reply, grpc.RpcError):
             self._break()
             code = reply.code().name if reply.code() is not None else "UNAVAILABLE"
-            raise HerdError(Code.of(code), f"expert shard at {self.address}: {reply.details()}")
+            raise HerdError(shard_code(code), f"expert shard at {self.address}: {reply.details()}")
         if reply.sequence != sequence:
             self._break()
             raise HerdError(Code.INTERNAL,
@@ -195,3 +195,11 @@ class _ShardStream:
                 self._call.cancel()
             self._requests, self._call = None, None
             self._replies = queue.Queue()
+
+
+def shard_code(name: str) -> Code:
+    """The replica's code for a shard's gRPC status: a shard gone or slow is UNAVAILABLE or DEADLINE_EXCEEDED
+    (worth a retry); anything else it refuses was built by the trunk, so it is the replica's own fault
+    (INTERNAL), never the client's (a shard's INVALID_ARGUMENT is not a 400)."""
+    code = Code.of(name)
+    return code if code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED) else Code.INTERNAL

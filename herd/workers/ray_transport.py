@@ -35,7 +35,7 @@ class RayTransport:
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
             raise HerdError(Code.UNAVAILABLE, f"an expert shard is unavailable: {err}") from err
         except ray.exceptions.RayTaskError as err:  # the shard refused the work (ValueError: a bad dispatch)
-            raise HerdError(Code.INVALID_ARGUMENT, f"an expert shard refused the work: {err.cause}") from err
+            raise HerdError(Code.INTERNAL, f"an expert shard refused the work: {err.cause}") from err
         finally:
             self.stats.calls += 1
 

@@ -125,3 +125,19 @@ def test_the_cli_listens_beyond_loopback_only_with_tls(tmp_path, capsys, host):
 
     assert main(["expert-shard", "--model", str(tmp_path), "--experts", "0:2", "--host", host]) == 2
     assert "reachable from the network: a shard there needs mutual TLS" in capsys.readouterr().err
+
+
+def test_a_dispatch_a_shard_refuses_is_the_replicas_fault_not_the_clients(shard):
+    """A shard's INVALID_ARGUMENT means the trunk built a bad dispatch: the replica reports INTERNAL (the gateway
+    then answers a generic 500 with the request id), never a 400 that shows the shard's address to a client."""
+    from herd.engine.errors import Code, HerdError
+
+    _, address, service = shard
+    transport = GrpcTransport([address], timeout_s=10)
+    try:
+        rows = torch.randn(3, service.config.hidden_size)
+        with pytest.raises(HerdError) as refused:
+            transport.run(1, [ShardWork(counts=[5, 0, 0, 0], rows=rows)])  # counts say 5 rows, 3 are sent
+        assert refused.value.code is Code.INTERNAL, refused.value
+    finally:
+        transport.close()
