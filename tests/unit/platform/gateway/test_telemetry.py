@@ -267,6 +267,7 @@ def test_json_logs_carry_request_and_trace_ids_and_never_the_prompt_or_key(tmp_p
     class DuringStream:  # logs from inside the request's stream, as the gateway's own code would
         def __init__(self, inner):
             self.inner, self.name, self.tokenizer = inner, inner.name, inner.tokenizer
+            self.image_prompts = inner.image_prompts
 
         def card(self):
             return self.inner.card()
