@@ -156,21 +156,26 @@ class HerdServe(ServerProcess):
     """`herd serve` on free ports with API keys on, as a user runs it. Its tenants live in a fresh SQLite
     database in `work`; once it is up, the admin API makes the tenant 'bench' (every model, no limits) and one
     key for it, so nothing depends on what a first start does, and `api_key` is what clients send.
-    `settings` is the config file's content (its `tenancy` section is added to, not replaced); `args` go
-    after `herd serve`'s own; the log goes to `log` (default: in `work`)."""
+    `settings` is the config file's content (its `tenancy` section is added to, not replaced); `tenant` adds
+    fields (limits) to the tenant; `args` go after `herd serve`'s own; the log goes to `log` (default: in
+    `work`). The operator endpoints (/herd/*, /admin/v1) are at `ops_url`."""
 
-    def __init__(self, work: Path, *, settings: Mapping[str, Any] | None = None, args: Sequence[str] = (),
-                 log: Path | None = None, ready_timeout_s: float = 300.0, stop_timeout_s: float = 120.0) -> None:
+    def __init__(self, work: Path, *, settings: Mapping[str, Any] | None = None,
+                 tenant: Mapping[str, Any] | None = None, args: Sequence[str] = (), log: Path | None = None,
+                 ready_timeout_s: float = 300.0, stop_timeout_s: float = 120.0) -> None:
         self.work = work
         tenancy = {"auth": True, "database_url": f"sqlite:///{work / 'herd.db'}",
                    "admin_token_file": str(work / "admin-token"), "spill_path": str(work / "usage-spill.jsonl"),
                    **dict((settings or {}).get("tenancy", {}))}
-        self.settings = {**(settings or {}), "tenancy": tenancy}
+        self.ops_port = free_port()
+        self.settings = {"ops_port": self.ops_port, **(settings or {}), "tenancy": tenancy}
+        self.ops_url = f"http://127.0.0.1:{self.ops_port}"
+        self.tenant = dict(tenant or {})
         self.http_port, self.grpc_port = free_port(), free_port()
         self.api_key = ""
         cmd = [sys.executable, "-m", "herd.cli", "serve", "--config", str(work / "herd.json"), "--http-port",
                str(self.http_port), "--grpc-port", str(self.grpc_port), *args]
-        super().__init__("herd serve", cmd, url=f"http://127.0.0.1:{self.http_port}",
+        super().__init__("herd serve", cmd, url=f"http://127.0.0.1:{self.http_port}", ready_path="/health/ready",
                          log=log or work / "herd_serve.log", cwd=work, ready_timeout_s=ready_timeout_s,
                          stop_timeout_s=stop_timeout_s)
 
@@ -188,9 +193,9 @@ class HerdServe(ServerProcess):
     def _bench_key(self) -> str:
         """The tenant BENCH_TENANT and a key of it, made through the admin API (its token: made at start)."""
         token = Path(self.settings["tenancy"]["admin_token_file"]).read_text().strip()
-        with httpx.Client(base_url=f"{self.url}/admin/v1", headers={"Authorization": f"Bearer {token}"},
+        with httpx.Client(base_url=f"{self.ops_url}/admin/v1", headers={"Authorization": f"Bearer {token}"},
                           timeout=30) as admin:
-            made = admin.post("/tenants", json={"id": BENCH_TENANT, "allowed_models": ["*"]})
+            made = admin.post("/tenants", json={"id": BENCH_TENANT, "allowed_models": ["*"], **self.tenant})
             key = admin.post(f"/tenants/{BENCH_TENANT}/keys", json={"name": "benchmark"}) if made.is_success else made
         if not key.is_success:
             raise ServerError(f"herd serve's admin API answered {key.status_code}: {key.text[:500]} "

@@ -317,6 +317,11 @@ class Gateway:
                         return
                     except TimeoutError:
                         raise deadline_exceeded(limit) from None
+                    except HerdError:
+                        raise
+                    except Exception:  # the backend failed (a bug, not a refusal): the door answers INTERNAL
+                        status = "internal"
+                        raise
                     if not completion and chunk.token_ids:
                         self.load.first_token(model, time.monotonic() - started)
                     completion += len(chunk.token_ids)
@@ -327,9 +332,6 @@ class Gateway:
                     yield chunk
         except HerdError as err:
             status, error = ("interrupted" if err.reason == "interrupted" else err.code.value.lower()), err
-            raise
-        except Exception:  # a bug or a backend's own failure: the door answers INTERNAL; the row says so too
-            status = "internal"
             raise
         finally:
             self._interrupts.discard(interrupted)
