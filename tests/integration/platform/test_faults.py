@@ -92,14 +92,13 @@ def _blocks_held(ops: str) -> int:
 def test_killing_a_shard_then_a_replica_under_load_loses_nothing(tmp_path):
     model = make_tiny(tmp_path / "scout", preset="scout", seed=31)
     http_port, grpc_port, ops_port = free_port(), free_port(), free_port()
-    database = tmp_path / "herd.db"
+    database = tmp_path / ".herd" / "herd.db"  # the embedded default (cwd is tmp_path): herd serve makes tenant dev
     config = tmp_path / "herd.json"
     config.write_text(json.dumps({
         "models": [{"name": "scout", "path": str(model), "shards": 2, "transport": "grpc", "dispatch_timeout_s": 5,
                     "deployment": {"health_check_period_s": 2, "max_ongoing_requests": 64},
                     "engine": {"max_num_seqs": 64}}],
-        "tenancy": {"database_url": f"sqlite:///{database}", "admin_token_file": str(tmp_path / "admin"),
-                    "spill_path": str(tmp_path / "spill.jsonl")},
+        "tenancy": {"admin_token_file": str(tmp_path / "admin"), "spill_path": str(tmp_path / "spill.jsonl")},
         "ops_port": ops_port,
     }))
     proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", "--config", str(config),

@@ -50,7 +50,9 @@ def server(tmp_path_factory):
     config.write_text(json.dumps({
         "models": [{"name": "scout", "path": str(scout), "shards": 2},
                    {"name": "maverick", "path": str(maverick), "shards": 0}],
-        "tenancy": {"database_url": f"sqlite:///{root / 'herd.db'}", "admin_token_file": str(root / "admin-token"),
+        # The embedded database (sqlite:///.herd/herd.db, in the working directory): a local herd serve makes
+        # the development tenant there, and only there.
+        "tenancy": {"admin_token_file": str(root / "admin-token"),
                     "spill_path": str(root / "spill.jsonl"), "usage_flush_interval_s": 0.2},
         "ops_port": ops_port,
     }))
@@ -58,7 +60,7 @@ def server(tmp_path_factory):
                "--grpc-port", str(grpc_port)]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     log_file = (root / "stderr.log").open("w")
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env, cwd=root)
     lines: list[str] = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -376,11 +378,11 @@ def test_zzz_usage_rows_survive_the_restart_and_serving_resumes(server):
     from herd.platform.tenancy.database import connect
     from herd.platform.tenancy.store import TenantStore
 
-    store = TenantStore(connect(f"sqlite:///{server['root'] / 'herd.db'}"))
+    store = TenantStore(connect(f"sqlite:///{server['root'] / '.herd' / 'herd.db'}"))
     recorded = {r.request_id: r.status for t in ("dev", "small", "big") for r in store.usage_rows(t)}
     assert server["completed"] and all(recorded.get(rid) == "ok" for rid in server["completed"])
     proc = subprocess.Popen(server["command"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=server["env"])
+                            env=server["env"], cwd=server["root"])
     try:
         banner = ""
         while "Ctrl-C stops everything" not in banner:
