@@ -81,7 +81,8 @@ class ControlPlaneSettings(_Section):
     enabled: bool = Field(False, description="herd serve: scale replicas with the control plane")
     interval_s: float = Field(10, gt=0, description="seconds between decisions")
     gpu_pool: float | None = Field(None, gt=0, description="GPUs all models may use together; null: unlimited")
-    gateway_urls: list[str] = Field(default_factory=list, description="herd controlplane: gateways to read")
+    gateway_urls: list[str] = Field(default_factory=list, description="herd controlplane: the gateways' operator URLs "
+                                    "(ops_port) whose /herd/load it reads")
     resolve_gateways: bool = Field(False, description="herd controlplane: ask every address of each gateway URL's "
                                    "host (a headless Service: every gateway pod)")
     namespace: str = Field("herd", description="herd controlplane: Kubernetes namespace")

@@ -132,6 +132,11 @@ class Gateway:
             if not waiter.done():
                 waiter.set_result(None)
 
+    @property
+    def closing(self) -> bool:
+        """Shutting down: new requests are refused."""
+        return self._closing
+
     def _check_open(self) -> None:
         if self._closing:
             raise HerdError(Code.UNAVAILABLE, "the server is shutting down; retry the request", reason="shutting_down",
@@ -220,12 +225,17 @@ class Gateway:
             backend = self.backend(model, identity)
             check_sampling(options)
             request_id = f"herd-{uuid.uuid4().hex}"  # ours, never the client's: ledger rows are keyed by it
-            admission = None if self.guard is None else await self.guard.enter(identity, model, request_id)
+            tenant = self.guard.context(identity).tenant_id if self.guard is not None else "default"
+            admission = None
             try:
+                if self.guard is not None:
+                    admission = await self.guard.enter(identity, model, request_id)
                 yield Ticket(backend, identity, request_id, admission)
-            except BaseException:
+            except BaseException as err:
                 if admission is not None and self.guard is not None:
                     await self.guard.settle(admission, completion_tokens=0, cached_tokens=0, status="refused")
+                if isinstance(err, HerdError):
+                    self.telemetry.refused(model, tenant, request_id, err)
                 raise
 
     @staticmethod

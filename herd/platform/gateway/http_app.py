@@ -92,7 +92,7 @@ def create_app(gateway: Gateway, *, max_request_body_bytes: int = MAX_REQUEST_BO
     async def ready() -> JSONResponse:
         """200 when this gateway takes requests and every model's backend was healthy at its last check
         (checked at most every few seconds, whatever the probe rate)."""
-        if gateway._closing:  # the lead adds a public Gateway.closing; until then the same flag
+        if gateway.closing:
             return JSONResponse({"ready": False, "reason": "shutting down"}, status_code=503)
         states = await health.states()
         ok = all(states.values())

@@ -48,6 +48,16 @@ class RequestTelemetry:
         request.trace_context.update(inject(trace.set_span_in_context(span)))
         return RequestRecord(self, span, request.model, tenant, request.request_id, prompt_tokens)
 
+    def refused(self, model: str, tenant: str, request_id: str, error: HerdError) -> None:
+        """A request refused by its tenant's limits (or failed) before it was sent: counted like one that ended
+        so (requests by status, 429s by limit) and one access-log line; it has no span (nothing ran for it)."""
+        status = error.code.value.lower()
+        self.metrics.requests.labels(model, tenant, status).inc()
+        if http_status(error) == 429:
+            self.metrics.rate_limited.labels(model, tenant, error.reason or "capacity").inc()
+        access.info("request %s", status, extra={"request_id": request_id, "model": model, "tenant": tenant,
+                                                 "status": status, "prompt_tokens": 0, "completion_tokens": 0})
+
 
 class RequestRecord:
     def __init__(self, owner: RequestTelemetry, span: Span, model: str, tenant: str, request_id: str,
