@@ -23,6 +23,7 @@ class ScriptedBackend:
 
     def __init__(self, tokenizer, text):
         self.name, self.tokenizer, self.text, self.prompts = "scout", tokenizer, text, []
+        self.image_prompts = None  # text only
 
     def card(self):
         return pb.ModelCard(id="scout", root="", max_model_len=4096, created=1)
