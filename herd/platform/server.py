@@ -310,7 +310,7 @@ def http_config(app: Any, settings: HerdSettings) -> uvicorn.Config:
     protocol = DoorProtocol.with_limits(header_timeout_s=limits.http_read_timeout_s,
                                         write_timeout_s=limits.stream_write_timeout_s)
     return uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
-                          lifespan="off", http=protocol,
+                          log_config=None, lifespan="off", http=protocol,
                           limit_concurrency=limits.http_max_connections,
                           timeout_keep_alive=limits.http_keep_alive_timeout_s,  # type: ignore[arg-type]
                           h11_max_incomplete_event_size=limits.http_max_header_bytes,
@@ -320,8 +320,8 @@ def http_config(app: Any, settings: HerdSettings) -> uvicorn.Config:
 def ops_config(app: Any, settings: HerdSettings) -> uvicorn.Config:
     """uvicorn's config for the operator listener: plain HTTP on settings.ops_host:ops_port (loopback by
     default; in Kubernetes a Service that only the cluster reaches)."""
-    return uvicorn.Config(app, host=settings.ops_host, port=settings.ops_port, log_level="warning", lifespan="off",
-                          timeout_graceful_shutdown=door_grace_s(settings))  # type: ignore[arg-type]
+    return uvicorn.Config(app, host=settings.ops_host, port=settings.ops_port, log_level="warning", log_config=None,
+                          lifespan="off", timeout_graceful_shutdown=door_grace_s(settings))  # type: ignore[arg-type]
 
 
 def _tenancy(settings: HerdSettings, *, dev_tenant: bool) -> Tenancy | None:
@@ -329,7 +329,7 @@ def _tenancy(settings: HerdSettings, *, dev_tenant: bool) -> Tenancy | None:
         log.warning("AUTHENTICATION IS OFF (--no-auth): anyone who can reach the ports can use every model, "
                     "with no limits and no usage ledger. For local experiments only.")
         return None
-    tenancy = start_tenancy(settings.tenancy, dev_tenant=dev_tenant)
+    tenancy = start_tenancy(settings.tenancy, dev_tenant=dev_tenant, request_timeout_s=settings.request_timeout_s)
     tenancy.ledger.start()
     return tenancy
 

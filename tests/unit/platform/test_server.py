@@ -17,6 +17,22 @@ from tests.waiting import until
 KEY = "hk_abcd1234_" + "s" * 40
 
 
+def test_uvicorn_logs_through_herds_handlers_and_redaction():
+    """uvicorn's default log config gives uvicorn.error and uvicorn.access handlers of their own that do not
+    propagate: their lines would skip Herd's format and redaction. Both doors leave logging to Herd."""
+    import logging
+
+    from herd.platform.server import ops_config
+
+    names = ("uvicorn", "uvicorn.error", "uvicorn.access")
+    for name in names:
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    http_config(None, HerdSettings(http_port=0))
+    ops_config(None, HerdSettings(ops_port=0))
+    assert all(not logging.getLogger(n).handlers and logging.getLogger(n).propagate for n in names)
+
+
 def test_the_door_limits_reach_uvicorn():
     limits = DoorLimits(http_max_connections=7, http_keep_alive_timeout_s=3, http_read_timeout_s=2,
                         http_max_header_bytes=4096)
