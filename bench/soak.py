@@ -56,6 +56,7 @@ from herd_loadgen import make_workload
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 WRITE_TIMEOUT_S = 5.0  # the doors' stream write deadline in this run: a slow reader is ended after it
+IDLE_WITHIN_S = 60.0  # once the clients stop, the replica must hold no request and no KV block within this
 
 
 @dataclass
@@ -208,8 +209,13 @@ async def _soak(server: HerdServe, args: argparse.Namespace, roles: dict[str, in
                 next_sample += args.sample_s
             await asyncio.sleep(0.2)
         await asyncio.gather(*clients, *burst_tasks)
-        await asyncio.sleep(WRITE_TIMEOUT_S + 2)
-        samples.append({**await _sample(ops, roles, seen, t_s=round(time.monotonic() - start)), "idle": True})
+        ended = time.monotonic()
+        while True:  # idle: every request ends and frees its KV blocks (a slow reader's within the deadline)
+            final = await _sample(ops, roles, seen, t_s=round(time.monotonic() - start))
+            if (final["in_flight"] == 0 and final["kv_blocks"] == 0) or time.monotonic() - ended > IDLE_WITHIN_S:
+                break
+            await asyncio.sleep(1)
+        samples.append({**final, "idle": True, "idle_after_s": round(time.monotonic() - ended, 1)})
     return samples, seen
 
 
@@ -302,7 +308,8 @@ def _report(samples: list[dict[str, Any]], seen: Seen, rows: dict[str, str], rol
     others = {k: v for k, v in seen.outcomes.items()
               if not k.startswith("slow reader") and not k.endswith("restarted") and k not in expected}
     print(f"requests: {dict(sorted(seen.outcomes.items()))}")
-    print(f"idle: KV blocks held {final['kv_blocks']}, in flight {final['in_flight']}")
+    print(f"idle: KV blocks held {final['kv_blocks']}, in flight {final['in_flight']}, "
+          f"{final['idle_after_s']} s after the clients stopped")
     lost = seen.admitted - rows.keys()
     extra = Counter(status for rid, status in rows.items() if rid not in seen.admitted)
     print(f"ledger: {len(seen.admitted)} requests admitted as the clients saw them, {len(rows)} usage rows; "
