@@ -298,7 +298,7 @@ def http_config(app: Any, settings: HerdSettings) -> uvicorn.Config:
     settings.shutdown_timeout_s."""
     import ssl
 
-    from herd.platform.gateway.body_limit import DoorProtocol
+    from herd.platform.gateway.door_protocol import DoorProtocol
 
     tls = settings.tls
     limits = settings.limits

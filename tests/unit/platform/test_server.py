@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import uvicorn
 from fastapi import FastAPI
 
-from herd.platform.gateway.body_limit import DoorProtocol
+from herd.platform.gateway.door_protocol import DoorProtocol
 from herd.platform.server import _announce, door_grace_s, http_config, ledger_reserve_s
 from herd.platform.settings import DoorLimits, HerdSettings, TenancySettings
 from tests.waiting import until
