@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import signal
 import socket
 import statistics
@@ -82,10 +83,18 @@ def tiny_checkpoint(path: Path, *, preset: str = "scout", seed: int = 0) -> Path
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on now, below the kernel's ephemeral range (32768 up) and
+    above Ray's worker ports (10002-19999): a server that binds port 0 (Ray's, an expert shard's, a metrics
+    endpoint's) is never handed it while the process it is meant for starts up, which can take a minute."""
+    for _ in range(1000):
+        port = random.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 # --- servers --------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,14 +29,9 @@ from herd.model.tiny import make_tiny
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
 from tests.images import png_header_only, random_png
+from tests.integration.platform.processes import free_port
 
 HELLO = [{"role": "user", "content": "Tell me about the herd."}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("herd")
     scout = make_tiny(root / "scout", preset="scout", seed=12)
     maverick = make_tiny(root / "maverick", preset="maverick", seed=12)
-    http_port, grpc_port, ops_port = _free_port(), _free_port(), _free_port()
+    http_port, grpc_port, ops_port = free_port(), free_port(), free_port()
     config = root / "herd.yaml"
     config.write_text(json.dumps({
         "models": [{"name": "scout", "path": str(scout), "shards": 2},
