@@ -1,31 +1,17 @@
-"""Servers the integration tests start as processes of their own: a free loopback port, a clean stop."""
+"""Servers the integration tests start as processes of their own: a free loopback port (bench.common's), a
+clean stop."""
 
 from __future__ import annotations
 
 import contextlib
-import random
 import signal
-import socket
 import subprocess
 import threading
 import time
 
 import psutil
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now, below the kernel's ephemeral range (32768 up) and
-    above Ray's worker ports (10002-19999): a server that binds port 0 (Ray's, an expert shard's, a metrics
-    endpoint's) is never handed it while the process it is meant for starts up, which can take a minute."""
-    for _ in range(1000):
-        port = random.randrange(20000, 32768)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32767")
+from bench.common import free_port  # one rule for every server a test or bench starts
 
 
 def interrupt(proc: subprocess.Popen, timeout_s: float = 90) -> None:
@@ -56,3 +42,6 @@ def descendants(root: int) -> dict[int, str]:
         with contextlib.suppress(psutil.Error):
             found[child.pid] = " ".join(child.cmdline())
     return found
+
+
+__all__ = ["descendants", "free_port", "interrupt", "wait_until_serving"]
