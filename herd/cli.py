@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from herd import __version__
 from herd.model import greedy_decode, load_model
 from herd.model.chat_template import render_chat
 from herd.model.dtypes import DTYPES
@@ -31,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="herd", description="Serve Llama 4 mixture-of-experts models.")
+    parser.add_argument("--version", action="version", version=f"herd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     tiny = commands.add_parser("make-tiny", help="write a tiny random Llama 4 checkpoint (HF layout)")
