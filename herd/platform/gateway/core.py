@@ -252,8 +252,7 @@ class Gateway:
     async def _load_images(self, backend: Backend, messages: Sequence[Mapping[str, Any]],
                            load_image: ImageLoader | None) -> list[Mapping[str, Any]]:
         """`messages` with every image_url part read into an image part (after the count is checked)."""
-        parts = [part for m in messages if isinstance(m, Mapping) and _is_parts(m.get("content"))
-                 for part in m["content"] if isinstance(part, Mapping) and part.get("type") in ("image", "image_url")]
+        parts = _parts(messages, "image", "image_url")
         if not parts:
             return list(messages)
         if backend.image_prompts is None:
@@ -277,8 +276,7 @@ class Gateway:
 
     def _images(self, backend: Backend, messages: Sequence[Mapping[str, Any]]) -> list[tuple[bytes, TileGrid]]:
         """Every image part's bytes, in prompt order, with its tile grid (from the header only)."""
-        found = [part.get("image") for m in messages if isinstance(m, Mapping) and _is_parts(m.get("content"))
-                 for part in m["content"] if isinstance(part, Mapping) and part.get("type") == "image"]
+        found = [part.get("image") for part in _parts(messages, "image")]
         if not found:
             return []
         assert backend.image_prompts is not None  # _load_images refused images for a text-only model
@@ -359,8 +357,7 @@ class Gateway:
         if remaining_s <= 0:
             raise TimeoutError
         if interrupted.done():
-            raise HerdError(Code.UNAVAILABLE, "the server is shutting down; the request was interrupted",
-                            reason="interrupted")
+            raise _interrupted()
         following = asyncio.ensure_future(anext(chunks))
         await asyncio.wait((following, interrupted), timeout=remaining_s, return_when=asyncio.FIRST_COMPLETED)
         if not following.done():
@@ -368,8 +365,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                 await following
             if interrupted.done():
-                raise HerdError(Code.UNAVAILABLE, "the server is shutting down; the request was interrupted",
-                                reason="interrupted")
+                raise _interrupted()
             raise TimeoutError
         return following.result()
 
@@ -408,6 +404,16 @@ class Gateway:
 
 def _is_parts(content: object) -> bool:
     return isinstance(content, Sequence) and not isinstance(content, str | bytes)
+
+
+def _parts(messages: Sequence[Mapping[str, Any]], *types: str) -> list[Mapping[str, Any]]:
+    """The content parts of `messages` whose type is one of `types`, in prompt order."""
+    return [part for m in messages if isinstance(m, Mapping) and _is_parts(m.get("content"))
+            for part in m["content"] if isinstance(part, Mapping) and part.get("type") in types]
+
+
+def _interrupted() -> HerdError:
+    return HerdError(Code.UNAVAILABLE, "the server is shutting down; the request was interrupted", reason="interrupted")
 
 
 __all__ = ["Gateway", "Prepared"]
