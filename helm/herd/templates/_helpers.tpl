@@ -40,7 +40,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
-Labels of every object.
+Labels of every object. app.kubernetes.io/version is the version of Herd that runs: the chart's appVersion (the
+same for both image flavours, which are builds of one version), or an explicit `image.tag`, which is the user's
+word for what runs.
 */}}
 {{- define "herd.labels" -}}
 helm.sh/chart: {{ include "herd.chart" . }}
@@ -54,10 +56,12 @@ app.kubernetes.io/part-of: herd
 {{- end }}
 
 {{/*
-The image of every container.
+The image of every container: `image.tag` as it is, or the tag `make image` gives this version in this flavour,
+`<appVersion>-<image.flavor>` (herd:0.1.0-cuda).
 */}}
 {{- define "herd.image" -}}
-{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion .Values.image.flavor) }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
 {{- end }}
 
 {{/*
@@ -128,6 +132,9 @@ Returns JSON: `include "herd.models" . | fromJson`.
 {{- fail (printf "models.%s.worker: needs minReplicas (%d) <= replicas (%d) <= maxReplicas (%d)" $name (int $w.minReplicas) (int $w.replicas) (int $w.maxReplicas)) }}
 {{- end }}
 {{- include "herd.checkReplicaFits" (dict "name" $name "model" $m) }}
+{{- if and (hasPrefix "cuda" $m.engine.device) (eq $.Values.image.flavor "cpu") }}
+{{- fail (printf "models.%s.engine.device: %s needs the CUDA image, but image.flavor is cpu (no CUDA torch, no CuPy); set image.flavor: cuda (make image FLAVOR=cuda), or engine.device: cpu" $name $m.engine.device) }}
+{{- end }}
 {{- if and (eq $m.shard_listen "node") (not $.Values.tls.shards.enabled) }}
 {{- fail (printf "models.%s.shard_listen: node puts the expert shards on the pod's address, which needs their mutual TLS: set tls.shards.enabled and tls.shards.secretName (or keep shard_listen: loopback)" $name) }}
 {{- end }}
