@@ -5,29 +5,17 @@ tree, as in a fresh clone before `make`), it carries herd.protos' generated modu
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import herd
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.wheel_build import build_wheel
 
 
 def test_a_wheel_built_from_the_tracked_files_has_its_grpc_modules(tmp_path: Path) -> None:
-    source = tmp_path / "source"
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout
-    for name in filter(None, tracked.decode().split("\0")):
-        if (ROOT / name).is_file():
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, source / name)
-    assert not (source / "herd" / "protos" / "herd").exists(), "generated code is not tracked"
-
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
-    (wheel,) = (tmp_path / "dist").glob("herd-*.whl")
+    wheel = build_wheel(tmp_path)
     assert wheel.name.startswith(f"herd-{herd.__version__}-")
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("inference_pb2", "inference_pb2_grpc", "experts_pb2", "experts_pb2_grpc"):
