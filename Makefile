@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.herd-installed
 PROTOS := herd/protos/herd/v1/experts_pb2.py
 
-.PHONY: venv protos serve test lint gpu-check clean
+.PHONY: venv protos serve test lint image image-test gpu-check clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,15 @@ lint: $(STAMP) $(PROTOS)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The container image, herd:<version>-<flavour> (FLAVOR=cpu or cuda; IMAGE=, BASE=, ENGINE= override): docker when its
+# daemon answers, else buildah (Containerfile, containers/build.sh). No venv needed.
+image:
+	bash containers/build.sh
+
+# Opt-in, minutes, needs buildah, podman, runc and debootstrap: builds the CPU image and runs herd serve in it.
+image-test: $(STAMP) $(PROTOS)
+	$(BIN)/python -m pytest -q -s -m image tests/integration/test_image.py
 
 # On a CUDA machine: every CuPy kernel and a whole MoE layer against torch, then timed. Needs only
 # PyTorch and CuPy (the GPU machines have nothing else), so it uses the system python, not .venv.
