@@ -39,9 +39,10 @@ test: lint
 image:
 	bash containers/build.sh
 
-# Opt-in, minutes, needs buildah, podman, runc and debootstrap: builds the CPU image and runs herd serve in it.
+# Opt-in, minutes, needs buildah, podman, runc and debootstrap: builds the CPU image, runs herd serve in it, then
+# the dev profile's pods (make-tiny, Ray head and worker, Serve, gateway) from it as KubeRay would.
 image-test: $(STAMP) $(PROTOS)
-	$(BIN)/python -m pytest -q -s -m image tests/integration/test_image.py
+	$(BIN)/python -m pytest -q -s -m image tests/integration/test_image.py tests/integration/test_image_chart.py
 
 # On a CUDA machine: every CuPy kernel and a whole MoE layer against torch, then timed. Needs only
 # PyTorch and CuPy (the GPU machines have nothing else), so it uses the system python, not .venv.

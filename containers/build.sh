@@ -4,7 +4,7 @@
 #   FLAVOR   cpu (default: the dev profile, CI) or cuda (the GPU profiles)
 #   IMAGE    the image name (default herd:<version>-<flavour>), e.g. registry.example.com/herd:0.1.0-cuda
 #   BASE     the base image; default: cpu with docker: python:3.11-slim-bookworm; cpu with buildah: a Debian made
-#            here by containers/base.sh (no registry needed); cuda: NVIDIA's CUDA 12.8 runtime on Ubuntu 24.04
+#            here by containers/base.sh (no registry needed); cuda: NVIDIA's CUDA 13.0 runtime on Ubuntu 24.04
 #   ENGINE   docker or buildah (default: docker if its daemon answers, else buildah)
 # On a machine whose pip needs its CA bundle or finds torch in a local directory (pip config's cert and
 # find-links), buildah mounts them read-only for the build; they are never copied into the image.
@@ -27,7 +27,7 @@ fi
 
 base="${BASE:-}"
 if [[ -z "$base" ]]; then
-    if [[ "$flavor" == cuda ]]; then base=docker.io/nvidia/cuda:12.8.1-runtime-ubuntu24.04
+    if [[ "$flavor" == cuda ]]; then base=docker.io/nvidia/cuda:13.0.2-runtime-ubuntu24.04
     elif [[ "$engine" == docker ]]; then base=docker.io/library/python:3.11-slim-bookworm
     else base=localhost/herd-base:bookworm; BASE_IMAGE="$base" bash containers/base.sh
     fi
@@ -49,9 +49,6 @@ if [[ "$engine" == buildah ]]; then
         # torch's CPU wheel is on this disk: no download of it, and no CPU index needed.
         args+=(-v "$links:/etc/herd-build/wheels:ro" --build-arg PIP_FIND_LINKS=/etc/herd-build/wheels
                --build-arg TORCH_INDEX_URL=)
-    fi
-    if [[ -d "${HOME:-/root}/.cache/pip" ]]; then
-        args+=(-v "${HOME:-/root}/.cache/pip:/tmp/pip-cache")
     fi
 fi
 

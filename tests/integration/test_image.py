@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,47 +19,18 @@ import pytest
 
 import herd
 from bench.common import free_port
+from tests.integration.image_fixtures import IMAGE, ROOT, build_image, podman  # noqa: F401 (the image fixture)
 
 pytestmark = pytest.mark.image
-
-ROOT = Path(__file__).resolve().parents[2]
-IMAGE = f"localhost/herd:{herd.__version__}-cpu"
-# root in a VM whose cgroup layout crun refuses: runc, and containers/podman.conf (see ../shared/CONTAINERS.md).
-PODMAN = ["podman", "--runtime", "runc"]
-
-
-def _env() -> dict[str, str]:
-    conf = os.environ.get("CONTAINERS_CONF", str(ROOT / "containers" / "podman.conf"))
-    return {**os.environ, "CONTAINERS_CONF": conf}
-
-
-def _podman(*args: str, check: bool = True, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*PODMAN, *args], env=_env(), check=check, capture_output=True, text=True,
-                          timeout=timeout_s)
 
 
 def _in_image(script: str, *options: str) -> str:
     """`script` run by a login bash in the image as the chart runs it: read-only root, default user, no network."""
-    return _podman("run", "--rm", "--read-only", "--network", "none", *options, IMAGE, "bash", "-lc", script).stdout
-
-
-@pytest.fixture(scope="module")
-def image() -> str:
-    missing = [tool for tool in ("buildah", "podman", "runc", "debootstrap") if shutil.which(tool) is None]
-    if missing:
-        pytest.fail(f"the image test needs {', '.join(missing)} "
-                    "(Debian: apt-get install buildah podman runc debootstrap)")
-    start = time.monotonic()
-    build = subprocess.run(["bash", "containers/build.sh"], cwd=ROOT, env={**_env(), "FLAVOR": "cpu", "IMAGE": IMAGE},
-                           capture_output=True, text=True, timeout=1800)
-    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
-    size_bytes = int(_podman("image", "inspect", IMAGE, "--format", "{{.Size}}").stdout)
-    print(f"\nimage {IMAGE}: built in {time.monotonic() - start:.0f} s, {size_bytes / 1e9:.2f} GB")
-    return IMAGE
+    return podman("run", "--rm", "--read-only", "--network", "none", *options, IMAGE, "bash", "-lc", script).stdout
 
 
 def test_the_image_is_labelled_and_runs_as_uid_1000_without_compilers(image: str) -> None:
-    labels = json.loads(_podman("image", "inspect", image, "--format", "{{json .Labels}}").stdout)
+    labels = json.loads(podman("image", "inspect", image, "--format", "{{json .Labels}}").stdout)
     assert labels["org.opencontainers.image.version"] == herd.__version__
     assert labels["org.opencontainers.image.title"] == "herd"
     revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -92,15 +62,15 @@ def served(image: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
     os.chown(state, 1000, 1000)
     http_port, grpc_port, ops_port = free_port(), free_port(), free_port()
     name = f"herd-image-test-{http_port}"
-    _podman("run", "--detach", "--name", name, "--network", "host", "--read-only", "--user", "1000:1000",
+    podman("run", "--detach", "--name", name, "--network", "host", "--read-only", "--user", "1000:1000",
             "--volume", f"{state}:/var/lib/herd", "--env", f"HERD_OPS_PORT={ops_port}", image,
             "herd", "serve", "--no-auth", "--http-port", str(http_port), "--grpc-port", str(grpc_port))
     base = f"http://127.0.0.1:{http_port}"
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if _podman("inspect", name, "--format", "{{.State.Running}}").stdout.strip() != "true":
-                pytest.fail("herd serve exited in the container:\n" + _podman("logs", name).stderr[-4000:])
+            if podman("inspect", name, "--format", "{{.State.Running}}").stdout.strip() != "true":
+                pytest.fail("herd serve exited in the container:\n" + podman("logs", name).stderr[-4000:])
             try:
                 if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
                     break
@@ -108,13 +78,13 @@ def served(image: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
                 pass
             time.sleep(1)
         else:
-            pytest.fail("herd serve in the container was not ready in 300 s:\n" + _podman("logs", name).stderr[-4000:])
+            pytest.fail("herd serve in the container was not ready in 300 s:\n" + podman("logs", name).stderr[-4000:])
         yield base, name
     finally:
-        _podman("stop", "--time", "60", name, check=False, timeout_s=120)
-        logs = _podman("logs", name, check=False)
-        exit_code = _podman("inspect", name, "--format", "{{.State.ExitCode}}", check=False).stdout.strip()
-        _podman("rm", "--force", name, check=False)
+        podman("stop", "--time", "60", name, check=False, timeout_s=120)
+        logs = podman("logs", name, check=False)
+        exit_code = podman("inspect", name, "--format", "{{.State.ExitCode}}", check=False).stdout.strip()
+        podman("rm", "--force", name, check=False)
     assert exit_code == "0", f"herd serve exited with {exit_code} on SIGTERM:\n{logs.stderr[-4000:]}"
     assert "herd.serve [ ] stopped" in logs.stderr + logs.stdout
 
