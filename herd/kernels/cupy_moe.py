@@ -130,11 +130,12 @@ def permute(
             (groups,), (_THREADS,),
             (ids, np.int32(rows_count), _cp(rank), _cp(offsets), _cp(row_source), _cp(source_row)),
         )
-        _kernel("permute", f"moe_gather_scale_{_SUFFIX[x.dtype]}")(
-            (rows_count, _column_blocks(hidden)), (_THREADS,),
-            (_cp(x), _cp(topk_scores), _cp(row_source), np.int32(rows_count), np.int32(k), np.int32(hidden),
-             _cp(rows)),
-        )
+        if hidden:  # H = 0: no columns to gather (a grid of zero blocks is no launch at all)
+            _kernel("permute", f"moe_gather_scale_{_SUFFIX[x.dtype]}")(
+                (rows_count, _column_blocks(hidden)), (_THREADS,),
+                (_cp(x), _cp(topk_scores), _cp(row_source), np.int32(rows_count), np.int32(k), np.int32(hidden),
+                 _cp(rows)),
+            )
     permutation = Permutation(
         expert_offsets=offsets, group_experts=expert_order, row_source=row_source, source_row=source_row, top_k=k
     )
@@ -146,7 +147,7 @@ def combine(out_rows: torch.Tensor, permutation: Permutation, num_tokens: int) -
     hidden = out_rows.shape[1]
     out = _empty((num_tokens, hidden), out_rows.dtype, out_rows.device)
     source_row = permutation.source_row.to(device=out_rows.device, dtype=torch.int32)
-    if num_tokens:
+    if num_tokens and hidden:  # nothing to sum into [T, 0] (a zero-block grid is no launch at all)
         with _on(out_rows.device):
             _kernel("combine", f"moe_combine_{_SUFFIX[out_rows.dtype]}")(
                 (num_tokens, _column_blocks(hidden)), (_THREADS,),

@@ -75,7 +75,7 @@ def gemv_splits(rows: int, d_in: int, d_out: int, group: int, sms: int, *, threa
     (S * R * Dout * 4 bytes) stay small beside the packed weights (Din * Dout / 2); each split a whole
     number of groups, so a thread reloads its scales only at group edges.
     """
-    if not 1 <= rows <= GEMV_MAX_ROWS or d_out % 4 or d_in < 1:
+    if not 1 <= rows <= GEMV_MAX_ROWS or d_out % 4 or d_out < 1 or d_in < 1:
         return None
     groups = -(-d_in // group)
     col_blocks = -(-(d_out // 4) // threads)

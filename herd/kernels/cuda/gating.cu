@@ -1,8 +1,15 @@
 // Fused gating: top-k of the raw router logits, then the sigmoid of each chosen logit (Llama 4).
 // Legend: T tokens, E experts (<= 1024), k choices per token.
 // One warp per token: each lane owns experts lane, lane+32, ...; k rounds of a warp-wide arg-max pick
-// the largest remaining logit (lowest expert id on ties; NaN counts as largest, as in torch.topk).
+// the largest remaining logit (lowest expert id on ties; NaN counts as largest, above +inf, as in torch.topk).
 #include "common.cuh"
+
+// A logit as an unsigned key in torch.topk's order: larger is chosen first, NaN above +inf, -0 equal to +0.
+__device__ __forceinline__ unsigned int topk_key(float value) {
+    if (is_nan(value)) return 0xffffffffu;
+    const unsigned int bits = __float_as_uint(value == 0.0f ? 0.0f : value);
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
 
 template <typename T>
 __device__ void route_topk_sigmoid(const T* __restrict__ logits, int tokens, int experts, int k,
@@ -13,13 +20,13 @@ __device__ void route_topk_sigmoid(const T* __restrict__ logits, int tokens, int
     const T* row = logits + static_cast<long long>(token) * experts;
     unsigned int taken = 0;  // bit s: expert lane + 32*s already chosen
     for (int choice = 0; choice < k; ++choice) {
-        float best_key = -positive_infinity();
+        unsigned int best_key = 0;
         float best_value = -positive_infinity();
         int best_id = experts;  // sentinel: nothing seen
         for (int e = lane, slot = 0; e < experts; e += 32, ++slot) {
             if ((taken >> slot) & 1u) continue;
             const float value = load_float(row + e);
-            const float key = is_nan(value) ? positive_infinity() : value;
+            const unsigned int key = topk_key(value);
             if (best_id == experts || key > best_key) {  // ascending e: ties keep the lower id
                 best_key = key;
                 best_value = value;
@@ -27,7 +34,7 @@ __device__ void route_topk_sigmoid(const T* __restrict__ logits, int tokens, int
             }
         }
         for (int offset = 16; offset > 0; offset >>= 1) {
-            const float other_key = __shfl_down_sync(FULL_MASK, best_key, offset);
+            const unsigned int other_key = __shfl_down_sync(FULL_MASK, best_key, offset);
             const float other_value = __shfl_down_sync(FULL_MASK, best_value, offset);
             const int other_id = __shfl_down_sync(FULL_MASK, best_id, offset);
             const bool better = other_id != experts &&

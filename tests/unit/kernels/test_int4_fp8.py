@@ -81,3 +81,5 @@ def test_the_dequantise_in_gemm_split_covers_the_inputs_in_whole_groups(rows, d_
 def test_the_dequantise_in_gemm_refuses_what_it_cannot_do():
     assert gemv_splits(GEMV_MAX_ROWS + 1, 5120, 16384, 128, sms=132) is None  # dequantise + cuBLAS instead
     assert gemv_splits(1, 5120, 16382, 128, sms=132) is None  # four columns a thread
+    # Dout = 0: no column blocks to spread splits over (it divided by zero); the caller's fallback returns [R, 0].
+    assert gemv_splits(1, 5120, 0, 128, sms=132) is None
