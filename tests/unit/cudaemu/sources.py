@@ -107,3 +107,18 @@ extern "C" __global__ void publish(int* out, int barrier) {
     if (!barrier) __syncthreads();
 }
 """
+
+DIVERGENT = r"""
+// Half a warp shuffles, the other half ballots, both naming the whole warp.
+extern "C" __global__ void shuffle_vs_ballot(int* out) {
+    int v = threadIdx.x;
+    if (threadIdx.x < 16) v = __shfl_down_sync(0xffffffffu, v, 1);
+    else v = static_cast<int>(__ballot_sync(0xffffffffu, 1));
+    out[threadIdx.x] = v;
+}
+
+// Each lane names only the other lanes.
+extern "C" __global__ void mask_without_caller(int* out) {
+    out[threadIdx.x] = static_cast<int>(__ballot_sync(~(1u << threadIdx.x), 1));
+}
+"""
