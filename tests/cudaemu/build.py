@@ -27,7 +27,9 @@ VARIANTS = ("plain", "asan", "tsan")
 
 HERE = Path(__file__).parent
 RUNTIME_FILES = ("shim.h", "runtime.h", "runtime.cpp")
-BASE_FLAGS = ("-std=c++17", "-O1", "-g", "-fPIC")
+# -fno-extern-tls-init: an `extern __shared__` array is an extern thread_local defined (statically initialised) by
+# the trampoline; without it g++ routes each use through a TLS-init wrapper that, under TSan, calls a null function.
+BASE_FLAGS = ("-std=c++17", "-O1", "-g", "-fPIC", "-fno-extern-tls-init")
 SANITIZE_FLAGS = {
     "plain": (),
     "asan": ("-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"),

@@ -413,11 +413,11 @@ void prepare_shared_memory(const Launch& launch) {
     const int count = cudaemu_dynamic_shared(regions, MAX_SHARED_REGIONS);
     for (int i = 0; i < count; ++i) {
 #if defined(CUDAEMU_ASAN)
-        ASAN_UNPOISON_MEMORY_REGION(regions[i], CUDAEMU_SHARED_LIMIT);
+        __asan_unpoison_memory_region(regions[i], CUDAEMU_SHARED_LIMIT);
 #endif
         std::memset(regions[i], 0xff, CUDAEMU_SHARED_LIMIT);  // NaN / -1: uninitialised reads show
 #if defined(CUDAEMU_ASAN)
-        ASAN_POISON_MEMORY_REGION(static_cast<char*>(regions[i]) + launch.shared_bytes,
+        __asan_poison_memory_region(static_cast<char*>(regions[i]) + launch.shared_bytes,
                                   CUDAEMU_SHARED_LIMIT - launch.shared_bytes);
 #else
         (void)launch;
@@ -429,7 +429,7 @@ void release_shared_memory() {
 #if defined(CUDAEMU_ASAN)
     void* regions[MAX_SHARED_REGIONS];
     const int count = cudaemu_dynamic_shared(regions, MAX_SHARED_REGIONS);
-    for (int i = 0; i < count; ++i) ASAN_UNPOISON_MEMORY_REGION(regions[i], CUDAEMU_SHARED_LIMIT);
+    for (int i = 0; i < count; ++i) __asan_unpoison_memory_region(regions[i], CUDAEMU_SHARED_LIMIT);
 #endif
 }
 
@@ -470,7 +470,7 @@ void run_block(Worker& w, unsigned long long linear) {
         f.state = State::runnable;
         f.fake_stack = nullptr;
 #if defined(CUDAEMU_ASAN)
-        ASAN_UNPOISON_MEMORY_REGION(f.stack, STACK_BYTES);  // frames left by an earlier block
+        __asan_unpoison_memory_region(f.stack, STACK_BYTES);  // frames left by an earlier block
 #endif
 #if defined(CUDAEMU_TSAN)
         f.tsan_fiber = __tsan_create_fiber(0);  // created before any of the block runs: ordered after the last block
@@ -560,7 +560,7 @@ void run_worker(Launch& launch, unsigned long long multiplier, unsigned long lon
     for (Fiber& f : w.fibers) {
         if (f.stack == nullptr) continue;
 #if defined(CUDAEMU_ASAN)
-        ASAN_UNPOISON_MEMORY_REGION(f.stack, STACK_BYTES);
+        __asan_unpoison_memory_region(f.stack, STACK_BYTES);
 #endif
         munmap(f.stack - GUARD_BYTES, STACK_BYTES + GUARD_BYTES);
     }

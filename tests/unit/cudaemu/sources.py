@@ -103,8 +103,13 @@ extern "C" __global__ void publish(int* out, int barrier) {
     __shared__ int value;
     if (threadIdx.x == 0) value = 42;
     if (barrier) __syncthreads();
-    if (threadIdx.x == 1) out[0] = value;
+    if (threadIdx.x == 1) out[blockIdx.x] = value;
     if (!barrier) __syncthreads();
+}
+
+// Shifts an int by `shift` bits: undefined behaviour from 32 on.
+extern "C" __global__ void shift_left(int* out, int shift) {
+    out[threadIdx.x] = 1 << shift;
 }
 """
 
