@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import numbers
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,9 +94,10 @@ def pack_args(name: str, params: Sequence[Param], args: Sequence[int | float]) -
         if not supported(param):
             raise EmulatorError(f"{where}: the emulator cannot pass this type")
         code = "Q" if param.is_pointer else SCALAR_FORMATS[param.type]
-        if code in "fd" and isinstance(value, int) and not isinstance(value, bool):
+        integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if code in "fd" and integral:
             value = float(value)
-        if code not in "fd?" and not (isinstance(value, int) and not isinstance(value, bool)):
+        if code not in "fd?" and not integral:
             raise TypeError(f"{where} takes an integer, got {type(value).__name__} {value!r}")
         try:
             slots.append(struct.pack(f"={code}", value).ljust(8, b"\0"))

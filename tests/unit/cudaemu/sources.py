@@ -122,6 +122,11 @@ extern "C" __global__ void shuffle_vs_ballot(int* out) {
     out[threadIdx.x] = v;
 }
 
+// Lanes 0..15 read lane 20, which is not in their mask.
+extern "C" __global__ void read_outside_mask(int* out) {
+    out[threadIdx.x] = __shfl_sync(0x0000ffffu, static_cast<int>(threadIdx.x), 20);
+}
+
 // Each lane names only the other lanes.
 extern "C" __global__ void mask_without_caller(int* out) {
     out[threadIdx.x] = static_cast<int>(__ballot_sync(~(1u << threadIdx.x), 1));

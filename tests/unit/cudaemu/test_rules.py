@@ -103,6 +103,9 @@ def test_different_intrinsics_on_one_mask():
     with pytest.raises(EmulatorError, match=r"mask_without_caller: .*thread \(0,0,0\): __ballot_sync at .* with mask "
                                             r"0xfffffffe that does not name the calling lane 0"):
         module.launch("mask_without_caller", (1, 1, 1), (32, 1, 1), [out.ctypes.data])
+    with pytest.raises(EmulatorError, match=r"read_outside_mask: .*__shfl_sync at .*: lane 0 reads lane 20, which "
+                                            r"is not in mask 0x0000ffff"):
+        module.launch("read_outside_mask", (1, 1, 1), (16, 1, 1), [out.ctypes.data])
 
 
 def test_herds_route_launch_with_a_block_not_a_multiple_of_32():

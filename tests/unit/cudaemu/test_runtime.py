@@ -132,3 +132,10 @@ def test_herds_gating_picks_the_top_k(order):
     expected = np.argsort(-logits, axis=1, kind="stable")[:, :k]
     np.testing.assert_array_equal(ids, expected)
     np.testing.assert_allclose(scores, 1 / (1 + np.exp(-np.take_along_axis(logits, expected, 1))), rtol=1e-6)
+
+
+def test_numpy_scalars_pass_as_their_values(module):
+    x = np.ones(64, dtype=np.float32)
+    out = np.zeros(1, dtype=np.float32)
+    module.launch("block_sum", (np.int64(1), 1, 1), (64, 1, 1), [address(x), np.int32(40), address(out)])
+    assert out[0] == 40.0
