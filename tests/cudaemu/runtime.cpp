@@ -101,7 +101,11 @@ struct Worker {
     size_t scheduler_stack_size = 0;
     void* scheduler_fake_stack = nullptr;
     void* tsan_scheduler = nullptr;
-    char block_done = 0;  // TSan: every exiting fiber releases here; the scheduler acquires after a block
+    // TSan: the worker's fibers serve block after block. Each exiting fiber releases into block_done, the
+    // scheduler acquires it after the block and releases into block_start before the next, which each fiber
+    // acquires as it starts: blocks on one OS thread are ordered, threads within a block are not.
+    char block_done = 0;
+    char block_start = 0;
 };
 
 thread_local Worker* current_worker = nullptr;
@@ -377,6 +381,7 @@ void fiber_main() {
 #if defined(CUDAEMU_ASAN)
     __sanitizer_finish_switch_fiber(nullptr, &w.scheduler_stack, &w.scheduler_stack_size);
 #endif
+    tsan_acquire(&w.block_start);
     w.launch->entry(w.launch->args);
     exit_thread(f);
 }
@@ -462,6 +467,7 @@ void run_block(Worker& w, unsigned long long linear) {
     b.warp_sync.assign(2 * warps, 0);
     w.block = &b;
     prepare_shared_memory(launch);
+    tsan_release(&w.block_start);
     for (unsigned int t = 0; t < b.threads; ++t) {
         Fiber& f = w.fibers[t];
         f.index = unflatten(t, launch.block);
@@ -473,7 +479,7 @@ void run_block(Worker& w, unsigned long long linear) {
         __asan_unpoison_memory_region(f.stack, STACK_BYTES);  // frames left by an earlier block
 #endif
 #if defined(CUDAEMU_TSAN)
-        f.tsan_fiber = __tsan_create_fiber(0);  // created before any of the block runs: ordered after the last block
+        if (f.tsan_fiber == nullptr) f.tsan_fiber = __tsan_create_fiber(0);
 #endif
         getcontext(&f.context);
         f.context.uc_stack.ss_sp = f.stack;
@@ -505,9 +511,6 @@ void run_block(Worker& w, unsigned long long linear) {
     }
     if (b.failed) record_error(launch, b);
     tsan_acquire(&w.block_done);
-#if defined(CUDAEMU_TSAN)
-    for (unsigned int t = 0; t < b.threads; ++t) __tsan_destroy_fiber(w.fibers[t].tsan_fiber);
-#endif
     w.block = nullptr;
 }
 
@@ -558,6 +561,9 @@ void run_worker(Launch& launch, unsigned long long multiplier, unsigned long lon
     }
     release_shared_memory();
     for (Fiber& f : w.fibers) {
+#if defined(CUDAEMU_TSAN)
+        if (f.tsan_fiber != nullptr) __tsan_destroy_fiber(f.tsan_fiber);
+#endif
         if (f.stack == nullptr) continue;
 #if defined(CUDAEMU_ASAN)
         __asan_unpoison_memory_region(f.stack, STACK_BYTES);
