@@ -6,7 +6,6 @@ that what it calls is checked to exist: its kernels themselves run in `make gpu-
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 import types
@@ -20,6 +19,7 @@ from herd.kernels import backend as backend_module
 from herd.kernels import int4, schemes
 from herd.kernels.backend import Backend, backend_for
 from herd.kernels.quantized import QuantizedTensor
+from tests.unit.kernels.cupy_import import cupy_moe_against
 
 
 @pytest.fixture
@@ -32,17 +32,9 @@ def fresh_choice() -> Iterator[None]:
 
 @pytest.fixture
 def cupy_moe(monkeypatch: pytest.MonkeyPatch, fresh_choice: None) -> Iterator[types.ModuleType]:
-    """herd.kernels.cupy_moe imported against a stand-in cupy; the real one, if it was imported, put back after."""
-    real = sys.modules.pop("herd.kernels.cupy_moe", None)
-    monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))
-    yield importlib.import_module("herd.kernels.cupy_moe")
-    sys.modules.pop("herd.kernels.cupy_moe", None)
-    if real is not None:
-        sys.modules["herd.kernels.cupy_moe"] = real
-        setattr(kernels, "cupy_moe", real)  # noqa: B010 - the package attribute an import sets
-    elif hasattr(kernels, "cupy_moe"):
-        delattr(kernels, "cupy_moe")
-
+    """herd.kernels.cupy_moe imported against an empty stand-in cupy (what it calls is resolved lazily)."""
+    with cupy_moe_against(types.ModuleType("cupy"), monkeypatch) as module:
+        yield module
 
 def _int4(d_in: int = 256, d_out: int = 8, lead: tuple[int, ...] = ()) -> QuantizedTensor:
     weight = torch.randn(*lead, d_in, d_out, generator=torch.Generator().manual_seed(d_in))

@@ -14,8 +14,6 @@ hidden size 0, int4 Dout 0); the int4 dequantise runs through QuantizedTensor.de
 
 from __future__ import annotations
 
-import importlib
-import sys
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -23,10 +21,10 @@ from typing import Any
 import pytest
 import torch
 
-from herd import kernels
 from herd.kernels import int4, quantized, torch_moe
 from herd.kernels.quantized import QuantizedTensor
 from tests.cudaemu import ORDERS, fake_cupy, runtime_loaded
+from tests.unit.kernels.cupy_import import cupy_moe_against
 from tests.unit.kernels.moe_inputs import distinct_logits
 
 VARIANT = next((variant for variant in ("asan", "tsan") if runtime_loaded(variant)), "plain")
@@ -41,8 +39,6 @@ fiber costs ~20x more."""
 @pytest.fixture
 def cupy_moe(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
     """herd.kernels.cupy_moe imported against the fake cupy; sys.modules and torch.cuda put back after."""
-    real = sys.modules.pop("herd.kernels.cupy_moe", None)
-    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device=None: types.SimpleNamespace(multi_processor_count=SMS))
@@ -50,16 +46,10 @@ def cupy_moe(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
     if VARIANT == "tsan":  # torch's OpenMP workers (libgomp, not instrumented) read as races in torch's own code
         torch.set_num_threads(1)
     try:
-        with fake_cupy.use_variant(VARIANT):
-            yield importlib.import_module("herd.kernels.cupy_moe")
+        with fake_cupy.use_variant(VARIANT), cupy_moe_against(fake_cupy, monkeypatch) as module:
+            yield module
     finally:
         torch.set_num_threads(threads)
-        sys.modules.pop("herd.kernels.cupy_moe", None)
-        if real is not None:
-            sys.modules["herd.kernels.cupy_moe"] = real
-            setattr(kernels, "cupy_moe", real)  # noqa: B010 - the package attribute an import sets
-        elif hasattr(kernels, "cupy_moe"):
-            delattr(kernels, "cupy_moe")
 
 
 @pytest.fixture(params=RUN_ORDERS)
