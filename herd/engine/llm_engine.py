@@ -26,7 +26,7 @@ from herd.engine.model_runner import ModelRunner
 from herd.engine.outputs import RequestOutput, RequestTimes
 from herd.engine.paged_kv import PagedKVCache
 from herd.engine.prompt_images import ImageInput, PromptImages, pixel_digest
-from herd.engine.sampler import TokenLogprobs, request_generator, sample
+from herd.engine.sampler import TokenLogprobs, sample_batch
 from herd.engine.sampling_params import SamplingParams
 from herd.engine.scheduler import Scheduler, SchedulerOutput
 from herd.engine.sequence import Sequence, Status
@@ -56,12 +56,11 @@ class RequestOptions(TypedDict, total=False):
 
 @dataclass(eq=False)
 class EngineRequest:
-    """Engine-side state of a sequence: text so far, sampling generator, what was already reported."""
+    """Engine-side state of a sequence: text so far, what was already reported."""
 
     seq: Sequence
     detokenizer: IncrementalDetokenizer
     stops: StopStrings
-    generator: torch.Generator | None
     logprobs: list[TokenLogprobs] | None
     reported_tokens: int = 0
     reported_chars: int = 0
@@ -87,6 +86,9 @@ class LLMEngine:
         self._requests: dict[str, EngineRequest] = {}
         self._aborted: list[EngineRequest] = []
         self._ids = itertools.count()
+        self._generator = torch.Generator(device=torch.device(self.config.device))
+        """Uniforms for the unseeded requests' draws (seeded ones hash their own); seeded at random."""
+        self._generator.seed()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -136,7 +138,6 @@ class LLMEngine:
             seq=seq,
             detokenizer=IncrementalDetokenizer(self.tokenizer),
             stops=StopStrings(params.stop),
-            generator=request_generator(params, torch.device(self.config.device)),
             logprobs=[] if params.logprobs is not None else None,
         )
 
@@ -216,10 +217,10 @@ class LLMEngine:
         outputs = [self._report(r) for r in self._aborted]
         self._aborted.clear()
         sampling = [c.seq for c in scheduled.chunks if c.samples]
-        for row, seq in enumerate(sampling):
+        tokens, logprobs_per_row = ([], []) if logits is None else sample_batch(
+            logits, [seq.params for seq in sampling], [len(seq.output_ids) for seq in sampling], self._generator)
+        for seq, token, logprobs in zip(sampling, tokens, logprobs_per_row, strict=True):
             request = self._requests[seq.request_id]
-            assert logits is not None
-            token, logprobs = sample(logits[row], seq.params, request.generator)
             seq.output_ids.append(token)
             seq.first_token_ns = seq.first_token_ns or time.time_ns()
             if request.logprobs is not None and logprobs is not None:

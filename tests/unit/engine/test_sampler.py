@@ -1,7 +1,8 @@
-"""herd.engine.sampler: greedy, temperature, top-k, top-p, min-p, seeded generators and log-probabilities.
+"""herd.engine.sampler: greedy, temperature, top-k, top-p, min-p, seeded draws and log-probabilities.
 
-Legend: V vocab. Filters are checked by drawing many samples from a seeded generator and comparing the
-set of drawn tokens with the set the rule allows: nothing outside it, everything inside it.
+Legend: V vocab. Filters are checked by drawing many samples of one seeded request (positions 0..n-1, in one
+batched pass) and comparing the set of drawn tokens with the set the rule allows: nothing outside it,
+everything inside it.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from collections import Counter
 import pytest
 import torch
 
-from herd.engine.sampler import TokenLogprobs, request_generator, sample
+from herd.engine.sampler import TokenLogprobs, sample_batch
 from herd.engine.sampling_params import SamplingParams
 
-CPU = torch.device("cpu")
 DRAWS = 500
 N_FREQ = 2500  # draws for frequency checks: 3 sigma of a 0.5 frequency is about 0.03
 
@@ -29,11 +29,19 @@ def known_logits() -> torch.Tensor:
     return torch.log(torch.tensor(KNOWN_PROBS, dtype=torch.float32))  # [V]
 
 
+def sample(
+    logits: torch.Tensor, params: SamplingParams, position: int = 0, generator: torch.Generator | None = None
+) -> tuple[int, TokenLogprobs | None]:
+    """One row's token and log-probabilities from logits [V]."""
+    tokens, logprobs = sample_batch(logits[None], [params], [position], generator)
+    return tokens[0], logprobs[0]
+
+
 def draw(logits: torch.Tensor, params: SamplingParams, n: int = DRAWS) -> Counter[int]:
-    """Counts of n tokens sampled with the request's own seeded generator."""
-    generator = request_generator(params, CPU)
-    assert generator is not None
-    return Counter(sample(logits, params, generator)[0] for _ in range(n))
+    """Counts of the n tokens a seeded request draws at positions 0..n-1 from the same logits [V]."""
+    assert params.seed is not None
+    tokens, _ = sample_batch(logits.expand(n, -1), [params] * n, list(range(n)), None)
+    return Counter(tokens)
 
 
 # --- greedy ---------------------------------------------------------------------------------------
@@ -41,7 +49,7 @@ def draw(logits: torch.Tensor, params: SamplingParams, n: int = DRAWS) -> Counte
 
 def test_greedy_picks_argmax() -> None:
     logits = torch.tensor([0.1, 3.0, -2.0, 2.9, 0.0])
-    token, logprobs = sample(logits, SamplingParams(temperature=0.0), None)
+    token, logprobs = sample(logits, SamplingParams(temperature=0.0))
     assert token == 1
     assert logprobs is None
 
@@ -49,11 +57,11 @@ def test_greedy_picks_argmax() -> None:
 def test_greedy_ignores_generator_and_filters() -> None:
     logits = torch.randn(64, generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=0.0, top_k=3, top_p=0.1, min_p=0.9)
-    tokens = {sample(logits, params, torch.Generator().manual_seed(s))[0] for s in range(5)}
+    tokens = {sample(logits, params, s, torch.Generator().manual_seed(s))[0] for s in range(5)}
     assert tokens == {int(torch.argmax(logits))}
 
 
-# --- temperature and generators -------------------------------------------------------------------
+# --- temperature and seeds -------------------------------------------------------------------------
 
 
 def flat_logits() -> torch.Tensor:
@@ -61,19 +69,23 @@ def flat_logits() -> torch.Tensor:
 
 
 def seeded_run(seed: int, n: int = 40) -> list[int]:
+    """A seeded request's first n tokens, one step at a time."""
     params = SamplingParams(temperature=1.0, seed=seed)
-    generator = request_generator(params, CPU)
-    logits = flat_logits()
-    return [sample(logits, params, generator)[0] for _ in range(n)]
+    return [sample(flat_logits(), params, position)[0] for position in range(n)]
 
 
 def test_seeded_sampling_repeats_whatever_the_global_rng() -> None:
     torch.manual_seed(123)
     first = seeded_run(7)
     torch.manual_seed(456)
-    torch.rand(10)  # move the global generator on; the request's own one must not care
+    torch.rand(10)  # move the global generator on; the request's draws must not care
     second = seeded_run(7)
     assert first == second
+
+
+def test_seeded_draws_step_by_step_equal_one_batched_pass() -> None:
+    assert seeded_run(7) == sample_batch(flat_logits().expand(40, -1), [SamplingParams(seed=7)] * 40,
+                                         list(range(40)), torch.Generator().manual_seed(0))[0]
 
 
 def test_different_seeds_give_different_samples() -> None:
@@ -107,7 +119,7 @@ def test_tiny_positive_temperature_behaves_like_greedy() -> None:
         params = SamplingParams(temperature=1e-40, seed=1)
     except ValueError:
         return
-    token, _ = sample(logits, params, request_generator(params, CPU))
+    token, _ = sample(logits, params)
     assert token == int(torch.argmax(logits))
 
 
@@ -189,7 +201,7 @@ def test_min_p_drops_tokens_below_min_p_times_max(min_p: float, allowed: set[int
 def test_logprobs_are_of_the_raw_logits_not_the_scaled_ones() -> None:
     logits = torch.randn(32, generator=torch.Generator().manual_seed(9)) * 3  # [V]
     params = SamplingParams(temperature=2.5, top_k=4, seed=1, logprobs=5)
-    token, result = sample(logits, params, request_generator(params, CPU))
+    token, result = sample(logits, params)
     assert isinstance(result, TokenLogprobs)
     raw = torch.log_softmax(logits, dim=-1)
     scaled = torch.log_softmax(logits / params.temperature, dim=-1)
@@ -201,7 +213,7 @@ def test_logprobs_are_of_the_raw_logits_not_the_scaled_ones() -> None:
 def test_top_logprobs_sorted_best_first_with_right_values() -> None:
     logits = torch.randn(50, generator=torch.Generator().manual_seed(10))  # [V]
     params = SamplingParams(temperature=0.7, seed=2, logprobs=6)
-    _, result = sample(logits, params, request_generator(params, CPU))
+    _, result = sample(logits, params)
     assert result is not None
     raw = torch.log_softmax(logits, dim=-1)
     expected_ids = torch.argsort(logits, descending=True)[:6].tolist()
@@ -215,7 +227,7 @@ def test_top_logprobs_sorted_best_first_with_right_values() -> None:
 
 def test_greedy_logprobs_give_the_best_token() -> None:
     logits = torch.tensor([1.0, 4.0, 2.0, 3.0])
-    token, result = sample(logits, SamplingParams(temperature=0.0, logprobs=2), None)
+    token, result = sample(logits, SamplingParams(temperature=0.0, logprobs=2))
     raw = torch.log_softmax(logits, dim=-1)
     assert token == 1
     assert result is not None
@@ -226,7 +238,7 @@ def test_greedy_logprobs_give_the_best_token() -> None:
 def test_logprobs_zero_gives_chosen_token_and_no_alternatives() -> None:
     logits = known_logits()
     params = SamplingParams(temperature=1.0, seed=5, logprobs=0)
-    token, result = sample(logits, params, request_generator(params, CPU))
+    token, result = sample(logits, params)
     assert result is not None
     assert result.top == ()
     assert result.token_id == token
@@ -235,25 +247,5 @@ def test_logprobs_zero_gives_chosen_token_and_no_alternatives() -> None:
 
 def test_no_logprobs_unless_asked() -> None:
     params = SamplingParams(temperature=1.0, seed=5)
-    assert sample(known_logits(), params, request_generator(params, CPU))[1] is None
+    assert sample(known_logits(), params)[1] is None
 
-
-# --- request generators ---------------------------------------------------------------------------
-
-
-def test_no_generator_without_seed() -> None:
-    assert request_generator(SamplingParams(temperature=1.0), CPU) is None
-
-
-def test_no_generator_when_greedy() -> None:
-    assert request_generator(SamplingParams(temperature=0.0, seed=3), CPU) is None
-
-
-def test_generator_is_seeded_from_the_request() -> None:
-    a = request_generator(SamplingParams(seed=42), CPU)
-    b = request_generator(SamplingParams(seed=42), CPU)
-    c = request_generator(SamplingParams(seed=43), CPU)
-    assert a is not None and b is not None and c is not None
-    assert a.device == CPU
-    assert torch.equal(torch.rand(8, generator=a), torch.rand(8, generator=b))
-    assert not torch.equal(torch.rand(8, generator=a), torch.rand(8, generator=c))
