@@ -52,12 +52,17 @@ def sample_batch(
 
 
 def filtered_sorted(
-    scaled: torch.Tensor, *, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+    scaled: torch.Tensor, *, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature-scaled logits [F, V] sorted best first, with the tokens that top-k [F] (0: all), top-p [F]
-    and min-p [F] exclude set to -inf, applied in that order; and the sort's order [F, V] (vocab ids)."""
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [F, V] each
-    ranks = torch.arange(scaled.shape[-1], device=scaled.device)  # [V]
+    and min-p [F] exclude set to -inf, applied in that order; and the sort's order (vocab ids). Only the best
+    `width` W of each row are kept ([F, W] each): V, or the largest top-k when every row has one (a topk
+    instead of a full sort; what lies beyond it is dropped by top-k anyway)."""
+    if width < scaled.shape[-1]:
+        sorted_logits, order = scaled.topk(width, dim=-1)  # [F, W] each
+    else:
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [F, V] each
+    ranks = torch.arange(sorted_logits.shape[-1], device=scaled.device)  # [W]
     drop = (top_k[:, None] > 0) & (ranks >= top_k[:, None])  # [F, V]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # Drop a token when the mass before it already reaches top_p; the first token's is 0, so it always stays.
@@ -95,13 +100,14 @@ def _draw(logits: torch.Tensor, params: Sequence[SamplingParams], positions: Seq
     if filtered:
         rows = _index(filtered, len(params), device)
         # top_k is unbounded; any k >= V keeps everything, as 0 does.
-        settings = torch.tensor([[params[r].top_p, params[r].min_p, min(params[r].top_k, vocab)] for r in filtered],
+        top_k = [min(params[r].top_k, vocab) or vocab for r in filtered]
+        settings = torch.tensor([[params[r].top_p, params[r].min_p, k] for r, k in zip(filtered, top_k, strict=True)],
                                 dtype=torch.float64, device=device)  # [F, 3]
         sorted_logits, order = filtered_sorted(
             scaled[rows], top_k=settings[:, 2].to(torch.int64), top_p=settings[:, 0].to(logits.dtype),
-            min_p=settings[:, 1].to(logits.dtype),
+            min_p=settings[:, 1].to(logits.dtype), width=max(top_k),
         )
-        picked = _inverse_cdf(torch.softmax(sorted_logits, dim=-1), uniforms[rows])  # [F], in sorted order
+        picked = _inverse_cdf(torch.softmax(sorted_logits, dim=-1), uniforms[rows])  # [F], among the best W
         # The kept tokens are a prefix of the sorted order; stay inside it whatever the cumsum's rounding.
         picked = torch.minimum(picked, (sorted_logits > float("-inf")).sum(-1) - 1)
         out[rows] = order.gather(1, picked[:, None]).squeeze(1)

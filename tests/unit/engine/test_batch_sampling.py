@@ -7,6 +7,8 @@ here verbatim as the specification the batched pass must match.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -55,15 +57,19 @@ def mixed_params(count: int, seed: int) -> list[SamplingParams]:
     ]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_filters_equal_the_per_row_function(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "all_top_k"), [(0, False), (1, False), (2, False), (3, True), (4, True)])
+def test_filters_equal_the_per_row_function(seed: int, all_top_k: bool) -> None:
+    """Mixed settings sort every token; when every row has a top-k only the largest k are sorted (width)."""
     params = mixed_params(48, seed)
+    if all_top_k:
+        params = [dataclasses.replace(p, top_k=min(p.top_k or 40, 40)) for p in params]
     logits = torch.randn(48, 300, generator=torch.Generator().manual_seed(100 + seed)) * 3  # [B, V]
     scaled = logits / torch.tensor([p.temperature for p in params])[:, None]
     sorted_logits, order = filtered_sorted(
         scaled, top_k=torch.tensor([p.top_k for p in params]), top_p=torch.tensor([p.top_p for p in params]),
-        min_p=torch.tensor([p.min_p for p in params]),
+        min_p=torch.tensor([p.min_p for p in params]), width=max(p.top_k for p in params) if all_top_k else 300,
     )
+    assert sorted_logits.shape == order.shape == (48, 40 if all_top_k else 300)
     batched = torch.full_like(scaled, float("-inf")).scatter(1, order, sorted_logits)  # back in vocab order
     for row, p in enumerate(params):
         expected = reference_filtered(scaled[row], p)
