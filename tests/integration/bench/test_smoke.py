@@ -22,6 +22,7 @@ SMOKE = {
     "autoscale_sim.py": ("| model | fleet | replicas | requests | SLO met |", lambda tmp: []),
     "moe_layer.py": ("| E | T | ideal GEMMs (ms) | herd (ms) | transformers (ms) |", lambda tmp: []),
     "engine_throughput.py": ("| system | requests | output tokens | wall s | output tok/s |", lambda tmp: []),
+    "engine_overhead.py": ("| sequences | step ms | torch ops ms | host ms | host share |", lambda tmp: []),
     "expert_dispatch.py": ("| shards | T | in-process (ms) | gRPC (ms) | gRPC / in-process |", lambda tmp: []),
     "serve.py": ("| system | concurrency | requests | errors | output tok/s |",
                  lambda tmp: ["--checkpoint", str(tmp / "scout"), "--log-dir", str(tmp / "logs")]),
