@@ -8,8 +8,12 @@ A script imports it as `bench.common` after putting the repository root on sys.p
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import random
+import shlex
 import signal
 import socket
 import statistics
@@ -28,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_TENANT = "bench"  # the tenant whose key the benchmarks send to herd serve
 
 __all__ = ["BENCH_TENANT", "ROOT", "HerdServe", "ServerError", "ServerProcess", "free_port", "interleaved_medians",
-           "median_seconds", "parse_args_with_smoke", "percentile", "tiny_checkpoint"]
+           "machine", "median_seconds", "parse_args_with_smoke", "percentile", "print_command", "tiny_checkpoint"]
 
 
 # --- the smoke size ---------------------------------------------------------------------------------------------
@@ -73,6 +77,20 @@ def interleaved_medians(
 
 
 # --- checkpoints and ports ------------------------------------------------------------------------------------
+def print_command(script: str) -> None:
+    """The command line that produced this output, as typed from the repository root."""
+    print(f"$ .venv/bin/python bench/{script} {shlex.join(sys.argv[1:])}".rstrip())
+
+
+def machine() -> str:
+    """When and on what a run happened: UTC time, processor, CPUs, torch and its intra-op threads."""
+    import torch  # here, so the server benchmarks that import this module load no torch
+
+    cpu = platform.processor() or platform.machine()
+    return (f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S} UTC, {cpu}, "
+            f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+
 def tiny_checkpoint(path: Path, *, preset: str = "scout", seed: int = 0) -> Path:
     """`path`, made there by make_tiny first when it holds no config.json."""
     if not (path / "config.json").exists():

@@ -27,11 +27,8 @@ on two busy cores wait on each other). Target (issue 20): host time per step at 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import random
-import shlex
 import statistics
 import sys
 import tempfile
@@ -49,7 +46,7 @@ from torch.autograd.profiler_util import FunctionEvent
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common from a checkout
 
 import herd.engine.llm_engine as llm_engine_module
-from bench.common import parse_args_with_smoke, tiny_checkpoint
+from bench.common import machine, parse_args_with_smoke, print_command, tiny_checkpoint
 from herd.engine import EngineConfig, LLMEngine, SamplingParams
 from herd.engine.detokenizer import IncrementalDetokenizer
 from herd.engine.paged_attention import PagedAttention
@@ -307,11 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     begun = time.perf_counter()
-    print(f"$ .venv/bin/python bench/engine_overhead.py {shlex.join(sys.argv[1:])}".rstrip())
-    print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S} UTC, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), load average "
-          f"{os.getloadavg()[0]:.2f}; temperature {args.temperature}, prompts of {args.prompt_tokens} tokens, "
-          f"{args.steps} rounds of plain/timed/profiled decode steps after {args.warmup_steps} warm-up steps")
+    print_command("engine_overhead.py")
+    print(f"{machine()}, load average {os.getloadavg()[0]:.2f}; temperature {args.temperature}, prompts of "
+          f"{args.prompt_tokens} tokens, {args.steps} rounds of plain/timed/profiled decode steps after "
+          f"{args.warmup_steps} warm-up steps")
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint or tiny_checkpoint(Path(tmp) / "scout")
         config = EngineConfig(max_num_seqs=max(args.sequences), kv_cache_mb=args.kv_cache_mib,

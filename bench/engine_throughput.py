@@ -27,12 +27,9 @@ and reports the KV bytes herd pins for one sequence four chunks long against a k
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
-import platform
 import random
-import shlex
 import statistics
 import sys
 import tempfile
@@ -47,7 +44,7 @@ from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common from a checkout
 
-from bench.common import parse_args_with_smoke, percentile, tiny_checkpoint
+from bench.common import machine, parse_args_with_smoke, percentile, print_command, tiny_checkpoint
 from herd.engine import EngineConfig, LLMEngine, SamplingParams
 
 PAD_ID = 0  # left padding for transformers' batches; masked out, so any id works
@@ -227,11 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     begun = time.perf_counter()
-    print(f"$ .venv/bin/python bench/engine_throughput.py {shlex.join(sys.argv[1:])}".rstrip())
-    print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S} UTC, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"transformers {transformers.__version__}, load average {os.getloadavg()[0]:.2f} (other processes on these "
-          "cores skew both systems, herd's many small ops most)")
+    print_command("engine_throughput.py")
+    print(f"{machine()}, transformers {transformers.__version__}, load average {os.getloadavg()[0]:.2f} "
+          "(other processes on these cores skew both systems, herd's many small ops most)")
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint or tiny_checkpoint(Path(tmp) / "scout")
         engine = LLMEngine.from_pretrained(path, engine_config(args))
