@@ -4,10 +4,10 @@ setting everywhere: the config file, `herd serve --print-config`, the Helm chart
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Self
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema, model_validator
 
 from herd.engine.kv_cache_manager import CHUNKED, FULL, KVLayout
 from herd.engine.paged_kv import bytes_per_block
@@ -23,6 +23,8 @@ TorchDType = Annotated[
     WithJsonSchema({"type": "string", "enum": sorted(DTYPES)}),
 ]
 """A torch dtype that settings and JSON write by name ("bfloat16")."""
+
+DEFAULT_DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class EngineConfig(BaseModel):
@@ -41,6 +43,46 @@ class EngineConfig(BaseModel):
                                         "tenant unless a sharing group is set)")
     dtype: TorchDType = Field("float32", validate_default=True, description="weights, activations and KV cache")
     device: str = Field("cpu", description="torch device of the model and the cache")
+    cuda_graphs: bool | None = Field(None, description="replay pure-decode steps as CUDA graphs, one captured per "
+                                     "decode bucket on first use; null: on when device is cuda (true elsewhere "
+                                     "is refused)")
+    static_decode: bool | None = Field(None, description="run pure-decode steps padded to decode_buckets on "
+                                       "persistent input buffers, the shapes a CUDA graph replays; null: as "
+                                       "cuda_graphs; on without graphs it runs eagerly (a check, and for debugging)")
+    decode_buckets: list[Annotated[int, Field(ge=1)]] = Field(
+        list(DEFAULT_DECODE_BUCKETS), min_length=1,
+        description="batch sizes a pure-decode step is padded to, ascending; capped at max_num_seqs, and a "
+                    "larger batch runs unpadded")
+    max_cuda_graphs: int = Field(64, ge=1, description="CUDA graphs kept at most, one per (batch bucket, "
+                                 "key-length bucket); past it a new bucket runs the padded path eagerly")
+
+    @model_validator(mode="after")
+    def _check_decode_settings(self) -> Self:
+        if any(b <= a for a, b in zip(self.decode_buckets, self.decode_buckets[1:], strict=False)):
+            raise ValueError(f"decode_buckets must rise strictly, got {self.decode_buckets}")
+        if self.cuda_graphs and torch.device(self.device).type != "cuda":
+            raise ValueError(f"cuda_graphs is true but device is {self.device!r}: CUDA graphs need a cuda device "
+                             "(static_decode: true runs the same padded path eagerly anywhere)")
+        if self.cuda_graphs and self.static_decode is False:
+            raise ValueError("cuda_graphs is true but static_decode is false: a graph replays the padded path")
+        return self
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        """Whether pure-decode steps replay CUDA graphs (the setting, or by default: the device is CUDA)."""
+        return self.cuda_graphs if self.cuda_graphs is not None else torch.device(self.device).type == "cuda"
+
+    @property
+    def use_static_decode(self) -> bool:
+        """Whether pure-decode steps take the padded static path (graphs or not)."""
+        return self.static_decode if self.static_decode is not None else self.use_cuda_graphs
+
+    @property
+    def decode_batch_sizes(self) -> tuple[int, ...]:
+        """decode_buckets capped at max_num_seqs: the buckets below it, then max_num_seqs itself if some
+        bucket reaches it (no decode batch is larger)."""
+        below = tuple(b for b in self.decode_buckets if b < self.max_num_seqs)
+        return below + ((self.max_num_seqs,) if self.decode_buckets[-1] >= self.max_num_seqs else ())
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -6,6 +6,10 @@ The runner only lays the step out: every chunk's tokens and positions end to end
 image features (a chunk boundary may fall inside an image, so features are placed chunk by chunk), the
 rows whose logits are sampled, and the step's view of the paged KV cache (herd.engine.paged_attention).
 The arithmetic is the model's.
+
+A pure-decode step (every chunk one token that samples) takes the static path instead when the engine config
+says so (EngineConfig.use_static_decode): padded to a batch bucket on persistent buffers, replayed as a CUDA graph
+where graphs are on (herd.engine.decode_graphs). The logits returned are the same either way.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from herd.engine.config import EngineConfig
+from herd.engine.decode_graphs import StaticDecode, token_at
 from herd.engine.kv_cache_manager import KVCacheManager
 from herd.engine.paged_attention import PagedAttention
 from herd.engine.paged_kv import PagedKVCache
@@ -23,34 +29,53 @@ from herd.model.llama4 import Llama4Model
 
 
 class ModelRunner:
-    """Owns nothing but the step: the model, the KV tensors and the block tables are given."""
+    """Owns nothing but the step (and the static path's buffers): the model, the KV tensors and the block tables
+    are given. `config` says whether pure decodes take the static path (default: EngineConfig's defaults for the
+    model's device)."""
 
-    def __init__(self, model: Llama4Model, kv: KVCacheManager, cache: PagedKVCache) -> None:
+    def __init__(self, model: Llama4Model, kv: KVCacheManager, cache: PagedKVCache, *,
+                 config: EngineConfig | None = None) -> None:
         self.model = model
         self.kv = kv
         self.cache = cache
         self.device = model.device
+        config = config or EngineConfig(device=str(model.device))
+        self.static = StaticDecode(
+            model, kv, cache, batch_sizes=config.decode_batch_sizes, graphs=config.use_cuda_graphs,
+            max_graphs=config.max_cuda_graphs,
+        ) if config.use_static_decode else None
 
     @torch.inference_mode()
     def run(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
         """Compute every chunk; return float32 logits [C_sampling, V] for the chunks that sample, in order."""
+        if self.static is not None and self.static.takes(chunks):
+            return self.static.run(chunks)
         ids, positions = self._tokens(chunks)  # [N], [N]
         image_rows, image_embeds = self._images(chunks)  # [M], [M, H]
         ends = itertools.accumulate(c.num_tokens for c in chunks)
         sampled = torch.tensor([end - 1 for end, c in zip(ends, chunks, strict=True) if c.samples], dtype=torch.long)
-        context = PagedAttention(chunks, self.kv, self.cache, self.device)
+        context = PagedAttention.for_step(chunks, self.kv, self.cache, self.device)
         logits: torch.Tensor = self.model(ids, positions.to(self.device), context, image_embeds=image_embeds,
                                           image_rows=image_rows, logit_rows=sampled)  # [C_sampling, V]
         return logits.float()
 
     @staticmethod
     def _tokens(chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's ids and positions; a chunk's tokens are sliced from its prompt or output (never both
+        joined: a decode costs O(1), not O(context))."""
         ids: list[int] = []
         positions: list[int] = []
         for chunk in chunks:
-            end = chunk.start + chunk.num_tokens
-            ids += chunk.seq.token_ids()[chunk.start : end]
-            positions += range(chunk.start, end)
+            start, end = chunk.start, chunk.start + chunk.num_tokens
+            if chunk.num_tokens == 1:
+                ids.append(token_at(chunk))
+                positions.append(start)
+                continue
+            prompt, output = chunk.seq.prompt_ids, chunk.seq.output_ids
+            ids += prompt[start:end]
+            if end > len(prompt):
+                ids += output[max(0, start - len(prompt)) : end - len(prompt)]
+            positions += range(start, end)
         return torch.tensor(ids), torch.tensor(positions)
 
     @staticmethod

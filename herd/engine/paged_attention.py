@@ -10,7 +10,8 @@ uses, so a chunk computes exactly what the full causal forward would:
 - every decode (one new token) of the step attends in one padded, batched call per layer;
 - each prefill chunk attends on its own.
 Where to read and what to mask depends only on the step and the layer's group, so it is worked out once
-per step and group, not per layer.
+per step and group, not per layer. A padded pure-decode step (herd.engine.decode_graphs) builds its plans on
+the device from persistent buffers instead, with decode_slots below.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class _Prefill:
 
 
 @dataclass
-class _GroupPlan:
+class GroupPlan:
     """Where one layer group's attention reads, for the whole step."""
 
     write_slots: torch.Tensor  # [N] cache slot of every new token
@@ -49,11 +50,15 @@ class _GroupPlan:
 class PagedAttention:
     """A KVContext (herd.model.kv_cache) over the engine's paged cache for one step's chunks."""
 
-    def __init__(self, chunks: Sequence[ScheduledChunk], kv: KVCacheManager, cache: PagedKVCache,
-                 device: torch.device) -> None:
+    def __init__(self, cache: PagedKVCache, plans: dict[str, GroupPlan]) -> None:
         self.cache = cache
-        self.device = device
-        self.plans = {group: self._plan(chunks, kv, group) for group in kv.pools}
+        self.plans = plans
+
+    @classmethod
+    def for_step(cls, chunks: Sequence[ScheduledChunk], kv: KVCacheManager, cache: PagedKVCache,
+                 device: torch.device) -> PagedAttention:
+        """The plans of a step of any shape, worked out on the host and copied to `device`."""
+        return cls(cache, {group: _plan(chunks, kv, group, device) for group in kv.pools})
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                chunk_size: int | None) -> torch.Tensor:
@@ -81,49 +86,53 @@ class PagedAttention:
             ).transpose(0, 1)
         return out
 
-    def _plan(self, chunks: Sequence[ScheduledChunk], kv: KVCacheManager, group: str) -> _GroupPlan:
-        block = kv.block_size
-        chunk_size = kv.layout.chunk_size if group != FULL else None
-        write: list[int] = []
-        decode_rows: list[int] = []
-        decode_blocks: list[list[int]] = []  # each decode's window, as blocks
-        decode_lengths: list[int] = []
-        prefills: list[_Prefill] = []
-        row = 0
-        for chunk in chunks:
-            # Every position from the window on holds a block (only blocks before the window are freed).
-            table = cast("list[int]", kv.table(chunk.seq, group))
-            first, end = chunk.start, chunk.start + chunk.num_tokens
-            write += [table[p // block] * block + p % block for p in range(first, end)]
-            window = kv.window_start(group, first)  # a multiple of the block size
-            blocks = list(table[window // block : -(-end // block)])
-            if chunk.num_tokens == 1:
-                decode_rows.append(row)
-                decode_blocks.append(blocks)
-                decode_lengths.append(end - window)
-            else:
-                slots = self._slots(self._tensor([blocks]), block)[0, : end - window]
-                mask = attention_mask(torch.arange(first, end), torch.arange(window, end), chunk_size)
-                prefills.append(_Prefill(slice(row, row + chunk.num_tokens), slots, mask.to(self.device)))
-            row += chunk.num_tokens
-        width = max((len(b) for b in decode_blocks), default=0)
-        padded = [b + [0] * (width - len(b)) for b in decode_blocks]
-        blocks_tensor = self._tensor(padded).view(len(decode_blocks), width)
-        lengths = torch.tensor(decode_lengths, dtype=torch.long)
-        mask = torch.arange(width * block)[None, :] < lengths[:, None]  # [G, S_max]
-        return _GroupPlan(
-            write_slots=self._tensor(write),
-            decode_rows=self._tensor(decode_rows),
-            decode_slots=self._slots(blocks_tensor, block),
-            decode_mask=mask[:, None, None, :].to(self.device),
-            prefills=prefills,
-        )
 
-    @staticmethod
-    def _slots(blocks: torch.Tensor, block: int) -> torch.Tensor:
-        """[G, n] block ids -> [G, n*B] the flat cache slot of every token they hold, in order."""
-        offsets = torch.arange(block, device=blocks.device)
-        return (blocks[:, :, None] * block + offsets).flatten(1)
+def decode_slots(blocks: torch.Tensor, lengths: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks [G, W] of each decode's window and its keys' count [G] -> the slots of every key [G, W*B] and the
+    mask of real keys [G, 1, 1, W*B] (the padding past a decode's length points anywhere and is masked)."""
+    slots = _slots(blocks, block)
+    mask = torch.arange(slots.shape[1], device=blocks.device)[None, :] < lengths[:, None]  # [G, W*B]
+    return slots, mask[:, None, None, :]
 
-    def _tensor(self, values: Sequence[object]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+def _plan(chunks: Sequence[ScheduledChunk], kv: KVCacheManager, group: str, device: torch.device) -> GroupPlan:
+    block = kv.block_size
+    chunk_size = kv.layout.chunk_size if group != FULL else None
+    write: list[int] = []
+    decode_rows: list[int] = []
+    decode_blocks: list[list[int]] = []  # each decode's window, as blocks
+    decode_lengths: list[int] = []
+    prefills: list[_Prefill] = []
+    row = 0
+    for chunk in chunks:
+        # Every position from the window on holds a block (only blocks before the window are freed).
+        table = cast("list[int]", kv.table(chunk.seq, group))
+        first, end = chunk.start, chunk.start + chunk.num_tokens
+        write += [table[p // block] * block + p % block for p in range(first, end)]
+        window = kv.window_start(group, first)  # a multiple of the block size
+        blocks = table[window // block : -(-end // block)]
+        if chunk.num_tokens == 1:
+            decode_rows.append(row)
+            decode_blocks.append(blocks)
+            decode_lengths.append(end - window)
+        else:
+            slots = _slots(_tensor([blocks], device), block)[0, : end - window]
+            mask = attention_mask(torch.arange(first, end), torch.arange(window, end), chunk_size)
+            prefills.append(_Prefill(slice(row, row + chunk.num_tokens), slots, mask.to(device)))
+        row += chunk.num_tokens
+    width = max((len(b) for b in decode_blocks), default=0)
+    padded = [b + [0] * (width - len(b)) for b in decode_blocks]
+    slots, mask = decode_slots(_tensor(padded, device).view(len(decode_blocks), width),
+                               _tensor(decode_lengths, device), block)
+    return GroupPlan(write_slots=_tensor(write, device), decode_rows=_tensor(decode_rows, device),
+                     decode_slots=slots, decode_mask=mask, prefills=prefills)
+
+
+def _slots(blocks: torch.Tensor, block: int) -> torch.Tensor:
+    """[G, n] block ids -> [G, n*B] the flat cache slot of every token they hold, in order."""
+    offsets = torch.arange(block, device=blocks.device)
+    return (blocks[:, :, None] * block + offsets).flatten(1)
+
+
+def _tensor(values: Sequence[object], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)

@@ -1,6 +1,10 @@
 """The KV tensors behind the block tables: per layer, keys and values of every block of its group.
 
 Legend: N blocks in the layer's group, B tokens per block, K key/value heads, D head dim, S tokens.
+
+Each pool holds one block more than the layout gives its group: the scratch block (index N), which no block
+table ever names. The padding rows of a padded decode step (herd.engine.decode_graphs) write their keys and
+values there and read only there, so they never touch a block a sequence or the prefix cache holds.
 """
 
 from __future__ import annotations
@@ -24,14 +28,16 @@ def bytes_per_block(config: TextConfig, block_size: int, dtype: torch.dtype) -> 
 
 
 class PagedKVCache:
-    """k[layer], v[layer]: [N, B, K, D] for the layer's group pool."""
+    """k[layer], v[layer]: [N + 1, B, K, D] for the layer's group pool, the last block the group's scratch."""
 
     def __init__(self, config: TextConfig, layout: KVLayout, *, dtype: torch.dtype, device: torch.device) -> None:
         self.block_size = layout.block_size
         self.groups = layer_groups(config)
+        self.scratch_block = dict(layout.num_blocks)
+        """Each group's scratch block: one past the blocks its pool hands out."""
         shape = (layout.block_size, config.num_key_value_heads, config.head_dim)
-        self.k = [torch.zeros(layout.num_blocks[g], *shape, dtype=dtype, device=device) for g in self.groups]
-        self.v = [torch.zeros(layout.num_blocks[g], *shape, dtype=dtype, device=device) for g in self.groups]
+        self.k = [torch.zeros(layout.num_blocks[g] + 1, *shape, dtype=dtype, device=device) for g in self.groups]
+        self.v = [torch.zeros(layout.num_blocks[g] + 1, *shape, dtype=dtype, device=device) for g in self.groups]
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [S, K, D] at flat slots [S] (block * B + offset)."""

@@ -48,7 +48,7 @@ def test_bytes_per_block_is_what_a_cache_of_that_many_blocks_holds():
     for group, k, v in zip(cache.groups, cache.k, cache.v, strict=True):
         held[group] += k.nbytes + v.nbytes
     sizes = bytes_per_block(c, B, torch.bfloat16)
-    assert held == {FULL: 5 * sizes[FULL], CHUNKED: 7 * sizes[CHUNKED]}
+    assert held == {FULL: (5 + 1) * sizes[FULL], CHUNKED: (7 + 1) * sizes[CHUNKED]}, "and one scratch block each"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -56,9 +56,10 @@ def test_each_layer_gets_a_pool_of_its_groups_size_and_the_dtype(dtype):
     cache = PagedKVCache(config(layers=8), layout(full=6, chunked=3), dtype=dtype, device=CPU)
     assert cache.block_size == B
     assert cache.groups == [CHUNKED, CHUNKED, CHUNKED, FULL] * 2
+    assert cache.scratch_block == {FULL: 6, CHUNKED: 3}, "one past the blocks the pool hands out"
     for group, k, v in zip(cache.groups, cache.k, cache.v, strict=True):
         blocks = 6 if group == FULL else 3
-        assert k.shape == v.shape == (blocks, B, K, D)
+        assert k.shape == v.shape == (blocks + 1, B, K, D)
         assert k.dtype == v.dtype == dtype and k.device == CPU
         assert not k.any() and not v.any()
     assert len({t.data_ptr() for t in cache.k + cache.v}) == 16, "no two layers share storage"
@@ -66,7 +67,7 @@ def test_each_layer_gets_a_pool_of_its_groups_size_and_the_dtype(dtype):
 
 def test_a_model_without_chunked_layers_needs_no_chunked_pool():
     cache = PagedKVCache(config(layers=3, chunk=None), layout(full=4, chunked=None), dtype=torch.float32, device=CPU)
-    assert [k.shape[0] for k in cache.k] == [4, 4, 4]
+    assert [k.shape[0] for k in cache.k] == [4 + 1] * 3 and cache.scratch_block == {FULL: 4}
 
 
 def test_what_is_written_at_slots_reads_back_there_and_nowhere_else():
@@ -81,7 +82,7 @@ def test_what_is_written_at_slots_reads_back_there_and_nowhere_else():
     for i, slot in enumerate(slots.tolist()):
         block, offset = divmod(slot, B)
         assert torch.equal(cache.k[3][block, offset], k[i]) and torch.equal(cache.v[3][block, offset], v[i])
-    written = torch.zeros(6 * B, dtype=torch.bool)
+    written = torch.zeros((6 + 1) * B, dtype=torch.bool)
     written[slots] = True
     assert not cache.k[3].view(-1, K, D)[~written].any(), "every other slot is untouched"
     assert not any(t.any() for i, t in enumerate(cache.k + cache.v) if i not in (3, 8 + 3)), "other layers too"
@@ -99,4 +100,4 @@ def test_chunked_layers_address_their_own_smaller_pool():
     got_k, got_v = cache.read(0, slots.flip(0))
     assert torch.equal(got_k, k.flip(0)) and torch.equal(got_v, -k.flip(0))
     with pytest.raises(IndexError):
-        cache.write(1, torch.tensor([3 * B]), k[:1], k[:1])  # one past the chunked pool's end
+        cache.write(1, torch.tensor([(3 + 1) * B]), k[:1], k[:1])  # one past the chunked pool's scratch block
