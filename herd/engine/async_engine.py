@@ -1,7 +1,9 @@
 """The asyncio face of the engine: stream a request's tokens as they come, abort it at any time.
 
-Steps run in a worker thread so the event loop stays free; requests are checked on the caller's
-thread (so a bad one raises at once) and handed to the engine thread through a queue, as are aborts.
+Steps run in a worker thread so the event loop stays free, and each step's text side (detokenising,
+stop strings, outputs) runs on an output thread while the next step computes (herd.engine.step_pipeline);
+the outputs reach the streams from there. Requests are checked on the caller's thread (so a bad one
+raises at once) and handed to the engine thread through a queue, as are aborts.
 A stream whose consumer stops reading (client gone, task cancelled) aborts its request, so its KV
 blocks return to the pool.
 """
@@ -22,6 +24,7 @@ from herd.engine.config import EngineConfig
 from herd.engine.llm_engine import EngineRequest, LLMEngine, RequestOptions
 from herd.engine.outputs import RequestOutput
 from herd.engine.sampling_params import SamplingParams
+from herd.engine.step_pipeline import StepPipeline
 from herd.model.prompt import Prompt
 
 
@@ -39,6 +42,8 @@ class AsyncLLMEngine:
         self._abort_all = False
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        self._pipeline = StepPipeline(engine, self._deliver)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> AsyncLLMEngine:
@@ -83,22 +88,33 @@ class AsyncLLMEngine:
 
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+            self._loop = asyncio.get_running_loop()
+            self._loop_task = self._loop.create_task(self._run())
 
     async def _run(self) -> None:
-        while True:
-            outputs = await asyncio.to_thread(self._step)
-            for out in outputs:
-                queue = self._streams.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
-            with self._lock:
-                idle = (not self._to_submit and not self._to_abort and not self._abort_all
-                        and not self.engine.has_unfinished())
-            if idle:
-                return
+        try:
+            while True:
+                await asyncio.to_thread(self._step)
+                with self._lock:
+                    idle = (not self._to_submit and not self._to_abort and not self._abort_all
+                            and not self.engine.has_unfinished())
+                if idle:
+                    return
+        finally:
+            await asyncio.to_thread(self._pipeline.drain)  # the last step's outputs reach their streams
 
-    def _step(self) -> list[RequestOutput]:
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """On the output thread: hand a step's outputs to the event loop."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._put, outputs)
+
+    def _put(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            queue = self._streams.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _step(self) -> None:
         """On the worker thread: take the queued submissions and aborts, then one engine step."""
         with self._lock:
             submit, self._to_submit = self._to_submit, []
@@ -111,9 +127,10 @@ class AsyncLLMEngine:
         if abort_all:
             self.engine.abort_all()
         if not self.engine.has_unfinished():
-            return []
+            self._pipeline.drain()
+            return
         with self.step_scope():
-            return self.engine.step()
+            self._pipeline.step()
 
 
 def _coalesce(out: RequestOutput, queue: asyncio.Queue[RequestOutput]) -> RequestOutput:

@@ -23,13 +23,14 @@ from herd.engine.detokenizer import IncrementalDetokenizer
 from herd.engine.errors import HerdError
 from herd.engine.kv_cache_manager import KVCacheManager
 from herd.engine.model_runner import ModelRunner
-from herd.engine.outputs import RequestOutput, RequestTimes
+from herd.engine.output_processor import CoreOutput, OutputProcessor, RequestState
+from herd.engine.outputs import RequestOutput
 from herd.engine.paged_kv import PagedKVCache
 from herd.engine.prompt_images import ImageInput, PromptImages, pixel_digest
 from herd.engine.sampler import TokenLogprobs, sample_batch
 from herd.engine.sampling_params import SamplingParams
 from herd.engine.scheduler import Scheduler, SchedulerOutput
-from herd.engine.sequence import Sequence, Status
+from herd.engine.sequence import Sequence
 from herd.engine.stats import EngineStats
 from herd.engine.stop_strings import StopStrings
 from herd.model.llama4 import Llama4Model
@@ -56,15 +57,10 @@ class RequestOptions(TypedDict, total=False):
 
 @dataclass(eq=False)
 class EngineRequest:
-    """Engine-side state of a sequence: text so far, what was already reported."""
+    """A checked request: the core's sequence and the output processor's state."""
 
     seq: Sequence
-    detokenizer: IncrementalDetokenizer
-    stops: StopStrings
-    logprobs: list[TokenLogprobs] | None
-    reported_tokens: int = 0
-    reported_chars: int = 0
-    text_end: int | None = None  # where a stop string cut the text
+    state: RequestState
 
 
 class LLMEngine:
@@ -83,8 +79,11 @@ class LLMEngine:
         cache = PagedKVCache(model.config, layout, dtype=self.config.dtype, device=torch.device(self.config.device))
         self.runner = ModelRunner(model, self.kv, cache)
         self.scheduler = Scheduler(self.config.scheduler(), self.kv)
-        self._requests: dict[str, EngineRequest] = {}
-        self._aborted: list[EngineRequest] = []
+        self.outputs = OutputProcessor()
+        """Detokenising, stop strings and RequestOutputs (`step` runs it inline; the async engine on its own
+        thread, one step behind the core)."""
+        self._requests: dict[str, Sequence] = {}  # unfinished, by id
+        self._aborted: list[Sequence] = []
         self._ids = itertools.count()
         self._generator = torch.Generator(device=torch.device(self.config.device))
         """Uniforms for the unseeded requests' draws (seeded ones hash their own); seeded at random."""
@@ -134,27 +133,29 @@ class LLMEngine:
             cache_salt=f"group:{sharing_group}" if sharing_group else f"tenant:{tenant_id}", stop_ids=frozenset(stops),
             images=self._encode_images(ids, images) if images else None,
         )
-        return EngineRequest(
-            seq=seq,
-            detokenizer=IncrementalDetokenizer(self.tokenizer),
-            stops=StopStrings(params.stop),
+        state = RequestState(
+            request_id=rid, tenant_id=tenant_id, prompt_token_ids=ids,
+            detokenizer=IncrementalDetokenizer(self.tokenizer), stops=StopStrings(params.stop),
+            include_stop_str=params.include_stop_str_in_output, arrived_ns=seq.arrived_ns,
             logprobs=[] if params.logprobs is not None else None,
         )
+        return EngineRequest(seq=seq, state=state)
 
     def submit(self, request: EngineRequest) -> None:
         rid = request.seq.request_id
-        if rid in self._requests:
+        if rid in self._requests or rid in self.outputs:
             raise ValueError(f"request id {rid!r} is already in use")
-        self._requests[rid] = request
+        self.outputs.add(request.state)
+        self._requests[rid] = request.seq
         self.scheduler.add(request.seq)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now; its blocks are freed and the next step reports it with reason "abort"."""
-        request = self._requests.get(request_id)
-        if request is None or request.seq.is_finished:
+        seq = self._requests.pop(request_id, None)
+        if seq is None:
             return False
-        self.scheduler.finish(request.seq, "abort")
-        self._aborted.append(request)
+        self.scheduler.finish(seq, "abort")
+        self._aborted.append(seq)
         return True
 
     def abort_all(self) -> int:
@@ -178,13 +179,28 @@ class LLMEngine:
     # --- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine step; outputs for every request that got a token or finished."""
+        processed = self.outputs.process(self.core_step())
+        self.finish_stopped(processed.stopped)
+        return processed.outputs
+
+    def core_step(self) -> list[CoreOutput]:
+        """The step's critical path: schedule, run the model, sample, and every finish the next batch depends
+        on; the text side is the output processor's."""
         scheduled = self.scheduler.schedule()
         try:
             logits = self.runner.run(scheduled.chunks) if scheduled.chunks else None
         except HerdError as err:
             return self._fail(scheduled, err)
         self.scheduler.on_step_done(scheduled)
-        return self._postprocess(scheduled, logits)
+        return self._sample(scheduled, logits)
+
+    def finish_stopped(self, request_ids: Seq[str]) -> None:
+        """End the requests the output processor found a stop string in (already reported finished): their
+        blocks go back now; a token the core made after the stop is never reported."""
+        for rid in request_ids:
+            seq = self._requests.pop(rid, None)
+            if seq is not None:
+                self.scheduler.finish(seq, "stop")
 
     def generate(
         self,
@@ -213,85 +229,51 @@ class LLMEngine:
         return [final[r.seq.request_id] for r in requests]
 
     # --- internals ----------------------------------------------------------------------------------
-    def _postprocess(self, scheduled: SchedulerOutput, logits: torch.Tensor | None) -> list[RequestOutput]:
-        outputs = [self._report(r) for r in self._aborted]
+    def _sample(self, scheduled: SchedulerOutput, logits: torch.Tensor | None) -> list[CoreOutput]:
+        outputs = [self._core_output(seq, []) for seq in self._aborted]
         self._aborted.clear()
         sampling = [c.seq for c in scheduled.chunks if c.samples]
         tokens, logprobs_per_row = ([], []) if logits is None else sample_batch(
             logits, [seq.params for seq in sampling], [len(seq.output_ids) for seq in sampling], self._generator)
+        now = time.time_ns()
         for seq, token, logprobs in zip(sampling, tokens, logprobs_per_row, strict=True):
-            request = self._requests[seq.request_id]
             seq.output_ids.append(token)
-            seq.first_token_ns = seq.first_token_ns or time.time_ns()
-            if request.logprobs is not None and logprobs is not None:
-                request.logprobs.append(logprobs)
-            reason = self._finish_reason(request, token)
+            seq.first_token_ns = seq.first_token_ns or now
+            reason = self._finish_reason(seq, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-            outputs.append(self._report(request))
+                del self._requests[seq.request_id]
+            outputs.append(self._core_output(seq, [token], logprobs))
         return outputs
 
-    def _fail(self, scheduled: SchedulerOutput, err: HerdError) -> list[RequestOutput]:
+    def _fail(self, scheduled: SchedulerOutput, err: HerdError) -> list[CoreOutput]:
         """The step's work is lost (an expert shard unreachable, a deadline missed, ...): its requests end with
         the error (within their deadline, never a hang) and give back their blocks; others carry on."""
-        outputs = [self._report(r) for r in self._aborted]
+        outputs = [self._core_output(seq, []) for seq in self._aborted]
         self._aborted.clear()
         for chunk in scheduled.chunks:
             chunk.seq.error = err
             self.scheduler.finish(chunk.seq, "error")
-            outputs.append(self._report(self._requests[chunk.seq.request_id]))
+            self._requests.pop(chunk.seq.request_id, None)
+            outputs.append(self._core_output(chunk.seq, []))
         return outputs
 
-    def _finish_reason(self, request: EngineRequest, token: int) -> str | None:
-        seq = request.seq
-        request.detokenizer.push(seq.output_ids)
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        """The finishes that decide the next batch (stop strings are the output processor's)."""
         if token in seq.stop_ids:
-            return "stop"
-        if seq.params.stop and self._cut_at_stop_string(request):
             return "stop"
         if len(seq.output_ids) >= seq.params.max_tokens or seq.num_known >= self.max_model_len:
             return "length"
         return None
 
-    def _cut_at_stop_string(self, request: EngineRequest) -> bool:
-        hit = request.stops.find(request.detokenizer.text)  # only the new text and the tail before it
-        if hit is None:
-            return False
-        index, stop = hit
-        request.text_end = index + len(stop) if request.seq.params.include_stop_str_in_output else index
-        return True
-
-    def _report(self, request: EngineRequest) -> RequestOutput:
-        seq = request.seq
-        finished = seq.status is Status.FINISHED
-        if finished and request.text_end is None:
-            request.detokenizer.flush(seq.output_ids)
-        text = request.detokenizer.text
-        if request.text_end is not None:
-            text = text[: request.text_end]
-        elif not finished and seq.params.stop:
-            # Hold back what could still become a stop string, so streamed text is never taken back.
-            text = text[: max(request.reported_chars, request.stops.releasable(text))]
-        out = RequestOutput(
-            request_id=seq.request_id,
-            tenant_id=seq.tenant_id,
-            prompt_token_ids=seq.prompt_ids,
-            token_ids=list(seq.output_ids),
-            text=text,
-            delta_token_ids=seq.output_ids[request.reported_tokens :],
-            delta_text=text[request.reported_chars :],
-            finished=finished,
-            finish_reason=seq.finish_reason,
-            logprobs=list(request.logprobs) if request.logprobs is not None else None,
-            num_cached_tokens=seq.num_cached_prompt_tokens,
-            error=seq.error,
-            times=RequestTimes(seq.arrived_ns, seq.scheduled_ns, seq.first_token_ns, seq.finished_ns)
-            if finished else None,
+    @staticmethod
+    def _core_output(seq: Sequence, tokens: list[int], logprobs: TokenLogprobs | None = None) -> CoreOutput:
+        return CoreOutput(
+            request_id=seq.request_id, new_token_ids=tokens,
+            new_logprobs=[logprobs] if logprobs is not None and seq.params.logprobs is not None else None,
+            finish_reason=seq.finish_reason, error=seq.error, num_cached_tokens=seq.num_cached_prompt_tokens,
+            scheduled_ns=seq.scheduled_ns, first_token_ns=seq.first_token_ns, finished_ns=seq.finished_ns,
         )
-        request.reported_tokens, request.reported_chars = len(seq.output_ids), len(text)
-        if finished:
-            del self._requests[seq.request_id]
-        return out
 
     def _encode_images(self, ids: list[int], images: Seq[ImageInput]) -> PromptImages:
         """Each image's features [N_i*F, H], placed on the prompt's placeholders in order."""
