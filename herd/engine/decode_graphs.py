@@ -135,17 +135,22 @@ class StaticDecode:
         widths = []
         for group in self.kv.pools:
             scratch = self.cache.scratch_block[group]
-            tables = [cast("list[int]", self.kv.table(c.seq, group)) for c in chunks]
-            starts = [self.kv.window_start(group, p) for p in positions]
-            windows = [t[w // block : p // block + 1] for t, w, p in zip(tables, starts, positions, strict=True)]
-            width = key_bucket(max(len(w) for w in windows))
+            write, lengths, windows = [], [], []
+            for chunk, p in zip(chunks, positions, strict=True):
+                table = cast("list[int]", self.kv.table(chunk.seq, group))
+                window = self.kv.window_start(group, p)
+                write.append(table[p // block] * block + p % block)
+                lengths.append(p + 1 - window)
+                windows.append(table[window // block : p // block + 1])
+            width = key_bucket(max(map(len, windows)))
             widths.append(width)
-            values += [t[p // block] * block + p % block for t, p in zip(tables, positions, strict=True)]
+            values += write
             values += [scratch * block] * pad
-            values += [p + 1 - w for p, w in zip(positions, starts, strict=True)] + [1] * pad
-            for window in windows:
-                values += window
-                values += [scratch] * (width - len(window))
+            values += lengths
+            values += [1] * pad
+            for blocks in windows:
+                values += blocks
+                values += [scratch] * (width - len(blocks))
             values += [scratch] * (width * pad)
         return (rows, tuple(widths)), torch.tensor(values, dtype=torch.long)
 

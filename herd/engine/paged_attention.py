@@ -107,21 +107,26 @@ def _plan(chunks: Sequence[ScheduledChunk], kv: KVCacheManager, group: str, devi
     for chunk in chunks:
         # Every position from the window on holds a block (only blocks before the window are freed).
         table = cast("list[int]", kv.table(chunk.seq, group))
-        first, end = chunk.start, chunk.start + chunk.num_tokens
-        write += [table[p // block] * block + p % block for p in range(first, end)]
+        first = chunk.start
         window = kv.window_start(group, first)  # a multiple of the block size
-        blocks = table[window // block : -(-end // block)]
-        if chunk.num_tokens == 1:
+        if chunk.num_tokens == 1:  # the common case, kept cheap: no per-token lists
+            write.append(table[first // block] * block + first % block)
             decode_rows.append(row)
-            decode_blocks.append(blocks)
-            decode_lengths.append(end - window)
-        else:
-            slots = _slots(_tensor([blocks], device), block)[0, : end - window]
-            mask = attention_mask(torch.arange(first, end), torch.arange(window, end), chunk_size)
-            prefills.append(_Prefill(slice(row, row + chunk.num_tokens), slots, mask.to(device)))
+            decode_blocks.append(table[window // block : first // block + 1])
+            decode_lengths.append(first + 1 - window)
+            row += 1
+            continue
+        end = first + chunk.num_tokens
+        write += [table[p // block] * block + p % block for p in range(first, end)]
+        slots = _slots(_tensor([table[window // block : -(-end // block)]], device), block)[0, : end - window]
+        mask = attention_mask(torch.arange(first, end), torch.arange(window, end), chunk_size)
+        prefills.append(_Prefill(slice(row, row + chunk.num_tokens), slots, mask.to(device)))
         row += chunk.num_tokens
-    width = max((len(b) for b in decode_blocks), default=0)
-    padded = [b + [0] * (width - len(b)) for b in decode_blocks]
+    width = max(map(len, decode_blocks), default=0)
+    padded: list[int] = []  # [G * W]
+    for blocks in decode_blocks:
+        padded += blocks
+        padded += [0] * (width - len(blocks))
     slots, mask = decode_slots(_tensor(padded, device).view(len(decode_blocks), width),
                                _tensor(decode_lengths, device), block)
     return GroupPlan(write_slots=_tensor(write, device), decode_rows=_tensor(decode_rows, device),
