@@ -4,7 +4,10 @@ of the tensors' device (herd.kernels.backend: torch on the CPU; CuPy kernels and
 Legend: T tokens, k experts per token, E experts, G = E groups in output order, H hidden,
 I expert intermediate, R = T*k rows, Din / Dout a weight's inputs / outputs.
 
-Every check raises ValueError naming the tensor and the values, before anything is launched.
+Every check raises ValueError naming the tensor and the values, before anything is launched. Checks of shapes,
+dtypes and devices read no values and always run. The checks that read values (permute's ids in range, experts'
+offsets rising) make the host wait for the device (a sync), so a caller whose tensors are valid by construction
+(the model's MoE layer: route's ids, permute's offsets) passes check_values=False and its forward keeps no sync.
 """
 
 from __future__ import annotations
@@ -41,12 +44,15 @@ def permute(
     num_experts: int,
     *,
     expert_order: Sequence[int] | torch.Tensor | None = None,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, Permutation]:
     """Group the k copies of every token by expert, each scaled by its score: rows [R, H].
 
     `expert_order` lists the experts in the order their groups should appear (for example shard by
     shard, so each shard's rows are one contiguous slice); by default experts are in id order. Within
     a group rows keep token order, so results do not depend on how a batch was assembled.
+    `check_values=False` skips checking that topk_ids are in 0..num_experts-1 (a host sync), for ids
+    in range by construction, such as route's.
     """
     check_tensor("x", x, dims=2, dtypes=FLOAT_DTYPES)
     check_tensor("topk_ids", topk_ids, dims=2, dtypes=(torch.int32,), device=x.device)
@@ -58,7 +64,7 @@ def permute(
         )
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"num_experts must be an integer in 1..{MAX_EXPERTS}, got {num_experts!r}")
-    if topk_ids.numel():
+    if check_values and topk_ids.numel():
         low, high = (int(v) for v in torch.aminmax(topk_ids))
         if low < 0 or high >= num_experts:
             raise ValueError(f"topk_ids hold experts {low}..{high}, outside 0..{num_experts - 1}")
@@ -71,12 +77,18 @@ def experts(
     expert_offsets: torch.Tensor,
     gate_up: torch.Tensor | QuantizedTensor,
     down: torch.Tensor | QuantizedTensor,
+    *,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """SwiGLU of each expert over its own rows: [R, H] -> [R, H]; experts with no rows cost nothing.
 
     gate_up [E', H, 2I] and down [E', I, H] hold exactly the experts that expert_offsets [E'+1]
     describes, in the same order: all of a layer's experts, or the subset a shard owns. Both are tensors
     in the rows' dtype, or both QuantizedTensors of one scheme (int4 or FP8, see herd.kernels.schemes).
+    `check_values=False` skips checking that expert_offsets rise from 0 to R (a host sync), for offsets
+    valid by construction, such as permute's. Float weights then run with no sync where torch._grouped_mm
+    runs (CPU; CUDA bfloat16 on recent GPUs); its per-expert fallback and quantised weights loop over the
+    experts on the host, which reads the offsets (one sync per call).
     """
     check_tensor("rows", rows, dims=2, dtypes=FLOAT_DTYPES)
     quantized = isinstance(gate_up, QuantizedTensor) or isinstance(down, QuantizedTensor)
@@ -95,9 +107,10 @@ def experts(
         raise ValueError(
             f"expert_offsets must be [{count + 1}] for {count} experts, got {tuple(expert_offsets.shape)}"
         )
-    bounds = expert_offsets.tolist()  # one device sync, however many experts
-    if bounds[0] != 0 or bounds[-1] != rows.shape[0] or any(b < a for a, b in itertools.pairwise(bounds)):
-        raise ValueError(f"expert_offsets must rise from 0 to {rows.shape[0]} rows, got {bounds}")
+    if check_values:
+        bounds = expert_offsets.tolist()  # one device sync, however many experts
+        if bounds[0] != 0 or bounds[-1] != rows.shape[0] or any(b < a for a, b in itertools.pairwise(bounds)):
+            raise ValueError(f"expert_offsets must rise from 0 to {rows.shape[0]} rows, got {bounds}")
     backend = backend_for(rows.device)
     if quantized:
         return backend.quantized_experts(rows, expert_offsets, cast(QuantizedTensor, gate_up),

@@ -66,10 +66,14 @@ class Backend:
     def quantized_experts(
         self, rows: torch.Tensor, expert_offsets: torch.Tensor, gate_up: QuantizedTensor, down: QuantizedTensor
     ) -> torch.Tensor:
-        """The same with quantised weights, one expert at a time; experts with no rows are not touched."""
+        """The same with quantised weights, one expert at a time; experts with no rows are not touched.
+
+        The host reads the offsets to slice each expert's rows: one host sync per call (per MoE layer), kept
+        until a grouped quantised GEMM reads them from device memory as torch._grouped_mm does for floats.
+        """
         inter = down.d_in
         out = torch.empty_like(rows)
-        bounds = expert_offsets.tolist()
+        bounds = expert_offsets.tolist()  # a host sync (see the docstring)
         for e in range(gate_up.shape[0]):
             start, end = bounds[e], bounds[e + 1]
             if end > start:

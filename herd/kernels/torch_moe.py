@@ -5,6 +5,12 @@ Legend: T tokens, k experts per token, E experts, G groups, H hidden, I expert i
 Inputs were checked by herd.kernels.api. No Python loop runs over tokens; the expert GEMMs use
 torch._grouped_mm (one call for all experts, no host sync), or one matmul per non-empty expert where
 this torch build lacks it for the device and dtype at hand.
+
+Host syncs (issue 20): route, permute, combine and the grouped GEMMs keep counts and offsets on the device
+(grouped_mm reads each group's end row from device memory), so none makes the host wait. Two places do:
+the per-expert fallback reads the offsets to slice the rows (one sync per call; on CUDA only where this
+torch build's grouped_mm refuses the GPU or the dtype), and the first call per device and dtype tries
+grouped_mm once and reads the result.
 """
 
 from __future__ import annotations
@@ -35,8 +41,8 @@ def permute(
     k = topk_ids.shape[1]
     scale = topk_scores.reshape(-1)[row_source]  # [R]
     rows = x.index_select(0, torch.div(row_source, k, rounding_mode="floor")) * scale[:, None]
-    offsets = torch.zeros(groups + 1, dtype=torch.int64, device=x.device)
-    offsets[1:] = torch.cumsum(torch.bincount(keys, minlength=groups), 0)
+    # Rows before each group in the sorted keys; bincount would size its output by the keys' max (a sync on CUDA).
+    offsets = torch.searchsorted(keys.index_select(0, row_source), torch.arange(groups + 1, device=x.device))  # [G+1]
     permutation = Permutation(
         expert_offsets=offsets, group_experts=expert_order, row_source=row_source, source_row=source_row, top_k=k
     )
@@ -80,7 +86,7 @@ def _looped_experts(
 ) -> torch.Tensor:
     inter = down.shape[1]
     out = torch.empty_like(rows)
-    bounds = expert_offsets.tolist()
+    bounds = expert_offsets.tolist()  # the host slices the rows: a sync, the reason grouped_mm is preferred
     for e in range(gate_up.shape[0]):
         start, end = bounds[e], bounds[e + 1]
         if end > start:

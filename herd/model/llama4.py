@@ -12,15 +12,22 @@ One forward serves every caller: one sequence with the contiguous cache (or none
 batch of prefill chunks and decodes over its paged cache. The KV context decides where keys and values live;
 the engine also says which rows take image features (a chunk may hold part of an image) and which rows need
 logits (the last of each sampling chunk).
+
+Host syncs (issue 20): with float experts held in this process the forward never makes the host wait for the
+device. Inputs the caller made on the host move to the device first, without blocking; token ids on the host
+are checked there (reading host memory makes no device wait); the MoE layers keep counts and offsets on the
+device (herd.model.moe). Where a sync stays, herd.model.moe and herd.kernels.torch_moe say why.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
 
+from herd.kernels.host_syncs import host_side
 from herd.model.config import TextConfig
 from herd.model.decoder import DecoderLayer
 from herd.model.kv_cache import ContiguousKVCache, KVContext
@@ -77,28 +84,40 @@ class Llama4Model(nn.Module):
         image_embeds: torch.Tensor | None = None,
         image_rows: torch.Tensor | None = None,
         logit_rows: torch.Tensor | None = None,
+        check_ids: bool = True,
     ) -> torch.Tensor:
         """ids [T] at positions [T] -> logits [T, V] (or [L, V] for the L `logit_rows`).
 
         `positions` default to following what a ContiguousKVCache holds. `image_embeds` [M, H]: projected
         image features for M rows: `image_rows` [M], or by default the M placeholder tokens of input_ids, in
         order. `cache`: where attention keeps keys and values (None: these tokens attend to themselves).
+        `check_ids`: raise ValueError for an id outside the vocabulary. Free for ids on the host (read there);
+        ids already on an accelerator cost a host sync, so a caller whose ids are valid by construction (the
+        engine's persistent decode buffers) passes False.
         """
-        self._check_ids(input_ids)
+        self._check_ids(input_ids, values=check_ids)
         if image_embeds is not None:
             image_rows = self._image_rows(input_ids, image_embeds, image_rows)  # [T] or [M]
         device = self.device
+        # Host inputs go over first and without blocking: a blocking copy waits for all work queued before it.
+        input_ids = input_ids.to(device, non_blocking=True)
         if positions is None:
             start = len(cache) if isinstance(cache, ContiguousKVCache) else 0
             positions = torch.arange(start, start + input_ids.shape[0], device=device)
+        positions = positions.to(device, non_blocking=True)
+        if image_rows is not None and image_embeds is not None:
+            image_rows = image_rows.to(device, non_blocking=True)
+            image_embeds = image_embeds.to(device, non_blocking=True)
+        if logit_rows is not None:
+            logit_rows = logit_rows.to(device, non_blocking=True)
         rot = rotations(positions, self._frequencies(device))  # [T, D/2]
-        x = self.model.embed_tokens(input_ids.to(device))  # [T, H]
+        x = self.model.embed_tokens(input_ids)  # [T, H]
         if image_embeds is not None and image_rows is not None:
-            x[image_rows.to(device)] = image_embeds.to(device=device, dtype=x.dtype)  # [M, H] into M rows, in order
+            x[image_rows] = image_embeds.to(x.dtype)  # [M, H] into M rows, in order
         for layer in self.model.layers:
             x = layer(x, positions, rot, cache)
         if logit_rows is not None:
-            x = x[logit_rows.to(device)]  # [L, H]
+            x = x[logit_rows]  # [L, H]
         logits: torch.Tensor = self.lm_head(self.model.norm(x))  # [T, V] or [L, V]
         return logits
 
@@ -117,7 +136,7 @@ class Llama4Model(nn.Module):
             self._inv_freq = inv_frequencies(self.config.rope, self.config.head_dim).to(device)
         return self._inv_freq
 
-    def _check_ids(self, input_ids: torch.Tensor) -> None:
+    def _check_ids(self, input_ids: torch.Tensor, *, values: bool) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a 1-D tensor of token ids, got {shape}")
@@ -125,7 +144,10 @@ class Llama4Model(nn.Module):
             raise ValueError(f"input_ids must hold integers, got dtype {input_ids.dtype}")
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty: at least one token is needed")
-        low, high = int(input_ids.min()), int(input_ids.max())
+        if not values:
+            return
+        with _reading(input_ids):
+            low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= self.config.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside the vocabulary 0..{self.config.vocab_size - 1}")
@@ -148,10 +170,17 @@ class Llama4Model(nn.Module):
                                  f"got {tuple(image_rows.shape)}")
             return image_rows
         mask = input_ids.eq(placeholder)  # [T]
-        count = int(mask.sum())
+        with _reading(mask):
+            count = int(mask.sum())
         if count != image_embeds.shape[0]:
             raise ValueError(
                 f"input_ids hold {count} image placeholder tokens (id {placeholder}) "
                 f"but image_embeds has {image_embeds.shape[0]} rows"
             )
         return mask
+
+
+def _reading(t: torch.Tensor) -> AbstractContextManager[None]:
+    """Where the host reads `t`'s values: a tensor on the host is host data (herd.kernels.host_syncs.host_side);
+    one on an accelerator is a sync, which a HostSyncGuard counts."""
+    return host_side() if t.device.type == "cpu" else nullcontext()

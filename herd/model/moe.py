@@ -5,6 +5,13 @@ Legend: T tokens, k experts per token, E experts, H hidden, I expert intermediat
 The layer routes and permutes its tokens, hands the grouped rows to an experts executor, and combines
 what comes back. The executor is an interface this layer owns: in-process by default (the experts
 held here), and the workers layer injects a remote one that dispatches rows to expert shards.
+
+Host syncs (issue 20): route's ids are in range and permute's offsets rise from 0 to R by construction, so
+the layer skips the kernels' value checks (check_values=False) and, with float experts held here, runs with
+no host sync (counts and offsets stay on the device). Syncs that stay: quantised experts (int4, FP8) and the
+per-expert fallback loop over experts on the host (herd.kernels.backend, herd.kernels.torch_moe); a process
+holding only some experts reads which experts got rows (to raise MissingExpertsError); a remote executor
+(herd.workers.dispatch) copies the rows to the host to send them, until a collective transport (issue 21).
 """
 
 from __future__ import annotations
@@ -70,13 +77,17 @@ class Experts(nn.Module):
             return self.gate_up_proj, self.down_proj
         return expert_weights(self.scheme, dict(self.named_buffers()), self.hidden, self.inter, self.group)
 
-    def forward(self, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
-        """Rows grouped over all E experts -> outputs, running only the experts held here."""
+    def forward(self, rows: torch.Tensor, expert_offsets: torch.Tensor, *, check_values: bool = True) -> torch.Tensor:
+        """Rows grouped over all E experts -> outputs, running only the experts held here.
+
+        check_values=False: the offsets are permute's (valid by construction), so they are not read to check
+        them (see herd.kernels.experts). Holding only some experts, this reads which got rows: a host sync.
+        """
         gate_up, down = self.weights()
         if self._holds_all:
-            return kernels.experts(rows, expert_offsets, gate_up, down)
+            return kernels.experts(rows, expert_offsets, gate_up, down, check_values=check_values)
         counts = expert_offsets.diff()  # [E]
-        missing = set(counts.nonzero().flatten().tolist()) - set(self.expert_ids)
+        missing = set(counts.nonzero().flatten().tolist()) - set(self.expert_ids)  # a host sync
         if missing:
             raise MissingExpertsError(
                 f"rows were routed to experts {sorted(missing)}, but this process holds only {list(self.expert_ids)}"
@@ -85,7 +96,7 @@ class Experts(nn.Module):
         held = torch.tensor(self.expert_ids, device=counts.device)
         local_offsets = torch.zeros(len(self.expert_ids) + 1, dtype=torch.int64, device=counts.device)
         local_offsets[1:] = torch.cumsum(counts[held], 0)
-        return kernels.experts(rows, local_offsets, gate_up, down)
+        return kernels.experts(rows, local_offsets, gate_up, down, check_values=check_values)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         if self.scheme is None:
@@ -111,9 +122,10 @@ class MoE(nn.Module):
         """[T, H] -> [T, H]."""
         topk_ids, topk_scores = kernels.route(self.router(x), self.top_k)  # [T, k] each
         order = getattr(self.executor, "expert_order", None)  # a plain function groups by expert id
-        rows, permutation = kernels.permute(x, topk_ids, topk_scores, self.num_experts, expert_order=order)
+        rows, permutation = kernels.permute(x, topk_ids, topk_scores, self.num_experts, expert_order=order,
+                                            check_values=False)  # route's ids are in range
         if self.executor is None:
-            out_rows = self.experts(rows, permutation.expert_offsets)
+            out_rows = self.experts(rows, permutation.expert_offsets, check_values=False)  # permute's offsets
         else:
             out_rows = self.executor(self.layer, rows, permutation.expert_offsets)
         shared: torch.Tensor = self.shared_expert(x)  # [T, H]

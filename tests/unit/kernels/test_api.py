@@ -46,3 +46,26 @@ def _permuted():
 def test_bad_input_raises_value_error_naming_it(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_value_checks_read_values_unless_the_caller_vouches_for_them():
+    """The checks of ids and offsets are host syncs; check_values=False skips them (and only them)."""
+    from herd.kernels.host_syncs import HostSyncGuard
+
+    x, gate_up, down = torch.randn(4, 16), torch.randn(2, 16, 32), torch.randn(2, 16, 16)  # sizes grouped_mm takes
+
+    def moe(**check):
+        rows, permutation = kernels.permute(x, IDS, SCORES, 2, **check)
+        return kernels.experts(rows, permutation.expert_offsets, gate_up, down, **check)
+
+    moe()  # the first call on a device tries grouped_mm once (and reads the result)
+    with HostSyncGuard(cuda=False) as checked:
+        moe()
+    assert [s.split(":")[0] for s in checked.syncs] == ["__int__", "__int__", "tolist"]  # low, high; offsets
+    assert all("herd/kernels/api.py" in s for s in checked.syncs), checked.syncs
+    with HostSyncGuard(cuda=False, strict=True):
+        moe(check_values=False)
+    with pytest.raises(ValueError, match=r"topk_ids must be torch\.int32"):  # no value read: still checked
+        kernels.permute(X, IDS.long(), SCORES, 4, check_values=False)
+    with pytest.raises(ValueError, match=r"expert_offsets must be \[3\]"):
+        kernels.experts(X, torch.tensor([0, 4]), GATE_UP, DOWN, check_values=False)

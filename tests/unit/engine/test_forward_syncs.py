@@ -1,0 +1,95 @@
+"""No host sync inside the model's forward in the engine (issue 20): decode steps and a mixed prefill + decode step.
+
+The guard (herd.kernels.host_syncs) wraps Llama4Model.forward only: the sampler's one copy of the sampled ids comes
+after it. On the CPU it counts the calls that would sync on a GPU. Scope: the experts held in the engine's process
+(the default, float weights, the torch backend). The first step warms up (grouped_mm is tried once per device and
+dtype) and is not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from herd.engine import EngineConfig, LLMEngine, SamplingParams
+from herd.kernels import torch_moe
+from herd.kernels.host_syncs import HostSyncGuard
+from herd.model import load_model
+from herd.model.moe import MoE
+from herd.model.tiny import make_tiny
+
+PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def scout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("scout"), preset="scout", seed=4)
+
+
+class Forwards:
+    """Wraps an engine's model forward in a HostSyncGuard: per forward, (tokens, sampled rows, syncs)."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.calls: list[tuple[int, int, list[str]]] = []
+        forward: Callable[..., torch.Tensor] = engine.model.forward
+
+        def guarded(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            with HostSyncGuard() as guard:
+                logits = forward(input_ids, *args, **kwargs)
+            self.calls.append((input_ids.shape[0], logits.shape[0], guard.syncs))
+            return logits
+
+        engine.model.forward = guarded  # type: ignore[method-assign]  # the instance's, for this test
+
+
+def _run(scout: Path) -> tuple[LLMEngine, Forwards]:
+    engine = LLMEngine.from_pretrained(scout, EngineConfig(kv_cache_mb=16, max_num_seqs=8))
+    forwards = Forwards(engine)
+    engine.add_request(list(range(3, 21)), PARAMS)
+    engine.add_request(list(range(40, 51)), PARAMS)
+    engine.step()  # both prompts: the warm-up
+    forwards.calls.clear()
+    engine.step()  # two decodes
+    engine.step()
+    engine.add_request(list(range(60, 73)), PARAMS)
+    engine.step()  # the new prompt's 13 tokens with two decodes
+    while engine.has_unfinished():  # decodes
+        engine.step()
+    return engine, forwards
+
+
+def test_decode_and_mixed_steps_have_no_host_sync_inside_the_forward(scout: Path) -> None:
+    _, forwards = _run(scout)
+    shapes = [(tokens, sampled) for tokens, sampled, _ in forwards.calls]
+    assert shapes[:4] == [(2, 2), (2, 2), (15, 3), (3, 3)], "the steps are not the decodes and mixed step meant"
+    assert len(shapes) >= 8
+    assert [syncs for *_, syncs in forwards.calls] == [[]] * len(shapes)
+
+
+def test_the_guard_sees_a_sync_inside_the_forward(scout: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without grouped_mm the experts loop on the host, reading the offsets: one sync per MoE layer per forward."""
+    monkeypatch.setattr(torch_moe, "_grouped_mm_works", lambda device, dtype: False)
+    engine, forwards = _run(scout)
+    moe_layers = sum(isinstance(layer.feed_forward, MoE) for layer in engine.model.model.layers)
+    assert moe_layers > 0
+    assert len(forwards.calls) >= 8
+    for *_, syncs in forwards.calls:
+        assert len(syncs) == moe_layers, syncs
+        assert all(s.startswith("tolist") and "torch_moe.py" in s for s in syncs), syncs
+
+
+def test_a_direct_call_with_host_ids_has_no_sync_and_still_checks_them(scout: Path) -> None:
+    model = load_model(scout, progress=False)
+    model(torch.arange(3, 9))  # warm-up
+    with HostSyncGuard() as guard:
+        model(torch.arange(3, 9), logit_rows=torch.tensor([5]))
+    assert guard.syncs == []
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=f"token id {vocab} is outside the vocabulary"):
+        model(torch.tensor([1, vocab]))
+    with pytest.raises(IndexError):  # unchecked: the embedding refuses it (on a GPU, a device-side assert)
+        model(torch.tensor([1, vocab]), check_ids=False)
