@@ -102,8 +102,8 @@ class KVCacheManager:
     def on_computed(self, seq: Sequence) -> None:
         """After a step: cache the blocks it filled, release chunk blocks the sequence has moved past."""
         tables = self._tables[seq.request_id]
-        if self.enable_prefix_caching:
-            keys = self._hashes[seq.request_id]
+        keys = self._hashes[seq.request_id] if self.enable_prefix_caching else None
+        if keys is not None and seq.num_computed // self.block_size > len(keys):  # a block was filled
             known = seq.token_ids()[: seq.num_computed]
             new = block_hashes(known, self.block_size, seq.cache_salt, start=len(keys),
                                parent=keys[-1] if keys else None, images=seq.image_spans)
@@ -115,11 +115,14 @@ class KVCacheManager:
             keys.extend(new)
         if CHUNKED in tables:
             table = tables[CHUNKED]
-            for i in range(self._window_start(seq.num_computed) // self.block_size):
-                block = table[i] if i < len(table) else None
-                if block is not None:
-                    self.pools[CHUNKED].release(block)
-                    table[i] = None
+            passed = min(self._window_start(seq.num_computed) // self.block_size, len(table))
+            # Blocks before an earlier window start were released then: only the last chunk's can remain.
+            for i in range(passed - 1, -1, -1):
+                block = table[i]
+                if block is None:
+                    break
+                self.pools[CHUNKED].release(block)
+                table[i] = None
 
     def free(self, seq: Sequence) -> None:
         """Release everything the sequence holds (finished, aborted or preempted)."""
@@ -160,13 +163,18 @@ class KVCacheManager:
         return 0 if chunk is None else position // chunk * chunk
 
     def _missing(self, seq: Sequence, end: int) -> dict[str, list[int]]:
-        """Block indices each group lacks for positions [window start of num_computed, end)."""
+        """Block indices each group lacks for positions [window start of num_computed, end).
+
+        A table holds a block at every index from the window start of num_computed to its end: admission
+        fills it from there (chunk blocks before the window are None), allocation appends, and on_computed
+        empties only indices before the window start, which never moves back while the sequence runs. So
+        what is missing is the indices past the table's end, found without walking the context."""
         last = -(-end // self.block_size)  # blocks needed to hold `end` tokens
         tables = self._tables[seq.request_id]
         missing: dict[str, list[int]] = {}
         for group, table in tables.items():
             first = self.window_start(group, seq.num_computed) // self.block_size
-            missing[group] = [i for i in range(first, last) if i >= len(table) or table[i] is None]
+            missing[group] = list(range(max(first, len(table)), last))
         return missing
 
     def _longest_usable_prefix(self, keys: list[bytes]) -> int:

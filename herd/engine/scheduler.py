@@ -103,19 +103,24 @@ class Scheduler:
         scheduled: set[int] = set()
         while budget > 0 and heap:
             _, _, tenant = heapq.heappop(heap)
-            seq = heads[tenant]
-            heads[tenant] = next(candidates[tenant], None)
-            assert seq is not None
-            num = self._try_schedule(seq, budget, scheduled, out)
-            if num is None:
-                if seq.status is Status.WAITING:
-                    heads[tenant] = None  # no room to admit: this tenant's later waiting ones would not fit either
-                continue
-            budget -= num
-            self.fair.charge(tenant, num, seq.tenant_weight)
-            nxt = heads[tenant]
-            if nxt is not None:
-                heapq.heappush(heap, (self.fair.virtual_time(tenant), nxt.arrival, tenant))
+            while True:  # this tenant's sequences, for as long as it would be popped next anyway
+                seq = heads[tenant]
+                heads[tenant] = next(candidates[tenant], None)
+                assert seq is not None
+                num = self._try_schedule(seq, budget, scheduled, out)
+                if num is None:
+                    if seq.status is Status.WAITING:
+                        heads[tenant] = None  # no room to admit: its later waiting ones would not fit either
+                    break
+                budget -= num
+                self.fair.charge(tenant, num, seq.tenant_weight)
+                nxt = heads[tenant]
+                if nxt is None:
+                    break
+                key = (self.fair.virtual_time(tenant), nxt.arrival, tenant)
+                if budget <= 0 or (heap and heap[0] < key):
+                    heapq.heappush(heap, key)
+                    break
         return out
 
     def _try_schedule(self, seq: Sequence, budget: int, scheduled: set[int], out: SchedulerOutput) -> int | None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import heapq
+import random
+
 import pytest
 
-from herd.engine.scheduler import Scheduler, SchedulerConfig
-from tests.unit.engine.fakes import Status, all_blocks_free, kv_manager, scheduler, seq, simulate_step
+from herd.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from tests.unit.engine.fakes import BLOCK, Status, all_blocks_free, kv_manager, scheduler, seq, simulate_step
 
 
 def test_long_prompt_is_prefilled_in_chunks_beside_decodes():
@@ -98,3 +101,66 @@ def test_weights_split_the_budget_by_tokens():
         for c in simulate_step(s).chunks:
             served[c.seq.tenant_id] += c.num_tokens
     assert served["heavy"] / served["light"] == pytest.approx(2.0, abs=0.4), served
+
+
+class _OnePerPop(Scheduler):
+    """The scheduling loop as first written: one heap pop and push per scheduled sequence (the reference)."""
+
+    def schedule(self):
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        candidates = {t: self._candidates(t) for t in self._busy_tenants()}
+        heads = {t: next(it, None) for t, it in candidates.items()}
+        heap = [(self.fair.virtual_time(t), s.arrival, t) for t, s in heads.items() if s is not None]
+        heapq.heapify(heap)
+        scheduled = set()
+        while budget > 0 and heap:
+            _, _, tenant = heapq.heappop(heap)
+            s = heads[tenant]
+            heads[tenant] = next(candidates[tenant], None)
+            num = self._try_schedule(s, budget, scheduled, out)
+            if num is None:
+                if s.status is Status.WAITING:
+                    heads[tenant] = None
+                continue
+            budget -= num
+            self.fair.charge(tenant, num, s.tenant_weight)
+            nxt = heads[tenant]
+            if nxt is not None:
+                heapq.heappush(heap, (self.fair.virtual_time(tenant), nxt.arrival, tenant))
+        return out
+
+
+def _held_blocks_are_contiguous(s: Scheduler) -> bool:
+    """What KVCacheManager._missing relies on: every running sequence holds a block at each index from the
+    window start of its computed tokens to the end of its table."""
+    for sq in s.running:
+        for group in s.kv.pools:
+            table = s.kv.table(sq, group)
+            first = s.kv.window_start(group, sq.num_computed) // BLOCK
+            if any(block is None for block in table[first:]):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_tenant_keeps_the_turn_as_one_pop_per_sequence_would_give_it(seed):
+    def run(cls):
+        rng = random.Random(seed)
+        s = cls(SchedulerConfig(max_num_seqs=12, max_num_batched_tokens=40), kv_manager(full=16, chunked=16))
+        trace = []
+        for step in range(80):
+            if step < 30 and rng.random() < 0.6:
+                tenant = rng.choice("abcd")
+                s.add(seq(f"{step}", rng.randrange(1, 30), max_tokens=rng.randrange(1, 12), tenant=tenant,
+                          weight={"a": 1.0, "b": 2.0, "c": 0.5, "d": 1.0}[tenant], first_token=rng.randrange(3)))
+            out = simulate_step(s)
+            assert _held_blocks_are_contiguous(s)
+            trace.append(([(c.seq.request_id, c.start, c.num_tokens, c.samples) for c in out.chunks],
+                          [p.request_id for p in out.preempted]))
+        assert not s.has_work() and all_blocks_free(s)
+        return trace, s.num_preemptions
+
+    batched, preemptions = run(Scheduler)
+    assert (batched, preemptions) == run(_OnePerPop)
+    assert preemptions > 0 and any(len(chunks) >= 4 for chunks, _ in batched)
