@@ -10,8 +10,10 @@ kernels. Then one Scout-dimension and one Maverick-dimension MoE expert layer, r
 GPU in bf16, FP8 and int4 (quantised one expert at a time, so no full-layer float copy is ever held),
 checked against the bf16 weights and against their own dequantised weights, and timed against the
 memory-bandwidth floor (the weight bytes a token batch reads over the copy bandwidth); a format that does
-not fit the GPU's free memory is reported as skipped. Exits 1 when a check fails, 2 when there is no GPU
-or no CuPy (nothing was checked).
+not fit the GPU's free memory is reported as skipped. Last, a decode-sized MoE layer as a CUDA graph would hold
+it (herd.engine.decode_graphs; the engine itself needs packages the GPU machines lack): no host syncs, captured,
+and replayed on new tokens equal to the eager layer, then timed against it. Exits 1 when a check fails, 2 when
+there is no GPU or no CuPy (nothing was checked).
 
 Legend: T tokens, E experts, k experts per token, H hidden, I expert intermediate, R = T*k rows.
 """
@@ -39,6 +41,9 @@ KERNEL_CASES = [(1, 16, 1, 5120), (37, 16, 2, 1024), (3, 6, 4, 64), (511, 128, 2
 LAYER_CASES = [(4096, 16, 5120, 1024), (4096, 128, 5120, 1024)]  # (T, E, H, I), top-1
 DRY_KERNEL_CASES = [(1, 16, 1, 64), (37, 16, 2, 32), (3, 6, 4, 64)]
 DRY_LAYER_CASES = [(64, 16, 64, 32)]
+# (T, E, H, I), top-1, bf16: decode batches as a captured decode step holds them (herd.engine.decode_graphs).
+GRAPH_CASES = [(1, 16, 5120, 1024), (8, 16, 5120, 1024), (64, 128, 5120, 1024), (256, 128, 5120, 1024)]
+DRY_GRAPH_CASES = [(1, 16, 64, 32), (8, 16, 64, 32)]
 QUANT_LAYERS = [("Scout", 5120, 8192, 16), ("Maverick", 5120, 8192, 128)]  # (name, H, I, E), top-1
 DRY_QUANT_LAYERS = [("Scout-like", 256, 128, 4), ("Maverick-like", 256, 128, 8)]
 QUANT_TOKENS = (1, 16, 128, 2048)  # T of the timed batches; top-1, so R = T rows over min(T, E) experts
@@ -78,7 +83,7 @@ def main(argv: list[str]) -> int:
         print(f"gpu-check: herd.kernels chose the {backend.name} backend for CUDA (see the log); nothing was checked")
         return 2
     print(f"# gpu-check on {torch.cuda.get_device_name()}, torch {torch.__version__}, CuPy {cupy.__version__}")
-    return run(backend, KERNEL_CASES, LAYER_CASES, QUANT_LAYERS)
+    return run(backend, KERNEL_CASES, LAYER_CASES, QUANT_LAYERS, GRAPH_CASES)
 
 
 def dry_run() -> int:
@@ -86,7 +91,7 @@ def dry_run() -> int:
     global DEVICE
     DEVICE = "cpu"
     print("# gpu-check DRY RUN on the CPU: torch backend standing in for CuPy; not a GPU result")
-    return run(Backend(), DRY_KERNEL_CASES, DRY_LAYER_CASES, DRY_QUANT_LAYERS)
+    return run(Backend(), DRY_KERNEL_CASES, DRY_LAYER_CASES, DRY_QUANT_LAYERS, DRY_GRAPH_CASES)
 
 
 KernelCase = tuple[int, int, int, int]
@@ -94,7 +99,7 @@ QuantLayer = tuple[str, int, int, int]
 
 
 def run(backend: Backend, kernel_cases: list[KernelCase], layer_cases: list[KernelCase],
-        quant_layers: list[QuantLayer]) -> int:
+        quant_layers: list[QuantLayer], graph_cases: list[KernelCase]) -> int:
     ceiling = copy_bandwidth_gbs()
     print(f"device-to-device copy: {ceiling:.0f} GB/s (the ceiling for the memory-bound kernels)\n")
     failures: list[str] = []
@@ -110,6 +115,7 @@ def run(backend: Backend, kernel_cases: list[KernelCase], layer_cases: list[Kern
     print("|---|---|---|---:|---:|---:|---:|---:|")
     print("\n".join(table))
     failures += quantized_section(quant_layers, QUANT_TOKENS if DEVICE == "cuda" else DRY_QUANT_TOKENS, ceiling)
+    failures += graph_section(backend, graph_cases)
     print("\nchecks: " + ("all passed" if not failures else f"{len(failures)} FAILED\n  " + "\n  ".join(failures)))
     return 1 if failures else 0
 
@@ -249,6 +255,88 @@ def time_layer(case: tuple[int, int, int, int], dtype: torch.dtype) -> list[str]
     tokens, experts, hidden, inter = case
     return [f"| MoE layer (router+experts+shared) | {_short(dtype)} | T={tokens} E={experts} H={hidden} I={inter} | "
             f"{ours:.1f} | {theirs:.1f} | {theirs / ours:.1f}x | - | - |"]
+
+
+def moe_stages(w: dict[str, torch.Tensor], backend: Backend) -> torch.Tensor:
+    """The MoE layer through the backend's stages with no value checks, as the model's own MoE layer runs them in
+    a decode step (herd.kernels.api's checks read values on the host, which a CUDA graph cannot hold)."""
+    x, experts = w["x"], w["router"].shape[0]
+    ids, scores = backend.route(x @ w["router"].t(), 1)
+    rows, perm = backend.permute(x, ids, scores, torch.arange(experts, device=x.device))
+    out_rows = backend.experts(rows, perm.expert_offsets, w["gate_up"], w["down"])
+    return shared_expert(w) + backend.combine(out_rows, perm, x.shape[0])
+
+
+class ReplayStandIn:
+    """The dry run's CUDAGraph: replay re-runs the layer into the output tensor (nothing is captured on a CPU)."""
+
+    def __init__(self, forward: Callable[[], torch.Tensor], out: torch.Tensor) -> None:
+        self.forward, self.out = forward, out
+
+    def replay(self) -> None:
+        self.out.copy_(self.forward())
+
+
+def capture_graph(forward: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph | ReplayStandIn, torch.Tensor]:
+    """Warm up on a side stream, then capture: (the graph, its output), as herd.engine.decode_graphs does."""
+    if DEVICE != "cuda":
+        out = forward()
+        return ReplayStandIn(forward, out), out
+    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]  # bare in torch
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = forward()
+    return graph, out
+
+
+def graph_section(backend: Backend, cases: list[KernelCase]) -> list[str]:
+    """The MoE layer of a decode step as a CUDA graph: is it free of host syncs (herd.kernels.host_syncs, after one
+    warm-up call), does it capture (CuPy's kernels must launch on torch's current stream, the capturing one), and
+    does a replay after new tokens are copied into the captured input equal the eager layer on those tokens? Then
+    eager against replay, timed. Prints a table; returns failures (syncs count as failures on CUDA only: the dry
+    run's torch backend is not the CUDA path)."""
+    from herd.kernels.host_syncs import HostSyncGuard
+
+    failures: list[str] = []
+    lines: list[str] = []
+    dtype = torch.bfloat16
+    for case in cases:
+        tokens, experts, hidden, inter = case
+        label = f"T={tokens} E={experts} H={hidden} I={inter}"
+        w = layer_weights(case, dtype)
+        layer = functools.partial(moe_stages, w, backend)  # reads w["x"], the persistent input, on every call
+        layer()  # first calls compile, probe grouped_mm and fill the allocator: not the steady state
+        with HostSyncGuard() as guard:
+            layer()
+        if guard.count and DEVICE == "cuda":
+            failures.append(f"graph {label}: {guard.count} host syncs in the layer, e.g. {guard.syncs[:2]}")
+        try:
+            graph, out = capture_graph(layer)
+        except Exception as err:  # a failed capture is this check's finding, with its message
+            failures.append(f"graph {label}: capture failed: {str(err).splitlines()[0][:200]}")
+            lines.append(f"| {label} | {guard.count} | capture failed | - | - | - | - |")
+            continue
+        g = torch.Generator(device=DEVICE).manual_seed(tokens + 1)
+        w["x"].copy_(torch.randn(tokens, hidden, generator=g, device=DEVICE).to(dtype))
+        graph.replay()
+        got = out.clone()
+        want = layer()
+        error = rel_error(got, want)
+        if not error <= TOLERANCE[dtype]:
+            failures.append(f"graph {label}: replay differs from the eager layer, rel err {error:.1e}")
+        eager_us, replay_us = cuda_time_us(layer, iters=20), cuda_time_us(graph.replay, iters=20)
+        lines.append(f"| {label} | {guard.count} | captured | {torch.equal(got, want)} | {error:.1e} | "
+                     f"{eager_us:.1f} | {replay_us:.1f} |")
+    print("\n## An MoE layer (bf16, top-1, + shared expert) captured as a decode step's CUDA graph\n")
+    print("| layer | host syncs | capture | replay == eager | rel err | eager (us) | replay (us) |")
+    print("|---|---:|---|---|---:|---:|---:|")
+    print("\n".join(lines))
+    return failures
 
 
 # Quantised expert layers. A layer is (name, H, I, E); a format is bf16 or a herd.kernels.quantize scheme.

@@ -42,6 +42,11 @@ def test_dry_run_passes_every_check_and_prints_the_table():
                     if line.startswith(f"| {name} H={hidden} I={inter} E={experts} | {fmt} |")]
             assert len(rows) == 1 + len(gpu_check.DRY_QUANT_TOKENS), (name, fmt, rows)  # a check, then timings
             assert "skipped" not in "".join(rows)
+    assert "## An MoE layer (bf16, top-1, + shared expert) captured as a decode step's CUDA graph" in result.stdout
+    for tokens, experts, hidden, inter in gpu_check.DRY_GRAPH_CASES:
+        (row,) = [line for line in result.stdout.splitlines()
+                  if line.startswith(f"| T={tokens} E={experts} H={hidden} I={inter} |")]
+        assert "| captured | True |" in row, row
 
 
 def test_without_a_gpu_it_says_nothing_was_checked_and_fails():
@@ -118,3 +123,30 @@ def test_running_out_of_memory_while_building_is_a_skip(on_cpu, monkeypatch, cap
     monkeypatch.setattr(gpu_check, "build_layer", out_of_memory)
     assert gpu_check.quantized_section(TINY, (1,), 1.0) == []
     assert capsys.readouterr().out.count("skipped: out of memory (CUDA out of memory") == 3
+
+
+GRAPH = [(3, 4, 64, 32)]
+
+
+def test_a_replay_that_reads_stale_inputs_fails_the_graph_check(on_cpu, monkeypatch, capsys):
+    """A graph that does not see the tokens copied into its input after capture (here: a stand-in that replays the
+    capture-time output) is caught; the stand-in that re-runs the layer passes."""
+    assert gpu_check.graph_section(gpu_check.Backend(), GRAPH) == []
+
+    class Frozen:
+        def replay(self):
+            pass
+
+    monkeypatch.setattr(gpu_check, "capture_graph", lambda forward: (Frozen(), forward()))
+    failures = gpu_check.graph_section(gpu_check.Backend(), GRAPH)
+    assert len(failures) == 1 and "replay differs from the eager layer" in failures[0], failures
+
+
+def test_a_failed_capture_is_a_failure_with_its_message(on_cpu, monkeypatch, capsys):
+    def refuse(forward):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(gpu_check, "capture_graph", refuse)
+    failures = gpu_check.graph_section(gpu_check.Backend(), GRAPH)
+    assert failures == ["graph T=3 E=4 H=64 I=32: capture failed: operation not permitted when stream is capturing"]
+    assert "| T=3 E=4 H=64 I=32 | 0 | capture failed |" in capsys.readouterr().out
