@@ -70,6 +70,30 @@ def host_side() -> Iterator[None]:
         _host_side.reset(token)
 
 
+@contextmanager
+def forward_syncs(module: torch.nn.Module, *, cuda: bool | None = None) -> Iterator[list[list[str]]]:
+    """Inside it, each call of `module.forward` runs in its own HostSyncGuard; yields the syncs of every call, in
+    order (so a test or gpu-check can assert a model's forward has none while the engine around it runs)."""
+    forward = module.forward
+    own = module.__dict__.get("forward")  # an instance's own forward (another wrapper) goes back after
+    per_call: list[list[str]] = []
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        with HostSyncGuard(cuda=cuda) as guard:
+            out = forward(*args, **kwargs)
+        per_call.append(guard.syncs)
+        return out
+
+    module.forward = guarded  # this instance's, until the block ends
+    try:
+        yield per_call
+    finally:
+        if own is None:
+            del module.forward  # the class's forward again
+        else:
+            module.forward = own
+
+
 class HostSyncGuard(TorchFunctionMode):
     """`with HostSyncGuard() as guard: ...`; then `guard.syncs` lists each sync as 'what (file:line)'.
 

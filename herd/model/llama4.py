@@ -93,7 +93,8 @@ class Llama4Model(nn.Module):
         order. `cache`: where attention keeps keys and values (None: these tokens attend to themselves).
         `check_ids`: raise ValueError for an id outside the vocabulary. Free for ids on the host (read there);
         ids already on an accelerator cost a host sync, so a caller whose ids are valid by construction (the
-        engine's persistent decode buffers) passes False.
+        engine's persistent decode buffers) passes False. Inputs on the host are copied to the device without
+        blocking; a caller that passes pinned memory must not write it again before the step's work is done.
         """
         self._check_ids(input_ids, values=check_ids)
         if image_embeds is not None:

@@ -8,7 +8,6 @@ dtype) and is not counted.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 
 from herd.engine import EngineConfig, LLMEngine, SamplingParams
 from herd.kernels import torch_moe
-from herd.kernels.host_syncs import HostSyncGuard
+from herd.kernels.host_syncs import HostSyncGuard, forward_syncs
 from herd.model import load_model
 from herd.model.moe import MoE
 from herd.model.tiny import make_tiny
@@ -30,54 +29,46 @@ def scout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("scout"), preset="scout", seed=4)
 
 
-class Forwards:
-    """Wraps an engine's model forward in a HostSyncGuard: per forward, (tokens, sampled rows, syncs)."""
-
-    def __init__(self, engine: LLMEngine) -> None:
-        self.calls: list[tuple[int, int, list[str]]] = []
-        forward: Callable[..., torch.Tensor] = engine.model.forward
-
-        def guarded(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            with HostSyncGuard() as guard:
-                logits = forward(input_ids, *args, **kwargs)
-            self.calls.append((input_ids.shape[0], logits.shape[0], guard.syncs))
-            return logits
-
-        engine.model.forward = guarded  # type: ignore[method-assign]  # the instance's, for this test
-
-
-def _run(scout: Path) -> tuple[LLMEngine, Forwards]:
+def _run(scout: Path) -> tuple[LLMEngine, list[tuple[int, int]], list[list[str]]]:
+    """(engine, (tokens, sampled rows) of each forward after the warm-up step, the syncs inside each)."""
     engine = LLMEngine.from_pretrained(scout, EngineConfig(kv_cache_mb=16, max_num_seqs=8))
-    forwards = Forwards(engine)
+    shapes: list[tuple[int, int]] = []
     engine.add_request(list(range(3, 21)), PARAMS)
     engine.add_request(list(range(40, 51)), PARAMS)
     engine.step()  # both prompts: the warm-up
-    forwards.calls.clear()
-    engine.step()  # two decodes
-    engine.step()
-    engine.add_request(list(range(60, 73)), PARAMS)
-    engine.step()  # the new prompt's 13 tokens with two decodes
-    while engine.has_unfinished():  # decodes
+    with forward_syncs(engine.model) as per_forward:
+        forward = engine.model.forward
+
+        def recorded(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            logits: torch.Tensor = forward(input_ids, *args, **kwargs)
+            shapes.append((input_ids.shape[0], logits.shape[0]))
+            return logits
+
+        engine.model.forward = recorded  # type: ignore[method-assign]  # inside forward_syncs' wrapper
+        engine.step()  # two decodes
         engine.step()
-    return engine, forwards
+        engine.add_request(list(range(60, 73)), PARAMS)
+        engine.step()  # the new prompt's 13 tokens with two decodes
+        while engine.has_unfinished():  # decodes
+            engine.step()
+    return engine, shapes, per_forward
 
 
 def test_decode_and_mixed_steps_have_no_host_sync_inside_the_forward(scout: Path) -> None:
-    _, forwards = _run(scout)
-    shapes = [(tokens, sampled) for tokens, sampled, _ in forwards.calls]
+    _, shapes, per_forward = _run(scout)
     assert shapes[:4] == [(2, 2), (2, 2), (15, 3), (3, 3)], "the steps are not the decodes and mixed step meant"
     assert len(shapes) >= 8
-    assert [syncs for *_, syncs in forwards.calls] == [[]] * len(shapes)
+    assert per_forward == [[]] * len(shapes)
 
 
 def test_the_guard_sees_a_sync_inside_the_forward(scout: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without grouped_mm the experts loop on the host, reading the offsets: one sync per MoE layer per forward."""
     monkeypatch.setattr(torch_moe, "_grouped_mm_works", lambda device, dtype: False)
-    engine, forwards = _run(scout)
+    engine, shapes, per_forward = _run(scout)
     moe_layers = sum(isinstance(layer.feed_forward, MoE) for layer in engine.model.model.layers)
     assert moe_layers > 0
-    assert len(forwards.calls) >= 8
-    for *_, syncs in forwards.calls:
+    assert len(per_forward) == len(shapes) >= 8
+    for syncs in per_forward:
         assert len(syncs) == moe_layers, syncs
         assert all(s.startswith("tolist") and "torch_moe.py" in s for s in syncs), syncs
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from herd.kernels.host_syncs import HostSyncError, HostSyncGuard, host_side
+from herd.kernels.host_syncs import HostSyncError, HostSyncGuard, forward_syncs, host_side
 
 T = torch.arange(6.0)
 IDS = torch.tensor([0, 2, 1, 2])
@@ -149,3 +149,24 @@ def test_on_cuda_it_enters_the_sync_debug_mode_and_counts_its_warnings(monkeypat
     with HostSyncGuard(cuda=True, strict=True):
         pass
     assert modes[-2:] == ["error", 0]
+
+
+class _Reads(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.sum() > 0 else x  # one __bool__
+
+
+def test_forward_syncs_guards_each_forward_of_a_module_and_puts_it_back() -> None:
+    module = _Reads()
+    with forward_syncs(module, cuda=False) as per_call:
+        module(T)
+        module(T)
+        T[0].item()  # outside the forward: not counted
+    module(T)
+    assert [len(syncs) for syncs in per_call] == [1, 1]
+    assert "forward" not in module.__dict__
+    module.forward = lambda x: x  # type: ignore[method-assign]  # an instance's own forward survives
+    with forward_syncs(module, cuda=False) as per_call:
+        module(T)
+    assert per_call == [[]]
+    assert module(T) is T
