@@ -3,7 +3,7 @@
 The guard (herd.kernels.host_syncs) wraps Llama4Model.forward only: the sampler's one copy of the sampled ids comes
 after it. On the CPU it counts the calls that would sync on a GPU. Scope: the experts held in the engine's process
 (the default, float weights, the torch backend). The first step warms up (grouped_mm is tried once per device and
-dtype) and is not counted.
+dtype) and is not counted. Int4 experts keep their documented sync (one per MoE layer), and nothing else.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from herd.kernels import torch_moe
 from herd.kernels.host_syncs import HostSyncGuard, forward_syncs
 from herd.model import load_model
 from herd.model.moe import MoE
+from herd.model.quant.convert import quantize_checkpoint
 from herd.model.tiny import make_tiny
 
 PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -84,3 +85,19 @@ def test_a_direct_call_with_host_ids_has_no_sync_and_still_checks_them(scout: Pa
         model(torch.tensor([1, vocab]))
     with pytest.raises(IndexError):  # unchecked: the embedding refuses it (on a GPU, a device-side assert)
         model(torch.tensor([1, vocab]), check_ids=False)
+
+
+def test_quantised_experts_keep_one_sync_per_moe_layer_and_no_other(scout: Path, tmp_path: Path) -> None:
+    """The documented exception: int4 experts loop over the experts on the host (Backend.quantized_experts)."""
+    engine = LLMEngine.from_pretrained(quantize_checkpoint(scout, tmp_path / "int4", "int4", progress=False),
+                                       EngineConfig(kv_cache_mb=16, max_num_seqs=8))
+    engine.add_request(list(range(3, 21)), PARAMS)
+    engine.step()  # the warm-up
+    with forward_syncs(engine.model) as per_forward:
+        while engine.has_unfinished():
+            engine.step()
+    moe_layers = sum(isinstance(layer.feed_forward, MoE) for layer in engine.model.model.layers)
+    assert len(per_forward) == PARAMS.max_tokens - 1
+    for syncs in per_forward:
+        assert len(syncs) == moe_layers, syncs
+        assert all(s.startswith("tolist") and "herd/kernels/backend.py" in s for s in syncs), syncs
