@@ -19,6 +19,11 @@ On CUDA (`cuda=True`, the default where CUDA is available) it also enters torch.
 ("warn", each warning recorded; "error" when strict), which sees the synchronizing CUDA calls in torch's C++
 too: syncs inside ops, and the ones listed above.
 
+`forward_syncs(module)` puts each call of a module's forward in its own guard (a test, gpu-check).
+
+Threads: the function mode sees only the thread that entered the guard; torch's CUDA debug mode is one setting
+for the process, so on CUDA another thread's syncs during the guard count too (and raise, when strict).
+
 What it does not see: syncs inside a torch op's C++ that the list does not name (histc with min == max,
 for one) on the CPU proxy; calls made from C++ or CuPy rather than Python (CuPy's own syncs are not in
 the CUDA debug mode either); an explicit torch.cuda.synchronize() except through the CUDA debug mode.
