@@ -121,7 +121,9 @@ class StaticDecode:
 
     def _forward(self, inputs: StaticInputs) -> torch.Tensor:
         context = PagedAttention(self.cache, inputs.plans(self.kv.block_size))
-        logits: torch.Tensor = self.model(inputs.ids, inputs.positions, context)  # [Gb, V]
+        # The ids are valid by construction (the engine checked prompts; sampled ids are in the vocabulary) and
+        # already on the device, where checking them would be a host sync, which no captured graph can hold.
+        logits: torch.Tensor = self.model(inputs.ids, inputs.positions, context, check_ids=False)  # [Gb, V]
         return logits.float()
 
     def _pack(self, chunks: Sequence[ScheduledChunk]) -> tuple[BucketKey, torch.Tensor]:

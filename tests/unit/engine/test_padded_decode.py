@@ -19,6 +19,7 @@ from herd.engine.paged_kv import PagedKVCache
 from herd.engine.sampling_params import SamplingParams
 from herd.engine.scheduler import Scheduler
 from herd.engine.sequence import Sequence
+from herd.kernels.host_syncs import HostSyncGuard
 from herd.model import load_model
 from herd.model.tiny import make_tiny
 
@@ -134,6 +135,29 @@ def test_a_batch_beyond_the_largest_bucket_and_mixed_steps_run_unpadded(model):
     for _ in range(8):
         _step(engine)
     assert engine.runner.static is not None and not engine.runner.static.inputs
+
+
+def test_the_padded_forward_has_no_host_sync(model):
+    """What a CUDA graph cannot hold: no value read on the host in what a graph captures (the plans built from the
+    buffers and the model's forward; the CPU proxy of herd.kernels.host_syncs)."""
+    engine = _engine(model, static=True)
+    _add(engine, _prompts(model, 5, seed=2)[:5], 0)
+    _step(engine)  # the prefills, and the first call's one-time grouped_mm probe
+    static = engine.runner.static
+    assert static is not None
+    captured = static._forward
+    per_forward: list[list[str]] = []
+
+    def guarded(inputs):
+        with HostSyncGuard() as guard:
+            out = captured(inputs)
+        per_forward.append(guard.syncs)
+        return out
+
+    static._forward = guarded  # type: ignore[method-assign]
+    for _ in range(6):
+        _step(engine)
+    assert len(per_forward) >= 4 and per_forward == [[]] * len(per_forward)
 
 
 class FakeGraph:
