@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from herd.engine import EngineConfig, LLMEngine, SamplingParams
+from herd.engine.model_runner import ModelRunner
 from herd.kernels import torch_moe
 from herd.kernels.host_syncs import HostSyncGuard, forward_syncs
 from herd.model import load_model
@@ -30,9 +31,11 @@ def scout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("scout"), preset="scout", seed=4)
 
 
-def _run(scout: Path) -> tuple[LLMEngine, list[tuple[int, int]], list[list[str]]]:
-    """(engine, (tokens, sampled rows) of each forward after the warm-up step, the syncs inside each)."""
-    engine = LLMEngine.from_pretrained(scout, EngineConfig(kv_cache_mb=16, max_num_seqs=8))
+def _run(scout: Path, *, static_decode: bool = False) -> tuple[LLMEngine, list[tuple[int, int]], list[list[str]]]:
+    """(engine, (tokens, logit rows) of each forward after the warm-up step, the syncs inside each)."""
+    config = EngineConfig(kv_cache_mb=16, max_num_seqs=8, static_decode=static_decode)
+    engine = LLMEngine.from_pretrained(scout, config)
+    engine.runner = ModelRunner(engine.model, engine.kv, engine.runner.cache, config=config)  # static_decode, surely
     shapes: list[tuple[int, int]] = []
     engine.add_request(list(range(3, 21)), PARAMS)
     engine.add_request(list(range(40, 51)), PARAMS)
@@ -55,9 +58,14 @@ def _run(scout: Path) -> tuple[LLMEngine, list[tuple[int, int]], list[list[str]]
     return engine, shapes, per_forward
 
 
-def test_decode_and_mixed_steps_have_no_host_sync_inside_the_forward(scout: Path) -> None:
-    _, shapes, per_forward = _run(scout)
-    assert shapes[:4] == [(2, 2), (2, 2), (15, 3), (3, 3)], "the steps are not the decodes and mixed step meant"
+@pytest.mark.parametrize(("static_decode", "first_shapes"), [
+    (False, [(2, 2), (2, 2), (15, 3), (3, 3)]),
+    (True, [(2, 2), (2, 2), (15, 3), (4, 4)]),  # the static path pads 3 decodes to its bucket of 4
+], ids=["eager", "static decode"])
+def test_decode_and_mixed_steps_have_no_host_sync_inside_the_forward(
+        scout: Path, static_decode: bool, first_shapes: list[tuple[int, int]]) -> None:
+    _, shapes, per_forward = _run(scout, static_decode=static_decode)
+    assert shapes[:4] == first_shapes, "the steps are not the decodes and mixed step meant"
     assert len(shapes) >= 8
     assert per_forward == [[]] * len(shapes)
 
