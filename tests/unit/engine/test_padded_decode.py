@@ -11,24 +11,29 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from herd.engine import EngineConfig, decode_graphs
+from herd.engine import EngineConfig, LLMEngine, SamplingParams, decode_graphs
 from herd.engine.decode_graphs import StaticDecode, key_bucket
 from herd.engine.kv_cache_manager import KVCacheManager
 from herd.engine.model_runner import ModelRunner
 from herd.engine.paged_kv import PagedKVCache
-from herd.engine.sampling_params import SamplingParams
 from herd.engine.scheduler import Scheduler
 from herd.engine.sequence import Sequence
 from herd.kernels.host_syncs import HostSyncGuard
 from herd.model import load_model
 from herd.model.tiny import make_tiny
+from herd.model.tokenizer import Tokenizer
 
 BUCKETS = [1, 2, 4, 8, 32]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return load_model(make_tiny(tmp_path_factory.mktemp("scout"), preset="scout", seed=5), progress=False)
+def checkpoint(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("scout"), preset="scout", seed=5)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return load_model(checkpoint, progress=False)
 
 
 @dataclass
@@ -114,6 +119,25 @@ def test_padded_static_decodes_give_the_unpadded_tokens_logits_and_kv(model, cou
     assert rows <= set(BUCKETS) and min(rows) >= count, f"batches padded to buckets, not run at {count}: {rows}"
     assert len(static.inputs) <= 6, "a few buckets cover every step"
     _assert_same_real_blocks(padded.cache, plain.cache)
+
+
+def test_the_engine_generates_the_same_tokens_on_the_static_path(checkpoint, model):
+    """Through LLMEngine.generate (its sampler, finish checks and outputs): greedy requests of several lengths and
+    max_tokens, so the batch shrinks through buckets as they finish, give the unpadded engine's tokens."""
+    prompts = _prompts(model, 6, seed=11)
+    params = [SamplingParams(temperature=0, max_tokens=8 + 5 * i, ignore_eos=True) for i in range(len(prompts))]
+    tokens = {}
+    for static in (False, True):
+        config = EngineConfig(kv_cache_mb=8, max_num_seqs=16, static_decode=static, decode_buckets=[1, 2, 4, 8, 16])
+        engine = LLMEngine(model, Tokenizer.from_pretrained(checkpoint), config)
+        # The runner the engine would build with its config (LLMEngine passes none yet).
+        engine.runner = ModelRunner(model, engine.kv, engine.runner.cache, config=config)
+        tokens[static] = [out.token_ids for out in engine.generate(prompts, params)]
+        assert (engine.runner.static is not None) == static
+        if static:
+            assert {key[0] for key in engine.runner.static.inputs} >= {8, 4, 2, 1}, "the batch shrank through buckets"
+    assert tokens[True] == tokens[False]
+    assert [len(t) for t in tokens[True]] == [p.max_tokens for p in params]
 
 
 def _assert_same_real_blocks(padded: PagedKVCache, plain: PagedKVCache) -> None:
