@@ -32,6 +32,7 @@ from herd.engine.sampling_params import SamplingParams
 from herd.engine.scheduler import Scheduler, SchedulerOutput
 from herd.engine.sequence import Sequence
 from herd.engine.stats import EngineStats
+from herd.engine.step_pipeline import StepPipeline
 from herd.engine.stop_strings import StopStrings
 from herd.model.llama4 import Llama4Model
 from herd.model.loader import load_model
@@ -222,10 +223,16 @@ class LLMEngine:
             self.submit(request)
         ours = {r.seq.request_id for r in requests}
         final: dict[str, RequestOutput] = {}
-        while len(final) < len(requests):
-            for out in self.step():
-                if out.finished and out.request_id in ours:
-                    final[out.request_id] = out
+
+        def keep(outputs: list[RequestOutput]) -> None:  # on the output thread
+            final.update((out.request_id, out) for out in outputs if out.finished and out.request_id in ours)
+
+        pipeline = StepPipeline(self, keep)  # the text side of each step beside the next step's compute
+        try:
+            while len(final) < len(requests) and self.has_unfinished():
+                pipeline.step()
+        finally:
+            pipeline.close()
         return [final[r.seq.request_id] for r in requests]
 
     # --- internals ----------------------------------------------------------------------------------

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-from herd.engine.llm_engine import LLMEngine
 from herd.engine.output_processor import CoreOutput
 from herd.engine.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from herd.engine.llm_engine import LLMEngine  # which runs its own batches through a pipeline
 
 
 class StepPipeline:
