@@ -112,7 +112,9 @@ class StaticDecode:
         if inputs is None:
             widths = dict(zip(self.kv.pools, key[1], strict=True))
             inputs = self.inputs[key] = StaticInputs(key[0], widths, self.model.device)
-        inputs.packed.copy_(host)
+        if inputs.packed.is_cuda:  # pinned, so the copy queues behind earlier work instead of waiting for it
+            host = host.pin_memory()  # a fresh block: the host allocator keeps it until the copy is done
+        inputs.packed.copy_(host, non_blocking=True)
         graph = self._graph(key, inputs) if self.graphs else None
         if graph is None:
             return self._forward(inputs)[: len(chunks)]
