@@ -8,6 +8,7 @@ dtype) and is not counted. Int4 experts keep their documented sync (one per MoE 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 
 from herd.engine import EngineConfig, LLMEngine, SamplingParams
 from herd.engine.model_runner import ModelRunner
+from herd.engine.prompt_images import ImageInput
 from herd.kernels import torch_moe
 from herd.kernels.host_syncs import HostSyncGuard, forward_syncs
 from herd.model import load_model
@@ -31,6 +33,18 @@ def scout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("scout"), preset="scout", seed=4)
 
 
+def _record(engine: LLMEngine, note: Callable[[tuple[Any, ...], dict[str, Any], torch.Tensor], None]) -> None:
+    """Call note(args, kwargs, logits) after each model forward (outside a guard forward_syncs put on it first)."""
+    forward = engine.model.forward
+
+    def recorded(*args: Any, **kwargs: Any) -> torch.Tensor:
+        logits: torch.Tensor = forward(*args, **kwargs)
+        note(args, kwargs, logits)
+        return logits
+
+    engine.model.forward = recorded  # type: ignore[method-assign]  # forward_syncs takes it off with its own
+
+
 def _run(scout: Path, *, static_decode: bool = False) -> tuple[LLMEngine, list[tuple[int, int]], list[list[str]]]:
     """(engine, (tokens, logit rows) of each forward after the warm-up step, the syncs inside each)."""
     config = EngineConfig(kv_cache_mb=16, max_num_seqs=8, static_decode=static_decode)
@@ -41,14 +55,7 @@ def _run(scout: Path, *, static_decode: bool = False) -> tuple[LLMEngine, list[t
     engine.add_request(list(range(40, 51)), PARAMS)
     engine.step()  # both prompts: the warm-up
     with forward_syncs(engine.model) as per_forward:
-        forward = engine.model.forward
-
-        def recorded(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            logits: torch.Tensor = forward(input_ids, *args, **kwargs)
-            shapes.append((input_ids.shape[0], logits.shape[0]))
-            return logits
-
-        engine.model.forward = recorded  # type: ignore[method-assign]  # inside forward_syncs' wrapper
+        _record(engine, lambda args, kwargs, logits: shapes.append((args[0].shape[0], logits.shape[0])))
         engine.step()  # two decodes
         engine.step()
         engine.add_request(list(range(60, 73)), PARAMS)
@@ -109,3 +116,21 @@ def test_quantised_experts_keep_one_sync_per_moe_layer_and_no_other(scout: Path,
     for syncs in per_forward:
         assert len(syncs) == moe_layers, syncs
         assert all(s.startswith("tolist") and "herd/kernels/backend.py" in s for s in syncs), syncs
+
+
+def test_prefill_chunks_that_take_image_features_have_no_host_sync(scout: Path) -> None:
+    """An image split across prefill chunks (image rows and features placed by the runner) beside a decode."""
+    engine = LLMEngine.from_pretrained(scout, EngineConfig(kv_cache_mb=16, max_num_batched_tokens=48, block_size=16))
+    engine.add_request(list(range(3, 21)), PARAMS)
+    engine.step()  # the warm-up
+    placeholder = engine.model.config.image_token_id
+    assert placeholder is not None
+    pixels = torch.rand(1, 3, 336, 336, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    engine.add_request([5, 6, 7] + [placeholder] * 144 + [8, 9], PARAMS, images=[ImageInput(pixels)])
+    image_forwards: list[int] = []
+    with forward_syncs(engine.model) as per_forward:
+        _record(engine, lambda args, kwargs, logits: image_forwards.append(kwargs.get("image_rows") is not None))
+        while engine.has_unfinished():
+            engine.step()
+    assert sum(image_forwards) >= 3, "the image spans several prefill chunks"
+    assert per_forward == [[]] * len(image_forwards)
