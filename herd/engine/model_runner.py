@@ -55,7 +55,9 @@ class ModelRunner:
         ends = itertools.accumulate(c.num_tokens for c in chunks)
         sampled = torch.tensor([end - 1 for end, c in zip(ends, chunks, strict=True) if c.samples], dtype=torch.long)
         context = PagedAttention.for_step(chunks, self.kv, self.cache, self.device)
-        logits: torch.Tensor = self.model(ids, positions.to(self.device), context, image_embeds=image_embeds,
+        if self.device.type == "cuda":  # the model reads ids on the host, then copies without blocking: pin them
+            ids, positions, sampled = ids.pin_memory(), positions.pin_memory(), sampled.pin_memory()
+        logits: torch.Tensor = self.model(ids, positions, context, image_embeds=image_embeds,
                                           image_rows=image_rows, logit_rows=sampled)  # [C_sampling, V]
         return logits.float()
 

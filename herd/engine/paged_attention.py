@@ -120,7 +120,7 @@ def _plan(chunks: Sequence[ScheduledChunk], kv: KVCacheManager, group: str, devi
         write += [table[p // block] * block + p % block for p in range(first, end)]
         slots = _slots(_tensor([table[window // block : -(-end // block)]], device), block)[0, : end - window]
         mask = attention_mask(torch.arange(first, end), torch.arange(window, end), chunk_size)
-        prefills.append(_Prefill(slice(row, row + chunk.num_tokens), slots, mask.to(device)))
+        prefills.append(_Prefill(slice(row, row + chunk.num_tokens), slots, to_device(mask, device)))
         row += chunk.num_tokens
     width = max(map(len, decode_blocks), default=0)
     padded: list[int] = []  # [G * W]
@@ -139,5 +139,11 @@ def _slots(blocks: torch.Tensor, block: int) -> torch.Tensor:
     return (blocks[:, :, None] * block + offsets).flatten(1)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU through pinned memory without blocking: a copy from pageable memory
+    first waits for the stream to drain, which would stall a step prepared while the previous one computes."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def _tensor(values: Sequence[object], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
+    return to_device(torch.tensor(values, dtype=torch.long), device)
