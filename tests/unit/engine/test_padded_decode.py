@@ -130,7 +130,7 @@ def test_the_engine_generates_the_same_tokens_on_the_static_path(checkpoint, mod
     for static in (False, True):
         config = EngineConfig(kv_cache_mb=8, max_num_seqs=16, static_decode=static, decode_buckets=[1, 2, 4, 8, 16])
         engine = LLMEngine(model, Tokenizer.from_pretrained(checkpoint), config)
-        # Built here with this config, so the test does not hang on how LLMEngine builds its runner.
+        # Built here with this config, so the test does not depend on how LLMEngine builds its runner.
         engine.runner = ModelRunner(model, engine.kv, engine.runner.cache, config=config)
         tokens[static] = [out.token_ids for out in engine.generate(prompts, params)]
         assert (engine.runner.static is not None) == static
