@@ -78,7 +78,7 @@ class LLMEngine:
         layout = self.config.kv_layout(model.config)
         self.kv = KVCacheManager(layout, enable_prefix_caching=self.config.enable_prefix_caching)
         cache = PagedKVCache(model.config, layout, dtype=self.config.dtype, device=torch.device(self.config.device))
-        self.runner = ModelRunner(model, self.kv, cache)
+        self.runner = ModelRunner(model, self.kv, cache, config=self.config)
         self.scheduler = Scheduler(self.config.scheduler(), self.kv)
         self.outputs = OutputProcessor()
         """Detokenising, stop strings and RequestOutputs (`step` runs it inline; the async engine on its own

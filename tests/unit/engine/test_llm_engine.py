@@ -206,3 +206,12 @@ def test_logprobs_are_the_models(scout):
     assert first.token_id == out.token_ids[0] == int(expected.argmax())
     assert first.logprob == pytest.approx(float(expected.max()), abs=1e-4)
     assert [t for t, _ in first.top] == torch.topk(expected, 2).indices.tolist()
+
+
+def test_the_engine_hands_its_static_decode_setting_to_the_runner(scout):
+    prompts = _prompts(5, 7)
+    plain = LLMEngine.from_pretrained(scout, EngineConfig(**SMALL))
+    static = LLMEngine.from_pretrained(scout, EngineConfig(**SMALL, static_decode=True, decode_buckets=[2, 8]))
+    assert plain.runner.static is None and static.runner.static is not None
+    want = [o.token_ids for o in plain.generate(prompts, GREEDY)]
+    assert [o.token_ids for o in static.generate(prompts, GREEDY)] == want
