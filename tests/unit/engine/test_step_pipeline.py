@@ -83,7 +83,7 @@ def test_pipelined_outputs_equal_inline_steps_with_stop_strings_and_logprobs(sco
             [(t.token_id, [i for i, _ in t.top]) for t in out.logprobs]
         assert [t.logprob for t in got[rid].logprobs] == pytest.approx([t.logprob for t in out.logprobs], abs=1e-4)
         streamed = [o for o in pipelined if o.request_id == rid]
-        assert sum((o.delta_token_ids for o in streamed), []) == out.token_ids, "no token repeated or lost"
+        assert [t for o in streamed for t in o.delta_token_ids] == out.token_ids, "no token repeated or lost"
         assert "".join(o.delta_text for o in streamed) == out.text
         assert sum(o.finished for o in streamed) == 1
     assert sum(o.finish_reason == "stop" for o in want.values()) == 3
