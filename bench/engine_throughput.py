@@ -117,7 +117,7 @@ def kv_probe(engine: LLMEngine, rng_seed: int, token_limit: int) -> tuple[int, i
     rng = random.Random(rng_seed)
     prompt = [rng.randrange(1, token_limit) for _ in range(chunk * KV_CHUNKS - 1)]
     rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), request_id="kv")
-    seq = engine._requests[rid].seq
+    seq = engine._requests[rid]
     while not seq.output_ids:
         engine.step()
     held, full, known, computed = (engine.kv.bytes_held(seq), engine.kv.full_cache_bytes(seq.num_known),
