@@ -26,6 +26,8 @@ SMOKE = {
     "expert_dispatch.py": ("| shards | T | in-process (ms) | gRPC (ms) | gRPC / in-process |", lambda tmp: []),
     "serve.py": ("| system | concurrency | requests | errors | output tok/s |",
                  lambda tmp: ["--checkpoint", str(tmp / "scout"), "--log-dir", str(tmp / "logs")]),
+    "serve_breakdown.py": ("| stage | output tokens | wall s | output tok/s | vs engine |",
+                           lambda tmp: ["--checkpoint", str(tmp / "scout"), "--log-dir", str(tmp / "logs")]),
     "soak.py": ("| t_s | gateway_mib | replica_mib | shard0_mib | shard1_mib | kv_blocks |", lambda tmp: []),
 }
 NOT_HERE = {"__init__.py", "common.py", "gpu_check.py", "quantized_experts.py"}
