@@ -25,9 +25,10 @@ from herd.engine.sampler import TokenLogprobs
 from herd.engine.stop_strings import StopStrings
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CoreOutput:
-    """What one core step did to one request: its new tokens, and how it ended if it did."""
+    """What one core step did to one request: its new tokens, and how it ended if it did. Not changed once made
+    (not frozen only because a frozen dataclass costs 4x to build, and the core makes one per row per step)."""
 
     request_id: str
     new_token_ids: list[int]
