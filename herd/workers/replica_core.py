@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
@@ -22,6 +23,7 @@ from herd.engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput, 
 from herd.engine.errors import Code, HerdError
 from herd.engine.outputs import RequestTimes
 from herd.engine.prompt_images import ImageInput
+from herd.engine.sampler import TokenLogprobs
 from herd.engine.sampling_params import SamplingError
 from herd.model import load_model
 from herd.model.image_prompts import ImagePrompts
@@ -37,6 +39,12 @@ from herd.workers.shard_experts import ShardExperts
 from herd.workers.transport import ExpertTransport, InProcessTransport
 
 tracer = trace.get_tracer("herd.workers.replica")
+
+MESSAGE_SPACING_S = 0.005
+"""A replica's streams together send about one message per this many seconds: each message costs a fixed
+share of a millisecond of CPU (Ray Serve's item on both sides, the gateway's SSE event, the client's parse),
+so with N streams in flight each waits N times this between messages (32 streams: 160 ms, 8: 40 ms, below
+stream_interval_s's 50 ms default) and the serving overhead stays a bounded share of the cores."""
 
 
 TransportFactory = Callable[[list[tuple[int, ...]]], ExpertTransport]
@@ -105,19 +113,11 @@ class ReplicaCore:
                 tenant_id=tenant.tenant_id or "default", tenant_weight=tenant.weight or 1.0,
                 sharing_group=tenant.sharing_group or None, images=images,
             )
-            async with contextlib.aclosing(stream):  # closing it aborts the request and frees its blocks
-                pending: pb.GenerateChunk | None = None
-                sent_at = 0.0
-                async for out in stream:
-                    if out.times is not None:
-                        self._finished(span, out.times)
-                    if out.finish_reason == "error":
-                        raise out.error or HerdError(Code.INTERNAL, "the engine step failed")
-                    pending = self._merge(pending, self._chunk(out))
-                    now = time.monotonic()
-                    if out.finished or not sent_at or now - sent_at >= self.config.stream_interval_s:
-                        yield pending
-                        pending, sent_at = None, now
+            chunks = merged_chunks(stream, self._stream_interval_s, self._piece,
+                                   check=functools.partial(self._check, span))
+            async with contextlib.aclosing(stream), contextlib.aclosing(chunks):  # aborts the request, frees its blocks
+                async for chunk in chunks:
+                    yield chunk
         except ValueError as err:
             span.set_status(Status(StatusCode.ERROR, str(err)))
             raise HerdError(Code.INVALID_ARGUMENT, str(err)) from err
@@ -128,6 +128,16 @@ class ReplicaCore:
             self._in_flight -= 1
             self._spans.pop(request.request_id, None)
             span.end()
+
+    def _check(self, span: trace.Span, out: RequestOutput) -> None:
+        """Each engine output as it comes: the finished one's phases recorded, a failed step raised."""
+        if out.times is not None:
+            self._finished(span, out.times)
+        if out.finish_reason == "error":
+            raise out.error or HerdError(Code.INTERNAL, "the engine step failed")
+
+    def _stream_interval_s(self) -> float:
+        return stream_interval_s(self.config.stream_interval_s, self._in_flight)
 
     def _finished(self, span: trace.Span, times: RequestTimes) -> None:
         """The request's phases in the engine, as metrics and as child spans of its replica span."""
@@ -216,33 +226,6 @@ class ReplicaCore:
                 raise HerdError(Code.INVALID_ARGUMENT, f"image {index}: {err}") from err
         return images
 
-    def _chunk(self, out: RequestOutput) -> pb.GenerateChunk:
-        chunk = pb.GenerateChunk(request_id=out.request_id, text=out.delta_text, token_ids=out.delta_token_ids)
-        if out.logprobs is not None:
-            for lp in out.logprobs[len(out.token_ids) - len(out.delta_token_ids) :]:
-                chunk.logprobs.append(pb.TokenLogprob(
-                    token_id=lp.token_id, token=self._piece(lp.token_id), logprob=lp.logprob,
-                    top=[pb.TopLogprob(token_id=t, token=self._piece(t), logprob=v) for t, v in lp.top],
-                ))
-        if out.finished:
-            chunk.finish_reason = out.finish_reason or ""
-            chunk.usage.CopyFrom(pb.Usage(prompt_tokens=len(out.prompt_token_ids), completion_tokens=len(out.token_ids),
-                                          cached_tokens=out.num_cached_tokens))
-        return chunk
-
-    @staticmethod
-    def _merge(earlier: pb.GenerateChunk | None, later: pb.GenerateChunk) -> pb.GenerateChunk:
-        """One chunk with the new text, tokens and logprobs of both, and the later one's ending."""
-        if earlier is None:
-            return later
-        earlier.text += later.text
-        earlier.token_ids.extend(later.token_ids)
-        earlier.logprobs.extend(later.logprobs)
-        earlier.finish_reason = later.finish_reason
-        if later.HasField("usage"):
-            earlier.usage.CopyFrom(later.usage)
-        return earlier
-
     def _piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
@@ -250,3 +233,56 @@ class ReplicaCore:
         engine = self.config.engine
         return InProcessTransport([ShardExperts.load(self.config.path, experts, dtype=engine.dtype,
                                                      device=engine.device) for experts in shard_experts])
+
+
+def stream_interval_s(base_s: float, streams: int) -> float:
+    """How long each of `streams` streams waits between messages: `base_s` (stream_interval_s), stretched so
+    that together they send about one message per MESSAGE_SPACING_S; 0 stays 0 (every step, uncapped)."""
+    return max(base_s, streams * MESSAGE_SPACING_S) if base_s else 0.0
+
+
+class _Pending:
+    """What a stream has not sent yet: the text, tokens and logprobs of the outputs since its last message."""
+
+    __slots__ = ("logprobs", "text", "token_ids")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprobs] = []
+
+    def add(self, out: RequestOutput) -> None:
+        self.text.append(out.delta_text)
+        self.token_ids += out.delta_token_ids
+        if out.logprobs is not None:
+            self.logprobs += out.logprobs[len(out.token_ids) - len(out.delta_token_ids):]
+
+    def chunk(self, last: RequestOutput, piece: Callable[[int], str]) -> pb.GenerateChunk:
+        """One message with all of it, and `last`'s ending (finish reason, usage) when it finished."""
+        chunk = pb.GenerateChunk(request_id=last.request_id, text="".join(self.text), token_ids=self.token_ids)
+        for lp in self.logprobs:
+            chunk.logprobs.append(pb.TokenLogprob(
+                token_id=lp.token_id, token=piece(lp.token_id), logprob=lp.logprob,
+                top=[pb.TopLogprob(token_id=t, token=piece(t), logprob=v) for t, v in lp.top],
+            ))
+        if last.finished:
+            chunk.finish_reason = last.finish_reason or ""
+            chunk.usage.CopyFrom(pb.Usage(prompt_tokens=len(last.prompt_token_ids),
+                                          completion_tokens=len(last.token_ids), cached_tokens=last.num_cached_tokens))
+        return chunk
+
+
+async def merged_chunks(outputs: AsyncIterator[RequestOutput], interval_s: Callable[[], float],
+                        piece: Callable[[int], str], *, check: Callable[[RequestOutput], None] = lambda _: None,
+                        clock: Callable[[], float] = time.monotonic) -> AsyncGenerator[pb.GenerateChunk, None]:
+    """A request's outputs as GenerateChunks: the first at once, then one per `interval_s()` seconds with
+    everything that came meanwhile, and the last (finished) at once. Each message is built once, from the
+    outputs it carries (`piece` spells a logprob's token); `check` sees every output first (and may raise)."""
+    pending, sent_at = _Pending(), None
+    async for out in outputs:
+        check(out)
+        pending.add(out)
+        now = clock()
+        if out.finished or sent_at is None or now - sent_at >= interval_s():
+            yield pending.chunk(out, piece)
+            pending, sent_at = _Pending(), now
