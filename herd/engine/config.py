@@ -53,6 +53,9 @@ class EngineConfig(BaseModel):
         list(DEFAULT_DECODE_BUCKETS), min_length=1,
         description="batch sizes a pure-decode step is padded to, ascending; capped at max_num_seqs, and a "
                     "larger batch runs unpadded")
+    async_scheduling: bool = Field(False, description="schedule the next step while the current step's forward "
+                                   "runs (on a model thread), counting each decode's token as coming; a sequence "
+                                   "that then stops wastes its next step's row, and a new request joins a step later")
     max_cuda_graphs: int = Field(64, ge=1, description="CUDA graphs kept at most, one per (batch bucket, "
                                  "key-length bucket); past it a new bucket runs the padded path eagerly")
 

@@ -22,6 +22,7 @@ logged once and every step then runs the same padded forward eagerly: slower, ne
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
@@ -107,7 +108,16 @@ class StaticDecode:
 
     def run(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
         """float32 logits [G, V] of a pure-decode step (takes(chunks) holds)."""
+        return self.prepare(chunks)()
+
+    def prepare(self, chunks: Sequence[ScheduledChunk]) -> Callable[[], torch.Tensor]:
+        """Pack the step's inputs now (tokens and block tables are read here); the call returned copies them into
+        the bucket's buffers and runs or replays it."""
         key, host = self._pack(chunks)
+        return functools.partial(self._run, key, host, len(chunks))
+
+    @torch.inference_mode()
+    def _run(self, key: BucketKey, host: torch.Tensor, count: int) -> torch.Tensor:
         inputs = self.inputs.get(key)
         if inputs is None:
             widths = dict(zip(self.kv.pools, key[1], strict=True))
@@ -117,9 +127,9 @@ class StaticDecode:
         inputs.packed.copy_(host, non_blocking=True)
         graph = self._graph(key, inputs) if self.graphs else None
         if graph is None:
-            return self._forward(inputs)[: len(chunks)]
+            return self._forward(inputs)[:count]
         graph[0].replay()
-        return graph[1][: len(chunks)].clone()  # the graph's output is overwritten by its next replay
+        return graph[1][:count].clone()  # the graph's output is overwritten by its next replay
 
     def _forward(self, inputs: StaticInputs) -> torch.Tensor:
         context = PagedAttention(self.cache, inputs.plans(self.kv.block_size))

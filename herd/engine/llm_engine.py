@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict, Unpack
@@ -89,6 +91,10 @@ class LLMEngine:
         self._generator = torch.Generator(device=torch.device(self.config.device))
         """Uniforms for the unseeded requests' draws (seeded ones hash their own); seeded at random."""
         self._generator.seed()
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="herd-model") \
+            if self.config.async_scheduling else None
+        """Runs each step's forward and sampling while this thread schedules the next step (async scheduling)."""
+        self._next: SchedulerOutput | None = None  # the next step, scheduled while the last one computed
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -133,6 +139,7 @@ class LLMEngine:
             request_id=rid, prompt_ids=ids, params=params, tenant_id=tenant_id, tenant_weight=float(tenant_weight),
             cache_salt=f"group:{sharing_group}" if sharing_group else f"tenant:{tenant_id}", stop_ids=frozenset(stops),
             images=self._encode_images(ids, images) if images else None,
+            token_limit=min(len(ids) + params.max_tokens, self.max_model_len),
         )
         state = RequestState(
             request_id=rid, tenant_id=tenant_id, prompt_token_ids=ids,
@@ -187,13 +194,59 @@ class LLMEngine:
     def core_step(self) -> list[CoreOutput]:
         """The step's critical path: schedule, run the model, sample, and every finish the next batch depends
         on; the text side is the output processor's."""
+        if self._model_thread is not None:
+            return self._overlapped_step()
         scheduled = self.scheduler.schedule()
+        sampling = [c.seq for c in scheduled.chunks if c.samples]
         try:
             logits = self.runner.run(scheduled.chunks) if scheduled.chunks else None
         except HerdError as err:
             return self._fail(scheduled, err)
         self.scheduler.on_step_done(scheduled)
-        return self._sample(scheduled, logits)
+        if logits is None:
+            return self._record([], [], [])
+        return self._record(sampling, *self._sample(logits, sampling))
+
+    def _overlapped_step(self) -> list[CoreOutput]:
+        """Async scheduling: this step (scheduled during the last one's forward) is laid out here, then computed
+        and sampled on the model thread while this thread schedules the next step, counting each sampling
+        sequence's token as known (num_pending). What that next schedule could not know is settled when it
+        runs: a sequence that stopped (or was aborted) meanwhile is dropped from it."""
+        assert self._model_thread is not None
+        scheduled, self._next = self._next, None
+        if scheduled is not None:
+            scheduled.chunks = [c for c in scheduled.chunks if not c.seq.is_finished]
+        if scheduled is None or not scheduled.chunks:
+            scheduled = self.scheduler.schedule()
+        if not scheduled.chunks:
+            return self._record([], [], [])
+        sampling = [c.seq for c in scheduled.chunks if c.samples]
+        forward = self.runner.prepare(scheduled.chunks)  # reads the tokens and block tables now, on this thread
+        in_flight = self._model_thread.submit(self._forward_and_sample, forward, [seq.params for seq in sampling],
+                                              [len(seq.output_ids) for seq in sampling])
+        for seq in sampling:
+            seq.num_pending = 1
+        self.scheduler.on_step_done(scheduled)  # its blocks are written before the next step reads them
+        try:
+            self._next = self.scheduler.schedule()
+        finally:
+            error = in_flight.exception()
+            for seq in sampling:
+                seq.num_pending = 0
+        if isinstance(error, HerdError):
+            return self._fail(scheduled, error)
+        if error is not None:
+            raise error
+        return self._record(sampling, *in_flight.result())
+
+    def _forward_and_sample(self, forward: Callable[[], torch.Tensor], params: list[SamplingParams],
+                            positions: list[int]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """On the model thread: nothing here reads the engine's state, which the scheduler changes meanwhile."""
+        return sample_batch(forward(), params, positions, self._generator)
+
+    def _sample(self, logits: torch.Tensor, sampling: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        return sample_batch(logits, [seq.params for seq in sampling], [len(seq.output_ids) for seq in sampling],
+                            self._generator)
 
     def finish_stopped(self, request_ids: Seq[str]) -> None:
         """End the requests the output processor found a stop string in (already reported finished): their
@@ -236,12 +289,11 @@ class LLMEngine:
         return [final[r.seq.request_id] for r in requests]
 
     # --- internals ----------------------------------------------------------------------------------
-    def _sample(self, scheduled: SchedulerOutput, logits: torch.Tensor | None) -> list[CoreOutput]:
+    def _record(self, sampling: list[Sequence], tokens: list[int], logprobs_per_row: list[TokenLogprobs | None],
+                ) -> list[CoreOutput]:
+        """The sampled tokens appended and the finishes they make; the aborted requests' ends reported."""
         outputs = [self._core_output(seq, []) for seq in self._aborted]
         self._aborted.clear()
-        sampling = [c.seq for c in scheduled.chunks if c.samples]
-        tokens, logprobs_per_row = ([], []) if logits is None else sample_batch(
-            logits, [seq.params for seq in sampling], [len(seq.output_ids) for seq in sampling], self._generator)
         now = time.time_ns()
         for seq, token, logprobs in zip(sampling, tokens, logprobs_per_row, strict=True):
             seq.output_ids.append(token)
@@ -269,7 +321,7 @@ class LLMEngine:
         """The finishes that decide the next batch (stop strings are the output processor's)."""
         if token in seq.stop_ids:
             return "stop"
-        if len(seq.output_ids) >= seq.params.max_tokens or seq.num_known >= self.max_model_len:
+        if seq.num_known >= seq.token_limit:  # max_tokens or the context limit
             return "length"
         return None
 

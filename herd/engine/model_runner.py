@@ -15,7 +15,7 @@ where graphs are on (herd.engine.decode_graphs). The logits returned are the sam
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -45,11 +45,17 @@ class ModelRunner:
             max_graphs=config.max_cuda_graphs,
         ) if config.use_static_decode else None
 
-    @torch.inference_mode()
     def run(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
         """Compute every chunk; return float32 logits [C_sampling, V] for the chunks that sample, in order."""
+        return self.prepare(chunks)()
+
+    @torch.inference_mode()
+    def prepare(self, chunks: Sequence[ScheduledChunk]) -> Callable[[], torch.Tensor]:
+        """Lay the step out now (tokens, block tables and the attention plan are read here, on the caller's
+        thread); the call returned runs the model on what was read, so it may run on another thread while the
+        caller goes on to schedule the next step."""
         if self.static is not None and self.static.takes(chunks):
-            return self.static.run(chunks)
+            return self.static.prepare(chunks)
         ids, positions = self._tokens(chunks)  # [N], [N]
         image_rows, image_embeds = self._images(chunks)  # [M], [M, H]
         ends = itertools.accumulate(c.num_tokens for c in chunks)
@@ -57,9 +63,14 @@ class ModelRunner:
         context = PagedAttention.for_step(chunks, self.kv, self.cache, self.device)
         if self.device.type == "cuda":  # the model reads ids on the host, then copies without blocking: pin them
             ids, positions, sampled = ids.pin_memory(), positions.pin_memory(), sampled.pin_memory()
-        logits: torch.Tensor = self.model(ids, positions, context, image_embeds=image_embeds,
-                                          image_rows=image_rows, logit_rows=sampled)  # [C_sampling, V]
-        return logits.float()
+
+        @torch.inference_mode()
+        def forward() -> torch.Tensor:
+            logits: torch.Tensor = self.model(ids, positions, context, image_embeds=image_embeds,
+                                              image_rows=image_rows, logit_rows=sampled)  # [C_sampling, V]
+            return logits.float()
+
+        return forward
 
     @staticmethod
     def _tokens(chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -155,7 +155,7 @@ class Scheduler:
         running = [s for s in self.running if s.tenant_id == tenant]
         waiting = list(self.waiting.get(tenant, ()))
         for seq in running:
-            if seq.status is Status.RUNNING:  # not preempted earlier in this step
+            if seq.status is Status.RUNNING and not seq.ends_in_flight:  # not preempted earlier in this step
                 yield seq
         for seq in waiting:
             if seq.status is Status.WAITING and seq.num_computed == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -43,6 +44,10 @@ class Sequence:
     """The prompt's images (features for its placeholders), kept until the sequence finishes: a preempted
     sequence recomputes its prompt."""
     output_ids: list[int] = field(default_factory=list)
+    num_pending: int = 0
+    """Tokens being sampled by a step still in flight (0 or 1; async scheduling): known to come, not yet known."""
+    token_limit: int = sys.maxsize
+    """Known tokens at which the sequence ends by length: min(prompt + max_tokens, the context limit)."""
     num_computed: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None
@@ -59,7 +64,13 @@ class Sequence:
 
     @property
     def num_known(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Prompt, output, and the tokens a step in flight is sampling."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def ends_in_flight(self) -> bool:
+        """The token a step in flight is sampling will be the last (by length): nothing to schedule after it."""
+        return self.num_pending > 0 and self.num_known >= self.token_limit
 
     def token_ids(self) -> list[int]:
         """Every known token: prompt then output."""

@@ -90,14 +90,14 @@ def test_padded_static_decodes_give_the_unpadded_tokens_logits_and_kv(model, cou
     assert static is not None and plain.runner.static is None
     runs = 0
     packed: dict[tuple[int, tuple[int, ...]], int] = {}
-    original_run = static.run
+    original_prepare = static.prepare
 
     def counted(chunks):
         nonlocal runs
         runs += 1
-        return original_run(chunks)
+        return original_prepare(chunks)
 
-    static.run = counted  # type: ignore[method-assign]
+    static.prepare = counted  # type: ignore[method-assign]
     for step in range(40):
         if step == 6:  # two late arrivals sharing earlier prompts' prefixes: prefill steps amid the decodes
             for engine in (padded, plain):
