@@ -236,6 +236,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="measured rounds per stage (after one warm-up round)")
     p.add_argument("--prompt-words", type=int, nargs=2, default=[8, 128], metavar=("LO", "HI"))
     p.add_argument("--max-tokens", type=int, nargs=2, default=[16, 64], metavar=("LO", "HI"))
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads of the in-process stages "
+                   "(engine, core); default torch's (the cores). A Ray Serve replica gets 1 (Ray's OMP_NUM_THREADS "
+                   "for an actor of 0-1 CPUs)")
     p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
     p.add_argument("--log-dir", type=Path, default=ROOT / ".herd" / "serve-breakdown-logs")
     return parse_args_with_smoke(p, argv, requests=2, concurrency=2, rounds=1, prompt_words=[4, 8],
@@ -249,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = parse_args(argv)
     print_command("serve_breakdown.py")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     checkpoint = tiny_checkpoint(args.checkpoint)
     workloads = [make_workload(args.requests, seed=round_, prompt_words=tuple(args.prompt_words),
                                max_tokens=tuple(args.max_tokens)) for round_ in range(args.rounds + 1)]
