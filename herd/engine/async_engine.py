@@ -92,16 +92,17 @@ class AsyncLLMEngine:
             self._loop_task = self._loop.create_task(self._run())
 
     async def _run(self) -> None:
-        try:
-            while True:
-                await asyncio.to_thread(self._step)
-                with self._lock:
-                    idle = (not self._to_submit and not self._to_abort and not self._abort_all
-                            and not self.engine.has_unfinished())
-                if idle:
-                    return
-        finally:
-            await asyncio.to_thread(self._pipeline.drain)  # the last step's outputs reach their streams
+        while True:
+            await asyncio.to_thread(self._step)
+            if self._idle():
+                await asyncio.to_thread(self._pipeline.drain)  # the last step's outputs reach their streams
+                if self._idle():  # checked again after the wait: a request may have come meanwhile, and
+                    return  # nothing can come between this check and the task's end (no await)
+
+    def _idle(self) -> bool:
+        with self._lock:
+            return (not self._to_submit and not self._to_abort and not self._abort_all
+                    and not self.engine.has_unfinished())
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """On the output thread: hand a step's outputs to the event loop."""

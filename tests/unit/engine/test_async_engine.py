@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -86,3 +87,28 @@ def test_bad_request_raises_at_once(scout):
                 pass
 
     asyncio.run(main())
+
+
+def test_a_request_that_arrives_while_the_last_outputs_drain_is_served(scout):
+    """The engine's loop goes idle by draining the output thread; a client that starts its next request on the
+    last output (as a closed-loop client does) submits during that drain, and must not wait forever."""
+    engine = AsyncLLMEngine.from_pretrained(scout, CONFIG)
+    drain = engine._pipeline.drain
+
+    def slow_drain():
+        time.sleep(0.3)  # the last step's output reaches its stream during this, and the next request comes
+        drain()
+
+    engine._pipeline.drain = slow_drain
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+    async def one(prompt):
+        return [out async for out in engine.generate(prompt, params)][-1].token_ids
+
+    async def main():
+        first = await one([5, 6, 7])
+        second = await asyncio.wait_for(one([8, 9, 10]), timeout=30)
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert len(first) == len(second) == 3

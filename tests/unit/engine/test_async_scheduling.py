@@ -22,7 +22,8 @@ def scout(tmp_path_factory):
 
 def _prompts(count, seed, low=3, high=70):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 400, (int(n),), generator=g).tolist() for n in torch.randint(low, high, (count,), generator=g)]
+    lengths = torch.randint(low, high, (count,), generator=g)
+    return [torch.randint(3, 400, (int(n),), generator=g).tolist() for n in lengths]
 
 
 def _free(engine):
