@@ -87,9 +87,14 @@ class AsyncLLMEngine:
         self._ensure_loop()
 
     def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._loop = asyncio.get_running_loop()
-            self._loop_task = self._loop.create_task(self._run())
+        """Start the step loop on the running event loop unless it runs there already. A task of an event loop
+        that has closed (asyncio.run ended) never resumes, done or not: its loop's executor threads were joined,
+        so no step of it is running, and a new task takes over."""
+        loop = asyncio.get_running_loop()
+        task = self._loop_task
+        if task is None or task.done() or task.get_loop() is not loop:
+            self._loop = loop
+            self._loop_task = loop.create_task(self._run())
 
     async def _run(self) -> None:
         while True:
@@ -105,9 +110,13 @@ class AsyncLLMEngine:
                     and not self.engine.has_unfinished())
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """On the output thread: hand a step's outputs to the event loop."""
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._put, outputs)
+        """On the output thread: hand a step's outputs to the event loop. Never raises: an error here would stop
+        the engine's loop at its next step."""
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # that loop has closed: nobody reads its streams any more
+            loop.call_soon_threadsafe(self._put, outputs)
 
     def _put(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

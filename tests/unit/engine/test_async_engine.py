@@ -112,3 +112,33 @@ def test_a_request_that_arrives_while_the_last_outputs_drain_is_served(scout):
 
     first, second = asyncio.run(main())
     assert len(first) == len(second) == 3
+
+
+def test_the_engine_serves_a_new_event_loop_after_the_last_one_closed_mid_stream(scout):
+    """A caller that runs each batch in its own asyncio.run (tests, scripts) may leave a stream mid-way: the
+    output thread then delivers to a closed loop, and the stream's abort comes as that loop shuts down. The next
+    loop's requests must still be served."""
+    engine = AsyncLLMEngine.from_pretrained(scout, CONFIG)
+    process = engine.engine.outputs.process
+
+    def slow(step):
+        time.sleep(0.2)  # the first loop closes while its last step is still being processed
+        return process(step)
+
+    engine.engine.outputs.process = slow
+
+    async def leave_early():
+        async for _ in engine.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)):
+            return  # the generator is finalised when asyncio.run shuts down: its abort comes then
+
+    asyncio.run(leave_early())
+    time.sleep(0.5)
+
+    async def one():
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        return [out async for out in engine.generate([8, 9, 10], params)][-1].token_ids
+
+    async def main():
+        return await asyncio.wait_for(one(), timeout=30)
+
+    assert len(asyncio.run(main())) == 3
