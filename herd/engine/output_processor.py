@@ -85,9 +85,9 @@ class OutputProcessor:
     def process(self, step: list[CoreOutput]) -> ProcessedStep:
         """One core step's outputs -> a RequestOutput for every request still reported, in order."""
         done = ProcessedStep([], [])
-        for core in step:
-            with self._lock:
-                state = self._states.get(core.request_id)
+        with self._lock:  # once per step, not per row
+            states = [self._states.get(core.request_id) for core in step]
+        for core, state in zip(step, states, strict=True):
             if state is None:  # finished by a stop string while the core ran on
                 continue
             reason = core.finish_reason
