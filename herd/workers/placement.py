@@ -4,12 +4,15 @@ Experts are split into contiguous, count-balanced ranges (shard s owns about E/S
 permute order lists them shard by shard, so each shard's rows are one contiguous slice of the permuted
 rows. Optionally the hottest experts (by measured per-expert load) get a replica on the least-loaded
 other shard; the rows of a replicated expert are then split between its replicas.
+herd.workers.balance plans placements from live load; `to_ints`/`from_ints` carry one over a collective
+and `validate` checks what the dispatcher relies on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,92 @@ class Placement:
     @property
     def num_shards(self) -> int:
         return len(self.shard_experts)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first thing that makes this placement unusable by the dispatcher."""
+        experts, shards = self.num_experts, self.num_shards
+        if experts < 1 or shards < 1:
+            raise ValueError(f"need at least one expert and one shard, got {experts} and {shards}")
+        holding: dict[int, list[int]] = {e: [] for e in range(experts)}
+        for shard, held in enumerate(self.shard_experts):
+            if not held:
+                raise ValueError(f"shard {shard} holds no experts")
+            _check_ids(held, experts, f"shard {shard}")
+            if any(a >= b for a, b in pairwise(held)):
+                raise ValueError(f"shard {shard}'s experts {held} are not ascending (each expert once)")
+            for expert in held:
+                holding[expert].append(shard)
+        for expert, held_by in holding.items():
+            if not held_by:
+                raise ValueError(f"expert {expert} is held by no shard")
+            holders = self.replicas.get(expert, ())
+            _check_ids(holders, shards, f"replicas of expert {expert}", noun="shard")
+            if len(set(holders)) != len(holders):
+                raise ValueError(f"replicas of expert {expert} name a shard twice: {holders}")
+            if sorted(holders) != held_by:
+                raise ValueError(f"replicas of expert {expert} are {holders}, the shards holding it are "
+                                 f"{tuple(held_by)}")
+        if set(self.replicas) != set(range(experts)):
+            raise ValueError(f"replicas has keys {sorted(self.replicas)}, not the experts 0..{experts - 1}")
+        _check_ids(self.expert_order, experts, "expert_order")
+        if sorted(self.expert_order) != list(range(experts)):
+            raise ValueError(f"expert_order {self.expert_order} is not every expert once")
+        primaries = [self.replicas[e][0] for e in self.expert_order]
+        if primaries != sorted(primaries):
+            raise ValueError(f"expert_order {self.expert_order} is not grouped shard by shard by primary owner "
+                             f"(primaries {primaries})")
+
+    def to_ints(self) -> list[int]:
+        """A flat list of ints (an int64 tensor's worth) that from_ints reads back: E, S, the expert order,
+        then each shard's count and experts, then each expert's count and holders (primary first)."""
+        values = [self.num_experts, self.num_shards, *self.expert_order]
+        for held in self.shard_experts:
+            values += [len(held), *held]
+        for expert in range(self.num_experts):
+            holders = self.replicas.get(expert, ())
+            values += [len(holders), *holders]
+        return [int(v) for v in values]
+
+    @classmethod
+    def from_ints(cls, values: Sequence[int]) -> Placement:
+        """The placement to_ints wrote, validated: ValueError on anything malformed."""
+        reader = _Reader([int(v) for v in values])
+        if len(reader.values) < 2:
+            raise ValueError(f"a placement needs at least 2 values (experts, shards), got {len(reader.values)}: "
+                             "too short")
+        experts, shards = reader.take(2)
+        if experts < 1 or shards < 1:
+            raise ValueError(f"need at least one expert and one shard, got {experts} and {shards}")
+        order = tuple(reader.take(experts))
+        shard_experts = tuple(tuple(reader.take(reader.take(1)[0])) for _ in range(shards))
+        replicas = {e: tuple(reader.take(reader.take(1)[0])) for e in range(experts)}
+        if reader.at != len(reader.values):
+            raise ValueError(f"{len(reader.values) - reader.at} value(s) left over after a placement of "
+                             f"{experts} experts on {shards} shards")
+        placement = cls(num_experts=experts, shard_experts=shard_experts, expert_order=order, replicas=replicas)
+        placement.validate()
+        return placement
+
+
+class _Reader:
+    """Reads counted runs off a flat list of ints, saying where it ran out."""
+
+    def __init__(self, values: list[int]) -> None:
+        self.values = values
+        self.at = 0
+
+    def take(self, count: int) -> list[int]:
+        if count < 0 or self.at + count > len(self.values):
+            raise ValueError(f"placement values end early: {count} wanted at position {self.at} of "
+                             f"{len(self.values)}")
+        self.at += count
+        return self.values[self.at - count : self.at]
+
+
+def _check_ids(ids: Sequence[int], limit: int, where: str, *, noun: str = "expert") -> None:
+    for value in ids:
+        if not 0 <= value < limit:
+            raise ValueError(f"{where}: {noun} {value} out of range 0..{limit - 1}")
 
 
 def place_experts(

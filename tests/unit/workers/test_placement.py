@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from herd.workers.placement import place_experts
+from herd.workers.placement import Placement, place_experts
 
 
 @pytest.mark.parametrize(("experts", "shards"), [(16, 1), (16, 2), (16, 3), (128, 8), (7, 7), (10, 4)])
@@ -44,3 +44,73 @@ def test_hot_experts_get_a_replica_on_the_least_loaded_other_shard():
 def test_impossible_placements_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         place_experts(**kwargs)
+
+
+# --- the flat int form sent over a collective, and validate() -------------------------------------------------
+def test_to_ints_round_trips_ranges_and_replicas():
+    load = [1.0] * 16
+    load[3], load[12] = 50.0, 30.0
+    for placement in (place_experts(16, 4), place_experts(16, 4, expert_load=load, replicate_hot=2),
+                      place_experts(7, 7), place_experts(10, 3, expert_load=list(range(10)), replicate_hot=3)):
+        values = placement.to_ints()
+        assert all(type(v) is int for v in values)
+        assert Placement.from_ints(values) == placement
+        placement.validate()
+
+
+def test_from_ints_of_a_hand_made_placement_with_a_three_way_replica():
+    placement = Placement(num_experts=3, shard_experts=((0, 2), (1, 2), (2,)), expert_order=(0, 2, 1),
+                          replicas={0: (0,), 1: (1,), 2: (0, 1, 2)})
+    assert Placement.from_ints(placement.to_ints()) == placement
+
+
+def _ints(placement_kwargs=None):
+    return place_experts(4, 2, **(placement_kwargs or {})).to_ints()
+
+
+def _edited(edit):
+    values = _ints(dict(expert_load=[5.0, 1.0, 1.0, 1.0], replicate_hot=1))
+    edit(values)
+    return values
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ([], "too short"),
+        ([4], "too short"),
+        ([0, 1], "at least one expert and one shard"),
+        ([4, 0], "at least one expert and one shard"),
+        (_ints()[:-1], "end early"),
+        ([*_ints(), 0], "1 value.* left over"),
+        (_edited(lambda v: v.__setitem__(2, 9)), "expert 9 out of range"),
+        (_edited(lambda v: v.__setitem__(2, 1)), "expert_order .* not every expert once"),
+    ],
+)
+def test_from_ints_rejects_malformed_values(values, message):
+    with pytest.raises(ValueError, match=message):
+        Placement.from_ints(values)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(shard_experts=((0, 1), (2,)), replicas={0: (0,), 1: (0,), 2: (1,)}), "expert 3 is held by no shard"),
+        (dict(shard_experts=((0, 1), (3, 2)), replicas={0: (0,), 1: (0,), 2: (1,), 3: (1,)}), "not ascending"),
+        (dict(shard_experts=((0, 1), (2, 3, 7)), replicas={0: (0,), 1: (0,), 2: (1,), 3: (1,)}),
+         "expert 7 out of range"),
+        (dict(shard_experts=((0, 1, 2), (2, 3)), replicas={0: (0,), 1: (0,), 2: (1,), 3: (1,)}),
+         "replicas of expert 2 .* shards holding it"),
+        (dict(shard_experts=((0, 1), (2, 3)), replicas={0: (0,), 1: (0,), 2: (1, 1), 3: (1,)}), "twice"),
+        (dict(shard_experts=((0, 1, 2, 3), ()), replicas={0: (0,), 1: (0,), 2: (0,), 3: (0,)}),
+         "shard 1 holds no experts"),
+        (dict(shard_experts=((0, 1), (2, 3)), replicas={0: (0,), 1: (0,), 2: (1,), 3: (1,)},
+              expert_order=(0, 2, 1, 3)), "grouped shard by shard"),
+    ],
+)
+def test_validate_names_what_is_wrong(kwargs, message):
+    placement = Placement(**{"num_experts": 4, "expert_order": (0, 1, 2, 3), **kwargs})
+    with pytest.raises(ValueError, match=message):
+        placement.validate()
+    with pytest.raises(ValueError, match=message):
+        Placement.from_ints(placement.to_ints())
