@@ -12,6 +12,9 @@ no host sync (counts and offsets stay on the device). Syncs that stay: quantised
 per-expert fallback loop over experts on the host (herd.kernels.backend, herd.kernels.torch_moe); a process
 holding only some experts reads which experts got rows (to raise MissingExpertsError); a remote executor
 (herd.workers.dispatch) copies the rows to the host to send them, until a collective transport (issue 21).
+
+Overlap (issue 21): the layer submits its rows to the executor, runs the shared expert while they are out,
+then waits for them; the sum is the same as computing them in either order.
 """
 
 from __future__ import annotations
@@ -40,7 +43,13 @@ class ExpertsExecutor(Protocol):
     @property
     def expert_order(self) -> tuple[int, ...] | None: ...
 
-    def __call__(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+        """submit(...)(): the outputs [R, H] at once."""
+        ...
+
+    def submit(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start the experts on the rows; the returned function waits for and returns the outputs [R, H]."""
+        ...
 
 
 class MissingExpertsError(RuntimeError):
@@ -126,7 +135,20 @@ class MoE(nn.Module):
                                             check_values=False)  # route's ids are in range
         if self.executor is None:
             out_rows = self.experts(rows, permutation.expert_offsets, check_values=False)  # permute's offsets
+            shared: torch.Tensor = self.shared_expert(x)  # [T, H]
         else:
-            out_rows = self.executor(self.layer, rows, permutation.expert_offsets)
-        shared: torch.Tensor = self.shared_expert(x)  # [T, H]
+            pending = _submit(self.executor, self.layer, rows, permutation.expert_offsets)
+            shared = self.shared_expert(x)  # while the routed rows are at the shards
+            out_rows = pending()  # [R, H]
         return shared + kernels.combine(out_rows, permutation, x.shape[0])
+
+
+def _submit(executor: ExpertsExecutor, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor,
+            ) -> Callable[[], torch.Tensor]:
+    """executor.submit; an executor without one (a plain function) runs at once, with nothing to overlap."""
+    submit = getattr(executor, "submit", None)
+    if submit is not None:
+        pending: Callable[[], torch.Tensor] = submit(layer, rows, expert_offsets)
+        return pending
+    out = executor(layer, rows, expert_offsets)
+    return lambda: out

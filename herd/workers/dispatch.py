@@ -10,6 +10,10 @@ where the rows came from, for the model to combine.
 On a traced engine step (a recording span is current) every layer's dispatch is a span too, and its
 context travels with the work, so the shards' compute spans join the trace. Every call adds its rows
 to the expert load and, when given, reports its duration (herd_expert_dispatch_seconds).
+
+Submit and wait (issue 21): `submit` sends every shard its rows and returns a function that waits for
+the outputs, so the model computes its shared expert while the rows are out. The load is counted at
+submit; the duration and a traced step's dispatch span run from the submit to the end of the wait.
 """
 
 from __future__ import annotations
@@ -53,31 +57,55 @@ class ExpertDispatcher:
         return self.transport.healthy()
 
     def __call__(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+        return self.submit(layer, rows, expert_offsets)()
+
+    def submit(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Send every shard its rows now; the returned function waits for the outputs, in the rows' places."""
         start = time.perf_counter()
         bounds = expert_offsets.tolist()
         self.load.add(layer, self.expert_order, bounds)
-        if trace.get_current_span().is_recording():
-            with tracer.start_as_current_span("herd.expert_dispatch", attributes={
-                    "herd.layer": layer, "herd.rows": rows.shape[0], "herd.shards": self.placement.num_shards}):
+        if not trace.get_current_span().is_recording():
+            return self._finish(*self._send(layer, rows, bounds, {}), rows, start)
+        # The span covers the dispatch from the sends to the end of the wait, but is current only while
+        # this code runs: what the caller does in between (the shared expert) is not inside it.
+        span = tracer.start_span("herd.expert_dispatch", attributes={
+            "herd.layer": layer, "herd.rows": rows.shape[0], "herd.shards": self.placement.num_shards})
+        try:
+            with trace.use_span(span):
                 carrier: dict[str, str] = {}
                 propagate.inject(carrier)
-                out = self._dispatch(layer, rows, bounds, carrier)
-        else:
-            out = self._dispatch(layer, rows, bounds, {})
-        if self.observe_s is not None:
-            self.observe_s(time.perf_counter() - start)
-        return out
+                plans, wait = self._send(layer, rows, bounds, carrier)
+        except BaseException:
+            span.end()  # use_span recorded the error
+            raise
+        finish = self._finish(plans, wait, rows, start)
 
-    def _dispatch(self, layer: int, rows: torch.Tensor, bounds: list[int], trace_context: dict[str, str],
-                  ) -> torch.Tensor:
+        def traced() -> torch.Tensor:
+            with trace.use_span(span, end_on_exit=True):
+                return finish()
+
+        return traced
+
+    def _send(self, layer: int, rows: torch.Tensor, bounds: list[int], trace_context: dict[str, str],
+              ) -> tuple[list[list[tuple[int, int]]], Callable[[], list[torch.Tensor]]]:
         plans = [self._slices(shard, bounds) for shard in range(self.placement.num_shards)]
         work = [ShardWork(counts=[stop - start for start, stop in plan], rows=_take(rows, plan),
                           trace_context=trace_context) for plan in plans]
-        outputs = self.transport.run(layer, work)
-        out = torch.empty_like(rows)
-        for plan, result in zip(plans, outputs, strict=True):
-            _put(out, plan, result)
-        return out
+        return plans, self.transport.submit(layer, work)
+
+    def _finish(self, plans: list[list[tuple[int, int]]], wait: Callable[[], list[torch.Tensor]], rows: torch.Tensor,
+                start: float) -> Callable[[], torch.Tensor]:
+        """The wait: the shards' outputs put back where their rows came from, and the duration observed."""
+        def finish() -> torch.Tensor:
+            outputs = wait()
+            out = torch.empty_like(rows)
+            for plan, result in zip(plans, outputs, strict=True):
+                _put(out, plan, result)
+            if self.observe_s is not None:
+                self.observe_s(time.perf_counter() - start)
+            return out
+
+        return finish
 
     def _slices(self, shard: int, bounds: list[int]) -> list[tuple[int, int]]:
         """The row range this shard computes for each of its experts, in its expert order."""

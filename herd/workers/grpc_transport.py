@@ -10,7 +10,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import torch
@@ -32,6 +32,8 @@ herd.workers.expert_shard.max_message_bytes of its engine's largest step)."""
 class GrpcTransport:
     """One persistent Dispatch stream per shard; every layer's messages go out to all shards at once.
 
+    submit sends, the function it returns receives: the caller computes while the shards do (issue 21).
+
     With `credentials` (ShardTls.channel_credentials(), or any grpc channel credentials) the channels are
     TLS; `server_name` is the name checked in the shards' certificates instead of their addresses.
     """
@@ -48,7 +50,8 @@ class GrpcTransport:
     def shard_experts(self) -> list[tuple[int, ...]]:
         return [tuple(info.experts) for info in self.infos]
 
-    def run(self, layer: int, work: list[ShardWork]) -> list[torch.Tensor]:
+    def submit(self, layer: int, work: list[ShardWork]) -> Callable[[], list[torch.Tensor]]:
+        """Serialise and send every shard's rows now; the function receives and deserialises the replies."""
         start = time.perf_counter()
         sent: list[int | None] = []  # each shard's message sequence; None: no rows for it this layer
         for stream, item in zip(self.streams, work, strict=True):
@@ -56,6 +59,13 @@ class GrpcTransport:
                 sent.append(stream.send(layer, item.counts, to_wire(item.rows), item.trace_context))
             else:
                 sent.append(None)
+        self.stats.serialize_s += time.perf_counter() - start
+        return lambda: self._receive(work, sent)
+
+    def run(self, layer: int, work: list[ShardWork]) -> list[torch.Tensor]:
+        return self.submit(layer, work)()
+
+    def _receive(self, work: list[ShardWork], sent: list[int | None]) -> list[torch.Tensor]:
         waited = time.perf_counter()
         replies = [s.receive(seq) if seq is not None else None for s, seq in zip(self.streams, sent, strict=True)]
         received = time.perf_counter()
@@ -65,8 +75,7 @@ class GrpcTransport:
         ]
         done = time.perf_counter()
         self.stats.calls += 1
-        self.stats.serialize_s += waited - start
-        self.stats.wait_s += received - waited
+        self.stats.wait_s += received - waited  # only the time blocked here: not what the caller's work hid
         self.stats.deserialize_s += done - received
         self.stats.compute_s += max((r.compute_seconds for r in replies if r is not None), default=0.0)
         return outputs

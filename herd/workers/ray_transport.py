@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -12,7 +13,10 @@ from herd.workers.transport import ShardWork, TransportStats
 
 
 class RayTransport:
-    """Every layer's work goes to all shard actors at once; a refusal or a dead actor is a HerdError."""
+    """Every layer's work goes to all shard actors at once; a refusal or a dead actor is a HerdError.
+
+    submit makes the calls, the function it returns waits for them (issue 21: the caller computes meanwhile).
+    """
 
     def __init__(self, actors: list[Any], *, timeout_s: float) -> None:
         self.actors = actors
@@ -23,9 +27,16 @@ class RayTransport:
     def shard_experts(self) -> list[tuple[int, ...]]:
         return [tuple(e) for e in self._experts]
 
-    def run(self, layer: int, work: list[ShardWork]) -> list[torch.Tensor]:
+    def submit(self, layer: int, work: list[ShardWork]) -> Callable[[], list[torch.Tensor]]:
+        """Start every shard's actor call now; the function gets their outputs."""
         refs = [a.dispatch.remote(layer, w.counts, w.rows, w.trace_context)
                 for a, w in zip(self.actors, work, strict=True)]
+        return lambda: self._get(refs)
+
+    def run(self, layer: int, work: list[ShardWork]) -> list[torch.Tensor]:
+        return self.submit(layer, work)()
+
+    def _get(self, refs: list[Any]) -> list[torch.Tensor]:
         try:
             outputs: list[torch.Tensor] = ray.get(refs, timeout=self.timeout_s)
             return outputs

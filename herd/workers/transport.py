@@ -2,14 +2,17 @@
 
 Legend: R rows, H hidden. A transport takes, per shard, the rows for its experts and the row count
 of each of its experts (in the shard's own expert order), runs them on every shard at once, and
-returns each shard's outputs in the same order. Failures surface as HerdError (a shard unreachable,
-late or refusing), which the engine turns into failed requests. Every transport ends in ShardExperts.compute on the
-shard's side (herd.workers.shard_experts); the others are herd.workers.grpc_transport and ray_transport.
+returns each shard's outputs in the same order. `submit` starts every shard and returns a function that
+waits for the outputs, so the caller can work while the rows are out (the shared expert, issue 21); `run`
+is submit, then wait. Failures surface as HerdError (a shard unreachable, late or refusing), which the
+engine turns into failed requests. Every transport ends in ShardExperts.compute on the shard's side
+(herd.workers.shard_experts); the others are herd.workers.grpc_transport and ray_transport.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,7 +34,7 @@ class TransportStats:
 
     calls: int = 0
     serialize_s: float = 0.0
-    wait_s: float = 0.0  # wire and remote compute
+    wait_s: float = 0.0  # blocked waiting for the shards (wire and remote compute not hidden by the caller's work)
     deserialize_s: float = 0.0
     compute_s: float = 0.0  # expert compute: in this process, or the slowest shard's as it reports
 
@@ -43,8 +46,12 @@ class ExpertTransport(Protocol):
         """Experts each shard owns, in the order its counts refer to."""
         ...
 
+    def submit(self, layer: int, work: list[ShardWork]) -> Callable[[], list[torch.Tensor]]:
+        """Start every shard's work; the returned function waits for and returns the outputs (same as run)."""
+        ...
+
     def run(self, layer: int, work: list[ShardWork]) -> list[torch.Tensor]:
-        """Every shard's outputs [R_s, H] for its rows, computed concurrently where possible."""
+        """Every shard's outputs [R_s, H] for its rows, computed concurrently where possible: submit, then wait."""
         ...
 
     def healthy(self) -> bool: ...
@@ -61,6 +68,11 @@ class InProcessTransport:
 
     def shard_experts(self) -> list[tuple[int, ...]]:
         return [shard.experts for shard in self.shards]
+
+    def submit(self, layer: int, work: list[ShardWork]) -> Callable[[], list[torch.Tensor]]:
+        """Computes at once (nothing to overlap with in one process); the function hands the outputs over."""
+        outputs = self.run(layer, work)
+        return lambda: outputs
 
     def run(self, layer: int, work: list[ShardWork]) -> list[torch.Tensor]:
         start = time.perf_counter()

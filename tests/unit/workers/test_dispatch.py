@@ -1,14 +1,24 @@
 """ExpertDispatcher over a fake transport: each shard gets the rows of its experts (a replicated expert's
 split evenly, in replica order), the outputs land back where their rows came from, the expert load
 is counted by expert id, and a transport that serves other experts than the placement is refused.
+Submit sends at once and the returned function waits (issue 21): a traced step's dispatch span runs from the
+submit to the end of the wait, without staying current in between.
 
 Legend: R rows, H hidden, G groups (one per expert, in placement order)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from herd.engine.errors import Code, HerdError
+from herd.workers import dispatch as dispatch_module
 from herd.workers.dispatch import ExpertDispatcher
 from herd.workers.expert_load import ExpertLoad
 from herd.workers.placement import Placement, place_experts
@@ -23,12 +33,15 @@ def expert_fn(layer: int, expert: int, rows: torch.Tensor) -> torch.Tensor:
 
 
 class FakeTransport:
-    """Runs each shard's experts in this process, checking the work is shaped as the shard expects."""
+    """Runs each shard's experts in this process when waited for, checking the work is shaped as the shard
+    expects; `events` records each submit and wait, with the span current at the time."""
 
     def __init__(self, shard_experts: list[tuple[int, ...]]) -> None:
         self.experts = shard_experts
         self.calls: list[tuple[int, list[ShardWork]]] = []
+        self.events: list[tuple[str, int, trace.Span]] = []
         self.stats = TransportStats()
+        self.fail_wait: Exception | None = None
 
     def shard_experts(self) -> list[tuple[int, ...]]:
         return self.experts
@@ -36,14 +49,26 @@ class FakeTransport:
     def healthy(self) -> bool:
         return True
 
-    def run(self, layer: int, work: list[ShardWork]) -> list[torch.Tensor]:
+    def submit(self, layer: int, work: list[ShardWork]) -> Callable[[], list[torch.Tensor]]:
         self.calls.append((layer, work))
-        outputs = []
+        self.events.append(("submit", layer, trace.get_current_span()))
         for experts, w in zip(self.experts, work, strict=True):
             assert len(w.counts) == len(experts) and sum(w.counts) == w.rows.shape[0]
-            chunks = torch.split(w.rows, w.counts)
-            outputs.append(torch.cat([expert_fn(layer, e, c) for e, c in zip(experts, chunks, strict=True)]))
-        return outputs
+
+        def wait() -> list[torch.Tensor]:
+            self.events.append(("wait", layer, trace.get_current_span()))
+            if self.fail_wait is not None:
+                raise self.fail_wait
+            outputs = []
+            for experts, w in zip(self.experts, work, strict=True):
+                chunks = torch.split(w.rows, w.counts)
+                outputs.append(torch.cat([expert_fn(layer, e, c) for e, c in zip(experts, chunks, strict=True)]))
+            return outputs
+
+        return wait
+
+    def run(self, layer: int, work: list[ShardWork]) -> list[torch.Tensor]:
+        return self.submit(layer, work)()
 
 
 def dispatcher(placement: Placement, **kwargs) -> tuple[ExpertDispatcher, FakeTransport]:
@@ -158,3 +183,81 @@ def test_the_observe_callback_gets_each_calls_duration():
     for _ in range(3):
         d(0, torch.randn(4, H), offsets([1, 1, 1, 1]))
     assert len(seen) == 3 and all(isinstance(s, float) and 0.0 <= s < 60.0 for s in seen)
+
+
+@pytest.fixture
+def spans(monkeypatch):
+    """The dispatcher's tracer, recording into memory (a provider of the test's own, not the global one)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(dispatch_module, "tracer", provider.get_tracer("test"))
+    yield provider.get_tracer("test.step"), exporter
+    provider.shutdown()
+
+
+def test_submit_sends_at_once_and_the_wait_gives_what_a_call_gives():
+    placement = place_experts(16, 4)
+    g = torch.Generator().manual_seed(21)
+    counts = torch.randint(0, 5, (16,), generator=g).tolist()
+    rows = torch.randn(sum(counts), H, generator=g)
+    load, seen = ExpertLoad(16), []
+    d, transport = dispatcher(placement, load=load, observe_s=seen.append)
+
+    wait = d.submit(3, rows, offsets(counts))
+    assert [(e, layer) for e, layer, _ in transport.events] == [("submit", 3)], "sent, not yet waited for"
+    assert load.snapshot() == {3: counts}, "the load is counted at submit"
+    assert seen == [], "the duration is observed when the outputs are in"
+    out = wait()
+    assert [(e, layer) for e, layer, _ in transport.events] == [("submit", 3), ("wait", 3)]
+    assert len(seen) == 1 and 0.0 <= seen[0] < 60.0
+    assert torch.equal(out, expected(placement, 3, rows, counts))
+    assert torch.equal(out, d(3, rows, offsets(counts)))
+
+
+def test_a_traced_steps_dispatch_span_runs_from_submit_to_the_end_of_the_wait(spans):
+    step_tracer, exporter = spans
+    placement = place_experts(8, 2)
+    d, transport = dispatcher(placement)
+    counts = [3, 1, 0, 2, 1, 1, 0, 4]
+    rows = torch.randn(12, H)
+
+    with step_tracer.start_as_current_span("step") as step:
+        wait = d.submit(4, rows, offsets(counts))
+        assert trace.get_current_span() is step, "the dispatch span is not left current after submit"
+        assert exporter.get_finished_spans() == (), "the dispatch is still in flight"
+        out = wait()
+        assert trace.get_current_span() is step
+    assert torch.equal(out, expected(placement, 4, rows, counts))
+
+    dispatch, = (s for s in exporter.get_finished_spans() if s.name == "herd.expert_dispatch")
+    assert dispatch.parent.span_id == step.get_span_context().span_id
+    assert dict(dispatch.attributes) == {"herd.layer": 4, "herd.rows": 12, "herd.shards": 2}
+    (_, _, at_submit), (_, _, at_wait) = transport.events
+    assert at_submit.get_span_context().span_id == dispatch.context.span_id, "the sends are inside the span"
+    assert at_wait.get_span_context().span_id == dispatch.context.span_id, "and so is the wait"
+    (_, work), = transport.calls
+    for w in work:  # the shards' compute joins the trace under the dispatch
+        assert f"{dispatch.context.span_id:016x}" in w.trace_context["traceparent"]
+
+
+def test_a_failed_wait_ends_the_dispatch_span_with_the_error(spans):
+    step_tracer, exporter = spans
+    d, transport = dispatcher(place_experts(4, 2))
+    transport.fail_wait = HerdError(Code.UNAVAILABLE, "a shard is gone")
+    with step_tracer.start_as_current_span("step"):
+        wait = d.submit(0, torch.randn(4, H), offsets([1, 1, 1, 1]))
+        with pytest.raises(HerdError, match="a shard is gone"):
+            wait()
+    dispatch, = (s for s in exporter.get_finished_spans() if s.name == "herd.expert_dispatch")
+    assert dispatch.status.status_code == trace.StatusCode.ERROR
+    assert [e.name for e in dispatch.events] == ["exception"]
+
+
+def test_an_untraced_submit_makes_no_span(spans):
+    _, exporter = spans
+    d, transport = dispatcher(place_experts(4, 2))
+    d.submit(0, torch.randn(4, H), offsets([1, 1, 1, 1]))()
+    assert exporter.get_finished_spans() == ()
+    (_, work), = transport.calls
+    assert all(w.trace_context == {} for w in work)
