@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
                        "--tls-ca)")
     shard.add_argument("--tls-key", type=Path, help="mutual TLS: the private key of --tls-cert")
     shard.add_argument("--tls-ca", type=Path, help="mutual TLS: only clients with a certificate from this CA")
+    shard.add_argument("--collective", metavar="HOST:PORT", help="instead of serving gRPC, join a trunk's collective "
+                       "group at its store (with --rank, --world-size) and serve it until it stops")
+    shard.add_argument("--rank", type=int, help="this shard's rank in the trunk's group (1..world size - 1)")
+    shard.add_argument("--world-size", type=int, help="ranks of the trunk's group: the trunk and its shards")
+    shard.add_argument("--timeout-s", type=float, default=600.0, help="joining the group, and each collective")
     shard.set_defaults(run=_expert_shard)
 
     serve_cmd = commands.add_parser("serve", help="serve models over OpenAI HTTP and gRPC (local Ray cluster)")
@@ -214,6 +219,8 @@ def _expert_shard(args: argparse.Namespace) -> int:
     if tls is None and not _is_loopback(args.host):
         raise ValueError(f"--host {args.host} is reachable from the network: a shard there needs mutual TLS "
                          "(--tls-cert, --tls-key, --tls-ca)")
+    if args.collective:
+        return _collective_shard(args)
     credentials = tls.server_credentials() if tls is not None else None  # unreadable files: an error before loading
     if args.step_tokens < 1:
         raise ValueError(f"--step-tokens must be at least 1, got {args.step_tokens}")
@@ -227,6 +234,27 @@ def _expert_shard(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     server.stop(grace=5).wait()
+    return 0
+
+
+def _collective_shard(args: argparse.Namespace) -> int:
+    from herd.model import load_config
+    from herd.workers.collective import CollectiveGroup, Rendezvous
+    from herd.workers.collective_shard import CollectiveShard
+    from herd.workers.expert_shard import parse_experts
+    from herd.workers.shard_experts import ShardExperts
+
+    host, _, port = args.collective.rpartition(":")
+    if not host or not port.isdigit() or args.rank is None or args.world_size is None:
+        raise ValueError("--collective takes HOST:PORT, with --rank and --world-size")
+    if not 1 <= args.rank < args.world_size:
+        raise ValueError(f"--rank must be in 1..{args.world_size - 1} (rank 0 is the trunk), got {args.rank}")
+    num_experts = load_config(args.model).text.num_local_experts
+    shard = ShardExperts.load(args.model, parse_experts(args.experts, num_experts), dtype=DTYPES[args.dtype])
+    rendezvous = Rendezvous(host=host, port=int(port), world_size=args.world_size, backend="gloo",
+                            timeout_s=args.timeout_s)
+    print(f"expert shard joining {args.collective} as rank {args.rank} of {args.world_size}", flush=True)
+    CollectiveShard(shard, CollectiveGroup(rendezvous, args.rank), num_experts).serve()
     return 0
 
 

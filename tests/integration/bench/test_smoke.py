@@ -30,7 +30,7 @@ SMOKE = {
                            lambda tmp: ["--checkpoint", str(tmp / "scout"), "--log-dir", str(tmp / "logs")]),
     "soak.py": ("| t_s | gateway_mib | replica_mib | shard0_mib | shard1_mib | kv_blocks |", lambda tmp: []),
 }
-NOT_HERE = {"__init__.py", "common.py", "gpu_check.py", "quantized_experts.py"}
+NOT_HERE = {"__init__.py", "common.py", "expert_balance.py", "gpu_check.py", "quantized_experts.py"}
 
 
 def test_every_benchmark_has_a_smoke_run_here() -> None:

@@ -78,3 +78,58 @@ class ShardProcesses:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class CollectiveShards:
+    """One `herd expert-shard --collective` process per expert spec, joined with this process as the trunk (rank 0):
+    `transport` is the trunk's side, ready once every shard has joined."""
+
+    def __init__(self, model: Path, specs: list[str], *, timeout_s: float = 30.0, join_timeout_s: float = 120.0,
+                 dtype: str = "float32") -> None:
+        import torch
+
+        from herd.model import load_config
+        from herd.workers.collective import CollectiveGroup, open_rendezvous
+        from herd.workers.collective_transport import CollectiveTransport
+
+        self.specs = specs
+        world = len(specs) + 1
+        store, rendezvous = open_rendezvous("127.0.0.1", world, backend="gloo", timeout_s=join_timeout_s)
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "herd.cli", "expert-shard", "--model", str(model), "--experts", spec,
+                 "--dtype", dtype, "--collective", f"127.0.0.1:{rendezvous.port}", "--rank", str(rank),
+                 "--world-size", str(world), "--timeout-s", str(join_timeout_s)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+            for rank, spec in enumerate(specs, start=1)
+        ]
+        for proc in self.procs:  # keep reading what they print, so a full pipe never blocks one
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # type: ignore[union-attr]
+        config = load_config(model).text
+        group = CollectiveGroup(rendezvous, 0, store=store)
+        self.transport = CollectiveTransport(
+            group, num_experts=config.num_local_experts, moe_layers=len(config.moe_layers),
+            hidden_size=config.hidden_size, dtype=getattr(torch, dtype), timeout_s=timeout_s, probe=self.alive)
+
+    def alive(self) -> bool:
+        return all(proc.poll() is None for proc in self.procs)
+
+    def kill(self, index: int) -> None:
+        self.procs[index].kill()
+        self.procs[index].wait(timeout=30)
+
+    def stop(self) -> None:
+        """Stop the shards (they leave their loop when the trunk says so), then make sure they are gone."""
+        self.transport.close()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def __enter__(self) -> CollectiveShards:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

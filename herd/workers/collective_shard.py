@@ -1,0 +1,171 @@
+"""An expert shard's side of its replica's collective group: say what it holds, then serve the trunk's messages.
+
+Legend: R_s the shard's rows of a step, H hidden, B bytes of one expert's weights (all of its tensors).
+
+`serve` is a loop on one thread (a shard process's main thread, or a thread of its Ray actor) that waits for the
+trunk's next header with no deadline worth the name (an idle replica sends nothing) and answers it: a layer step's
+rows through ShardExperts.compute (the one compute entry of every transport), a re-placement by swapping weights
+with the other shards, a stop by returning. A failed collective ends the loop with the error (the trunk is gone or
+the group broke: the replica restarts it all); a dispatch the shard cannot compute ends it too, after logging why
+(the trunk then fails its step when its wait times out, and reports unhealthy).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from herd.kernels import QuantizedTensor
+from herd.model.loader import ExpertWeights
+from herd.workers.balance import transfers
+from herd.workers.collective import IDLE_TIMEOUT_S, CollectiveGroup
+from herd.workers.collective_protocol import Op, ShardInfo, header_size, info_size, read_header
+from herd.workers.placement import Placement
+from herd.workers.shard_experts import ShardExperts
+
+log = logging.getLogger(__name__)
+
+
+class CollectiveShard:
+    """Rank `group.rank` of a replica: shard `group.rank - 1` of the placement, holding `shard`'s experts."""
+
+    def __init__(self, shard: ShardExperts, group: CollectiveGroup, num_experts: int) -> None:
+        if group.rank == 0:
+            raise ValueError("rank 0 of a replica's group is its trunk, not a shard")
+        self.shard, self.group, self.num_experts = shard, group, num_experts
+        self.device = group.device
+        self.steps = 0
+        self.placements = 0  # re-placements applied
+        self.error: BaseException | None = None  # why serve() stopped, when it failed
+        self._lock = threading.Lock()  # shard swaps versus readers on other threads
+
+    @property
+    def experts(self) -> tuple[int, ...]:
+        with self._lock:
+            return self.shard.experts
+
+    def serve(self) -> None:
+        """Answer the trunk until it says stop (returns) or the group fails (raises, error kept)."""
+        try:
+            self._introduce()
+            while True:
+                op, argument, values = self._header()
+                if op is Op.STOP:
+                    return
+                if op is Op.STEP:
+                    self._step(argument, values)
+                else:
+                    self._place(argument)
+        except BaseException as err:
+            self.error = err
+            log.error("expert shard %d leaves its replica's group: %s", self.group.rank, err)
+            raise
+
+    def _introduce(self) -> None:
+        info = ShardInfo(self.shard.hidden_size, self.shard.dtype, self.shard.experts).to_ints(self.num_experts)
+        self._to_trunk(torch.tensor([info], dtype=torch.int64, device=self.device), 1)
+
+    def _header(self) -> tuple[Op, int, list[int]]:
+        size = header_size(self.num_experts)
+        received = torch.empty(1, size, dtype=torch.int64, device=self.device)
+        self._from_trunk(received, 1, timeout_s=IDLE_TIMEOUT_S)
+        return read_header(received[0].tolist())
+
+    def _step(self, layer: int, counts: list[int]) -> None:
+        rows = torch.empty(sum(counts), self.shard.hidden_size, dtype=self.shard.dtype, device=self.device)
+        self._from_trunk(rows, rows.shape[0])
+        out = self.shard.compute(layer, counts, rows)  # [R_s, H]
+        self._to_trunk(out.contiguous(), out.shape[0])
+        self.steps += 1
+
+    def _place(self, length: int) -> None:
+        payload = torch.empty(length, dtype=torch.int64, device=self.device)
+        self._from_trunk(payload, length)
+        values = payload.tolist()
+        old = Placement.from_ints(values[1 : 1 + values[0]])
+        new = Placement.from_ints(values[1 + values[0] :])
+        me = self.group.rank - 1
+        if old.shard_experts[me] != self.shard.experts:
+            raise ValueError(f"the trunk's placement gives shard {me} experts {list(old.shard_experts[me])}, it holds "
+                             f"{list(self.shard.experts)}")
+        layers = {layer: self._move(weights, old, new) for layer, weights in sorted(self.shard.layers.items())}
+        with self._lock:
+            self.shard = ShardExperts(layers, hidden_size=self.shard.hidden_size, dtype=self.shard.dtype)
+        self.placements += 1
+        self._to_trunk(torch.ones(1, 1, dtype=torch.int64, device=self.device), 1)
+
+    def _move(self, weights: ExpertWeights, old: Placement, new: Placement) -> ExpertWeights:
+        """This layer's weights for the new placement: kept ones copied, others taken from the shards that hold
+        them (one all_to_all of whole experts' bytes, [records, B])."""
+        me, world = self.group.rank - 1, self.group.world_size
+        moves = transfers(old, new)
+        parts = _tensors(weights)
+        per_expert = [p[0].numel() * p.element_size() for p in parts]
+        index = {e: i for i, e in enumerate(weights.expert_ids)}
+        outgoing = [m for target in range(new.num_shards) for m in moves if m.source == me and m.target == target]
+        incoming = [m for source in range(new.num_shards) for m in moves if m.target == me and m.source == source]
+        send = torch.empty(len(outgoing), sum(per_expert), dtype=torch.uint8, device=self.device)
+        for row, move in enumerate(outgoing):
+            send[row] = torch.cat([_expert_bytes(p, index[move.expert]) for p in parts])
+        take = torch.empty(len(incoming), sum(per_expert), dtype=torch.uint8, device=self.device)
+        out_splits = [0] * world
+        in_splits = [0] * world
+        for move in outgoing:
+            in_splits[move.target + 1] += 1
+        for move in incoming:
+            out_splits[move.source + 1] += 1
+        self.group.exchange(take, send, out_splits, in_splits)
+        arrived = {move.expert: row for row, move in enumerate(incoming)}
+        ids = new.shard_experts[me]
+        rebuilt = []
+        for part_index, part in enumerate(parts):
+            offset = sum(per_expert[:part_index])
+            whole = torch.empty((len(ids), *part.shape[1:]), dtype=part.dtype, device=self.device)
+            for slot, expert in enumerate(ids):
+                if expert in index:
+                    whole[slot] = part[index[expert]]
+                else:
+                    raw = take[arrived[expert], offset : offset + per_expert[part_index]]
+                    whole[slot] = raw.view(part.dtype).reshape(part.shape[1:])
+            rebuilt.append(whole)
+        return _rebuilt(weights, ids, rebuilt)
+
+    def _from_trunk(self, output: torch.Tensor, rows: int, *, timeout_s: float | None = None) -> None:
+        splits = [0] * self.group.world_size
+        splits[0] = rows
+        empty = output[:0]
+        self.group.exchange(output, empty, splits, [0] * self.group.world_size, timeout_s=timeout_s)
+
+    def _to_trunk(self, input: torch.Tensor, rows: int) -> None:
+        splits = [0] * self.group.world_size
+        splits[0] = rows
+        self.group.exchange(input[:0], input, [0] * self.group.world_size, splits)
+
+
+def _tensors(weights: ExpertWeights) -> list[torch.Tensor]:
+    """Every tensor of a layer's experts, each [experts, ...]: gate_up and down, or their values and scales."""
+    out = []
+    for weight in (weights.gate_up, weights.down):
+        out += [weight.values, weight.scales] if isinstance(weight, QuantizedTensor) else [weight]
+    return out
+
+
+def _rebuilt(like: ExpertWeights, ids: tuple[int, ...], tensors: list[torch.Tensor]) -> ExpertWeights:
+    """ExpertWeights of `ids` from _tensors-ordered tensors, shaped as `like`'s."""
+    parts = iter(tensors)
+    weights: list[torch.Tensor | QuantizedTensor] = []
+    for weight in (like.gate_up, like.down):
+        if isinstance(weight, QuantizedTensor):
+            weights.append(QuantizedTensor(weight.scheme, next(parts), next(parts), weight.d_in, weight.group))
+        else:
+            weights.append(next(parts))
+    return ExpertWeights(expert_ids=ids, gate_up=weights[0], down=weights[1])
+
+
+def _expert_bytes(tensor: torch.Tensor, index: int) -> torch.Tensor:
+    return tensor[index].contiguous().reshape(-1).view(torch.uint8)
+
+
+__all__ = ["CollectiveShard", "info_size"]

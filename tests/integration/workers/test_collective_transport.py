@@ -1,0 +1,117 @@
+"""Tiny Scout and Maverick served by 2 and 4 expert-shard processes over the replica's collective group (gloo):
+exact to the single-process model, quantised experts included, and failing cleanly and in time when a shard dies
+or hangs."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import torch
+
+from herd.engine import EngineConfig, LLMEngine, SamplingParams
+from herd.engine.errors import HerdError
+from herd.model import load_model
+from herd.model.tiny import make_tiny
+from herd.model.tokenizer import Tokenizer
+from herd.workers.dispatch import ExpertDispatcher
+from herd.workers.placement import place_experts
+from tests.integration.workers.shard_processes import CollectiveShards
+
+ENGINE = EngineConfig(kv_cache_mb=16, max_num_seqs=16)
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+EXPERTS = {"scout": 16, "maverick": 32}
+
+
+def _specs(num_experts, shards):
+    return [f"{owned[0]}:{owned[-1] + 1}" for owned in place_experts(num_experts, shards).shard_experts]
+
+
+def _trunk(path, experts, shards):
+    trunk = load_model(path, experts=(), progress=False)
+    dispatcher = ExpertDispatcher(place_experts(experts, len(shards.specs)), shards.transport)
+    dispatcher.attach(trunk)
+    return trunk, dispatcher
+
+
+def _same_as_one_process(path, trunk, *, seeds=(0, 1)):
+    full = load_model(path, progress=False)
+    for seed in seeds:
+        ids = torch.randint(0, full.config.vocab_size, (45,), generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(trunk.logits(ids), full.logits(ids), rtol=0, atol=0)
+    prompts = [list(range(3, 3 + n)) for n in (5, 20, 37)]
+    tokenizer = Tokenizer.from_pretrained(path)
+    alone = LLMEngine(full, tokenizer, ENGINE).generate(prompts, GREEDY)
+    sharded = LLMEngine(trunk, tokenizer, ENGINE).generate(prompts, GREEDY)
+    assert [o.token_ids for o in sharded] == [o.token_ids for o in alone]
+
+
+@pytest.mark.parametrize("preset", ["scout", "maverick"])
+@pytest.mark.parametrize("shards", [2, 4])
+def test_logits_and_greedy_tokens_equal_the_single_process_model(tmp_path, preset, shards):
+    path = make_tiny(tmp_path / preset, preset=preset, seed=6)
+    with CollectiveShards(path, _specs(EXPERTS[preset], shards)) as group:
+        trunk, dispatcher = _trunk(path, EXPERTS[preset], group)
+        _same_as_one_process(path, trunk)
+        assert dispatcher.healthy()
+        assert group.transport.stats.calls > 0 and group.transport.stats.serialize_s == 0
+
+
+@pytest.mark.parametrize("scheme", ["int4", "fp8"])
+def test_quantised_experts_over_the_group_equal_the_single_process_model(tmp_path, scheme):
+    from herd.model.quant.convert import quantize_checkpoint
+
+    source = make_tiny(tmp_path / "float", preset="maverick", seed=7)
+    path = quantize_checkpoint(source, tmp_path / scheme, scheme, progress=False)
+    with CollectiveShards(path, _specs(32, 2)) as group:
+        trunk, _ = _trunk(path, 32, group)
+        _same_as_one_process(path, trunk, seeds=(0,))
+
+
+def _generating(path, group, timeout_s):
+    trunk, dispatcher = _trunk(path, 16, group)
+    engine = LLMEngine(trunk, Tokenizer.from_pretrained(path), ENGINE)
+    long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    ids = [engine.add_request(list(range(5, 5 + n)), long) for n in (4, 9, 30)]
+    for _ in range(3):
+        engine.step()
+    assert dispatcher.healthy()
+    return engine, dispatcher, ids
+
+
+def _all_fail_with(engine, ids, code, within_s):
+    started = time.monotonic()
+    finished = {}
+    while engine.has_unfinished():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    assert time.monotonic() - started < within_s, "within the dispatch deadline, never a hang"
+    assert sorted(finished) == sorted(ids)
+    for out in finished.values():
+        assert out.finish_reason == "error" and out.error is not None and out.error.code == code, out.error
+        assert "127.0.0.1" not in out.error.message, "no internal address in what a client may see"
+    assert all(pool.num_free == pool.num_blocks for pool in engine.kv.pools.values()), "every KV block freed"
+
+
+def test_a_killed_shard_fails_the_step_with_unavailable_at_once_and_the_transport_reports_unhealthy(tmp_path):
+    path = make_tiny(tmp_path / "scout", preset="scout", seed=7)
+    with CollectiveShards(path, _specs(16, 2), timeout_s=20.0) as group:
+        engine, dispatcher, ids = _generating(path, group, 20.0)
+        group.kill(1)
+        _all_fail_with(engine, ids, "UNAVAILABLE", within_s=20.0)
+        assert not dispatcher.healthy()
+        with pytest.raises(HerdError) as failed:  # the group stays broken: the replica is restarted, not reused
+            engine.model.logits(torch.tensor([1, 2, 3]))
+        assert failed.value.code == "UNAVAILABLE"
+
+
+def test_a_hung_shard_fails_the_step_with_deadline_exceeded_within_the_timeout(tmp_path):
+    path = make_tiny(tmp_path / "scout", preset="scout", seed=7)
+    with CollectiveShards(path, _specs(16, 2), timeout_s=3.0) as group:
+        engine, dispatcher, ids = _generating(path, group, 3.0)
+        group.procs[0].send_signal(signal.SIGSTOP)
+        try:
+            _all_fail_with(engine, ids, "DEADLINE_EXCEEDED", within_s=15.0)
+            assert not dispatcher.healthy()
+        finally:
+            group.procs[0].send_signal(signal.SIGCONT)
