@@ -23,7 +23,8 @@ SMOKE = {
     "moe_layer.py": ("| E | T | ideal GEMMs (ms) | herd (ms) | transformers (ms) |", lambda tmp: []),
     "engine_throughput.py": ("| system | requests | output tokens | wall s | output tok/s |", lambda tmp: []),
     "engine_overhead.py": ("| sequences | step ms | torch ops ms | host ms | host share |", lambda tmp: []),
-    "expert_dispatch.py": ("| shards | T | in-process (ms) | gRPC (ms) | gRPC / in-process |", lambda tmp: []),
+    "expert_dispatch.py": ("| shards | T | in-process (ms) | gRPC (ms) | collective (ms) | gRPC / in-process | "
+                           "collective / in-process |", lambda tmp: []),
     "serve.py": ("| system | concurrency | requests | errors | output tok/s |",
                  lambda tmp: ["--checkpoint", str(tmp / "scout"), "--log-dir", str(tmp / "logs")]),
     "serve_breakdown.py": ("| stage | output tokens | wall s | output tok/s | vs engine |",
