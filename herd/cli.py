@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--model", help="checkpoint directory, or a tiny preset: scout, maverick")
     serve_cmd.add_argument("--name", help="the model name clients use (default: the preset or directory name)")
     serve_cmd.add_argument("--shards", type=int, help="expert shards per replica (0: none)")
-    serve_cmd.add_argument("--transport", choices=["grpc", "ray", "local"], help="trunk-to-shard transport")
+    serve_cmd.add_argument("--transport", choices=["auto", "collective", "grpc", "ray", "local"],
+                           help="trunk-to-shard transport (auto: collective on one node)")
     serve_cmd.add_argument("--config", type=Path, help="settings file (YAML or JSON)")
     serve_cmd.add_argument("--http-port", type=int, help="OpenAI HTTP port (default 8000)")
     serve_cmd.add_argument("--grpc-port", type=int, help="gRPC port (default 50051)")

@@ -122,7 +122,7 @@ async def run(settings: HerdSettings) -> None:
     try:
         for model in settings.models:
             log.info("deploying %s from %s (%d shards, %s transport)", model.name, apps[model.name]["path"],
-                     model.shards, model.transport)
+                     model.shards, model.dispatch_transport)
             serve.run(build_app(apps[model.name]), name=model.name, route_prefix=None, external_scaler_enabled=scaled)
         backends = {m.name: await ServeBackend.connect(m.name) for m in settings.models}
 

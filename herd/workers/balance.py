@@ -4,8 +4,8 @@ Pure functions: no torch.distributed, no I/O. The caller measures load (herd.wor
 agrees on the plan over a collective (Placement.to_ints / from_ints) and copies the weights `transfers` lists.
 
 The invariant every function here keeps: a shard's work in a layer step is the rows it computes, and a
-replicated expert's rows are split between its copies exactly as ExpertDispatcher._slices splits them (copy i
-of n of an expert with `size` rows takes rows size*i//n .. size*(i+1)//n of that expert's run). Planning
+replicated expert's rows are split between its copies exactly as ExpertDispatcher._slices splits them
+(herd.workers.placement.copy_rows: evenly, but never one row to a copy of an expert with more). Planning
 minimises the slowest shard's expected rows, the step's critical path; `shard_rows` counts them exactly.
 """
 
@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from herd.workers.placement import Placement
+from herd.workers.placement import Placement, copy_rows
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,8 @@ def shard_rows(placement: Placement, expert_rows: Sequence[int]) -> list[int]:
     for shard, held in enumerate(placement.shard_experts):
         for expert in held:
             holders = placement.replicas[expert]
-            i, n, size = holders.index(shard), len(holders), expert_rows[expert]
-            rows[shard] += size * (i + 1) // n - size * i // n
+            start, stop = copy_rows(expert_rows[expert], holders.index(shard), len(holders))
+            rows[shard] += stop - start
     return rows
 
 

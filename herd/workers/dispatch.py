@@ -20,16 +20,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 from opentelemetry import propagate, trace
 
 from herd.model.llama4 import Llama4Model
 from herd.workers.expert_load import ExpertLoad
-from herd.workers.placement import Placement
+from herd.workers.placement import Placement, copy_rows
 from herd.workers.transport import ExpertTransport, ShardWork
 
 tracer = trace.get_tracer("herd.workers.dispatch")
+
+
+@runtime_checkable
+class PlacementMover(Protocol):
+    """A transport whose shards can take a new placement while serving."""
+
+    def replace(self, old: Placement, new: Placement) -> None: ...
 
 
 class ExpertDispatcher:
@@ -42,10 +50,8 @@ class ExpertDispatcher:
         if served != list(placement.shard_experts):
             raise ValueError(f"the shards own {served} (in their count order), the placement expects "
                              f"{list(placement.shard_experts)}")
-        self.placement = placement
         self.transport = transport
-        self.expert_order: tuple[int, ...] = placement.expert_order
-        self._group = {expert: g for g, expert in enumerate(placement.expert_order)}
+        self._use(placement)
         self.load = load or ExpertLoad(len(placement.expert_order))
         self.observe_s = observe_s
 
@@ -55,6 +61,20 @@ class ExpertDispatcher:
 
     def healthy(self) -> bool:
         return self.transport.healthy()
+
+    def replace(self, placement: Placement) -> None:
+        """Re-place the experts (live balancing), between steps: the shards move weights among themselves, then
+        the rows follow the new placement. Only a transport that can move experts live (collective) can."""
+        if not isinstance(self.transport, PlacementMover):
+            raise ValueError(f"{type(self.transport).__name__} cannot re-place experts while serving (the collective "
+                             "transport can)")
+        self.transport.replace(self.placement, placement)
+        self._use(placement)
+
+    def _use(self, placement: Placement) -> None:
+        self.placement = placement
+        self.expert_order: tuple[int, ...] = placement.expert_order
+        self._group = {expert: g for g, expert in enumerate(placement.expert_order)}
 
     def __call__(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
         return self.submit(layer, rows, expert_offsets)()
@@ -114,10 +134,9 @@ class ExpertDispatcher:
             group = self._group[expert]
             start, stop = bounds[group], bounds[group + 1]
             holders = self.placement.replicas[expert]
-            if len(holders) > 1:  # split evenly, in replica order
-                i, n = holders.index(shard), len(holders)
-                size = stop - start
-                start, stop = start + size * i // n, start + size * (i + 1) // n
+            if len(holders) > 1:  # split between the copies, in replica order
+                first, last = copy_rows(stop - start, holders.index(shard), len(holders))
+                start, stop = start + first, start + last
             slices.append((start, stop))
         return slices
 

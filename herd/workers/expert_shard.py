@@ -103,7 +103,7 @@ class ExpertShardService(pb_grpc.ExpertShardServicer):
         counts = list(request.counts)
         # The shape first: one whose element count wraps past int64 would pass the byte count in from_wire.
         self.shard.check(request.layer, counts, list(request.rows.shape))
-        rows = from_wire(request.rows, name="rows")  # [R, H]
+        rows = from_wire(request.rows, name="rows").to(self.shard.device)  # [R, H]
         start = time.perf_counter()
         out = self.shard.compute(request.layer, counts, rows, request.trace_context)
         return pb.DispatchReply(sequence=request.sequence, layer=request.layer, rows=to_wire(out),
@@ -129,6 +129,7 @@ def serve(
     port: int = 0,
     host: str = "127.0.0.1",
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
     credentials: grpc.ServerCredentials | None = None,
     step_tokens: int = DEFAULT_STEP_TOKENS,
     reflection: bool = False,
@@ -139,7 +140,7 @@ def serve(
     With `credentials` (herd.workers.shard_tls.ShardTls.server_credentials(): mutual TLS) the port is TLS
     only; a client without a certificate from the shards' CA is refused in the handshake. `step_tokens` (the
     trunk's largest step) sizes the largest message taken; a larger one is RESOURCE_EXHAUSTED."""
-    service = ExpertShardService(model, ShardExperts.load(model, experts, dtype=dtype),
+    service = ExpertShardService(model, ShardExperts.load(model, experts, dtype=dtype, device=device),
                                  first_message_timeout_s=first_message_timeout_s)
     limit = max_message_bytes(service.config, dtype, step_tokens)
     loop = LoopThread(f"expert-shard-{host}:{port}")

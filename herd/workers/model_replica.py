@@ -1,8 +1,11 @@
 """A Ray Serve replica of one model: one placement group holding the trunk (bundle 0) and its expert shards.
 
 Bundles 1..N hold the expert-shard actors, scheduled into the replica's own placement group (STRICT_PACK on
-one node by default, PACK for multi-node). Shards serve herd.v1.ExpertShard over gRPC, or answer Ray calls
-when transport is "ray". The replica reports engine and shard health to Serve, and drains on shutdown
+one node by default, PACK for multi-node). On one node the trunk and its shards form a collective group (rank 0
+and 1..N; NCCL on CUDA, gloo on CPU) that carries every MoE layer's rows; its rendezvous goes through Ray: the
+trunk opens a TCP store on a free loopback port and tells each shard actor where it is. Across nodes (PACK, or
+shard_listen "node") the shards serve herd.v1.ExpertShard over gRPC; with transport "ray" they answer Ray calls.
+The replica reports engine and shard health to Serve, and drains on shutdown
 (Serve stops routing to it first). With args.shard_tls the shards' port and the trunk's channels are mutual TLS.
 
 Shards listen on loopback unless args.shard_listen is "node", which needs args.shard_tls (checked before
@@ -24,18 +27,25 @@ from ray.serve.grpc_util import RayServegRPCContext
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from herd.engine.errors import HerdError
+from herd.model.config import load_config
 from herd.model.dtypes import dtype_name
 from herd.protos.herd.v1 import inference_pb2 as pb
+from herd.workers.collective import CollectiveGroup, backend_for, open_rendezvous
+from herd.workers.collective_transport import CollectiveTransport
 from herd.workers.grpc_transport import GrpcTransport
 from herd.workers.process_setup import ProcessSetup
 from herd.workers.ray_transport import RayTransport
 from herd.workers.replica_config import BUNDLE_CPUS, ReplicaArgs
 from herd.workers.replica_core import ReplicaCore
-from herd.workers.shard_actor import ExpertShardActor
+from herd.workers.shard_actor import LOOPBACK, ExpertShardActor
 from herd.workers.shard_tls import check_shard_listen
 from herd.workers.transport import ExpertTransport
 
 log = logging.getLogger(__name__)
+
+JOIN_TIMEOUT_S = 600.0
+"""How long the trunk and its shards wait for each other to join the replica's collective group (the shards load
+their experts first)."""
 
 
 @serve.deployment
@@ -120,10 +130,13 @@ class ModelReplica:
             options: dict[str, Any] = {"num_cpus": BUNDLE_CPUS, "scheduling_strategy": strategy}
             if torch.cuda.is_available():
                 options["num_gpus"] = args.deployment.shard_gpus
+            device = args.engine.device if args.dispatch_transport == "collective" else "cpu"
             self.shards.append(ExpertShardActor.options(**options).remote(  # type: ignore[attr-defined]
                 args.path, list(experts), dtype_name(args.engine.dtype), self.process_setup, args.shard_tls,
-                listen=args.shard_listen, step_tokens=args.engine.max_num_batched_tokens))
-        if args.transport == "ray":
+                listen=args.shard_listen, step_tokens=args.engine.max_num_batched_tokens, device=device))
+        if args.dispatch_transport == "collective":
+            return self._join_collective()
+        if args.dispatch_transport == "ray":
             return RayTransport(self.shards, timeout_s=args.dispatch_timeout_s)
         addresses: list[str] = ray.get([s.address.remote() for s in self.shards], timeout=600)
         limits: list[int] = ray.get([s.max_message_bytes.remote() for s in self.shards], timeout=60)
@@ -141,7 +154,33 @@ class ModelReplica:
                              server_name=tls.server_name if tls is not None else None)
 
 
+    def _join_collective(self) -> CollectiveTransport:
+        """The trunk's group with its shard actors (all on this node): rank 0 here, shard i as rank i + 1."""
+        args = self.args
+        backend = backend_for(args.engine.device)
+        store, rendezvous = open_rendezvous(LOOPBACK, len(self.shards) + 1, backend=backend,
+                                            timeout_s=JOIN_TIMEOUT_S)
+        ray.get([shard.join_collective.remote(rendezvous, rank) for rank, shard in enumerate(self.shards, start=1)],
+                timeout=JOIN_TIMEOUT_S)
+        group = CollectiveGroup(rendezvous, 0, device=args.engine.device, store=store)
+        text = load_config(args.path).text
+        return CollectiveTransport(group, num_experts=text.num_local_experts, moe_layers=len(text.moe_layers),
+                                   hidden_size=text.hidden_size, dtype=args.engine.dtype,
+                                   timeout_s=args.dispatch_timeout_s, probe=self._shards_serving)
+
+    def _shards_serving(self) -> bool:
+        try:
+            return all(ray.get([shard.serving.remote() for shard in self.shards], timeout=2.0))
+        except Exception:
+            return False
+
+
 def check_replica_args(args: ReplicaArgs) -> None:
-    """What the args' own validation cannot see across fields: shards on the node's address need shard mTLS."""
+    """What the args' own validation cannot see across fields: shards on the node's address need shard mTLS;
+    expert balancing needs shard processes in a collective group (they move the experts)."""
     if args.shard_processes:
         check_shard_listen(args.shard_listen, args.shard_tls)
+    if args.balance.enabled and (not args.shard_processes or args.dispatch_transport != "collective"):
+        raise ValueError(f"model {args.name}: balance.enabled needs expert shards over the collective transport "
+                         f"(shards > 0 and transport collective, or auto on one node); this replica's shards "
+                         f"{'use ' + args.dispatch_transport if args.shard_processes else 'are in its process'}")

@@ -14,6 +14,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
+MIN_ROWS_PER_COPY = 2
+"""A copy of a replicated expert gets at least this many of its rows, unless the expert has fewer."""
+
+
+def copy_rows(size: int, copy: int, copies: int) -> tuple[int, int]:
+    """The rows [start, stop) of an expert's `size` rows (in its run) that its copy number `copy` of `copies`
+    computes: an even split, over fewer copies when an even one would leave a copy a single row. A one-row GEMM
+    takes another path than a larger one (gemv) and its results differ in the last bits, so a single row would make
+    a token's output depend on how its expert was split; from two rows on, a row's result does not depend on how
+    many rows share its GEMM (on the CPU kernels; tests/integration/workers/test_collective_transport.py checks
+    logits are bit-identical across re-placements)."""
+    used = max(1, min(copies, size // MIN_ROWS_PER_COPY))
+    if copy >= used:
+        return size, size
+    return size * copy // used, size * (copy + 1) // used
+
 
 @dataclass(frozen=True)
 class Placement:

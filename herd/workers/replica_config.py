@@ -47,14 +47,29 @@ class DeploymentConfig(_Config):
     health_check_period_s: float = Field(10, gt=0, description="how often Serve asks a replica")
 
 
+class ExpertBalance(_Config):
+    """Live expert balancing (EPLB) between steps; needs the collective transport (its shards move experts)."""
+
+    enabled: bool = Field(False, description="re-place and replicate hot experts across the shards while serving")
+    interval_steps: int = Field(1000, ge=1, description="engine steps between two looks at the expert load")
+    min_tokens: int = Field(4096, ge=1, description="tokens routed since the last look needed to plan from them")
+    spare_slots: int = Field(1, ge=0, description="experts each shard may hold beyond its even share (copies of "
+                             "hot experts; each costs one expert's weights of every MoE layer)")
+    min_gain: float = Field(0.1, ge=0, lt=1, description="move only when the slowest shard's expected rows drop by "
+                            "at least this fraction")
+
+
 class ReplicaConfig(_Config):
     """What one replica serves and how its experts are hosted."""
 
     name: str = Field("scout", description="the model name clients ask for")
     path: str = Field("scout", description="checkpoint directory, or a tiny preset (scout, maverick) made on use")
     shards: int = Field(2, ge=0, description="expert shards per replica (0: experts in the trunk)")
-    transport: Literal["grpc", "ray", "local"] = Field("grpc", description="how the trunk reaches its shards "
-                                                       "(local: the shards' experts in the trunk's process)")
+    transport: Literal["auto", "collective", "grpc", "ray", "local"] = Field(
+        "auto", description="how the trunk reaches its shards: collective (a torch.distributed group: NCCL on CUDA, "
+        "gloo on CPU; one node), grpc (also across nodes), ray (object store), local (the shards' experts in the "
+        "trunk's process); auto: collective when every shard is on the trunk's node (STRICT_PACK, loopback, no "
+        "shard TLS), else grpc")
     dispatch_timeout_s: float = Field(30, gt=0, description="a shard that does not answer a layer step in this "
                                       "time fails the step (DEADLINE_EXCEEDED)")
     shard_listen: Literal["loopback", "node"] = Field("loopback", description="where expert shards listen: "
@@ -65,8 +80,17 @@ class ReplicaConfig(_Config):
                                      "often (each message through Ray Serve costs about a millisecond of CPU); with "
                                      "more than 10 streams in flight each waits 5 ms per stream instead, so a "
                                      "replica sends about 200 messages a second; 0: every step")
+    balance: ExpertBalance = Field(default_factory=ExpertBalance)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+
+    @property
+    def dispatch_transport(self) -> Literal["collective", "grpc", "ray", "local"]:
+        """The transport this replica uses (auto resolved)."""
+        if self.transport != "auto":
+            return self.transport
+        one_node = self.deployment.placement_strategy == "STRICT_PACK" and self.shard_listen == "loopback"
+        return "collective" if one_node else "grpc"
 
     @property
     def shard_processes(self) -> int:
@@ -99,5 +123,13 @@ class ReplicaArgs(ReplicaConfig):
     telemetry: ReplicaTelemetry = Field(default_factory=ReplicaTelemetry)
     shard_tls: ShardTls | None = Field(None, description="mutual TLS between the trunk and its shards")
 
+    @property
+    def dispatch_transport(self) -> Literal["collective", "grpc", "ray", "local"]:
+        """As ReplicaConfig's, but auto keeps gRPC where shard TLS is configured (TLS is gRPC's)."""
+        if self.transport == "auto" and self.shard_tls is not None:
+            return "grpc"
+        return super().dispatch_transport
 
-__all__ = ["BUNDLE_CPUS", "DeploymentConfig", "ReplicaArgs", "ReplicaConfig", "ReplicaTelemetry", "ServeAutoscaling"]
+
+__all__ = ["BUNDLE_CPUS", "DeploymentConfig", "ExpertBalance", "ReplicaArgs", "ReplicaConfig", "ReplicaTelemetry",
+           "ServeAutoscaling"]

@@ -30,7 +30,8 @@ from herd.model.image_prompts import ImagePrompts
 from herd.model.tokenizer import Tokenizer
 from herd.model.vision import load_vision_if_multimodal
 from herd.protos.herd.v1 import inference_pb2 as pb
-from herd.workers.dispatch import ExpertDispatcher
+from herd.workers.dispatch import ExpertDispatcher, PlacementMover
+from herd.workers.expert_balancer import ExpertBalancer
 from herd.workers.expert_load import CountingExperts, ExpertLoad
 from herd.workers.placement import place_experts
 from herd.workers.replica_config import ReplicaConfig
@@ -81,6 +82,13 @@ class ReplicaCore:
         self.image_prompts = ImagePrompts.from_pretrained(config.path)
         engine = LLMEngine(model, self.tokenizer, engine_config, vision=vision)
         self.metrics = ReplicaMetrics(config.name, engine, self.expert_load)
+        self.balancer: ExpertBalancer | None = None
+        if config.balance.enabled:
+            if self.dispatcher is None or not isinstance(self.dispatcher.transport, PlacementMover):
+                raise ValueError(f"model {config.name}: balance.enabled needs expert shards over the collective "
+                                 "transport (shards > 0, transport collective or auto on one node)")
+            self.balancer = ExpertBalancer(self.dispatcher, config.balance,
+                                           on_replace=lambda _: self.metrics.replacements.inc())
         self.engine = AsyncLLMEngine(engine, step_scope=self._step_scope)
         self._spans: dict[str, trace.SpanContext] = {}  # request id -> its replica span (steps link to them)
         self._draining = False
@@ -155,7 +163,10 @@ class ReplicaCore:
     @contextlib.contextmanager
     def _step_scope(self) -> Iterator[None]:
         """Around an engine step, on the engine's thread: a sampled step is a span (current, so the expert
-        dispatches inside are its children), linked to the requests the replica is serving."""
+        dispatches inside are its children), linked to the requests the replica is serving. Expert balancing
+        looks here too, before the step: between two steps, on the thread that runs them."""
+        if self.balancer is not None:
+            self.balancer.between_steps()
         if not self.step_sample_ratio or random.random() >= self.step_sample_ratio:
             yield
             return

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -36,6 +36,8 @@ class ReplicaMetrics:
         self.dispatch = Histogram("herd_expert_dispatch_seconds", "One MoE layer's routed experts, dispatch to "
                                   "combine-ready (over the shards' transport, or in the trunk)", ["model"],
                                   buckets=DISPATCH_BUCKETS, registry=r).labels(model)
+        self.replacements = Counter("herd_expert_replacements", "Live expert re-placements applied (expert "
+                                    "balancing)", ["model"], registry=r).labels(model)
         r.register(_EngineCollector(model, engine, expert_load))
 
     def finished(self, times: RequestTimes) -> None:

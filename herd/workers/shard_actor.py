@@ -1,15 +1,23 @@
-"""An expert shard as a Ray actor inside its replica's placement group: a gRPC server, and Ray-callable too.
+"""An expert shard as a Ray actor inside its replica's placement group: a gRPC server, Ray-callable too, and a
+rank of its replica's collective group once told to join one.
 
 It listens on loopback (`listen="loopback"`: the trunk is on the same node, its placement group being
-STRICT_PACK), or on its node's address with mutual TLS (`listen="node"`, for shards spread over nodes).
+STRICT_PACK), or on its node's address with mutual TLS (`listen="node"`, for shards spread over nodes). The gRPC
+server stays up with the collective too: it answers health checks and Info, the control path. `device` is where its
+experts live and compute (the trunk's device: "cuda" on a GPU bundle, whose one GPU Ray makes cuda:0).
 """
 
 from __future__ import annotations
 
+import threading
+
 import ray
 import torch
 
+from herd.model.config import load_config
 from herd.model.dtypes import to_dtype
+from herd.workers.collective import CollectiveGroup, Rendezvous
+from herd.workers.collective_shard import CollectiveShard
 from herd.workers.expert_shard import DEFAULT_STEP_TOKENS
 from herd.workers.expert_shard import serve as serve_shard
 from herd.workers.process_setup import ProcessSetup
@@ -24,14 +32,18 @@ class ExpertShardActor:
 
     def __init__(self, path: str, experts: list[int], dtype: str, process_setup: ProcessSetup | None = None,
                  tls: ShardTls | None = None, *, listen: str = "loopback",
-                 step_tokens: int = DEFAULT_STEP_TOKENS) -> None:
+                 step_tokens: int = DEFAULT_STEP_TOKENS, device: str = "cpu") -> None:
         check_shard_listen(listen, tls)
         if process_setup is not None:
             process_setup("expert-shard")
         self.host = LOOPBACK if listen == "loopback" else ray.util.get_node_ip_address()
         credentials = tls.server_credentials() if tls is not None else None
         self.server, self.port, self.service = serve_shard(path, experts, host=self.host, dtype=to_dtype(dtype),
-                                                           credentials=credentials, step_tokens=step_tokens)
+                                                           device=device, credentials=credentials,
+                                                           step_tokens=step_tokens)
+        self.path, self.device = path, device
+        self.collective: CollectiveShard | None = None
+        self._collective_thread: threading.Thread | None = None
 
     def address(self) -> str:
         return f"{self.host}:{self.port}"
@@ -45,7 +57,28 @@ class ExpertShardActor:
         return str(ray.get_runtime_context().get_node_id())
 
     def experts(self) -> tuple[int, ...]:
-        return self.service.shard.experts
+        """What it holds now (a collective re-placement may have changed it)."""
+        return self.collective.experts if self.collective is not None else self.service.shard.experts
+
+    def join_collective(self, rendezvous: Rendezvous, rank: int) -> None:
+        """Join the trunk's group as `rank` and serve it on a thread of its own (returns at once: joining waits for
+        every rank, the trunk included, and this actor keeps answering health checks meanwhile)."""
+        if self._collective_thread is not None:
+            raise RuntimeError("this shard has joined a collective group already")
+        num_experts = load_config(self.path).text.num_local_experts
+
+        def serve() -> None:
+            group = CollectiveGroup(rendezvous, rank, device=self.device)
+            self.collective = CollectiveShard(self.service.shard, group, num_experts)
+            self.collective.serve()
+
+        self._collective_thread = threading.Thread(target=serve, name=f"collective-rank-{rank}", daemon=True)
+        self._collective_thread.start()
+
+    def serving(self) -> bool:
+        """Whether it can serve its trunk: always over gRPC or Ray calls; with a collective group, while its
+        thread runs (joining or answering)."""
+        return self._collective_thread is None or self._collective_thread.is_alive()
 
     def dispatch(self, layer: int, counts: list[int], rows: torch.Tensor,
                  trace_context: dict[str, str] | None = None) -> torch.Tensor:

@@ -47,6 +47,11 @@ class ShardExperts:
         return cls(load_experts(model, experts, dtype=dtype, device=device), hidden_size=hidden, dtype=dtype)
 
     @property
+    def device(self) -> torch.device:
+        """Where the weights are (and the rows must be)."""
+        return next(iter(self.layers.values())).gate_up.device
+
+    @property
     def resident_bytes(self) -> int:
         return sum(w.nbytes for w in self.layers.values())
 

@@ -18,6 +18,7 @@ from collections import Counter
 
 import grpc
 import httpx
+import pytest
 
 from herd.model.tiny import make_tiny
 from herd.platform.tenancy.database import connect, migrate
@@ -89,13 +90,14 @@ def _blocks_held(ops: str) -> int:
     return stats["kv_blocks_held"]
 
 
-def test_killing_a_shard_then_a_replica_under_load_loses_nothing(tmp_path):
+@pytest.mark.parametrize("transport", ["grpc", "collective"])
+def test_killing_a_shard_then_a_replica_under_load_loses_nothing(tmp_path, transport):
     model = make_tiny(tmp_path / "scout", preset="scout", seed=31)
     http_port, grpc_port, ops_port = free_port(), free_port(), free_port()
     database = tmp_path / ".herd" / "herd.db"  # the embedded default (cwd is tmp_path): herd serve makes tenant dev
     config = tmp_path / "herd.json"
     config.write_text(json.dumps({
-        "models": [{"name": "scout", "path": str(model), "shards": 2, "transport": "grpc", "dispatch_timeout_s": 5,
+        "models": [{"name": "scout", "path": str(model), "shards": 2, "transport": transport, "dispatch_timeout_s": 5,
                     "deployment": {"health_check_period_s": 2, "max_ongoing_requests": 64},
                     "engine": {"max_num_seqs": 64}}],
         "tenancy": {"admin_token_file": str(tmp_path / "admin"), "spill_path": str(tmp_path / "spill.jsonl")},

@@ -115,3 +115,52 @@ def test_a_hung_shard_fails_the_step_with_deadline_exceeded_within_the_timeout(t
             assert not dispatcher.healthy()
         finally:
             group.procs[0].send_signal(signal.SIGCONT)
+
+
+def test_re_placing_experts_live_moves_their_weights_and_keeps_the_logits(tmp_path):
+    """Expert balancing: the shards swap weights among themselves (no reload) into placements with hot experts
+    replicated, and moved back; the logits stay exactly the single-process model's at every step."""
+    from herd.workers.balance import plan_placement, shard_rows
+
+    path = make_tiny(tmp_path / "maverick", preset="maverick", seed=8)
+    full = load_model(path, progress=False)
+    ids = torch.randint(0, full.config.vocab_size, (60,), generator=torch.Generator().manual_seed(3))
+    expected = full.logits(ids)
+    with CollectiveShards(path, _specs(32, 4)) as group:
+        trunk, dispatcher = _trunk(path, 32, group)
+        torch.testing.assert_close(trunk.logits(ids), expected, rtol=0, atol=0)
+        start = dispatcher.placement
+        hot = [1.0] * 32
+        hot[0], hot[1], hot[2] = 200.0, 120.0, 90.0  # all on shard 0 today
+        skewed = plan_placement(hot, 4, slots_per_shard=10)
+        assert max(shard_rows(skewed, [int(x) for x in hot])) < max(shard_rows(start, [int(x) for x in hot]))
+        assert any(len(holders) > 1 for holders in skewed.replicas.values()), "hot experts get copies"
+        for placement in (skewed, plan_placement(list(reversed(hot)), 4, slots_per_shard=9), start):
+            dispatcher.replace(placement)
+            assert group.transport.shard_experts() == list(placement.shard_experts)
+            torch.testing.assert_close(trunk.logits(ids), expected, rtol=0, atol=0)
+        assert dispatcher.healthy()
+
+
+def test_balancing_between_steps_re_places_while_generating_and_the_tokens_do_not_change(tmp_path):
+    from herd.workers.expert_balancer import ExpertBalancer
+    from herd.workers.replica_config import ExpertBalance
+
+    path = make_tiny(tmp_path / "scout", preset="scout", seed=9)
+    prompts = [list(range(3 + n, 40 + 2 * n)) for n in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    tokenizer = Tokenizer.from_pretrained(path)
+    alone = LLMEngine(load_model(path, progress=False), tokenizer, ENGINE).generate(prompts, params)
+    with CollectiveShards(path, _specs(16, 4)) as group:
+        trunk, dispatcher = _trunk(path, 16, group)
+        balancer = ExpertBalancer(dispatcher, ExpertBalance(enabled=True, interval_steps=3, min_tokens=1,
+                                                            spare_slots=2, min_gain=0.0))
+        engine = LLMEngine(trunk, tokenizer, ENGINE)
+        ids = [engine.add_request(p, params) for p in prompts]
+        outputs = {}
+        while engine.has_unfinished():
+            balancer.between_steps()
+            outputs.update({o.request_id: o for o in engine.step() if o.finished})
+        assert balancer.replacements >= 1 and balancer.stopped is None
+        assert [outputs[i].token_ids for i in ids] == [o.token_ids for o in alone]
+        assert group.transport.shard_experts() == list(dispatcher.placement.shard_experts)

@@ -29,3 +29,25 @@ def test_shards_on_the_node_address_need_shard_tls(args: dict[str, Any]) -> None
 ])
 def test_what_may_start(args: dict[str, Any]) -> None:
     build_app(args)
+
+
+@pytest.mark.parametrize(("args", "transport"), [
+    ({}, "collective"),  # every shard in the trunk's placement group on one node
+    ({"transport": "grpc"}, "grpc"),
+    ({"deployment": {"placement_strategy": "PACK"}}, "grpc"),  # shards may be on other nodes
+    ({"shard_listen": "node", "shard_tls": TLS}, "grpc"),
+    ({"shard_tls": TLS}, "grpc"),  # TLS is gRPC's: asked for, it is kept
+])
+def test_auto_picks_the_collective_transport_on_one_node_and_grpc_otherwise(args: dict[str, Any], transport: str):
+    from herd.workers.replica_config import ReplicaArgs
+
+    assert ReplicaArgs.model_validate(args).dispatch_transport == transport
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .ModelReplica.__del__. was never awaited")  # its __init__ raised
+@pytest.mark.parametrize("args", [{"transport": "grpc"}, {"shards": 0}, {"transport": "local"},
+                                  {"deployment": {"placement_strategy": "PACK"}}])
+def test_expert_balancing_needs_collective_shards(args: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=r"balance\.enabled needs expert shards over the collective transport"):
+        build_app({**args, "balance": {"enabled": True}})
+    build_app({"balance": {"enabled": True}})

@@ -114,3 +114,16 @@ def test_validate_names_what_is_wrong(kwargs, message):
         placement.validate()
     with pytest.raises(ValueError, match=message):
         Placement.from_ints(placement.to_ints())
+
+
+def test_a_replicated_experts_rows_cover_its_run_once_and_no_copy_gets_a_single_row_of_more():
+    from herd.workers.placement import copy_rows
+
+    for size in range(0, 40):
+        for copies in range(1, 6):
+            pieces = [copy_rows(size, i, copies) for i in range(copies)]
+            covered = [r for start, stop in pieces for r in range(start, stop)]
+            assert covered == list(range(size)), (size, copies, pieces)
+            lengths = [stop - start for start, stop in pieces if stop > start]
+            assert size < 2 or min(lengths) >= 2, (size, copies, pieces)
+            assert max(lengths, default=0) - min(lengths, default=0) <= 1 or size < 2 * copies
