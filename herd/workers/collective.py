@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import socket
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,11 +58,16 @@ def backend_for(device: torch.device | str) -> Backend:
 
 def open_rendezvous(host: str, world_size: int, *, backend: Backend, timeout_s: float,
                     ) -> tuple[TCPStore, Rendezvous]:
-    """The trunk's store on a free port of `host` (kept alive by the caller until the group is built)."""
+    """The trunk's store on a free port of `host`, and only there (TCPStore binds every interface when it binds
+    for itself: it is handed a socket bound here instead). The caller keeps the store until the group is built."""
     if world_size < 2:
         raise ValueError(f"a collective group needs the trunk and at least one shard, got world size {world_size}")
-    store = TCPStore(host, 0, world_size, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
-    return store, Rendezvous(host=host, port=store.port, world_size=world_size, backend=backend, timeout_s=timeout_s)
+    listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    backlog=world_size * 4)
+    port = listener.getsockname()[1]
+    store = TCPStore(host, port, world_size, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
+                     master_listen_fd=listener.detach(), use_libuv=True)  # the store owns the socket from here
+    return store, Rendezvous(host=host, port=port, world_size=world_size, backend=backend, timeout_s=timeout_s)
 
 
 class CollectiveGroup:

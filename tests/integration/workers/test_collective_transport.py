@@ -18,6 +18,7 @@ from herd.model.tokenizer import Tokenizer
 from herd.workers.dispatch import ExpertDispatcher
 from herd.workers.placement import place_experts
 from tests.integration.workers.shard_processes import CollectiveShards
+from tests.unit.workers.network import listening_hosts, refused_on_the_network
 
 ENGINE = EngineConfig(kv_cache_mb=16, max_num_seqs=16)
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -164,3 +165,20 @@ def test_balancing_between_steps_re_places_while_generating_and_the_tokens_do_no
         assert balancer.replacements >= 1 and balancer.stopped is None
         assert [outputs[i].token_ids for i in ids] == [o.token_ids for o in alone]
         assert group.transport.shard_experts() == list(dispatcher.placement.shard_experts)
+
+
+def test_the_group_listens_on_loopback_only(tmp_path):
+    """The trunk's store and every rank's gloo pairs: nothing of the group is reachable from the network."""
+    import psutil
+
+    path = make_tiny(tmp_path / "scout", preset="scout", seed=7)
+    with CollectiveShards(path, _specs(16, 2)) as group:
+        pids = {psutil.Process().pid} | {proc.pid for proc in group.procs}
+        listening = [c.laddr for c in psutil.net_connections(kind="tcp")
+                     if c.status == psutil.CONN_LISTEN and c.pid in pids]
+        ports = {address.port for address in listening}
+        assert group.transport.group.rendezvous.port in ports, "the store is among what was checked"
+        assert len(ports) >= 3, "the store and a gloo listener per rank"
+        for address in listening:
+            assert listening_hosts(address.port) == {"127.0.0.1"}, address
+            assert refused_on_the_network(address.port), address
