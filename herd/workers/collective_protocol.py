@@ -1,16 +1,16 @@
 """The messages of a replica's collective group: what the trunk and its shards exchange, in which order.
 
-Legend: E experts of the model, W ranks (trunk 0, shards 1..N), HS = 3 + E int64s per header.
+Legend: E experts of the model, N shards (ranks 1..N; the trunk is rank 0), HS = 3 + E int64s per header.
 
-Every message is an all_to_all in which every rank takes part (a rank with nothing to send or take passes zero
-rows), so the order below is the protocol:
+Trunk and shard talk point to point, each kind of message under its own tag, in this order:
 
 - Once, on joining: each shard sends the trunk its `ShardInfo` (hidden size, dtype, experts held).
-- A layer step: the trunk sends each shard a header (STEP, layer, its counts per held expert), then the shards'
-  rows (grouped by expert in each shard's order), and each shard sends its outputs back the same way.
-- A re-placement (expert balancing): a header (PLACE, payload length), the payload (old and new placements, as
-  herd.workers.placement's ints), then per MoE layer the moved experts' weights between shards, then an ack each.
-- Stop: a header (STOP); shards leave their loop.
+- A layer step, to each shard with rows this layer (others hear nothing): a header (STEP, layer, its counts per
+  held expert), then its rows (grouped by expert in the shard's order); the shard sends its outputs back.
+- A re-placement (expert balancing), to every shard: a header (PLACE, payload length), the payload (old and new
+  placements as herd.workers.placement's ints); then per MoE layer one all_to_all of the whole group in which the
+  shards swap the moved experts' weights (the trunk takes part with nothing); then each shard's ack.
+- Stop, to every shard: a header (STOP); shards leave their loop.
 """
 
 from __future__ import annotations
@@ -21,6 +21,17 @@ from enum import IntEnum
 import torch
 
 HEADER_FIELDS = 3  # op, argument, length of the values that follow
+
+
+class Tag(IntEnum):
+    """Each kind of message's tag, so a receive never takes another kind's bytes."""
+
+    HEADER = 1
+    ROWS = 2
+    OUTPUTS = 3
+    INFO = 4
+    PAYLOAD = 5
+    ACK = 6
 
 
 class Op(IntEnum):

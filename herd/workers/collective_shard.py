@@ -3,7 +3,8 @@
 Legend: R_s the shard's rows of a step, H hidden, B bytes of one expert's weights (all of its tensors).
 
 `serve` is a loop on one thread (a shard process's main thread, or a thread of its Ray actor) that waits for the
-trunk's next header with no deadline worth the name (an idle replica sends nothing) and answers it: a layer step's
+trunk's next header (herd.workers.collective_protocol) with no deadline worth the name (an idle replica sends
+nothing) and answers it: a layer step's
 rows through ShardExperts.compute (the one compute entry of every transport), a re-placement by swapping weights
 with the other shards, a stop by returning. A failed collective ends the loop with the error (the trunk is gone or
 the group broke: the replica restarts it all); a dispatch the shard cannot compute ends it too, after logging why
@@ -21,7 +22,7 @@ from herd.kernels import QuantizedTensor
 from herd.model.loader import ExpertWeights
 from herd.workers.balance import transfers
 from herd.workers.collective import IDLE_TIMEOUT_S, CollectiveGroup
-from herd.workers.collective_protocol import Op, ShardInfo, header_size, info_size, read_header
+from herd.workers.collective_protocol import Op, ShardInfo, Tag, header_size, info_size, read_header
 from herd.workers.placement import Placement
 from herd.workers.shard_experts import ShardExperts
 
@@ -65,24 +66,23 @@ class CollectiveShard:
 
     def _introduce(self) -> None:
         info = ShardInfo(self.shard.hidden_size, self.shard.dtype, self.shard.experts).to_ints(self.num_experts)
-        self._to_trunk(torch.tensor([info], dtype=torch.int64, device=self.device), 1)
+        self._to_trunk(torch.tensor(info, dtype=torch.int64, device=self.device), Tag.INFO)
 
     def _header(self) -> tuple[Op, int, list[int]]:
-        size = header_size(self.num_experts)
-        received = torch.empty(1, size, dtype=torch.int64, device=self.device)
-        self._from_trunk(received, 1, timeout_s=IDLE_TIMEOUT_S)
-        return read_header(received[0].tolist())
+        received = torch.empty(header_size(self.num_experts), dtype=torch.int64, device=self.device)
+        self._from_trunk(received, Tag.HEADER, timeout_s=IDLE_TIMEOUT_S)
+        return read_header(received.tolist())
 
     def _step(self, layer: int, counts: list[int]) -> None:
         rows = torch.empty(sum(counts), self.shard.hidden_size, dtype=self.shard.dtype, device=self.device)
-        self._from_trunk(rows, rows.shape[0])
+        self._from_trunk(rows, Tag.ROWS)
         out = self.shard.compute(layer, counts, rows)  # [R_s, H]
-        self._to_trunk(out.contiguous(), out.shape[0])
+        self._to_trunk(out.contiguous(), Tag.OUTPUTS)
         self.steps += 1
 
     def _place(self, length: int) -> None:
         payload = torch.empty(length, dtype=torch.int64, device=self.device)
-        self._from_trunk(payload, length)
+        self._from_trunk(payload, Tag.PAYLOAD)
         values = payload.tolist()
         old = Placement.from_ints(values[1 : 1 + values[0]])
         new = Placement.from_ints(values[1 + values[0] :])
@@ -94,7 +94,7 @@ class CollectiveShard:
         with self._lock:
             self.shard = ShardExperts(layers, hidden_size=self.shard.hidden_size, dtype=self.shard.dtype)
         self.placements += 1
-        self._to_trunk(torch.ones(1, 1, dtype=torch.int64, device=self.device), 1)
+        self._to_trunk(torch.ones(1, dtype=torch.int64, device=self.device), Tag.ACK)
 
     def _move(self, weights: ExpertWeights, old: Placement, new: Placement) -> ExpertWeights:
         """This layer's weights for the new placement: kept ones copied, others taken from the shards that hold
@@ -132,16 +132,11 @@ class CollectiveShard:
             rebuilt.append(whole)
         return _rebuilt(weights, ids, rebuilt)
 
-    def _from_trunk(self, output: torch.Tensor, rows: int, *, timeout_s: float | None = None) -> None:
-        splits = [0] * self.group.world_size
-        splits[0] = rows
-        empty = output[:0]
-        self.group.exchange(output, empty, splits, [0] * self.group.world_size, timeout_s=timeout_s)
+    def _from_trunk(self, tensor: torch.Tensor, tag: Tag, *, timeout_s: float | None = None) -> None:
+        self.group.wait(self.group.recv(tensor, 0, tag), timeout_s=timeout_s)
 
-    def _to_trunk(self, input: torch.Tensor, rows: int) -> None:
-        splits = [0] * self.group.world_size
-        splits[0] = rows
-        self.group.exchange(input[:0], input, [0] * self.group.world_size, splits)
+    def _to_trunk(self, tensor: torch.Tensor, tag: Tag) -> None:
+        self.group.wait(self.group.send(tensor, 0, tag))
 
 
 def _tensors(weights: ExpertWeights) -> list[torch.Tensor]:

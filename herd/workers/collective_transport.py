@@ -1,14 +1,14 @@
 """Expert shards reached over the replica's collective group: rows move rank to rank, no serialisation.
 
-Legend: R rows of a layer step, R_s shard s's, H hidden, N shards, W = N + 1 ranks, HS header ints.
+Legend: R rows of a layer step, R_s shard s's, H hidden, N shards, HS header ints.
 
-Per MoE layer the trunk starts three all_to_alls at once (herd.workers.collective_protocol): each shard's header
-(its counts), the rows themselves (one buffer, shard after shard), and the way back into one [R, H] buffer; the wait
-function waits for them, so whatever the caller does between submit and wait (the shared expert) overlaps the
-shards' work. On CUDA (NCCL) the rows never leave the device; the counts are the host's already (the dispatcher
-reads the offsets to cut the rows). A failed or late collective is a HerdError (UNAVAILABLE or DEADLINE_EXCEEDED)
-with a generic message (the detail goes to the log); the group is then broken, `healthy()` is False for good, and
-the replica is restarted by whoever hosts it.
+Per MoE layer the trunk starts, for each shard with rows, a send of its header (its counts) and of its rows and a
+receive of its outputs, all at once (herd.workers.collective_protocol); the wait function waits for them, so
+whatever the caller does between submit and wait (the shared expert) overlaps the shards' work. On CUDA (NCCL)
+the rows never leave the device; the counts are the host's already (the dispatcher reads the offsets to cut the
+rows). A failed or late operation is a HerdError (UNAVAILABLE or DEADLINE_EXCEEDED) with a generic message (the
+detail goes to the log); the group is then broken, `healthy()` is False for good, and the replica is restarted by
+whoever hosts it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from collections.abc import Callable
 import torch
 
 from herd.engine.errors import Code, HerdError
-from herd.workers.collective import CollectiveError, CollectiveGroup
-from herd.workers.collective_protocol import Op, ShardInfo, header, info_size
+from herd.workers.collective import CollectiveError, CollectiveGroup, Work
+from herd.workers.collective_protocol import Op, ShardInfo, Tag, header, info_size
 from herd.workers.placement import Placement
 from herd.workers.transport import ShardWork, TransportStats
 
@@ -46,6 +46,7 @@ class CollectiveTransport:
         self.num_shards = group.world_size - 1
         self.stats = TransportStats()
         self._probe, self._on_close = probe, on_close
+        self._in_flight = False  # a layer step submitted and not yet waited for
         self._experts = [info.experts for info in self._introductions()]
 
     def shard_experts(self) -> list[tuple[int, ...]]:
@@ -55,29 +56,34 @@ class CollectiveTransport:
         return self.submit(layer, work)()
 
     def submit(self, layer: int, work: list[ShardWork]) -> Callable[[], list[torch.Tensor]]:
-        """Send every shard its rows; the function waits for and returns each shard's outputs [R_s, H]."""
+        """Send every shard with rows its header and rows; the function waits for and returns each shard's outputs
+        [R_s, H] (a shard without rows this layer hears nothing and gives its empty rows back)."""
         if len(work) != self.num_shards:
             raise ValueError(f"work for {len(work)} shards, this replica has {self.num_shards}")
         start = time.perf_counter()
         sizes = [item.rows.shape[0] for item in work]
-        headers = [header(Op.STEP, layer, list(item.counts), self.num_experts) for item in work]
-        head = torch.tensor(headers, dtype=torch.int64).to(self.device, non_blocking=True)  # [N, HS]
-        rows = torch.cat([item.rows for item in work]) if len(work) > 1 else work[0].rows.contiguous()  # [R, H]
-        back = torch.empty_like(rows)
-        to_shards, none = [0, *sizes], [0] * self.group.world_size
-        pending = self._start([
-            (head[:0], head, none, [0] + [1] * self.num_shards),
-            (rows[:0], rows, none, to_shards),
-            (back, back[:0], to_shards, none),
-        ])
+        busy = [rank for rank, size in enumerate(sizes, start=1) if size]
+        headers = [header(Op.STEP, layer, list(work[rank - 1].counts), self.num_experts) for rank in busy]
+        head = torch.tensor(headers, dtype=torch.int64).to(self.device, non_blocking=True)  # [busy, HS]
+        outputs = [item.rows.new_empty(item.rows.shape) for item in work]  # [R_s, H] each
+        operations = []
+        for row, rank in enumerate(busy):
+            rows = work[rank - 1].rows.contiguous()
+            operations += [(head[row], rank, Tag.HEADER, False), (rows, rank, Tag.ROWS, False),
+                           (outputs[rank - 1], rank, Tag.OUTPUTS, True)]
+        pending = self._start(operations)
         self.stats.calls += 1
+        self._in_flight = True
 
         def wait() -> list[torch.Tensor]:
             waited = time.perf_counter()
-            self._wait(pending)
+            try:
+                self._wait(pending)
+            finally:
+                self._in_flight = False
             self.stats.wait_s += time.perf_counter() - waited
             self.stats.compute_s += time.perf_counter() - start
-            return list(torch.split(back, sizes))
+            return outputs
 
         return wait
 
@@ -91,17 +97,22 @@ class CollectiveTransport:
                              f"this replica's {self.num_experts} over {self.num_shards}")
         before, after = old.to_ints(), new.to_ints()
         payload = torch.tensor([len(before), *before, *after], dtype=torch.int64, device=self.device)
-        none, each = [0] * self.group.world_size, [0] + [1] * self.num_shards
-        head = torch.tensor([header(Op.PLACE, payload.shape[0], [], self.num_experts)] * self.num_shards,
-                            dtype=torch.int64, device=self.device)
-        nothing = torch.empty(0, 1, dtype=torch.uint8, device=self.device)
+        head = torch.tensor(header(Op.PLACE, payload.shape[0], [], self.num_experts), dtype=torch.int64,
+                            device=self.device)
         acks = torch.zeros(self.num_shards, 1, dtype=torch.int64, device=self.device)
-        steps = [(head[:0], head, none, each),
-                 (payload[:0], payload.repeat(self.num_shards), none, [0] + [payload.shape[0]] * self.num_shards)]
-        steps += [(nothing, nothing, none, none)] * self.moe_layers  # the shards' weight exchange, one per layer
-        steps += [(acks, acks[:0], each, none)]
+        shards = range(1, self.num_shards + 1)
         timeout_s = max(self.timeout_s, PLACE_TIMEOUT_S)
-        self._wait(self._start(steps, timeout_s=timeout_s), timeout_s=timeout_s)
+        self._wait(self._start([(t, rank, tag, False) for rank in shards
+                                for t, tag in ((head, Tag.HEADER), (payload, Tag.PAYLOAD))]), timeout_s=timeout_s)
+        nothing = torch.empty(0, 1, dtype=torch.uint8, device=self.device)
+        none = [0] * self.group.world_size
+        for _ in range(self.moe_layers):  # the shards' weight exchange, one all_to_all per layer
+            try:
+                self.group.wait(self.group.all_to_all(nothing, nothing, none, none, timeout_s=timeout_s),
+                                timeout_s=timeout_s)
+            except CollectiveError as err:
+                raise _failed(err, timeout_s) from err
+        self._wait(self._start([(acks[rank - 1], rank, Tag.ACK, True) for rank in shards]), timeout_s=timeout_s)
         if acks.sum().item() != self.num_shards:
             raise HerdError(Code.INTERNAL, "an expert shard did not take the new placement")
         self._experts = list(new.shard_experts)
@@ -110,21 +121,21 @@ class CollectiveTransport:
         return self.group.broken is None and (self._probe is None or self._probe())
 
     def close(self) -> None:
-        """Tell the shards to stop (when the group still works), then leave it."""
-        if self.group.broken is None:
-            stop = [header(Op.STOP, 0, [], self.num_experts)] * self.num_shards
-            head = torch.tensor(stop, dtype=torch.int64, device=self.device)  # [N, HS]
+        """Tell the shards to stop (when the group still works and no step is using it: a replica drains on
+        another thread than its engine's, and a stop sent into a step's messages would garble both), then leave
+        the group; shards told nothing see their trunk's connections close."""
+        if self.group.broken is None and not self._in_flight:
+            stop = torch.tensor(header(Op.STOP, 0, [], self.num_experts), dtype=torch.int64, device=self.device)
             with contextlib.suppress(HerdError):  # the shards are gone already: nothing to stop
-                self._wait(self._start([(head[:0], head, [0] * self.group.world_size, [0] + [1] * self.num_shards)]),
+                self._wait(self._start([(stop, rank, Tag.HEADER, False) for rank in range(1, self.num_shards + 1)]),
                            timeout_s=5.0)
         self.group.close()
         if self._on_close is not None:
             self._on_close()
 
     def _introductions(self) -> list[ShardInfo]:
-        size = info_size(self.num_experts)
-        infos = torch.empty(self.num_shards, size, dtype=torch.int64, device=self.device)
-        self._wait(self._start([(infos, infos[:0], [0] + [1] * self.num_shards, [0] * self.group.world_size)]))
+        infos = torch.empty(self.num_shards, info_size(self.num_experts), dtype=torch.int64, device=self.device)
+        self._wait(self._start([(infos[rank - 1], rank, Tag.INFO, True) for rank in range(1, self.num_shards + 1)]))
         out = [ShardInfo.from_ints(row) for row in infos.tolist()]
         for rank, info in enumerate(out, start=1):
             if info.hidden_size != self.hidden_size or info.dtype != self.dtype:
@@ -132,18 +143,18 @@ class CollectiveTransport:
                                  f"sends [R, {self.hidden_size}] in {self.dtype}")
         return out
 
-    def _start(self, steps: list[tuple[torch.Tensor, torch.Tensor, list[int], list[int]]], *,
-               timeout_s: float | None = None) -> list[object]:
+    def _start(self, operations: list[tuple[torch.Tensor, int, Tag, bool]]) -> list[Work]:
+        """Start each (tensor, rank, tag, receive?) at once; their Works, to wait for (and keep till then)."""
         try:
-            return [self.group.all_to_all(output, input, out_splits, in_splits, timeout_s=timeout_s or self.timeout_s)
-                    for output, input, out_splits, in_splits in steps]
+            return [self.group.recv(tensor, rank, tag) if receive else self.group.send(tensor, rank, tag)
+                    for tensor, rank, tag, receive in operations]
         except CollectiveError as err:
             raise _failed(err, self.timeout_s) from err
 
-    def _wait(self, pending: list[object], *, timeout_s: float | None = None) -> None:
+    def _wait(self, pending: list[Work], *, timeout_s: float | None = None) -> None:
         try:
             for work in pending:
-                self.group.wait(work, timeout_s=timeout_s or self.timeout_s)  # type: ignore[arg-type]
+                self.group.wait(work, timeout_s=timeout_s or self.timeout_s)
         except CollectiveError as err:
             raise _failed(err, timeout_s or self.timeout_s) from err
 
