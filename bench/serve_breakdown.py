@@ -9,13 +9,14 @@ next request as soon as one ends (as bench/serve.py's load generator does), the 
 - `gateway`: the HTTP door (serve_doors: FastAPI, uvicorn, SSE) over that core in a server process of its own
   (LocalBackend, no Ray, API keys off), the load generator (herd_loadgen over HTTP) in this process.
 - `herd serve --shards 0`: Ray Serve between the gateway and the replica, API keys on (bench.common.HerdServe).
-- `herd serve`: the default, 2 expert-shard processes behind gRPC.
+- `herd serve`: the default, 2 expert-shard processes in the replica's collective group (gloo on this CPU).
+- `herd serve --transport grpc`: the same 2 shards behind gRPC (the default before issue 21).
 
 For every stage it prints output tok/s and the CPU seconds each process used per output token (from /proc,
 so the 2-core machine's split between load generator, gateway, Ray and engine shows). Nothing is asserted.
 
     .venv/bin/python bench/serve_breakdown.py [--requests 64] [--concurrency 32] [--rounds 1]
-                                              [--stages engine core gateway serve0 serve] [--smoke]
+                                              [--stages engine core gateway serve0 serve serve_grpc] [--smoke]
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from herd_loadgen import Request, make_workload, run_load
 
 STAGES = {"engine": "engine (AsyncLLMEngine)", "core": "replica core (pb chunks)",
           "gateway": "gateway over in-process core (HTTP/SSE)", "serve0": "herd serve --shards 0",
-          "serve": "herd serve (2 gRPC shards)"}
+          "serve": "herd serve (2 collective shards)", "serve_grpc": "herd serve (2 gRPC shards)"}
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
@@ -266,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         "gateway": lambda split: run_gateway(checkpoint, workloads, c, split, args.log_dir),
         "serve0": lambda split: run_herd_serve(checkpoint, workloads, c, split, args.log_dir, ["--shards", "0"]),
         "serve": lambda split: run_herd_serve(checkpoint, workloads, c, split, args.log_dir, []),
+        "serve_grpc": lambda split: run_herd_serve(checkpoint, workloads, c, split, args.log_dir,
+                                                   ["--transport", "grpc"]),
     }
     smoke = " (--smoke: sizes too small to mean anything)" if args.smoke else ""
     print(f"# {args.concurrency} clients, {args.rounds} x {args.requests} requests (after one warm-up round), "

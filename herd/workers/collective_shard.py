@@ -17,12 +17,23 @@ import logging
 import threading
 
 import torch
+from torch._C._distributed_c10d import Work
 
 from herd.kernels import QuantizedTensor
 from herd.model.loader import ExpertWeights
 from herd.workers.balance import transfers
 from herd.workers.collective import IDLE_TIMEOUT_S, CollectiveGroup
-from herd.workers.collective_protocol import Op, ShardInfo, Tag, header_size, info_size, read_header
+from herd.workers.collective_protocol import (
+    Op,
+    ShardInfo,
+    Tag,
+    header_part,
+    info_size,
+    inline_rows,
+    message_bytes,
+    read_header,
+    rows_part,
+)
 from herd.workers.placement import Placement
 from herd.workers.shard_experts import ShardExperts
 
@@ -41,6 +52,13 @@ class CollectiveShard:
         self.placements = 0  # re-placements applied
         self.error: BaseException | None = None  # why serve() stopped, when it failed
         self._lock = threading.Lock()  # shard swaps versus readers on other threads
+        # The trunk's header messages land in these two in turn: the receive of the next is posted before the answer
+        # to this one is sent, so it is waiting when the trunk sends (at once, not after a gloo round trip), while
+        # this one's inline rows are still in use.
+        size = message_bytes(num_experts, shard.hidden_size, shard.dtype)
+        self._messages = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        self._current = 0  # the buffer of the header message being answered
+        self._next: tuple[Work, int] | None = None  # the posted receive of the next one, and its buffer
 
     @property
     def experts(self) -> tuple[int, ...]:
@@ -50,6 +68,7 @@ class CollectiveShard:
     def serve(self) -> None:
         """Answer the trunk until it says stop (returns) or the group fails (raises, error kept)."""
         try:
+            self._post_next_header()
             self._introduce()
             while True:
                 op, argument, values = self._header()
@@ -68,16 +87,33 @@ class CollectiveShard:
         info = ShardInfo(self.shard.hidden_size, self.shard.dtype, self.shard.experts).to_ints(self.num_experts)
         self._to_trunk(torch.tensor(info, dtype=torch.int64, device=self.device), Tag.INFO)
 
+    @property
+    def _message(self) -> torch.Tensor:
+        """The header message being answered."""
+        return self._messages[self._current]
+
+    def _post_next_header(self) -> None:
+        other = 1 - self._current
+        self._next = (self.group.recv(self._messages[other], 0, Tag.HEADER), other)
+
     def _header(self) -> tuple[Op, int, list[int]]:
-        received = torch.empty(header_size(self.num_experts), dtype=torch.int64, device=self.device)
-        self._from_trunk(received, Tag.HEADER, timeout_s=IDLE_TIMEOUT_S)
-        return read_header(received.tolist())
+        """The next header: its receive was posted (into the other buffer) before the last answer went out."""
+        assert self._next is not None, "every answer posts the next header's receive"
+        work, self._current = self._next
+        self._next = None
+        self.group.wait(work, timeout_s=IDLE_TIMEOUT_S)
+        return read_header(header_part(self._message, self.num_experts).tolist())
 
     def _step(self, layer: int, counts: list[int]) -> None:
-        rows = torch.empty(sum(counts), self.shard.hidden_size, dtype=self.shard.dtype, device=self.device)
-        self._from_trunk(rows, Tag.ROWS)
+        hidden, dtype, total = self.shard.hidden_size, self.shard.dtype, sum(counts)
+        inline = min(total, inline_rows(hidden, dtype))
+        rows = rows_part(self._message, self.num_experts, inline, hidden, dtype)  # [inline, H], a view
+        if total > inline:
+            rest = torch.empty(total - inline, hidden, dtype=dtype, device=self.device)
+            self._from_trunk(rest, Tag.ROWS)
+            rows = torch.cat([rows, rest])
         out = self.shard.compute(layer, counts, rows)  # [R_s, H]
-        self._to_trunk(out.contiguous(), Tag.OUTPUTS)
+        self._to_trunk(out.contiguous(), Tag.OUTPUTS, then_post_next=True)
         self.steps += 1
 
     def _place(self, length: int) -> None:
@@ -94,7 +130,7 @@ class CollectiveShard:
         with self._lock:
             self.shard = ShardExperts(layers, hidden_size=self.shard.hidden_size, dtype=self.shard.dtype)
         self.placements += 1
-        self._to_trunk(torch.ones(1, dtype=torch.int64, device=self.device), Tag.ACK)
+        self._to_trunk(torch.ones(1, dtype=torch.int64, device=self.device), Tag.ACK, then_post_next=True)
 
     def _move(self, weights: ExpertWeights, old: Placement, new: Placement) -> ExpertWeights:
         """This layer's weights for the new placement: kept ones copied, others taken from the shards that hold
@@ -135,8 +171,12 @@ class CollectiveShard:
     def _from_trunk(self, tensor: torch.Tensor, tag: Tag, *, timeout_s: float | None = None) -> None:
         self.group.wait(self.group.recv(tensor, 0, tag), timeout_s=timeout_s)
 
-    def _to_trunk(self, tensor: torch.Tensor, tag: Tag) -> None:
-        self.group.wait(self.group.send(tensor, 0, tag))
+    def _to_trunk(self, tensor: torch.Tensor, tag: Tag, *, then_post_next: bool = False) -> None:
+        """Send to the trunk, and (answering a header message) post the next header's receive before waiting."""
+        sent = self.group.send(tensor, 0, tag)
+        if then_post_next:
+            self._post_next_header()
+        self.group.wait(sent)
 
 
 def _tensors(weights: ExpertWeights) -> list[torch.Tensor]:

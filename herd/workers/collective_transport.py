@@ -2,11 +2,12 @@
 
 Legend: R rows of a layer step, R_s shard s's, H hidden, N shards, HS header ints.
 
-Per MoE layer the trunk starts, for each shard with rows, a send of its header (its counts) and of its rows and a
-receive of its outputs, all at once (herd.workers.collective_protocol); the wait function waits for them, so
-whatever the caller does between submit and wait (the shared expert) overlaps the shards' work. On CUDA (NCCL)
-the rows never leave the device; the counts are the host's already (the dispatcher reads the offsets to cut the
-rows). A failed or late operation is a HerdError (UNAVAILABLE or DEADLINE_EXCEEDED) with a generic message (the
+Per MoE layer the trunk starts, for each shard with rows, a send of its header (its counts) with its rows inline
+(a second message for rows beyond a decode step's) and a receive of its outputs, all at once
+(herd.workers.collective_protocol); the wait function waits for them, so whatever the caller does between submit
+and wait (the shared expert) overlaps the shards' work. On CUDA (NCCL) the rows never leave the device (they are
+copied into the header message there); the counts are the host's already (the dispatcher reads the offsets to
+cut the rows). A failed or late operation is a HerdError (UNAVAILABLE or DEADLINE_EXCEEDED) with a generic message (the
 detail goes to the log); the group is then broken, `healthy()` is False for good, and the replica is restarted by
 whoever hosts it.
 """
@@ -19,10 +20,21 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch._C._distributed_c10d import Work
 
 from herd.engine.errors import Code, HerdError
-from herd.workers.collective import CollectiveError, CollectiveGroup, Work
-from herd.workers.collective_protocol import Op, ShardInfo, Tag, header, info_size
+from herd.workers.collective import CollectiveError, CollectiveGroup
+from herd.workers.collective_protocol import (
+    Op,
+    ShardInfo,
+    Tag,
+    header,
+    header_part,
+    info_size,
+    inline_rows,
+    message_bytes,
+    rows_part,
+)
 from herd.workers.placement import Placement
 from herd.workers.transport import ShardWork, TransportStats
 
@@ -48,6 +60,8 @@ class CollectiveTransport:
         self._probe, self._on_close = probe, on_close
         self._in_flight = False  # a layer step submitted and not yet waited for
         self._experts = [info.experts for info in self._introductions()]
+        self._inline = inline_rows(hidden_size, dtype)
+        self._message_bytes = message_bytes(num_experts, hidden_size, dtype)
 
     def shard_experts(self) -> list[tuple[int, ...]]:
         return list(self._experts)
@@ -63,14 +77,18 @@ class CollectiveTransport:
         start = time.perf_counter()
         sizes = [item.rows.shape[0] for item in work]
         busy = [rank for rank, size in enumerate(sizes, start=1) if size]
-        headers = [header(Op.STEP, layer, list(work[rank - 1].counts), self.num_experts) for rank in busy]
-        head = torch.tensor(headers, dtype=torch.int64).to(self.device, non_blocking=True)  # [busy, HS]
+        heads = torch.tensor([header(Op.STEP, layer, list(work[rank - 1].counts), self.num_experts) for rank in busy],
+                             dtype=torch.int64).to(self.device, non_blocking=True)  # [busy, HS]
+        messages = self._messages(heads)  # [busy, message bytes]
         outputs = [item.rows.new_empty(item.rows.shape) for item in work]  # [R_s, H] each
         operations = []
         for row, rank in enumerate(busy):
-            rows = work[rank - 1].rows.contiguous()
-            operations += [(head[row], rank, Tag.HEADER, False), (rows, rank, Tag.ROWS, False),
-                           (outputs[rank - 1], rank, Tag.OUTPUTS, True)]
+            rows, inline = work[rank - 1].rows, min(sizes[rank - 1], self._inline)
+            rows_part(messages[row], self.num_experts, inline, self.hidden_size, self.dtype).copy_(rows[:inline])
+            operations.append((messages[row], rank, Tag.HEADER, False))
+            if sizes[rank - 1] > inline:
+                operations.append((rows[inline:].contiguous(), rank, Tag.ROWS, False))
+            operations.append((outputs[rank - 1], rank, Tag.OUTPUTS, True))
         pending = self._start(operations)
         self.stats.calls += 1
         self._in_flight = True
@@ -97,8 +115,8 @@ class CollectiveTransport:
                              f"this replica's {self.num_experts} over {self.num_shards}")
         before, after = old.to_ints(), new.to_ints()
         payload = torch.tensor([len(before), *before, *after], dtype=torch.int64, device=self.device)
-        head = torch.tensor(header(Op.PLACE, payload.shape[0], [], self.num_experts), dtype=torch.int64,
-                            device=self.device)
+        head = self._messages(torch.tensor([header(Op.PLACE, payload.shape[0], [], self.num_experts)],
+                                           dtype=torch.int64, device=self.device))[0]
         acks = torch.zeros(self.num_shards, 1, dtype=torch.int64, device=self.device)
         shards = range(1, self.num_shards + 1)
         timeout_s = max(self.timeout_s, PLACE_TIMEOUT_S)
@@ -125,7 +143,8 @@ class CollectiveTransport:
         another thread than its engine's, and a stop sent into a step's messages would garble both), then leave
         the group; shards told nothing see their trunk's connections close."""
         if self.group.broken is None and not self._in_flight:
-            stop = torch.tensor(header(Op.STOP, 0, [], self.num_experts), dtype=torch.int64, device=self.device)
+            stop = self._messages(torch.tensor([header(Op.STOP, 0, [], self.num_experts)], dtype=torch.int64,
+                                               device=self.device))[0]
             with contextlib.suppress(HerdError):  # the shards are gone already: nothing to stop
                 self._wait(self._start([(stop, rank, Tag.HEADER, False) for rank in range(1, self.num_shards + 1)]),
                            timeout_s=5.0)
@@ -141,6 +160,13 @@ class CollectiveTransport:
             if info.hidden_size != self.hidden_size or info.dtype != self.dtype:
                 raise ValueError(f"expert shard {rank} computes [R, {info.hidden_size}] in {info.dtype}; the trunk "
                                  f"sends [R, {self.hidden_size}] in {self.dtype}")
+        return out
+
+    def _messages(self, heads: torch.Tensor) -> torch.Tensor:
+        """Header messages of these headers [n, HS], their rows' room left for the caller: [n, message bytes]."""
+        out = torch.empty(heads.shape[0], self._message_bytes, dtype=torch.uint8, device=self.device)
+        for message, head in zip(out, heads, strict=True):
+            header_part(message, self.num_experts).copy_(head)
         return out
 
     def _start(self, operations: list[tuple[torch.Tensor, int, Tag, bool]]) -> list[Work]:

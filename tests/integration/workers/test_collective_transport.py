@@ -182,3 +182,27 @@ def test_the_group_listens_on_loopback_only(tmp_path):
         for address in listening:
             assert listening_hosts(address.port) == {"127.0.0.1"}, address
             assert refused_on_the_network(address.port), address
+
+
+def test_rows_beyond_what_a_header_message_carries_follow_in_a_second_message(tmp_path):
+    from herd.model.config import load_config
+    from herd.workers.collective_protocol import inline_rows
+    from herd.workers.shard_experts import ShardExperts
+    from herd.workers.transport import ShardWork
+
+    path = make_tiny(tmp_path / "scout", preset="scout", seed=7)
+    text = load_config(path).text
+    inline = inline_rows(text.hidden_size, torch.float32)
+    placement = place_experts(16, 2)
+    local = [ShardExperts.load(path, experts) for experts in placement.shard_experts]
+    with CollectiveShards(path, _specs(16, 2)) as group:
+        generator = torch.Generator().manual_seed(0)
+        for sizes in ([inline + 37, 3], [inline, 0], [0, 2 * inline + 1]):
+            work = []
+            for size in sizes:
+                counts = [size // 8] * 7 + [size - 7 * (size // 8)]
+                work.append(ShardWork(counts=counts, rows=torch.randn(size, text.hidden_size, generator=generator)))
+            layer = text.moe_layers[-1]
+            got = group.transport.run(layer, work)
+            for shard, item, out in zip(local, work, got, strict=True):
+                torch.testing.assert_close(out, shard.compute(layer, item.counts, item.rows), rtol=0, atol=0)
