@@ -4,8 +4,8 @@ A layer step waits for its slowest expert shard, so its critical path is the mos
 Routing is skewed: each layer draws T tokens x top-k experts from its own distribution over E experts
 ("zipf": weight 1/rank^s over a random order of the experts; "hot": a few experts with `--hot-weight` times
 the weight of the rest). The placement is one for all layers (as herd's dispatcher uses it), so with several
-layers it balances their sum, and a layer whose hot experts differ from the others' can come out worse
-(try --layers 4).
+layers it balances their sum; rebalance judges the gain layer by layer (the mean of each layer's slowest
+shard), so it declines a plan that would leave the layers worse off (try --layers 4 --top-k 2).
 
 For each E, shard count and slots per shard (ceil(E/S) + spare):
 - static: herd.workers.placement.place_experts, today's contiguous ranges;
@@ -99,13 +99,15 @@ def main(argv: list[str] | None = None) -> None:
                                       hot_weight=args.hot_weight) for _ in range(args.layers)]
             warmup = [[draw(w, args.tokens, args.top_k, rng) for w in layers] for _ in range(args.warmup_steps)]
             later = [[draw(w, args.tokens, args.top_k, rng) for w in layers] for _ in range(args.steps)]
-            load = [float(sum(step[layer][e] for step in warmup for layer in range(args.layers)))
-                    for e in range(experts)]
+            per_layer = [[float(sum(step[layer][e] for step in warmup)) for e in range(experts)]
+                         for layer in range(args.layers)]
+            load = [sum(layer[e] for layer in per_layer) for e in range(experts)]
             for shards in (s for s in args.shards if s <= experts):
                 static = place_experts(experts, shards)
                 for spare in args.spare_slots:
                     slots = math.ceil(experts / shards) + spare
-                    balanced = rebalance(load, static, slots_per_shard=slots, min_gain=args.min_gain) or static
+                    balanced = rebalance(load, static, slots_per_shard=slots, min_gain=args.min_gain,
+                                         layer_loads=per_layer) or static
                     before, after = max_rows(static, later), max_rows(balanced, later)
                     ideal = args.tokens * args.top_k / shards
                     print(f"| {kind} | {experts} | {shards} | {slots} | {before:.0f} | {after:.0f} | {ideal:.0f} | "

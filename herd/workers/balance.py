@@ -110,16 +110,25 @@ def transfers(old: Placement, new: Placement) -> list[Transfer]:
 
 
 def rebalance(expert_load: Sequence[float], current: Placement, *, slots_per_shard: int,
-              min_gain: float = 0.1) -> Placement | None:
-    """The planned placement when it lowers the slowest shard's expected rows by at least `min_gain` (a
-    fraction of today's), else None: a smaller gain is not worth the weight copies."""
+              min_gain: float = 0.1, layer_loads: Sequence[Sequence[float]] | None = None) -> Placement | None:
+    """The placement planned from `expert_load` when it lowers the slowest shard's expected rows by at least
+    `min_gain` (a fraction of today's), else None: a smaller gain is not worth the weight copies. With
+    `layer_loads` (each MoE layer's load, summing to `expert_load`) the gain is judged layer by layer, the mean
+    over layers of each layer's slowest shard: one placement serves every layer, and a plan that balances their
+    sum can leave a layer whose hot experts differ from the others' worse off than today."""
     if not 0.0 <= min_gain < 1.0:
         raise ValueError(f"min_gain is a fraction in [0, 1), got {min_gain}")
     if len(expert_load) != current.num_experts:
         raise ValueError(f"{len(expert_load)} loads for {current.num_experts} experts")
+    judged = list(layer_loads) if layer_loads is not None else [expert_load]
+    if any(len(load) != current.num_experts for load in judged):
+        raise ValueError(f"every layer's load needs {current.num_experts} entries")
     planned = plan_placement(expert_load, current.num_shards, slots_per_shard=slots_per_shard)
-    before = max(expected_shard_rows(current, expert_load))
-    after = max(expected_shard_rows(planned, expert_load))
+
+    def slowest(placement: Placement) -> float:
+        return sum(max(expected_shard_rows(placement, load)) for load in judged) / len(judged)
+
+    before, after = slowest(current), slowest(planned)
     if before <= 0.0 or planned == current or after > before * (1.0 - min_gain):
         return None
     return planned

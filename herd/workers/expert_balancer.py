@@ -2,8 +2,9 @@
 load measured since the last look says it pays (herd.workers.balance plans; the dispatcher and its collective
 transport move the weights shard to shard).
 
-Legend: E experts, S shards. The load is herd.workers.expert_load's per-expert token counts of every MoE layer,
-summed over layers (one placement serves every layer); the window is what came since the last look. Each shard may
+Legend: E experts, S shards, L MoE layers. The load is herd.workers.expert_load's per-expert token counts of every
+MoE layer; the window is what came since the last look. One placement serves every layer: it is planned from
+their sum and judged layer by layer (herd.workers.balance.rebalance). Each shard may
 hold ceil(E/S) + `spare_slots` experts, so copies of hot experts cost a bounded amount of memory. A failed move is
 logged and ends balancing for this replica (a broken group already makes it unhealthy; anything else is a bug to
 look at, not to retry every interval).
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 class ExpertBalancer:
     """Call `between_steps()` on the engine's thread before every step."""
 
-    def __init__(self, dispatcher: ExpertDispatcher, config: ExpertBalance, *,
+    def __init__(self, dispatcher: ExpertDispatcher, config: ExpertBalance, moe_layers: Sequence[int], *,
                  on_replace: Callable[[float], None] | None = None) -> None:
         self.dispatcher, self.config, self.on_replace = dispatcher, config, on_replace
         placement = dispatcher.placement
@@ -38,6 +39,7 @@ class ExpertBalancer:
         self.replacements = 0
         self.stopped: str | None = None  # why balancing ended, if it did
         self._steps = 0
+        self._layers = moe_layers
         self._seen = self._totals()
 
     def between_steps(self) -> Placement | None:
@@ -45,12 +47,12 @@ class ExpertBalancer:
         self._steps += 1
         if self.stopped is not None or self._steps % self.config.interval_steps:
             return None
-        totals = self._totals()
+        totals = self._totals()  # [L, E]
         window, self._seen = totals - self._seen, totals
         if window.sum() < self.config.min_tokens:
             return None
-        plan = rebalance(window.tolist(), self.dispatcher.placement, slots_per_shard=self.slots_per_shard,
-                         min_gain=self.config.min_gain)
+        plan = rebalance(window.sum(0).tolist(), self.dispatcher.placement, slots_per_shard=self.slots_per_shard,
+                         min_gain=self.config.min_gain, layer_loads=window.tolist())
         if plan is None:
             return None
         start = time.perf_counter()
@@ -69,10 +71,12 @@ class ExpertBalancer:
         return plan
 
     def _totals(self) -> np.ndarray:
-        """Tokens routed to each expert so far, summed over MoE layers: [E]."""
-        totals = np.zeros(self.dispatcher.placement.num_experts, dtype=np.int64)
-        for counts in self.dispatcher.load.snapshot().values():
-            totals += np.asarray(counts, dtype=np.int64)
+        """Tokens routed to each expert of each MoE layer so far: [L, E] (L: the model's MoE layers)."""
+        snapshot = self.dispatcher.load.snapshot()
+        totals = np.zeros((len(self._layers), self.dispatcher.placement.num_experts), dtype=np.int64)
+        for row, layer in enumerate(self._layers):
+            if layer in snapshot:
+                totals[row] = snapshot[layer]
         return totals
 
 

@@ -87,7 +87,7 @@ class ReplicaCore:
             if self.dispatcher is None or not isinstance(self.dispatcher.transport, PlacementMover):
                 raise ValueError(f"model {config.name}: balance.enabled needs expert shards over the collective "
                                  "transport (shards > 0, transport collective or auto on one node)")
-            self.balancer = ExpertBalancer(self.dispatcher, config.balance,
+            self.balancer = ExpertBalancer(self.dispatcher, config.balance, model.config.moe_layers,
                                            on_replace=lambda _: self.metrics.replacements.inc())
         self.engine = AsyncLLMEngine(engine, step_scope=self._step_scope)
         self._spans: dict[str, trace.SpanContext] = {}  # request id -> its replica span (steps link to them)

@@ -155,7 +155,7 @@ def test_balancing_between_steps_re_places_while_generating_and_the_tokens_do_no
     with CollectiveShards(path, _specs(16, 4)) as group:
         trunk, dispatcher = _trunk(path, 16, group)
         balancer = ExpertBalancer(dispatcher, ExpertBalance(enabled=True, interval_steps=3, min_tokens=1,
-                                                            spare_slots=2, min_gain=0.0))
+                                                            spare_slots=2, min_gain=0.0), trunk.config.moe_layers)
         engine = LLMEngine(trunk, tokenizer, ENGINE)
         ids = [engine.add_request(p, params) for p in prompts]
         outputs = {}

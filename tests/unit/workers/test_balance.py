@@ -199,3 +199,23 @@ def test_rebalance_checks_its_arguments():
         rebalance([1.0] * 4, place_experts(4, 2), slots_per_shard=2, min_gain=1.5)
     with pytest.raises(ValueError, match="3 loads for 4 experts"):
         rebalance([1.0] * 3, place_experts(4, 2), slots_per_shard=2)
+
+
+def test_rebalance_judges_a_plan_layer_by_layer_when_given_the_layers():
+    from herd.workers.balance import expected_shard_rows
+
+    current = place_experts(16, 4)
+    first, second = [1.0] * 16, [1.0] * 16
+    first[0], second[15] = 100.0, 100.0  # each layer's hot expert on another shard
+    summed = [a + b for a, b in zip(first, second, strict=True)]
+    planned = rebalance(summed, current, slots_per_shard=5)
+    judged = rebalance(summed, current, slots_per_shard=5, layer_loads=[first, second])
+    assert planned is not None
+    if judged is not None:
+        for load in (first, second):
+            assert max(expected_shard_rows(judged, load)) <= max(expected_shard_rows(current, load))
+    lopsided = [[0.0] * 16, [0.0] * 16]
+    lopsided[0][0] = 500.0
+    assert rebalance([500.0] + [0.0] * 15, current, slots_per_shard=5, layer_loads=lopsided) is not None
+    with pytest.raises(ValueError, match="every layer's load"):
+        rebalance(summed, current, slots_per_shard=5, layer_loads=[[1.0] * 3])

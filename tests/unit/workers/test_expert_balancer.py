@@ -57,7 +57,7 @@ def _balancer(config: ExpertBalance, fail: HerdError | None = None):
     transport = MovingTransport(placement, fail)
     dispatcher = ExpertDispatcher(placement, transport)
     replaced: list[float] = []
-    return ExpertBalancer(dispatcher, config, on_replace=replaced.append), dispatcher, transport, replaced
+    return ExpertBalancer(dispatcher, config, (1, 3), on_replace=replaced.append), dispatcher, transport, replaced
 
 
 def test_it_looks_every_interval_and_moves_when_the_window_is_skewed():
@@ -99,3 +99,20 @@ def test_a_failed_move_stops_balancing_for_good():
     assert balancer.stopped and "unavailable" in balancer.stopped and dispatcher.placement == start
     _route(dispatcher.load, dispatcher.placement, skewed)
     assert balancer.between_steps() is None and replaced == []
+
+
+def test_a_move_helps_every_layer_not_only_their_sum():
+    """Two layers with different hot experts (on shards 0 and 3): the balancer judges a plan layer by layer, so
+    whatever it moves to leaves neither layer's slowest shard worse off than today's."""
+    balancer, dispatcher, _, _ = _balancer(ExpertBalance(enabled=True, interval_steps=1, min_tokens=1))
+    first, second = [10] * 16, [10] * 16
+    first[0] = first[1] = 400  # shard 0's experts hot in layer 1
+    second[12] = second[13] = 400  # shard 3's in layer 3
+    _route(dispatcher.load, dispatcher.placement, first, layers=(1,))
+    _route(dispatcher.load, dispatcher.placement, second, layers=(3,))
+    moved = balancer.between_steps()
+    if moved is not None:  # a plan that helps both layers is fine; one that helps the sum only is not
+        from herd.workers.balance import shard_rows
+
+        for load in (first, second):
+            assert max(shard_rows(moved, load)) < max(shard_rows(place_experts(16, 4), load))
