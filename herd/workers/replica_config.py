@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from herd.engine.config import EngineConfig
@@ -69,7 +70,8 @@ class ReplicaConfig(_Config):
         "auto", description="how the trunk reaches its shards: collective (a torch.distributed group: NCCL on CUDA, "
         "gloo on CPU; one node), grpc (also across nodes), ray (object store), local (the shards' experts in the "
         "trunk's process); auto: collective when every shard is on the trunk's node (STRICT_PACK, loopback, no "
-        "shard TLS), else grpc")
+        "shard TLS) and the engine runs on the CPU, else grpc (NCCL has not yet run on a GPU here: set "
+        "collective to use it)")
     dispatch_timeout_s: float = Field(30, gt=0, description="a shard that does not answer a layer step in this "
                                       "time fails the step (DEADLINE_EXCEEDED)")
     shard_listen: Literal["loopback", "node"] = Field("loopback", description="where expert shards listen: "
@@ -90,7 +92,8 @@ class ReplicaConfig(_Config):
         if self.transport != "auto":
             return self.transport
         one_node = self.deployment.placement_strategy == "STRICT_PACK" and self.shard_listen == "loopback"
-        return "collective" if one_node else "grpc"
+        proven = torch.device(self.engine.device).type == "cpu"  # gloo; NCCL is written but unproven on a GPU
+        return "collective" if one_node and proven else "grpc"
 
     @property
     def shard_processes(self) -> int:

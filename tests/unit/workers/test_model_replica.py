@@ -37,8 +37,10 @@ def test_what_may_start(args: dict[str, Any]) -> None:
     ({"deployment": {"placement_strategy": "PACK"}}, "grpc"),  # shards may be on other nodes
     ({"shard_listen": "node", "shard_tls": TLS}, "grpc"),
     ({"shard_tls": TLS}, "grpc"),  # TLS is gRPC's: asked for, it is kept
+    ({"engine": {"device": "cuda"}}, "grpc"),  # NCCL is unproven on a GPU: asked for by name only
+    ({"engine": {"device": "cuda"}, "transport": "collective"}, "collective"),
 ])
-def test_auto_picks_the_collective_transport_on_one_node_and_grpc_otherwise(args: dict[str, Any], transport: str):
+def test_auto_picks_the_collective_transport_on_one_cpu_node_and_grpc_otherwise(args: dict[str, Any], transport: str):
     from herd.workers.replica_config import ReplicaArgs
 
     assert ReplicaArgs.model_validate(args).dispatch_transport == transport
