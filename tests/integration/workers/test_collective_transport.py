@@ -168,20 +168,25 @@ def test_balancing_between_steps_re_places_while_generating_and_the_tokens_do_no
 
 
 def test_the_group_listens_on_loopback_only(tmp_path):
-    """The trunk's store and every rank's gloo pairs: nothing of the group is reachable from the network."""
+    """The trunk's store and every rank's gloo pairs: nothing of the group is reachable from the network. (This
+    process's listeners from before, other tests' servers, are not the group's and are left out.)"""
     import psutil
 
+    def listening(pids):
+        return {(c.pid, c.laddr.port) for c in psutil.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN and c.pid in pids}
+
+    here = psutil.Process().pid
+    before = listening({here})
     path = make_tiny(tmp_path / "scout", preset="scout", seed=7)
     with CollectiveShards(path, _specs(16, 2)) as group:
-        pids = {psutil.Process().pid} | {proc.pid for proc in group.procs}
-        listening = [c.laddr for c in psutil.net_connections(kind="tcp")
-                     if c.status == psutil.CONN_LISTEN and c.pid in pids]
-        ports = {address.port for address in listening}
+        ours = listening({here} | {proc.pid for proc in group.procs}) - before
+        ports = {port for _, port in ours}
         assert group.transport.group.rendezvous.port in ports, "the store is among what was checked"
         assert len(ports) >= 3, "the store and a gloo listener per rank"
-        for address in listening:
-            assert listening_hosts(address.port) == {"127.0.0.1"}, address
-            assert refused_on_the_network(address.port), address
+        for port in ports:
+            assert listening_hosts(port) == {"127.0.0.1"}, port
+            assert refused_on_the_network(port), port
 
 
 def test_rows_beyond_what_a_header_message_carries_follow_in_a_second_message(tmp_path):
