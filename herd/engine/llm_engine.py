@@ -28,9 +28,10 @@ from herd.engine.model_runner import ModelRunner
 from herd.engine.output_processor import CoreOutput, OutputProcessor, RequestState
 from herd.engine.outputs import RequestOutput
 from herd.engine.paged_kv import PagedKVCache
+from herd.engine.penalties import History, needs_history
 from herd.engine.prompt_images import ImageInput, PromptImages, pixel_digest
 from herd.engine.sampler import TokenLogprobs, sample_batch
-from herd.engine.sampling_params import SamplingParams
+from herd.engine.sampling_params import SamplingError, SamplingParams
 from herd.engine.scheduler import Scheduler, SchedulerOutput
 from herd.engine.sequence import Sequence
 from herd.engine.stats import EngineStats
@@ -127,6 +128,11 @@ class LLMEngine:
         if not isinstance(tenant_weight, (int, float)) or isinstance(tenant_weight, bool) or not tenant_weight > 0:
             raise ValueError(f"tenant_weight must be a positive number, got {tenant_weight!r}")
         ids = prompt_ids(self.tokenizer, prompt, self.model.config.vocab_size)
+        vocab = self.model.config.vocab_size
+        outside = [token for token, _ in params.logit_bias if token >= vocab]
+        if outside:
+            raise SamplingError("logit_bias", f"logit_bias names token ids {outside[:5]} outside the vocabulary "
+                                              f"(0..{vocab - 1})")
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(ids)} tokens; the context limit is {self.max_model_len} (prompt + at least 1 new)"
@@ -223,7 +229,7 @@ class LLMEngine:
         sampling = [c.seq for c in scheduled.chunks if c.samples]
         forward = self.runner.prepare(scheduled.chunks)  # reads the tokens and block tables now, on this thread
         in_flight = self._model_thread.submit(self._forward_and_sample, forward, [seq.params for seq in sampling],
-                                              [len(seq.output_ids) for seq in sampling])
+                                              [len(seq.output_ids) for seq in sampling], _histories(sampling))
         for seq in sampling:
             seq.num_pending = 1
         self.scheduler.on_step_done(scheduled)  # its blocks are written before the next step reads them
@@ -240,13 +246,15 @@ class LLMEngine:
         return self._record(sampling, *in_flight.result())
 
     def _forward_and_sample(self, forward: Callable[[], torch.Tensor], params: list[SamplingParams],
-                            positions: list[int]) -> tuple[list[int], list[TokenLogprobs | None]]:
-        """On the model thread: nothing here reads the engine's state, which the scheduler changes meanwhile."""
-        return sample_batch(forward(), params, positions, self._generator)
+                            positions: list[int], histories: list[History | None],
+                            ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """On the model thread: nothing here reads the engine's state, which the scheduler changes meanwhile
+        (the histories are copies)."""
+        return sample_batch(forward(), params, positions, self._generator, histories)
 
     def _sample(self, logits: torch.Tensor, sampling: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
         return sample_batch(logits, [seq.params for seq in sampling], [len(seq.output_ids) for seq in sampling],
-                            self._generator)
+                            self._generator, _histories(sampling))
 
     def finish_stopped(self, request_ids: Seq[str]) -> None:
         """End the requests the output processor found a stop string in (already reported finished): their
@@ -351,3 +359,10 @@ def _prompt_batch(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str) or is_token_list(prompts):
         return [prompts]
     return [as_prompt(prompt) for prompt in prompts]
+
+
+def _histories(sampling: list[Sequence]) -> list[History | None]:
+    """Each sampling sequence's tokens where its params penalise or bias them (copies: the engine appends to its
+    lists while an overlapped step samples), None elsewhere."""
+    return [History(seq.prompt_ids, tuple(seq.output_ids), seq.stop_ids) if needs_history(seq.params) else None
+            for seq in sampling]

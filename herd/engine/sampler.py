@@ -1,5 +1,6 @@
 """Choosing the next token of every sampling row in one pass over the step's logits: greedy, or temperature
-with top-k, top-p and min-p; plus log-probabilities when asked.
+with top-k, top-p and min-p, after the rows' own penalties and logit bias (herd.engine.penalties); plus
+log-probabilities when asked.
 
 Legend: B rows that sample this step, R of them drawn (not greedy), F of those filtered (top-k, top-p or
 min-p), L rows asking for log-probabilities, N the most alternatives any of them asks for, V vocab.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from herd.engine.penalties import History, apply_penalties
 from herd.engine.sampling_params import SamplingParams
 
 _LOW32 = 0xFFFFFFFF
@@ -35,20 +37,24 @@ class TokenLogprobs:
 
 def sample_batch(
     logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int],
-    generator: torch.Generator | None,
+    generator: torch.Generator | None, histories: Sequence[History | None] | None = None,
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """Next token of each row of float32 logits [B, V], and its log-probabilities where asked. positions[i] is
     how many tokens row i's request has generated so far; a seeded row's draw depends on nothing else.
-    Unseeded rows draw from generator (None: torch's global one), which must be on the logits' device."""
+    Unseeded rows draw from generator (None: torch's global one), which must be on the logits' device.
+    histories[i] is row i's tokens where its params penalise or bias them (herd.engine.penalties): those rows
+    choose from the changed logits; their log-probabilities stay the model's."""
     if not len(params) == len(positions) == logits.shape[0]:
         raise ValueError(f"{logits.shape[0]} rows of logits, {len(params)} params, {len(positions)} positions")
+    raw = logits
+    logits = apply_penalties(logits, params, histories or [None] * len(params))
     tokens = logits.argmax(dim=-1)  # [B]
     drawn = [row for row, p in enumerate(params) if not p.greedy]
     if drawn:
         rows = _index(drawn, len(params), logits.device)
         tokens[rows] = _draw(logits[rows], [params[r] for r in drawn], [positions[r] for r in drawn], generator)
     ids: list[int] = tokens.tolist()
-    return ids, _logprobs(logits, tokens, ids, params)
+    return ids, _logprobs(raw, tokens, ids, params)
 
 
 def filtered_sorted(

@@ -7,7 +7,7 @@ checks the same constants before any work is done for the request.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 MAX_STOP_STRINGS = 4
@@ -22,6 +22,12 @@ MAX_TOKENS_LIMIT = 2**31 - 1
 """Largest max_tokens (the wire's int32); the model's context limit bounds a request further."""
 MAX_SEED = 2**64 - 1
 """Largest seed (the wire's uint64, and the most a torch generator takes)."""
+MAX_LOGIT_BIAS_ENTRIES = 300
+"""Token ids one request may bias (OpenAI's logit_bias takes a map; a step adds each entry to its row)."""
+LOGIT_BIAS_LIMIT = 100.0
+"""A bias is in [-100, 100] (OpenAI's range: -100 bans a token in effect, +100 all but forces it)."""
+PENALTY_LIMIT = 2.0
+"""presence_penalty and frequency_penalty are in [-2, 2] (OpenAI's range)."""
 GREEDY_BELOW = 1e-5
 """Temperatures this small sample greedily: dividing logits by them would overflow float32."""
 
@@ -61,6 +67,19 @@ class SamplingParams:
     """Return the chosen token's log-probability and this many top alternatives (0..MAX_LOGPROBS)."""
     include_stop_str_in_output: bool = False
     """Keep the stop string that ended generation at the end of the text."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already generated (OpenAI's), in [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it has been generated (OpenAI's), in [-2, 2]."""
+    repetition_penalty: float = 1.0
+    """Divides the positive logits (multiplies the negative) of tokens in the prompt or generated so far (as
+    transformers and vLLM do); 1 is off, > 0."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias in [-100, 100]) added to that token's logit at every step, at most MAX_LOGIT_BIAS_ENTRIES;
+    a mapping is taken too. Ids are checked against the vocabulary when the engine takes the request."""
+    min_tokens: int = 0
+    """Tokens generated before an end token or stop_token_ids may end the request (they are masked until then);
+    at most max_tokens. Stop strings still apply."""
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1, high=MAX_TOKENS_LIMIT)
@@ -74,6 +93,17 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
         object.__setattr__(self, "stop", checked_stop(self.stop))
         object.__setattr__(self, "stop_token_ids", checked_stop_token_ids(self.stop_token_ids))
+        _check_number("presence_penalty", self.presence_penalty, low=-PENALTY_LIMIT, high=PENALTY_LIMIT)
+        _check_number("frequency_penalty", self.frequency_penalty, low=-PENALTY_LIMIT, high=PENALTY_LIMIT)
+        _check_number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
+        object.__setattr__(self, "logit_bias", checked_logit_bias(self.logit_bias))
+        _check_int("min_tokens", self.min_tokens, low=0, high=self.max_tokens)
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the step's logits of this request depend on its tokens so far (penalties, min_tokens)."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+                or self.min_tokens > 0)
 
     @property
     def greedy(self) -> bool:
@@ -112,6 +142,28 @@ def checked_stop_token_ids(ids: object) -> tuple[int, ...]:
     for token in ids:
         _check_int("stop_token_ids", token, low=0, shown="stop_token_ids entry")
     return tuple(ids)
+
+
+def checked_logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
+    """A {token id: bias} mapping or (id, bias) pairs, within the limits, as sorted pairs; the count is checked
+    before any entry is looked at. JSON object keys arrive as strings of digits, and are taken as such."""
+    if isinstance(bias, Mapping):
+        bias = tuple(bias.items())
+    if isinstance(bias, (str, bytes)) or not isinstance(bias, Sequence):
+        raise SamplingError("logit_bias", f"logit_bias must map token ids to biases, got {bias!r}")
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise SamplingError("logit_bias", f"at most {MAX_LOGIT_BIAS_ENTRIES} logit_bias entries, got {len(bias)}")
+    out: dict[int, float] = {}
+    for entry in bias:
+        if not isinstance(entry, Sequence) or isinstance(entry, (str, bytes)) or len(entry) != 2:
+            raise SamplingError("logit_bias", f"logit_bias entries are (token id, bias), got {entry!r}")
+        token, value = entry
+        if isinstance(token, str) and token.isascii() and token.isdigit():
+            token = int(token)
+        _check_int("logit_bias", token, low=0, shown="logit_bias token id")
+        _check_number("logit_bias", value, low=-LOGIT_BIAS_LIMIT, high=LOGIT_BIAS_LIMIT)
+        out[token] = float(value)
+    return tuple(sorted(out.items()))
 
 
 def _check_int(name: str, value: object, *, low: int, high: int | None = None, shown: str | None = None) -> None:

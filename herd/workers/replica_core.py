@@ -218,6 +218,11 @@ class ReplicaCore:
                 stop_token_ids=tuple(options.stop_token_ids),
                 logprobs=options.logprobs if options.HasField("logprobs") else None,
                 ignore_eos=options.ignore_eos,
+                presence_penalty=options.presence_penalty if options.HasField("presence_penalty") else 0.0,
+                frequency_penalty=options.frequency_penalty if options.HasField("frequency_penalty") else 0.0,
+                repetition_penalty=options.repetition_penalty if options.HasField("repetition_penalty") else 1.0,
+                logit_bias=tuple(options.logit_bias.items()),
+                min_tokens=options.min_tokens if options.HasField("min_tokens") else 0,
             )
         except SamplingError as err:
             raise HerdError(Code.INVALID_ARGUMENT, str(err), param=err.field) from err

@@ -13,6 +13,8 @@ from herd.engine.sampling_params import (
     MAX_LOGPROBS,
     MAX_SEED,
     MAX_TOKENS_LIMIT,
+    PENALTY_LIMIT,
+    checked_logit_bias,
     checked_stop,
     checked_stop_token_ids,
 )
@@ -105,13 +107,16 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float = Field(0.0, ge=0, le=0, description="accepted at 0 only")
-    frequency_penalty: float = Field(0.0, ge=0, le=0, description="accepted at 0 only")
+    presence_penalty: float | None = Field(None, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)
+    frequency_penalty: float | None = Field(None, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
     # Herd extensions (vLLM names): sent by clients in extra_body.
     top_k: int | None = Field(None, ge=0, le=INT32_MAX)
     min_p: float | None = Field(None, ge=0, le=1)
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
+    repetition_penalty: float | None = Field(None, gt=0, le=INT32_MAX)
+    min_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)
 
     # The engine's limits, checked by the engine's own functions, so both doors say the same thing.
     @field_validator("stop")
@@ -124,6 +129,12 @@ class _Sampling(_Strict):
     @classmethod
     def _stop_token_ids(cls, value: list[int] | None) -> list[int] | None:
         checked_stop_token_ids(value or [])
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        checked_logit_bias(value or {})
         return value
 
 

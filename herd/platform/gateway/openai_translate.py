@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from herd.engine.sampling_params import checked_logit_bias
 from herd.model.tool_calls import arguments_json, offer_tools, parse_tool_calls
 from herd.platform.gateway.core import Gateway, Prepared
 from herd.platform.gateway.image_urls import ImageUrlPolicy, image_bytes
@@ -42,9 +43,13 @@ def sampling(request: ChatCompletionRequest | CompletionRequest, *, logprobs: in
     max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
     for name, value in (("temperature", request.temperature), ("top_p", request.top_p), ("max_tokens", max_tokens),
                         ("seed", request.seed), ("top_k", request.top_k), ("min_p", request.min_p),
-                        ("logprobs", logprobs)):
+                        ("logprobs", logprobs), ("presence_penalty", request.presence_penalty),
+                        ("frequency_penalty", request.frequency_penalty),
+                        ("repetition_penalty", request.repetition_penalty), ("min_tokens", request.min_tokens)):
         if value is not None:
             setattr(options, name, value)
+    for token, bias in checked_logit_bias(request.logit_bias or {}):
+        options.logit_bias[token] = bias
     if request.stop is not None:
         options.stop.extend([request.stop] if isinstance(request.stop, str) else request.stop)
     if request.stop_token_ids:

@@ -50,6 +50,13 @@ def test_ten_thousand_stop_strings_from_the_grpc_door_are_refused() -> None:
         (pb.SamplingOptions(top_p=0.0), "top_p", "0.0"),
         (pb.SamplingOptions(top_k=-2), "top_k", "-2"),
         (pb.SamplingOptions(min_p=1.5), "min_p", "1.5"),
+        (pb.SamplingOptions(presence_penalty=2.5), "presence_penalty", "2.5"),
+        (pb.SamplingOptions(frequency_penalty=-3.0), "frequency_penalty", "-3"),
+        (pb.SamplingOptions(repetition_penalty=0.0), "repetition_penalty", "0.0"),
+        (pb.SamplingOptions(logit_bias={3: 150.0}), "logit_bias", "150"),
+        (pb.SamplingOptions(logit_bias={-1: 1.0}), "logit_bias", "-1"),
+        (pb.SamplingOptions(logit_bias={i: 1.0 for i in range(301)}), "logit_bias", "at most 300"),
+        (pb.SamplingOptions(max_tokens=4, min_tokens=5), "min_tokens", "0..4"),
     ],
 )
 def test_each_limit_is_refused_naming_its_field(options: pb.SamplingOptions, param: str, message: str) -> None:
