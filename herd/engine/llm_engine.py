@@ -144,6 +144,7 @@ class LLMEngine:
         seq = Sequence(
             request_id=rid, prompt_ids=ids, params=params, tenant_id=tenant_id, tenant_weight=float(tenant_weight),
             cache_salt=f"group:{sharing_group}" if sharing_group else f"tenant:{tenant_id}", stop_ids=frozenset(stops),
+            bad_words=self._bad_word_ids(params.bad_words),
             images=self._encode_images(ids, images) if images else None,
             token_limit=min(len(ids) + params.max_tokens, self.max_model_len),
         )
@@ -244,6 +245,13 @@ class LLMEngine:
         if error is not None:
             raise error
         return self._record(sampling, *in_flight.result())
+
+    def _bad_word_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """Each banned word's token sequences: as it stands and after a space (how it appears mid-text), as
+        plain text (a special token's spelling is not its id)."""
+        sequences = {tuple(self.tokenizer.encode(form, literal=True)) for word in words
+                     for form in (word, " " + word.lstrip())}
+        return tuple(sorted(s for s in sequences if s))
 
     def _forward_and_sample(self, forward: Callable[[], torch.Tensor], params: list[SamplingParams],
                             positions: list[int], histories: list[History | None],
@@ -364,5 +372,5 @@ def _prompt_batch(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
 def _histories(sampling: list[Sequence]) -> list[History | None]:
     """Each sampling sequence's tokens where its params penalise or bias them (copies: the engine appends to its
     lists while an overlapped step samples), None elsewhere."""
-    return [History(seq.prompt_ids, tuple(seq.output_ids), seq.stop_ids) if needs_history(seq.params) else None
-            for seq in sampling]
+    return [History(seq.prompt_ids, tuple(seq.output_ids), seq.stop_ids, seq.bad_words)
+            if needs_history(seq.params) else None for seq in sampling]

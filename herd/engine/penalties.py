@@ -6,7 +6,8 @@ Legend: B rows that sample this step, P of them penalised or biased, V vocab.
 In this order, as transformers and vLLM apply them: repetition_penalty (tokens seen in the prompt or output: a
 positive logit divided by it, a negative one multiplied), then OpenAI's frequency and presence penalties over the
 output (logit - count * frequency - [count > 0] * presence), then logit_bias (added), then min_tokens (the row's
-end tokens at -inf while it has generated fewer). Counts are built each step from the rows' token lists, one copy
+end tokens at -inf while it has generated fewer) and bad_words (a token that would complete a banned token
+sequence at -inf). Counts are built each step from the rows' token lists, one copy
 to the device of the ids they hold (O(tokens of the penalised rows)).
 """
 
@@ -27,6 +28,8 @@ class History:
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]
     stop_ids: frozenset[int]
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    """Token sequences never to complete (the request's bad_words, tokenized by the engine)."""
 
 
 def needs_history(params: SamplingParams) -> bool:
@@ -63,11 +66,20 @@ def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams], hist
         picked = picked.index_put((at[:, 0], at[:, 1]), values, accumulate=True)
     ending = [(i, token) for i, (p, h) in enumerate(zip(penalised, history, strict=True))
               if len(h.output_ids) < p.min_tokens for token in h.stop_ids if token < vocab]
+    ending += [(i, token) for i, h in enumerate(history) for token in _completing(h)]
     if ending:
         at = torch.tensor(ending, dtype=torch.int64, device=device)  # [n, 2]
         picked = picked.index_put((at[:, 0], at[:, 1]), torch.tensor(float("-inf"), device=device))
     out[index] = picked
     return out
+
+
+def _completing(history: History) -> set[int]:
+    """The tokens that would complete one of the row's bad words now: each word's last token, where the output
+    ends with the rest of it."""
+    out = history.output_ids
+    return {word[-1] for word in history.bad_words
+            if len(word) - 1 <= len(out) and tuple(out[len(out) - len(word) + 1 :]) == word[:-1]}
 
 
 def _history(histories: Sequence[History | None], row: int) -> History:

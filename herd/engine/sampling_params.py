@@ -26,6 +26,10 @@ MAX_LOGIT_BIAS_ENTRIES = 300
 """Token ids one request may bias (OpenAI's logit_bias takes a map; a step adds each entry to its row)."""
 LOGIT_BIAS_LIMIT = 100.0
 """A bias is in [-100, 100] (OpenAI's range: -100 bans a token in effect, +100 all but forces it)."""
+MAX_BAD_WORDS = 64
+"""Words one request may ban (each becomes one or two token sequences the sampler checks every step)."""
+MAX_BAD_WORD_CHARS = 256
+"""Characters per banned word."""
 PENALTY_LIMIT = 2.0
 """presence_penalty and frequency_penalty are in [-2, 2] (OpenAI's range)."""
 GREEDY_BELOW = 1e-5
@@ -80,6 +84,9 @@ class SamplingParams:
     min_tokens: int = 0
     """Tokens generated before an end token or stop_token_ids may end the request (they are masked until then);
     at most max_tokens. Stop strings still apply."""
+    bad_words: tuple[str, ...] = ()
+    """Words never generated (at most MAX_BAD_WORDS of MAX_BAD_WORD_CHARS): each is tokenized as it stands and
+    after a space, and a token that would complete one of those token sequences is masked."""
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1, high=MAX_TOKENS_LIMIT)
@@ -98,12 +105,13 @@ class SamplingParams:
         _check_number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
         object.__setattr__(self, "logit_bias", checked_logit_bias(self.logit_bias))
         _check_int("min_tokens", self.min_tokens, low=0, high=self.max_tokens)
+        object.__setattr__(self, "bad_words", checked_bad_words(self.bad_words))
 
     @property
     def penalised(self) -> bool:
         """Whether the step's logits of this request depend on its tokens so far (penalties, min_tokens)."""
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
-                or self.min_tokens > 0)
+                or self.min_tokens > 0 or bool(self.bad_words))
 
     @property
     def greedy(self) -> bool:
@@ -142,6 +150,21 @@ def checked_stop_token_ids(ids: object) -> tuple[int, ...]:
     for token in ids:
         _check_int("stop_token_ids", token, low=0, shown="stop_token_ids entry")
     return tuple(ids)
+
+
+def checked_bad_words(words: object) -> tuple[str, ...]:
+    """A sequence of non-empty words within the limits; the count is checked before any word is looked at."""
+    if isinstance(words, (str, bytes)) or not isinstance(words, Sequence):
+        raise SamplingError("bad_words", f"bad_words must be a list of strings, got {words!r}")
+    if len(words) > MAX_BAD_WORDS:
+        raise SamplingError("bad_words", f"at most {MAX_BAD_WORDS} bad_words, got {len(words)}")
+    for word in words:
+        if not isinstance(word, str) or not word.strip():
+            raise SamplingError("bad_words", f"bad_words must be non-empty strings, got {word!r}")
+        if len(word) > MAX_BAD_WORD_CHARS:
+            raise SamplingError("bad_words", f"bad_words may be at most {MAX_BAD_WORD_CHARS} characters, got one "
+                                             f"of {len(word)}")
+    return tuple(words)
 
 
 def checked_logit_bias(bias: object) -> tuple[tuple[int, float], ...]:

@@ -40,6 +40,8 @@ class Sequence:
     """Prefix-cache namespace: the tenant id, or a sharing group that several tenants opted into."""
     stop_ids: frozenset[int] = frozenset()
     """Token ids that finish this sequence (model end tokens unless ignore_eos, plus stop_token_ids)."""
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    """The params' bad_words as token sequences (each word as it stands and after a space)."""
     images: PromptImages | None = None
     """The prompt's images (features for its placeholders), kept until the sequence finishes: a preempted
     sequence recomputes its prompt."""

@@ -223,6 +223,7 @@ class ReplicaCore:
                 repetition_penalty=options.repetition_penalty if options.HasField("repetition_penalty") else 1.0,
                 logit_bias=tuple(options.logit_bias.items()),
                 min_tokens=options.min_tokens if options.HasField("min_tokens") else 0,
+                bad_words=tuple(options.bad_words),
             )
         except SamplingError as err:
             raise HerdError(Code.INVALID_ARGUMENT, str(err), param=err.field) from err

@@ -14,6 +14,7 @@ from herd.engine.sampling_params import (
     MAX_SEED,
     MAX_TOKENS_LIMIT,
     PENALTY_LIMIT,
+    checked_bad_words,
     checked_logit_bias,
     checked_stop,
     checked_stop_token_ids,
@@ -117,6 +118,7 @@ class _Sampling(_Strict):
     stop_token_ids: list[TokenId] | None = None
     repetition_penalty: float | None = Field(None, gt=0, le=INT32_MAX)
     min_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)
+    bad_words: list[str] | None = None
 
     # The engine's limits, checked by the engine's own functions, so both doors say the same thing.
     @field_validator("stop")
@@ -129,6 +131,12 @@ class _Sampling(_Strict):
     @classmethod
     def _stop_token_ids(cls, value: list[int] | None) -> list[int] | None:
         checked_stop_token_ids(value or [])
+        return value
+
+    @field_validator("bad_words")
+    @classmethod
+    def _bad_words(cls, value: list[str] | None) -> list[str] | None:
+        checked_bad_words(value or [])
         return value
 
     @field_validator("logit_bias")

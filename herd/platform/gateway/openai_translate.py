@@ -50,6 +50,8 @@ def sampling(request: ChatCompletionRequest | CompletionRequest, *, logprobs: in
             setattr(options, name, value)
     for token, bias in checked_logit_bias(request.logit_bias or {}):
         options.logit_bias[token] = bias
+    if request.bad_words:
+        options.bad_words.extend(request.bad_words)
     if request.stop is not None:
         options.stop.extend([request.stop] if isinstance(request.stop, str) else request.stop)
     if request.stop_token_ids:

@@ -73,6 +73,7 @@ def test_logit_bias_adds_and_min_tokens_masks_the_end_tokens_until_reached():
     ({"repetition_penalty": 0}, "repetition_penalty"), ({"logit_bias": {1: 100.5}}, "logit_bias"),
     ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {i: 1 for i in range(301)}}, "logit_bias"),
     ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"), ({"min_tokens": -1}, "min_tokens"),
+    ({"bad_words": ("",)}, "bad_words"), ({"bad_words": ("w",) * 65}, "bad_words"), ({"bad_words": "w"}, "bad_words"),
 ])
 def test_bad_settings_are_refused_by_name(kwargs, field):
     with pytest.raises(SamplingError) as refused:
@@ -138,3 +139,27 @@ def test_async_scheduling_samples_with_the_same_penalties(tmp_path):
     outs = [LLMEngine.from_pretrained(path, EngineConfig(kv_cache_mb=8, max_num_seqs=8, async_scheduling=overlap))
             .generate([PROMPT, PROMPT[:9]], params) for overlap in (False, True)]
     assert [o.token_ids for o in outs[0]] == [o.token_ids for o in outs[1]]
+
+
+def test_a_bad_words_last_token_is_masked_only_where_it_would_complete_the_word():
+    logits = torch.zeros(3, V)
+    words = ((5,), (7, 8))
+    params = [SamplingParams(bad_words=("x",))] * 3
+    histories = [History([], [1, 7], frozenset(), words), History([], [7, 1], frozenset(), words),
+                 History([], [], frozenset(), words)]
+    got = apply_penalties(logits, params, histories)
+    assert got[0, 5] == got[0, 8] == float("-inf") and got[0].isfinite().sum() == V - 2
+    assert got[1, 5] == float("-inf") and got[1, 8] == 0.0, "7 is not the last token: 8 completes nothing"
+    assert got[2, 5] == float("-inf") and got[2].isfinite().sum() == V - 1
+
+
+def test_bad_words_are_never_generated(engine):
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    plain = engine.generate([PROMPT], greedy)[0].token_ids
+    tokenizer = engine.tokenizer
+    banned = next(t for t in plain if any(tokenizer.encode(form, literal=True) == [t]
+                                          for word in [tokenizer.decode([t])] for form in (word, " " + word.lstrip()))
+                  and tokenizer.decode([t]).strip())
+    out = engine.generate([PROMPT], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                   bad_words=(tokenizer.decode([banned]).strip(),)))[0].token_ids
+    assert banned in plain and banned not in out

@@ -51,6 +51,7 @@ def test_http_penalties_and_extensions_reach_the_engine(gateway):
     ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -2.5}, "frequency_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+    ({"bad_words": [""]}, "bad_words"), ({"bad_words": ["w"] * 65}, "bad_words"),
 ])
 def test_http_bad_penalties_are_400_naming_the_field(gateway, extra, param):
     reply = _post(gateway, "/v1/completions", {"model": "scout", "prompt": "x", "max_tokens": 4, **extra})
@@ -84,3 +85,22 @@ def test_grpc_logit_bias_and_min_tokens(gateway, core):
     assert [t for c in chunks for t in c.token_ids] == [TOKEN] * 6
     assert refused is not None and refused.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "presence_penalty" in refused.details()
+
+
+def test_bad_words_pass_through_both_doors(gateway, core):
+    plain = {"model": "scout", "prompt": "the herd", "max_tokens": 10, "temperature": 0, "ignore_eos": True,
+             "logprobs": 0}
+    tokens = _post(gateway, "/v1/completions", plain).json()["choices"][0]["logprobs"]["tokens"]
+    word = next(t.strip() for t in tokens if t.strip() and core.tokenizer.encode(t.strip(), literal=True)
+                and len(core.tokenizer.encode(" " + t.strip(), literal=True)) == 1)
+    banned = _post(gateway, "/v1/completions", {**plain, "bad_words": [word]}).json()["choices"][0]
+    assert word not in [t.strip() for t in banned["logprobs"]["tokens"]]
+
+    async def body(channel):
+        stub = pb_grpc.InferenceStub(channel)
+        options = pb.SamplingOptions(temperature=0, max_tokens=10, ignore_eos=True, bad_words=[word])
+        request = pb.GenerateRequest(model="scout", text="the herd", sampling=options)
+        return [t for c in [c async for c in stub.Generate(request)] for t in c.token_ids]
+
+    ids = _with_server(gateway, body)
+    assert core.tokenizer.encode(" " + word, literal=True)[0] not in ids
