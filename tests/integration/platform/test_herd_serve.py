@@ -110,6 +110,19 @@ def test_openai_client_models_chat_stream_usage_logprobs(server, client):
     assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
 
 
+def test_openai_client_sends_penalties_logit_bias_and_herds_extra_fields(server, client):
+    """OpenAI's own fields as the official client sends them, Herd's (min_tokens, bad_words) in extra_body."""
+    engine = LLMEngine.from_pretrained(server["path"], EngineConfig(kv_cache_mb=16))
+    forced = client.completions.create(model="scout", prompt="the herd", max_tokens=6, temperature=1.0, seed=4,
+                                       logit_bias={"77": 100}, frequency_penalty=0.5, presence_penalty=-0.5,
+                                       extra_body={"ignore_eos": True, "min_tokens": 6})
+    assert forced.choices[0].text == engine.tokenizer.decode([77] * 6)
+    assert forced.usage.completion_tokens == 6
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="scout", prompt="x", max_tokens=4, logit_bias={"77": 101})
+    assert "logit_bias" in str(refused.value)
+
+
 def _image_chat(*images: bytes, text: str = "What is in this picture?") -> list[dict]:
     parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(data).decode()}}
              for data in images]
