@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import math
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, cast
 
@@ -105,29 +106,18 @@ class CollectiveGroup:
                    input_splits: list[int], *, timeout_s: float | None = None) -> Work:
         """Start an all_to_all_single of bytes: rank r sends input_splits[r] rows of `input` to each rank and
         takes output_splits[r] rows from each into `output`. Rows are the leading dimension; any dtype."""
-        self._check()
         options = dist.AllToAllOptions()
         options.timeout = datetime.timedelta(seconds=timeout_s or self.rendezvous.timeout_s)
-        try:
-            return self._pg.alltoall_base(_bytes(output), _bytes(input), output_splits, input_splits, options)
-        except RuntimeError as err:
-            raise self._fail(err) from err
+        return self._started(lambda: self._pg.alltoall_base(_bytes(output), _bytes(input), output_splits,
+                                                            input_splits, options))
 
     def send(self, tensor: torch.Tensor, to: int, tag: int) -> Work:
         """Start sending a contiguous tensor's bytes to rank `to` (done once `to` has posted the matching recv)."""
-        self._check()
-        try:
-            return self._pg.send([_bytes(tensor).reshape(-1)], to, tag)
-        except RuntimeError as err:
-            raise self._fail(err) from err
+        return self._started(lambda: self._pg.send([_bytes(tensor).reshape(-1)], to, tag))
 
     def recv(self, tensor: torch.Tensor, source: int, tag: int) -> Work:
         """Start receiving rank `source`'s bytes into a contiguous tensor of their size."""
-        self._check()
-        try:
-            return self._pg.recv([_bytes(tensor).reshape(-1)], source, tag)
-        except RuntimeError as err:
-            raise self._fail(err) from err
+        return self._started(lambda: self._pg.recv([_bytes(tensor).reshape(-1)], source, tag))
 
     def wait(self, work: Work, *, timeout_s: float | None = None) -> None:
         """Wait for an operation this rank started (keep its Work until then); CollectiveError (and the group
@@ -151,9 +141,14 @@ class CollectiveGroup:
             abort()
         self._pg = None  # type: ignore[assignment]  # closing the pairs is the backend's destructor's job
 
-    def _check(self) -> None:
+    def _started(self, start: Callable[[], Work]) -> Work:
+        """An operation started on a usable group; CollectiveError (and the group broken) if starting failed."""
         if self.broken is not None:
             raise CollectiveError(f"the replica's collective group is unusable: {self.broken}", timed_out=False)
+        try:
+            return start()
+        except RuntimeError as err:
+            raise self._fail(err) from err
 
     def _fail(self, err: RuntimeError) -> CollectiveError:
         text = str(err)

@@ -48,9 +48,6 @@ class CollectiveShard:
             raise ValueError("rank 0 of a replica's group is its trunk, not a shard")
         self.shard, self.group, self.num_experts = shard, group, num_experts
         self.device = group.device
-        self.steps = 0
-        self.placements = 0  # re-placements applied
-        self.error: BaseException | None = None  # why serve() stopped, when it failed
         self._lock = threading.Lock()  # shard swaps versus readers on other threads
         # The trunk's header messages land in these two in turn: the receive of the next is posted before the answer
         # to this one is sent, so it is waiting when the trunk sends (at once, not after a gloo round trip), while
@@ -66,7 +63,7 @@ class CollectiveShard:
             return self.shard.experts
 
     def serve(self) -> None:
-        """Answer the trunk until it says stop (returns) or the group fails (raises, error kept)."""
+        """Answer the trunk until it says stop (returns) or the group fails (raises, after logging why)."""
         try:
             self._post_next_header()
             self._introduce()
@@ -79,7 +76,6 @@ class CollectiveShard:
                 else:
                     self._place(argument)
         except BaseException as err:
-            self.error = err
             log.error("expert shard %d leaves its replica's group: %s", self.group.rank, err)
             raise
 
@@ -114,7 +110,6 @@ class CollectiveShard:
             rows = torch.cat([rows, rest])
         out = self.shard.compute(layer, counts, rows)  # [R_s, H]
         self._to_trunk(out.contiguous(), Tag.OUTPUTS, then_post_next=True)
-        self.steps += 1
 
     def _place(self, length: int) -> None:
         payload = torch.empty(length, dtype=torch.int64, device=self.device)
@@ -129,7 +124,6 @@ class CollectiveShard:
         layers = {layer: self._move(weights, old, new) for layer, weights in sorted(self.shard.layers.items())}
         with self._lock:
             self.shard = ShardExperts(layers, hidden_size=self.shard.hidden_size, dtype=self.shard.dtype)
-        self.placements += 1
         self._to_trunk(torch.ones(1, dtype=torch.int64, device=self.device), Tag.ACK, then_post_next=True)
 
     def _move(self, weights: ExpertWeights, old: Placement, new: Placement) -> ExpertWeights:

@@ -48,8 +48,7 @@ class CollectiveTransport:
     """The trunk's side (rank 0) of a replica's group; `probe` says whether the shard processes are alive."""
 
     def __init__(self, group: CollectiveGroup, *, num_experts: int, moe_layers: int, hidden_size: int,
-                 dtype: torch.dtype, timeout_s: float, probe: Callable[[], bool] | None = None,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 dtype: torch.dtype, timeout_s: float, probe: Callable[[], bool] | None = None) -> None:
         if group.rank != 0:
             raise ValueError(f"the trunk is rank 0 of its replica's group, not {group.rank}")
         self.group, self.num_experts, self.moe_layers = group, num_experts, moe_layers
@@ -57,7 +56,7 @@ class CollectiveTransport:
         self.device = group.device
         self.num_shards = group.world_size - 1
         self.stats = TransportStats()
-        self._probe, self._on_close = probe, on_close
+        self._probe = probe
         self._in_flight = False  # a layer step submitted and not yet waited for
         self._experts = [info.experts for info in self._introductions()]
         self._inline = inline_rows(hidden_size, dtype)
@@ -149,8 +148,6 @@ class CollectiveTransport:
                 self._wait(self._start([(stop, rank, Tag.HEADER, False) for rank in range(1, self.num_shards + 1)]),
                            timeout_s=5.0)
         self.group.close()
-        if self._on_close is not None:
-            self._on_close()
 
     def _introductions(self) -> list[ShardInfo]:
         infos = torch.empty(self.num_shards, info_size(self.num_experts), dtype=torch.int64, device=self.device)
