@@ -58,6 +58,11 @@ class EngineConfig(BaseModel):
                                    "that then stops wastes its next step's row, and a new request joins a step later")
     max_cuda_graphs: int = Field(64, ge=1, description="CUDA graphs kept at most, one per (batch bucket, "
                                  "key-length bucket); past it a new bucket runs the padded path eagerly")
+    grammar_cache_size: int = Field(256, ge=1, description="compiled structured-output constraints kept (per "
+                                    "distinct schema, regex or grammar), least recently used dropped first")
+    grammar_compile_timeout_s: float = Field(5.0, gt=0, description="longest a request's constraint may take to "
+                                             "compile; past it the request is refused (the compilation finishes "
+                                             "in the background and is cached)")
 
     @model_validator(mode="after")
     def _check_decode_settings(self) -> Self:

@@ -57,3 +57,11 @@ class HerdError(Exception):
     def __reduce__(self) -> tuple[Any, ...]:
         # Ray pickles a replica's or shard's exception to the caller; the default would call HerdError(message).
         return HerdError, (self.code.value, self.message), vars(self)
+
+
+class SamplingError(ValueError):
+    """A sampling setting that is refused; `field` names it (the doors report it as the bad parameter)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field

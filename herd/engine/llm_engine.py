@@ -13,7 +13,7 @@ import itertools
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict, Unpack
@@ -22,7 +22,9 @@ import torch
 
 from herd.engine.config import EngineConfig
 from herd.engine.detokenizer import IncrementalDetokenizer
-from herd.engine.errors import HerdError
+from herd.engine.errors import Code, HerdError
+from herd.engine.grammar import GrammarCompiler
+from herd.engine.grammar_mask import GrammarMask, MaskFiller
 from herd.engine.kv_cache_manager import KVCacheManager
 from herd.engine.model_runner import ModelRunner
 from herd.engine.output_processor import CoreOutput, OutputProcessor, RequestState
@@ -96,6 +98,12 @@ class LLMEngine:
             if self.config.async_scheduling else None
         """Runs each step's forward and sampling while this thread schedules the next step (async scheduling)."""
         self._next: SchedulerOutput | None = None  # the next step, scheduled while the last one computed
+        self.grammars = GrammarCompiler(tokenizer, cache_size=self.config.grammar_cache_size,
+                                        timeout_s=self.config.grammar_compile_timeout_s)
+        """Structured-output constraints compiled for this tokenizer (cached per schema/regex/grammar)."""
+        self._masks: MaskFiller | None = None  # made with the first constrained request
+        self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="herd-mask")
+        """Fills a step's token masks while its forward runs."""
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -145,6 +153,7 @@ class LLMEngine:
             request_id=rid, prompt_ids=ids, params=params, tenant_id=tenant_id, tenant_weight=float(tenant_weight),
             cache_salt=f"group:{sharing_group}" if sharing_group else f"tenant:{tenant_id}", stop_ids=frozenset(stops),
             bad_words=self._bad_word_ids(params.bad_words),
+            grammar=self.grammars.start(params.structured) if params.structured is not None else None,
             images=self._encode_images(ids, images) if images else None,
             token_limit=min(len(ids) + params.max_tokens, self.max_model_len),
         )
@@ -205,6 +214,7 @@ class LLMEngine:
             return self._overlapped_step()
         scheduled = self.scheduler.schedule()
         sampling = [c.seq for c in scheduled.chunks if c.samples]
+        masks = self._start_masks(sampling)
         try:
             logits = self.runner.run(scheduled.chunks) if scheduled.chunks else None
         except HerdError as err:
@@ -212,7 +222,7 @@ class LLMEngine:
         self.scheduler.on_step_done(scheduled)
         if logits is None:
             return self._record([], [], [])
-        return self._record(sampling, *self._sample(logits, sampling))
+        return self._record(sampling, *self._sample(logits, sampling, masks))
 
     def _overlapped_step(self) -> list[CoreOutput]:
         """Async scheduling: this step (scheduled during the last one's forward) is laid out here, then computed
@@ -229,8 +239,9 @@ class LLMEngine:
             return self._record([], [], [])
         sampling = [c.seq for c in scheduled.chunks if c.samples]
         forward = self.runner.prepare(scheduled.chunks)  # reads the tokens and block tables now, on this thread
+        masks = self._start_masks(sampling)
         in_flight = self._model_thread.submit(self._forward_and_sample, forward, [seq.params for seq in sampling],
-                                              [len(seq.output_ids) for seq in sampling], _histories(sampling))
+                                              [len(seq.output_ids) for seq in sampling], _histories(sampling), masks)
         for seq in sampling:
             seq.num_pending = 1
         self.scheduler.on_step_done(scheduled)  # its blocks are written before the next step reads them
@@ -255,14 +266,28 @@ class LLMEngine:
 
     def _forward_and_sample(self, forward: Callable[[], torch.Tensor], params: list[SamplingParams],
                             positions: list[int], histories: list[History | None],
+                            masks: Future[GrammarMask | None] | None,
                             ) -> tuple[list[int], list[TokenLogprobs | None]]:
         """On the model thread: nothing here reads the engine's state, which the scheduler changes meanwhile
-        (the histories are copies)."""
-        return sample_batch(forward(), params, positions, self._generator, histories)
+        (the histories are copies; the masks were read from the grammars when the step was laid out)."""
+        logits = forward()
+        return sample_batch(logits, params, positions, self._generator, histories,
+                            masks.result() if masks is not None else None)
 
-    def _sample(self, logits: torch.Tensor, sampling: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    def _sample(self, logits: torch.Tensor, sampling: list[Sequence], masks: Future[GrammarMask | None] | None,
+                ) -> tuple[list[int], list[TokenLogprobs | None]]:
         return sample_batch(logits, [seq.params for seq in sampling], [len(seq.output_ids) for seq in sampling],
-                            self._generator, _histories(sampling))
+                            self._generator, _histories(sampling), masks.result() if masks is not None else None)
+
+    def _start_masks(self, sampling: list[Sequence]) -> Future[GrammarMask | None] | None:
+        """The constrained rows' token masks, filled on the mask thread while the step's forward runs (the
+        grammars have taken every token recorded so far; none moves until this step is recorded)."""
+        grammars = [seq.grammar for seq in sampling]
+        if all(grammar is None for grammar in grammars):
+            return None
+        if self._masks is None:
+            self._masks = MaskFiller(self.grammars.vocab_size)
+        return self._mask_thread.submit(self._masks.fill, grammars)
 
     def finish_stopped(self, request_ids: Seq[str]) -> None:
         """End the requests the output processor found a stop string in (already reported finished): their
@@ -334,9 +359,17 @@ class LLMEngine:
         return outputs
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        """The finishes that decide the next batch (stop strings are the output processor's)."""
+        """The finishes that decide the next batch (stop strings are the output processor's). A constrained
+        sequence stops once its constraint is complete."""
         if token in seq.stop_ids:
             return "stop"
+        if seq.grammar is not None:
+            if not seq.grammar.accept(token):
+                seq.error = HerdError(Code.INTERNAL, "the output left its structured constraint: "
+                                                     f"{seq.grammar.error[:200]}")
+                return "error"
+            if seq.grammar.complete:
+                return "stop"
         if seq.num_known >= seq.token_limit:  # max_tokens or the context limit
             return "length"
         return None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from herd.engine.grammar_mask import GrammarMask, allowed
 from herd.engine.penalties import History, apply_penalties
 from herd.engine.sampling_params import SamplingParams
 
@@ -38,16 +39,20 @@ class TokenLogprobs:
 def sample_batch(
     logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int],
     generator: torch.Generator | None, histories: Sequence[History | None] | None = None,
+    mask: GrammarMask | None = None,
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """Next token of each row of float32 logits [B, V], and its log-probabilities where asked. positions[i] is
     how many tokens row i's request has generated so far; a seeded row's draw depends on nothing else.
     Unseeded rows draw from generator (None: torch's global one), which must be on the logits' device.
     histories[i] is row i's tokens where its params penalise or bias them (herd.engine.penalties): those rows
-    choose from the changed logits; their log-probabilities stay the model's."""
+    choose from the changed logits; their log-probabilities stay the model's. mask holds the constrained rows'
+    allowed tokens (herd.engine.grammar_mask): the rest are never chosen, whatever the other settings."""
     if not len(params) == len(positions) == logits.shape[0]:
         raise ValueError(f"{logits.shape[0]} rows of logits, {len(params)} params, {len(positions)} positions")
     raw = logits
     logits = apply_penalties(logits, params, histories or [None] * len(params))
+    if mask is not None:
+        logits = _constrain(logits, raw, mask)
     tokens = logits.argmax(dim=-1)  # [B]
     drawn = [row for row, p in enumerate(params) if not p.greedy]
     if drawn:
@@ -55,6 +60,24 @@ def sample_batch(
         tokens[rows] = _draw(logits[rows], [params[r] for r in drawn], [positions[r] for r in drawn], generator)
     ids: list[int] = tokens.tolist()
     return ids, _logprobs(raw, tokens, ids, params)
+
+
+def _constrain(logits: torch.Tensor, raw: torch.Tensor, mask: GrammarMask) -> torch.Tensor:
+    """The logits [B, V] with the constrained rows' disallowed tokens at -inf (a copy; raw is left alone). A row
+    whose penalties or bias left no allowed token finite chooses among the allowed ones by the raw logits; a row
+    whose mask allows nothing (a constraint in error) is left as it was, and the engine ends it."""
+    out = logits.clone() if logits is raw else logits
+    rows = torch.tensor(mask.rows, dtype=torch.int64, device=logits.device)  # [G]
+    ok = allowed(mask.bits, logits.shape[-1], logits.device)  # [G, V]
+    picked = out[rows].masked_fill(~ok, float("-inf"))  # [G, V]
+    dead = ~torch.isfinite(picked).any(dim=-1) & ok.any(dim=-1)  # [G]
+    if bool(dead.any()):
+        picked[dead] = raw[rows][dead].masked_fill(~ok[dead], float("-inf"))
+    empty = ~ok.any(dim=-1)  # [G]
+    if bool(empty.any()):
+        picked[empty] = out[rows][empty]
+    out[rows] = picked
+    return out
 
 
 def filtered_sorted(

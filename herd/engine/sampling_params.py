@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from herd.engine.errors import SamplingError as SamplingError  # re-exported: the doors import it from here
+from herd.engine.structured_output import StructuredOutput
+
 MAX_STOP_STRINGS = 4
 """Stop strings per request (OpenAI's limit); each is searched for in the new text at every step."""
 MAX_STOP_STRING_CHARS = 256
@@ -34,14 +37,6 @@ PENALTY_LIMIT = 2.0
 """presence_penalty and frequency_penalty are in [-2, 2] (OpenAI's range)."""
 GREEDY_BELOW = 1e-5
 """Temperatures this small sample greedily: dividing logits by them would overflow float32."""
-
-
-class SamplingError(ValueError):
-    """A sampling setting that is refused; `field` names it (the doors report it as the bad parameter)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +82,10 @@ class SamplingParams:
     bad_words: tuple[str, ...] = ()
     """Words never generated (at most MAX_BAD_WORDS of MAX_BAD_WORD_CHARS): each is tokenized as it stands and
     after a space, and a token that would complete one of those token sequences is masked."""
+    structured: StructuredOutput | None = None
+    """Constrain the output to a JSON schema, any JSON object, a regex, a grammar or a choice
+    (herd.engine.structured_output); compiled when the engine takes the request, refused there if it does not
+    compile. The request finishes ("stop") once the constraint is complete."""
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1, high=MAX_TOKENS_LIMIT)
@@ -106,6 +105,8 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", checked_logit_bias(self.logit_bias))
         _check_int("min_tokens", self.min_tokens, low=0, high=self.max_tokens)
         object.__setattr__(self, "bad_words", checked_bad_words(self.bad_words))
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise SamplingError("structured", f"structured must be a StructuredOutput, got {self.structured!r:.80}")
 
     @property
     def penalised(self) -> bool:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from herd.engine.errors import HerdError
+from herd.engine.grammar import Grammar
 from herd.engine.prompt_images import ImageSpan, PromptImages
 from herd.engine.sampling_params import SamplingParams
 
@@ -42,6 +43,8 @@ class Sequence:
     """Token ids that finish this sequence (model end tokens unless ignore_eos, plus stop_token_ids)."""
     bad_words: tuple[tuple[int, ...], ...] = ()
     """The params' bad_words as token sequences (each word as it stands and after a space)."""
+    grammar: Grammar | None = None
+    """Where the output stands in the params' structured constraint (None: unconstrained)."""
     images: PromptImages | None = None
     """The prompt's images (features for its placeholders), kept until the sequence finishes: a preempted
     sequence recomputes its prompt."""

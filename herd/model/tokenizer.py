@@ -114,6 +114,10 @@ class Tokenizer:
         checked = [self._check_id(i) for i in ids]
         return self._backend.decode(checked, skip_special_tokens=skip_special_tokens)
 
+    def backend_json(self) -> str:
+        """The backend's ``tokenizer.json`` text (for libraries that build their own view of the vocabulary)."""
+        return str(self._backend.to_str())
+
     def token_to_id(self, token: str) -> int:
         """Id of the token string ``token``; ``ValueError`` naming it when it is not in the vocabulary."""
         return self._id_or_raise(token, what="token")
