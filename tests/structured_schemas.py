@@ -4,6 +4,8 @@ random-weight model's outputs complete within a test's max_tokens; the constrain
 
 from __future__ import annotations
 
+import ast
+import re
 from typing import Any
 
 SCHEMAS: dict[str, dict[str, Any]] = {
@@ -71,5 +73,16 @@ term: NUMBER | "(" expr ")"
 NUMBER: /[0-9]{1,3}/
 """
 """A Lark grammar: sums and differences of small numbers, parenthesised at most as the generator goes."""
-GRAMMAR_TEXT = r"[0-9()+\-]+"
-"""What any sentence of GRAMMAR is made of (checked with GRAMMAR_CHECK too)."""
+
+
+def in_grammar(text: str) -> bool:
+    """Whether text is a sentence of GRAMMAR: a Python expression (once leading zeros are dropped) made only of
+    numbers of up to 3 digits, binary + and -, and parentheses, with no spaces."""
+    if not re.fullmatch(r"[0-9()+\-]+", text) or any(len(n) > 3 for n in re.findall(r"[0-9]+", text)):
+        return False
+    try:
+        tree = ast.parse(re.sub(r"\b0+([0-9])", r"\1", text), mode="eval")
+    except SyntaxError:
+        return False
+    allowed = (ast.Expression, ast.BinOp, ast.Add, ast.Sub, ast.Constant)
+    return all(isinstance(node, allowed) for node in ast.walk(tree))

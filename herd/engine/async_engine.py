@@ -52,9 +52,12 @@ class AsyncLLMEngine:
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        **options: Unpack[RequestOptions]) -> AsyncGenerator[RequestOutput, None]:
         """Yield the request's output after every step that changes it; the last one has finished=True.
-        A request with images is prepared on a worker thread (the vision tower runs there, not on the loop)."""
+        A request with images or a structured constraint not compiled before is prepared on a worker thread (the
+        vision tower and the grammar compiler run there, not on the loop)."""
         prepare = functools.partial(self.engine.prepare, prompt, params, **options)
-        request = await asyncio.to_thread(prepare) if options.get("images") else prepare()
+        structured = params.structured if params is not None else None
+        off_loop = options.get("images") or (structured is not None and not self.engine.grammars.cached(structured))
+        request = await asyncio.to_thread(prepare) if off_loop else prepare()
         rid = request.seq.request_id
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already in use")

@@ -76,6 +76,11 @@ class GrammarCompiler:
                                                    eos_token=sorted(self._tokenizer.stop_ids))
             return self._llg
 
+    def cached(self, structured: StructuredOutput) -> bool:
+        """Whether the constraint is compiled already (starting it then costs a copy)."""
+        with self._lock:
+            return (structured.kind, structured.spec) in self._cache
+
     def start(self, structured: StructuredOutput) -> Grammar:
         """A new request's Grammar; SamplingError naming the request's field if the constraint does not compile,
         uses what is not supported, or takes longer than the time limit to compile."""

@@ -140,6 +140,18 @@ def offer_tools(tools: Sequence[FunctionTool | Mapping[str, Any]] | None, tool_c
     )
 
 
+def forced_call_schema(offer: ToolOffer, *, parallel: bool = True) -> dict[str, Any]:
+    """The JSON schema a forced tool choice ("required" or a named function) holds the output to: a JSON list of
+    calls ``[{"name": ..., "parameters": {...}}]``, each naming one of the offered functions with arguments that
+    match its parameters' schema; one call at most unless ``parallel``. ``parse_tool_calls`` reads this form."""
+    if not offer.functions:
+        raise ValueError("a forced tool call needs at least one function")
+    calls = [{"type": "object", "properties": {"name": {"const": f.name}, "parameters": f.to_json_dict()["parameters"]},
+              "required": ["name", "parameters"], "additionalProperties": False} for f in offer.functions]
+    items = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return {"type": "array", "items": items, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+
+
 def _function_tools(tools: Sequence[FunctionTool | Mapping[str, Any]] | None) -> tuple[FunctionTool, ...]:
     if tools is None:
         return ()

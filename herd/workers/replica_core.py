@@ -37,6 +37,7 @@ from herd.workers.placement import place_experts
 from herd.workers.replica_config import ReplicaConfig
 from herd.workers.replica_metrics import ReplicaMetrics
 from herd.workers.shard_experts import ShardExperts
+from herd.workers.structured_options import structured_output
 from herd.workers.transport import ExpertTransport, InProcessTransport
 
 tracer = trace.get_tracer("herd.workers.replica")
@@ -128,7 +129,8 @@ class ReplicaCore:
                     yield chunk
         except ValueError as err:
             span.set_status(Status(StatusCode.ERROR, str(err)))
-            raise HerdError(Code.INVALID_ARGUMENT, str(err)) from err
+            field = err.field if isinstance(err, SamplingError) else None
+            raise HerdError(Code.INVALID_ARGUMENT, str(err), param=field) from err
         except HerdError as err:
             span.set_status(Status(StatusCode.ERROR, err.message))
             raise
@@ -224,6 +226,7 @@ class ReplicaCore:
                 logit_bias=tuple(options.logit_bias.items()),
                 min_tokens=options.min_tokens if options.HasField("min_tokens") else 0,
                 bad_words=tuple(options.bad_words),
+                structured=structured_output(options),
             )
         except SamplingError as err:
             raise HerdError(Code.INVALID_ARGUMENT, str(err), param=err.field) from err

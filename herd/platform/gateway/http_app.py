@@ -107,7 +107,8 @@ def create_app(gateway: Gateway, *, max_request_body_bytes: int = MAX_REQUEST_BO
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         prepared = await translate.prepare_chat(gateway, body, _identity(request), image_urls)
-        chunks = gateway.stream(prepared, trace_parent=_trace_parent(request))
+        chunks = translate.named_errors(gateway.stream(prepared, trace_parent=_trace_parent(request)),
+                                        translate.constraint_field(body))
         if body.stream:
             return await _stream(chunks, lambda c: translate.chat_events(body, prepared, c), stream_write_timeout_s,
                                  prepared.request.request_id)
@@ -116,7 +117,8 @@ def create_app(gateway: Gateway, *, max_request_body_bytes: int = MAX_REQUEST_BO
     @app.post("/v1/completions", response_model=Completion, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         prepared = await translate.prepare_completion(gateway, body, _identity(request))
-        chunks = gateway.stream(prepared, trace_parent=_trace_parent(request))
+        chunks = translate.named_errors(gateway.stream(prepared, trace_parent=_trace_parent(request)),
+                                        translate.constraint_field(body))
         if body.stream:
             return await _stream(chunks, lambda c: translate.completion_events(body, prepared, c),
                                  stream_write_timeout_s, prepared.request.request_id)

@@ -93,6 +93,49 @@ class NamedToolChoice(_Strict):
     function: NamedToolChoiceFunction
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = Field(None, description="the schema is enforced either way")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")]
+
+
+class StructuredOutputs(_Strict):
+    """Herd's extension (vLLM's structured_outputs): exactly one constraint."""
+
+    json_: dict[str, Any] | None = Field(None, alias="json", description="a JSON schema")
+    regex: str | None = Field(None, description="matched whole; Rust regex syntax, \\d and \\w ASCII")
+    grammar: str | None = Field(None, description="Lark (llguidance's dialect) or GBNF")
+    choice: list[str] | None = Field(None, description="exactly one of these strings")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        given = [name for name in ("json_", "regex", "grammar", "choice") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("structured_outputs takes exactly one of json, regex, grammar, choice")
+        return self
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -119,6 +162,8 @@ class _Sampling(_Strict):
     repetition_penalty: float | None = Field(None, gt=0, le=INT32_MAX)
     min_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)
     bad_words: list[str] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     # The engine's limits, checked by the engine's own functions, so both doors say the same thing.
     @field_validator("stop")
@@ -139,6 +184,12 @@ class _Sampling(_Strict):
         checked_bad_words(value or [])
         return value
 
+    @model_validator(mode="after")
+    def _one_constraint(self) -> _Sampling:
+        if self.structured_outputs is not None and not isinstance(self.response_format, (TextFormat, type(None))):
+            raise ValueError("response_format and structured_outputs each constrain the output: send one")
+        return self
+
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
@@ -154,12 +205,9 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:
-        if self.response_format not in (None, {"type": "text"}):
-            raise ValueError("response_format other than {'type': 'text'} is not supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self

@@ -6,16 +6,19 @@ around these.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from herd.engine.errors import HerdError
 from herd.engine.sampling_params import checked_logit_bias
-from herd.model.tool_calls import arguments_json, offer_tools, parse_tool_calls
+from herd.model.tool_calls import arguments_json, forced_call_schema, offer_tools, parse_tool_calls
 from herd.platform.gateway.core import Gateway, Prepared
+from herd.platform.gateway.errors import invalid_request
 from herd.platform.gateway.image_urls import ImageUrlPolicy, image_bytes
 from herd.platform.gateway.openai_models import (
     AssistantMessage,
@@ -28,6 +31,8 @@ from herd.platform.gateway.openai_models import (
     CompletionChoice,
     CompletionRequest,
     FunctionCall,
+    JsonObjectFormat,
+    JsonSchemaResponseFormat,
     NamedToolChoice,
     PromptTokensDetails,
     TokenLogprob,
@@ -40,6 +45,9 @@ from herd.protos.herd.v1 import inference_pb2 as pb
 
 def sampling(request: ChatCompletionRequest | CompletionRequest, *, logprobs: int | None) -> pb.SamplingOptions:
     options = pb.SamplingOptions(ignore_eos=request.ignore_eos)
+    structured = _structured(request)
+    if structured is not None:
+        options.structured.CopyFrom(structured)
     max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
     for name, value in (("temperature", request.temperature), ("top_p", request.top_p), ("max_tokens", max_tokens),
                         ("seed", request.seed), ("top_k", request.top_k), ("min_p", request.min_p),
@@ -62,25 +70,86 @@ def sampling(request: ChatCompletionRequest | CompletionRequest, *, logprobs: in
 async def prepare_chat(gateway: Gateway, request: ChatCompletionRequest, identity: Any,
                        image_urls: ImageUrlPolicy) -> Prepared:
     """The chat as the gateway takes it; image_url parts are read (data: URLs) or fetched (http(s), where
-    allowed) by the gateway only once the model is authorised and the image count checked."""
+    allowed) by the gateway only once the model is authorised and the image count checked. A forced tool
+    choice ("required" or a named function) constrains the output to calls of the offered functions."""
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     tools = [t.function.model_dump(exclude_none=True) for t in request.tools or []]
     choice = request.tool_choice
     tool_choice = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+    options = sampling(request, logprobs=logprobs)
+    if tools and tool_choice not in (None, "auto", "none"):
+        if options.HasField("structured"):
+            raise invalid_request("a forced tool_choice constrains the output to tool calls: send response_format "
+                                  "text and no structured_outputs with it", param="tool_choice")
+        try:
+            offer = offer_tools([{"type": "function", "function": t} for t in tools], tool_choice)
+        except ValueError as err:
+            raise invalid_request(str(err), param="tool_choice") from err
+        schema = forced_call_schema(offer, parallel=request.parallel_tool_calls is not False)
+        options.structured.json_schema = json.dumps(schema, separators=(",", ":"))
 
     async def load_image(url: str) -> bytes:
         return await image_bytes(url, image_urls)
 
-    return await gateway.prepare_chat(
-        request.model, [_message(m) for m in request.messages], sampling(request, logprobs=logprobs),
-        tools=[{"type": "function", "function": t} for t in tools] or None, tool_choice=tool_choice, identity=identity,
-        load_image=load_image,
-    )
+    try:
+        return await gateway.prepare_chat(
+            request.model, [_message(m) for m in request.messages], options,
+            tools=[{"type": "function", "function": t} for t in tools] or None, tool_choice=tool_choice,
+            identity=identity, load_image=load_image,
+        )
+    except HerdError as err:
+        raise _renamed(err, constraint_field(request)) from None
+
+
+def _structured(request: ChatCompletionRequest | CompletionRequest) -> pb.StructuredOutput | None:
+    """response_format (json_schema, json_object) or the structured_outputs extension, on the wire."""
+    fmt, ext = request.response_format, request.structured_outputs
+    if isinstance(fmt, JsonSchemaResponseFormat):
+        return pb.StructuredOutput(json_schema=json.dumps(fmt.json_schema.schema_, separators=(",", ":")))
+    if isinstance(fmt, JsonObjectFormat):
+        return pb.StructuredOutput(json_object=True)
+    if ext is None:
+        return None
+    if ext.json_ is not None:
+        return pb.StructuredOutput(json_schema=json.dumps(ext.json_, separators=(",", ":")))
+    if ext.choice is not None:
+        return pb.StructuredOutput(choice=pb.Choices(choices=ext.choice))
+    return pb.StructuredOutput(regex=ext.regex) if ext.regex is not None else pb.StructuredOutput(grammar=ext.grammar)
+
+
+def constraint_field(request: ChatCompletionRequest | CompletionRequest) -> str:
+    """The request field its output constraint came from, named when a replica refuses the constraint."""
+    if request.structured_outputs is not None:
+        return "structured_outputs"
+    if request.response_format is not None and request.response_format.type != "text":
+        return "response_format"
+    return "tool_choice"
+
+
+async def named_errors(chunks: AsyncGenerator[pb.GenerateChunk, None], field: str,
+                       ) -> AsyncGenerator[pb.GenerateChunk, None]:
+    """The chunks, with a replica's refusal of the wire's "structured" field renamed to the request's own."""
+    async with contextlib.aclosing(chunks):  # closing this stream closes (aborts) the request's
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except HerdError as err:
+            raise _renamed(err, field) from None
+
+
+def _renamed(err: HerdError, field: str) -> HerdError:
+    if err.param == "structured":
+        err.param = field
+        err.message = err.message.replace("structured", field, 1)
+    return err
 
 
 async def prepare_completion(gateway: Gateway, request: CompletionRequest, identity: Any) -> Prepared:
-    return await gateway.prepare_text(request.model, request.prompt, sampling(request, logprobs=request.logprobs),
-                                      identity=identity)
+    try:
+        return await gateway.prepare_text(request.model, request.prompt,
+                                          sampling(request, logprobs=request.logprobs), identity=identity)
+    except HerdError as err:
+        raise _renamed(err, constraint_field(request)) from None
 
 
 def _message(message: ChatMessage) -> dict[str, Any]:

@@ -12,12 +12,15 @@ from __future__ import annotations
 from herd.engine.sampling_params import SamplingError, SamplingParams
 from herd.platform.gateway.errors import invalid_request
 from herd.protos.herd.v1 import inference_pb2 as pb
+from herd.workers.structured_options import structured_output
 
 
 def check_sampling(options: pb.SamplingOptions) -> None:
     """Refuse (invalid_request, param = the field) options outside the engine's limits; the fields left unset
     take the engine's defaults. A repeated field's count is checked before its items are read."""
     try:
-        SamplingParams(**{field.name: value for field, value in options.ListFields()})
+        fields = {field.name: value for field, value in options.ListFields()}
+        fields["structured"] = structured_output(options)
+        SamplingParams(**fields)
     except SamplingError as err:
         raise invalid_request(str(err), param=err.field) from err
