@@ -63,20 +63,18 @@ def sample_batch(
 
 
 def _constrain(logits: torch.Tensor, raw: torch.Tensor, mask: GrammarMask) -> torch.Tensor:
-    """The logits [B, V] with the constrained rows' disallowed tokens at -inf (a copy; raw is left alone). A row
-    whose penalties or bias left no allowed token finite chooses among the allowed ones by the raw logits; a row
-    whose mask allows nothing (a constraint in error) is left as it was, and the engine ends it."""
+    """The logits [B, V] with the constrained rows' disallowed tokens at -inf (a copy; raw is left alone), by one
+    add of -inf. A row whose penalties or bias left no allowed token finite chooses among the allowed ones by the
+    raw logits; a row whose mask allows nothing (a constraint in error) is left as it was, and the engine ends it."""
     out = logits.clone() if logits is raw else logits
     rows = torch.tensor(mask.rows, dtype=torch.int64, device=logits.device)  # [G]
     ok = allowed(mask.bits, logits.shape[-1], logits.device)  # [G, V]
-    picked = out[rows].masked_fill(~ok, float("-inf"))  # [G, V]
-    dead = ~torch.isfinite(picked).any(dim=-1) & ok.any(dim=-1)  # [G]
+    usable = ok.any(dim=-1, keepdim=True)  # [G, 1]
+    block = torch.zeros(ok.shape, dtype=out.dtype, device=out.device).masked_fill_(~ok & usable, float("-inf"))
+    out.index_add_(0, rows, block)
+    dead = ~torch.isfinite(out.index_select(0, rows)).any(dim=-1)  # [G]; an unusable row is never dead
     if bool(dead.any()):
-        picked[dead] = raw[rows][dead].masked_fill(~ok[dead], float("-inf"))
-    empty = ~ok.any(dim=-1)  # [G]
-    if bool(empty.any()):
-        picked[empty] = out[rows][empty]
-    out[rows] = picked
+        out[rows[dead]] = raw.index_select(0, rows[dead]) + block[dead]
     return out
 
 

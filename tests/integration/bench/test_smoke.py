@@ -29,6 +29,8 @@ SMOKE = {
                  lambda tmp: ["--checkpoint", str(tmp / "scout"), "--log-dir", str(tmp / "logs")]),
     "serve_breakdown.py": ("| stage | output tokens | wall s | output tok/s | vs engine |",
                            lambda tmp: ["--checkpoint", str(tmp / "scout"), "--log-dir", str(tmp / "logs")]),
+    "structured_output.py": ("| run | batch | output tokens | wall s (median) | output tok/s | vs unconstrained |",
+                             lambda tmp: ["--checkpoint", str(tmp / "scout")]),
     "soak.py": ("| t_s | gateway_mib | replica_mib | shard0_mib | shard1_mib | kv_blocks |", lambda tmp: []),
 }
 NOT_HERE = {"__init__.py", "common.py", "expert_balance.py", "gpu_check.py", "quantized_experts.py"}
