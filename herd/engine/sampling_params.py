@@ -87,6 +87,9 @@ class SamplingParams:
     bad_words: tuple[str, ...] = ()
     """Words never generated (at most MAX_BAD_WORDS of MAX_BAD_WORD_CHARS): each is tokenized as it stands and
     after a space, and a token that would complete one of those token sequences is masked."""
+    prompt_logprobs: int | None = None
+    """Return each prompt token's log-probability given the tokens before it, and this many top alternatives
+    (0..MAX_LOGPROBS); computed in the prefill, so such a request takes no prefix-cache hit for its prompt."""
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1, high=MAX_TOKENS_LIMIT)
@@ -98,6 +101,8 @@ class SamplingParams:
             _check_int("seed", self.seed, low=0, high=MAX_SEED)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_LOGPROBS)
         object.__setattr__(self, "stop", checked_stop(self.stop))
         object.__setattr__(self, "stop_token_ids", checked_stop_token_ids(self.stop_token_ids))
         _check_number("presence_penalty", self.presence_penalty, low=-PENALTY_LIMIT, high=PENALTY_LIMIT)
