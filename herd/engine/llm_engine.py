@@ -351,7 +351,7 @@ class LLMEngine:
         return CoreOutput(
             request_id=seq.request_id, new_token_ids=tokens,
             new_logprobs=[logprobs] if logprobs is not None and seq.params.logprobs is not None else None,
-            prompt_logprobs=prompt_logprobs.delivered(seq) if tokens else None,
+            prompt_logprobs=prompt_logprobs.delivered(seq) if tokens and seq.prompt_logprobs is not None else None,
             finish_reason=seq.finish_reason, error=seq.error, num_cached_tokens=seq.num_cached_prompt_tokens,
             scheduled_ns=seq.scheduled_ns, first_token_ns=seq.first_token_ns, finished_ns=seq.finished_ns,
         )
