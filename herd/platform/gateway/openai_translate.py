@@ -250,8 +250,11 @@ async def chat_events(
             "created": int(time.time()), "model": request.model}
     names = tool_names(request)
 
-    def event(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+    def event(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None,
+              prompt_logprobs: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        if prompt_logprobs is not None:
+            choice["prompt_logprobs"] = prompt_logprobs
         return {**base, "choices": [choice]}
 
     yield event({"role": "assistant", "content": ""})
@@ -259,10 +262,13 @@ async def chat_events(
     async for chunk in chunks:
         count += len(chunk.token_ids)
         lp = chat_logprobs(list(chunk.logprobs)).model_dump() if request.logprobs and chunk.logprobs else None
+        scored = _prompt_logprobs(request, list(chunk.prompt_logprobs)) if chunk.prompt_logprobs else None
         if names:
             held += chunk.text
-        elif chunk.text or lp:
-            yield event({"content": chunk.text}, logprobs=lp)
+            if scored is not None:
+                yield event({}, prompt_logprobs=scored)
+        elif chunk.text or lp or scored is not None:
+            yield event({"content": chunk.text}, logprobs=lp, prompt_logprobs=scored)
         if chunk.finish_reason:
             final = chunk
     finish = final.finish_reason if final is not None else None

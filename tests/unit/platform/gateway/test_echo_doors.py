@@ -147,3 +147,17 @@ def test_grpc_prompt_logprobs_and_echo_on_the_first_chunk(gateway, core):
     assert sum(len(c.token_ids) for c in chunks) == 5 == chunks[-1].usage.completion_tokens
     assert refused is not None and refused.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prompt_logprobs" in refused.details()
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_streamed_prompt_logprobs_come_once_in_an_early_event(gateway, path):
+    body = dict(PLAIN, prompt_logprobs=1, stream=True, stream_options={"include_usage": True})
+    if path.endswith("chat/completions"):
+        body = {k: v for k, v in body.items() if k != "prompt"} | {"messages": [{"role": "user", "content": PROMPT}]}
+    reply = _post(gateway, path, body)
+    assert reply.status_code == 200, reply.text
+    events = _events(reply.text)
+    choices = [e["choices"][0] for e in events if e["choices"]]
+    scored = [c["prompt_logprobs"] for c in choices if "prompt_logprobs" in c]
+    assert len(scored) == 1 and scored[0][0] is None
+    assert len(scored[0]) == events[-1]["usage"]["prompt_tokens"]
