@@ -62,7 +62,9 @@ class KVCacheManager:
 
     # --- the scheduler's questions -------------------------------------------------------------
     def admit(self, seq: Sequence) -> None:
-        """Give a waiting sequence its tables, starting from the longest usable cached prefix."""
+        """Give a waiting sequence its tables, starting from the longest usable cached prefix. A sequence still
+        owed prompt logprobs takes no cached block past the positions it has scored (Sequence.cacheable_tokens):
+        a new one computes its whole prompt, since cached tokens have no logits."""
         self._tables[seq.request_id] = {group: [] for group in self.pools}
         self._hashes[seq.request_id] = []
         seq.num_computed = 0
@@ -70,8 +72,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         known = seq.token_ids()
-        keys = block_hashes(known[: len(known) - 1], self.block_size, seq.cache_salt,  # leave a token to compute
-                            images=seq.image_spans)
+        usable = min(len(known) - 1, seq.cacheable_tokens)  # leave a token to compute
+        keys = block_hashes(known[:usable], self.block_size, seq.cache_salt, images=seq.image_spans)
         hit = self._longest_usable_prefix(keys)
         tables = self._tables[seq.request_id]
         if FULL in self.pools:

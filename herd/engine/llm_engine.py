@@ -20,18 +20,20 @@ from typing import TypedDict, Unpack
 
 import torch
 
+from herd.engine import prompt_logprobs
 from herd.engine.config import EngineConfig
 from herd.engine.detokenizer import IncrementalDetokenizer
 from herd.engine.errors import Code, HerdError
 from herd.engine.grammar import GrammarCompiler
 from herd.engine.grammar_mask import GrammarMask, MaskFiller
 from herd.engine.kv_cache_manager import KVCacheManager
-from herd.engine.model_runner import ModelRunner
+from herd.engine.model_runner import ModelRunner, StepLogits
 from herd.engine.output_processor import CoreOutput, OutputProcessor, RequestState
 from herd.engine.outputs import RequestOutput
 from herd.engine.paged_kv import PagedKVCache
 from herd.engine.penalties import History, needs_history
 from herd.engine.prompt_images import ImageInput, PromptImages, pixel_digest
+from herd.engine.prompt_logprobs import ScoredPrompt
 from herd.engine.sampler import TokenLogprobs, sample_batch
 from herd.engine.sampling_params import SamplingError, SamplingParams
 from herd.engine.scheduler import Scheduler, SchedulerOutput
@@ -216,13 +218,13 @@ class LLMEngine:
         sampling = [c.seq for c in scheduled.chunks if c.samples]
         masks = self._start_masks(sampling)
         try:
-            logits = self.runner.run(scheduled.chunks) if scheduled.chunks else None
+            step = self.runner.run(scheduled.chunks) if scheduled.chunks else None
         except HerdError as err:
             return self._fail(scheduled, err)
         self.scheduler.on_step_done(scheduled)
-        if logits is None:
+        if step is None:
             return self._record([], [], [])
-        return self._record(sampling, *self._sample(logits, sampling, masks))
+        return self._record(sampling, *self._sample(step.sampled, sampling, masks), step.prompt)
 
     def _overlapped_step(self) -> list[CoreOutput]:
         """Async scheduling: this step (scheduled during the last one's forward) is laid out here, then computed
@@ -264,15 +266,17 @@ class LLMEngine:
                      for form in (word, " " + word.lstrip())}
         return tuple(sorted(s for s in sequences if s))
 
-    def _forward_and_sample(self, forward: Callable[[], torch.Tensor], params: list[SamplingParams],
+    def _forward_and_sample(self, forward: Callable[[], StepLogits], params: list[SamplingParams],
                             positions: list[int], histories: list[History | None],
                             masks: Future[GrammarMask | None] | None,
-                            ) -> tuple[list[int], list[TokenLogprobs | None]]:
+                            ) -> tuple[list[int], list[TokenLogprobs | None], list[ScoredPrompt]]:
         """On the model thread: nothing here reads the engine's state, which the scheduler changes meanwhile
-        (the histories are copies; the masks were read from the grammars when the step was laid out)."""
-        logits = forward()
-        return sample_batch(logits, params, positions, self._generator, histories,
-                            masks.result() if masks is not None else None)
+        (the histories are copies; the prompt rows were planned and the masks read from the grammars when the
+        step was laid out)."""
+        step = forward()
+        sampled = sample_batch(step.sampled, params, positions, self._generator, histories,
+                               masks.result() if masks is not None else None)
+        return *sampled, step.prompt
 
     def _sample(self, logits: torch.Tensor, sampling: list[Sequence], masks: Future[GrammarMask | None] | None,
                 ) -> tuple[list[int], list[TokenLogprobs | None]]:
@@ -331,8 +335,10 @@ class LLMEngine:
 
     # --- internals ----------------------------------------------------------------------------------
     def _record(self, sampling: list[Sequence], tokens: list[int], logprobs_per_row: list[TokenLogprobs | None],
-                ) -> list[CoreOutput]:
-        """The sampled tokens appended and the finishes they make; the aborted requests' ends reported."""
+                scored: Seq[ScoredPrompt] = ()) -> list[CoreOutput]:
+        """The prompt tokens scored and the sampled tokens appended (a first token carries its prompt's scores),
+        the finishes they make; the aborted requests' ends reported."""
+        prompt_logprobs.record(scored)
         outputs = [self._core_output(seq, []) for seq in self._aborted]
         self._aborted.clear()
         now = time.time_ns()
@@ -379,6 +385,7 @@ class LLMEngine:
         return CoreOutput(
             request_id=seq.request_id, new_token_ids=tokens,
             new_logprobs=[logprobs] if logprobs is not None and seq.params.logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs.delivered(seq) if tokens and seq.prompt_logprobs is not None else None,
             finish_reason=seq.finish_reason, error=seq.error, num_cached_tokens=seq.num_cached_prompt_tokens,
             scheduled_ns=seq.scheduled_ns, first_token_ns=seq.first_token_ns, finished_ns=seq.finished_ns,
         )

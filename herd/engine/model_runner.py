@@ -1,11 +1,13 @@
 """Runs one scheduled step: a mixed batch of prefill chunks and decodes, through the model's own forward.
 
-Legend: N tokens in the step, C chunks (one per scheduled sequence), V vocab, M image tokens in the step.
+Legend: N tokens in the step, C chunks (one per scheduled sequence), V vocab, M image tokens in the step,
+P prompt rows scored for prompt logprobs.
 
 The runner only lays the step out: every chunk's tokens and positions end to end, the rows that take
 image features (a chunk boundary may fall inside an image, so features are placed chunk by chunk), the
 rows whose logits are sampled, and the step's view of the paged KV cache (herd.engine.paged_attention).
-The arithmetic is the model's.
+The arithmetic is the model's. The chunks of requests asking for prompt logprobs have their prompt rows'
+logits computed by the same forward, after the sampled rows, and scored at once (herd.engine.prompt_logprobs).
 
 A pure-decode step (every chunk one token that samples) takes the static path instead when the engine config
 says so (EngineConfig.use_static_decode): padded to a batch bucket on persistent buffers, replayed as a CUDA graph
@@ -16,16 +18,28 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
+from herd.engine import prompt_logprobs
 from herd.engine.config import EngineConfig
 from herd.engine.decode_graphs import StaticDecode, token_at
 from herd.engine.kv_cache_manager import KVCacheManager
 from herd.engine.paged_attention import PagedAttention
 from herd.engine.paged_kv import PagedKVCache
+from herd.engine.prompt_logprobs import ScoredPrompt
 from herd.engine.scheduler import ScheduledChunk
 from herd.model.llama4 import Llama4Model
+
+
+@dataclass(frozen=True)
+class StepLogits:
+    """What a step's forward gives: the sampling chunks' logits, and the prompt tokens it scored."""
+
+    sampled: torch.Tensor
+    """float32 [C_sampling, V], for the chunks that sample, in order."""
+    prompt: list[ScoredPrompt] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -45,30 +59,36 @@ class ModelRunner:
             max_graphs=config.max_cuda_graphs,
         ) if config.use_static_decode else None
 
-    def run(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
-        """Compute every chunk; return float32 logits [C_sampling, V] for the chunks that sample, in order."""
+    def run(self, chunks: Sequence[ScheduledChunk]) -> StepLogits:
+        """Compute every chunk; return the sampling chunks' float32 logits and the prompt tokens scored."""
         return self.prepare(chunks)()
 
     @torch.inference_mode()
-    def prepare(self, chunks: Sequence[ScheduledChunk]) -> Callable[[], torch.Tensor]:
-        """Lay the step out now (tokens, block tables and the attention plan are read here, on the caller's
-        thread); the call returned runs the model on what was read, so it may run on another thread while the
-        caller goes on to schedule the next step."""
-        if self.static is not None and self.static.takes(chunks):
-            return self.static.prepare(chunks)
+    def prepare(self, chunks: Sequence[ScheduledChunk]) -> Callable[[], StepLogits]:
+        """Lay the step out now (tokens, block tables, the attention plan and the prompt rows to score are read
+        here, on the caller's thread); the call returned runs the model on what was read, so it may run on
+        another thread while the caller goes on to schedule the next step."""
+        if self.static is not None and self.static.takes(chunks):  # pure decodes: no prompt rows
+            static = self.static.prepare(chunks)
+            return lambda: StepLogits(static())
         ids, positions = self._tokens(chunks)  # [N], [N]
         image_rows, image_embeds = self._images(chunks)  # [M], [M, H]
         ends = itertools.accumulate(c.num_tokens for c in chunks)
-        sampled = torch.tensor([end - 1 for end, c in zip(ends, chunks, strict=True) if c.samples], dtype=torch.long)
+        sampling = [end - 1 for end, c in zip(ends, chunks, strict=True) if c.samples]
+        scoring = prompt_logprobs.plan(chunks)
+        logit_rows = torch.tensor(sampling + prompt_logprobs.rows(scoring), dtype=torch.long)  # [C_sampling + P]
         context = PagedAttention.for_step(chunks, self.kv, self.cache, self.device)
         if self.device.type == "cuda":  # the model reads ids on the host, then copies without blocking: pin them
-            ids, positions, sampled = ids.pin_memory(), positions.pin_memory(), sampled.pin_memory()
+            ids, positions, logit_rows = ids.pin_memory(), positions.pin_memory(), logit_rows.pin_memory()
 
         @torch.inference_mode()
-        def forward() -> torch.Tensor:
+        def forward() -> StepLogits:
             logits: torch.Tensor = self.model(ids, positions, context, image_embeds=image_embeds,
-                                              image_rows=image_rows, logit_rows=sampled)  # [C_sampling, V]
-            return logits.float()
+                                              image_rows=image_rows, logit_rows=logit_rows)  # [C_sampling + P, V]
+            logits = logits.float()
+            if not scoring:
+                return StepLogits(logits)
+            return StepLogits(logits[: len(sampling)], prompt_logprobs.score(scoring, logits[len(sampling) :]))
 
         return forward
 

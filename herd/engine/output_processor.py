@@ -35,6 +35,8 @@ class CoreOutput:
     new_logprobs: list[TokenLogprobs] | None
     finish_reason: str | None = None  # "stop" (a stop token), "length", "abort", "error"; None: running
     error: HerdError | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """The prompt's scores (herd.engine.prompt_logprobs), on the request's first output with a token."""
     num_cached_tokens: int = 0
     scheduled_ns: int = 0
     first_token_ns: int = 0
@@ -57,6 +59,7 @@ class RequestState:
     reported_tokens: int = 0
     reported_chars: int = 0
     text_end: int | None = None  # where a stop string cut the text
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # once the core delivered them
 
 
 @dataclass
@@ -91,6 +94,8 @@ class OutputProcessor:
             if state is None:  # finished by a stop string while the core ran on
                 continue
             reason = core.finish_reason
+            if core.prompt_logprobs is not None:
+                state.prompt_logprobs = core.prompt_logprobs
             if core.new_token_ids:
                 state.token_ids += core.new_token_ids
                 if state.logprobs is not None and core.new_logprobs is not None:
@@ -132,6 +137,7 @@ class OutputProcessor:
             finished=finished,
             finish_reason=reason,
             logprobs=list(state.logprobs) if state.logprobs is not None else None,
+            prompt_logprobs=state.prompt_logprobs,
             num_cached_tokens=core.num_cached_tokens,
             error=core.error,
             times=RequestTimes(state.arrived_ns, core.scheduled_ns, core.first_token_ns,

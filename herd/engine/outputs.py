@@ -35,4 +35,7 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     error: HerdError | None = None  # why, when finish_reason is "error"
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """When asked: one per prompt token, the first None (nothing precedes it); on every output from the first
+    that carries a token (the same list each time)."""
     times: RequestTimes | None = None  # on the finished output only

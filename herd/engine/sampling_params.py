@@ -86,6 +86,9 @@ class SamplingParams:
     """Constrain the output to a JSON schema, any JSON object, a regex, a grammar or a choice
     (herd.engine.structured_output); compiled when the engine takes the request, refused there if it does not
     compile. The request finishes ("stop") once the constraint is complete."""
+    prompt_logprobs: int | None = None
+    """Return each prompt token's log-probability given the tokens before it, and this many top alternatives
+    (0..MAX_LOGPROBS); computed in the prefill, so such a request takes no prefix-cache hit for its prompt."""
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1, high=MAX_TOKENS_LIMIT)
@@ -97,6 +100,8 @@ class SamplingParams:
             _check_int("seed", self.seed, low=0, high=MAX_SEED)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_LOGPROBS)
         object.__setattr__(self, "stop", checked_stop(self.stop))
         object.__setattr__(self, "stop_token_ids", checked_stop_token_ids(self.stop_token_ids))
         _check_number("presence_penalty", self.presence_penalty, low=-PENALTY_LIMIT, high=PENALTY_LIMIT)

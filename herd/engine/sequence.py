@@ -13,11 +13,15 @@ import itertools
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from herd.engine.errors import HerdError
 from herd.engine.grammar import Grammar
 from herd.engine.prompt_images import ImageSpan, PromptImages
 from herd.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from herd.engine.sampler import TokenLogprobs  # a type only: the scheduler's side imports no torch
 
 _arrivals = itertools.count()
 
@@ -66,6 +70,13 @@ class Sequence:
     scheduled_ns: int = 0
     first_token_ns: int = 0
     finished_ns: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """The prompt tokens scored so far, from the first (None: nothing precedes it), when the params ask for
+    prompt logprobs (herd.engine.prompt_logprobs); None when they do not."""
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def num_known(self) -> int:
@@ -76,6 +87,15 @@ class Sequence:
     def ends_in_flight(self) -> bool:
         """The token a step in flight is sampling will be the last (by length): nothing to schedule after it."""
         return self.num_pending > 0 and self.num_known >= self.token_limit
+
+    @property
+    def cacheable_tokens(self) -> int:
+        """Known tokens the prefix cache may serve at admission: all of them, but while the prompt logprobs
+        are not all scored only the positions already scored (a cached position computes no logits)."""
+        scored = self.prompt_logprobs
+        if scored is None or len(scored) >= len(self.prompt_ids):
+            return self.num_known
+        return len(scored) - 1
 
     def token_ids(self) -> list[int]:
         """Every known token: prompt then output."""

@@ -122,8 +122,9 @@ class ReplicaCore:
                 tenant_id=tenant.tenant_id or "default", tenant_weight=tenant.weight or 1.0,
                 sharing_group=tenant.sharing_group or None, images=images,
             )
+            echo = self.tokenizer.decode(prompt, skip_special_tokens=True) if request.sampling.echo else ""
             chunks = merged_chunks(stream, self._stream_interval_s, self._piece,
-                                   check=functools.partial(self._check, span))
+                                   check=functools.partial(self._check, span), echo=echo)
             async with contextlib.aclosing(stream), contextlib.aclosing(chunks):  # aborts the request, frees its blocks
                 async for chunk in chunks:
                     yield chunk
@@ -227,6 +228,7 @@ class ReplicaCore:
                 min_tokens=options.min_tokens if options.HasField("min_tokens") else 0,
                 bad_words=tuple(options.bad_words),
                 structured=structured_output(options),
+                prompt_logprobs=options.prompt_logprobs if options.HasField("prompt_logprobs") else None,
             )
         except SamplingError as err:
             raise HerdError(Code.INVALID_ARGUMENT, str(err), param=err.field) from err
@@ -262,14 +264,17 @@ def stream_interval_s(base_s: float, streams: int) -> float:
 
 
 class _Pending:
-    """What a stream has not sent yet: the text, tokens and logprobs of the outputs since its last message."""
+    """What a stream has not sent yet: the text, tokens and logprobs of the outputs since its last message (the
+    first message's also the echoed prompt text and the prompt's logprobs)."""
 
-    __slots__ = ("logprobs", "text", "token_ids")
+    __slots__ = ("logprobs", "prompt", "prompt_logprobs", "text", "token_ids")
 
-    def __init__(self) -> None:
-        self.text: list[str] = []
+    def __init__(self, echo: str = "") -> None:
+        self.text: list[str] = [echo] if echo else []
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprobs] = []
+        self.prompt: list[int] = []
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def add(self, out: RequestOutput) -> None:
         self.text.append(out.delta_text)
@@ -280,11 +285,11 @@ class _Pending:
     def chunk(self, last: RequestOutput, piece: Callable[[int], str]) -> pb.GenerateChunk:
         """One message with all of it, and `last`'s ending (finish reason, usage) when it finished."""
         chunk = pb.GenerateChunk(request_id=last.request_id, text="".join(self.text), token_ids=self.token_ids)
-        for lp in self.logprobs:
-            chunk.logprobs.append(pb.TokenLogprob(
-                token_id=lp.token_id, token=piece(lp.token_id), logprob=lp.logprob,
-                top=[pb.TopLogprob(token_id=t, token=piece(t), logprob=v) for t, v in lp.top],
-            ))
+        chunk.logprobs.extend(_token_logprob(lp, piece) for lp in self.logprobs)
+        if self.prompt_logprobs is not None:  # the first prompt token has none: only its token (see the proto)
+            chunk.prompt_logprobs.extend(
+                _token_logprob(lp, piece) if lp is not None else pb.TokenLogprob(token_id=t, token=piece(t))
+                for t, lp in zip(self.prompt, self.prompt_logprobs, strict=True))
         if last.finished:
             chunk.finish_reason = last.finish_reason or ""
             chunk.usage.CopyFrom(pb.Usage(prompt_tokens=len(last.prompt_token_ids),
@@ -292,16 +297,26 @@ class _Pending:
         return chunk
 
 
+def _token_logprob(lp: TokenLogprobs, piece: Callable[[int], str]) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=lp.token_id, token=piece(lp.token_id), logprob=lp.logprob,
+                           top=[pb.TopLogprob(token_id=t, token=piece(t), logprob=v) for t, v in lp.top])
+
+
 async def merged_chunks(outputs: AsyncIterator[RequestOutput], interval_s: Callable[[], float],
                         piece: Callable[[int], str], *, check: Callable[[RequestOutput], None] = lambda _: None,
-                        clock: Callable[[], float] = time.monotonic) -> AsyncGenerator[pb.GenerateChunk, None]:
+                        clock: Callable[[], float] = time.monotonic, echo: str = "",
+                        ) -> AsyncGenerator[pb.GenerateChunk, None]:
     """A request's outputs as GenerateChunks: the first at once, then one per `interval_s()` seconds with
     everything that came meanwhile, and the last (finished) at once. Each message is built once, from the
-    outputs it carries (`piece` spells a logprob's token); `check` sees every output first (and may raise)."""
-    pending, sent_at = _Pending(), None
+    outputs it carries (`piece` spells a logprob's token); `check` sees every output first (and may raise).
+    The first message's text starts with `echo` (the prompt's text, when the request asks for it); the
+    prompt's logprobs go out once, in the first message after the engine delivers them (with the first token)."""
+    pending, sent_at, prompt_sent = _Pending(echo), None, False
     async for out in outputs:
         check(out)
         pending.add(out)
+        if not prompt_sent and out.prompt_logprobs is not None:
+            pending.prompt, pending.prompt_logprobs, prompt_sent = out.prompt_token_ids, out.prompt_logprobs, True
         now = clock()
         if out.finished or sent_at is None or now - sent_at >= interval_s():
             yield pending.chunk(out, piece)

@@ -164,6 +164,8 @@ class _Sampling(_Strict):
     bad_words: list[str] | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="each prompt token's logprob and "
+                                        "this many alternatives, as a top-level prompt_logprobs list per choice")
 
     # The engine's limits, checked by the engine's own functions, so both doors say the same thing.
     @field_validator("stop")
@@ -216,14 +218,8 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[int]
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = Field(False, description="not supported: must be false")
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported")
-        return value
+    echo: bool = Field(False, description="the text starts with the prompt's; with logprobs, they cover the prompt "
+                                          "tokens too (the first null)")
 
 
 # --- responses --------------------------------------------------------------------------------------
@@ -263,6 +259,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     finish_reason: str | None
     logprobs: ChoiceLogprobs | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's, when asked
 
 
 class ChatCompletion(BaseModel):
@@ -279,6 +276,7 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: str | None
     logprobs: dict[str, Any] | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's, when asked
 
 
 class Completion(BaseModel):

@@ -53,7 +53,8 @@ def sampling(request: ChatCompletionRequest | CompletionRequest, *, logprobs: in
                         ("seed", request.seed), ("top_k", request.top_k), ("min_p", request.min_p),
                         ("logprobs", logprobs), ("presence_penalty", request.presence_penalty),
                         ("frequency_penalty", request.frequency_penalty),
-                        ("repetition_penalty", request.repetition_penalty), ("min_tokens", request.min_tokens)):
+                        ("repetition_penalty", request.repetition_penalty), ("min_tokens", request.min_tokens),
+                        ("prompt_logprobs", request.prompt_logprobs)):
         if value is not None:
             setattr(options, name, value)
     for token, bias in checked_logit_bias(request.logit_bias or {}):
@@ -145,9 +146,15 @@ def _renamed(err: HerdError, field: str) -> HerdError:
 
 
 async def prepare_completion(gateway: Gateway, request: CompletionRequest, identity: Any) -> Prepared:
+    """With echo the replica puts the prompt's text first, and with logprobs too scores the prompt (as many
+    alternatives as logprobs or prompt_logprobs asks, whichever is more)."""
+    options = sampling(request, logprobs=request.logprobs)
+    if request.echo:
+        options.echo = True
+        if request.logprobs is not None:
+            options.prompt_logprobs = max(request.logprobs, request.prompt_logprobs or 0)
     try:
-        return await gateway.prepare_text(request.model, request.prompt,
-                                          sampling(request, logprobs=request.logprobs), identity=identity)
+        return await gateway.prepare_text(request.model, request.prompt, options, identity=identity)
     except HerdError as err:
         raise _renamed(err, constraint_field(request)) from None
 
@@ -176,6 +183,7 @@ class Collected:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[pb.TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[pb.TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     usage: pb.Usage | None = None
 
@@ -186,6 +194,7 @@ async def collect(chunks: AsyncIterator[pb.GenerateChunk]) -> Collected:
         out.text += chunk.text
         out.token_ids += list(chunk.token_ids)
         out.logprobs += list(chunk.logprobs)
+        out.prompt_logprobs += list(chunk.prompt_logprobs)
         if chunk.finish_reason:
             out.finish_reason = chunk.finish_reason
             out.usage = chunk.usage
@@ -209,13 +218,34 @@ def chat_logprobs(entries: list[pb.TokenLogprob]) -> ChoiceLogprobs:
     ])
 
 
-def completion_logprobs(entries: list[pb.TokenLogprob]) -> dict[str, Any]:
-    offsets, at = [], 0
+def completion_logprobs(entries: list[pb.TokenLogprob], *, special: frozenset[int] = frozenset(), start: int = 0,
+                        unscored: int = 0, top: int | None = None) -> dict[str, Any]:
+    """OpenAI's legacy logprobs object. text_offset is where each token's text starts in the choice's text,
+    counting from `start` (a special token spells none of it: the text leaves them out); the first `unscored`
+    entries (the first prompt token, with echo) have null logprob and top_logprobs; `top` alternatives at most."""
+    offsets, at = [], start
     for e in entries:
         offsets.append(at)
-        at += len(e.token)
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries], "text_offset": offsets}
+        at += 0 if e.token_id in special else len(e.token)
+    return {"tokens": [e.token for e in entries],
+            "token_logprobs": [None if i < unscored else e.logprob for i, e in enumerate(entries)],
+            "top_logprobs": [None if i < unscored else {t.token: t.logprob for t in e.top[:top]}
+                             for i, e in enumerate(entries)],
+            "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(entries: list[pb.TokenLogprob], top: int) -> list[dict[str, Any] | None]:
+    """vLLM's prompt_logprobs: None for the first prompt token, then per token {token id: {logprob, rank,
+    decoded_token}} for the token itself (first; rank null when it is not among the alternatives returned) and
+    its `top` alternatives (rank 1 first)."""
+    out: list[dict[str, Any] | None] = [None] if entries else []
+    for e in entries[1:]:
+        rank = next((i + 1 for i, t in enumerate(e.top) if t.token_id == e.token_id), None)
+        scored = {str(e.token_id): {"logprob": e.logprob, "rank": rank, "decoded_token": e.token}}
+        for i, t in enumerate(e.top[:top]):
+            scored.setdefault(str(t.token_id), {"logprob": t.logprob, "rank": i + 1, "decoded_token": t.token})
+        out.append(scored)
+    return out
 
 
 def tool_names(request: ChatCompletionRequest) -> list[str]:
@@ -248,14 +278,34 @@ def chat_completion(request: ChatCompletionRequest, prepared: Prepared, got: Col
     message, called = assistant_message(got.text, tool_names(request))
     finish = "tool_calls" if called else got.finish_reason
     choice = ChatChoice(message=message, finish_reason=finish,
-                        logprobs=chat_logprobs(got.logprobs) if request.logprobs else None)
+                        logprobs=chat_logprobs(got.logprobs) if request.logprobs else None,
+                        prompt_logprobs=_prompt_logprobs(request, got.prompt_logprobs))
     return ChatCompletion(id=f"chatcmpl-{prepared.request.request_id}", created=int(time.time()), model=request.model,
                           choices=[choice], usage=usage(prepared, got.usage, len(got.token_ids)))
 
 
+def _prompt_logprobs(request: ChatCompletionRequest | CompletionRequest,
+                     entries: list[pb.TokenLogprob]) -> list[dict[str, Any] | None] | None:
+    return vllm_prompt_logprobs(entries, request.prompt_logprobs) if request.prompt_logprobs is not None else None
+
+
+def _echoed(request: CompletionRequest, chunk_entries: list[pb.TokenLogprob],
+            prompt_entries: list[pb.TokenLogprob]) -> tuple[list[pb.TokenLogprob], int]:
+    """The entries a completion's logprobs cover: with echo the prompt's first (the first unscored)."""
+    if request.echo and prompt_entries:
+        return prompt_entries + chunk_entries, 1
+    return chunk_entries, 0
+
+
 def completion(request: CompletionRequest, prepared: Prepared, got: Collected) -> Completion:
-    choice = CompletionChoice(text=got.text, finish_reason=got.finish_reason,
-                              logprobs=completion_logprobs(got.logprobs) if request.logprobs is not None else None)
+    """The text is the replica's (the prompt's first, with echo)."""
+    logprobs = None
+    if request.logprobs is not None:
+        entries, unscored = _echoed(request, got.logprobs, got.prompt_logprobs)
+        logprobs = completion_logprobs(entries, special=prepared.backend.tokenizer.special_ids, unscored=unscored,
+                                       top=request.logprobs)
+    choice = CompletionChoice(text=got.text, finish_reason=got.finish_reason, logprobs=logprobs,
+                              prompt_logprobs=_prompt_logprobs(request, got.prompt_logprobs))
     return Completion(id=f"cmpl-{prepared.request.request_id}", created=int(time.time()), model=request.model,
                       choices=[choice], usage=usage(prepared, got.usage, len(got.token_ids)))
 
@@ -269,8 +319,11 @@ async def chat_events(
             "created": int(time.time()), "model": request.model}
     names = tool_names(request)
 
-    def event(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+    def event(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None,
+              prompt_logprobs: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        if prompt_logprobs is not None:
+            choice["prompt_logprobs"] = prompt_logprobs
         return {**base, "choices": [choice]}
 
     yield event({"role": "assistant", "content": ""})
@@ -278,10 +331,13 @@ async def chat_events(
     async for chunk in chunks:
         count += len(chunk.token_ids)
         lp = chat_logprobs(list(chunk.logprobs)).model_dump() if request.logprobs and chunk.logprobs else None
+        scored = _prompt_logprobs(request, list(chunk.prompt_logprobs)) if chunk.prompt_logprobs else None
         if names:
             held += chunk.text
-        elif chunk.text or lp:
-            yield event({"content": chunk.text}, logprobs=lp)
+            if scored is not None:
+                yield event({}, prompt_logprobs=scored)
+        elif chunk.text or lp or scored is not None:
+            yield event({"content": chunk.text}, logprobs=lp, prompt_logprobs=scored)
         if chunk.finish_reason:
             final = chunk
     finish = final.finish_reason if final is not None else None
@@ -303,11 +359,18 @@ async def completion_events(
 ) -> AsyncIterator[dict[str, Any]]:
     base = {"id": f"cmpl-{prepared.request.request_id}", "object": "text_completion", "created": int(time.time()),
             "model": request.model}
-    count, final = 0, None
+    count, final, at = 0, None, 0  # at: the text offset where this chunk's tokens start
+    special = prepared.backend.tokenizer.special_ids
     async for chunk in chunks:
         count += len(chunk.token_ids)
-        lp = completion_logprobs(list(chunk.logprobs)) if request.logprobs is not None else None
+        lp = None
+        if request.logprobs is not None:
+            entries, unscored = _echoed(request, list(chunk.logprobs), list(chunk.prompt_logprobs))
+            lp = completion_logprobs(entries, special=special, start=at, unscored=unscored, top=request.logprobs)
+            at += sum(len(e.token) for e in entries if e.token_id not in special)
         choice = {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason or None, "logprobs": lp}
+        if request.prompt_logprobs is not None and chunk.prompt_logprobs:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(list(chunk.prompt_logprobs), request.prompt_logprobs)
         if chunk.finish_reason:
             final = chunk
         yield {**base, "choices": [choice]}

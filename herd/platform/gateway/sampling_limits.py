@@ -14,12 +14,15 @@ from herd.platform.gateway.errors import invalid_request
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.workers.structured_options import structured_output
 
+DOOR_ONLY = frozenset({"echo"})
+"""Options the replica applies to the stream, not the engine's SamplingParams (nothing to check there)."""
+
 
 def check_sampling(options: pb.SamplingOptions) -> None:
     """Refuse (invalid_request, param = the field) options outside the engine's limits; the fields left unset
     take the engine's defaults. A repeated field's count is checked before its items are read."""
     try:
-        fields = {field.name: value for field, value in options.ListFields()}
+        fields = {field.name: value for field, value in options.ListFields() if field.name not in DOOR_ONLY}
         fields["structured"] = structured_output(options)
         SamplingParams(**fields)
     except SamplingError as err:

@@ -123,6 +123,28 @@ def test_openai_client_sends_penalties_logit_bias_and_herds_extra_fields(server,
     assert "logit_bias" in str(refused.value)
 
 
+def test_openai_client_echo_with_logprobs_over_the_prompt(server, client):
+    """Legacy completions' echo as the official client sends it: the prompt's text then the completion's, the
+    logprobs over both (the first prompt token's null), and vLLM's prompt_logprobs in extra_body."""
+    engine = LLMEngine.from_pretrained(server["path"], EngineConfig(kv_cache_mb=16))
+    prompt = engine.tokenizer.encode("the herd", add_bos=True)
+    expected = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    reply = client.completions.create(model="scout", prompt="the herd", max_tokens=5, temperature=0, echo=True,
+                                      logprobs=2, extra_body={"ignore_eos": True, "prompt_logprobs": 1})
+    choice = reply.choices[0]
+    assert choice.text == "the herd" + expected.text
+    assert len(choice.logprobs.tokens) == len(prompt) + 5 == len(choice.logprobs.token_logprobs)
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert all(isinstance(v, float) for v in choice.logprobs.token_logprobs[1:])
+    scored = choice.model_extra["prompt_logprobs"]
+    assert scored[0] is None and len(scored) == len(prompt) == reply.usage.prompt_tokens
+    assert reply.usage.completion_tokens == 5
+    streamed = list(client.completions.create(model="scout", prompt="the herd", max_tokens=5, temperature=0,
+                                              echo=True, stream=True, extra_body={"ignore_eos": True}))
+    assert streamed[0].choices[0].text.startswith("the herd")
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
+
+
 def _image_chat(*images: bytes, text: str = "What is in this picture?") -> list[dict]:
     parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(data).decode()}}
              for data in images]

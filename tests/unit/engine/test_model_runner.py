@@ -54,7 +54,7 @@ def test_mixed_steps_give_the_full_forwards_logits(model, seed):
     checked, mixed = 0, False
     for _ in range(12):
         out = scheduler.schedule()
-        logits = runner.run(out.chunks)
+        logits = runner.run(out.chunks).sampled
         sampling = [c for c in out.chunks if c.samples]
         assert logits.shape == (len(sampling), model.config.vocab_size) and logits.dtype == torch.float32
         mixed |= any(c.num_tokens == 1 for c in out.chunks) and any(c.num_tokens > 1 for c in out.chunks)
@@ -73,7 +73,7 @@ def test_a_step_without_sampling_rows_returns_no_logits(model):
     scheduler.add(seq)
     out = scheduler.schedule()
     assert [c.samples for c in out.chunks] == [False]  # 16 of 40 prompt tokens
-    assert runner.run(out.chunks).shape == (0, model.config.vocab_size)
+    assert runner.run(out.chunks).sampled.shape == (0, model.config.vocab_size)
 
 
 def test_the_engine_reaches_into_no_layer() -> None:

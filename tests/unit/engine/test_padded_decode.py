@@ -72,7 +72,7 @@ def _step(engine: Engine) -> tuple[list[tuple[str, int, int]], torch.Tensor]:
     """One greedy step: (the chunks scheduled, the logits of its sampling rows); each sampling sequence gets its
     argmax token."""
     out = engine.scheduler.schedule()
-    logits = engine.runner.run(out.chunks)
+    logits = engine.runner.run(out.chunks).sampled
     engine.scheduler.on_step_done(out)
     sampling = [c for c in out.chunks if c.samples]
     for row, chunk in enumerate(sampling):

@@ -4,6 +4,7 @@ and the interval policy), with made-up outputs and a fake clock: no model, no en
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
@@ -95,3 +96,18 @@ def test_interval_grows_with_the_streams_in_flight_so_the_replica_sends_a_bounde
     assert stream_interval_s(0.05, 32) == pytest.approx(32 * MESSAGE_SPACING_S)
     assert 32 / stream_interval_s(0.05, 32) == pytest.approx(1 / MESSAGE_SPACING_S)  # messages per second, all
     assert stream_interval_s(0.0, 32) == 0.0  # 0 keeps meaning every step
+
+
+def test_echo_and_prompt_logprobs_go_in_the_first_message_only() -> None:
+    made = outputs([[10], [11], [12]])
+    scored = [None, TokenLogprobs(token_id=2, logprob=-1.0, top=((9, -0.5),)),
+              TokenLogprobs(token_id=3, logprob=-2.0, top=((3, -2.0),))]
+    made = [dataclasses.replace(out, prompt_logprobs=scored) for out in made]  # on every output from the first
+    chunks = collect(made, [0.0, 0.1, 0.2], interval_s=0.05, echo="the prompt")
+    assert [c.text for c in chunks] == ["the promptt10", "t11", "t12"]
+    assert [list(c.token_ids) for c in chunks] == [[10], [11], [12]]  # the generated tokens only
+    first = chunks[0].prompt_logprobs
+    assert [(e.token_id, e.token, e.logprob, [(t.token_id, t.logprob) for t in e.top]) for e in first] == [
+        (1, "p1", 0.0, []), (2, "p2", -1.0, [(9, -0.5)]), (3, "p3", -2.0, [(3, -2.0)])]
+    assert not any(c.prompt_logprobs for c in chunks[1:])
+    assert chunks[-1].usage.completion_tokens == 3

@@ -12,7 +12,7 @@ from herd.engine.sampling_params import (
     MAX_STOP_TOKEN_IDS,
     SamplingParams,
 )
-from herd.platform.gateway.sampling_limits import check_sampling
+from herd.platform.gateway.sampling_limits import DOOR_ONLY, check_sampling
 from herd.protos.herd.v1 import inference_pb2 as pb
 
 
@@ -77,6 +77,9 @@ def test_options_within_the_limits_pass(options: pb.SamplingOptions) -> None:
 
 
 def test_every_wire_field_is_a_sampling_params_field() -> None:
-    """The check builds the engine's own SamplingParams from the wire's fields, by name."""
+    """The check builds the engine's own SamplingParams from the wire's fields, by name (but for the few the
+    replica applies to the stream itself, such as echo)."""
     wire = {field.name for field in pb.SamplingOptions.DESCRIPTOR.fields}
-    assert wire <= set(SamplingParams.__dataclass_fields__)
+    assert wire - DOOR_ONLY <= set(SamplingParams.__dataclass_fields__)
+    assert wire >= DOOR_ONLY
+    check_sampling(pb.SamplingOptions(echo=True, prompt_logprobs=3))
