@@ -28,6 +28,8 @@ from grpc_status import rpc_status
 from herd.engine.errors import HerdError
 from herd.platform.gateway.core import Gateway, Prepared
 from herd.platform.gateway.errors import internal, invalid_request, metadata_credential, slow_reader
+from herd.platform.gateway.forced_tools import constrain_to_calls
+from herd.platform.gateway.grpc_tools import chat_tools, with_calls
 from herd.platform.settings import DoorLimits
 from herd.platform.telemetry.tracing import extract
 from herd.protos.herd.v1 import inference_pb2 as pb
@@ -104,7 +106,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         await self._serve(prepare, context)
 
     async def Chat(self, data: bytes, context: grpc.aio.ServicerContext[bytes, pb.GenerateChunk]) -> None:
+        names: frozenset[str] = frozenset()  # the functions a reply's calls may name, once the request is read
+
         async def prepare(identity: object) -> Prepared:
+            nonlocal names
             request = parse(pb.ChatRequest, data)
             messages: list[dict[str, Any]] = []
             for m in request.messages:
@@ -114,14 +119,20 @@ class InferenceService(pb_grpc.InferenceServicer):
                 images = any(p["type"] == "image" for p in parts)
                 content = parts if images else "".join(p["text"] for p in parts)
                 messages.append({"role": m.role, "content": content})
-            return await self.gateway.prepare_chat(request.model, messages, request.sampling, identity=identity)
+            tools, choice, names = chat_tools(request)
+            parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
+            options = constrain_to_calls(request.sampling, tools, choice, parallel=parallel)
+            return await self.gateway.prepare_chat(request.model, messages, options, tools=tools or None,
+                                                   tool_choice=choice, identity=identity)
 
-        await self._serve(prepare, context)
+        await self._serve(prepare, context, tool_names=lambda: names)
 
     async def _serve(self, prepare: Callable[[object], Awaitable[Prepared]],
-                     context: grpc.aio.ServicerContext[bytes, pb.GenerateChunk]) -> None:
-        """Authenticate, prepare, then write the gateway's chunks; a chunk the client does not take within
-        write_timeout_s closes the gateway's stream (which settles the request) and ends the call."""
+                     context: grpc.aio.ServicerContext[bytes, pb.GenerateChunk], *,
+                     tool_names: Callable[[], frozenset[str]] = frozenset) -> None:
+        """Authenticate, prepare, then write the gateway's chunks (the last with the reply's tool calls, where
+        tool_names are offered); a chunk the client does not take within write_timeout_s closes the gateway's
+        stream (which settles the request) and ends the call."""
         request_id = None
         try:
             prepared = await prepare(await self._identity(context))
@@ -129,7 +140,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             remaining = context.time_remaining()
             parent = extract({k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)})
             stream = self.gateway.stream(prepared, timeout_s=remaining, trace_parent=parent)
-            async with contextlib.aclosing(stream) as chunks:
+            async with contextlib.aclosing(stream), contextlib.aclosing(with_calls(stream, tool_names)) as chunks:
                 async for chunk in chunks:
                     try:
                         await asyncio.wait_for(context.write(chunk), self.write_timeout_s)

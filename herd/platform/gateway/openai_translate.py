@@ -16,9 +16,9 @@ from typing import Any
 
 from herd.engine.errors import HerdError
 from herd.engine.sampling_params import checked_logit_bias
-from herd.model.tool_calls import arguments_json, forced_call_schema, offer_tools, parse_tool_calls
+from herd.model.tool_calls import arguments_json, offer_tools, parse_tool_calls
 from herd.platform.gateway.core import Gateway, Prepared
-from herd.platform.gateway.errors import invalid_request
+from herd.platform.gateway.forced_tools import constrain_to_calls
 from herd.platform.gateway.image_urls import ImageUrlPolicy, image_bytes
 from herd.platform.gateway.openai_models import (
     AssistantMessage,
@@ -77,17 +77,9 @@ async def prepare_chat(gateway: Gateway, request: ChatCompletionRequest, identit
     tools = [t.function.model_dump(exclude_none=True) for t in request.tools or []]
     choice = request.tool_choice
     tool_choice = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
-    options = sampling(request, logprobs=logprobs)
-    if tools and tool_choice not in (None, "auto", "none"):
-        if options.HasField("structured"):
-            raise invalid_request("a forced tool_choice constrains the output to tool calls: send response_format "
-                                  "text and no structured_outputs with it", param="tool_choice")
-        try:
-            offer = offer_tools([{"type": "function", "function": t} for t in tools], tool_choice)
-        except ValueError as err:
-            raise invalid_request(str(err), param="tool_choice") from err
-        schema = forced_call_schema(offer, parallel=request.parallel_tool_calls is not False)
-        options.structured.json_schema = json.dumps(schema, separators=(",", ":"))
+    offered = [{"type": "function", "function": t} for t in tools]
+    options = constrain_to_calls(sampling(request, logprobs=logprobs), offered, tool_choice,
+                                 parallel=request.parallel_tool_calls is not False)
 
     async def load_image(url: str) -> bytes:
         return await image_bytes(url, image_urls)
@@ -95,7 +87,7 @@ async def prepare_chat(gateway: Gateway, request: ChatCompletionRequest, identit
     try:
         return await gateway.prepare_chat(
             request.model, [_message(m) for m in request.messages], options,
-            tools=[{"type": "function", "function": t} for t in tools] or None, tool_choice=tool_choice,
+            tools=offered or None, tool_choice=tool_choice,
             identity=identity, load_image=load_image,
         )
     except HerdError as err:

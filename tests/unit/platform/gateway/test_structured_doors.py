@@ -227,3 +227,51 @@ def test_grpc_regex_grammar_choice_and_refusals(wide):
     for err in bad:
         assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "structured" in err.details()
+
+
+def _grpc_tools():
+    return [pb.FunctionTool(name=t["function"]["name"], description=t["function"].get("description", ""),
+                            parameters_json=json.dumps(t["function"]["parameters"])) for t in TOOLS]
+
+
+@pytest.mark.parametrize(("tool_choice", "names"), [("required", {"get_weather", "get_time"}),
+                                                    ("get_weather", {"get_weather"})])
+def test_grpc_chat_forced_tool_calls_parse_and_validate(wide, tool_choice, names):
+    async def body(channel):
+        stub = pb_grpc.InferenceStub(channel)
+
+        async def one(seed):
+            request = pb.ChatRequest(model="scout", messages=[pb.ChatMessage(role="user", content="call")],
+                                     sampling=pb.SamplingOptions(temperature=1.0, seed=seed, max_tokens=1000),
+                                     tools=_grpc_tools(), tool_choice=tool_choice, parallel_tool_calls=False)
+            return [c async for c in stub.Chat(request)]
+
+        return await asyncio.gather(*[one(seed) for seed in range(10)])
+
+    for chunks in _with_server(wide, body):
+        last = chunks[-1]
+        assert last.finish_reason == "tool_calls" and len(last.tool_calls) == 1, "".join(c.text for c in chunks)
+        call = last.tool_calls[0]
+        assert call.name in names
+        jsonschema.validate(json.loads(call.arguments_json), SCHEMA_OF[call.name])
+
+
+def test_grpc_chat_tool_refusals_name_the_field(wide):
+    async def body(channel):
+        stub = pb_grpc.InferenceStub(channel)
+        refusals = []
+        for tools, choice in ((_grpc_tools(), "nope"), ([pb.FunctionTool(name="f", parameters_json="{bad")], "auto"),
+                              ([], "required")):
+            request = pb.ChatRequest(model="scout", messages=[pb.ChatMessage(role="user", content="call")],
+                                     sampling=pb.SamplingOptions(max_tokens=4), tools=tools, tool_choice=choice)
+            try:
+                _ = [c async for c in stub.Chat(request)]
+                refusals.append(None)
+            except grpc.aio.AioRpcError as err:
+                refusals.append(err)
+        return refusals
+
+    nope, bad_json, no_tools = _with_server(wide, body)
+    for err, field in ((nope, "nope"), (bad_json, "parameters_json"), (no_tools, "tool_choice")):
+        assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in err.details()
