@@ -53,7 +53,10 @@ class ModelRunner:
     def prepare(self, chunks: Sequence[ScheduledChunk]) -> Callable[[], torch.Tensor]:
         """Lay the step out now (tokens, block tables and the attention plan are read here, on the caller's
         thread); the call returned runs the model on what was read, so it may run on another thread while the
-        caller goes on to schedule the next step."""
+        caller goes on to schedule the next step. The block copies the KV cache manager listed since the last step
+        (copy-on-write of forked sequences) are made first, here."""
+        if copies := self.kv.take_copies():
+            self.cache.copy_blocks(copies)
         if self.static is not None and self.static.takes(chunks):
             return self.static.prepare(chunks)
         ids, positions = self._tokens(chunks)  # [N], [N]

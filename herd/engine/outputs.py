@@ -36,3 +36,5 @@ class RequestOutput:
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     error: HerdError | None = None  # why, when finish_reason is "error"
     times: RequestTimes | None = None  # on the finished output only
+    index: int = 0  # which choice of the request (n > 1); each choice has its own outputs and finishes apart
+    cumulative_logprob: float | None = None  # sum of the tokens' logprobs, when logprobs or best_of asked for them
