@@ -138,8 +138,9 @@ class ReplicaCore:
             span.end()
 
     def _check(self, span: trace.Span, out: RequestOutput) -> None:
-        """Each engine output as it comes: the finished one's phases recorded, a failed step raised."""
-        if out.times is not None:
+        """Each engine output as it comes: the finished one's phases recorded (the first choice's: one request),
+        a failed step raised."""
+        if out.times is not None and out.index == 0:
             self._finished(span, out.times)
         if out.finish_reason == "error":
             raise out.error or HerdError(Code.INTERNAL, "the engine step failed")
@@ -224,6 +225,8 @@ class ReplicaCore:
                 logit_bias=tuple(options.logit_bias.items()),
                 min_tokens=options.min_tokens if options.HasField("min_tokens") else 0,
                 bad_words=tuple(options.bad_words),
+                n=options.n if options.HasField("n") else 1,
+                best_of=options.best_of if options.HasField("best_of") else None,
             )
         except SamplingError as err:
             raise HerdError(Code.INVALID_ARGUMENT, str(err), param=err.field) from err
@@ -275,8 +278,10 @@ class _Pending:
             self.logprobs += out.logprobs[len(out.token_ids) - len(out.delta_token_ids):]
 
     def chunk(self, last: RequestOutput, piece: Callable[[int], str]) -> pb.GenerateChunk:
-        """One message with all of it, and `last`'s ending (finish reason, usage) when it finished."""
-        chunk = pb.GenerateChunk(request_id=last.request_id, text="".join(self.text), token_ids=self.token_ids)
+        """One message with all of it, and `last`'s ending (finish reason, usage) when it finished. Usage is per
+        choice: the request's prompt (counted once, whichever choice carries it) and this choice's tokens."""
+        chunk = pb.GenerateChunk(request_id=last.request_id, text="".join(self.text), token_ids=self.token_ids,
+                                 index=last.index)
         for lp in self.logprobs:
             chunk.logprobs.append(pb.TokenLogprob(
                 token_id=lp.token_id, token=piece(lp.token_id), logprob=lp.logprob,
@@ -292,14 +297,18 @@ class _Pending:
 async def merged_chunks(outputs: AsyncIterator[RequestOutput], interval_s: Callable[[], float],
                         piece: Callable[[int], str], *, check: Callable[[RequestOutput], None] = lambda _: None,
                         clock: Callable[[], float] = time.monotonic) -> AsyncGenerator[pb.GenerateChunk, None]:
-    """A request's outputs as GenerateChunks: the first at once, then one per `interval_s()` seconds with
-    everything that came meanwhile, and the last (finished) at once. Each message is built once, from the
-    outputs it carries (`piece` spells a logprob's token); `check` sees every output first (and may raise)."""
-    pending, sent_at = _Pending(), None
+    """A request's outputs as GenerateChunks: for each choice (by index), the first at once, then one per
+    `interval_s()` seconds with everything that came meanwhile, and the last (finished) at once. Each message is
+    built once, from the outputs it carries (`piece` spells a logprob's token); `check` sees every output first
+    (and may raise)."""
+    pending: dict[int, _Pending] = {}
+    sent_at: dict[int, float] = {}
     async for out in outputs:
         check(out)
-        pending.add(out)
+        choice = pending.setdefault(out.index, _Pending())
+        choice.add(out)
         now = clock()
-        if out.finished or sent_at is None or now - sent_at >= interval_s():
-            yield pending.chunk(out, piece)
-            pending, sent_at = _Pending(), now
+        last = sent_at.get(out.index)
+        if out.finished or last is None or now - last >= interval_s():
+            yield choice.chunk(out, piece)
+            pending[out.index], sent_at[out.index] = _Pending(), now
