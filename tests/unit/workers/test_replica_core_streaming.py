@@ -4,6 +4,7 @@ and the interval policy), with made-up outputs and a fake clock: no model, no en
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
@@ -95,3 +96,14 @@ def test_interval_grows_with_the_streams_in_flight_so_the_replica_sends_a_bounde
     assert stream_interval_s(0.05, 32) == pytest.approx(32 * MESSAGE_SPACING_S)
     assert 32 / stream_interval_s(0.05, 32) == pytest.approx(1 / MESSAGE_SPACING_S)  # messages per second, all
     assert stream_interval_s(0.0, 32) == 0.0  # 0 keeps meaning every step
+
+
+def test_choices_are_merged_apart_and_each_ends_with_its_own_usage() -> None:
+    zero = outputs([[10], [11], [12]])
+    one = [dataclasses.replace(out, index=1) for out in outputs([[20], [21, 22]])]
+    items = [zero[0], one[0], zero[1], one[1], zero[2]]  # interleaved, as the engine's steps make them
+    chunks = collect(items, [0.0, 0.0, 0.02, 0.03, 0.04], interval_s=0.05)
+    assert [(c.index, list(c.token_ids)) for c in chunks] == [(0, [10]), (1, [20]), (1, [21, 22]), (0, [11, 12])]
+    ends = {c.index: c for c in chunks if c.finish_reason}
+    assert (ends[0].usage.completion_tokens, ends[1].usage.completion_tokens) == (3, 3)
+    assert ends[0].usage.prompt_tokens == ends[1].usage.prompt_tokens == 3
