@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from herd.engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
+from herd.engine.request_group import child_seed
 from herd.engine.sampling_params import MAX_N, SamplingError
 from herd.model.tiny import make_tiny
 
@@ -160,3 +162,34 @@ def test_more_choices_than_the_engine_runs_at_once_are_refused(scout):
     engine = LLMEngine.from_pretrained(scout, EngineConfig(kv_cache_mb=16, max_num_seqs=2))
     with pytest.raises(ValueError, match="max_num_seqs"):
         engine.add_request(PROMPT, SamplingParams(n=3))
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["inline", "async-scheduling"])
+def test_choices_survive_preemption_unchanged(scout, async_scheduling):
+    """A cache too small for the batch preempts (and recomputes) choices, forked or not: the greedy choices still
+    equal one greedy request each, the seeded ones their unpressed selves, and every block comes back."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 400, (int(n),), generator=g).tolist() for n in torch.randint(5, 70, (6,), generator=g)]
+    roomy = LLMEngine.from_pretrained(scout, EngineConfig(**SMALL))
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    seeded = SamplingParams(n=3, temperature=1.0, max_tokens=20, ignore_eos=True, seed=9)
+    singles = [o.token_ids for o in roomy.generate(prompts, greedy)]
+    unpressed = [o.token_ids for o in roomy.generate(prompts, seeded)]
+    tight = LLMEngine.from_pretrained(scout, EngineConfig(kv_cache_mb=1, max_model_len=128, max_num_seqs=64,
+                                                          max_num_batched_tokens=64, async_scheduling=async_scheduling))
+    choices = [o.token_ids for o in tight.generate(prompts, SamplingParams(n=3, temperature=0, max_tokens=20,
+                                                                           ignore_eos=True))]
+    assert choices == [s for s in singles for _ in range(3)]
+    assert [o.token_ids for o in tight.generate(prompts, seeded)] == unpressed
+    assert tight.stats().preemptions > 0, "the cache was meant to run short"
+    assert _all_blocks_free(tight)
+
+
+def test_each_seeded_choice_is_the_request_alone_with_its_derived_seed(engine):
+    """Choice i draws from child_seed(seed, i) over its own context: a shared block written in place by two
+    choices (no copy-on-write) would change what the later ones see."""
+    base = dict(temperature=1.0, max_tokens=12, ignore_eos=True)
+    choices = engine.generate(PROMPT, SamplingParams(n=4, seed=11, **base))
+    alone = [engine.generate(PROMPT, SamplingParams(seed=child_seed(11, i), **base))[0] for i in range(4)]
+    assert [o.token_ids for o in choices] == [o.token_ids for o in alone]
+    assert child_seed(11, 0) == 11 and len({child_seed(11, i) for i in range(16)}) == 16
