@@ -31,7 +31,7 @@ from herd.engine.outputs import RequestOutput
 from herd.engine.paged_kv import PagedKVCache
 from herd.engine.penalties import History, needs_history
 from herd.engine.prompt_images import ImageInput, PromptImages, pixel_digest
-from herd.engine.request_group import Candidates, RequestGroups, candidate_id, candidate_params, fan_out, fork_computed
+from herd.engine.request_group import Candidates, RequestGroups, candidate, candidate_id, fan_out, fork_computed
 from herd.engine.sampler import TokenLogprobs, sample_batch
 from herd.engine.sampling_params import SamplingError, SamplingParams
 from herd.engine.scheduler import Scheduler, SchedulerOutput
@@ -159,26 +159,31 @@ class LLMEngine:
         ids_in_use = [candidate_id(rid, i) for i in range(total) if candidate_id(rid, i) in self._requests]
         if ids_in_use or rid in self._groups:
             raise ValueError(f"request id {rid!r} is already in use")
-        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.tokenizer.stop_ids))
-        bad_words = self._bad_word_ids(params.bad_words)
-        prompt_images = self._encode_images(ids, images) if images else None
-        candidates = Candidates(total, params.n) if params.ranks_candidates else None
-        seqs = [Sequence(
-            request_id=candidate_id(rid, i), prompt_ids=ids, params=candidate_params(params, i), tenant_id=tenant_id,
-            tenant_weight=float(tenant_weight), index=i,
-            cache_salt=f"group:{sharing_group}" if sharing_group else f"tenant:{tenant_id}", stop_ids=frozenset(stops),
-            bad_words=bad_words, images=prompt_images,
+        seq = Sequence(
+            request_id=rid, prompt_ids=ids, params=params, tenant_id=tenant_id, tenant_weight=float(tenant_weight),
+            cache_salt=f"group:{sharing_group}" if sharing_group else f"tenant:{tenant_id}",
+            stop_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
+                                                        else frozenset(self.tokenizer.stop_ids)),
+            bad_words=self._bad_word_ids(params.bad_words),
+            images=self._encode_images(ids, images) if images else None,
             token_limit=min(len(ids) + params.max_tokens, self.max_model_len),
-        ) for i in range(total)]
+        )
+        return self._with_states([seq, *(candidate(seq, i) for i in range(1, total))])
+
+    def _with_states(self, seqs: list[Sequence]) -> EngineRequest:
+        """The request of these candidate sequences (the first one leads; the others are its forks), with the
+        output processor's state of each."""
         seqs[0].forks = seqs[1:]
+        leader, params = seqs[0], seqs[0].params
+        candidates = Candidates(len(seqs), params.n) if params.ranks_candidates else None
         states = [RequestState(
-            request_id=seq.request_id, tenant_id=tenant_id, prompt_token_ids=ids,
+            request_id=seq.request_id, tenant_id=seq.tenant_id, prompt_token_ids=seq.prompt_ids,
             detokenizer=IncrementalDetokenizer(self.tokenizer), stops=StopStrings(params.stop),
             include_stop_str=params.include_stop_str_in_output, arrived_ns=seq.arrived_ns,
-            logprobs=[] if params.logprobs is not None else None, public_id=rid, index=seq.index,
+            logprobs=[] if params.logprobs is not None else None, public_id=leader.request_id, index=seq.index,
             candidates=candidates,
         ) for seq in seqs]
-        return EngineRequest(seq=seqs[0], state=states[0], fork_states=states[1:])
+        return EngineRequest(seq=leader, state=states[0], fork_states=states[1:])
 
     def submit(self, request: EngineRequest) -> None:
         rid = request.seq.request_id

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from herd.engine.kv_cache_manager import KVCacheManager
 from herd.engine.outputs import RequestOutput
-from herd.engine.sampling_params import MAX_SEED, SamplingParams
+from herd.engine.sampling_params import MAX_SEED
 from herd.engine.scheduler import Scheduler
 from herd.engine.sequence import Sequence, Status
 
@@ -38,8 +38,12 @@ def child_seed(seed: int | None, index: int) -> int | None:
     return int.from_bytes(digest, "little") & MAX_SEED
 
 
-def candidate_params(params: SamplingParams, index: int) -> SamplingParams:
-    return dataclasses.replace(params, seed=child_seed(params.seed, index)) if index else params
+def candidate(leader: Sequence, index: int) -> Sequence:
+    """Candidate `index` of the leader's request, before anything is computed: the same prompt and settings, its
+    own id and seed, and lists of its own."""
+    params = dataclasses.replace(leader.params, seed=child_seed(leader.params.seed, index))
+    return dataclasses.replace(leader, request_id=candidate_id(leader.request_id, index), index=index, params=params,
+                               output_ids=[], forks=[])
 
 
 def fan_out(sampling: list[Sequence]) -> tuple[list[Sequence], list[int] | None]:
