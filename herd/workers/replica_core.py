@@ -126,9 +126,9 @@ class ReplicaCore:
             async with contextlib.aclosing(stream), contextlib.aclosing(chunks):  # aborts the request, frees its blocks
                 async for chunk in chunks:
                     yield chunk
-        except ValueError as err:
+        except ValueError as err:  # the engine's refusal; a SamplingError names the field (n past max_num_seqs)
             span.set_status(Status(StatusCode.ERROR, str(err)))
-            raise HerdError(Code.INVALID_ARGUMENT, str(err)) from err
+            raise HerdError(Code.INVALID_ARGUMENT, str(err), param=getattr(err, "field", None)) from err
         except HerdError as err:
             span.set_status(Status(StatusCode.ERROR, err.message))
             raise

@@ -150,3 +150,19 @@ def test_tenancy_bills_every_choice_once_and_refuses_n_past_the_tenants_concurre
     assert [r.completion_tokens for r in rows] == [15, 10], "every choice's tokens, once"
     assert rows[0].prompt_tokens == ok.json()["usage"]["prompt_tokens"], "the prompt once"
     assert streamed.status_code == 200 and len(store.usage_rows("a")) == 2, "the refused request writes no row"
+
+
+def test_more_choices_than_the_replica_runs_at_once_is_400_naming_n(tiny_path):
+    from herd.engine import EngineConfig
+    from herd.platform.gateway.backend import LocalBackend
+    from herd.platform.gateway.core import Gateway
+    from herd.workers.replica_config import ReplicaConfig
+    from herd.workers.replica_core import ReplicaCore
+
+    small = ReplicaCore(ReplicaConfig(name="scout", path=str(tiny_path), shards=0,
+                                      engine=EngineConfig(kv_cache_mb=16, max_num_seqs=2, max_model_len=512)))
+    gateway = Gateway({"scout": LocalBackend(small, max_ongoing_requests=4, max_queued_requests=2)})
+    reply = _post(gateway, "/v1/completions", {**PLAIN, "n": 3})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == "n" and "max_num_seqs" in reply.json()["error"]["message"]
+    assert _post(gateway, "/v1/completions", {**PLAIN, "n": 2}).status_code == 200
