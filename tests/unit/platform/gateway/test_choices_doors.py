@@ -166,3 +166,60 @@ def test_more_choices_than_the_replica_runs_at_once_is_400_naming_n(tiny_path):
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == "n" and "max_num_seqs" in reply.json()["error"]["message"]
     assert _post(gateway, "/v1/completions", {**PLAIN, "n": 2}).status_code == 200
+
+
+class TwoChoices:
+    """Answers with two choices interleaved chunk by chunk: a tool call (index 0) and plain text (index 1)."""
+
+    TEXTS = ('[get_weather(city="Paris")]', "Sunny, 21 degrees.")
+
+    def __init__(self, tokenizer):
+        self.name, self.tokenizer, self.image_prompts = "scout", tokenizer, None
+
+    def card(self):
+        return pb.ModelCard(id="scout", root="", max_model_len=4096, created=1)
+
+    async def generate(self, request):
+        pieces = [[text[i : i + 6] for i in range(0, len(text), 6)] for text in self.TEXTS]
+        for step in range(max(len(p) for p in pieces)):
+            for index, mine in enumerate(pieces):
+                if step < len(mine):
+                    last = step == len(mine) - 1
+                    yield pb.GenerateChunk(request_id=request.request_id, index=index, text=mine[step], token_ids=[1],
+                                           finish_reason="stop" if last else "",
+                                           usage=pb.Usage(prompt_tokens=3, completion_tokens=len(mine))
+                                           if last else None)
+
+    async def stats(self):
+        return {}
+
+    async def healthy(self):
+        return True
+
+    async def ready_replicas(self):
+        return 1
+
+
+def test_tool_calls_are_parsed_per_choice_whole_and_streamed(core):
+    from herd.platform.gateway.core import Gateway
+
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    body = {"model": "scout", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [weather],
+            "n": 2}
+    gateway = Gateway({"scout": TwoChoices(core.tokenizer)})
+    whole = _post(gateway, "/v1/chat/completions", body).json()
+    first, second = whole["choices"]
+    assert first["finish_reason"] == "tool_calls" and first["message"]["tool_calls"][0]["function"]["name"] == \
+        "get_weather"
+    assert second["finish_reason"] == "stop" and second["message"]["content"] == TwoChoices.TEXTS[1]
+    assert second["message"]["tool_calls"] is None
+    assert whole["usage"]["completion_tokens"] == 5 + 3
+    events = _events(_post(gateway, "/v1/chat/completions", {**body, "stream": True}).text)
+    choices = [c for e in events for c in e["choices"]]
+    ends = sorted((c["index"], c["finish_reason"]) for c in choices if c["finish_reason"])
+    assert ends == [(0, "tool_calls"), (1, "stop")]
+    calls = [c for c in choices if "tool_calls" in c["delta"] and c["delta"]["tool_calls"]]
+    assert [c["index"] for c in calls] == [0]
+    text = "".join(c["delta"].get("content") or "" for c in choices if c["index"] == 1)
+    assert text == TwoChoices.TEXTS[1]
