@@ -10,9 +10,19 @@ import grpc
 import httpx
 import pytest
 
+from herd.engine import EngineConfig
+from herd.platform.gateway.backend import LocalBackend
+from herd.platform.gateway.core import Gateway
 from herd.platform.gateway.http_app import create_app
+from herd.platform.tenancy.database import connect, migrate
+from herd.platform.tenancy.guard import Guard
+from herd.platform.tenancy.ledger import UsageLedger
+from herd.platform.tenancy.rate_limit import InProcessRateLimiter
+from herd.platform.tenancy.store import TenantStore
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
+from herd.workers.replica_config import ReplicaConfig
+from herd.workers.replica_core import ReplicaCore
 from tests.unit.platform.gateway.test_grpc_server import _with_server
 
 PLAIN = {"model": "scout", "prompt": "the herd", "max_tokens": 5, "temperature": 1.0, "ignore_eos": True}
@@ -116,14 +126,6 @@ def test_grpc_generate_with_n_streams_chunks_of_each_index(gateway):
 
 
 def test_tenancy_bills_every_choice_once_and_refuses_n_past_the_tenants_concurrency(tmp_path, core):
-    from herd.platform.gateway.backend import LocalBackend
-    from herd.platform.gateway.core import Gateway
-    from herd.platform.tenancy.database import connect, migrate
-    from herd.platform.tenancy.guard import Guard
-    from herd.platform.tenancy.ledger import UsageLedger
-    from herd.platform.tenancy.rate_limit import InProcessRateLimiter
-    from herd.platform.tenancy.store import TenantStore
-
     store = TenantStore(connect(f"sqlite:///{tmp_path / 'herd.db'}"))
     migrate(store.engine)
     ledger = UsageLedger(store, flush_interval_s=0.05)
@@ -153,12 +155,6 @@ def test_tenancy_bills_every_choice_once_and_refuses_n_past_the_tenants_concurre
 
 
 def test_more_choices_than_the_replica_runs_at_once_is_400_naming_n(tiny_path):
-    from herd.engine import EngineConfig
-    from herd.platform.gateway.backend import LocalBackend
-    from herd.platform.gateway.core import Gateway
-    from herd.workers.replica_config import ReplicaConfig
-    from herd.workers.replica_core import ReplicaCore
-
     small = ReplicaCore(ReplicaConfig(name="scout", path=str(tiny_path), shards=0,
                                       engine=EngineConfig(kv_cache_mb=16, max_num_seqs=2, max_model_len=512)))
     gateway = Gateway({"scout": LocalBackend(small, max_ongoing_requests=4, max_queued_requests=2)})
@@ -201,8 +197,6 @@ class TwoChoices:
 
 
 def test_tool_calls_are_parsed_per_choice_whole_and_streamed(core):
-    from herd.platform.gateway.core import Gateway
-
     weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}
     body = {"model": "scout", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [weather],
