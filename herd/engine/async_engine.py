@@ -51,7 +51,8 @@ class AsyncLLMEngine:
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        **options: Unpack[RequestOptions]) -> AsyncGenerator[RequestOutput, None]:
-        """Yield the request's output after every step that changes it; the last one has finished=True.
+        """Yield the request's output after every step that changes it; the last one has finished=True. A request
+        of n choices yields each choice's outputs (by their index, interleaved) and ends when all n have finished.
         A request with images or a structured constraint not compiled before is prepared on a worker thread (the
         vision tower and the grammar compiler run there, not on the loop)."""
         prepare = functools.partial(self.engine.prepare, prompt, params, **options)
@@ -66,14 +67,14 @@ class AsyncLLMEngine:
         with self._lock:
             self._to_submit.append(request)
         self._ensure_loop()
-        finished = False
+        unfinished = request.seq.params.n
         try:
-            while not finished:
-                out = _coalesce(await queue.get(), queue)
-                finished = out.finished
-                yield out
+            while unfinished:
+                for out in _coalesce(await queue.get(), queue):
+                    unfinished -= out.finished
+                    yield out
         finally:
-            if not finished:
+            if unfinished:
                 self.abort(rid)
             self._streams.pop(rid, None)
 
@@ -146,14 +147,17 @@ class AsyncLLMEngine:
             self._pipeline.step()
 
 
-def _coalesce(out: RequestOutput, queue: asyncio.Queue[RequestOutput]) -> RequestOutput:
-    """Merge every output already waiting into one: a consumer that fell behind (a slow network, a busy
-    proxy) gets one message with all the new tokens instead of one message per step."""
-    while not out.finished and not queue.empty():
+def _coalesce(first: RequestOutput, queue: asyncio.Queue[RequestOutput]) -> list[RequestOutput]:
+    """Merge every output already waiting into one per choice: a consumer that fell behind (a slow network, a
+    busy proxy) gets one message with all the new tokens instead of one message per step. Choices keep the order
+    of their first waiting output; a choice's finished output is its last."""
+    merged = {first.index: first}
+    while not queue.empty():
         later = queue.get_nowait()
-        out = dataclasses.replace(
+        out = merged.get(later.index)
+        merged[later.index] = later if out is None else dataclasses.replace(
             later,
             delta_token_ids=out.delta_token_ids + later.delta_token_ids,
             delta_text=out.delta_text + later.delta_text,
         )
-    return out
+    return list(merged.values())

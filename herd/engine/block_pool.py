@@ -46,6 +46,12 @@ class BlockPool:
             self._refs[block] += 1
         return block
 
+    def share(self, block: int) -> None:
+        """One more reference to a block in use (a forked sequence's table names it too)."""
+        if self._refs[block] <= 0:
+            raise RuntimeError(f"block {block} is free: only a block in use is shared")
+        self._refs[block] += 1
+
     def peek_cached(self, block_hash: bytes) -> bool:
         return block_hash in self._cached
 

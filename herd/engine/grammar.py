@@ -37,6 +37,10 @@ class Grammar:
     def __init__(self, matcher: llguidance.LLMatcher) -> None:
         self.matcher = matcher
 
+    def copy(self) -> Grammar:
+        """Another request's Grammar at the same place (a choice of an n > 1 request)."""
+        return Grammar(self.matcher.deep_copy())
+
     def accept(self, token: int) -> bool:
         """Advance past a sampled token; False if the constraint does not allow it (the matcher then stays in
         its error state)."""

@@ -9,6 +9,12 @@ sequence's computed tokens cross into the next chunk. Block i of a table covers 
 Full blocks are registered in their group's prefix cache under a hash chain salted with the
 sequence's cache salt; a new or preempted sequence starts from the longest cached prefix it can use:
 all of its global blocks, and for the chunked layers only the blocks of the chunk it resumes in.
+
+A sequence may be forked (the choices of an n > 1 request): the child's tables name the parent's blocks, each
+taken by reference. A block is written in place only by its one holder: allocation gives a sequence that is
+about to write into a block others hold (the prompt's partial last block) a fresh block instead, and lists the
+copy (group, shared block, fresh block) that the model runner makes before the step's forward (copy-on-write).
+Positions a holder writes in place lie past what any other holder reads, so a copy taken later is never wrong.
 Pure bookkeeping: no torch.
 """
 
@@ -56,6 +62,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self._tables: dict[str, dict[str, list[int | None]]] = {}
         self._hashes: dict[str, list[bytes]] = {}
+        self._copies: list[tuple[str, int, int]] = []
         self.prefix_queried_tokens = 0
         """Tokens looked up in the prefix cache at admission, and those found (the hit rate's two counts)."""
         self.prefix_hit_tokens = 0
@@ -88,18 +95,46 @@ class KVCacheManager:
         self.prefix_hit_tokens += seq.num_cached_prompt_tokens
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        """Blocks for the seq's next num_tokens tokens in every group, all or nothing."""
-        needed = self._missing(seq, seq.num_computed + num_tokens)
-        if any(len(blocks) > self.pools[group].num_free for group, blocks in needed.items()):
+        """Blocks for the seq's next num_tokens tokens in every group, all or nothing; a shared block it would
+        write into is replaced by a copy of its own (copy-on-write)."""
+        end = seq.num_computed + num_tokens
+        needed = self._missing(seq, end)
+        shared = self._shared_written(seq, end)
+        if any(len(needed[group]) + len(shared[group]) > self.pools[group].num_free for group in needed):
             return False
         tables = self._tables[seq.request_id]
         for group, indices in needed.items():
-            table = tables[group]
+            table, pool = tables[group], self.pools[group]
+            for i in shared[group]:
+                source, copy = table[i], pool.allocate()
+                assert source is not None
+                pool.release(source)
+                table[i] = copy
+                self._copies.append((group, source, copy))
             for i in indices:
                 while len(table) <= i:
                     table.append(None)
-                table[i] = self.pools[group].allocate()
+                table[i] = pool.allocate()
         return True
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Give child the parent's tables (every block taken once more) and computed tokens: a choice of an n > 1
+        request starts from its prompt, computed once."""
+        tables = self._tables[parent.request_id]
+        self._tables[child.request_id] = {group: list(table) for group, table in tables.items()}
+        for group, table in tables.items():
+            for block in table:
+                if block is not None:
+                    self.pools[group].share(block)
+        self._hashes[child.request_id] = list(self._hashes[parent.request_id])
+        child.num_computed = parent.num_computed
+        child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
+
+    def take_copies(self) -> list[tuple[str, int, int]]:
+        """The block copies (group, source, destination) allocation asked for since the last call; the model
+        runner makes them before the forward that writes the destinations."""
+        copies, self._copies = self._copies, []
+        return copies
 
     def on_computed(self, seq: Sequence) -> None:
         """After a step: cache the blocks it filled, release chunk blocks the sequence has moved past."""
@@ -178,6 +213,17 @@ class KVCacheManager:
             first = self.window_start(group, seq.num_computed) // self.block_size
             missing[group] = list(range(max(first, len(table)), last))
         return missing
+
+    def _shared_written(self, seq: Sequence, end: int) -> dict[str, list[int]]:
+        """Indices of blocks the seq would write positions [num_computed, end) into that others hold too."""
+        first = seq.num_computed // self.block_size
+        last = -(-end // self.block_size)
+        shared: dict[str, list[int]] = {}
+        for group, table in self._tables[seq.request_id].items():
+            pool = self.pools[group]
+            shared[group] = [i for i in range(first, min(last, len(table)))
+                             if (block := table[i]) is not None and pool.refs(block) > 1]
+        return shared
 
     def _longest_usable_prefix(self, keys: list[bytes]) -> int:
         """Most blocks h such that global blocks 0..h-1 and the chunked blocks of h's chunk are cached."""

@@ -4,7 +4,8 @@ Usable alone (`generate` for a batch) and as the core of the async engine and th
 Requests are checked before they join (a bad one raises ValueError and disturbs nothing); a request
 that finishes or is aborted gives its KV blocks back in the same step. A request may carry images
 (preprocessed tiles): the engine's vision tower turns them into features when the request is prepared,
-and the model runner puts those in place of the prompt's ``<|patch|>`` tokens.
+and the model runner puts those in place of the prompt's ``<|patch|>`` tokens. A request of n choices (or
+best_of candidates) runs one sequence per candidate over one prompt computation (herd.engine.request_group).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict, Unpack
 
@@ -34,6 +35,7 @@ from herd.engine.paged_kv import PagedKVCache
 from herd.engine.penalties import History, needs_history
 from herd.engine.prompt_images import ImageInput, PromptImages, pixel_digest
 from herd.engine.prompt_logprobs import ScoredPrompt
+from herd.engine.request_group import Candidates, RequestGroups, candidate, candidate_id, fan_out, fork_computed
 from herd.engine.sampler import TokenLogprobs, sample_batch
 from herd.engine.sampling_params import SamplingError, SamplingParams
 from herd.engine.scheduler import Scheduler, SchedulerOutput
@@ -65,10 +67,20 @@ class RequestOptions(TypedDict, total=False):
 
 @dataclass(eq=False)
 class EngineRequest:
-    """A checked request: the core's sequence and the output processor's state."""
+    """A checked request: the core's sequence and the output processor's state (of its first candidate; the
+    others' sequences are seq.forks, their states fork_states)."""
 
     seq: Sequence
     state: RequestState
+    fork_states: list[RequestState] = field(default_factory=list)
+
+    @property
+    def sequences(self) -> list[Sequence]:
+        return [self.seq, *self.seq.forks]
+
+    @property
+    def states(self) -> list[RequestState]:
+        return [self.state, *self.fork_states]
 
 
 class LLMEngine:
@@ -90,7 +102,8 @@ class LLMEngine:
         self.outputs = OutputProcessor()
         """Detokenising, stop strings and RequestOutputs (`step` runs it inline; the async engine on its own
         thread, one step behind the core)."""
-        self._requests: dict[str, Sequence] = {}  # unfinished, by id
+        self._requests: dict[str, Sequence] = {}  # unfinished, by id (a candidate's: request_group.candidate_id)
+        self._groups = RequestGroups()
         self._aborted: list[Sequence] = []
         self._ids = itertools.count()
         self._generator = torch.Generator(device=torch.device(self.config.device))
@@ -147,42 +160,63 @@ class LLMEngine:
             raise ValueError(
                 f"prompt has {len(ids)} tokens; the context limit is {self.max_model_len} (prompt + at least 1 new)"
             )
+        total = params.num_candidates
+        if total > self.scheduler.config.max_num_seqs:
+            raise SamplingError("best_of" if params.best_of is not None else "n",
+                                f"{total} choices of one request run at once; this engine runs at most "
+                                f"max_num_seqs={self.scheduler.config.max_num_seqs} sequences")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self._requests:
+        ids_in_use = [candidate_id(rid, i) for i in range(total) if candidate_id(rid, i) in self._requests]
+        if ids_in_use or rid in self._groups:
             raise ValueError(f"request id {rid!r} is already in use")
-        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.tokenizer.stop_ids))
         seq = Sequence(
             request_id=rid, prompt_ids=ids, params=params, tenant_id=tenant_id, tenant_weight=float(tenant_weight),
-            cache_salt=f"group:{sharing_group}" if sharing_group else f"tenant:{tenant_id}", stop_ids=frozenset(stops),
+            cache_salt=f"group:{sharing_group}" if sharing_group else f"tenant:{tenant_id}",
+            stop_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
+                                                        else frozenset(self.tokenizer.stop_ids)),
             bad_words=self._bad_word_ids(params.bad_words),
             grammar=self.grammars.start(params.structured) if params.structured is not None else None,
             images=self._encode_images(ids, images) if images else None,
             token_limit=min(len(ids) + params.max_tokens, self.max_model_len),
         )
-        state = RequestState(
-            request_id=rid, tenant_id=tenant_id, prompt_token_ids=ids,
+        return self._with_states([seq, *(candidate(seq, i) for i in range(1, total))])
+
+    def _with_states(self, seqs: list[Sequence]) -> EngineRequest:
+        """The request of these candidate sequences (the first one leads; the others are its forks), with the
+        output processor's state of each."""
+        seqs[0].forks = seqs[1:]
+        leader, params = seqs[0], seqs[0].params
+        candidates = Candidates(len(seqs), params.n) if params.ranks_candidates else None
+        states = [RequestState(
+            request_id=seq.request_id, tenant_id=seq.tenant_id, prompt_token_ids=seq.prompt_ids,
             detokenizer=IncrementalDetokenizer(self.tokenizer), stops=StopStrings(params.stop),
             include_stop_str=params.include_stop_str_in_output, arrived_ns=seq.arrived_ns,
-            logprobs=[] if params.logprobs is not None else None,
-        )
-        return EngineRequest(seq=seq, state=state)
+            logprobs=[] if params.logprobs is not None else None, public_id=leader.request_id, index=seq.index,
+            candidates=candidates,
+        ) for seq in seqs]
+        return EngineRequest(seq=leader, state=states[0], fork_states=states[1:])
 
     def submit(self, request: EngineRequest) -> None:
         rid = request.seq.request_id
-        if rid in self._requests or rid in self.outputs:
+        if any(s.request_id in self._requests or s.request_id in self.outputs for s in request.states) \
+                or rid in self._groups:
             raise ValueError(f"request id {rid!r} is already in use")
-        self.outputs.add(request.state)
-        self._requests[rid] = request.seq
-        self.scheduler.add(request.seq)
+        for state in request.states:
+            self.outputs.add(state)
+        for seq in request.sequences:
+            self._requests[seq.request_id] = seq
+        self._groups.add(request.sequences)
+        self.scheduler.add(request.seq)  # the others are forked from it once its prompt is computed
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request now; its blocks are freed and the next step reports it with reason "abort"."""
-        seq = self._requests.pop(request_id, None)
-        if seq is None:
-            return False
-        self.scheduler.finish(seq, "abort")
-        self._aborted.append(seq)
-        return True
+        """Stop a request (every choice of it) now; its blocks are freed and the next step reports it with reason
+        "abort"."""
+        members = self._groups.members(request_id) or [seq for seq in [self._requests.get(request_id)] if seq]
+        unfinished = [seq for seq in members if seq.request_id in self._requests]
+        for seq in unfinished:
+            self._end(seq, "abort")
+            self._aborted.append(seq)
+        return bool(unfinished)
 
     def abort_all(self) -> int:
         """Abort every unfinished request (a replica shutting down); how many there were."""
@@ -215,16 +249,18 @@ class LLMEngine:
         if self._model_thread is not None:
             return self._overlapped_step()
         scheduled = self.scheduler.schedule()
-        sampling = [c.seq for c in scheduled.chunks if c.samples]
+        leaders = [c.seq for c in scheduled.chunks if c.samples]
+        sampling, rows = fan_out(leaders)
         masks = self._start_masks(sampling)
         try:
             step = self.runner.run(scheduled.chunks) if scheduled.chunks else None
         except HerdError as err:
             return self._fail(scheduled, err)
         self.scheduler.on_step_done(scheduled)
+        fork_computed(leaders, self.kv, self.scheduler)
         if step is None:
             return self._record([], [], [])
-        return self._record(sampling, *self._sample(step.sampled, sampling, masks), step.prompt)
+        return self._record(sampling, *self._sample(step.sampled, sampling, rows, masks), step.prompt)
 
     def _overlapped_step(self) -> list[CoreOutput]:
         """Async scheduling: this step (scheduled during the last one's forward) is laid out here, then computed
@@ -239,14 +275,17 @@ class LLMEngine:
             scheduled = self.scheduler.schedule()
         if not scheduled.chunks:
             return self._record([], [], [])
-        sampling = [c.seq for c in scheduled.chunks if c.samples]
+        leaders = [c.seq for c in scheduled.chunks if c.samples]
+        sampling, rows = fan_out(leaders)
         forward = self.runner.prepare(scheduled.chunks)  # reads the tokens and block tables now, on this thread
         masks = self._start_masks(sampling)
         in_flight = self._model_thread.submit(self._forward_and_sample, forward, [seq.params for seq in sampling],
-                                              [len(seq.output_ids) for seq in sampling], _histories(sampling), masks)
+                                              [len(seq.output_ids) for seq in sampling], _histories(sampling), rows,
+                                              masks)
         for seq in sampling:
             seq.num_pending = 1
         self.scheduler.on_step_done(scheduled)  # its blocks are written before the next step reads them
+        fork_computed(leaders, self.kv, self.scheduler)  # before the next schedule, which runs the forked choices
         try:
             self._next = self.scheduler.schedule()
         finally:
@@ -267,21 +306,22 @@ class LLMEngine:
         return tuple(sorted(s for s in sequences if s))
 
     def _forward_and_sample(self, forward: Callable[[], StepLogits], params: list[SamplingParams],
-                            positions: list[int], histories: list[History | None],
+                            positions: list[int], histories: list[History | None], rows: list[int] | None,
                             masks: Future[GrammarMask | None] | None,
                             ) -> tuple[list[int], list[TokenLogprobs | None], list[ScoredPrompt]]:
         """On the model thread: nothing here reads the engine's state, which the scheduler changes meanwhile
         (the histories are copies; the prompt rows were planned and the masks read from the grammars when the
         step was laid out)."""
         step = forward()
-        sampled = sample_batch(step.sampled, params, positions, self._generator, histories,
+        sampled = sample_batch(_rows(step.sampled, rows), params, positions, self._generator, histories,
                                masks.result() if masks is not None else None)
         return *sampled, step.prompt
 
-    def _sample(self, logits: torch.Tensor, sampling: list[Sequence], masks: Future[GrammarMask | None] | None,
-                ) -> tuple[list[int], list[TokenLogprobs | None]]:
-        return sample_batch(logits, [seq.params for seq in sampling], [len(seq.output_ids) for seq in sampling],
-                            self._generator, _histories(sampling), masks.result() if masks is not None else None)
+    def _sample(self, logits: torch.Tensor, sampling: list[Sequence], rows: list[int] | None,
+                masks: Future[GrammarMask | None] | None) -> tuple[list[int], list[TokenLogprobs | None]]:
+        return sample_batch(_rows(logits, rows), [seq.params for seq in sampling],
+                            [len(seq.output_ids) for seq in sampling], self._generator, _histories(sampling),
+                            masks.result() if masks is not None else None)
 
     def _start_masks(self, sampling: list[Sequence]) -> Future[GrammarMask | None] | None:
         """The constrained rows' token masks, filled on the mask thread while the step's forward runs (the
@@ -297,9 +337,9 @@ class LLMEngine:
         """End the requests the output processor found a stop string in (already reported finished): their
         blocks go back now; a token the core made after the stop is never reported."""
         for rid in request_ids:
-            seq = self._requests.pop(rid, None)
+            seq = self._requests.get(rid)
             if seq is not None:
-                self.scheduler.finish(seq, "stop")
+                self._end(seq, "stop")
 
     def generate(
         self,
@@ -307,8 +347,9 @@ class LLMEngine:
         params: SamplingParams | Seq[SamplingParams] | None = None,
         **options: Unpack[RequestOptions],
     ) -> list[RequestOutput]:
-        """Run a batch to completion: one final output per prompt, in order. Requests already queued with
-        add_request advance alongside; their outputs are not among those returned."""
+        """Run a batch to completion: one final output per prompt, in order (a prompt whose params ask for n
+        choices gives n, by index). Requests already queued with add_request advance alongside; their outputs are
+        not among those returned."""
         batch = _prompt_batch(prompts)
         per_prompt = list(params) if isinstance(params, Seq) else [params] * len(batch)
         if len(per_prompt) != len(batch):
@@ -319,19 +360,21 @@ class LLMEngine:
         requests = [self.prepare(p, sp, **options) for p, sp in pairs]
         for request in requests:
             self.submit(request)
-        ours = {r.seq.request_id for r in requests}
-        final: dict[str, RequestOutput] = {}
+        wanted = [(r.seq.request_id, i) for r in requests for i in range(r.seq.params.n)]
+        ours = set(wanted)
+        final: dict[tuple[str, int], RequestOutput] = {}
 
         def keep(outputs: list[RequestOutput]) -> None:  # on the output thread
-            final.update((out.request_id, out) for out in outputs if out.finished and out.request_id in ours)
+            final.update(((out.request_id, out.index), out) for out in outputs
+                         if out.finished and (out.request_id, out.index) in ours)
 
         pipeline = StepPipeline(self, keep)  # the text side of each step beside the next step's compute
         try:
-            while len(final) < len(requests) and self.has_unfinished():
+            while len(final) < len(wanted) and self.has_unfinished():
                 pipeline.step()
         finally:
             pipeline.close()
-        return [final[r.seq.request_id] for r in requests]
+        return [final[key] for key in wanted]
 
     # --- internals ----------------------------------------------------------------------------------
     def _record(self, sampling: list[Sequence], tokens: list[int], logprobs_per_row: list[TokenLogprobs | None],
@@ -345,10 +388,11 @@ class LLMEngine:
         for seq, token, logprobs in zip(sampling, tokens, logprobs_per_row, strict=True):
             seq.output_ids.append(token)
             seq.first_token_ns = seq.first_token_ns or now
+            if logprobs is not None:
+                seq.cumulative_logprob += logprobs.logprob
             reason = self._finish_reason(seq, token)
             if reason is not None:
-                self.scheduler.finish(seq, reason)
-                del self._requests[seq.request_id]
+                self._end(seq, reason)
             outputs.append(self._core_output(seq, [token], logprobs))
         return outputs
 
@@ -357,12 +401,18 @@ class LLMEngine:
         the error (within their deadline, never a hang) and give back their blocks; others carry on."""
         outputs = [self._core_output(seq, []) for seq in self._aborted]
         self._aborted.clear()
-        for chunk in scheduled.chunks:
-            chunk.seq.error = err
-            self.scheduler.finish(chunk.seq, "error")
-            self._requests.pop(chunk.seq.request_id, None)
-            outputs.append(self._core_output(chunk.seq, []))
+        for seq in (member for chunk in scheduled.chunks for member in _with_choices(chunk.seq, self._groups)):
+            if seq.request_id in self._requests:
+                seq.error = err
+                self._end(seq, "error")
+                outputs.append(self._core_output(seq, []))
         return outputs
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        """Finish an unfinished sequence: its blocks go back, it leaves the engine's requests (and its group)."""
+        self.scheduler.finish(seq, reason)
+        del self._requests[seq.request_id]
+        self._groups.forget(seq)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         """The finishes that decide the next batch (stop strings are the output processor's). A constrained
@@ -387,6 +437,8 @@ class LLMEngine:
             new_logprobs=[logprobs] if logprobs is not None and seq.params.logprobs is not None else None,
             prompt_logprobs=prompt_logprobs.delivered(seq) if tokens and seq.prompt_logprobs is not None else None,
             finish_reason=seq.finish_reason, error=seq.error, num_cached_tokens=seq.num_cached_prompt_tokens,
+            cumulative_logprob=seq.cumulative_logprob
+            if seq.params.logprobs is not None or seq.params.ranks_candidates else None,
             scheduled_ns=seq.scheduled_ns, first_token_ns=seq.first_token_ns, finished_ns=seq.finished_ns,
         )
 
@@ -407,6 +459,20 @@ def _prompt_batch(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str) or is_token_list(prompts):
         return [prompts]
     return [as_prompt(prompt) for prompt in prompts]
+
+
+def _with_choices(seq: Sequence, groups: RequestGroups) -> list[Sequence]:
+    """seq, and when its prompt is what failed to compute, every choice of its request, forked or not (none has
+    a token or a valid KV cache yet)."""
+    if seq.index == 0 and not seq.output_ids:
+        return groups.members(seq.request_id) or [seq]
+    return [seq]
+
+
+def _rows(logits: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
+    """The logits [S, V] each sampling sequence draws from: [B, V] as is, or rows of it repeated for the choices
+    that sample their first token from their leader's row."""
+    return logits if rows is None else logits[torch.tensor(rows, device=logits.device)]
 
 
 def _histories(sampling: list[Sequence]) -> list[History | None]:

@@ -67,7 +67,10 @@ class ModelRunner:
     def prepare(self, chunks: Sequence[ScheduledChunk]) -> Callable[[], StepLogits]:
         """Lay the step out now (tokens, block tables, the attention plan and the prompt rows to score are read
         here, on the caller's thread); the call returned runs the model on what was read, so it may run on
-        another thread while the caller goes on to schedule the next step."""
+        another thread while the caller goes on to schedule the next step. The block copies the KV cache manager
+        listed since the last step (copy-on-write of forked sequences) are made first, here."""
+        if copies := self.kv.take_copies():
+            self.cache.copy_blocks(copies)
         if self.static is not None and self.static.takes(chunks):  # pure decodes: no prompt rows
             static = self.static.prepare(chunks)
             return lambda: StepLogits(static())

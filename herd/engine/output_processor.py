@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from herd.engine.detokenizer import IncrementalDetokenizer
 from herd.engine.errors import HerdError
 from herd.engine.outputs import RequestOutput, RequestTimes
+from herd.engine.request_group import Candidates
 from herd.engine.sampler import TokenLogprobs
 from herd.engine.stop_strings import StopStrings
 
@@ -38,6 +39,7 @@ class CoreOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     """The prompt's scores (herd.engine.prompt_logprobs), on the request's first output with a token."""
     num_cached_tokens: int = 0
+    cumulative_logprob: float | None = None
     scheduled_ns: int = 0
     first_token_ns: int = 0
     finished_ns: int = 0
@@ -60,6 +62,12 @@ class RequestState:
     reported_chars: int = 0
     text_end: int | None = None  # where a stop string cut the text
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # once the core delivered them
+    public_id: str = ""
+    """The request's id as its caller knows it, when request_id is one of its candidates' (n > 1)."""
+    index: int = 0
+    """Which choice (candidate) of the request this is."""
+    candidates: Candidates | None = None
+    """best_of's pick, shared by the request's candidates: their outputs are held for it (None: reported as made)."""
 
 
 @dataclass
@@ -105,7 +113,11 @@ class OutputProcessor:
                     if reason is None:
                         done.stopped.append(core.request_id)
                     reason = "stop"
-            done.outputs.append(self._report(state, core, reason))
+            out = self._report(state, core, reason)
+            if state.candidates is None:
+                done.outputs.append(out)
+            elif out.finished:
+                done.outputs += state.candidates.add(out)
         return done
 
     def _cut_at_stop_string(self, state: RequestState) -> bool:
@@ -127,7 +139,9 @@ class OutputProcessor:
             # Hold back what could still become a stop string, so streamed text is never taken back.
             text = text[: max(state.reported_chars, state.stops.releasable(text))]
         out = RequestOutput(
-            request_id=state.request_id,
+            request_id=state.public_id or state.request_id,
+            index=state.index,
+            cumulative_logprob=core.cumulative_logprob,
             tenant_id=state.tenant_id,
             prompt_token_ids=state.prompt_token_ids,
             token_ids=list(state.token_ids),

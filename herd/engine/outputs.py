@@ -39,3 +39,5 @@ class RequestOutput:
     """When asked: one per prompt token, the first None (nothing precedes it); on every output from the first
     that carries a token (the same list each time)."""
     times: RequestTimes | None = None  # on the finished output only
+    index: int = 0  # which choice of the request (n > 1); each choice has its own outputs and finishes apart
+    cumulative_logprob: float | None = None  # sum of the tokens' logprobs, when logprobs or best_of asked for them

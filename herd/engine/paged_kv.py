@@ -44,6 +44,19 @@ class PagedKVCache:
         self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k)
         self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v)
 
+    def copy_blocks(self, copies: list[tuple[str, int, int]]) -> None:
+        """Copy whole blocks (group, source, destination) in every layer of their group: copy-on-write of a block
+        forked sequences shared (herd.engine.kv_cache_manager)."""
+        for group in {g for g, _, _ in copies}:
+            pairs = [(src, dst) for g, src, dst in copies if g == group]
+            device = self.k[0].device
+            src = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=device)  # [P]
+            dst = torch.tensor([d for _, d in pairs], dtype=torch.long, device=device)  # [P]
+            for layer, layer_group in enumerate(self.groups):
+                if layer_group == group:
+                    self.k[layer].index_copy_(0, dst, self.k[layer].index_select(0, src))
+                    self.v[layer].index_copy_(0, dst, self.v[layer].index_select(0, src))
+
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values stored at flat slots [S]: k, v [S, K, D]."""
         k, v = self.k[layer], self.v[layer]

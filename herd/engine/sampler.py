@@ -10,7 +10,8 @@ uniform that inverse-CDF sampling turns into a token, so the request gets the sa
 its batch and at whichever row. Unseeded rows take their uniforms from the engine's one generator. The host
 sees one copy of the chosen ids per step, and one more of the log-probabilities when some row asked for them.
 Log-probabilities are those of the model's distribution (log-softmax of the raw logits), the chosen token's
-and the top-n alternatives', whatever the sampling settings.
+and the top-n alternatives', whatever the sampling settings; the chosen token's also for the rows of a best_of
+request, whose candidates are ranked by their sum.
 """
 
 from __future__ import annotations
@@ -165,8 +166,9 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, ids: list[int],
               params: Sequence[SamplingParams]) -> list[TokenLogprobs | None]:
-    """Each row's TokenLogprobs where its params ask for them (None elsewhere), from one copy to the host."""
-    asking = [row for row, p in enumerate(params) if p.logprobs is not None]
+    """Each row's TokenLogprobs where its params ask for them or rank best_of candidates by them (None elsewhere),
+    from one copy to the host."""
+    asking = [row for row, p in enumerate(params) if p.logprobs is not None or p.ranks_candidates]
     result: list[TokenLogprobs | None] = [None] * len(params)
     if not asking:
         return result

@@ -35,6 +35,9 @@ MAX_BAD_WORD_CHARS = 256
 """Characters per banned word."""
 PENALTY_LIMIT = 2.0
 """presence_penalty and frequency_penalty are in [-2, 2] (OpenAI's range)."""
+MAX_N = 16
+"""Most choices (n, and best_of candidates) one request may ask for; they share the prompt's KV blocks but each
+holds its own sequence slot and output blocks."""
 GREEDY_BELOW = 1e-5
 """Temperatures this small sample greedily: dividing logits by them would overflow float32."""
 
@@ -89,6 +92,12 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     """Return each prompt token's log-probability given the tokens before it, and this many top alternatives
     (0..MAX_LOGPROBS); computed in the prefill, so such a request takes no prefix-cache hit for its prompt."""
+    n: int = 1
+    """Choices to return, 1..MAX_N: completions of the one prompt, sampled apart (a seeded request's choice i
+    draws from a seed derived from (seed, i); choice 0 from seed itself)."""
+    best_of: int | None = None
+    """Candidates to generate, n..MAX_N, of which the n with the highest cumulative log-probability of their
+    tokens are returned (nothing is streamed until all are done); None: n."""
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1, high=MAX_TOKENS_LIMIT)
@@ -112,6 +121,19 @@ class SamplingParams:
         object.__setattr__(self, "bad_words", checked_bad_words(self.bad_words))
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             raise SamplingError("structured", f"structured must be a StructuredOutput, got {self.structured!r:.80}")
+        _check_int("n", self.n, low=1, high=MAX_N)
+        if self.best_of is not None:
+            _check_int("best_of", self.best_of, low=self.n, high=MAX_N)
+
+    @property
+    def num_candidates(self) -> int:
+        """Sequences the request runs: best_of, or n."""
+        return self.best_of if self.best_of is not None else self.n
+
+    @property
+    def ranks_candidates(self) -> bool:
+        """More candidates than choices: each one's cumulative log-probability decides which are returned."""
+        return self.num_candidates > self.n
 
     @property
     def penalised(self) -> bool:

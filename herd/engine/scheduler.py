@@ -81,11 +81,17 @@ class Scheduler:
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
             self.kv.free(seq)
-        elif seq.status is Status.WAITING:
-            self.waiting[seq.tenant_id].remove(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting.get(seq.tenant_id, ()):
+            self.waiting[seq.tenant_id].remove(seq)  # (a choice not yet forked was never queued)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.finished_ns = time.time_ns()
+
+    def adopt(self, child: Sequence) -> None:
+        """A sequence forked from a running one (its blocks shared by the KV cache manager) runs from now on."""
+        self.running.append(child)
+        child.status = Status.RUNNING
+        child.scheduled_ns = time.time_ns()
 
     def on_step_done(self, output: SchedulerOutput) -> None:
         """The step computed what was scheduled: advance, cache full blocks, drop passed chunks."""
@@ -127,7 +133,8 @@ class Scheduler:
         """Schedule seq for as many tokens as fit, preempting if blocks are short; None if it cannot run."""
         admitting = seq.status is Status.WAITING
         if admitting:
-            if len(self.running) >= self.config.max_num_seqs:
+            slots = len(self.running) + sum(len(s.forks) for s in self.running)  # choices to be forked hold theirs
+            if slots + 1 + len(seq.forks) > self.config.max_num_seqs:
                 return None
             self.kv.admit(seq)
         num = min(seq.num_known - seq.num_computed, budget)

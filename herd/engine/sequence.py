@@ -53,6 +53,14 @@ class Sequence:
     """The prompt's images (features for its placeholders), kept until the sequence finishes: a preempted
     sequence recomputes its prompt."""
     output_ids: list[int] = field(default_factory=list)
+    index: int = 0
+    """Which choice of its request this is (n > 1 or best_of); 0 for the first, and for a request of one."""
+    forks: list[Sequence] = field(default_factory=list)
+    """The request's other choices, forked from this one once its prompt is computed (herd.engine.request_group);
+    empty after that, and for a request of one."""
+    cumulative_logprob: float = 0.0
+    """Sum of the model's log-probabilities of its tokens so far, where the sampler gave them (logprobs asked, or
+    best_of ranking)."""
     num_pending: int = 0
     """Tokens being sampled by a step still in flight (0 or 1; async scheduling): known to come, not yet known."""
     token_limit: int = sys.maxsize

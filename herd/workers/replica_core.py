@@ -128,7 +128,7 @@ class ReplicaCore:
             async with contextlib.aclosing(stream), contextlib.aclosing(chunks):  # aborts the request, frees its blocks
                 async for chunk in chunks:
                     yield chunk
-        except ValueError as err:
+        except ValueError as err:  # the engine's refusal; a SamplingError names the field (n past max_num_seqs)
             span.set_status(Status(StatusCode.ERROR, str(err)))
             field = err.field if isinstance(err, SamplingError) else None
             raise HerdError(Code.INVALID_ARGUMENT, str(err), param=field) from err
@@ -141,8 +141,9 @@ class ReplicaCore:
             span.end()
 
     def _check(self, span: trace.Span, out: RequestOutput) -> None:
-        """Each engine output as it comes: the finished one's phases recorded, a failed step raised."""
-        if out.times is not None:
+        """Each engine output as it comes: the finished one's phases recorded (the first choice's: one request),
+        a failed step raised."""
+        if out.times is not None and out.index == 0:
             self._finished(span, out.times)
         if out.finish_reason == "error":
             raise out.error or HerdError(Code.INTERNAL, "the engine step failed")
@@ -229,6 +230,8 @@ class ReplicaCore:
                 bad_words=tuple(options.bad_words),
                 structured=structured_output(options),
                 prompt_logprobs=options.prompt_logprobs if options.HasField("prompt_logprobs") else None,
+                n=options.n if options.HasField("n") else 1,
+                best_of=options.best_of if options.HasField("best_of") else None,
             )
         except SamplingError as err:
             raise HerdError(Code.INVALID_ARGUMENT, str(err), param=err.field) from err
@@ -283,8 +286,10 @@ class _Pending:
             self.logprobs += out.logprobs[len(out.token_ids) - len(out.delta_token_ids):]
 
     def chunk(self, last: RequestOutput, piece: Callable[[int], str]) -> pb.GenerateChunk:
-        """One message with all of it, and `last`'s ending (finish reason, usage) when it finished."""
-        chunk = pb.GenerateChunk(request_id=last.request_id, text="".join(self.text), token_ids=self.token_ids)
+        """One message with all of it, and `last`'s ending (finish reason, usage) when it finished. Usage is per
+        choice: the request's prompt (counted once, whichever choice carries it) and this choice's tokens."""
+        chunk = pb.GenerateChunk(request_id=last.request_id, text="".join(self.text), token_ids=self.token_ids,
+                                 index=last.index)
         chunk.logprobs.extend(_token_logprob(lp, piece) for lp in self.logprobs)
         if self.prompt_logprobs is not None:  # the first prompt token has none: only its token (see the proto)
             chunk.prompt_logprobs.extend(
@@ -306,18 +311,27 @@ async def merged_chunks(outputs: AsyncIterator[RequestOutput], interval_s: Calla
                         piece: Callable[[int], str], *, check: Callable[[RequestOutput], None] = lambda _: None,
                         clock: Callable[[], float] = time.monotonic, echo: str = "",
                         ) -> AsyncGenerator[pb.GenerateChunk, None]:
-    """A request's outputs as GenerateChunks: the first at once, then one per `interval_s()` seconds with
-    everything that came meanwhile, and the last (finished) at once. Each message is built once, from the
-    outputs it carries (`piece` spells a logprob's token); `check` sees every output first (and may raise).
-    The first message's text starts with `echo` (the prompt's text, when the request asks for it); the
-    prompt's logprobs go out once, in the first message after the engine delivers them (with the first token)."""
-    pending, sent_at, prompt_sent = _Pending(echo), None, False
+    """A request's outputs as GenerateChunks: for each choice (by index), the first at once, then one per
+    `interval_s()` seconds with everything that came meanwhile, and the last (finished) at once. Each message is
+    built once, from the outputs it carries (`piece` spells a logprob's token); `check` sees every output first
+    (and may raise). Each choice's first message's text starts with `echo` (the prompt's text, when the request
+    asks for it); the prompt's logprobs go out once per choice, in its first message after the engine delivers
+    them (with the first token; the prompt is scored once, for all the choices)."""
+    pending: dict[int, _Pending] = {}
+    sent_at: dict[int, float] = {}
+    scored: tuple[list[int], list[TokenLogprobs | None]] | None = None
+    given: set[int] = set()  # choices whose prompt logprobs are out
     async for out in outputs:
         check(out)
-        pending.add(out)
-        if not prompt_sent and out.prompt_logprobs is not None:
-            pending.prompt, pending.prompt_logprobs, prompt_sent = out.prompt_token_ids, out.prompt_logprobs, True
+        if scored is None and out.prompt_logprobs is not None:
+            scored = (out.prompt_token_ids, out.prompt_logprobs)
+        choice = pending.setdefault(out.index, _Pending(echo))
+        choice.add(out)
+        if scored is not None and out.index not in given:
+            choice.prompt, choice.prompt_logprobs = scored
+            given.add(out.index)
         now = clock()
-        if out.finished or sent_at is None or now - sent_at >= interval_s():
-            yield pending.chunk(out, piece)
-            pending, sent_at = _Pending(), now
+        last = sent_at.get(out.index)
+        if out.finished or last is None or now - last >= interval_s():
+            yield choice.chunk(out, piece)
+            pending[out.index], sent_at[out.index] = _Pending(), now

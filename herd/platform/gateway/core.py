@@ -34,7 +34,7 @@ from herd.platform.gateway.errors import (
     too_many_images,
 )
 from herd.platform.gateway.load import LoadTracker
-from herd.platform.gateway.sampling_limits import check_sampling
+from herd.platform.gateway.sampling_limits import candidates, check_sampling
 from herd.platform.telemetry.gateway_metrics import GatewayMetrics
 from herd.platform.telemetry.request_telemetry import RequestTelemetry
 from herd.protos.herd.v1 import inference_pb2 as pb
@@ -54,7 +54,7 @@ class AdmissionGuard(Protocol):
 
     def context(self, identity: Any) -> pb.TenantContext: ...
 
-    async def enter(self, identity: Any, model: str, request_id: str) -> Any: ...
+    async def enter(self, identity: Any, model: str, request_id: str, *, choices: int = 1) -> Any: ...
 
     async def reserve(self, admission: Any, prompt_tokens: int, max_tokens: int, *,
                       max_tokens_given: bool = True) -> None: ...
@@ -229,7 +229,7 @@ class Gateway:
             admission = None
             try:
                 if self.guard is not None:
-                    admission = await self.guard.enter(identity, model, request_id)
+                    admission = await self.guard.enter(identity, model, request_id, choices=candidates(options))
                 yield Ticket(backend, identity, request_id, admission)
             except BaseException as err:
                 if admission is not None and self.guard is not None:
@@ -305,7 +305,8 @@ class Gateway:
         record = self.telemetry.start(request, prompt_tokens=prepared.prompt_tokens, tenant=request.tenant.tenant_id,
                                       parent=trace_parent, prompt_text=self._prompt_text(prepared))
         status, completion, cached, error = "cancelled", 0, 0, None
-        admission, reserved, started = prepared.admission, prepared.prompt_tokens + request.sampling.max_tokens, None
+        reserved = prepared.prompt_tokens + candidates(request.sampling) * request.sampling.max_tokens
+        admission, started = prepared.admission, None
         self.in_flight += 1
         interrupted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._interrupts.add(interrupted)

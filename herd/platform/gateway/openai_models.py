@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from herd.engine.sampling_params import (
     MAX_LOGPROBS,
+    MAX_N,
     MAX_SEED,
     MAX_TOKENS_LIMIT,
     PENALTY_LIMIT,
@@ -147,7 +148,8 @@ class _Sampling(_Strict):
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    n: int = Field(1, ge=1, le=MAX_N, description=f"choices to return (1..{MAX_N}); they share the prompt's "
+                                                   "computation, and each counts in usage and the tenant's limits")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -220,6 +222,17 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = Field(False, description="the text starts with the prompt's; with logprobs, they cover the prompt "
                                           "tokens too (the first null)")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="candidates generated, of which the n with the "
+                                "highest cumulative logprob are returned (>= n; not with stream)")
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value < info.data.get("n", 1):
+            raise ValueError(f"best_of ({value}) must be at least n ({info.data.get('n')})")
+        if value is not None and value > 1 and info.data.get("stream"):
+            raise ValueError("best_of cannot be used with stream (its choices are known only at the end)")
+        return value
 
 
 # --- responses --------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """OpenAI shapes <-> the gateway's: requests into Prepared requests, chunk streams into responses.
 
 Pure functions except for reading the chunk stream and image URLs; the HTTP routes are thin wrappers
-around these.
+around these. A request of n choices gets chunks of each choice (GenerateChunk.index) interleaved: whole, they
+become n choices in index order; streamed, each event carries its choice's index. Usage counts the prompt once
+and the completion tokens of every choice (best_of: of the n returned).
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def sampling(request: ChatCompletionRequest | CompletionRequest, *, logprobs: in
     if structured is not None:
         options.structured.CopyFrom(structured)
     max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
+    if request.n != 1:
+        options.n = request.n
+    best_of = getattr(request, "best_of", None)
+    if best_of is not None:
+        options.best_of = best_of
     for name, value in (("temperature", request.temperature), ("top_p", request.top_p), ("max_tokens", max_tokens),
                         ("seed", request.seed), ("top_k", request.top_k), ("min_p", request.min_p),
                         ("logprobs", logprobs), ("presence_penalty", request.presence_penalty),
@@ -170,8 +177,9 @@ def _message(message: ChatMessage) -> dict[str, Any]:
 
 @dataclass
 class Collected:
-    """A whole response gathered from the chunk stream."""
+    """One choice of a whole response, gathered from the chunk stream."""
 
+    index: int = 0
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[pb.TokenLogprob] = field(default_factory=list)
@@ -180,9 +188,11 @@ class Collected:
     usage: pb.Usage | None = None
 
 
-async def collect(chunks: AsyncIterator[pb.GenerateChunk]) -> Collected:
-    out = Collected()
+async def collect(chunks: AsyncIterator[pb.GenerateChunk]) -> list[Collected]:
+    """Every choice of the response, in index order."""
+    choices: dict[int, Collected] = {}
     async for chunk in chunks:
+        out = choices.setdefault(chunk.index, Collected(index=chunk.index))
         out.text += chunk.text
         out.token_ids += list(chunk.token_ids)
         out.logprobs += list(chunk.logprobs)
@@ -190,15 +200,22 @@ async def collect(chunks: AsyncIterator[pb.GenerateChunk]) -> Collected:
         if chunk.finish_reason:
             out.finish_reason = chunk.finish_reason
             out.usage = chunk.usage
-    return out
+    return [choices[index] for index in sorted(choices)] or [Collected()]
 
 
-def usage(prepared: Prepared, final: pb.Usage | None, completion_tokens: int) -> Usage:
-    completion = final.completion_tokens if final is not None else completion_tokens
-    cached = final.cached_tokens if final is not None else 0
+def usage(prepared: Prepared, finals: list[pb.Usage | None], completion_tokens: int) -> Usage:
+    """The prompt once; the completion tokens of every choice (each one's final usage where it came, else the
+    tokens counted in the stream); the cached prompt tokens once."""
+    done = [u for u in finals if u is not None]
+    completion = sum(u.completion_tokens for u in done) if done and len(done) == len(finals) else completion_tokens
+    cached = done[0].cached_tokens if done else 0
     return Usage(prompt_tokens=prepared.prompt_tokens, completion_tokens=completion,
                  total_tokens=prepared.prompt_tokens + completion,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
+def _usage_of(prepared: Prepared, got: list[Collected]) -> Usage:
+    return usage(prepared, [c.usage for c in got], sum(len(c.token_ids) for c in got))
 
 
 def chat_logprobs(entries: list[pb.TokenLogprob]) -> ChoiceLogprobs:
@@ -266,14 +283,18 @@ def assistant_message(text: str, names: list[str]) -> tuple[AssistantMessage, bo
     return AssistantMessage(content=text), False
 
 
-def chat_completion(request: ChatCompletionRequest, prepared: Prepared, got: Collected) -> ChatCompletion:
-    message, called = assistant_message(got.text, tool_names(request))
-    finish = "tool_calls" if called else got.finish_reason
-    choice = ChatChoice(message=message, finish_reason=finish,
-                        logprobs=chat_logprobs(got.logprobs) if request.logprobs else None,
-                        prompt_logprobs=_prompt_logprobs(request, got.prompt_logprobs))
+def chat_completion(request: ChatCompletionRequest, prepared: Prepared, got: list[Collected]) -> ChatCompletion:
+    """The whole chat response: each choice's tool calls parsed from its own text."""
+    names = tool_names(request)
+    choices = []
+    for one in got:
+        message, called = assistant_message(one.text, names)
+        choices.append(ChatChoice(index=one.index, message=message,
+                                  finish_reason="tool_calls" if called else one.finish_reason,
+                                  logprobs=chat_logprobs(one.logprobs) if request.logprobs else None,
+                                  prompt_logprobs=_prompt_logprobs(request, one.prompt_logprobs)))
     return ChatCompletion(id=f"chatcmpl-{prepared.request.request_id}", created=int(time.time()), model=request.model,
-                          choices=[choice], usage=usage(prepared, got.usage, len(got.token_ids)))
+                          choices=choices, usage=_usage_of(prepared, got))
 
 
 def _prompt_logprobs(request: ChatCompletionRequest | CompletionRequest,
@@ -289,61 +310,81 @@ def _echoed(request: CompletionRequest, chunk_entries: list[pb.TokenLogprob],
     return chunk_entries, 0
 
 
-def completion(request: CompletionRequest, prepared: Prepared, got: Collected) -> Completion:
-    """The text is the replica's (the prompt's first, with echo)."""
-    logprobs = None
-    if request.logprobs is not None:
-        entries, unscored = _echoed(request, got.logprobs, got.prompt_logprobs)
-        logprobs = completion_logprobs(entries, special=prepared.backend.tokenizer.special_ids, unscored=unscored,
-                                       top=request.logprobs)
-    choice = CompletionChoice(text=got.text, finish_reason=got.finish_reason, logprobs=logprobs,
-                              prompt_logprobs=_prompt_logprobs(request, got.prompt_logprobs))
+def completion(request: CompletionRequest, prepared: Prepared, got: list[Collected]) -> Completion:
+    """Each choice's text is the replica's (the prompt's first, with echo)."""
+    choices = []
+    for one in got:
+        logprobs = None
+        if request.logprobs is not None:
+            entries, unscored = _echoed(request, one.logprobs, one.prompt_logprobs)
+            logprobs = completion_logprobs(entries, special=prepared.backend.tokenizer.special_ids,
+                                           unscored=unscored, top=request.logprobs)
+        choices.append(CompletionChoice(index=one.index, text=one.text, finish_reason=one.finish_reason,
+                                        logprobs=logprobs,
+                                        prompt_logprobs=_prompt_logprobs(request, one.prompt_logprobs)))
     return Completion(id=f"cmpl-{prepared.request.request_id}", created=int(time.time()), model=request.model,
-                      choices=[choice], usage=usage(prepared, got.usage, len(got.token_ids)))
+                      choices=choices, usage=_usage_of(prepared, got))
 
 
 async def chat_events(
     request: ChatCompletionRequest, prepared: Prepared, chunks: AsyncIterator[pb.GenerateChunk]
 ) -> AsyncIterator[dict[str, Any]]:
-    """chat.completion.chunk objects. With tools on offer the text is held until the end, when it is
-    either a tool call or plain content; otherwise content streams as it comes."""
+    """chat.completion.chunk objects, each of one choice (its index). With tools on offer a choice's text is
+    held until that choice ends, when it is either a tool call or plain content; otherwise content streams as it
+    comes. Each choice opens with the assistant's role and ends with its finish reason."""
     base = {"id": f"chatcmpl-{prepared.request.request_id}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": request.model}
     names = tool_names(request)
 
-    def event(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None,
+    def event(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None,
               prompt_logprobs: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         if prompt_logprobs is not None:
             choice["prompt_logprobs"] = prompt_logprobs
         return {**base, "choices": [choice]}
 
-    yield event({"role": "assistant", "content": ""})
-    held, count, final = "", 0, None
+    for index in range(request.n):
+        yield event(index, {"role": "assistant", "content": ""})
+    held: dict[int, str] = {}
+    count = 0
+    finals: dict[int, pb.Usage | None] = dict.fromkeys(range(request.n))
+    open_choices = set(range(request.n))
     async for chunk in chunks:
         count += len(chunk.token_ids)
         lp = chat_logprobs(list(chunk.logprobs)).model_dump() if request.logprobs and chunk.logprobs else None
         scored = _prompt_logprobs(request, list(chunk.prompt_logprobs)) if chunk.prompt_logprobs else None
         if names:
-            held += chunk.text
+            held[chunk.index] = held.get(chunk.index, "") + chunk.text
             if scored is not None:
-                yield event({}, prompt_logprobs=scored)
+                yield event(chunk.index, {}, prompt_logprobs=scored)
         elif chunk.text or lp or scored is not None:
-            yield event({"content": chunk.text}, logprobs=lp, prompt_logprobs=scored)
+            yield event(chunk.index, {"content": chunk.text}, logprobs=lp, prompt_logprobs=scored)
         if chunk.finish_reason:
-            final = chunk
-    finish = final.finish_reason if final is not None else None
-    if names:
-        message, called = assistant_message(held, names)
-        if called:
-            calls = [{"index": i, **c.model_dump()} for i, c in enumerate(message.tool_calls or [])]
-            yield event({"content": message.content, "tool_calls": calls} if message.content else {"tool_calls": calls})
-            finish = "tool_calls"
-        elif held:
-            yield event({"content": held})
-    yield event({}, finish)
+            finals[chunk.index] = chunk.usage
+            open_choices.discard(chunk.index)
+            delta, called = _held_reply(held.pop(chunk.index, ""), names)
+            if delta:
+                yield event(chunk.index, delta)
+            yield event(chunk.index, {}, "tool_calls" if called else chunk.finish_reason)
+    for index in sorted(open_choices):  # a stream that ended without this choice's last chunk
+        delta, _ = _held_reply(held.pop(index, ""), names)
+        if delta:
+            yield event(index, delta)
+        yield event(index, {}, None)
     if request.stream_options is not None and request.stream_options.include_usage:
-        yield {**base, "choices": [], "usage": usage(prepared, final.usage if final else None, count).model_dump()}
+        yield {**base, "choices": [], "usage": usage(prepared, list(finals.values()), count).model_dump()}
+
+
+def _held_reply(held: str, names: list[str]) -> tuple[dict[str, Any] | None, bool]:
+    """A choice's held text (tools on offer) at its end: the delta to send (tool calls, or the text; None when
+    there is nothing), and whether it called a tool."""
+    if not names:
+        return None, False
+    message, called = assistant_message(held, names)
+    if called:
+        calls = [{"index": i, **c.model_dump()} for i, c in enumerate(message.tool_calls or [])]
+        return ({"content": message.content, "tool_calls": calls} if message.content else {"tool_calls": calls}), True
+    return ({"content": held} if held else None), False
 
 
 async def completion_events(
@@ -351,23 +392,27 @@ async def completion_events(
 ) -> AsyncIterator[dict[str, Any]]:
     base = {"id": f"cmpl-{prepared.request.request_id}", "object": "text_completion", "created": int(time.time()),
             "model": request.model}
-    count, final, at = 0, None, 0  # at: the text offset where this chunk's tokens start
+    count = 0
+    finals: dict[int, pb.Usage | None] = dict.fromkeys(range(request.n))
+    at: dict[int, int] = {}  # per choice: the text offset where its next chunk's tokens start
     special = prepared.backend.tokenizer.special_ids
     async for chunk in chunks:
         count += len(chunk.token_ids)
         lp = None
         if request.logprobs is not None:
             entries, unscored = _echoed(request, list(chunk.logprobs), list(chunk.prompt_logprobs))
-            lp = completion_logprobs(entries, special=special, start=at, unscored=unscored, top=request.logprobs)
-            at += sum(len(e.token) for e in entries if e.token_id not in special)
-        choice = {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason or None, "logprobs": lp}
+            start = at.get(chunk.index, 0)
+            lp = completion_logprobs(entries, special=special, start=start, unscored=unscored, top=request.logprobs)
+            at[chunk.index] = start + sum(len(e.token) for e in entries if e.token_id not in special)
+        choice = {"index": chunk.index, "text": chunk.text, "finish_reason": chunk.finish_reason or None,
+                  "logprobs": lp}
         if request.prompt_logprobs is not None and chunk.prompt_logprobs:
             choice["prompt_logprobs"] = vllm_prompt_logprobs(list(chunk.prompt_logprobs), request.prompt_logprobs)
         if chunk.finish_reason:
-            final = chunk
+            finals[chunk.index] = chunk.usage
         yield {**base, "choices": [choice]}
     if request.stream_options is not None and request.stream_options.include_usage:
-        yield {**base, "choices": [], "usage": usage(prepared, final.usage if final else None, count).model_dump()}
+        yield {**base, "choices": [], "usage": usage(prepared, list(finals.values()), count).model_dump()}
 
 
 def sse(event: dict[str, Any]) -> bytes:

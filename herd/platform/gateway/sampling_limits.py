@@ -27,3 +27,11 @@ def check_sampling(options: pb.SamplingOptions) -> None:
         SamplingParams(**fields)
     except SamplingError as err:
         raise invalid_request(str(err), param=err.field) from err
+
+
+def candidates(options: pb.SamplingOptions) -> int:
+    """Sequences the request runs (best_of, else n, else 1): what it holds of the tenant's concurrency and
+    reserves of its output tokens (each up to max_tokens)."""
+    if options.HasField("best_of"):
+        return options.best_of
+    return options.n if options.HasField("n") else 1

@@ -6,8 +6,12 @@ prompt is tokenised, `reserve` (per-tenant context and output caps: 400; input a
 and the monthly budget, counting what requests in flight have reserved: 429), and `settle` exactly once
 after every `enter`, whatever happened. Output tokens are reserved from max_tokens (a request without one
 reserves at most `default_output_reservation_tokens`); at settle the unused part is given back and any
-excess is charged. A usage row is written iff `reserve` passed: refusals are counted by the gateway's
-metrics, not the ledger, so a flood of refused requests writes nothing.
+excess is charged. A request of n choices (best_of candidates: best_of) runs that many sequences: it holds a
+concurrency slot for each (the conservative reading: it occupies the replica like n requests), reserves n
+times its output tokens, and is refused (400, naming n) when n exceeds the tenant's max_concurrent, which it
+could never fit; the per-request caps (max_context, max_output_tokens) apply to each choice. A usage row is
+written iff `reserve` passed: refusals are counted by the gateway's metrics, not the ledger, so a flood of
+refused requests writes nothing.
 
 Redis down (or hanging past its timeout): this gateway fails open to its own in-process limits (each
 gateway then enforces the tenant's limits alone) and tries Redis again after SHARED_RETRY_S. A request that
@@ -30,6 +34,7 @@ from herd.engine.errors import HerdError
 from herd.platform.gateway.errors import (
     context_limit,
     database_unavailable,
+    invalid_request,
     limit_exceeded,
     output_limit,
     permission_denied,
@@ -66,6 +71,7 @@ class Admission:
     request_id: str
     month: str  # YYYY-MM whose budget it counts against
     limits: Limits  # where its slot is held
+    choices: int = 1  # sequences it runs (n, or best_of): slots held, and its output reservation's multiple
     prompt_tokens: int = 0
     reserved_output: int = 0
     reserved: bool = False  # reserve passed: its usage row is written at settle
@@ -112,25 +118,32 @@ class Guard:
         return pb.TenantContext(tenant_id=tenant.id, weight=tenant.weight or 1.0,
                                 sharing_group=tenant.sharing_group or "")
 
-    async def enter(self, identity: Identity, model: str, request_id: str) -> Admission:
-        """Before any expensive work: a concurrency slot, a request of the per-minute rate, and a budget not
-        already spent. A refusal (HerdError) holds nothing and writes no row; otherwise `settle` must follow."""
+    async def enter(self, identity: Identity, model: str, request_id: str, *, choices: int = 1) -> Admission:
+        """Before any expensive work: a concurrency slot per choice, a request of the per-minute rate, and a budget
+        not already spent. A refusal (HerdError) holds nothing and writes no row; otherwise `settle` must follow."""
         tenant, month = identity.tenant, _month()
         caps, used = Caps(tenant.max_concurrent, tenant.monthly_token_budget), self._used_tokens(tenant.id)
+        if tenant.max_concurrent is not None and choices > tenant.max_concurrent:
+            raise invalid_request(f"n: {choices} choices take {choices} concurrency slots; this tenant's "
+                                  f"max_concurrent is {tenant.max_concurrent}", param="n")
+        slots = _slot_ids(request_id, choices)
 
         async def step(limits: Limits) -> Admission:
-            refused = await limits.quota.enter(tenant.id, request_id, month, caps, used)
-            if refused is not None:
-                raise _quota_refusal(tenant, refused)
+            taken: list[str] = []
             try:
+                for slot in slots:
+                    refused = await limits.quota.enter(tenant.id, slot, month, caps, used)
+                    if refused is not None:
+                        raise _quota_refusal(tenant, refused)
+                    taken.append(slot)
                 decision = await limits.rates.acquire(tenant.id, _charges(tenant, requests=1))
+                if not decision.allowed:
+                    raise limit_exceeded(decision.limit_name or "rate", decision.retry_after_s, "per-minute rate")
             except BaseException:
-                await _quietly(limits.quota.release(tenant.id, request_id, month, 0))
+                for slot in taken:
+                    await _quietly(limits.quota.release(tenant.id, slot, month, 0))
                 raise
-            if not decision.allowed:
-                await limits.quota.release(tenant.id, request_id, month, 0)
-                raise limit_exceeded(decision.limit_name or "rate", decision.retry_after_s, "per-minute rate")
-            return Admission(identity, model, request_id, month, limits)
+            return Admission(identity, model, request_id, month, limits, choices=choices)
 
         if self._shared_up():
             try:
@@ -150,6 +163,7 @@ class Guard:
         tenant = admission.identity.tenant
         _check_caps(tenant, prompt_tokens, max_tokens)
         output = max_tokens if max_tokens_given else min(max_tokens, self.default_output_reservation_tokens)
+        output *= admission.choices
         limits, charges = admission.limits, _charges(tenant, input_tokens=prompt_tokens, output_tokens=output)
         caps = Caps(tenant.max_concurrent, tenant.monthly_token_budget)
         try:
@@ -188,10 +202,12 @@ class Guard:
         except Exception as err:
             self._settle_failed(admission, limits, err)
         finally:
-            try:
-                await limits.quota.release(tenant.id, admission.request_id, admission.month, used)
-            except Exception as err:
-                self._settle_failed(admission, limits, err)
+            for slot in _slot_ids(admission.request_id, admission.choices):
+                try:  # the tokens used are counted once, with the request's own slot
+                    await limits.quota.release(tenant.id, slot, admission.month,
+                                               used if slot == admission.request_id else 0)
+                except Exception as err:
+                    self._settle_failed(admission, limits, err)
 
     async def admit(self, identity: Identity, model: str, request_id: str, prompt_tokens: int,
                     max_tokens: int) -> Admission:
@@ -247,6 +263,11 @@ def _check_caps(tenant: Tenant, prompt_tokens: int, max_tokens: int) -> None:
         raise context_limit(tenant.max_context, prompt_tokens + max_tokens)
     if tenant.max_output_tokens is not None and max_tokens > tenant.max_output_tokens:
         raise output_limit(tenant.max_output_tokens)
+
+
+def _slot_ids(request_id: str, choices: int) -> list[str]:
+    """The concurrency slots a request holds: its own id, and one more per further choice."""
+    return [request_id, *(f"{request_id}#{i}" for i in range(1, choices))]
 
 
 def _quota_refusal(tenant: Tenant, limit: str) -> HerdError:

@@ -145,6 +145,29 @@ def test_openai_client_echo_with_logprobs_over_the_prompt(server, client):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
 
 
+def test_openai_client_n_choices_with_indexes_streamed_and_whole(server, client):
+    """n over the official client: every choice with its index, streamed choices by index, usage summing the
+    choices' tokens, best_of on completions, n past the cap a BadRequestError naming n; every block comes back."""
+    chat = client.chat.completions.create(model="scout", messages=HELLO, max_tokens=5, temperature=1.0, n=3,
+                                          extra_body={"ignore_eos": True})
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+    assert chat.usage.completion_tokens == 15
+    stream = client.completions.create(model="scout", prompt="the herd", max_tokens=4, temperature=1.0, n=2,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert {c.index for chunk in chunks for c in chunk.choices} == {0, 1}
+    assert sorted(c.index for chunk in chunks for c in chunk.choices if c.finish_reason) == [0, 1]
+    assert chunks[-1].usage.completion_tokens == 8
+    best = client.completions.create(model="scout", prompt="the herd", max_tokens=4, n=2, best_of=3,
+                                     extra_body={"ignore_eos": True})
+    assert [c.index for c in best.choices] == [0, 1] and best.usage.completion_tokens == 8
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="scout", messages=HELLO, max_tokens=4, n=17)
+    assert refused.value.param == "n"
+    assert _settled(server)
+
+
 def _image_chat(*images: bytes, text: str = "What is in this picture?") -> list[dict]:
     parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(data).decode()}}
              for data in images]

@@ -107,3 +107,41 @@ def test_a_hit_needs_the_chunk_blocks_of_its_window():
     # a chunk boundary (position 24), where the chunked layers need no blocks.
     assert b.num_computed == 24
     assert kv.blocks_held(b) == {FULL: 6, CHUNKED: 0}
+
+
+def test_a_fork_shares_every_block_and_copies_the_partial_one_before_writing_it():
+    kv = kv_manager(full=20, chunked=20)
+    parent = seq("p", 10)  # blocks [0, 4) [4, 8) full, [8, 10) partial; chunk 1 is [8, 16)
+    kv.admit(parent)
+    _compute(kv, parent, 10)
+    child = seq("c", 10)
+    kv.fork(parent, child)
+    assert child.num_computed == 10 and kv.table(child, FULL) == kv.table(parent, FULL)
+    used = {g: 20 - kv.num_free(g) for g in (FULL, CHUNKED)}
+    assert used == {FULL: 3, CHUNKED: 1}, "the fork took no block"
+    partial_full, partial_chunked = kv.table(parent, FULL)[2], kv.table(parent, CHUNKED)[2]
+    child.output_ids.append(5)
+    assert kv.allocate(child, 1)  # writes position 10, in the shared partial block
+    assert kv.table(child, FULL)[:2] == kv.table(parent, FULL)[:2]
+    assert kv.table(child, FULL)[2] != partial_full and kv.table(child, CHUNKED)[2] != partial_chunked
+    assert sorted(kv.take_copies()) == sorted([(FULL, partial_full, kv.table(child, FULL)[2]),
+                                               (CHUNKED, partial_chunked, kv.table(child, CHUNKED)[2])])
+    assert kv.take_copies() == []
+    parent.output_ids.append(6)
+    assert kv.allocate(parent, 1) and kv.table(parent, FULL)[2] == partial_full, "the last holder writes in place"
+    assert kv.take_copies() == []
+    kv.free(parent)
+    kv.free(child)
+    assert kv.num_free(FULL) == 20 and kv.num_free(CHUNKED) == 20
+
+
+def test_copy_on_write_is_all_or_nothing():
+    kv = kv_manager(full=3, chunked=8)
+    parent = seq("p", 10)
+    kv.admit(parent)
+    _compute(kv, parent, 10)  # every global block in use
+    child = seq("c", 10)
+    kv.fork(parent, child)
+    child.output_ids.append(5)
+    assert not kv.allocate(child, 1)
+    assert kv.take_copies() == [] and kv.table(child, FULL) == kv.table(parent, FULL)

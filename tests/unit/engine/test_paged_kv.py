@@ -101,3 +101,19 @@ def test_chunked_layers_address_their_own_smaller_pool():
     assert torch.equal(got_k, k.flip(0)) and torch.equal(got_v, -k.flip(0))
     with pytest.raises(IndexError):
         cache.write(1, torch.tensor([(3 + 1) * B]), k[:1], k[:1])  # one past the chunked pool's scratch block
+
+
+def test_copy_blocks_copies_whole_blocks_of_the_named_group_only():
+    cache = PagedKVCache(config(), layout(), dtype=torch.float32, device=CPU)
+    for layer in range(len(cache.groups)):
+        cache.k[layer].copy_(torch.randn_like(cache.k[layer]))
+        cache.v[layer].copy_(torch.randn_like(cache.v[layer]))
+    before_k = [k.clone() for k in cache.k]
+    before_v = [v.clone() for v in cache.v]
+    cache.copy_blocks([(FULL, 1, 4), (FULL, 2, 5), (CHUNKED, 0, 2)])
+    for layer, group in enumerate(cache.groups):
+        moves = {4: 1, 5: 2} if group == FULL else {2: 0}
+        for block in range(cache.k[layer].shape[0]):
+            src = moves.get(block, block)
+            assert torch.equal(cache.k[layer][block], before_k[layer][src]), (layer, block)
+            assert torch.equal(cache.v[layer][block], before_v[layer][src]), (layer, block)

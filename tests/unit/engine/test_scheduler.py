@@ -164,3 +164,21 @@ def test_a_tenant_keeps_the_turn_as_one_pop_per_sequence_would_give_it(seed):
     batched, preemptions = run(Scheduler)
     assert (batched, preemptions) == run(_OnePerPop)
     assert preemptions > 0 and any(len(chunks) >= 4 for chunks, _ in batched)
+
+
+def test_a_request_of_several_choices_is_admitted_only_with_a_slot_for_each():
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), kv_manager())
+    leader = seq("n3", 5)
+    leader.forks = [seq("n3#1", 5), seq("n3#2", 5)]
+    other, late = seq("other", 5), seq("late", 5)
+    s.add(other)
+    s.add(leader)
+    s.add(late)
+    out = s.schedule()
+    assert [c.seq.request_id for c in out.chunks] == ["other", "n3"], "3 + 1 slots: late waits for the forks' slots"
+    s.on_step_done(out)
+    crowded = Scheduler(SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=64), kv_manager())
+    crowded.add(seq("first", 5))
+    crowded.add(leader_of_three := seq("m3", 5))
+    leader_of_three.forks = [seq("m3#1", 5), seq("m3#2", 5)]
+    assert [c.seq.request_id for c in crowded.schedule().chunks] == ["first"]

@@ -186,3 +186,15 @@ def test_the_sampler_chooses_only_allowed_tokens_and_keeps_raw_logprobs():
         assert ids[0] == 5 and ids[1] == int(logits[1].argmax()) and ids[2] == int(logits[2, 34:36].argmax()) + 34
         assert logprobs[0] is not None
         assert logprobs[0].logprob == pytest.approx(float(torch.log_softmax(logits[0], -1)[5]))
+
+
+def test_each_of_n_choices_follows_the_constraint_on_its_own(engine):
+    """n choices fork after the prompt: each carries its own place in the constraint."""
+    schema = SCHEMAS["nested"]
+    outs = engine.generate([PROMPT], SamplingParams(temperature=1.0, seed=4, max_tokens=200, n=4,
+                                                    structured=StructuredOutput.json_schema(schema)))
+    assert sorted(out.index for out in outs) == [0, 1, 2, 3]
+    for out in outs:
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), schema)
+    assert len({out.text for out in outs}) > 1

@@ -111,3 +111,14 @@ def test_echo_and_prompt_logprobs_go_in_the_first_message_only() -> None:
         (1, "p1", 0.0, []), (2, "p2", -1.0, [(9, -0.5)]), (3, "p3", -2.0, [(3, -2.0)])]
     assert not any(c.prompt_logprobs for c in chunks[1:])
     assert chunks[-1].usage.completion_tokens == 3
+
+
+def test_choices_are_merged_apart_and_each_ends_with_its_own_usage() -> None:
+    zero = outputs([[10], [11], [12]])
+    one = [dataclasses.replace(out, index=1) for out in outputs([[20], [21, 22]])]
+    items = [zero[0], one[0], zero[1], one[1], zero[2]]  # interleaved, as the engine's steps make them
+    chunks = collect(items, [0.0, 0.0, 0.02, 0.03, 0.04], interval_s=0.05)
+    assert [(c.index, list(c.token_ids)) for c in chunks] == [(0, [10]), (1, [20]), (1, [21, 22]), (0, [11, 12])]
+    ends = {c.index: c for c in chunks if c.finish_reason}
+    assert (ends[0].usage.completion_tokens, ends[1].usage.completion_tokens) == (3, 3)
+    assert ends[0].usage.prompt_tokens == ends[1].usage.prompt_tokens == 3

@@ -126,7 +126,7 @@ class Settlements:
     def context(self, identity: Any) -> pb.TenantContext:
         return pb.TenantContext(tenant_id="t", weight=1.0)
 
-    async def enter(self, identity: Any, model: str, request_id: str) -> Any:
+    async def enter(self, identity: Any, model: str, request_id: str, *, choices: int = 1) -> Any:
         return request_id
 
     async def reserve(self, admission: Any, prompt_tokens: int, max_tokens: int, *,

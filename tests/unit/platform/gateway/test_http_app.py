@@ -98,7 +98,7 @@ def test_completions_with_text_and_token_prompts(gateway):
         ("/v1/chat/completions", {**CHAT, "max_tokens": 100000}, 400, "maximum context length is 512"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "word " * 600}]}, 400,
          "maximum context length"),
-        ("/v1/chat/completions", {**CHAT, "n": 2}, 400, "n"),
+        ("/v1/chat/completions", {**CHAT, "n": 17}, 400, "n"),
         ("/v1/chat/completions", {**CHAT, "temperature": -1}, 400, "temperature"),
         ("/v1/chat/completions", {**CHAT, "stop": 7}, 400, "stop"),
         ("/v1/chat/completions", {**CHAT, "surprise": True}, 400, "surprise"),
@@ -187,7 +187,7 @@ class RecordingGuard:
 
         return pb.TenantContext(tenant_id="t", weight=1.0)
 
-    async def enter(self, identity, model, request_id):
+    async def enter(self, identity, model, request_id, *, choices=1):
         return request_id
 
     async def reserve(self, admission, prompt_tokens, max_tokens, *, max_tokens_given=True):
