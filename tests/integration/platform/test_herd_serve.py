@@ -16,6 +16,7 @@ import time
 
 import grpc
 import httpx
+import jsonschema
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,6 +31,7 @@ from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
 from tests.images import png_header_only, random_png
 from tests.integration.platform.processes import free_port
+from tests.structured_schemas import REGEXES, SCHEMAS
 
 HELLO = [{"role": "user", "content": "Tell me about the herd."}]
 
@@ -172,6 +174,34 @@ def _image_chat(*images: bytes, text: str = "What is in this picture?") -> list[
     parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(data).decode()}}
              for data in images]
     return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def test_openai_client_structured_outputs_and_a_forced_tool_call(server, client):
+    """Through herd serve (Ray, the shards, tenancy): response_format json_schema and a regex give output that
+    validates; a named tool_choice gives a call whose arguments match the tool's schema."""
+    schema = SCHEMAS["nested"]
+    for seed in range(5):
+        reply = client.chat.completions.create(
+            model="scout", messages=HELLO, max_tokens=200, temperature=1.0, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "user", "schema": schema, "strict": True}})
+        jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+    pattern = REGEXES[1]
+    reply = client.completions.create(model="scout", prompt="the date", max_tokens=40, temperature=1.0, seed=1,
+                                      extra_body={"structured_outputs": {"regex": pattern}})
+    assert re.fullmatch(pattern, reply.choices[0].text, re.ASCII)
+    tool = {"type": "function", "function": {"name": "count", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["n"],
+        "additionalProperties": False}}}
+    named = {"type": "function", "function": {"name": "count"}}
+    reply = client.chat.completions.create(model="scout", messages=HELLO, max_tokens=100, temperature=1.0, seed=2,
+                                           tools=[tool], tool_choice=named)
+    call = reply.choices[0].message.tool_calls[0]
+    assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "count"
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="scout", messages=HELLO, max_tokens=4,
+                                       extra_body={"structured_outputs": {"grammar": "start: nowhere"}})
+    assert refused.value.param == "structured_outputs"
 
 
 def test_openai_client_chat_with_an_image_counts_its_tokens(server, client):
