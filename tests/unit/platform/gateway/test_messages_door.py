@@ -209,9 +209,14 @@ def test_a_forced_tool_call_validates_and_its_result_is_the_next_turn(roomy):
         stream = await client.messages.create(
             model="scout", max_tokens=400, extra_body=T0, messages=[{"role": "user", "content": "Weather in Oslo?"}],
             tools=[WEATHER], tool_choice={"type": "any", "disable_parallel_tool_use": True}, stream=True)
-        return calls, named, follow_up, [e async for e in stream]
+        events = [e async for e in stream]
+        async with client.messages.stream(
+                model="scout", max_tokens=400, extra_body=T0, messages=[{"role": "user", "content": "Oslo?"}],
+                tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"}) as helper:
+            accumulated = await helper.get_final_message()
+        return calls, named, follow_up, events, accumulated
 
-    calls, named, follow_up, events = _run(roomy, use)
+    calls, named, follow_up, events, accumulated = _run(roomy, use)
     for message in calls:
         assert message.stop_reason == "tool_use"
         uses = [b for b in message.content if b.type == "tool_use"]
@@ -228,6 +233,28 @@ def test_a_forced_tool_call_validates_and_its_result_is_the_next_turn(roomy):
                       if e.type == "content_block_delta" and e.delta.type == "input_json_delta")
     jsonschema.validate(json.loads(partial), CITY)
     assert events[-2].delta.stop_reason == "tool_use"
+    assert accumulated.stop_reason == "tool_use", "the client's own accumulation reads the streamed tool_use"
+    streamed_use = next(b for b in accumulated.content if b.type == "tool_use")
+    assert streamed_use.name == "get_weather" and streamed_use.id.startswith("toolu_")
+    jsonschema.validate(streamed_use.input, CITY)
+
+
+def test_output_config_format_holds_the_reply_to_a_json_schema(gateway):
+    async def use(client, http):
+        replies = [await client.messages.create(model="scout", max_tokens=120, messages=HELLO,
+                                                output_config={"format": {"type": "json_schema", "schema": CITY}},
+                                                extra_body={"temperature": 1.0}) for _ in range(3)]
+        bad = await http.post("/v1/messages", json={"model": "scout", "max_tokens": 4, "messages": HELLO,
+                                                     "output_config": {"format": {"type": "json_schema",
+                                                                                  "schema": {"type": "nope"}}}})
+        return replies, bad
+
+    replies, bad = _run(gateway, use)
+    for reply in replies:
+        assert reply.stop_reason == "end_turn"
+        jsonschema.validate(json.loads(_text(reply)), CITY)
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    assert bad.json()["error"]["message"].startswith("output_config.format"), "the refusal names the field"
 
 
 class ScriptedBackend:

@@ -149,3 +149,17 @@ def test_x_api_key_authenticates_and_tenancy_applies_unchanged(tenancy):
     assert [r.status for r in rows] == ["ok", "ok"], "one ledger row per served request, none for the refusal"
     assert rows[0].prompt_tokens == first.usage.input_tokens
     assert rows[0].completion_tokens == first.usage.output_tokens
+
+
+def test_the_document_shows_the_door_its_stream_and_its_error_shape(gateway):
+    document = create_app(gateway).openapi()
+    post = document["paths"]["/v1/messages"]["post"]
+    assert set(post["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+    assert post["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Message"}
+    for code in ("400", "401", "403", "404", "413", "429", "500", "529"):
+        schema = post["responses"][code]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/AnthropicError"}, code
+    assert "422" not in post["responses"]
+    assert "max_tokens" in document["components"]["schemas"]["MessagesRequest"]["required"]
+    chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]["400"]["content"]["application/json"]
+    assert chat["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}, "OpenAI routes keep their error shape"
