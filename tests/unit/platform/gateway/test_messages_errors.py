@@ -14,7 +14,7 @@ from herd.engine.errors import Code, HerdError
 from herd.platform.gateway.anthropic_errors import anthropic_body, anthropic_status
 from herd.platform.gateway.backend import LocalBackend
 from herd.platform.gateway.core import Gateway
-from herd.platform.gateway.errors import limit_exceeded, overloaded, payload_too_large
+from herd.platform.gateway.errors import header_credential, limit_exceeded, overloaded, payload_too_large
 from herd.platform.gateway.http_app import create_app
 from herd.platform.tenancy.database import connect, migrate
 from herd.platform.tenancy.guard import Guard
@@ -163,3 +163,10 @@ def test_the_document_shows_the_door_its_stream_and_its_error_shape(gateway):
     assert "max_tokens" in document["components"]["schemas"]["MessagesRequest"]["required"]
     chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]["400"]["content"]["application/json"]
     assert chat["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}, "OpenAI routes keep their error shape"
+
+
+def test_the_credential_is_bearer_first_then_x_api_key():
+    assert header_credential("Bearer hk_a", "hk_b") == "hk_a"
+    assert header_credential(None, " hk_b ") == "hk_b"
+    assert header_credential("Basic abc", "hk_b") is None, "an Authorization header that is not Bearer is no key"
+    assert header_credential(None, "hk_\u00e9") is header_credential(None, "") is header_credential(None, None) is None
