@@ -2,11 +2,12 @@
 cheap /health/live and /health/ready (operator endpoints are herd.platform.gateway.ops_app's, on their own port).
 
 With tenancy on, the API key of a /v1 request is checked before a byte of its body is read: an unknown
-client costs a header parse and a key lookup, never a JSON parse. Errors are OpenAI-shaped bodies with the
-right status. A streamed request reads its first chunk before answering, so a refusal (429, 503, ...) is
-still a proper status; a failure after that ends the stream with an error event. A client that disconnects,
-or stops reading for `stream_write_timeout_s`, ends its stream, which aborts the request in the engine and
-settles it for what was streamed.
+client costs a header parse and a key lookup, never a JSON parse (the key comes as `Authorization: Bearer`, or
+as `x-api-key`). Errors are OpenAI-shaped bodies with the right status (Anthropic-shaped on the Messages door,
+herd.platform.gateway.messages_http). A streamed request reads its first chunk before answering, so a refusal
+(429, 503, ...) is still a proper status; a failure after that ends the stream with an error event. A client
+that disconnects, or stops reading for `stream_write_timeout_s`, ends its stream, which aborts the request in
+the engine and settles it for what was streamed.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def _identity(request: Request) -> Any:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """OpenAI-shaped answers for HerdErrors, Starlette's own refusals and invalid bodies (400, never 422)."""
+    """Answers for HerdErrors, Starlette's own refusals and invalid bodies (400, never 422), in the shape of the
+    request path's door: OpenAI's, Anthropic's on /v1/messages."""
 
     @app.exception_handler(HerdError)
     async def _refused(request: Request, err: HerdError) -> JSONResponse:
@@ -167,7 +169,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
-        """Starlette's own refusals (no such route, wrong method, a body it cannot read), OpenAI-shaped."""
+        """Starlette's own refusals (no such route, wrong method, a body it cannot read), in the door's shape."""
         response = error_response(http_refusal(err.status_code, str(err.detail)), status=err.status_code,
                                   path=request.url.path)
         response.headers.update(err.headers or {})
