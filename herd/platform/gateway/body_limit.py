@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from herd.engine.errors import Code, HerdError
-from herd.platform.gateway.errors import openai_body, payload_too_large
+from herd.platform.gateway.anthropic_errors import door_body
+from herd.platform.gateway.errors import payload_too_large
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -47,7 +48,7 @@ class BodyLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
-            await _refuse(send, 413, payload_too_large(self.max_body_bytes))
+            await _refuse(send, 413, payload_too_large(self.max_body_bytes), scope)
             return
         loop = asyncio.get_running_loop()
         deadline = None if self.read_timeout_s is None else loop.time() + self.read_timeout_s
@@ -56,7 +57,7 @@ class BodyLimitMiddleware:
         async def refuse(status: int, err: HerdError) -> _Refused:
             nonlocal refused
             if not started:
-                await _refuse(send, status, err)
+                await _refuse(send, status, err, scope)
                 refused = True
             return _Refused(err.message)
 
@@ -106,8 +107,8 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _refuse(send: Send, status: int, err: HerdError) -> None:
-    body = json.dumps(openai_body(err)).encode()
+async def _refuse(send: Send, status: int, err: HerdError, scope: Scope) -> None:
+    body = json.dumps(door_body(str(scope.get("path", "")), err)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})

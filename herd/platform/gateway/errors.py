@@ -54,6 +54,14 @@ def bearer_credential(header: str | None) -> str | None:
     return _printable(credential.strip()) if scheme.lower() == "bearer" else None
 
 
+def header_credential(authorization: str | None, x_api_key: str | None) -> str | None:
+    """The credential of an HTTP request: `Authorization: Bearer <credential>`, else `x-api-key: <credential>`
+    (Anthropic's clients send that); None as bearer_credential says."""
+    if authorization is not None:
+        return bearer_credential(authorization)
+    return _printable((x_api_key or "").strip())
+
+
 def metadata_credential(value: str | None) -> str | None:
     """The credential of gRPC `authorization` metadata: "Bearer <credential>" or the bare credential; None as
     bearer_credential says."""

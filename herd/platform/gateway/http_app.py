@@ -2,11 +2,12 @@
 cheap /health/live and /health/ready (operator endpoints are herd.platform.gateway.ops_app's, on their own port).
 
 With tenancy on, the API key of a /v1 request is checked before a byte of its body is read: an unknown
-client costs a header parse and a key lookup, never a JSON parse. Errors are OpenAI-shaped bodies with the
-right status. A streamed request reads its first chunk before answering, so a refusal (429, 503, ...) is
-still a proper status; a failure after that ends the stream with an error event. A client that disconnects,
-or stops reading for `stream_write_timeout_s`, ends its stream, which aborts the request in the engine and
-settles it for what was streamed.
+client costs a header parse and a key lookup, never a JSON parse (the key comes as `Authorization: Bearer`, or
+as `x-api-key`). Errors are OpenAI-shaped bodies with the right status (Anthropic-shaped on the Messages door,
+herd.platform.gateway.messages_http). A streamed request reads its first chunk before answering, so a refusal
+(429, 503, ...) is still a proper status; a failure after that ends the stream with an error event. A client
+that disconnects, or stops reading for `stream_write_timeout_s`, ends its stream, which aborts the request in
+the engine and settles it for what was streamed.
 """
 
 from __future__ import annotations
@@ -28,18 +29,19 @@ from starlette.exceptions import HTTPException
 from herd import __version__
 from herd.engine.errors import HerdError
 from herd.platform.gateway import openai_translate as translate
+from herd.platform.gateway.anthropic_errors import door_body, door_status
 from herd.platform.gateway.body_limit import ASGIApp, BodyLimitMiddleware, Message, Receive, Scope, Send
 from herd.platform.gateway.core import Gateway
 from herd.platform.gateway.errors import (
-    bearer_credential,
+    header_credential,
     http_refusal,
-    http_status,
     internal,
     invalid_request,
     openai_body,
 )
 from herd.platform.gateway.health import BackendHealth
 from herd.platform.gateway.image_urls import ImageUrlPolicy
+from herd.platform.gateway.messages_http import add_messages_routes
 from herd.platform.gateway.openai_models import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -124,6 +126,7 @@ def create_app(gateway: Gateway, *, max_request_body_bytes: int = MAX_REQUEST_BO
                                  stream_write_timeout_s, prepared.request.request_id)
         return translate.completion(body, prepared, await translate.collect(chunks))
 
+    add_messages_routes(app, gateway, image_urls=image_urls, stream_write_timeout_s=stream_write_timeout_s)
     return app
 
 
@@ -139,11 +142,13 @@ class AuthenticateFirst:
         if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        header = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), None)
+        headers = {k: v.decode("latin-1") for k, v in scope.get("headers", ()) if k in (b"authorization", b"x-api-key")}
         try:
-            identity = await self.gateway.identify(bearer_credential(header))
+            identity = await self.gateway.identify(header_credential(headers.get(b"authorization"),
+                                                                     headers.get(b"x-api-key")))
         except HerdError as err:
-            await error_response(err)(scope, receive, send)  # a JSON answer: it never reads the body
+            # A JSON answer: it never reads the body.
+            await error_response(err, path=scope["path"])(scope, receive, send)
             return
         scope.setdefault("state", {})[IDENTITY] = identity
         await self.app(scope, receive, send)
@@ -155,27 +160,29 @@ def _identity(request: Request) -> Any:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """OpenAI-shaped answers for HerdErrors, Starlette's own refusals and invalid bodies (400, never 422)."""
+    """Answers for HerdErrors, Starlette's own refusals and invalid bodies (400, never 422), in the shape of the
+    request path's door: OpenAI's, Anthropic's on /v1/messages."""
 
     @app.exception_handler(HerdError)
-    async def _refused(_: Request, err: HerdError) -> JSONResponse:
-        return error_response(err)
+    async def _refused(request: Request, err: HerdError) -> JSONResponse:
+        return error_response(err, path=request.url.path)
 
     @app.exception_handler(HTTPException)
-    async def _http_error(_: Request, err: HTTPException) -> JSONResponse:
-        """Starlette's own refusals (no such route, wrong method, a body it cannot read), OpenAI-shaped."""
-        response = error_response(http_refusal(err.status_code, str(err.detail)), status=err.status_code)
+    async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
+        """Starlette's own refusals (no such route, wrong method, a body it cannot read), in the door's shape."""
+        response = error_response(http_refusal(err.status_code, str(err.detail)), status=err.status_code,
+                                  path=request.url.path)
         response.headers.update(err.headers or {})
         return response
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         first: Mapping[str, Any] = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first['msg']}" if where else str(first["msg"])
         if first.get("type") == "json_invalid":
             message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
-        return error_response(invalid_request(message, param=where or None))
+        return error_response(invalid_request(message, param=where or None), path=request.url.path)
 
 
 def document_as_served(app: FastAPI) -> None:
@@ -227,10 +234,11 @@ def _trace_parent(request: Request) -> Context | None:
     return None if trace.get_current_span().get_span_context().is_valid else extract(request.headers)
 
 
-def error_response(err: HerdError, *, status: int | None = None) -> JSONResponse:
-    """The OpenAI-shaped answer to a refusal: its HTTP status (or `status`), and Retry-After when it has one."""
+def error_response(err: HerdError, *, status: int | None = None, path: str = "") -> JSONResponse:
+    """The answer to a refusal in the shape of `path`'s door (OpenAI's; Anthropic's on /v1/messages): its HTTP
+    status (or `status`), and Retry-After when it has one."""
     headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
-    return JSONResponse(openai_body(err), status_code=status or http_status(err), headers=headers)
+    return JSONResponse(door_body(path, err), status_code=status or door_status(path, err), headers=headers)
 
 
 async def _stream(

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import anthropic
 import grpc
 import httpx
 import jsonschema
@@ -202,6 +203,42 @@ def test_openai_client_structured_outputs_and_a_forced_tool_call(server, client)
         client.chat.completions.create(model="scout", messages=HELLO, max_tokens=4,
                                        extra_body={"structured_outputs": {"grammar": "start: nowhere"}})
     assert refused.value.param == "structured_outputs"
+
+
+def test_anthropic_client_messages_plain_streamed_and_a_tool(server):
+    """The official anthropic client through herd serve with API keys on (x-api-key): a plain message, the same
+    message streamed, a forced tool call whose input validates and a tool_result turn after it; missing
+    max_tokens and a bad key are Anthropic-shaped refusals."""
+    claude = anthropic.Anthropic(base_url=server["http"], api_key=server["key"], max_retries=0)
+    greedy = {"temperature": 0}
+    plain = claude.messages.create(model="scout", max_tokens=12, messages=HELLO, extra_body=greedy)
+    assert plain.id.startswith("msg_") and [b.type for b in plain.content] == ["text"]
+    assert plain.stop_reason in ("end_turn", "max_tokens") and plain.usage.input_tokens > 0
+    with claude.messages.stream(model="scout", max_tokens=12, messages=HELLO, extra_body=greedy) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == plain.content[0].text and final.usage.output_tokens == plain.usage.output_tokens
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    tools = [{"name": "count", "description": "Count the herd", "input_schema": schema}]
+    called = claude.messages.create(model="scout", max_tokens=100, messages=HELLO, tools=tools,
+                                    tool_choice={"type": "tool", "name": "count"}, extra_body={"temperature": 1.0})
+    use = next(b for b in called.content if b.type == "tool_use")
+    assert called.stop_reason == "tool_use" and use.name == "count" and use.id.startswith("toolu_")
+    jsonschema.validate(use.input, schema)
+    answered = claude.messages.create(model="scout", max_tokens=8, tools=tools, extra_body=greedy, messages=[
+        *HELLO, {"role": "assistant", "content": [{"type": "tool_use", "id": use.id, "name": "count",
+                                                   "input": use.input}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "12 goats"}]}])
+    assert answered.usage.input_tokens > called.usage.input_tokens
+    with pytest.raises(anthropic.BadRequestError) as missing:
+        claude.messages.create(model="scout", max_tokens=anthropic.omit, messages=HELLO, timeout=30)
+    assert missing.value.body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.AuthenticationError) as bad_key:
+        anthropic.Anthropic(base_url=server["http"], api_key="hk_nope", max_retries=0).messages.create(
+            model="scout", max_tokens=4, messages=HELLO)
+    assert bad_key.value.body == {"type": "error", "error": {"type": "authentication_error",
+                                                             "message": bad_key.value.body["error"]["message"]}}
 
 
 def test_openai_client_chat_with_an_image_counts_its_tokens(server, client):
