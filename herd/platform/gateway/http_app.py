@@ -127,7 +127,8 @@ def create_app(gateway: Gateway, *, max_request_body_bytes: int = MAX_REQUEST_BO
         return translate.completion(body, prepared, await translate.collect(chunks))
 
     from herd.platform.gateway.responses_http import add_responses_routes  # it imports this module
-    add_responses_routes(app, gateway, store=responses, image_urls=image_urls, stream_write_timeout_s=stream_write_timeout_s)
+    add_responses_routes(app, gateway, store=responses, image_urls=image_urls,
+                         stream_write_timeout_s=stream_write_timeout_s)
     return app
 
 

@@ -174,7 +174,7 @@ def reply(text: str, finish_reason: str | None, names: list[str]) -> Reply:
 
 
 def text_message(text: str, status: str) -> OutputMessage:
-    return OutputMessage(id=new_id("msg"), status=status, content=[OutputTextPart(text=text)])  # type: ignore[arg-type]
+    return OutputMessage(id=new_id("msg"), status=status, content=[OutputTextPart(text=text)])
 
 
 def usage(prompt_tokens: int, got: Collected) -> ResponseUsage:
@@ -188,7 +188,7 @@ def response_object(request: ResponseRequest, response_id: str, *, output: list[
                     usage: ResponseUsage | None = None, created_at: int | None = None) -> ResponseObject:
     """The response object, with the request's settings echoed as OpenAI does."""
     return ResponseObject(
-        id=response_id, created_at=created_at or int(time.time()), status=status,  # type: ignore[arg-type]
+        id=response_id, created_at=created_at or int(time.time()), status=status,
         incomplete_details=IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
         instructions=request.instructions, max_output_tokens=request.max_output_tokens, model=request.model,
         output=output, parallel_tool_calls=request.parallel_tool_calls is not False,

@@ -13,9 +13,9 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, delete, select
+from sqlalchemy import CursorResult, Engine, Table, create_engine, delete, select
 from sqlalchemy.pool import StaticPool
 
 from herd.platform.tenancy.database import sessions
@@ -50,7 +50,7 @@ class ResponseStore:
     def in_memory(cls, *, retention_days: float = DEFAULT_RETENTION_DAYS) -> ResponseStore:
         """A store in this process's memory only (a gateway without a tenancy database: --no-auth, tests)."""
         engine = create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
-        StoredResponse.__table__.create(engine)
+        cast(Table, StoredResponse.__table__).create(engine)
         return cls(engine, retention_days=retention_days, serialize=True)
 
     @contextlib.contextmanager
@@ -81,7 +81,8 @@ class ResponseStore:
     def delete(self, tenant_id: str, response_id: str) -> bool:
         """Forget the tenant's response; False when there was none to forget (unknown, another's, expired)."""
         with self._serialized(), self.session.begin() as s:
-            return bool(s.execute(delete(StoredResponse).where(*self._visible(tenant_id, response_id))).rowcount)
+            result = s.execute(delete(StoredResponse).where(*self._visible(tenant_id, response_id)))
+            return bool(cast(CursorResult[Any], result).rowcount)
 
     def _visible(self, tenant_id: str, response_id: str) -> tuple[Any, ...]:
         return (StoredResponse.id == response_id, StoredResponse.tenant_id == tenant_id,
