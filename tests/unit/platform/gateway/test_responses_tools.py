@@ -21,10 +21,11 @@ from herd.workers.replica_config import ReplicaConfig
 from herd.workers.replica_core import ReplicaCore
 from tests.unit.platform.gateway.test_tools import ScriptedBackend
 
-CITY = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "days": {"enum": [1, 2, 3]}},
         "required": ["city"], "additionalProperties": False}
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city", "parameters": CITY}
-TIME = {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}}
+TIME = {"type": "function", "name": "get_time",
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}
 ANSWER = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 8}, "sure": {"type": "boolean"}},
           "required": ["answer", "sure"], "additionalProperties": False}
 
@@ -53,7 +54,7 @@ def test_a_forced_tool_choice_gives_function_calls_whose_arguments_validate(room
         return await asyncio.gather(*(
             client.responses.create(model="scout", input="Weather in Oslo?", tools=[WEATHER, TIME],
                                     tool_choice=choice, parallel_tool_calls=False, temperature=1.0,
-                                    max_output_tokens=256) for _ in range(4)))
+                                    max_output_tokens=256) for _ in range(8)))
 
     responses = _with_client(LocalBackend(roomy, max_ongoing_requests=8, max_queued_requests=8), body)
     for response in responses:
