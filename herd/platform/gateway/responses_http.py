@@ -42,9 +42,14 @@ _CREATE_ERRORS = _errors((400, "invalid request, a malformed input item named"),
                          (404, "unknown model, or previous_response_id not found"), (408, "the body came too slowly"),
                          (413, "request body over the limit"), (429, "at capacity, retry"), (503, "unavailable"),
                          (504, "deadline exceeded"))
+_EVENT = {"type": "object", "required": ["type", "sequence_number"], "properties": {
+    "type": {"type": "string", "pattern": r"^(response\.[a-z_.]+|error)$"},
+    "sequence_number": {"type": "integer", "minimum": 0}}}
 _CREATE_ERRORS[200] = {"content": {"text/event-stream": {"schema": {
-    "type": "string", "description": "with stream: typed events (`event: <type>` and `data: <the event as JSON>`), "
-    "response.created first, response.completed or response.incomplete last"}}}}
+    "type": "object", "required": ["event", "data"], "description": "with stream: typed events, response.created "
+    "first, response.completed or response.incomplete last (an `error` event when it fails midway)",
+    "properties": {"event": {"type": "string"},
+                   "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": _EVENT}}}}}}
 _BY_ID_ERRORS = _errors((401, "no key, or a bad one"), (404, "no such response (unknown, expired, or another "
                         "tenant's)"))
 
