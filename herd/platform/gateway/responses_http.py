@@ -29,7 +29,6 @@ from herd.platform.gateway.responses_models import DeletedResponse, ResponseObje
 from herd.platform.tenancy.responses import ResponseStore, Stored
 from herd.protos.herd.v1 import inference_pb2 as pb
 
-IDENTITY = "herd_identity"  # herd.platform.gateway.http_app.IDENTITY: where AuthenticateFirst put the caller
 TEXT_FORMAT = "text.format"  # the request field a replica's refusal of the output constraint is renamed to
 
 
@@ -58,7 +57,7 @@ def add_responses_routes(app: FastAPI, gateway: Gateway, *, store: ResponseStore
                          image_urls: ImageUrlPolicy | None = None,
                          stream_write_timeout_s: float | None = None) -> ResponseStore:
     """Add the Responses API's routes; `store` keeps responses (None: in this process's memory only)."""
-    from herd.platform.gateway.http_app import DeadlineStreamingResponse, error_response
+    from herd.platform.gateway.http_app import IDENTITY, _trace_parent  # http_app imports this module
 
     kept = store or ResponseStore.in_memory()
     policy = image_urls or ImageUrlPolicy()
@@ -87,7 +86,8 @@ def add_responses_routes(app: FastAPI, gateway: Gateway, *, store: ResponseStore
                                                   tool_choice=choice, identity=identity, load_image=load_image)
         except HerdError as err:
             raise _input_named(err, _constraint_field(body)) from None
-        chunks = chat_translate.named_errors(gateway.stream(prepared), _constraint_field(body))
+        chunks = chat_translate.named_errors(gateway.stream(prepared, trace_parent=_trace_parent(request)),
+                                             _constraint_field(body))
         response_id = translate.new_id("resp")
         names = translate.tool_names(body)
 
@@ -105,8 +105,7 @@ def add_responses_routes(app: FastAPI, gateway: Gateway, *, store: ResponseStore
             started = translate.response_object(body, response_id, output=[], status="in_progress")
             events = response_events(started, chunks, prompt_tokens=prepared.prompt_tokens, names=names,
                                      finish=finish)
-            return await _stream(events, chunks, prepared.request.request_id, stream_write_timeout_s,
-                                 DeadlineStreamingResponse, error_response)
+            return await _stream(events, chunks, prepared.request.request_id, stream_write_timeout_s)
         got = (await chat_translate.collect(chunks))[0]
         done = translate.reply(got.text, got.finish_reason, names)
         return await finish(done, translate.usage(prepared.prompt_tokens, got))
@@ -158,11 +157,12 @@ def _input_named(err: HerdError, field: str) -> HerdError:
 
 
 async def _stream(events: AsyncGenerator[dict[str, Any], None], chunks: AsyncGenerator[pb.GenerateChunk, None],
-                  request_id: str, write_timeout_s: float | None, response_type: Any,
-                  error_response: Any) -> StreamingResponse | JSONResponse:
+                  request_id: str, write_timeout_s: float | None) -> StreamingResponse | JSONResponse:
     """The events as server-sent events; a refusal before the first token is still a proper status (the events
     are read up to the first that needs a chunk: response.created is ready at once, so the stream is primed
     by pulling the chunk stream's first chunk through them)."""
+    from herd.platform.gateway.http_app import DeadlineStreamingResponse, error_response
+
     primed: list[dict[str, Any]] = []
     try:
         async for first in events:
@@ -172,7 +172,7 @@ async def _stream(events: AsyncGenerator[dict[str, Any], None], chunks: AsyncGen
     except HerdError as err:
         await events.aclose()
         await chunks.aclose()
-        return error_response(err)  # type: ignore[no-any-return]
+        return error_response(err)
 
     async def body() -> AsyncGenerator[bytes, None]:
         sequence = len(primed)
@@ -189,8 +189,8 @@ async def _stream(events: AsyncGenerator[dict[str, Any], None], chunks: AsyncGen
                 failure = internal(f"{type(err).__name__}: {err}", request_id=request_id)
                 yield sse(_error_event(openai_body(failure), sequence))
 
-    return response_type(body(), write_timeout_s=write_timeout_s,  # type: ignore[no-any-return]
-                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return DeadlineStreamingResponse(body(), write_timeout_s=write_timeout_s, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
 
 
 def _error_event(body: dict[str, Any], sequence: int) -> dict[str, Any]:

@@ -137,3 +137,24 @@ def test_a_tools_result_sent_back_as_items_is_rendered_like_the_chat_doors(core)
     response = _with_client(backend, body)
     assert backend.prompts[1] == backend.prompts[0]
     assert response.output_text == "It is sunny."
+
+
+def test_a_call_continued_by_previous_response_id_and_its_result(core):
+    """The agent loop: a response calls a function; the next request names it and sends only the result."""
+    backend = ScriptedBackend(core.tokenizer, '[get_weather(city="Paris", days=2)]')
+
+    async def body(client):
+        first = await client.responses.create(model="scout", input="Weather in Paris?", tools=[WEATHER])
+        [call] = first.output
+        result = {"type": "function_call_output", "call_id": call.call_id, "output": '{"sky": "sunny"}'}
+        second = await client.responses.create(model="scout", input=[result], tools=[WEATHER],
+                                               previous_response_id=first.id)
+        return call, second
+
+    call, second = _with_client(backend, body)
+    assert call.type == "function_call" and second.previous_response_id is not None
+    prompt = backend.prompts[1]
+    asked, called, answered = (prompt.index(s) for s in ("Weather in Paris?", 'get_weather(city="Paris", days=2)',
+                                                         '{"sky": "sunny"}'))
+    assert asked < called < answered
+    assert "<|header_start|>ipython<|header_end|>" in prompt[called:answered], "the result is a tool message"
