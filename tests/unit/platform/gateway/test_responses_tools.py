@@ -14,9 +14,11 @@ import openai
 import pytest
 
 from herd.engine import EngineConfig
+from herd.engine.errors import Code, HerdError
 from herd.platform.gateway.backend import LocalBackend
 from herd.platform.gateway.core import Gateway
 from herd.platform.gateway.http_app import create_app
+from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.workers.replica_config import ReplicaConfig
 from herd.workers.replica_core import ReplicaCore
 from tests.unit.platform.gateway.test_tools import ScriptedBackend
@@ -158,3 +160,36 @@ def test_a_call_continued_by_previous_response_id_and_its_result(core):
                                                          '{"sky": "sunny"}'))
     assert asked < called < answered
     assert "<|header_start|>ipython<|header_end|>" in prompt[called:answered], "the result is a tool message"
+
+
+class FailingMidway(ScriptedBackend):
+    """Sends one chunk, then fails as a replica that went away does."""
+
+    async def generate(self, request):
+        yield pb.GenerateChunk(request_id=request.request_id, text="Hal", token_ids=[1])
+        raise HerdError(Code.UNAVAILABLE, "gone")
+
+
+def test_a_refused_constraint_is_400_streamed_or_not_and_a_failure_midway_is_an_error_event(core):
+    bad = {"format": {"type": "json_schema", "name": "bad", "schema": {"type": "nonsense"}}}
+
+    async def main():
+        apps = {"ok": create_app(Gateway({"scout": LocalBackend(core)})),
+                "failing": create_app(Gateway({"scout": FailingMidway(core.tokenizer, "")}))}
+        out = []
+        for name, stream in (("ok", False), ("ok", True), ("failing", True)):
+            transport = httpx.ASGITransport(app=apps[name])
+            async with httpx.AsyncClient(transport=transport, base_url="http://herd") as client:
+                body = {"model": "scout", "input": "x", "stream": stream, "max_output_tokens": 4}
+                out.append(await client.post("/v1/responses", json=body | ({"text": bad} if name == "ok" else {})))
+        return out
+
+    whole, streamed, failing = asyncio.run(main())
+    for refused in (whole, streamed):
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "text.format", refused.text
+    assert failing.status_code == 200
+    events = [json.loads(line[len("data: "):]) for line in failing.text.splitlines() if line.startswith("data: ")]
+    kinds = [e["type"] for e in events]
+    assert kinds[-2:] == ["response.output_text.delta", "error"] and kinds[0] == "response.created"
+    assert events[-1]["sequence_number"] == len(events) - 1 and events[-1]["message"] == "gone"
+    assert "event: error\n" in failing.text
