@@ -11,17 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator
-from typing import Any
+import logging
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy.exc import SQLAlchemyError
 
 from herd.engine.errors import Code, HerdError
 from herd.platform.gateway import openai_translate as chat_translate
 from herd.platform.gateway import responses_translate as translate
 from herd.platform.gateway.core import Gateway
-from herd.platform.gateway.errors import internal, openai_body
+from herd.platform.gateway.errors import database_unavailable, internal, openai_body
 from herd.platform.gateway.image_urls import ImageUrlPolicy, image_bytes
 from herd.platform.gateway.openai_models import ErrorResponse
 from herd.platform.gateway.responses_events import response_events
@@ -29,6 +31,8 @@ from herd.platform.gateway.responses_models import DeletedResponse, ResponseObje
 from herd.platform.tenancy.responses import ResponseStore, Stored
 from herd.protos.herd.v1 import inference_pb2 as pb
 
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 TEXT_FORMAT = "text.format"  # the request field a replica's refusal of the output constraint is renamed to
 
 
@@ -95,7 +99,7 @@ def add_responses_routes(app: FastAPI, gateway: Gateway, *, store: ResponseStore
             status = "incomplete" if done.incomplete else "completed"
             finished = translate.response_object(body, response_id, output=done.output, status=status, usage=used)
             if body.store:
-                await asyncio.to_thread(
+                await _database(
                     kept.save, owner, response_id=response_id, model=body.model, status=status,
                     previous_response_id=body.previous_response_id, body=translate.dumped(finished),
                     conversation=[*history, *new_messages, done.message])
@@ -113,7 +117,7 @@ def add_responses_routes(app: FastAPI, gateway: Gateway, *, store: ResponseStore
     @app.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=_BY_ID_ERRORS)
     async def get_response(response_id: str, request: Request) -> Any:
         """A stored response of the caller's tenant, as it was returned."""
-        found = await asyncio.to_thread(kept.get, tenant(request), response_id)
+        found = await _database(kept.get, tenant(request), response_id)
         if found is None:
             raise _not_found(response_id, "response_id")
         return JSONResponse(found.body)
@@ -121,7 +125,7 @@ def add_responses_routes(app: FastAPI, gateway: Gateway, *, store: ResponseStore
     @app.delete("/v1/responses/{response_id}", response_model=DeletedResponse, responses=_BY_ID_ERRORS)
     async def delete_response(response_id: str, request: Request) -> DeletedResponse:
         """Forget a stored response of the caller's tenant."""
-        if not await asyncio.to_thread(kept.delete, tenant(request), response_id):
+        if not await _database(kept.delete, tenant(request), response_id):
             raise _not_found(response_id, "response_id")
         return DeletedResponse(id=response_id)
 
@@ -131,10 +135,19 @@ def add_responses_routes(app: FastAPI, gateway: Gateway, *, store: ResponseStore
 async def _previous(store: ResponseStore, tenant: str, response_id: str | None) -> Stored | None:
     if response_id is None:
         return None
-    found = await asyncio.to_thread(store.get, tenant, response_id)
+    found = await _database(store.get, tenant, response_id)
     if found is None:
         raise _not_found(response_id, "previous_response_id")
     return found
+
+
+async def _database(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A store call off the event loop; the database failing is 503 (retry), not a 500."""
+    try:
+        return await asyncio.to_thread(call, *args, **kwargs)
+    except SQLAlchemyError as err:
+        log.warning("the responses store failed: %s: %s", type(err).__name__, err)
+        raise database_unavailable() from None
 
 
 def _not_found(response_id: str, param: str) -> HerdError:

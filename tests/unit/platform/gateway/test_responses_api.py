@@ -13,6 +13,8 @@ import pytest
 from herd.platform.gateway.backend import LocalBackend
 from herd.platform.gateway.core import Gateway
 from herd.platform.gateway.http_app import create_app
+from herd.platform.tenancy.database import connect
+from herd.platform.tenancy.responses import ResponseStore
 
 HELLO = "Tell me about the herd."
 
@@ -169,3 +171,16 @@ def test_a_malformed_item_is_400_naming_it(backend, item, named):
     refused = _with_client(backend, body)
     assert refused["param"] == "input" and named in refused["message"], refused
     assert not backend.prompts
+
+
+def test_a_store_whose_database_fails_is_503_not_500(backend, tmp_path):
+    broken = ResponseStore(connect(f"sqlite:///{tmp_path / 'unmigrated.db'}"))  # no stored_responses table
+
+    async def main():
+        app = create_app(Gateway({"scout": backend}), responses=broken)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://herd") as client:
+            return [await client.get("/v1/responses/resp_1"),
+                    await client.post("/v1/responses", json={"model": "scout", "input": "x", "max_output_tokens": 2})]
+
+    for answer in asyncio.run(main()):
+        assert answer.status_code == 503 and answer.headers["retry-after"], answer.text
