@@ -5,6 +5,7 @@ previous_response_id continues the stored conversation, retrieve and delete, and
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import httpx
 import openai
@@ -15,6 +16,7 @@ from herd.platform.gateway.core import Gateway
 from herd.platform.gateway.http_app import create_app
 from herd.platform.tenancy.database import connect
 from herd.platform.tenancy.responses import ResponseStore
+from tests.images import random_png
 
 HELLO = "Tell me about the herd."
 
@@ -184,3 +186,21 @@ def test_a_store_whose_database_fails_is_503_not_500(backend, tmp_path):
 
     for answer in asyncio.run(main()):
         assert answer.status_code == 503 and answer.headers["retry-after"], answer.text
+
+
+def test_an_input_image_counts_as_the_chat_doors_image_part(backend):
+    url = "data:image/png;base64," + base64.b64encode(random_png(120, 90, seed=1)).decode()
+
+    async def body(client):
+        chat = await client.chat.completions.create(model="scout", max_tokens=2, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "image_url", "image_url": {"url": url}}]}])
+        response = await client.responses.create(model="scout", max_output_tokens=2, temperature=0, input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
+                                         {"type": "input_image", "image_url": url}]}])
+        return chat, response
+
+    chat, response = _with_client(backend, body)
+    assert backend.prompts[0] == backend.prompts[1] and "<|image|>" in backend.prompts[1]
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+    assert response.output_text == chat.choices[0].message.content
