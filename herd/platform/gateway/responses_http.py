@@ -54,7 +54,7 @@ _CREATE_ERRORS[200] = {"content": {"text/event-stream": {"schema": {
     "properties": {"event": {"type": "string"},
                    "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": _EVENT}}}}}}
 _BY_ID_ERRORS = _errors((401, "no key, or a bad one"), (404, "no such response (unknown, expired, or another "
-                        "tenant's)"))
+                        "tenant's)"), (503, "the database that keeps responses is unavailable, retry"))
 
 
 def add_responses_routes(app: FastAPI, gateway: Gateway, *, store: ResponseStore | None = None,
