@@ -189,7 +189,7 @@ async def serve_doors(settings: HerdSettings, backends: dict[str, Any], control_
     limits = settings.limits
     app = create_app(gateway, max_request_body_bytes=settings.max_request_body_bytes,
                      read_timeout_s=limits.http_read_timeout_s, stream_write_timeout_s=limits.stream_write_timeout_s,
-                     image_urls=image_urls, health=health)
+                     image_urls=image_urls, health=health, responses=_response_store(settings, tenancy))
     routers = [admin_router(tenancy.store, tenancy.admin_token)] if tenancy else []
     ops_app = create_ops_app(gateway, routers=routers, health=health,
                              max_request_body_bytes=settings.max_request_body_bytes)
@@ -322,6 +322,16 @@ def ops_config(app: Any, settings: HerdSettings) -> uvicorn.Config:
     default; in Kubernetes a Service that only the cluster reaches)."""
     return uvicorn.Config(app, host=settings.ops_host, port=settings.ops_port, log_level="warning", log_config=None,
                           lifespan="off", timeout_graceful_shutdown=door_grace_s(settings))  # type: ignore[arg-type]
+
+
+def _response_store(settings: HerdSettings, tenancy: Tenancy | None) -> Any:
+    """The Responses API's store: in the tenancy database, or (no tenancy) in this process's memory."""
+    from herd.platform.tenancy.responses import ResponseStore
+
+    days = settings.responses.retention_days
+    if tenancy is None:
+        return ResponseStore.in_memory(retention_days=days)
+    return ResponseStore(tenancy.store.engine, retention_days=days)
 
 
 def _tenancy(settings: HerdSettings, *, dev_tenant: bool) -> Tenancy | None:

@@ -125,6 +125,12 @@ class ImageSettings(_Section):
                                             "and the like are refused otherwise)")
 
 
+class ResponsesSettings(_Section):
+    """The Responses API's stored responses (GET /v1/responses/{id}, previous_response_id)."""
+
+    retention_days: float = Field(30, gt=0, description="a stored response is kept this long, then is 404")
+
+
 class DoorLimits(_Section):
     """What one client may hold at the public doors, whether or not its key is good."""
 
@@ -224,6 +230,7 @@ class HerdSettings(BaseSettings):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
     limits: DoorLimits = Field(default_factory=DoorLimits)
+    responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     _config_file: ClassVar[Path | None] = None

@@ -72,11 +72,13 @@ log = logging.getLogger(__name__)
 
 def create_app(gateway: Gateway, *, max_request_body_bytes: int = MAX_REQUEST_BODY_BYTES,
                read_timeout_s: float | None = None, stream_write_timeout_s: float | None = None,
-               image_urls: ImageUrlPolicy | None = None, health: BackendHealth | None = None) -> FastAPI:
+               image_urls: ImageUrlPolicy | None = None, health: BackendHealth | None = None,
+               responses: Any = None) -> FastAPI:
     """The public HTTP door. A request body over `max_request_body_bytes` is refused with 413 before it is
     read, one not all in within `read_timeout_s` with 408; a stream whose client takes longer than
     `stream_write_timeout_s` to take one more event is aborted. `image_urls` says which image URLs a chat may
-    use; `health` is the cached backend health /health/ready answers from."""
+    use; `health` is the cached backend health /health/ready answers from; `responses` is the Responses API's
+    store (herd.platform.tenancy.responses.ResponseStore; None: in memory)."""
     image_urls = image_urls or ImageUrlPolicy()
     health = health or BackendHealth(gateway)
     app = FastAPI(title="Herd", version=__version__, description="OpenAI-compatible API for Llama 4 models.")
@@ -127,6 +129,9 @@ def create_app(gateway: Gateway, *, max_request_body_bytes: int = MAX_REQUEST_BO
         return translate.completion(body, prepared, await translate.collect(chunks))
 
     add_messages_routes(app, gateway, image_urls=image_urls, stream_write_timeout_s=stream_write_timeout_s)
+    from herd.platform.gateway.responses_http import add_responses_routes  # it imports this module
+    add_responses_routes(app, gateway, store=responses, image_urls=image_urls,
+                         stream_write_timeout_s=stream_write_timeout_s)
     return app
 
 

@@ -241,6 +241,47 @@ def test_anthropic_client_messages_plain_streamed_and_a_tool(server):
                                                              "message": bad_key.value.body["error"]["message"]}}
 
 
+def test_openai_client_responses_plain_streamed_with_a_tool_and_previous_response_id(server, client):
+    """The Responses API through herd serve with API keys on: plain and streamed (the same text at temperature 0,
+    OpenAI's event order), a forced tool call whose arguments validate, a follow-up continuing a stored response,
+    and another tenant's id a 404 (read or continued)."""
+    whole = client.responses.create(model="scout", instructions="Be brief.", input="Tell me about the herd.",
+                                    max_output_tokens=12, temperature=0)
+    assert whole.status in ("completed", "incomplete") and whole.output[0].type == "message"
+    assert whole.usage.total_tokens == whole.usage.input_tokens + whole.usage.output_tokens
+    events = list(client.responses.create(model="scout", instructions="Be brief.", input="Tell me about the herd.",
+                                          max_output_tokens=12, temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == whole.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    tool = {"type": "function", "name": "count", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["n"],
+        "additionalProperties": False}}
+    called = client.responses.create(model="scout", input="Count.", tools=[tool], tool_choice="required",
+                                     max_output_tokens=100, temperature=1.0)
+    [call] = [item for item in called.output if item.type == "function_call"]
+    assert call.name == "count"
+    jsonschema.validate(json.loads(call.arguments), tool["parameters"])
+    follow = client.responses.create(model="scout", previous_response_id=whole.id, input="And then?",
+                                     max_output_tokens=4, temperature=0)
+    assert follow.previous_response_id == whole.id
+    alone = client.responses.create(model="scout", input="And then?", max_output_tokens=1, temperature=0)
+    assert follow.usage.input_tokens > alone.usage.input_tokens + whole.usage.output_tokens, "the first exchange"
+    assert client.responses.retrieve(whole.id).output_text == whole.output_text
+    assert _admin(server, "POST", "/tenants", json={"id": "responder", "allowed_models": ["*"]}).status_code == 201
+    key = _admin(server, "POST", "/tenants/responder/keys", json={"name": "test"}).json()["key"]
+    other = openai.OpenAI(base_url=server["http"] + "/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(whole.id)
+    with pytest.raises(openai.NotFoundError) as refused:
+        other.responses.create(model="scout", previous_response_id=whole.id, input="x", max_output_tokens=2)
+    assert refused.value.body["param"] == "previous_response_id"
+
+
 def test_openai_client_chat_with_an_image_counts_its_tokens(server, client):
     png = random_png(500, 260, seed=21)  # 1 x 2 tiles and the global tile: 437 image tokens
     reply = client.chat.completions.create(model="scout", messages=_image_chat(png), max_tokens=8, temperature=0)
