@@ -139,7 +139,15 @@ def test_re_placing_experts_live_moves_their_weights_and_keeps_the_logits(tmp_pa
         for placement in (skewed, plan_placement(list(reversed(hot)), 4, slots_per_shard=9), start):
             dispatcher.replace(placement)
             assert group.transport.shard_experts() == list(placement.shard_experts)
-            torch.testing.assert_close(trunk.logits(ids), expected, rtol=0, atol=0)
+            got = trunk.logits(ids)
+            if any(len(holders) > 1 for holders in placement.replicas.values()):
+                # A replicated expert's rows are split between its copies: each GEMM has fewer rows, and on some
+                # CPUs (seen on AMD EPYC) the BLAS picks kernels by row count that round differently, by about
+                # 1e-6. Wrong weights or rows would differ by far more.
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+                assert torch.equal(got.argmax(-1), expected.argmax(-1))
+            else:
+                torch.testing.assert_close(got, expected, rtol=0, atol=0)
         assert dispatcher.healthy()
 
 
