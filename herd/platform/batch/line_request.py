@@ -5,8 +5,8 @@ the tenant's batch class, "<tenant>:batch", with a fraction of the tenant's fair
 traffic of every tenant goes first.
 
 The ledger's row is keyed by the line's id (admission), the engine's request by the attempt's (the line's id
-and a suffix). The outcome is the line's output or error line, or None when the request was refused for now (a tenant limit,
-the gateway at capacity or shutting down) and the line should be tried again later.
+and a suffix). The outcome is the line's output or error line, or None when the request was refused for now
+(a tenant limit, the gateway at capacity or shutting down) and the line should be tried again later.
 """
 
 from __future__ import annotations

@@ -84,16 +84,21 @@ class BatchRunner:
     async def round(self) -> None:
         """One pass over the open batches (see the module's doc)."""
         for job in await asyncio.to_thread(self.store.open_batches):
-            now = self.clock()
-            if job.status == "in_progress" and job.expires_at is not None and now >= aware(job.expires_at):
-                await self._expire(job)
-            elif job.status == "cancelling":
-                if not self._lines_of(job.id):
-                    await self._finalize(job, "cancelled")
-            elif job.status == "finalizing":
-                await self._finalize(job, "completed")
-            elif job.status == "in_progress":
-                await self._advance(job, now)
+            try:
+                await self._step(job, self.clock())
+            except Exception:  # this batch's trouble (its tenant deleted, a file store error) holds up no other
+                log.exception("batch runner: batch %s", job.id)
+
+    async def _step(self, job: BatchJob, now: datetime) -> None:
+        if job.status == "in_progress" and job.expires_at is not None and now >= aware(job.expires_at):
+            await self._expire(job)
+        elif job.status == "cancelling":
+            if not self._lines_of(job.id):
+                await self._finalize(job, "cancelled")
+        elif job.status == "finalizing":
+            await self._finalize(job, "completed")
+        elif job.status == "in_progress":
+            await self._advance(job, now)
 
     async def idle(self) -> None:
         """Until no line is in flight (tests)."""

@@ -22,7 +22,8 @@ def _refusal(text: str) -> str:
 
 def test_good_lines_are_numbered_among_requests_and_blank_lines_skipped():
     lines = parse_input(f"{_line('a')}\n\n{_line('b')}\r\n".encode(), ENDPOINT)
-    assert [(x.index, x.custom_id, x.body) for x in lines] == [(0, "a", {"model": "scout"}), (1, "b", {"model": "scout"})]
+    assert [(x.index, x.custom_id, x.body) for x in lines] == [(0, "a", {"model": "scout"}),
+                                                              (1, "b", {"model": "scout"})]
 
 
 @pytest.mark.parametrize(("text", "says"), [

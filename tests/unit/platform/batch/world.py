@@ -10,7 +10,7 @@ from typing import Any
 
 from herd.platform.batch.file_store import LocalFileStore
 from herd.platform.batch.runner import BatchRunner, RunnerSettings
-from herd.platform.batch.service import BatchLimits, Batches
+from herd.platform.batch.service import Batches, BatchLimits
 from herd.platform.batch.store import BatchStore
 from herd.platform.gateway.core import Gateway
 from herd.platform.tenancy.database import connect, migrate
