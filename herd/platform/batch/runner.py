@@ -9,6 +9,7 @@ keeps one row per request id). Each round, for every open batch, oldest first:
   in_progress                  -> pending lines started, at most max_in_flight lines in all
   finalizing, or nothing left  -> output and error files written -> completed
 A line refused for now (429, 503) stays pending and its batch waits retry_s before starting more lines.
+Of several gateways on one database, only the one holding the RunnerLock runs rounds.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from herd.platform.batch.file_store import FileStore
 from herd.platform.batch.line_request import run_line
 from herd.platform.batch.output_lines import expired_line, jsonl
+from herd.platform.batch.runner_lock import RunnerLock
 from herd.platform.batch.store import BatchStore, aware
 from herd.platform.gateway.core import Gateway
 from herd.platform.tenancy.schema import BatchItem, BatchJob, StoredFile
@@ -44,13 +46,14 @@ class RunnerSettings:
 class BatchRunner:
     def __init__(self, store: BatchStore, files: FileStore, gateway: Gateway, identity_of: Callable[[str], Any], *,
                  settings: RunnerSettings | None = None, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 run: RunLine = run_line) -> None:
+                 run: RunLine = run_line, lock: RunnerLock | None = None) -> None:
         """`identity_of(tenant_id)`: the tenant's identity as the gateway's guard takes it (blocking: run in a
-        thread; None without tenancy)."""
+        thread; None without tenancy). `lock`: rounds run only while it is held (one runner per database)."""
         self.store, self.files, self.gateway, self.identity_of = store, files, gateway, identity_of
         self.settings = settings or RunnerSettings()
         self.clock = clock
         self._run = run
+        self.lock = lock
         self._in_flight: dict[tuple[str, int], asyncio.Task[None]] = {}  # (batch, line) -> its task
         self._waiting_until: dict[str, datetime] = {}  # batch -> no new lines before
         self._wake = asyncio.Event()
@@ -70,12 +73,15 @@ class BatchRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self._abort(list(self._in_flight))
+        if self.lock is not None:
+            await asyncio.to_thread(self.lock.release)
 
     async def _loop(self) -> None:
         while True:
             self._wake.clear()
             try:
-                await self.round()
+                if self.lock is None or await asyncio.to_thread(self.lock.held):
+                    await self.round()
             except Exception:  # the database away for a moment: try again at the next poll
                 log.exception("batch runner: a round failed")
             with contextlib.suppress(TimeoutError):

@@ -8,6 +8,7 @@ from typing import Any
 
 from herd.platform.batch.file_store import LocalFileStore
 from herd.platform.batch.runner import BatchRunner, RunnerSettings
+from herd.platform.batch.runner_lock import RunnerLock
 from herd.platform.batch.service import Batches, BatchLimits
 from herd.platform.batch.store import BatchStore
 from herd.platform.settings import BatchSettings
@@ -31,7 +32,7 @@ def start_batches(settings: BatchSettings, tenants: TenantStore, gateway: Any) -
 
     runner = BatchRunner(store, files, gateway, identity_of, settings=RunnerSettings(
         max_in_flight=settings.max_in_flight, weight_factor=settings.weight_factor,
-        poll_interval_s=settings.poll_interval_s))
+        poll_interval_s=settings.poll_interval_s), lock=RunnerLock(tenants.engine))
     batches = Batches(store, files, limits=BatchLimits(max_file_bytes=settings.max_file_bytes,
                                                        max_queued_lines=settings.max_queued_lines),
                       on_change=runner.wake)
