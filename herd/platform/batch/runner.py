@@ -6,7 +6,8 @@ redo, and the next runner on the same database redoes exactly those, under the s
 keeps one row per request id). Each round, for every open batch, oldest first:
   in_progress past its window  -> in-flight lines aborted, pending lines get batch_expired error lines -> expired
   cancelling                   -> no new lines; once none of its lines is in flight -> cancelled
-  in_progress                  -> pending lines started, at most max_in_flight lines in all
+  in_progress                  -> pending lines started, at most max_in_flight lines in all and an equal share
+                                  of them per in-progress batch (one tenant's big batch does not hold them all)
   finalizing, or nothing left  -> output and error files written -> completed
 A line refused for now (429, 503) stays pending and its batch waits retry_s before starting more lines.
 Of several gateways on one database, only the one holding the RunnerLock runs rounds.
@@ -58,6 +59,7 @@ class BatchRunner:
         self._waiting_until: dict[str, datetime] = {}  # batch -> no new lines before
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._share = self.settings.max_in_flight  # lines one batch may have in flight (this round's fair share)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="batch-runner")
@@ -89,7 +91,10 @@ class BatchRunner:
 
     async def round(self) -> None:
         """One pass over the open batches (see the module's doc)."""
-        for job in await asyncio.to_thread(self.store.open_batches):
+        jobs = await asyncio.to_thread(self.store.open_batches)
+        running = sum(job.status == "in_progress" for job in jobs)
+        self._share = max(1, -(-self.settings.max_in_flight // max(running, 1)))  # ceil: every batch gets slots
+        for job in jobs:
             try:
                 await self._step(job, self.clock())
             except Exception:  # this batch's trouble (its tenant deleted, a file store error) holds up no other
@@ -118,7 +123,7 @@ class BatchRunner:
         running = self._lines_of(job.id)
         if now < self._waiting_until.get(job.id, now):
             return
-        room = self.settings.max_in_flight - len(self._in_flight)
+        room = min(self.settings.max_in_flight - len(self._in_flight), self._share - len(running))
         lines = await asyncio.to_thread(self.store.pending_lines, job.id, limit=max(room, 0),
                                         skip=[line for _, line in running]) if room > 0 else []
         if lines:

@@ -157,3 +157,30 @@ def test_a_request_refused_by_the_engine_is_an_error_line(world):
     assert errors["too-long"]["response"]["status_code"] == 400
     assert errors["too-long"]["response"]["body"]["error"]["code"] == "context_length_exceeded"
     assert errors["no-model"]["response"]["status_code"] == 404
+
+
+def test_the_slots_are_shared_between_batches(world):
+    started: list[str] = []
+
+    async def main():
+        gate = asyncio.Event()
+
+        async def run(_gateway, _identity, *, batch_id, index, custom_id, **_):
+            started.append(batch_id)
+            await gate.wait()
+            return "completed", {"custom_id": custom_id}
+
+        big = await _create(world, chat_lines(6))
+        small = await _create(world, chat_lines(2), tenant="umbrella")
+        runner = world.runner(max_in_flight=2)
+        runner._run = run
+        await runner.round()
+        assert await until(lambda: len(started) == 2)
+        first = list(started)
+        gate.set()
+        await runner.idle()
+        await runner.stop()
+        return big.id, small.id, first
+
+    big, small, first = asyncio.run(main())
+    assert sorted(first) == sorted([big, small]), "each batch got one of the two slots, not the older both"
