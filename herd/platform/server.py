@@ -161,6 +161,7 @@ async def serve_doors(settings: HerdSettings, backends: dict[str, Any], control_
     """The gateway with its HTTP and gRPC doors, its operator listener (and tenancy, and optionally a control
     plane) until SIGINT or SIGTERM; then `stop_doors` within settings.shutdown_timeout_s. `dev_tenant`: a local
     `herd serve` on the embedded database makes tenant `dev` on an empty database (herd.platform.tenancy.setup)."""
+    from herd.platform.batch.setup import start_batches
     from herd.platform.gateway.cold_start import ColdStartPolicy
     from herd.platform.gateway.core import Gateway
     from herd.platform.gateway.grpc_server import start_grpc
@@ -187,9 +188,11 @@ async def serve_doors(settings: HerdSettings, backends: dict[str, Any], control_
                                 max_bytes=images.max_image_bytes, allow_networks=images.fetch_allow_networks)
     health = BackendHealth(gateway)
     limits = settings.limits
+    batch_apis = start_batches(settings.batch, tenancy.store, gateway) if tenancy else None  # needs the database
     app = create_app(gateway, max_request_body_bytes=settings.max_request_body_bytes,
                      read_timeout_s=limits.http_read_timeout_s, stream_write_timeout_s=limits.stream_write_timeout_s,
-                     image_urls=image_urls, health=health, responses=_response_store(settings, tenancy))
+                     image_urls=image_urls, health=health, responses=_response_store(settings, tenancy),
+                     batches=batch_apis.batches if batch_apis else None)
     routers = [admin_router(tenancy.store, tenancy.admin_token)] if tenancy else []
     ops_app = create_ops_app(gateway, routers=routers, health=health,
                              max_request_body_bytes=settings.max_request_body_bytes)
@@ -208,7 +211,7 @@ async def serve_doors(settings: HerdSettings, backends: dict[str, Any], control_
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await stop_doors(settings, gateway, plane_task=plane_task, servers=(http, ops), server_tasks=tasks,
-                     grpc_server=grpc_server, tenancy=tenancy)
+                     grpc_server=grpc_server, tenancy=tenancy, batch_runner=batch_apis.runner if batch_apis else None)
 
 
 LEDGER_SHARE = 0.2  # of the shutdown budget, kept for writing the ledger (at most LEDGER_MAX_S)
@@ -219,7 +222,7 @@ INTERRUPT_MAX_S = 2.0
 
 async def stop_doors(settings: HerdSettings, gateway: Any, *, plane_task: asyncio.Task[Any] | None,
                      servers: Sequence[uvicorn.Server], server_tasks: Sequence[asyncio.Task[None]],
-                     grpc_server: Any, tenancy: Tenancy | None) -> None:
+                     grpc_server: Any, tenancy: Tenancy | None, batch_runner: Any = None) -> None:
     """Stop within settings.shutdown_timeout_s, so that a pod's SIGKILL after its grace period finds every
     usage row written: refuse new requests (503), stop the control plane and the listeners, let requests in
     flight finish for most of the budget, then interrupt the rest (each settled as `interrupted` with the
@@ -248,6 +251,8 @@ async def stop_doors(settings: HerdSettings, gateway: Any, *, plane_task: asynci
     for pending in (grpc_stop, *server_tasks):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(pending, left(ledger_s))
+    if batch_runner is not None:  # its lines drained with the rest (new ones were refused: they stay pending)
+        await batch_runner.stop()
     if tenancy is not None:
         try:
             await asyncio.wait_for(tenancy.ledger.close(), max(left(), 0.5))

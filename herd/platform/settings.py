@@ -203,6 +203,21 @@ def _check_pem(field: str, path: Path) -> None:
         raise ValueError(f"{field}: {path} is not a PEM file (no -----BEGIN line)")
 
 
+class BatchSettings(_Section):
+    """The Files and Batch APIs (they need the tenancy database: not served with --no-auth)."""
+
+    file_dir: Path = Field(Path(".herd/files"), description="where file bytes are kept (owner-only files)")
+    max_file_bytes: int = Field(16 * 2**20, ge=1, description="largest file a tenant may upload (the request body "
+                                "limit, max_request_body_bytes, applies too)")
+    max_queued_lines: int = Field(50_000, ge=1, description="requests a tenant may have waiting across its open "
+                                  "batches; a batch that would pass it is refused (429)")
+    max_in_flight: int = Field(4, ge=1, description="batch requests this gateway runs at once, all tenants together")
+    weight_factor: float = Field(0.1, gt=0, le=1, description="a tenant's batch class has this share of the tenant's "
+                                 "fair-share weight in the engine (below interactive traffic)")
+    poll_interval_s: float = Field(1.0, gt=0, description="how often the runner looks for work it was not told of "
+                                   "(batches resumed, made by another gateway, due to expire)")
+
+
 class HerdSettings(BaseSettings):
     """Everything `herd serve` needs."""
 
@@ -232,6 +247,7 @@ class HerdSettings(BaseSettings):
     limits: DoorLimits = Field(default_factory=DoorLimits)
     responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
 
     _config_file: ClassVar[Path | None] = None
 

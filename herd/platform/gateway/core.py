@@ -179,10 +179,12 @@ class Gateway:
         *,
         identity: Any = None,
         default_max_tokens: int | None = 16,
+        request_id: str | None = None,
     ) -> Prepared:
         """A completion: text (given <|begin_of_text|> unless it starts with it) or token ids. The model is
-        authorised first; tokenising runs off the event loop."""
-        async with self._admitted(model, identity, options) as ticket:
+        authorised first; tokenising runs off the event loop. `request_id`: the caller's own (a batch line's,
+        the same on every attempt); else a new one."""
+        async with self._admitted(model, identity, options, request_id) as ticket:
             tokenizer = ticket.backend.tokenizer
             try:
                 ids = await asyncio.to_thread(prompt_ids, tokenizer, prompt, tokenizer.vocab_size)
@@ -200,13 +202,14 @@ class Gateway:
         tool_choice: Any = None,
         identity: Any = None,
         load_image: ImageLoader | None = None,
+        request_id: str | None = None,
     ) -> Prepared:
         """A chat: messages rendered in the Llama 4 format (with tools when given), then tokenized. An image
         part carries its bytes (`{"type": "image", "image": b"..."}`) or a URL (`{"type": "image_url", "url":
         ...}`) that `load_image` reads; URLs are read only after the model is authorised and the image count
         checked, so nothing is fetched for a request that would be refused anyway. Rendering and tokenizing run
-        off the event loop."""
-        async with self._admitted(model, identity, options) as ticket:
+        off the event loop. `request_id` as for prepare_text."""
+        async with self._admitted(model, identity, options, request_id) as ticket:
             backend = ticket.backend
             if not messages:
                 raise invalid_request("messages must not be empty", param="messages")
@@ -216,7 +219,8 @@ class Gateway:
             return await self._prepared(ticket, ids, options, None, images=[data for data, _ in images])
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, model: str, identity: Any, options: pb.SamplingOptions) -> AsyncIterator[Ticket]:
+    async def _admitted(self, model: str, identity: Any, options: pb.SamplingOptions,
+                        request_id: str | None = None) -> AsyncIterator[Ticket]:
         """Before any expensive work: the gateway open, the model authorised (403/404), the sampling limits met
         and the tenant let in (concurrency, request rate, budget: 429). A request refused or failed while it is
         prepared is settled at once (it was never reserved: no usage row); every refusal is counted."""
@@ -224,7 +228,7 @@ class Gateway:
             self._check_open()
             backend = self.backend(model, identity)
             check_sampling(options)
-            request_id = f"herd-{uuid.uuid4().hex}"  # ours, never the client's: ledger rows are keyed by it
+            request_id = request_id or f"herd-{uuid.uuid4().hex}"  # ours, never the client's: the ledger's key
             tenant = self.guard.context(identity).tenant_id if self.guard is not None else "default"
             admission = None
             try:
@@ -360,7 +364,13 @@ class Gateway:
         if interrupted.done():
             raise _interrupted()
         following = asyncio.ensure_future(anext(chunks))
-        await asyncio.wait((following, interrupted), timeout=remaining_s, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait((following, interrupted), timeout=remaining_s, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the caller's task was cancelled: stop the read before `chunks` is closed
+            following.cancel()
+            with contextlib.suppress(BaseException):
+                await following
+            raise
         if not following.done():
             following.cancel()
             with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):

@@ -147,6 +147,12 @@ def already_exists(message: str) -> HerdError:
     return HerdError(Code.ALREADY_EXISTS, message)
 
 
+def file_too_large(size: int, limit_bytes: int) -> HerdError:
+    """A Files API upload over the tenant's file limit (413, as a body over the door's limit)."""
+    return HerdError(Code.RESOURCE_EXHAUSTED, f"The file is {size} bytes, over this server's limit of {limit_bytes} "
+                     "bytes per file.", param="file", reason="request_too_large")
+
+
 # --- capacity and time --------------------------------------------------------------------------------------
 def overloaded(retry_after_s: int = 1) -> HerdError:
     return HerdError(Code.RESOURCE_EXHAUSTED, "The server is at capacity; retry shortly.",

@@ -28,8 +28,10 @@ from starlette.exceptions import HTTPException
 
 from herd import __version__
 from herd.engine.errors import HerdError
+from herd.platform.batch.service import Batches
 from herd.platform.gateway import openai_translate as translate
 from herd.platform.gateway.anthropic_errors import door_body, door_status
+from herd.platform.gateway.batch_http import add_batch_routes
 from herd.platform.gateway.body_limit import ASGIApp, BodyLimitMiddleware, Message, Receive, Scope, Send
 from herd.platform.gateway.core import Gateway
 from herd.platform.gateway.errors import (
@@ -73,12 +75,13 @@ log = logging.getLogger(__name__)
 def create_app(gateway: Gateway, *, max_request_body_bytes: int = MAX_REQUEST_BODY_BYTES,
                read_timeout_s: float | None = None, stream_write_timeout_s: float | None = None,
                image_urls: ImageUrlPolicy | None = None, health: BackendHealth | None = None,
-               responses: Any = None) -> FastAPI:
+               responses: Any = None, batches: Batches | None = None) -> FastAPI:
     """The public HTTP door. A request body over `max_request_body_bytes` is refused with 413 before it is
     read, one not all in within `read_timeout_s` with 408; a stream whose client takes longer than
     `stream_write_timeout_s` to take one more event is aborted. `image_urls` says which image URLs a chat may
     use; `health` is the cached backend health /health/ready answers from; `responses` is the Responses API's
-    store (herd.platform.tenancy.responses.ResponseStore; None: in memory)."""
+    store (herd.platform.tenancy.responses.ResponseStore; None: in memory); `batches`, when given, serves the
+    Files and Batch APIs (herd.platform.gateway.batch_http)."""
     image_urls = image_urls or ImageUrlPolicy()
     health = health or BackendHealth(gateway)
     app = FastAPI(title="Herd", version=__version__, description="OpenAI-compatible API for Llama 4 models.")
@@ -132,6 +135,8 @@ def create_app(gateway: Gateway, *, max_request_body_bytes: int = MAX_REQUEST_BO
     from herd.platform.gateway.responses_http import add_responses_routes  # it imports this module
     add_responses_routes(app, gateway, store=responses, image_urls=image_urls,
                          stream_write_timeout_s=stream_write_timeout_s)
+    if batches is not None:
+        add_batch_routes(app, batches, _identity)
     return app
 
 

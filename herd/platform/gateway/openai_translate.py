@@ -76,7 +76,7 @@ def sampling(request: ChatCompletionRequest | CompletionRequest, *, logprobs: in
 
 
 async def prepare_chat(gateway: Gateway, request: ChatCompletionRequest, identity: Any,
-                       image_urls: ImageUrlPolicy) -> Prepared:
+                       image_urls: ImageUrlPolicy, *, request_id: str | None = None) -> Prepared:
     """The chat as the gateway takes it; image_url parts are read (data: URLs) or fetched (http(s), where
     allowed) by the gateway only once the model is authorised and the image count checked. A forced tool
     choice ("required" or a named function) constrains the output to calls of the offered functions."""
@@ -95,7 +95,7 @@ async def prepare_chat(gateway: Gateway, request: ChatCompletionRequest, identit
         return await gateway.prepare_chat(
             request.model, [_message(m) for m in request.messages], options,
             tools=offered or None, tool_choice=tool_choice,
-            identity=identity, load_image=load_image,
+            identity=identity, load_image=load_image, request_id=request_id,
         )
     except HerdError as err:
         raise _renamed(err, constraint_field(request)) from None
@@ -144,7 +144,8 @@ def _renamed(err: HerdError, field: str) -> HerdError:
     return err
 
 
-async def prepare_completion(gateway: Gateway, request: CompletionRequest, identity: Any) -> Prepared:
+async def prepare_completion(gateway: Gateway, request: CompletionRequest, identity: Any, *,
+                             request_id: str | None = None) -> Prepared:
     """With echo the replica puts the prompt's text first, and with logprobs too scores the prompt (as many
     alternatives as logprobs or prompt_logprobs asks, whichever is more)."""
     options = sampling(request, logprobs=request.logprobs)
@@ -153,7 +154,8 @@ async def prepare_completion(gateway: Gateway, request: CompletionRequest, ident
         if request.logprobs is not None:
             options.prompt_logprobs = max(request.logprobs, request.prompt_logprobs or 0)
     try:
-        return await gateway.prepare_text(request.model, request.prompt, options, identity=identity)
+        return await gateway.prepare_text(request.model, request.prompt, options, identity=identity,
+                                          request_id=request_id)
     except HerdError as err:
         raise _renamed(err, constraint_field(request)) from None
 

@@ -424,6 +424,40 @@ def test_the_readme_curl_command(server):
     assert reply["object"] == "chat.completion" and 1 <= reply["usage"]["completion_tokens"] <= 16
 
 
+def test_openai_client_files_and_a_batch_to_completion_and_a_cancel(server, client):
+    requests = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
+                 "body": {"model": "scout", "messages": [{"role": "user", "content": f"Say {i}."}], "max_tokens": 6,
+                          "temperature": 0}} for i in range(4)]
+    data = "".join(json.dumps(r) + "\n" for r in requests).encode()
+    upload = client.files.create(file=("requests.jsonl", data), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  metadata={"run": "serve-test"})
+    cancelled = client.batches.cancel(client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                                            completion_window="24h").id)
+    deadline = time.monotonic() + 120
+    while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed", "expired"):
+        assert time.monotonic() < deadline, f"the batch is still {batch.status}: {batch.request_counts}"
+        time.sleep(0.2)
+    assert batch.status == "completed" and batch.request_counts.completed == 4
+    assert batch.metadata == {"run": "serve-test"}
+    lines = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(x["custom_id"] for x in lines) == [f"line-{i}" for i in range(4)]
+    for line in lines:
+        body = line["response"]["body"]
+        assert line["response"]["status_code"] == 200 and body["object"] == "chat.completion"
+        assert 1 <= body["usage"]["completion_tokens"] <= 6
+    assert cancelled.status == "cancelling"
+    while (cancelled := client.batches.retrieve(cancelled.id)).status == "cancelling":
+        assert time.monotonic() < deadline, "the cancel never finished"
+        time.sleep(0.2)
+    assert cancelled.status == "cancelled"
+    assert batch.id in {b.id for b in client.batches.list().data}
+    bad = client.files.create(file=("bad.jsonl", data.replace(b"/v1/chat/completions", b"/v1/embeddings")),
+                              purpose="batch")
+    with pytest.raises(openai.BadRequestError, match="line 1: url"):
+        client.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+
 def _admin(server, method, path, **kwargs):
     headers = {"authorization": f"Bearer {server['admin']}"}
     return httpx.request(method, server["ops"] + "/admin/v1" + path, headers=headers, timeout=30, **kwargs)

@@ -248,3 +248,28 @@ def test_a_backend_that_fails_midway_settles_its_request_as_internal(core):
 
     streamed = asyncio.run(main())
     assert [(s["status"], s["completion_tokens"]) for s in guard.settled] == [("internal", streamed)]
+
+
+def test_a_task_cancelled_while_it_reads_a_stream_ends_cancelled_and_frees_the_request(gateway):
+    """Found by the batch runner, which aborts a line by cancelling its task: the stream's pending read must stop
+    before the backend's stream is closed, or the close fails ('already running') in place of the cancel."""
+    async def main():
+        prepared = await gateway.prepare_text("scout", "Tell me about the herd.",
+                                              pb.SamplingOptions(max_tokens=400, ignore_eos=True),
+                                              request_id="batch_x-0")
+        first = asyncio.Event()
+
+        async def read():
+            async for _ in gateway.stream(prepared):
+                first.set()
+
+        task = asyncio.create_task(read())
+        await first.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return prepared.request.request_id, gateway.in_flight
+
+    request_id, in_flight = asyncio.run(main())
+    assert request_id == "batch_x-0", "the caller's request id is the request's"
+    assert in_flight == 0

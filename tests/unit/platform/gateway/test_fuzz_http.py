@@ -29,6 +29,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from herd.platform.batch.file_store import LocalFileStore
+from herd.platform.batch.service import Batches
+from herd.platform.batch.store import BatchStore
 from herd.platform.gateway.backend import LocalBackend
 from herd.platform.gateway.core import Gateway
 from herd.platform.gateway.http_app import MAX_REQUEST_BODY_BYTES, create_app
@@ -64,8 +67,13 @@ def fuzzed_gateway(core):
 
 
 @pytest.fixture(scope="module")
-def schema(fuzzed_gateway):
-    return schemathesis.openapi.from_asgi("/openapi.json", create_app(fuzzed_gateway))
+def schema(fuzzed_gateway, tmp_path_factory):
+    """The public door with the Files and Batch APIs (rows on SQLite; no runner: batches stay queued)."""
+    directory = tmp_path_factory.mktemp("fuzz-batches")
+    engine = connect(f"sqlite:///{directory / 'herd.db'}")
+    migrate(engine)
+    batches = Batches(BatchStore(engine), LocalFileStore(directory / "files"))
+    return schemathesis.openapi.from_asgi("/openapi.json", create_app(fuzzed_gateway, batches=batches))
 
 
 @pytest.fixture(scope="module")

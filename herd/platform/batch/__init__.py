@@ -1,0 +1,1 @@
+"""The durable Batch API and its Files: JSONL requests run at batch priority through the gateway's request path."""
