@@ -15,7 +15,7 @@ from typing import Any
 from herd.engine.errors import HerdError
 from herd.platform.gateway.errors import invalid_request
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 """What a batch's lines may call (the Responses API joins when the gateway serves it)."""
 MAX_CUSTOM_ID_CHARS = 255
 WINDOWS_S = {"24h": 24 * 3600}

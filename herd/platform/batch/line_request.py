@@ -19,10 +19,12 @@ from pydantic import ValidationError
 from herd.engine.errors import Code, HerdError
 from herd.platform.batch.output_lines import request_id, response_line
 from herd.platform.gateway import openai_translate as translate
+from herd.platform.gateway import responses_translate as responses
 from herd.platform.gateway.core import Gateway, Prepared
 from herd.platform.gateway.errors import http_status, internal, invalid_request, openai_body
-from herd.platform.gateway.image_urls import ImageUrlPolicy
+from herd.platform.gateway.image_urls import ImageUrlPolicy, image_bytes
 from herd.platform.gateway.openai_models import ChatCompletionRequest, CompletionRequest
+from herd.platform.gateway.responses_models import ResponseObject, ResponseRequest
 
 RETRYABLE = (Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE)
 """A refusal with one of these codes leaves the line pending: it says "not now", not "never"."""
@@ -55,6 +57,8 @@ async def _answer(gateway: Gateway, identity: Any, endpoint: str, body: dict[str
         chunks = translate.named_errors(gateway.stream(_batch_class(prepared, weight_factor)),
                                         translate.constraint_field(chat))
         reply: Any = translate.chat_completion(chat, prepared, await translate.collect(chunks))
+    elif endpoint == "/v1/responses":
+        reply = await _response(gateway, identity, _parsed(ResponseRequest, body), rid, weight_factor)
     else:
         text = _parsed(CompletionRequest, body)
         prepared = await translate.prepare_completion(gateway, text, identity, request_id=rid)
@@ -64,7 +68,31 @@ async def _answer(gateway: Gateway, identity: Any, endpoint: str, body: dict[str
     return 200, reply.model_dump(mode="json", by_alias=True)
 
 
-def _parsed(model: type[ChatCompletionRequest] | type[CompletionRequest], body: dict[str, Any]) -> Any:
+async def _response(gateway: Gateway, identity: Any, request: ResponseRequest, rid: str,
+                    weight_factor: float) -> ResponseObject:
+    """A Responses API line, as the door answers it but never stored: a batch line continues no stored
+    response (previous_response_id is refused) and leaves none behind (its output line is the answer)."""
+    if request.previous_response_id is not None:
+        raise invalid_request("a batch line cannot continue a stored response", param="previous_response_id")
+    offered, choice = responses.offered_tools(request)
+
+    async def load_image(url: str) -> bytes:
+        return await image_bytes(url, _NO_URLS)
+
+    prepared = await gateway.prepare_chat(request.model, responses.chat(request, [], responses.input_messages(request)),
+                                          responses.sampling(request), tools=offered or None, tool_choice=choice,
+                                          identity=identity, load_image=load_image, request_id=rid)
+    field = "tool_choice" if request.tool_choice not in ("auto", "none") and request.tools else "text.format"
+    chunks = translate.named_errors(gateway.stream(_batch_class(prepared, weight_factor)), field)
+    got = (await translate.collect(chunks))[0]
+    done = responses.reply(got.text, got.finish_reason, responses.tool_names(request))
+    return responses.response_object(request, responses.new_id("resp"), output=done.output,
+                                     status="incomplete" if done.incomplete else "completed",
+                                     usage=responses.usage(prepared.prompt_tokens, got))
+
+
+def _parsed(model: type[ChatCompletionRequest] | type[CompletionRequest] | type[ResponseRequest],
+            body: dict[str, Any]) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as err:

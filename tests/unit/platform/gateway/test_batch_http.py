@@ -86,6 +86,33 @@ def test_files_and_a_batch_to_completion_with_the_output_file_parsed(world):
     assert {f.purpose for f in files.data} == {"batch", "batch_output"}
 
 
+def test_a_batch_of_responses_api_requests_to_completion(world):
+    lines = [{"custom_id": f"r-{i}", "method": "POST", "url": "/v1/responses",
+              "body": {"model": "scout", "input": f"Say {i}.", "max_output_tokens": 6, "temperature": 0}}
+             for i in range(2)]
+    lines.append({"custom_id": "r-bad", "method": "POST", "url": "/v1/responses",
+                  "body": {"model": "scout", "input": "x", "previous_response_id": "resp_nope"}})
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+    async def body(acme, _):
+        upload = await acme.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+        batch = await acme.batches.create(input_file_id=upload.id, endpoint="/v1/responses", completion_window="24h")
+        done = await _done(acme, batch.id)
+        return done, (await acme.files.content(done.output_file_id)).content, \
+            (await acme.files.content(done.error_file_id)).content
+
+    done, output, errors = _run(world, body)
+    assert done.status == "completed" and done.request_counts.completed == 2 and done.request_counts.failed == 1
+    answers = {x["custom_id"]: x["response"]["body"] for x in map(json.loads, output.splitlines())}
+    assert set(answers) == {"r-0", "r-1"}
+    for answer in answers.values():
+        assert answer["object"] == "response" and answer["output"][0]["type"] == "message"
+        assert answer["usage"]["output_tokens"] > 0
+    (failed,) = [json.loads(x) for x in errors.splitlines()]
+    assert failed["custom_id"] == "r-bad" and failed["response"]["status_code"] == 400
+    assert failed["response"]["body"]["error"]["param"] == "previous_response_id"
+
+
 def test_cancel_and_lists_newest_first(world):
     async def body(acme, _):
         upload = await acme.files.create(file=("in.jsonl", io.BytesIO(chat_lines(2, max_tokens=64))), purpose="batch")
