@@ -41,7 +41,8 @@ class BatchCreateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_file_id: str = Field(max_length=64, description="a file uploaded with purpose batch")
-    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/responses"] = Field(description="what every line calls")
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/responses"] = Field(
+        description="what every line calls")
     completion_window: Literal["24h"] = Field(description="lines not done this long after create are expired")
     metadata: dict[str, str] | None = Field(None, max_length=16, description="up to 16 pairs, kept with the batch")
 
