@@ -9,6 +9,7 @@ from sqlalchemy import text
 from herd.platform.batch.runner_lock import LOCK_KEY, RunnerLock
 from herd.platform.tenancy.database import connect
 from tests.integration.platform.postgres import postgres_databases
+from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,8 @@ def test_one_runner_holds_the_lock_and_it_passes_on_when_its_holder_goes(databas
             connection.execute(text("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
                                     "AND objid = :low"), {"low": LOCK_KEY & 0xFFFFFFFF})
             connection.commit()
-        assert first.held(), "the lock came free with its holder's connection"
+        # pg_terminate_backend signals the backend and returns: its locks go when it has exited, a moment later.
+        assert wait_until(first.held, timeout_s=10.0), "the lock came free with its holder's connection"
         assert not second.held(), "the old holder notices it lost the lock"
     finally:
         first.release()
