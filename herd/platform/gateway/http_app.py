@@ -251,19 +251,28 @@ def error_response(err: HerdError, *, status: int | None = None, path: str = "")
     return JSONResponse(door_body(path, err), status_code=status or door_status(path, err), headers=headers)
 
 
+async def first_chunk(chunks: AsyncGenerator[pb.GenerateChunk, None],
+                      ) -> tuple[pb.GenerateChunk | None, HerdError | None]:
+    """A stream's first chunk (None when it ended at once), or the refusal it raised before any (the stream then
+    closed): read before a streamed answer is started, so that a refusal is still a proper status."""
+    try:
+        return await anext(chunks), None
+    except StopAsyncIteration:
+        return None, None
+    except HerdError as err:
+        await chunks.aclose()
+        return None, err
+
+
 async def _stream(
     chunks: AsyncGenerator[pb.GenerateChunk, None],
     events: Callable[[AsyncIterator[pb.GenerateChunk]], AsyncIterator[dict[str, Any]]],
     write_timeout_s: float | None,
     request_id: str,
 ) -> StreamingResponse | JSONResponse:
-    try:
-        first = await anext(chunks)
-    except StopAsyncIteration:
-        first = None
-    except HerdError as err:
-        await chunks.aclose()
-        return error_response(err)
+    first, refused = await first_chunk(chunks)
+    if refused is not None:
+        return error_response(refused)
 
     async def replay() -> AsyncIterator[pb.GenerateChunk]:
         if first is not None:

@@ -15,11 +15,10 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 
 from herd.engine.errors import HerdError
 from herd.platform.gateway import anthropic_translate as translate
-from herd.platform.gateway.anthropic_errors import anthropic_body, anthropic_status
+from herd.platform.gateway.anthropic_errors import MESSAGES_PATH, anthropic_body
 from herd.platform.gateway.anthropic_models import AnthropicError, Message, MessagesRequest, StreamEvent
 from herd.platform.gateway.anthropic_stream import message_events, sse
 from herd.platform.gateway.core import Gateway, Prepared
@@ -49,7 +48,13 @@ def add_messages_routes(app: FastAPI, gateway: Gateway, *, image_urls: ImageUrlP
                         stream_write_timeout_s: float | None) -> None:
     """POST /v1/messages on `app` (create_app's), served by `gateway`."""
     # http_app imports this module to call this function: its names are taken once it is loaded.
-    from herd.platform.gateway.http_app import DeadlineStreamingResponse, _identity, _trace_parent
+    from herd.platform.gateway.http_app import (
+        DeadlineStreamingResponse,
+        _identity,
+        _trace_parent,
+        error_response,
+        first_chunk,
+    )
 
     @app.post("/v1/messages", response_model=Message, responses=_RESPONSES, summary="Create a Message (Anthropic)")
     async def messages(body: MessagesRequest, request: Request) -> Any:
@@ -60,20 +65,11 @@ def add_messages_routes(app: FastAPI, gateway: Gateway, *, image_urls: ImageUrlP
                               translate.constraint_field(body))
         if not body.stream:
             return translate.message(body, prepared, (await collect(chunks))[0])
-        try:
-            first = await anext(chunks)
-        except StopAsyncIteration:
-            first = None
-        except HerdError as err:
-            await chunks.aclose()
-            return _refusal(err)
+        first, refused = await first_chunk(chunks)
+        if refused is not None:
+            return error_response(refused, path=MESSAGES_PATH)
         return DeadlineStreamingResponse(_body(body, prepared, first, chunks), write_timeout_s=stream_write_timeout_s,
                                          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-def _refusal(err: HerdError) -> Response:
-    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
-    return JSONResponse(anthropic_body(err), status_code=anthropic_status(err), headers=headers)
 
 
 async def _body(request: MessagesRequest, prepared: Prepared, first: pb.GenerateChunk | None,
