@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidat
 from herd.engine.kv_cache_manager import CHUNKED, FULL, KVLayout
 from herd.engine.paged_kv import bytes_per_block
 from herd.engine.scheduler import SchedulerConfig
+from herd.engine.speculative.config import SpeculativeConfig
 from herd.model.config import TextConfig
 from herd.model.dtypes import DTYPES, dtype_name, to_dtype
 
@@ -63,6 +64,9 @@ class EngineConfig(BaseModel):
     grammar_compile_timeout_s: float = Field(5.0, gt=0, description="longest a request's constraint may take to "
                                              "compile; past it the request is refused (the compilation finishes "
                                              "in the background and is cached)")
+    speculative: SpeculativeConfig | None = Field(None, description="speculative decoding: draft tokens proposed "
+                                                  "by prompt lookup (ngram) or an EAGLE-3 head (eagle3) and verified "
+                                                  "in one forward, the output exactly the model's; null: off")
 
     @model_validator(mode="after")
     def _check_decode_settings(self) -> Self:
@@ -73,6 +77,9 @@ class EngineConfig(BaseModel):
                              "(static_decode: true runs the same padded path eagerly anywhere)")
         if self.cuda_graphs and self.static_decode is False:
             raise ValueError("cuda_graphs is true but static_decode is false: a graph replays the padded path")
+        if self.speculative is not None and self.async_scheduling:
+            raise ValueError("speculative decoding and async_scheduling do not run together yet: a step's drafts "
+                             "come from the tokens the step before verified, which async scheduling has not seen")
         return self
 
     @property

@@ -43,6 +43,9 @@ class CoreOutput:
     scheduled_ns: int = 0
     first_token_ns: int = 0
     finished_ns: int = 0
+    draft_tokens: int = 0  # speculative decoding, so far (RequestOutput's)
+    accepted_tokens: int = 0
+    verify_steps: int = 0
 
 
 @dataclass(eq=False)
@@ -142,6 +145,7 @@ class OutputProcessor:
             request_id=state.public_id or state.request_id,
             index=state.index,
             cumulative_logprob=core.cumulative_logprob,
+            draft_tokens=core.draft_tokens, accepted_tokens=core.accepted_tokens, verify_steps=core.verify_steps,
             tenant_id=state.tenant_id,
             prompt_token_ids=state.prompt_token_ids,
             token_ids=list(state.token_ids),

@@ -41,3 +41,8 @@ class RequestOutput:
     times: RequestTimes | None = None  # on the finished output only
     index: int = 0  # which choice of the request (n > 1); each choice has its own outputs and finishes apart
     cumulative_logprob: float | None = None  # sum of the tokens' logprobs, when logprobs or best_of asked for them
+    draft_tokens: int = 0
+    """Speculative decoding so far: draft tokens verified, those the model agreed with, and the steps that verified
+    any (acceptance length = 1 + accepted_tokens / verify_steps: tokens made per verifying step)."""
+    accepted_tokens: int = 0
+    verify_steps: int = 0

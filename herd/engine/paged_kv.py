@@ -39,6 +39,18 @@ class PagedKVCache:
         self.k = [torch.zeros(layout.num_blocks[g] + 1, *shape, dtype=dtype, device=device) for g in self.groups]
         self.v = [torch.zeros(layout.num_blocks[g] + 1, *shape, dtype=dtype, device=device) for g in self.groups]
 
+    def add_layer(self, group: str, num_kv_heads: int, head_dim: int) -> int:
+        """One more layer's keys and values on `group`'s blocks (a draft model's layer that follows the target's block
+        tables: herd.engine.speculative); its index, for write, read and copy_blocks alike."""
+        if group not in self.scratch_block:
+            raise ValueError(f"the cache has no {group!r} layer group (it has {sorted(self.scratch_block)})")
+        shape = (self.scratch_block[group] + 1, self.block_size, num_kv_heads, head_dim)
+        like = self.k[0]
+        self.k.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
+        self.v.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
+        self.groups.append(group)
+        return len(self.groups) - 1
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [S, K, D] at flat slots [S] (block * B + offset)."""
         self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k)

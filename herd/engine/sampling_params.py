@@ -98,6 +98,9 @@ class SamplingParams:
     best_of: int | None = None
     """Candidates to generate, n..MAX_N, of which the n with the highest cumulative log-probability of their
     tokens are returned (nothing is streamed until all are done); None: n."""
+    speculative: bool = True
+    """Let the engine speculate for this request where it is configured to (EngineConfig.speculative); False
+    decodes one token per step. The tokens are the same either way."""
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1, high=MAX_TOKENS_LIMIT)
@@ -124,6 +127,8 @@ class SamplingParams:
         _check_int("n", self.n, low=1, high=MAX_N)
         if self.best_of is not None:
             _check_int("best_of", self.best_of, low=self.n, high=MAX_N)
+        if not isinstance(self.speculative, bool):
+            raise SamplingError("speculative", f"speculative must be true or false, got {self.speculative!r}")
 
     @property
     def num_candidates(self) -> int:

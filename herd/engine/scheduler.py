@@ -49,6 +49,14 @@ class ScheduledChunk:
     num_tokens: int
     samples: bool
     """The chunk reaches the end of the known tokens, so the step samples the next one."""
+    drafts: tuple[int, ...] = ()
+    """Draft tokens the chunk verifies after the known ones (the last len(drafts) of its positions): the step
+    samples at each of them as well, and keeps them as far as the model agrees."""
+
+    @property
+    def num_known(self) -> int:
+        """The chunk's positions that hold known tokens (the rest are drafts)."""
+        return self.num_tokens - len(self.drafts)
 
 
 @dataclass

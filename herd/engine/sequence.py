@@ -65,6 +65,13 @@ class Sequence:
     """Tokens being sampled by a step still in flight (0 or 1; async scheduling): known to come, not yet known."""
     token_limit: int = sys.maxsize
     """Known tokens at which the sequence ends by length: min(prompt + max_tokens, the context limit)."""
+    draft_ids: list[int] = field(default_factory=list)
+    """Tokens proposed to follow the known ones (speculative decoding), verified by the next step that computes
+    them; never known tokens: only what the target model agrees with becomes output."""
+    draft_tokens: int = 0
+    """Speculative decoding so far: drafts verified, drafts the model agreed with, steps that verified drafts."""
+    accepted_tokens: int = 0
+    verify_steps: int = 0
     num_computed: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None

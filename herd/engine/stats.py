@@ -21,6 +21,9 @@ class EngineStats:
     """Prompt tokens found there."""
     preemptions: int
     """Requests preempted for KV blocks, since the engine started."""
+    draft_tokens: int = 0
+    """Speculative decoding since the engine started: draft tokens verified, and those the model agreed with."""
+    accepted_tokens: int = 0
 
     @property
     def kv_blocks_held(self) -> int:

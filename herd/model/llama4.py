@@ -96,6 +96,44 @@ class Llama4Model(nn.Module):
         engine's persistent decode buffers) passes False. Inputs on the host are copied to the device without
         blocking; a caller that passes pinned memory must not write it again before the step's work is done.
         """
+        return self._forward(input_ids, positions, cache, image_embeds=image_embeds, image_rows=image_rows,
+                             logit_rows=logit_rows, check_ids=check_ids)[0]
+
+    @torch.inference_mode()
+    def forward_with_aux(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVContext | None = None,
+        *,
+        aux_layers: Sequence[int],
+        image_embeds: torch.Tensor | None = None,
+        image_rows: torch.Tensor | None = None,
+        logit_rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward's logits, and the hidden states entering each of `aux_layers` (0..L-1, in the order given;
+        L: after the last layer, before the final norm) for every row, side by side: [T, len(aux_layers)*H]
+        (what an EAGLE-3 draft head reads)."""
+        for layer in aux_layers:
+            if not 0 <= layer <= self.config.num_hidden_layers:
+                raise ValueError(f"aux layer {layer} is outside 0..{self.config.num_hidden_layers}")
+        logits, aux = self._forward(input_ids, positions, cache, image_embeds=image_embeds, image_rows=image_rows,
+                                    logit_rows=logit_rows, check_ids=True, aux_layers=tuple(aux_layers))
+        assert aux is not None
+        return logits, aux
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None,
+        cache: KVContext | None,
+        *,
+        image_embeds: torch.Tensor | None,
+        image_rows: torch.Tensor | None,
+        logit_rows: torch.Tensor | None,
+        check_ids: bool,
+        aux_layers: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_ids(input_ids, values=check_ids)
         if image_embeds is not None:
             image_rows = self._image_rows(input_ids, image_embeds, image_rows)  # [T] or [M]
@@ -115,12 +153,18 @@ class Llama4Model(nn.Module):
         x = self.model.embed_tokens(input_ids)  # [T, H]
         if image_embeds is not None and image_rows is not None:
             x[image_rows] = image_embeds.to(x.dtype)  # [M, H] into M rows, in order
-        for layer in self.model.layers:
+        entering: dict[int, torch.Tensor] = {}
+        for index, layer in enumerate(self.model.layers):
+            if index in aux_layers:
+                entering[index] = x
             x = layer(x, positions, rot, cache)
+        if self.config.num_hidden_layers in aux_layers:
+            entering[self.config.num_hidden_layers] = x
+        aux = torch.cat([entering[i] for i in aux_layers], dim=-1) if aux_layers else None  # [T, A*H]
         if logit_rows is not None:
             x = x[logit_rows]  # [L, H]
         logits: torch.Tensor = self.lm_head(self.model.norm(x))  # [T, V] or [L, V]
-        return logits
+        return logits, aux
 
     def new_cache(self) -> ContiguousKVCache:
         """An empty KV cache for incremental decoding of one sequence."""
