@@ -69,5 +69,9 @@ class BlockPool:
             self._hash[block] = block_hash
             self._cached[block_hash] = block
 
+    def cached_hashes(self) -> frozenset[bytes]:
+        """The prefix hashes findable now (what a later request could take)."""
+        return frozenset(self._cached)
+
     def refs(self, block: int) -> int:
         return self._refs[block]

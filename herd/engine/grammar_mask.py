@@ -34,14 +34,38 @@ class MaskFiller:
         self.words = (vocab_size + 31) // 32
         self._executor = llguidance.LLExecutor(num_threads)
 
-    def fill(self, grammars: Sequence[Grammar | None]) -> GrammarMask | None:
-        """The mask of every row with a Grammar (None when there is none), read from the grammars' states now."""
-        rows = [row for row, grammar in enumerate(grammars) if grammar is not None]
+    def fill(self, grammars: Sequence[Grammar | None],
+             drafts: Sequence[Sequence[int]] | None = None) -> GrammarMask | None:
+        """The mask of every row with a Grammar (None when there is none), read from the grammars' states now.
+        With drafts (speculative decoding), sequence i has 1 + len(drafts[i]) rows, one after each of its drafts
+        in turn (the grammar is advanced through them and rolled back); the rows are numbered over all of them."""
+        if drafts is None:
+            rows = [row for row, grammar in enumerate(grammars) if grammar is not None]
+            if not rows:
+                return None
+            bits = torch.zeros(len(rows), self.words, dtype=torch.int32)  # [G, W]
+            matchers = [(grammar.matcher, index) for index, grammar in enumerate(g for g in grammars if g is not None)]
+            llguidance.torch.fill_next_token_bitmask_par(self._executor, matchers, bits)
+            return GrammarMask(rows=rows, bits=bits)
+        rows: list[int] = []
+        plain: list[tuple[llguidance.LLMatcher, int]] = []
+        with_drafts: list[tuple[llguidance.LLMatcher, int, list[int]]] = []
+        first = 0
+        for grammar, verified in zip(grammars, drafts, strict=True):
+            if grammar is not None:
+                if verified:
+                    with_drafts.append((grammar.matcher, len(rows), list(verified)))
+                else:
+                    plain.append((grammar.matcher, len(rows)))
+                rows += range(first, first + len(verified) + 1)
+            first += len(verified) + 1
         if not rows:
             return None
-        bits = torch.zeros(len(rows), self.words, dtype=torch.int32)  # [G, W]
-        matchers = [(grammar.matcher, index) for index, grammar in enumerate(g for g in grammars if g is not None)]
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, matchers, bits)
+        bits = torch.zeros(len(rows), self.words, dtype=torch.int32)  # [G, W], G counting every draft's row
+        if plain:
+            llguidance.torch.fill_next_token_bitmask_par(self._executor, plain, bits)
+        if with_drafts:
+            llguidance.torch.fill_next_token_bitmask_par_with_draft_tokens(self._executor, with_drafts, bits)
         return GrammarMask(rows=rows, bits=bits)
 
 

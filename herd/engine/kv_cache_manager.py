@@ -161,6 +161,18 @@ class KVCacheManager:
                 self.pools[CHUNKED].release(block)
                 table[i] = None
 
+    def trim(self, seq: Sequence) -> None:
+        """Release the blocks past the seq's computed tokens (taken for draft tokens the model rejected): what it
+        holds is again what a step without drafts would have left. Those blocks were written past num_computed
+        only, so none is cached or shared."""
+        keep = -(-seq.num_computed // self.block_size)
+        for group, table in self._tables[seq.request_id].items():
+            pool = self.pools[group]
+            for block in table[keep:]:
+                if block is not None:
+                    pool.release(block)
+            del table[keep:]
+
     def free(self, seq: Sequence) -> None:
         """Release everything the sequence holds (finished, aborted or preempted)."""
         tables = self._tables.pop(seq.request_id, {})

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import TypedDict, Unpack
 
@@ -40,6 +41,9 @@ from herd.engine.sampler import TokenLogprobs, sample_batch
 from herd.engine.sampling_params import SamplingError, SamplingParams
 from herd.engine.scheduler import Scheduler, SchedulerOutput
 from herd.engine.sequence import Sequence
+from herd.engine.speculative.proposer import StepRows
+from herd.engine.speculative.speculator import Speculator
+from herd.engine.speculative.verify import VerifyRows, accepted_count, expand
 from herd.engine.stats import EngineStats
 from herd.engine.step_pipeline import StepPipeline
 from herd.engine.stop_strings import StopStrings
@@ -97,7 +101,11 @@ class LLMEngine:
         layout = self.config.kv_layout(model.config)
         self.kv = KVCacheManager(layout, enable_prefix_caching=self.config.enable_prefix_caching)
         cache = PagedKVCache(model.config, layout, dtype=self.config.dtype, device=torch.device(self.config.device))
-        self.runner = ModelRunner(model, self.kv, cache, config=self.config)
+        self.speculator = Speculator.build(self.config.speculative, model, self.kv, cache) \
+            if self.config.speculative is not None else None
+        """Proposes draft tokens between steps (speculative decoding; None: off)."""
+        self.runner = ModelRunner(model, self.kv, cache, config=self.config,
+                                  aux_layers=self.speculator.aux_layers if self.speculator is not None else ())
         self.scheduler = Scheduler(self.config.scheduler(), self.kv)
         self.outputs = OutputProcessor()
         """Detokenising, stop strings and RequestOutputs (`step` runs it inline; the async engine on its own
@@ -119,6 +127,8 @@ class LLMEngine:
         self._masks: MaskFiller | None = None  # made with the first constrained request
         self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="herd-mask")
         """Fills a step's token masks while its forward runs."""
+        self._draft_tokens = 0  # speculative decoding since the start: drafts verified, and accepted
+        self._accepted_tokens = 0
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -233,7 +243,8 @@ class LLMEngine:
             kv_blocks={g: p.num_blocks for g, p in pools.items()},
             kv_blocks_used={g: p.num_blocks - p.num_free for g, p in pools.items()},
             prefix_queried_tokens=self.kv.prefix_queried_tokens, prefix_hit_tokens=self.kv.prefix_hit_tokens,
-            preemptions=self.scheduler.num_preemptions,
+            preemptions=self.scheduler.num_preemptions, draft_tokens=self._draft_tokens,
+            accepted_tokens=self._accepted_tokens,
         )
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -251,7 +262,8 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         leaders = [c.seq for c in scheduled.chunks if c.samples]
         sampling, rows = fan_out(leaders)
-        masks = self._start_masks(sampling)
+        verify = _verify_rows(scheduled, sampling, rows)
+        masks = self._start_masks(sampling, verify)
         try:
             step = self.runner.run(scheduled.chunks) if scheduled.chunks else None
         except HerdError as err:
@@ -260,7 +272,14 @@ class LLMEngine:
         fork_computed(leaders, self.kv, self.scheduler)
         if step is None:
             return self._record([], [], [])
-        return self._record(sampling, *self._sample(step.sampled, sampling, rows, masks), step.prompt)
+        if verify is None:
+            outputs = self._record(sampling, *self._sample(step.sampled, sampling, rows, masks), step.prompt)
+        else:
+            outputs = self._record_verified(sampling, verify, *self._sample_rows(step.sampled, verify, masks),
+                                            step.prompt)
+        if self.speculator is not None:
+            self._propose(scheduled, step.aux_hidden)
+        return outputs
 
     def _overlapped_step(self) -> list[CoreOutput]:
         """Async scheduling: this step (scheduled during the last one's forward) is laid out here, then computed
@@ -323,15 +342,32 @@ class LLMEngine:
                             [len(seq.output_ids) for seq in sampling], self._generator, _histories(sampling),
                             masks.result() if masks is not None else None)
 
-    def _start_masks(self, sampling: list[Sequence]) -> Future[GrammarMask | None] | None:
+    def _sample_rows(self, logits: torch.Tensor, verify: VerifyRows, masks: Future[GrammarMask | None] | None,
+                     ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """A verifying step's samples: one per expanded row (herd.engine.speculative.verify)."""
+        rows = torch.tensor(verify.logit_rows, device=logits.device)
+        return sample_batch(logits.index_select(0, rows), verify.params, verify.positions, self._generator,
+                            verify.histories, masks.result() if masks is not None else None)
+
+    def _start_masks(self, sampling: list[Sequence], verify: VerifyRows | None = None,
+                     ) -> Future[GrammarMask | None] | None:
         """The constrained rows' token masks, filled on the mask thread while the step's forward runs (the
-        grammars have taken every token recorded so far; none moves until this step is recorded)."""
+        grammars have taken every token recorded so far; none moves until this step is recorded). A verifying
+        step has a row per draft as well."""
         grammars = [seq.grammar for seq in sampling]
         if all(grammar is None for grammar in grammars):
             return None
         if self._masks is None:
             self._masks = MaskFiller(self.grammars.vocab_size)
-        return self._mask_thread.submit(self._masks.fill, grammars)
+        return self._mask_thread.submit(self._masks.fill, grammars, verify.drafts if verify is not None else None)
+
+    def _propose(self, scheduled: SchedulerOutput, aux_hidden: torch.Tensor | None) -> None:
+        """Drafts for the next step, from what this one computed (the speculator's proposer)."""
+        assert self.speculator is not None
+        chunks = scheduled.chunks
+        kept = [0 if c.seq.is_finished else c.seq.num_computed - c.start for c in chunks]
+        finished = frozenset(c.seq.request_id for c in chunks if c.seq.is_finished)
+        self.speculator.after_step(StepRows(chunks, kept, aux_hidden, finished), self.scheduler.running)
 
     def finish_stopped(self, request_ids: Seq[str]) -> None:
         """End the requests the output processor found a stop string in (already reported finished): their
@@ -393,7 +429,48 @@ class LLMEngine:
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 self._end(seq, reason)
-            outputs.append(self._core_output(seq, [token], logprobs))
+            outputs.append(self._core_output(seq, [token], [logprobs] if logprobs is not None else None))
+        return outputs
+
+    def _record_verified(self, sampling: list[Sequence], verify: VerifyRows, tokens: list[int],
+                         logprobs_per_row: list[TokenLogprobs | None], scored: Seq[ScoredPrompt] = (),
+                         ) -> list[CoreOutput]:
+        """_record for a step that verified drafts: each sequence outputs its accepted drafts and the sample after
+        them, up to the first that finishes it; its KV keeps the accepted drafts' entries and drops the rest."""
+        prompt_logprobs.record(scored)
+        outputs = [self._core_output(seq, []) for seq in self._aborted]
+        self._aborted.clear()
+        now = time.time_ns()
+        assert self.speculator is not None
+        for seq, start, drafts in zip(sampling, verify.starts, verify.drafts, strict=True):
+            sampled = tokens[start : start + len(drafts) + 1]
+            accepted = accepted_count(drafts, sampled)
+            if drafts:
+                seq.draft_tokens += len(drafts)
+                seq.accepted_tokens += accepted
+                seq.verify_steps += 1
+                self._draft_tokens += len(drafts)
+                self._accepted_tokens += accepted
+                self.speculator.record(seq, len(drafts), accepted)
+            new: list[int] = []
+            new_logprobs: list[TokenLogprobs] = []
+            reason = None
+            for token, logprobs in zip(sampled[: accepted + 1], logprobs_per_row[start : start + accepted + 1],
+                                       strict=True):
+                seq.output_ids.append(token)
+                new.append(token)
+                if logprobs is not None:
+                    seq.cumulative_logprob += logprobs.logprob
+                    new_logprobs.append(logprobs)
+                reason = self._finish_reason(seq, token)
+                if reason is not None:
+                    break
+            seq.first_token_ns = seq.first_token_ns or now
+            if drafts:  # before any end, so the prefix cache keeps what plain decoding would have computed
+                self.scheduler.accept_drafts(seq, len(new) - 1)
+            if reason is not None:
+                self._end(seq, reason)
+            outputs.append(self._core_output(seq, new, new_logprobs))
         return outputs
 
     def _fail(self, scheduled: SchedulerOutput, err: HerdError) -> list[CoreOutput]:
@@ -413,6 +490,8 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
         del self._requests[seq.request_id]
         self._groups.forget(seq)
+        if self.speculator is not None:
+            self.speculator.forget(seq)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         """The finishes that decide the next batch (stop strings are the output processor's). A constrained
@@ -431,15 +510,16 @@ class LLMEngine:
         return None
 
     @staticmethod
-    def _core_output(seq: Sequence, tokens: list[int], logprobs: TokenLogprobs | None = None) -> CoreOutput:
+    def _core_output(seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs] | None = None) -> CoreOutput:
         return CoreOutput(
             request_id=seq.request_id, new_token_ids=tokens,
-            new_logprobs=[logprobs] if logprobs is not None and seq.params.logprobs is not None else None,
+            new_logprobs=logprobs if logprobs and seq.params.logprobs is not None else None,
             prompt_logprobs=prompt_logprobs.delivered(seq) if tokens and seq.prompt_logprobs is not None else None,
             finish_reason=seq.finish_reason, error=seq.error, num_cached_tokens=seq.num_cached_prompt_tokens,
             cumulative_logprob=seq.cumulative_logprob
             if seq.params.logprobs is not None or seq.params.ranks_candidates else None,
             scheduled_ns=seq.scheduled_ns, first_token_ns=seq.first_token_ns, finished_ns=seq.finished_ns,
+            draft_tokens=seq.draft_tokens, accepted_tokens=seq.accepted_tokens, verify_steps=seq.verify_steps,
         )
 
     def _encode_images(self, ids: list[int], images: Seq[ImageInput]) -> PromptImages:
@@ -467,6 +547,18 @@ def _with_choices(seq: Sequence, groups: RequestGroups) -> list[Sequence]:
     if seq.index == 0 and not seq.output_ids:
         return groups.members(seq.request_id) or [seq]
     return [seq]
+
+
+def _verify_rows(scheduled: SchedulerOutput, sampling: list[Sequence], rows: list[int] | None) -> VerifyRows | None:
+    """The step's rows expanded over the drafts its chunks verify (None when no chunk verifies any): a fork that
+    samples its first token from its leader's row verifies nothing."""
+    chunks = [c for c in scheduled.chunks if c.samples]
+    if not any(c.drafts for c in chunks):
+        return None
+    firsts = list(accumulate((1 + len(c.drafts) for c in chunks), initial=0))
+    by_row = rows if rows is not None else range(len(chunks))
+    drafts = [chunks[r].drafts if seq is chunks[r].seq else () for seq, r in zip(sampling, by_row, strict=True)]
+    return expand(sampling, drafts, [firsts[r] for r in by_row])
 
 
 def _rows(logits: torch.Tensor, rows: list[int] | None) -> torch.Tensor:

@@ -1,13 +1,16 @@
 """Runs one scheduled step: a mixed batch of prefill chunks and decodes, through the model's own forward.
 
 Legend: N tokens in the step, C chunks (one per scheduled sequence), V vocab, M image tokens in the step,
-P prompt rows scored for prompt logprobs.
+P prompt rows scored for prompt logprobs, R rows sampled (one per sampling chunk, plus one per draft token
+verified), A auxiliary layers, H hidden.
 
 The runner only lays the step out: every chunk's tokens and positions end to end, the rows that take
 image features (a chunk boundary may fall inside an image, so features are placed chunk by chunk), the
 rows whose logits are sampled, and the step's view of the paged KV cache (herd.engine.paged_attention).
-The arithmetic is the model's. The chunks of requests asking for prompt logprobs have their prompt rows'
-logits computed by the same forward, after the sampled rows, and scored at once (herd.engine.prompt_logprobs).
+The arithmetic is the model's. A chunk verifying draft tokens (speculative decoding) ends with them and has
+a sampled row at each of its last 1 + len(drafts) positions. The chunks of requests asking for prompt logprobs
+have their prompt rows' logits computed by the same forward, after the sampled rows, and scored at once
+(herd.engine.prompt_logprobs).
 
 A pure-decode step (every chunk one token that samples) takes the static path instead when the engine config
 says so (EngineConfig.use_static_decode): padded to a batch bucket on persistent buffers, replayed as a CUDA graph
@@ -38,8 +41,11 @@ class StepLogits:
     """What a step's forward gives: the sampling chunks' logits, and the prompt tokens it scored."""
 
     sampled: torch.Tensor
-    """float32 [C_sampling, V], for the chunks that sample, in order."""
+    """float32 [R, V], for the chunks that sample, in order: one row each, 1 + len(drafts) for a chunk verifying
+    drafts (its last known token's and every draft's)."""
     prompt: list[ScoredPrompt] = field(default_factory=list)
+    aux_hidden: torch.Tensor | None = None
+    """[N, A*H]: the hidden states entering the runner's aux_layers, every row of the step (None: none asked)."""
 
 
 class ModelRunner:
@@ -48,16 +54,19 @@ class ModelRunner:
     model's device)."""
 
     def __init__(self, model: Llama4Model, kv: KVCacheManager, cache: PagedKVCache, *,
-                 config: EngineConfig | None = None) -> None:
+                 config: EngineConfig | None = None, aux_layers: Sequence[int] = ()) -> None:
         self.model = model
         self.kv = kv
         self.cache = cache
         self.device = model.device
+        self.aux_layers = tuple(aux_layers)
+        """Layers whose entering hidden states every step returns (a draft head's input); the static path, which
+        returns none, is then off."""
         config = config or EngineConfig(device=str(model.device))
         self.static = StaticDecode(
             model, kv, cache, batch_sizes=config.decode_batch_sizes, graphs=config.use_cuda_graphs,
             max_graphs=config.max_cuda_graphs,
-        ) if config.use_static_decode else None
+        ) if config.use_static_decode and not self.aux_layers else None
 
     def run(self, chunks: Sequence[ScheduledChunk]) -> StepLogits:
         """Compute every chunk; return the sampling chunks' float32 logits and the prompt tokens scored."""
@@ -77,7 +86,8 @@ class ModelRunner:
         ids, positions = self._tokens(chunks)  # [N], [N]
         image_rows, image_embeds = self._images(chunks)  # [M], [M, H]
         ends = itertools.accumulate(c.num_tokens for c in chunks)
-        sampling = [end - 1 for end, c in zip(ends, chunks, strict=True) if c.samples]
+        sampling = [row for end, c in zip(ends, chunks, strict=True) if c.samples
+                    for row in range(end - 1 - len(c.drafts), end)]
         scoring = prompt_logprobs.plan(chunks)
         logit_rows = torch.tensor(sampling + prompt_logprobs.rows(scoring), dtype=torch.long)  # [C_sampling + P]
         context = PagedAttention.for_step(chunks, self.kv, self.cache, self.device)
@@ -86,12 +96,19 @@ class ModelRunner:
 
         @torch.inference_mode()
         def forward() -> StepLogits:
-            logits: torch.Tensor = self.model(ids, positions, context, image_embeds=image_embeds,
-                                              image_rows=image_rows, logit_rows=logit_rows)  # [C_sampling + P, V]
+            aux: torch.Tensor | None = None
+            if self.aux_layers:
+                logits, aux = self.model.forward_with_aux(ids, positions, context, aux_layers=self.aux_layers,
+                                                          image_embeds=image_embeds, image_rows=image_rows,
+                                                          logit_rows=logit_rows)  # [R + P, V], [N, A*H]
+            else:
+                logits = self.model(ids, positions, context, image_embeds=image_embeds, image_rows=image_rows,
+                                    logit_rows=logit_rows)  # [R + P, V]
             logits = logits.float()
             if not scoring:
-                return StepLogits(logits)
-            return StepLogits(logits[: len(sampling)], prompt_logprobs.score(scoring, logits[len(sampling) :]))
+                return StepLogits(logits, aux_hidden=aux)
+            return StepLogits(logits[: len(sampling)], prompt_logprobs.score(scoring, logits[len(sampling) :]),
+                              aux_hidden=aux)
 
         return forward
 
@@ -108,9 +125,11 @@ class ModelRunner:
                 positions.append(start)
                 continue
             prompt, output = chunk.seq.prompt_ids, chunk.seq.output_ids
-            ids += prompt[start:end]
-            if end > len(prompt):
-                ids += output[max(0, start - len(prompt)) : end - len(prompt)]
+            known = end - len(chunk.drafts)
+            ids += prompt[start:known]
+            if known > len(prompt):
+                ids += output[max(0, start - len(prompt)) : known - len(prompt)]
+            ids += chunk.drafts
             positions += range(start, end)
         return torch.tensor(ids), torch.tensor(positions)
 

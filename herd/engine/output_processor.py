@@ -107,7 +107,12 @@ class OutputProcessor:
             reason = core.finish_reason
             if core.prompt_logprobs is not None:
                 state.prompt_logprobs = core.prompt_logprobs
-            if core.new_token_ids:
+            if len(core.new_token_ids) > 1 and state.stops.stops:  # several tokens (speculative decoding)
+                if self._push_until_stop_string(state, core, reason):
+                    if reason is None:
+                        done.stopped.append(core.request_id)
+                    reason = "stop"
+            elif core.new_token_ids:
                 state.token_ids += core.new_token_ids
                 if state.logprobs is not None and core.new_logprobs is not None:
                     state.logprobs += core.new_logprobs
@@ -122,6 +127,20 @@ class OutputProcessor:
             elif out.finished:
                 done.outputs += state.candidates.add(out)
         return done
+
+    def _push_until_stop_string(self, state: RequestState, core: CoreOutput, reason: str | None) -> bool:
+        """Take a step's tokens one at a time, up to the one that completes a stop string (the rest are dropped, as
+        a step of one token each would never have made them); whether one did. A last token that is itself the
+        core's stop (reason "stop") is not searched, as a lone one is not."""
+        tokens, logprobs = core.new_token_ids, core.new_logprobs
+        for i, token in enumerate(tokens):
+            state.token_ids.append(token)
+            if state.logprobs is not None and logprobs is not None:
+                state.logprobs.append(logprobs[i])
+            state.detokenizer.push(state.token_ids)
+            if (i < len(tokens) - 1 or reason != "stop") and self._cut_at_stop_string(state):
+                return True
+        return False
 
     def _cut_at_stop_string(self, state: RequestState) -> bool:
         hit = state.stops.find(state.detokenizer.text)  # only the new text and the tail before it

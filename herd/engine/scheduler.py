@@ -102,10 +102,18 @@ class Scheduler:
         child.scheduled_ns = time.time_ns()
 
     def on_step_done(self, output: SchedulerOutput) -> None:
-        """The step computed what was scheduled: advance, cache full blocks, drop passed chunks."""
+        """The step computed what was scheduled: advance, cache full blocks, drop passed chunks. A chunk's drafts
+        are not counted: accept_drafts counts those the model agreed with, once they are output."""
         for chunk in output.chunks:
-            chunk.seq.num_computed += chunk.num_tokens
+            chunk.seq.num_computed += chunk.num_known
             self.kv.on_computed(chunk.seq)
+
+    def accept_drafts(self, seq: Sequence, accepted: int) -> None:
+        """The first `accepted` drafts of seq's last verifying step are now output tokens: their KV entries count
+        as computed (and cached); the blocks taken for the rejected ones go back."""
+        seq.num_computed += accepted
+        self.kv.on_computed(seq)
+        self.kv.trim(seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -145,8 +153,12 @@ class Scheduler:
             if slots + 1 + len(seq.forks) > self.config.max_num_seqs:
                 return None
             self.kv.admit(seq)
-        num = min(seq.num_known - seq.num_computed, budget)
+        drafts = seq.draft_ids if seq.num_computed == seq.num_known - 1 else ()  # only a decode verifies drafts
+        num = min(seq.num_known + len(drafts) - seq.num_computed, budget)
         while not self.kv.allocate(seq, num):
+            if num > seq.num_known - seq.num_computed:  # drop the drafts before preempting anyone for them
+                num = seq.num_known - seq.num_computed
+                continue
             victim = self._victim(exclude=scheduled | {id(seq)})
             if victim is None:
                 if admitting:
@@ -162,7 +174,9 @@ class Scheduler:
             seq.status = Status.RUNNING
             seq.scheduled_ns = seq.scheduled_ns or time.time_ns()
         scheduled.add(id(seq))
-        out.chunks.append(ScheduledChunk(seq, seq.num_computed, num, seq.num_computed + num == seq.num_known))
+        verified = tuple(drafts[: seq.num_computed + num - seq.num_known]) if drafts else ()
+        out.chunks.append(ScheduledChunk(seq, seq.num_computed, num, seq.num_computed + num >= seq.num_known,
+                                         verified))
         return num
 
     def _candidates(self, tenant: str) -> Iterator[Sequence]:
