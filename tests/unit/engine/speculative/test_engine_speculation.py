@@ -55,7 +55,7 @@ def test_greedy_tokens_and_kv_blocks_equal_plain_decoding_whatever_the_drafts(ti
     plain = LLMEngine.from_pretrained(tiny, EngineConfig(**SMALL))
     expected = plain.generate(prompts, params)
     references = {tuple(p): o.token_ids for p, o in zip(prompts, expected, strict=True)}
-    engine, oracle = _with_oracle(tiny, references)
+    engine, _ = _with_oracle(tiny, references)
     got = engine.generate(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
     assert [o.finish_reason for o in got] == ["length"] * 24
@@ -86,7 +86,7 @@ def test_prompt_lookup_gives_the_plain_tokens(tiny):
 def test_a_request_that_opts_out_verifies_nothing(tiny):
     prompts = _prompts(4, 2)
     references = {tuple(p): [] for p in prompts}
-    engine, oracle = _with_oracle(tiny, references)
+    engine, _ = _with_oracle(tiny, references)
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12, speculative=False))
     assert all(o.draft_tokens == 0 and o.verify_steps == 0 for o in outs)
     assert engine.stats().draft_tokens == 0
