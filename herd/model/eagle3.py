@@ -11,7 +11,7 @@ head's own output at p - 1 for a position it drafted itself (chained, width H al
     h = residual + o_proj(attention(q, k, v of x, rotate-half RoPE at p))    [T, H]
     out = h + mlp(post_attention_layernorm(h))                               [T, H]  (fed back when chaining)
     logits = lm_head(norm(out))                                              [T, Vd]; target id = d + d2t[d]
-Attention is the caller's (over a cache, or dense): the head splits its row into `project` and `finish`.
+Attention is the caller's (over a cache, or dense): `forward` hands q, k and v to an `attend` it is given.
 
 The checkpoint is the published layout (EAGLE's `midlayer.*`; SpecForge's `model.layers.0.*` and `model.` prefix
 are read as the same names): fc.weight, midlayer.{input_layernorm,hidden_norm,post_attention_layernorm}.weight,
@@ -22,6 +22,7 @@ A head that does not fit its target refuses to load with a ValueError naming wha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,11 +31,15 @@ from torch import nn
 from herd.model.checkpoint import Checkpoint
 from herd.model.config import TextConfig, read_config_json
 from herd.model.eagle3_config import Eagle3Config
+from herd.model.llama4 import Llama4Model
 from herd.model.mlp import FeedForward
 from herd.model.norm import RMSNorm
 from herd.model.rope import inv_frequencies, rotations
 
 _OPTIONAL = ("embed_tokens.weight", "d2t", "t2d")
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""q [T, N, D], k [T, K, D], v [T, K, D] -> attention outputs [T, N, D]."""
 
 
 class Eagle3Attention(nn.Module):
@@ -93,10 +98,11 @@ class Eagle3Head(nn.Module):
     def head_dim(self) -> int:
         return self.config.head_dim
 
-    def project(self, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows (token p + 1 [T], hidden [T, H], position p [T]) -> q [T, N, D], k [T, K, D] and v [T, K, D] ready
-        to attend (rotated at p), and the residual [T, H] that `finish` adds to."""
+    def forward(self, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                attend: Attend) -> torch.Tensor:
+        """Rows (token p + 1 [T], hidden [T, H], position p [T]) -> the rows' outputs `out` [T, H] (pre-norm, what a
+        chained row reads as its hidden). `attend` is where keys and values live: it takes q [T, N, D], k and v
+        [T, K, D] (rotated at p) and returns the attention outputs [T, N, D]."""
         layer = self.midlayer
         embeds = self.embed_tokens(token_ids).to(hidden.dtype)  # [T, H]
         normed = layer.hidden_norm(hidden)
@@ -107,12 +113,8 @@ class Eagle3Head(nn.Module):
         k = layer.self_attn.k_proj(x).view(t, -1, dim)
         v = layer.self_attn.v_proj(x).view(t, -1, dim)
         rot = rotations(positions, self._frequencies(x.device))  # [T, D/2]
-        return rotate_half(q, rot), rotate_half(k, rot), v, residual
-
-    def finish(self, attended: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Attention outputs [T, N, D] and the residual [T, H] -> the row's output `out` [T, H] (pre-norm)."""
-        layer = self.midlayer
-        h = residual + layer.self_attn.o_proj(attended.reshape(attended.shape[0], -1))
+        attended = attend(rotate_half(q, rot), rotate_half(k, rot), v)  # [T, N, D]
+        h = residual + layer.self_attn.o_proj(attended.reshape(t, -1))
         out: torch.Tensor = h + layer.mlp(layer.post_attention_layernorm(h))
         return out
 
@@ -186,6 +188,12 @@ def load_eagle3(path: str | Path, target: TextConfig, *, dtype: torch.dtype, dev
         head.embed_tokens = target_embedding or nn.Embedding(config.vocab_size, config.hidden_size, device="meta")
         head.shares_embedding = True
     return head.eval()
+
+
+def load_eagle3_for(path: str | Path, target: Llama4Model) -> Eagle3Head:
+    """load_eagle3 for a loaded target: its dtype and device, and its embedding when the head has none."""
+    return load_eagle3(path, target.config, dtype=target.lm_head.weight.dtype, device=target.device,
+                       target_embedding=target.model.embed_tokens)
 
 
 def _check_fit(config: Eagle3Config, target: TextConfig, source: str) -> tuple[int, ...]:

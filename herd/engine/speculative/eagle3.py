@@ -38,7 +38,7 @@ from herd.engine.kv_cache_manager import FULL, KVCacheManager
 from herd.engine.paged_kv import PagedKVCache
 from herd.engine.sequence import Sequence
 from herd.engine.speculative.proposer import StepRows
-from herd.model.eagle3 import Eagle3Head, load_eagle3
+from herd.model.eagle3 import Eagle3Head, load_eagle3_for
 from herd.model.llama4 import Llama4Model
 
 
@@ -84,9 +84,7 @@ class Eagle3Proposer:
         if FULL not in kv.pools:
             raise ValueError("an EAGLE-3 head keeps its KV on the target's full-attention blocks, and this target "
                              "has no full-attention layers")
-        head = load_eagle3(path, target.config, dtype=target.lm_head.weight.dtype, device=target.device,
-                           target_embedding=target.model.embed_tokens)
-        return cls(head, kv, cache)
+        return cls(load_eagle3_for(path, target), kv, cache)
 
     def propose(self, step: StepRows, wanted: Seq[tuple[Sequence, int]]) -> list[list[int]]:
         """Catch up on the step, then up to k greedy drafts for each (sequence, k)."""
@@ -143,10 +141,14 @@ class Eagle3Proposer:
             return {}
         head, device = self.head, step.aux_hidden.device
         hidden = head.combine(step.aux_hidden.index_select(0, _tensor(aux_rows, device)))  # [M, H]
-        q, k, v, residual = head.project(_tensor(ids, device), hidden, _tensor(positions, device))
-        self.cache.write(self.layer, self._write_slots(segments, device), k.to(self.cache.k[self.layer].dtype),
-                         v.to(self.cache.v[self.layer].dtype))
-        out = head.finish(self._attend(q, segments), residual)  # [M, H]
+        slots = self._write_slots(segments, device)
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            dtype = self.cache.k[self.layer].dtype
+            self.cache.write(self.layer, slots, k.to(dtype), v.to(dtype))
+            return self._attend(q, segments)
+
+        out = head(_tensor(ids, device), hidden, _tensor(positions, device), attend)  # [M, H]
         return {s.seq.request_id: (s.end - 1, out[s.first + s.end - s.start - 1]) for s in segments}
 
     def _write_slots(self, segments: list[_Segment], device: torch.device) -> torch.Tensor:
@@ -211,14 +213,20 @@ class Eagle3Proposer:
         positions = _tensor([n - 1 for n in lengths], device)  # [G]
         scores = [head.draft_logits(out)]  # [G, Vd] each
         chosen = [head.to_target(scores[-1].argmax(-1))]  # [G] each
+        real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)  # [G, S + 1]: and the chained row's own key
         for _ in range(depth - 1):
-            q, k, v, residual = head.project(chosen[-1], out, positions)  # q [G, N, D], k and v [G, K, D]
-            keys = torch.cat([keys, k[:, :, None]], dim=2)
-            values = torch.cat([values, v[:, :, None]], dim=2)
-            real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)
-            attended = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=real[:, None, None],
-                                                      scale=q.shape[-1] ** -0.5, enable_gqa=True)  # [G, N, 1, D]
-            out = head.finish(attended.squeeze(2), residual)
+
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                """One query per sequence [G, N, D] over its paged keys, the chain's so far, and its own."""
+                nonlocal keys, values, real
+                keys = torch.cat([keys, k[:, :, None]], dim=2)  # [G, K, S + j, D]
+                values = torch.cat([values, v[:, :, None]], dim=2)
+                attended = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=real[:, None, None],
+                                                          scale=q.shape[-1] ** -0.5, enable_gqa=True)  # [G, N, 1, D]
+                real = torch.cat([real, real[:, -1:]], dim=1)
+                return attended.squeeze(2)
+
+            out = head(chosen[-1], out, positions, attend)  # [G, H]
             scores.append(head.draft_logits(out))
             chosen.append(head.to_target(scores[-1].argmax(-1)))
             positions = positions + 1
