@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from herd.engine.kv_cache_manager import FULL, KVCacheManager
+from herd.engine.paged_attention import to_device
 from herd.engine.paged_kv import PagedKVCache
 from herd.engine.sequence import Sequence
 from herd.engine.speculative.proposer import StepRows
@@ -49,7 +50,7 @@ class Drafted:
     tokens: list[list[int]]
     """Target token ids (empty where the sequence wanted none or was not caught up to its last known token)."""
     logits: list[torch.Tensor]
-    """[len(tokens[i]), Vd] float: the head's draft-vocabulary logits each draft is the argmax of."""
+    """[len(tokens[i]), Vd] float, on the head's device: the draft-vocabulary logits each draft is the argmax of."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class Eagle3Proposer:
         for row, i in enumerate(active):
             k = wanted[i][1]
             tokens[i] = chosen[row][:k]
-            logits[i] = scores[row, :k].cpu()
+            logits[i] = scores[row, :k]
         return Drafted(tokens, logits)
 
     def _catch_up(self, step: StepRows) -> dict[str, tuple[int, torch.Tensor]]:
@@ -190,7 +191,7 @@ class Eagle3Proposer:
             n = s.end - s.start
             q_pos[i, :n] = torch.arange(s.start, s.end)
             index[i, :n] = torch.arange(s.first, s.first + n)
-        q_pos, index = q_pos.to(device), index.to(device)
+        q_pos, index = to_device(q_pos, device), to_device(index, device)
         queries = q.index_select(0, index.flatten()).view(c, t_max, *q.shape[1:]).transpose(1, 2)  # [C, N, T, D]
         k_pos = torch.arange(keys.shape[2], device=device)
         mask = (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [C, 1, T, S]
@@ -242,4 +243,5 @@ def _block(table: list[int | None], index: int) -> int:
 
 
 def _tensor(values: Seq[object], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long).to(device)
+    """Host ints on `device` (through pinned memory without blocking, as the step's own plans go)."""
+    return to_device(torch.tensor(values, dtype=torch.long), device)

@@ -34,9 +34,9 @@ def tiny(request, tmp_path_factory):
     return load_model(target, progress=False), make_tiny_eagle3(target, seed=5)
 
 
-def _proposer(model, head_dir) -> tuple[Eagle3Proposer, KVCacheManager, PagedKVCache]:
+def _proposer(model, head_dir, *, prefix_caching: bool = False) -> tuple[Eagle3Proposer, KVCacheManager, PagedKVCache]:
     layout = EngineConfig(kv_cache_mb=8, max_num_seqs=8).kv_layout(model.config)
-    kv = KVCacheManager(layout, enable_prefix_caching=False)
+    kv = KVCacheManager(layout, enable_prefix_caching=prefix_caching)
     cache = PagedKVCache(model.config, layout, dtype=torch.float32, device=CPU)
     return Eagle3Proposer.from_path(head_dir, model, kv, cache), kv, cache
 
@@ -173,6 +173,25 @@ def test_paged_incremental_drafts_equal_the_dense_reference(tiny):
         assert tokens == expected and _close(logits, expected_logits)
         checked += 1
     assert checked == 4
+
+
+def test_a_cached_prefix_carries_the_heads_kv(tiny):
+    """b starts from the block a's prompt left in the prefix cache (its tokens past the block are a's too, so the
+    head's key at the block's last slot is the one b would compute): b computes only its tail, and drafts exactly
+    what the dense reference drafts over its whole sequence."""
+    model, head_dir = tiny
+    proposer, kv, cache = _proposer(model, head_dir, prefix_caching=True)
+    vocab = model.config.vocab_size
+    a = _sequence(kv, "a", 20, 6, vocab)
+    proposer.propose(_step(model, kv, cache, proposer.aux_layers, [(a, 20, ())]), [])
+    b = Sequence(request_id="b", prompt_ids=[*a.prompt_ids[:18], 3, 4, 5, 6, 7],
+                 params=SamplingParams(max_tokens=8, temperature=0))
+    kv.admit(b)
+    assert b.num_computed == 16
+    step = _step(model, kv, cache, proposer.aux_layers, [(b, 7, ())])
+    drafted = proposer.draft(step, [(b, 3)])
+    expected, expected_logits = _reference(model, proposer.head, b.token_ids(), 3)
+    assert drafted.tokens == [expected] and _close(drafted.logits[0], expected_logits)
 
 
 def test_the_comparison_can_fail(tiny):
