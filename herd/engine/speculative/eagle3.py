@@ -67,9 +67,7 @@ class Eagle3Proposer:
     """Drafts with an EAGLE-3 head whose KV is a layer of the target's paged cache (herd.engine.speculative)."""
 
     def __init__(self, head: Eagle3Head, kv: KVCacheManager, cache: PagedKVCache) -> None:
-        if FULL not in kv.pools:
-            raise ValueError("an EAGLE-3 head keeps its KV on the target's full-attention blocks, and this target "
-                             "has no full-attention layers")
+        _require_full(kv)
         self.head = head
         self.kv = kv
         self.cache = cache
@@ -82,9 +80,7 @@ class Eagle3Proposer:
                   cache: PagedKVCache) -> Eagle3Proposer:
         """Load the head in `path` for `target` (its dtype and device; its embedding when the head has none);
         ValueError when the head does not fit the target or the cache has no full-attention group."""
-        if FULL not in kv.pools:
-            raise ValueError("an EAGLE-3 head keeps its KV on the target's full-attention blocks, and this target "
-                             "has no full-attention layers")
+        _require_full(kv)
         return cls(load_eagle3_for(path, target), kv, cache)
 
     def propose(self, step: StepRows, wanted: Seq[tuple[Sequence, int]]) -> list[list[int]]:
@@ -233,6 +229,12 @@ class Eagle3Proposer:
             positions = positions + 1
         ids: list[list[int]] = torch.stack(chosen, dim=1).tolist()  # the one host sync of the drafts
         return ids, torch.stack(scores, dim=1)
+
+
+def _require_full(kv: KVCacheManager) -> None:
+    if FULL not in kv.pools:
+        raise ValueError("an EAGLE-3 head keeps its KV on the target's full-attention blocks, and this target has "
+                         "no full-attention layers")
 
 
 def _block(table: list[int | None], index: int) -> int:
