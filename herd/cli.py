@@ -14,6 +14,7 @@ from herd.model import greedy_decode, load_model
 from herd.model.chat_template import render_chat
 from herd.model.dtypes import DTYPES
 from herd.model.tiny import PRESETS, make_tiny
+from herd.model.tiny_eagle3 import make_tiny_eagle3
 from herd.model.tokenizer import Tokenizer
 
 
@@ -39,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--preset", choices=sorted(PRESETS), default="scout", help="model shape to imitate")
     tiny.add_argument("--out", type=Path, required=True, help="directory to write")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    tiny.add_argument("--eagle3", action="store_true",
+                      help="also write a tiny random EAGLE-3 draft head for it, into <out>/eagle3")
     tiny.set_defaults(run=_make_tiny)
 
     quantize = commands.add_parser("quantize", help="write an int4 or FP8 copy of a bf16 checkpoint")
@@ -115,6 +118,9 @@ def _make_tiny(args: argparse.Namespace) -> int:
     out = make_tiny(args.out, preset=args.preset, seed=args.seed)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote tiny {args.preset} checkpoint to {out} ({size / 2**20:.1f} MiB)")
+    if args.eagle3:
+        head = make_tiny_eagle3(out, seed=args.seed)
+        print(f"wrote tiny EAGLE-3 draft head to {head} (speculative: {{method: eagle3, draft_path: {head}}})")
     return 0
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+
 from herd.cli import main
+from herd.model import load_config
+from herd.model.eagle3 import load_eagle3
 
 
 def test_make_tiny_then_generate(tmp_path, capsys):
@@ -36,3 +40,11 @@ def test_quantize_then_generate(tmp_path, capsys):
     assert "generated" in capsys.readouterr().err
     assert main(["quantize", "--fp8", str(tmp_path / "q"), str(tmp_path / "again")]) == 2
     assert "already quantised" in capsys.readouterr().err
+
+
+def test_make_tiny_eagle3_writes_a_head_that_loads(tmp_path, capsys):
+    assert main(["make-tiny", "--preset", "maverick", "--out", str(tmp_path / "m"), "--eagle3", "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote tiny EAGLE-3 draft head to {tmp_path / 'm' / 'eagle3'}" in out
+    head = load_eagle3(tmp_path / "m" / "eagle3", load_config(tmp_path / "m").text, dtype=torch.float32)
+    assert head.fc.weight.shape == (128, 3 * 128) and head.lm_head.weight.shape[0] == 64
