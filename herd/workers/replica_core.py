@@ -232,6 +232,7 @@ class ReplicaCore:
                 prompt_logprobs=options.prompt_logprobs if options.HasField("prompt_logprobs") else None,
                 n=options.n if options.HasField("n") else 1,
                 best_of=options.best_of if options.HasField("best_of") else None,
+                speculative=options.speculative if options.HasField("speculative") else True,
             )
         except SamplingError as err:
             raise HerdError(Code.INVALID_ARGUMENT, str(err), param=err.field) from err
