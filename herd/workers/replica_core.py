@@ -141,8 +141,10 @@ class ReplicaCore:
             span.end()
 
     def _check(self, span: trace.Span, out: RequestOutput) -> None:
-        """Each engine output as it comes: the finished one's phases recorded (the first choice's: one request),
-        a failed step raised."""
+        """Each engine output as it comes: the finished one's phases recorded (the first choice's: one request)
+        and each finished choice's speculative decoding, a failed step raised."""
+        if out.finished:
+            self.metrics.speculative.finished(out)
         if out.times is not None and out.index == 0:
             self._finished(span, out.times)
         if out.finish_reason == "error":
