@@ -141,8 +141,10 @@ class ReplicaCore:
             span.end()
 
     def _check(self, span: trace.Span, out: RequestOutput) -> None:
-        """Each engine output as it comes: the finished one's phases recorded (the first choice's: one request),
-        a failed step raised."""
+        """Each engine output as it comes: the finished one's phases recorded (the first choice's: one request)
+        and each finished choice's speculative decoding, a failed step raised."""
+        if out.finished:
+            self.metrics.speculative.finished(out)
         if out.times is not None and out.index == 0:
             self._finished(span, out.times)
         if out.finish_reason == "error":
@@ -232,6 +234,7 @@ class ReplicaCore:
                 prompt_logprobs=options.prompt_logprobs if options.HasField("prompt_logprobs") else None,
                 n=options.n if options.HasField("n") else 1,
                 best_of=options.best_of if options.HasField("best_of") else None,
+                speculative=options.speculative if options.HasField("speculative") else True,
             )
         except SamplingError as err:
             raise HerdError(Code.INVALID_ARGUMENT, str(err), param=err.field) from err

@@ -2,7 +2,8 @@
 how its experts are loaded. One registry per replica, served on its own port (`serve_metrics`).
 
 Gauges are read from the engine at scrape time (nothing to keep in step); the request histograms are
-observed when a request finishes, from the engine's own timestamps. Names are in docs/METRICS.md.
+observed when a request finishes, from the engine's own timestamps, and its speculative decoding by tenant
+(SpeculativeMetrics) when each of its choices finishes. Names are in docs/METRICS.md.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prometheus_client.registry import Collector
 from herd.engine import LLMEngine
 from herd.engine.outputs import RequestTimes
 from herd.workers.expert_load import ExpertLoad
+from herd.workers.speculative_metrics import SpeculativeMetrics
 
 PHASE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 DISPATCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -38,6 +40,7 @@ class ReplicaMetrics:
                                   buckets=DISPATCH_BUCKETS, registry=r).labels(model)
         self.replacements = Counter("herd_expert_replacements", "Live expert re-placements applied (expert "
                                     "balancing)", ["model"], registry=r).labels(model)
+        self.speculative = SpeculativeMetrics(model, r)
         r.register(_EngineCollector(model, engine, expert_load))
 
     def finished(self, times: RequestTimes) -> None:
@@ -84,7 +87,13 @@ class _EngineCollector(Collector):
         for layer, counts in self.expert_load.snapshot().items():
             for expert, count in enumerate(counts):
                 experts.add_metric([self.model, str(layer), str(expert)], count)
-        yield from (running, waiting, usage, queried, hits, preempted, experts)
+        drafted = CounterMetricFamily("herd_replica_speculative_draft_tokens", "Draft tokens verified by the "
+                                      "model (speculative decoding), every request", labels=["model"])
+        drafted.add_metric(model, stats.draft_tokens)
+        accepted = CounterMetricFamily("herd_replica_speculative_accepted_tokens", "Draft tokens the model agreed "
+                                       "with, every request", labels=["model"])
+        accepted.add_metric(model, stats.accepted_tokens)
+        yield from (running, waiting, usage, queried, hits, preempted, experts, drafted, accepted)
 
     def describe(self) -> Iterator[Any]:
         return iter(())

@@ -135,6 +135,16 @@ Returns JSON: `include "herd.models" . | fromJson`.
 {{- if and (hasPrefix "cuda" $m.engine.device) (eq $.Values.image.flavor "cpu") }}
 {{- fail (printf "models.%s.engine.device: %s needs the CUDA image, but image.flavor is cpu (no CUDA torch, no CuPy); set image.flavor: cuda (make image FLAVOR=cuda), or engine.device: cpu" $name $m.engine.device) }}
 {{- end }}
+{{- with $m.engine.speculative }}
+{{- if $m.engine.async_scheduling }}
+{{- fail (printf "models.%s.engine.speculative: speculative decoding does not run with async_scheduling yet (a step's drafts come from the tokens the step before verified); set models.%s.engine.async_scheduling: false, or speculative: null" $name $name) }}
+{{- end }}
+{{- $lo := int (default 2 .prompt_lookup_min) }}
+{{- $hi := int (default 4 .prompt_lookup_max) }}
+{{- if gt $lo $hi }}
+{{- fail (printf "models.%s.engine.speculative: prompt_lookup_min (%d) is above prompt_lookup_max (%d)" $name $lo $hi) }}
+{{- end }}
+{{- end }}
 {{- if and (eq $m.shard_listen "node") (not $.Values.tls.shards.enabled) }}
 {{- fail (printf "models.%s.shard_listen: node puts the expert shards on the pod's address, which needs their mutual TLS: set tls.shards.enabled and tls.shards.secretName (or keep shard_listen: loopback)" $name) }}
 {{- end }}

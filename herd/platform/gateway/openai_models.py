@@ -168,6 +168,9 @@ class _Sampling(_Strict):
     structured_outputs: StructuredOutputs | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="each prompt token's logprob and "
                                         "this many alternatives, as a top-level prompt_logprobs list per choice")
+    speculative: bool = Field(True, strict=True, description="let the model speculate for this request where it is "
+                              "configured to (draft tokens verified in one step); false decodes one token per step. "
+                              "The tokens are the same either way")
 
     # The engine's limits, checked by the engine's own functions, so both doors say the same thing.
     @field_validator("stop")

@@ -56,6 +56,8 @@ def sampling(request: ChatCompletionRequest | CompletionRequest, *, logprobs: in
     best_of = getattr(request, "best_of", None)
     if best_of is not None:
         options.best_of = best_of
+    if not request.speculative:  # unset on the wire: the replica's default, speculate
+        options.speculative = False
     for name, value in (("temperature", request.temperature), ("top_p", request.top_p), ("max_tokens", max_tokens),
                         ("seed", request.seed), ("top_k", request.top_k), ("min_p", request.min_p),
                         ("logprobs", logprobs), ("presence_penalty", request.presence_penalty),
