@@ -40,13 +40,13 @@ class MaskFiller:
         With drafts (speculative decoding), sequence i has 1 + len(drafts[i]) rows, one after each of its drafts
         in turn (the grammar is advanced through them and rolled back); the rows are numbered over all of them."""
         if drafts is None:
-            rows = [row for row, grammar in enumerate(grammars) if grammar is not None]
-            if not rows:
+            constrained = [row for row, grammar in enumerate(grammars) if grammar is not None]
+            if not constrained:
                 return None
-            bits = torch.zeros(len(rows), self.words, dtype=torch.int32)  # [G, W]
+            bits = torch.zeros(len(constrained), self.words, dtype=torch.int32)  # [G, W]
             matchers = [(grammar.matcher, index) for index, grammar in enumerate(g for g in grammars if g is not None)]
             llguidance.torch.fill_next_token_bitmask_par(self._executor, matchers, bits)
-            return GrammarMask(rows=rows, bits=bits)
+            return GrammarMask(rows=constrained, bits=bits)
         rows: list[int] = []
         plain: list[tuple[llguidance.LLMatcher, int]] = []
         with_drafts: list[tuple[llguidance.LLMatcher, int, list[int]]] = []
