@@ -13,7 +13,6 @@ a / (1 - a), and k follows it between 1 and num_tokens.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -42,7 +41,7 @@ class Acceptance:
 
     def draft_length(self, most: int) -> int:
         """The expected run of accepted drafts, a / (1 - a) = accepted / rejected, within 1..most."""
-        return max(1, min(most, math.ceil(self.accepted / max(self.rejected, 1e-6))))
+        return max(1, min(most, round(self.accepted / max(self.rejected, 1e-6))))
 
 
 class Speculator:

@@ -31,6 +31,8 @@ SMOKE = {
                            lambda tmp: ["--checkpoint", str(tmp / "scout"), "--log-dir", str(tmp / "logs")]),
     "structured_output.py": ("| run | batch | output tokens | wall s (median) | output tok/s | vs unconstrained |",
                              lambda tmp: ["--checkpoint", str(tmp / "scout")]),
+    "speculative.py": ("| method | batch | output tokens | wall s (median) | tok/s per sequence | vs plain | "
+                       "acceptance length | ms per token |", lambda tmp: ["--checkpoint", str(tmp / "scout")]),
     "soak.py": ("| t_s | gateway_mib | replica_mib | shard0_mib | shard1_mib | kv_blocks |", lambda tmp: []),
 }
 NOT_HERE = {"__init__.py", "common.py", "expert_balance.py", "gpu_check.py", "quantized_experts.py"}

@@ -182,3 +182,60 @@ def test_a_request_of_several_choices_is_admitted_only_with_a_slot_for_each():
     crowded.add(leader_of_three := seq("m3", 5))
     leader_of_three.forks = [seq("m3#1", 5), seq("m3#2", 5)]
     assert [c.seq.request_id for c in crowded.schedule().chunks] == ["first"]
+
+
+def _decoding(s, rid, prompt_len, *, first_token=1):
+    """A sequence admitted, prefilled and given its first token: its next step is a decode."""
+    sq = seq(rid, prompt_len, max_tokens=40, first_token=first_token)
+    s.add(sq)
+    out = s.schedule()
+    s.on_step_done(out)
+    sq.output_ids.append(7)
+    return sq
+
+
+def test_a_decoding_sequence_verifies_its_drafts_and_a_prefilling_one_has_none():
+    s = scheduler(budget=64)
+    a = _decoding(s, "a", 6)
+    a.draft_ids = [3, 4, 5]
+    b = seq("b", 10, first_token=60)
+    b.draft_ids = [9, 9]  # stale: a prefill verifies nothing
+    s.add(b)
+    chunks = {c.seq.request_id: c for c in s.schedule().chunks}
+    a_chunk = chunks["a"]
+    assert (a_chunk.start, a_chunk.num_tokens, a_chunk.drafts, a_chunk.samples) == (6, 4, (3, 4, 5), True)
+    assert chunks["a"].num_known == 1
+    assert (chunks["b"].num_tokens, chunks["b"].drafts) == (10, ())
+
+
+def test_the_budget_cuts_drafts_and_short_blocks_drop_them_before_anyone_is_preempted():
+    s = scheduler(budget=3)
+    a = _decoding(s, "a", 2)
+    a.draft_ids = [3, 4, 5, 6]
+    [chunk] = s.schedule().chunks
+    assert (chunk.num_tokens, chunk.drafts) == (3, (3, 4))
+    # 2 global blocks of 4: a decode at position 7 fits in block 1, its drafts would need block 2.
+    tight = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), kv_manager(full=2, chunked=64))
+    b = _decoding(tight, "b", 7)
+    b.draft_ids = [3, 4, 5]
+    out = tight.schedule()
+    assert [(c.num_tokens, c.drafts) for c in out.chunks] == [(1, ())]
+    assert not out.preempted
+
+
+def test_accepted_drafts_count_as_computed_and_the_rejected_ones_blocks_go_back():
+    s = scheduler(budget=64)
+    a = _decoding(s, "a", 6)  # 6 computed, 7 known
+    a.draft_ids = [3, 4, 5, 6, 7, 8]  # positions 7..12: two more blocks of 4
+    out = s.schedule()
+    s.on_step_done(out)
+    assert a.num_computed == 7  # the known token only, until the drafts are judged
+    assert s.kv.blocks_held(a)["full"] == 4
+    a.output_ids += [3, 4]  # the first draft accepted, then the model's own token
+    s.accept_drafts(a, 1)
+    assert a.num_computed == 8 == a.num_known - 1
+    # As plain decoding would hold: positions 0..7 in two global blocks; the chunked layers have left chunk 0 (the
+    # next position, 8, starts chunk 1, whose block the next step takes).
+    assert s.kv.blocks_held(a) == {"full": 2, "chunked": 0}
+    s.finish(a, "length")
+    assert all_blocks_free(s)

@@ -1,0 +1,27 @@
+"""Verification's pure parts: rows expanded over drafts (positions, histories as if the drafts were output) and
+the count of drafts the samples agree with."""
+
+from __future__ import annotations
+
+from herd.engine.sampling_params import SamplingParams
+from herd.engine.sequence import Sequence
+from herd.engine.speculative.verify import accepted_count, expand
+
+
+def test_each_draft_row_samples_the_next_position_after_the_drafts_before_it():
+    penalised = Sequence(request_id="a", prompt_ids=[1, 2], output_ids=[5, 6],
+                         params=SamplingParams(repetition_penalty=1.3))
+    plain = Sequence(request_id="b", prompt_ids=[3], output_ids=[], params=SamplingParams())
+    rows = expand([penalised, plain], [(7, 8), ()], [4, 7])
+    assert rows.logit_rows == [4, 5, 6, 7]
+    assert rows.starts == [0, 3]
+    assert rows.positions == [2, 3, 4, 0]
+    assert [h.output_ids if h else None for h in rows.histories] == [(5, 6), (5, 6, 7), (5, 6, 7, 8), None]
+    assert rows.params == [penalised.params] * 3 + [plain.params]
+
+
+def test_drafts_are_kept_up_to_the_first_sample_that_differs():
+    assert accepted_count((4, 5, 6), [4, 5, 6, 9]) == 3
+    assert accepted_count((4, 5, 6), [4, 7, 6, 9]) == 1
+    assert accepted_count((4, 5, 6), [1, 5, 6, 9]) == 0
+    assert accepted_count((), [3]) == 0
