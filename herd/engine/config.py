@@ -109,8 +109,9 @@ class EngineConfig(BaseModel):
     def context_limit(self, model: TextConfig) -> int:
         return self.max_model_len or min(model.max_position_embeddings, DEFAULT_CONTEXT_TOKENS)
 
-    def kv_layout(self, model: TextConfig) -> KVLayout:
-        """Split kv_cache_bytes between the groups.
+    def kv_layout(self, model: TextConfig, *, extra_bytes_per_block: dict[str, int] | None = None) -> KVLayout:
+        """Split kv_cache_bytes between the groups (`extra_bytes_per_block`: more layers on a group's blocks, as an
+        EAGLE-3 head's on the full group).
 
         A sequence holds as many chunked blocks as global ones until its context passes the attention
         chunk, and then at most one window (chunk/B + 1 blocks). So the chunked pool gets as many blocks
@@ -119,6 +120,8 @@ class EngineConfig(BaseModel):
         max_model_len must fit, or the config is refused.
         """
         sizes = bytes_per_block(model, self.block_size, self.dtype)
+        for group, extra in (extra_bytes_per_block or {}).items():
+            sizes[group] += extra
         chunk = model.attention_chunk_size if CHUNKED in sizes else None
         blocks: dict[str, int] = {}
         context = self.context_limit(model)

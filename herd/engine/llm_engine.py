@@ -98,11 +98,12 @@ class LLMEngine:
         """The vision tower (None: text only; requests with images are refused)."""
         self.tokenizer = tokenizer
         self.max_model_len = self.config.context_limit(model.config)
-        layout = self.config.kv_layout(model.config)
+        speculative = self.config.speculative
+        layout = self.config.kv_layout(model.config, extra_bytes_per_block=Speculator.kv_bytes_per_block(
+            speculative, self.config.block_size, self.config.dtype) if speculative is not None else None)
         self.kv = KVCacheManager(layout, enable_prefix_caching=self.config.enable_prefix_caching)
         cache = PagedKVCache(model.config, layout, dtype=self.config.dtype, device=torch.device(self.config.device))
-        self.speculator = Speculator.build(self.config.speculative, model, self.kv, cache) \
-            if self.config.speculative is not None else None
+        self.speculator = Speculator.build(speculative, model, self.kv, cache) if speculative is not None else None
         """Proposes draft tokens between steps (speculative decoding; None: off)."""
         self.runner = ModelRunner(model, self.kv, cache, config=self.config,
                                   aux_layers=self.speculator.aux_layers if self.speculator is not None else ())

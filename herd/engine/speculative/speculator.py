@@ -16,12 +16,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from herd.engine.kv_cache_manager import KVCacheManager
+import torch
+
+from herd.engine.kv_cache_manager import FULL, KVCacheManager
 from herd.engine.paged_kv import PagedKVCache
 from herd.engine.sequence import Sequence, Status
 from herd.engine.speculative.config import SpeculativeConfig
 from herd.engine.speculative.ngram import NgramProposer
 from herd.engine.speculative.proposer import Proposer, StepRows
+from herd.model.config import read_config_json
 from herd.model.llama4 import Llama4Model
 
 DECAY = 0.8
@@ -62,6 +65,19 @@ class Speculator:
 
         assert config.draft_path is not None  # the config's own check
         return cls(config, Eagle3Proposer.from_path(config.draft_path, model, kv, cache))
+
+    @staticmethod
+    def kv_bytes_per_block(config: SpeculativeConfig, block_size: int, dtype: torch.dtype) -> dict[str, int]:
+        """What the proposer adds to each KV block of a group (an EAGLE-3 head's layer on the full group), so the
+        engine's KV budget counts it; read from the head's config before anything is loaded."""
+        if config.method != "eagle3":
+            return {}
+        from herd.model.eagle3_config import Eagle3Config
+
+        assert config.draft_path is not None
+        raw, source = read_config_json(config.draft_path)
+        head = Eagle3Config.from_hf(raw, source=source)
+        return {FULL: 2 * block_size * head.num_key_value_heads * head.head_dim * torch.finfo(dtype).bits // 8}
 
     @property
     def aux_layers(self) -> tuple[int, ...]:

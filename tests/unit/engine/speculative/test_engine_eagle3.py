@@ -86,3 +86,19 @@ def test_a_head_that_does_not_fit_the_target_is_refused_when_the_engine_is_made(
     speculative = SpeculativeConfig(method="eagle3", draft_path=str(bad))
     with pytest.raises(ValueError, match="hidden"):
         LLMEngine.from_pretrained(path, EngineConfig(**SMALL, speculative=speculative))
+
+
+def test_the_heads_kv_layer_is_counted_in_the_kv_budget(tiny):
+    path, head = tiny
+    plain = LLMEngine.from_pretrained(path, EngineConfig(**SMALL))
+    config = SpeculativeConfig(method="eagle3", draft_path=str(head))
+    engine = LLMEngine.from_pretrained(path, EngineConfig(**SMALL, speculative=config))
+    layout, reference = engine.kv.layout, plain.kv.layout
+    cache = engine.runner.cache
+    layer = engine.speculator.proposer.layer
+    head_bytes = 2 * cache.k[layer][0].numel() * cache.k[layer].element_size()  # one block's keys and values
+    assert layout.bytes_per_block["full"] == reference.bytes_per_block["full"] + head_bytes
+    assert layout.num_blocks["full"] < reference.num_blocks["full"]
+    held = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+    scratch = sum(t[0].numel() * t.element_size() for t in cache.k + cache.v)  # one scratch block per layer
+    assert held - scratch <= engine.config.kv_cache_bytes
