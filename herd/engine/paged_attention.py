@@ -1,13 +1,15 @@
 """One step's view of the paged KV cache: the KV context the model's attention runs on inside the engine.
 
 Legend: N tokens in the step, Q query heads, K key/value heads, D head dim, S attended keys, G decoding
-sequences, T tokens of one prefill chunk.
+sequences, T tokens of one prefill chunk, E chunks verifying drafts, U the most tokens one of them has.
 
 Built once per step from the scheduled chunks (the way nano-vllm sets a per-step context): for each layer
 group (chunked local attention, full attention) where every new token is written (slot mapping), and what
 each token reads (block tables cut to the chunk's window) with the same position-based mask the model
 uses, so a chunk computes exactly what the full causal forward would:
 - every decode (one new token) of the step attends in one padded, batched call per layer;
+- so do the chunks verifying draft tokens (speculative decoding: a few tokens each), in one more call, their
+  queries padded to the longest and masked causally;
 - each prefill chunk attends on its own.
 Where to read and what to mask depends only on the step and the layer's group, so it is worked out once
 per step and group, not per layer. A padded pure-decode step (herd.engine.decode_graphs) builds its plans on
@@ -45,6 +47,15 @@ class GroupPlan:
     decode_slots: torch.Tensor  # [G, S_max] slots of each decode's keys (padding points anywhere)
     decode_mask: torch.Tensor  # [G, 1, 1, S_max] bool: real keys
     prefills: list[_Prefill]
+    verify: _Verify | None = None  # the chunks verifying drafts, batched
+
+
+@dataclass
+class _Verify:
+    rows: torch.Tensor  # [E, U] rows of the step (a chunk's padding repeats its last row; its output is dropped)
+    real: torch.Tensor  # [E*U] bool: the rows that are not padding
+    slots: torch.Tensor  # [E, S_max] slots of each chunk's window of keys (padding points at slot 0, masked)
+    mask: torch.Tensor  # [E, 1, U, S_max] bool: causal within each chunk's window
 
 
 class PagedAttention:
@@ -78,6 +89,8 @@ class PagedAttention:
                 queries, keys, values, attn_mask=plan.decode_mask, scale=scale, enable_gqa=True
             )  # [G, Q, 1, D]
             out.index_copy_(0, plan.decode_rows, attended.squeeze(2))
+        if plan.verify is not None:
+            self._attend_verify(layer, plan.verify, q, out, scale)
         for prefill in plan.prefills:
             keys, values = self.cache.read(layer, prefill.slots)  # [S, K, D]
             out[prefill.rows] = F.scaled_dot_product_attention(
@@ -85,6 +98,20 @@ class PagedAttention:
                 attn_mask=prefill.mask, scale=scale, enable_gqa=True,
             ).transpose(0, 1)
         return out
+
+
+    def _attend_verify(self, layer: int, verify: _Verify, q: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+        """The verifying chunks' queries [E*U of N] over their windows, in one call; real rows written to out."""
+        e, s_max = verify.slots.shape
+        keys, values = self.cache.read(layer, verify.slots.flatten())  # [E*S, K, D]
+        keys = keys.view(e, s_max, *keys.shape[1:]).transpose(1, 2)  # [E, K, S, D]
+        values = values.view(e, s_max, *values.shape[1:]).transpose(1, 2)
+        rows = verify.rows.flatten()  # [E*U]
+        queries = q.index_select(0, rows).view(e, -1, *q.shape[1:]).transpose(1, 2)  # [E, Q, U, D]
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=verify.mask, scale=scale,
+                                                  enable_gqa=True)  # [E, Q, U, D]
+        attended = attended.transpose(1, 2).flatten(0, 1)  # [E*U, Q, D]
+        out.index_copy_(0, rows[verify.real], attended[verify.real])
 
 
 def decode_slots(blocks: torch.Tensor, lengths: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +130,7 @@ def _plan(chunks: Sequence[ScheduledChunk], kv: KVCacheManager, group: str, devi
     decode_blocks: list[list[int]] = []  # each decode's window, as blocks
     decode_lengths: list[int] = []
     prefills: list[_Prefill] = []
+    verifying: list[tuple[int, int, list[int], torch.Tensor]] = []  # (first row, tokens, window slots, mask)
     row = 0
     for chunk in chunks:
         # Every position from the window on holds a block (only blocks before the window are freed).
@@ -118,9 +146,13 @@ def _plan(chunks: Sequence[ScheduledChunk], kv: KVCacheManager, group: str, devi
             continue
         end = first + chunk.num_tokens
         write += [table[p // block] * block + p % block for p in range(first, end)]
-        slots = _slots(_tensor([table[window // block : -(-end // block)]], device), block)[0, : end - window]
         mask = attention_mask(torch.arange(first, end), torch.arange(window, end), chunk_size)
-        prefills.append(_Prefill(slice(row, row + chunk.num_tokens), slots, to_device(mask, device)))
+        if chunk.drafts:
+            window_slots = [table[p // block] * block + p % block for p in range(window, end)]
+            verifying.append((row, chunk.num_tokens, window_slots, mask))
+        else:
+            slots = _slots(_tensor([table[window // block : -(-end // block)]], device), block)[0, : end - window]
+            prefills.append(_Prefill(slice(row, row + chunk.num_tokens), slots, to_device(mask, device)))
         row += chunk.num_tokens
     width = max(map(len, decode_blocks), default=0)
     padded: list[int] = []  # [G * W]
@@ -130,7 +162,27 @@ def _plan(chunks: Sequence[ScheduledChunk], kv: KVCacheManager, group: str, devi
     slots, mask = decode_slots(_tensor(padded, device).view(len(decode_blocks), width),
                                _tensor(decode_lengths, device), block)
     return GroupPlan(write_slots=_tensor(write, device), decode_rows=_tensor(decode_rows, device),
-                     decode_slots=slots, decode_mask=mask, prefills=prefills)
+                     decode_slots=slots, decode_mask=mask, prefills=prefills,
+                     verify=_verify_plan(verifying, device) if verifying else None)
+
+
+def _verify_plan(verifying: list[tuple[int, int, list[int], torch.Tensor]], device: torch.device) -> _Verify:
+    """The verifying chunks (first row, tokens, window slots, mask [tokens, window]) padded into one batch."""
+    width = max(len(slots) for _, _, slots, _ in verifying)
+    length = max(n for _, n, _, _ in verifying)
+    rows: list[int] = []
+    real: list[bool] = []
+    padded_slots: list[int] = []
+    mask = torch.zeros(len(verifying), 1, length, width, dtype=torch.bool)
+    for i, (first, n, slots, chunk_mask) in enumerate(verifying):
+        rows += [*range(first, first + n), *[first + n - 1] * (length - n)]
+        real += [True] * n + [False] * (length - n)
+        padded_slots += slots + [0] * (width - len(slots))
+        mask[i, 0, :n, : len(slots)] = chunk_mask
+        mask[i, 0, n:, 0] = True  # a padding query sees one key, so its softmax is defined (and dropped)
+    count = len(verifying)
+    return _Verify(rows=_tensor(rows, device).view(count, length), real=to_device(torch.tensor(real), device),
+                   slots=_tensor(padded_slots, device).view(count, width), mask=to_device(mask, device))
 
 
 def _slots(blocks: torch.Tensor, block: int) -> torch.Tensor:

@@ -84,3 +84,35 @@ def test_the_engine_reaches_into_no_layer() -> None:
     for path in sorted(ENGINE.glob("*.py")):
         named = {node.attr for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Attribute)}
         assert not named & sub_modules, f"{path.name} reaches into the model: {sorted(named & sub_modules)}"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_chunks_verifying_drafts_give_a_row_per_draft_equal_to_the_full_forward(model, seed):
+    """Decoding sequences verifying drafts (batched into one attention call per layer, across the 16-token
+    attention chunk) beside a prefill: each of a verifying chunk's 1 + d rows equals the full causal forward's row
+    at that position over the known tokens and the drafts."""
+    runner, scheduler = _runner(model, step_tokens=64)
+    sequences = _sequences(model, [13, 6, 30, 20], seed)
+    for seq in sequences[:3]:
+        scheduler.add(seq)
+    out = scheduler.schedule()  # the three prompts
+    runner.run(out.chunks)
+    scheduler.on_step_done(out)
+    generator = torch.Generator().manual_seed(200 + seed)
+    vocab = model.config.vocab_size
+    for seq, count in zip(sequences[:3], (5, 2, 7), strict=True):
+        seq.output_ids.append(int(torch.randint(0, vocab, (1,), generator=generator)))
+        seq.draft_ids = torch.randint(0, vocab, (count,), generator=generator).tolist()
+    scheduler.add(sequences[3])
+    out = scheduler.schedule()
+    assert [len(c.drafts) for c in out.chunks] == [5, 2, 7, 0]
+    logits = runner.run(out.chunks).sampled
+    assert logits.shape == (6 + 3 + 8 + 1, vocab)
+    row = 0
+    for chunk in out.chunks:
+        tokens = chunk.seq.prompt_ids + chunk.seq.output_ids + list(chunk.drafts)
+        full = model.logits(torch.tensor(tokens))  # [T, V]
+        expected = full[len(tokens) - 1 - len(chunk.drafts) :]
+        got = logits[row : row + 1 + len(chunk.drafts)]
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        row += 1 + len(chunk.drafts)
