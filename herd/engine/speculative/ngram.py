@@ -1,7 +1,8 @@
 """Prompt lookup (n-gram) drafting: no draft model. The last n tokens of a sequence (its prompt and output so far)
 are looked up among its earlier tokens, and what followed their most recent earlier occurrence is proposed. The
-longest n from prompt_lookup_max down to prompt_lookup_min that has an occurrence wins. Copy-heavy work (editing,
-rewriting, code, quoting the prompt) drafts well; free text drafts rarely, and then nothing is proposed.
+longest n from prompt_lookup_max down to prompt_lookup_min that has an occurrence wins; a continuation that runs into
+the end of the sequence carries on copying itself (a repeating output drafts the repetition). Copy-heavy work
+(editing, rewriting, code, quoting the prompt) drafts well; free text drafts rarely, and then nothing is proposed.
 
 Each sequence keeps an index of its n-grams (n-gram -> where its most recent occurrence ended), extended by the
 tokens added since the last look, so a lookup costs O(prompt_lookup_max) however long the context.
@@ -38,14 +39,21 @@ class NgramIndex:
         self._indexed = max(self._indexed, len(self.tokens) - 1)
 
     def lookup(self, k: int) -> list[int]:
-        """Up to k tokens that followed the latest earlier occurrence of the longest suffix found; [] if none."""
+        """k tokens that followed the latest earlier occurrence of the longest suffix found; [] if none.
+
+        A continuation that reaches the last token goes on with the tokens it has just proposed (an overlapping
+        copy, as LZ77's): the suffix recurring p tokens back means a cycle of p tokens, and the draft carries the
+        cycle on rather than stopping after p tokens (an output repeating one token drafts k of it, not one)."""
         tokens = self.tokens
         for n in self.sizes:
             if len(tokens) <= n:
                 continue
             end = self._ends.get(tuple(tokens[-n:]))
             if end is not None:
-                return tokens[end:end + k]
+                draft = tokens[end:end + k]
+                while len(draft) < k:  # end < len(tokens), so the copied position is always proposed already
+                    draft.append(draft[end + len(draft) - len(tokens)])
+                return draft
         return []
 
 

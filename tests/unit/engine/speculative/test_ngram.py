@@ -1,5 +1,6 @@
 """Prompt lookup: the longest suffix that occurred before finds what followed its latest earlier occurrence; the
-suffix never finds itself; the index grows with the tokens and answers as one built from scratch does."""
+suffix never finds itself; a continuation that runs into the end copies on what it has just proposed (a repeating
+output drafts k tokens); the index grows with the tokens and answers as one built from scratch does."""
 
 from __future__ import annotations
 
@@ -31,8 +32,20 @@ def test_a_suffix_never_finds_itself_and_nothing_is_proposed_without_a_match():
     assert _index([5, 6, 7, 5]).lookup(3) == []  # one token: below prompt_lookup_min
 
 
-def test_a_continuation_may_run_into_the_suffix_and_stops_at_the_end():
-    assert _index([1, 2, 1, 2]).lookup(5) == [1, 2]
+def test_a_continuation_that_runs_into_the_end_copies_on():
+    assert _index([1, 2, 1, 2]).lookup(5) == [1, 2, 1, 2, 1]
+
+
+def test_an_output_repeating_one_token_drafts_k_of_it():
+    index = NgramIndex(2, 4)
+    index.catch_up([3, 4], [77, 77, 77])
+    assert index.lookup(4) == [77, 77, 77, 77]
+
+
+def test_an_output_repeating_a_short_cycle_drafts_the_cycle_on():
+    index = NgramIndex(2, 4)
+    index.catch_up([9], [1, 2, 3, 1, 2, 3, 1, 2])
+    assert index.lookup(5) == [3, 1, 2, 3, 1]
 
 
 def test_the_index_grows_with_the_output_as_a_fresh_one_answers():
@@ -53,5 +66,6 @@ def test_the_proposer_keeps_one_index_per_sequence_and_forgets_it():
     assert proposer.propose(StepRows(), [(seq, 2)]) == [[3, 4]]
     seq.output_ids += [3, 4]
     assert proposer.propose(StepRows(), [(seq, 3)]) == [[1, 2, 3]]
+    assert proposer.propose(StepRows(), [(seq, 6)]) == [[1, 2, 3, 4, 1, 2]]
     proposer.forget(seq)
     assert proposer._indices == {}
