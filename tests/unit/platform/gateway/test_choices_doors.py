@@ -23,20 +23,12 @@ from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
 from herd.workers.replica_config import ReplicaConfig
 from herd.workers.replica_core import ReplicaCore
+from tests.unit.platform.gateway.asgi import post as _post
 from tests.unit.platform.gateway.test_grpc_server import _with_server
 
 PLAIN = {"model": "scout", "prompt": "the herd", "max_tokens": 5, "temperature": 1.0, "ignore_eos": True}
 CHAT = {"model": "scout", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5, "temperature": 1.0,
         "ignore_eos": True}
-
-
-def _post(gateway, path, body):
-    async def main():
-        transport = httpx.ASGITransport(app=create_app(gateway))
-        async with httpx.AsyncClient(transport=transport, base_url="http://herd") as client:
-            return await client.post(path, json=body)
-
-    return asyncio.run(main())
 
 
 def _events(text):

@@ -3,31 +3,20 @@ over the prompt, as OpenAI gives them), vLLM's `prompt_logprobs` extra field, an
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 
 import grpc
-import httpx
 import pytest
 
 from herd.engine import SamplingParams
-from herd.platform.gateway.http_app import create_app
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
+from tests.unit.platform.gateway.asgi import post as _post
 from tests.unit.platform.gateway.test_grpc_server import _with_server
 
 PROMPT = "the herd grazes on"
 PLAIN = {"model": "scout", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
-
-
-def _post(gateway, path, body):
-    async def main():
-        transport = httpx.ASGITransport(app=create_app(gateway))
-        async with httpx.AsyncClient(transport=transport, base_url="http://herd") as client:
-            return await client.post(path, json=body)
-
-    return asyncio.run(main())
 
 
 def _events(body: str):

@@ -3,27 +3,15 @@ repetition_penalty and min_tokens as extra fields) over HTTP, the herd.v1 fields
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
-import httpx
 import pytest
 
-from herd.platform.gateway.http_app import create_app
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
+from tests.unit.platform.gateway.asgi import post as _post
 from tests.unit.platform.gateway.test_grpc_server import _with_server
 
 TOKEN = 77
-
-
-def _post(gateway, path, body):
-    async def main():
-        transport = httpx.ASGITransport(app=create_app(gateway))
-        async with httpx.AsyncClient(transport=transport, base_url="http://herd") as client:
-            return await client.post(path, json=body)
-
-    return asyncio.run(main())
 
 
 def test_http_logit_bias_of_100_makes_every_token_that_token(gateway, core):

@@ -4,16 +4,13 @@ SamplingParams; anything but a boolean is a 400 naming the field."""
 
 from __future__ import annotations
 
-import asyncio
-
-import httpx
 import pytest
 
 from herd.engine.sampling_params import SamplingParams
-from herd.platform.gateway.http_app import create_app
 from herd.platform.gateway.sampling_limits import check_sampling
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
+from tests.unit.platform.gateway.asgi import post as _post
 from tests.unit.platform.gateway.test_grpc_server import _with_server
 
 DOORS = {
@@ -35,15 +32,6 @@ def engine_params(core, monkeypatch):
 
     monkeypatch.setattr(core.engine, "generate", spy)
     return seen
-
-
-def _post(gateway, path, body):
-    async def main():
-        transport = httpx.ASGITransport(app=create_app(gateway))
-        async with httpx.AsyncClient(transport=transport, base_url="http://herd") as client:
-            return await client.post(path, json=body)
-
-    return asyncio.run(main())
 
 
 @pytest.mark.parametrize("path", sorted(DOORS))
