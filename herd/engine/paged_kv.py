@@ -51,6 +51,11 @@ class PagedKVCache:
         self.groups.append(group)
         return len(self.groups) - 1
 
+    def layer_tensors(self, layer: int) -> list[torch.Tensor]:
+        """Every tensor that holds the layer's blocks, each indexed by block in its first dimension (keys, values, and
+        whatever else a block's contents need): what moving a block elsewhere and back must carry."""
+        return [self.k[layer], self.v[layer]]
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [S, K, D] at flat slots [S] (block * B + offset)."""
         self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k)
