@@ -162,10 +162,13 @@ def load_eagle3(path: str | Path, target: TextConfig, *, dtype: torch.dtype, dev
     stored = _canonical_names(checkpoint)
     with torch.device("meta"):
         head = Eagle3Head(config, aux_layers, target.hidden_size).to(dtype)
-    head.to_empty(device=device)
     expected = {name: tuple(p.shape) for name, p in head.named_parameters()}
     expected |= {name: tuple(b.shape) for name, b in head.named_buffers()}
     _check_names(expected, stored, checkpoint.directory, config, target)
+    shared = "embed_tokens.weight" not in stored
+    if shared:  # never materialised: a vocabulary-sized table (2 GB for Maverick in bf16) the target already holds
+        del head.embed_tokens
+    head.to_empty(device=device)
     for name, shape in expected.items():
         if name not in stored:
             continue
@@ -183,7 +186,7 @@ def load_eagle3(path: str | Path, target: TextConfig, *, dtype: torch.dtype, dev
         if "t2d" not in stored:
             head.t2d.fill_(True)
     _check_vocab_map(head, config, checkpoint.directory)
-    if "embed_tokens.weight" not in stored:
+    if shared:
         # Shared: the target's module, or a meta placeholder that fails loudly if run before the caller sets it.
         head.embed_tokens = target_embedding or nn.Embedding(config.vocab_size, config.hidden_size, device="meta")
         head.shares_embedding = True
