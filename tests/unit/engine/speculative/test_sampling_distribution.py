@@ -15,7 +15,7 @@ from herd.engine.speculative.config import SpeculativeConfig
 from herd.engine.speculative.speculator import Speculator
 from herd.model.tiny import make_tiny
 
-SAMPLES = 1500
+SAMPLES = 1000
 PROMPT = [1, 17, 33, 91, 140, 7, 260, 55]
 PARAMS = SamplingParams(temperature=1.0, top_k=3, max_tokens=4, ignore_eos=True)  # 3 choices a token: few cells
 CONFIG = dict(kv_cache_mb=32, max_num_seqs=64, max_num_batched_tokens=512)
@@ -39,6 +39,12 @@ class FixedDrafts:
 @pytest.fixture(scope="module")
 def path(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("scout"), preset="scout", seed=5)
+
+
+@pytest.fixture(scope="module")
+def plain(path):
+    """Plain sampling's counts, the baseline of both tests."""
+    return _samples(path, speculative=False, seed=1)[0]
 
 
 def _samples(path, *, speculative: bool, seed: int) -> tuple[collections.Counter, int]:
@@ -78,8 +84,7 @@ def _p_value(a: collections.Counter, b: collections.Counter) -> float:
                                          torch.tensor(stat / 2, dtype=torch.float64)))
 
 
-def test_speculative_sampling_cannot_be_told_from_plain_sampling(path):
-    plain, _ = _samples(path, speculative=False, seed=1)
+def test_speculative_sampling_cannot_be_told_from_plain_sampling(path, plain):
     speculative, accepted = _samples(path, speculative=True, seed=2)
     assert accepted > SAMPLES // 10  # drafts were taken: the test looks at something
     assert len(plain) >= 4  # a distribution, not a point
@@ -88,8 +93,7 @@ def test_speculative_sampling_cannot_be_told_from_plain_sampling(path):
     assert _p_value(plain, other) > 0.01
 
 
-def test_a_biased_acceptance_rule_is_told_apart(path, monkeypatch):
-    plain, _ = _samples(path, speculative=False, seed=1)
+def test_a_biased_acceptance_rule_is_told_apart(path, plain, monkeypatch):
     # Keep the first draft whatever the model sampled there: more of the draft's tokens than the model makes.
     real = llm_engine.accepted_count
     monkeypatch.setattr(llm_engine, "accepted_count", lambda drafts, sampled: max(real(drafts, sampled),
