@@ -16,7 +16,6 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import accumulate
 from pathlib import Path
 from typing import TypedDict, Unpack
 
@@ -43,7 +42,7 @@ from herd.engine.scheduler import Scheduler, SchedulerOutput
 from herd.engine.sequence import Sequence
 from herd.engine.speculative.proposer import StepRows
 from herd.engine.speculative.speculator import Speculator
-from herd.engine.speculative.verify import VerifyRows, accepted_count, expand
+from herd.engine.speculative.verify import VerifyRows, accepted_count, verify_rows
 from herd.engine.stats import EngineStats
 from herd.engine.step_pipeline import StepPipeline
 from herd.engine.stop_strings import StopStrings
@@ -263,7 +262,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         leaders = [c.seq for c in scheduled.chunks if c.samples]
         sampling, rows = fan_out(leaders)
-        verify = _verify_rows(scheduled, sampling, rows)
+        verify = verify_rows(scheduled.chunks, sampling, rows)
         masks = self._start_masks(sampling, verify)
         try:
             step = self.runner.run(scheduled.chunks) if scheduled.chunks else None
@@ -548,18 +547,6 @@ def _with_choices(seq: Sequence, groups: RequestGroups) -> list[Sequence]:
     if seq.index == 0 and not seq.output_ids:
         return groups.members(seq.request_id) or [seq]
     return [seq]
-
-
-def _verify_rows(scheduled: SchedulerOutput, sampling: list[Sequence], rows: list[int] | None) -> VerifyRows | None:
-    """The step's rows expanded over the drafts its chunks verify (None when no chunk verifies any): a fork that
-    samples its first token from its leader's row verifies nothing."""
-    chunks = [c for c in scheduled.chunks if c.samples]
-    if not any(c.drafts for c in chunks):
-        return None
-    firsts = list(accumulate((1 + len(c.drafts) for c in chunks), initial=0))
-    by_row = rows if rows is not None else range(len(chunks))
-    drafts = [chunks[r].drafts if seq is chunks[r].seq else () for seq, r in zip(sampling, by_row, strict=True)]
-    return expand(sampling, drafts, [firsts[r] for r in by_row])
 
 
 def _rows(logits: torch.Tensor, rows: list[int] | None) -> torch.Tensor:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from itertools import accumulate
 
 from herd.engine.penalties import History, needs_history
 from herd.engine.sampling_params import SamplingParams
+from herd.engine.scheduler import ScheduledChunk
 from herd.engine.sequence import Sequence
 
 
@@ -38,6 +40,19 @@ class VerifyRows:
     """Each sequence's first row [S]."""
     drafts: list[tuple[int, ...]]
     """Each sequence's drafts verified in the step [S] (empty: one row, an ordinary sample)."""
+
+
+def verify_rows(chunks: Seq[ScheduledChunk], sampling: Seq[Sequence], rows: Seq[int] | None) -> VerifyRows | None:
+    """A step's rows expanded over the drafts its chunks verify (None when no chunk verifies any). `sampling` and
+    `rows` are the step's sampling sequences and the sampling chunk each samples from (herd.engine.request_group's
+    fan_out; None: one each, in order); a fork that samples its first token from its leader's row verifies nothing."""
+    samplers = [c for c in chunks if c.samples]
+    if not any(c.drafts for c in samplers):
+        return None
+    firsts = list(accumulate((1 + len(c.drafts) for c in samplers), initial=0))
+    by_row = rows if rows is not None else range(len(samplers))
+    drafts = [samplers[r].drafts if seq is samplers[r].seq else () for seq, r in zip(sampling, by_row, strict=True)]
+    return expand(sampling, drafts, [firsts[r] for r in by_row])
 
 
 def expand(sampling: Seq[Sequence], drafts: Seq[tuple[int, ...]], chunk_rows: Seq[int]) -> VerifyRows:
