@@ -137,3 +137,19 @@ def test_host_tier_tensors_mirror_every_layer_tensor_and_move_blocks_both_ways()
     assert all(not t[1].any() for t in cache.layer_tensors(full)), "only the destination block changed"
     assert tier.nbytes == sum(t[0].nbytes * (2 if g == FULL else 1)
                               for layer, g in enumerate(cache.groups) for t in cache.layer_tensors(layer))
+
+
+@pytest.mark.parametrize("overrides", [dict(async_scheduling=True), dict(static_decode=True)])
+def test_a_host_tier_hit_is_exact_under_async_scheduling_and_static_decode(tiny, overrides):
+    reference = _engine(tiny)
+    engine = _engine(tiny, **overrides)
+    runs = []
+    for e in (reference, engine):
+        _run(e, PROMPT)
+        for other in OTHERS:
+            _run(e, other)
+        runs.append(_run(e, PROMPT))
+    assert runs[1][2] == 56 and engine.stats().host_kv_hit_tokens == reference.stats().host_kv_hit_tokens > 0
+    assert runs[1][0] == runs[0][0]  # logprobs to rounding: a padded decode is a differently shaped forward
+    assert [lp for _, lp, _ in runs[1][1]] == pytest.approx([lp for _, lp, _ in runs[0][1]], abs=1e-5)
+    assert _all_free(engine)
