@@ -10,8 +10,10 @@ from herd.engine import EngineConfig, LLMEngine, SamplingParams
 from herd.engine.host_kv_tier import HostKVTier
 from herd.engine.kv_cache_manager import CHUNKED, FULL, KVLayout
 from herd.engine.paged_kv import PagedKVCache
+from herd.engine.speculative.config import SpeculativeConfig
 from herd.model.config import TextConfig
 from herd.model.tiny import make_tiny
+from herd.model.tiny_eagle3 import make_tiny_eagle3
 
 PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
 BLOCK = 8  # half the tiny models' attention chunk (16): a hit needs chunked blocks too
@@ -25,7 +27,7 @@ def tiny(request, tmp_path_factory):
 
 def _engine(path, *, device_blocks: int = 17, host_mb: float = 1.0, **overrides) -> LLMEngine:
     """An engine whose full-attention pool holds device_blocks blocks of 8 tokens (one max_model_len sequence: 16)."""
-    probe = LLMEngine.from_pretrained(path, EngineConfig(**SMALL, kv_cache_mb=1))
+    probe = LLMEngine.from_pretrained(path, EngineConfig(**SMALL, kv_cache_mb=1, **overrides))
     sizes = probe.kv.layout.bytes_per_block
     chunked = probe.config.chunked_blocks_needed(probe.model.config, sequences=SMALL["max_num_seqs"])
     mb = (device_blocks * sizes[FULL] + chunked * sizes[CHUNKED]) / 2**20
@@ -152,4 +154,20 @@ def test_a_host_tier_hit_is_exact_under_async_scheduling_and_static_decode(tiny,
     assert runs[1][2] == 56 and engine.stats().host_kv_hit_tokens == reference.stats().host_kv_hit_tokens > 0
     assert runs[1][0] == runs[0][0]  # logprobs to rounding: a padded decode is a differently shaped forward
     assert [lp for _, lp, _ in runs[1][1]] == pytest.approx([lp for _, lp, _ in runs[0][1]], abs=1e-5)
+    assert _all_free(engine)
+
+
+def test_the_host_tier_carries_an_eagle3_heads_layers_too(tmp_path_factory):
+    path = make_tiny(tmp_path_factory.mktemp("scout-eagle3"), preset="scout", seed=6)
+    speculative = SpeculativeConfig(method="eagle3", num_tokens=3, draft_path=str(make_tiny_eagle3(path, seed=6)))
+    plain = _engine(path, host_mb=0)
+    engine = _engine(path, speculative=speculative)
+    host, cache = engine.runner.host, engine.runner.cache
+    assert host is not None and len(host.host) == len(cache.groups) > engine.model.config.num_hidden_layers
+    expected = _run(plain, PROMPT)[0]
+    _run(engine, PROMPT)
+    for other in OTHERS:
+        _run(engine, other)
+    tokens, _, cached = _run(engine, PROMPT)
+    assert cached == 56 and engine.stats().host_kv_hit_blocks > 0 and tokens == expected
     assert _all_free(engine)
