@@ -301,13 +301,29 @@ class KVCacheManager:
     def _longest_usable_prefix(self, keys: list[bytes]) -> int:
         """Most blocks h such that global blocks 0..h-1 and the chunked blocks of h's chunk are cached (on the device
         or the host) and each pool has free blocks for the host blocks' restores."""
-        hit = 0 if FULL in self.pools else len(keys)
-        while FULL in self.pools and hit < len(keys) and self._present(FULL, keys[hit]):
-            hit += 1
+        hit = self._full_prefix(keys) if FULL in self.pools else len(keys)
+        if CHUNKED not in self.pools:
+            return hit
         for h in range(hit, 0, -1):
-            if all(self._usable(group, keys, h) for group in self.pools):
+            if self._usable(CHUNKED, keys, h):
                 return h
         return 0
+
+    def _full_prefix(self, keys: list[bytes]) -> int:
+        """Most global blocks 0..h-1 present, with room for them: each restore takes a free block, and so does each
+        cached block taken back from the free list. Room only shrinks as h grows, so one pass finds it."""
+        pool = self.pools[FULL]
+        room = pool.num_free
+        for h, key in enumerate(keys):
+            if pool.peek_cached(key):
+                room -= pool.cached_free(key)
+            elif self.host is not None and self.host.has(FULL, key):
+                room -= 1
+            else:
+                return h
+            if room < 0:
+                return h
+        return len(keys)
 
     def _usable(self, group: str, keys: list[bytes], h: int) -> bool:
         """Whether group's blocks of an h-block prefix are all present, with room on the device for those on the host

@@ -70,3 +70,21 @@ def test_another_salt_finds_nothing_on_the_host() -> None:
     other = seq("a2", 13, tenant="t2")
     kv.admit(other)
     assert other.num_computed == 0 and kv.host_hit_blocks == 0
+
+
+def test_a_host_hit_shrinks_to_the_free_device_blocks() -> None:
+    kv = _manager(host=8)
+    a = seq("a", 13)
+    _compute_prompt(kv, a)
+    kv.free(a)
+    b = seq("b", 16, first_token=100)
+    _compute_prompt(kv, b)
+    kv.free(b)
+    c = seq("c", 5, first_token=200)
+    _compute_prompt(kv, c)  # holds 2 of the 4 full blocks
+    kv.take_host_moves()
+    again = seq("a2", 13)
+    kv.admit(again)
+    assert again.num_computed == 8, "room for 2 of the 3 host blocks"
+    _, restores = kv.take_host_moves()
+    assert [g for g, _, _ in restores] == [FULL, FULL] and kv.num_free(FULL) == 0
