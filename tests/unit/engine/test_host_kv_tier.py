@@ -171,3 +171,17 @@ def test_the_host_tier_carries_an_eagle3_heads_layers_too(tmp_path_factory):
     tokens, _, cached = _run(engine, PROMPT)
     assert cached == 56 and engine.stats().host_kv_hit_blocks > 0 and tokens == expected
     assert _all_free(engine)
+
+
+def test_a_block_evicted_by_a_restore_is_saved_before_it_is_overwritten(tiny):
+    engine = _engine(tiny)
+    one, two = OTHERS
+    first_two = _run(engine, two)
+    _run(engine, one)  # evicts two's blocks to the host
+    assert _run(engine, two)[2] > 0  # restored into one's blocks, saving them in the same step's moves
+    again = _run(engine, one)
+    assert again[2] > 0 and engine.stats().host_kv_hit_blocks > 0
+    assert _run(engine, two)[0] == first_two[0]
+    fresh = _run(_engine(tiny, host_mb=0), one)
+    assert again[0] == fresh[0]
+    assert [lp for _, lp, _ in again[1]] == pytest.approx([lp for _, lp, _ in fresh[1]], abs=1e-5)
