@@ -185,3 +185,13 @@ def test_a_block_evicted_by_a_restore_is_saved_before_it_is_overwritten(tiny):
     fresh = _run(_engine(tiny, host_mb=0), one)
     assert again[0] == fresh[0]
     assert [lp for _, lp, _ in again[1]] == pytest.approx([lp for _, lp, _ in fresh[1]], abs=1e-5)
+
+
+def test_no_tier_when_off_or_without_a_prefix_cache(tiny):
+    for engine in (_engine(tiny, host_mb=0), _engine(tiny, enable_prefix_caching=False)):
+        assert engine.runner.host is None and engine.kv.host is None
+        _run(engine, PROMPT)
+        stats = engine.stats()
+        assert (stats.host_kv_blocks, stats.host_kv_blocks_held, stats.host_kv_saved_bytes) == (0, 0, 0)
+    with pytest.raises(ValueError, match="host_kv_cache_mb"):
+        EngineConfig(host_kv_cache_mb=-1)
