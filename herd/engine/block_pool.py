@@ -29,13 +29,18 @@ class BlockPool:
 
     def allocate(self) -> int:
         """A block for new tokens, referenced once. The caller checked num_free first."""
+        return self.allocate_evicting()[0]
+
+    def allocate_evicting(self) -> tuple[int, bytes | None]:
+        """A block for new tokens, and the prefix hash it held until now (evicted from the cache: what a host tier
+        saves before the block is overwritten), or None."""
         block, _ = self._free.popitem(last=False)
         old = self._hash[block]
         if old is not None:
             del self._cached[old]
             self._hash[block] = None
         self._refs[block] = 1
-        return block
+        return block, old
 
     def take_cached(self, block_hash: bytes) -> int | None:
         """The block holding this prefix hash, with one more reference, or None."""
@@ -54,6 +59,11 @@ class BlockPool:
 
     def peek_cached(self, block_hash: bytes) -> bool:
         return block_hash in self._cached
+
+    def cached_free(self, block_hash: bytes) -> bool:
+        """Whether a cached block holds this hash and no sequence uses it (taking it shrinks num_free)."""
+        block = self._cached.get(block_hash)
+        return block is not None and self._refs[block] == 0
 
     def release(self, block: int) -> None:
         """Drop one reference; at zero the block is free again (most recently used end)."""

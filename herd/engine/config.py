@@ -42,6 +42,9 @@ class EngineConfig(BaseModel):
     kv_cache_mb: float = Field(256, gt=0, description="memory for KV blocks, both layer groups together, MiB")
     enable_prefix_caching: bool = Field(True, description="reuse cached KV blocks of identical prefixes (per "
                                         "tenant unless a sharing group is set)")
+    host_kv_cache_mb: float = Field(0, ge=0, description="host memory for KV blocks evicted from the device prefix "
+                                    "cache (pinned on CUDA), restored on a prefix hit instead of recomputed, MiB; "
+                                    "0: off (needs enable_prefix_caching)")
     dtype: TorchDType = Field("float32", validate_default=True, description="weights, activations and KV cache")
     device: str = Field("cpu", description="torch device of the model and the cache")
     cuda_graphs: bool | None = Field(None, description="replay pure-decode steps as CUDA graphs, one captured per "
@@ -102,6 +105,10 @@ class EngineConfig(BaseModel):
     @property
     def kv_cache_bytes(self) -> int:
         return round(self.kv_cache_mb * 2**20)
+
+    @property
+    def host_kv_cache_bytes(self) -> int:
+        return round(self.host_kv_cache_mb * 2**20)
 
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens)

@@ -15,6 +15,12 @@ taken by reference. A block is written in place only by its one holder: allocati
 about to write into a block others hold (the prompt's partial last block) a fresh block instead, and lists the
 copy (group, shared block, fresh block) that the model runner makes before the step's forward (copy-on-write).
 Positions a holder writes in place lie past what any other holder reads, so a copy taken later is never wrong.
+
+With a host tier (herd.engine.host_block_index), a cached block the device pool evicts to reuse is saved to the
+host under the same hash first, and a prefix counts the blocks found on the device or the host: admission gives a
+host block a fresh device block and lists the restore. The model runner makes the listed moves before the step's
+forward: saves, then restores, then copy-on-write copies (a restore may land in a block just saved, a copy may read
+a block just restored). The host is keyed by the same tenant-salted chain, so a tenant finds only its own blocks.
 Pure bookkeeping: no torch.
 """
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from herd.engine.block_pool import BlockPool
+from herd.engine.host_block_index import HostBlockIndex
 from herd.engine.prefix_hash import block_hashes
 from herd.engine.sequence import Sequence
 
@@ -55,17 +62,28 @@ class KVLayout:
 class KVCacheManager:
     """Block tables of every running sequence, over one BlockPool per layer group."""
 
-    def __init__(self, layout: KVLayout, *, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, layout: KVLayout, *, enable_prefix_caching: bool = True,
+                 host_blocks: dict[str, int] | None = None) -> None:
         self.layout = layout
         self.block_size = layout.block_size
         self.pools = {group: BlockPool(n) for group, n in layout.num_blocks.items()}
         self.enable_prefix_caching = enable_prefix_caching
+        self.host = HostBlockIndex(host_blocks) if host_blocks and enable_prefix_caching else None
+        """The host tier's slots per group (None: no host tier)."""
         self._tables: dict[str, dict[str, list[int | None]]] = {}
         self._hashes: dict[str, list[bytes]] = {}
         self._copies: list[tuple[str, int, int]] = []
+        self._saves: list[tuple[str, int, int]] = []  # (group, device block, host slot)
+        self._restores: list[tuple[str, int, int]] = []  # (group, host slot, device block)
         self.prefix_queried_tokens = 0
         """Tokens looked up in the prefix cache at admission, and those found (the hit rate's two counts)."""
         self.prefix_hit_tokens = 0
+        self.host_hit_blocks = 0
+        """Host tier since the start: blocks restored (both groups), prompt tokens whose blocks came (in part) from
+        the host, and bytes saved to and restored from it."""
+        self.host_hit_tokens = 0
+        self.host_saved_bytes = 0
+        self.host_restored_bytes = 0
 
     # --- the scheduler's questions -------------------------------------------------------------
     def admit(self, seq: Sequence) -> None:
@@ -83,12 +101,25 @@ class KVCacheManager:
         keys = block_hashes(known[:usable], self.block_size, seq.cache_salt, images=seq.image_spans)
         hit = self._longest_usable_prefix(keys)
         tables = self._tables[seq.request_id]
-        if FULL in self.pools:
-            tables[FULL] = [self.pools[FULL].take_cached(keys[i]) for i in range(hit)]
-        if CHUNKED in self.pools:
-            first = self._window_start(hit * self.block_size) // self.block_size
+        restored: set[int] = set()
+        for group, pool in self.pools.items():
+            first = self._first_needed(group, hit)
+            # Device blocks first, so the restores' allocations cannot evict them; host slots pinned before any
+            # allocation, so a save cannot take them.
+            taken = [pool.take_cached(keys[i]) for i in range(first, hit)]
+            host = {i: self.host.take(group, keys[i]) for i in range(first, hit) if taken[i - first] is None} \
+                if self.host is not None else {}
+            for i, slot in host.items():
+                block = self._allocate(group)
+                pool.register(block, keys[i])
+                self._restores.append((group, slot, block))
+                self.host_restored_bytes += self.layout.bytes_per_block[group]
+                taken[i - first] = block
+            restored |= host.keys()
+            self.host_hit_blocks += len(host)
             released: list[int | None] = [None] * first  # the chunks before the one it resumes in
-            tables[CHUNKED] = released + [self.pools[CHUNKED].take_cached(keys[i]) for i in range(first, hit)]
+            tables[group] = released + taken
+        self.host_hit_tokens += len(restored) * self.block_size
         self._hashes[seq.request_id] = keys[:hit]
         seq.num_computed = seq.num_cached_prompt_tokens = hit * self.block_size
         self.prefix_queried_tokens += len(known) - 1
@@ -106,7 +137,7 @@ class KVCacheManager:
         for group, indices in needed.items():
             table, pool = tables[group], self.pools[group]
             for i in shared[group]:
-                source, copy = table[i], pool.allocate()
+                source, copy = table[i], self._allocate(group)
                 assert source is not None
                 pool.release(source)
                 table[i] = copy
@@ -114,7 +145,7 @@ class KVCacheManager:
             for i in indices:
                 while len(table) <= i:
                     table.append(None)
-                table[i] = pool.allocate()
+                table[i] = self._allocate(group)
         return True
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
@@ -135,6 +166,17 @@ class KVCacheManager:
         runner makes them before the forward that writes the destinations."""
         copies, self._copies = self._copies, []
         return copies
+
+    def take_host_moves(self) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
+        """The host tier's moves listed since the last call: saves (group, device block, host slot) of evicted
+        blocks, then restores (group, host slot, device block) of admitted host hits; the model runner makes them, in
+        that order, before the step's forward and before take_copies' copies. The restored slots are free to be
+        reused from then on."""
+        saves, restores = self._saves, self._restores
+        self._saves, self._restores = [], []
+        if self.host is not None:
+            self.host.unpin_all()
+        return saves, restores
 
     def on_computed(self, seq: Sequence) -> None:
         """After a step: cache the blocks it filled, release chunk blocks the sequence has moved past."""
@@ -237,15 +279,60 @@ class KVCacheManager:
                              if (block := table[i]) is not None and pool.refs(block) > 1]
         return shared
 
+    def _allocate(self, group: str) -> int:
+        """A fresh block of group's pool; a cached block it evicts is saved to the host tier first (listed)."""
+        block, evicted = self.pools[group].allocate_evicting()
+        if evicted is not None and self.host is not None:
+            slot = self.host.put(group, evicted)
+            if slot is not None:
+                self._saves.append((group, block, slot))
+                self.host_saved_bytes += self.layout.bytes_per_block[group]
+        return block
+
+    def _first_needed(self, group: str, hit: int) -> int:
+        """First block index a prefix of `hit` blocks needs in group: 0 for the global layers, h's chunk's first
+        for the chunked ones."""
+        return self.window_start(group, hit * self.block_size) // self.block_size
+
+    def _present(self, group: str, key: bytes) -> bool:
+        """Whether a block of this hash is cached on the device or held by the host tier."""
+        return self.pools[group].peek_cached(key) or (self.host is not None and self.host.has(group, key))
+
     def _longest_usable_prefix(self, keys: list[bytes]) -> int:
-        """Most blocks h such that global blocks 0..h-1 and the chunked blocks of h's chunk are cached."""
-        hit = 0 if FULL in self.pools else len(keys)
-        while FULL in self.pools and hit < len(keys) and self.pools[FULL].peek_cached(keys[hit]):
-            hit += 1
+        """Most blocks h such that global blocks 0..h-1 and the chunked blocks of h's chunk are cached (on the device
+        or the host) and each pool has free blocks for the host blocks' restores."""
+        hit = self._full_prefix(keys) if FULL in self.pools else len(keys)
         if CHUNKED not in self.pools:
             return hit
         for h in range(hit, 0, -1):
-            first = self._window_start(h * self.block_size) // self.block_size
-            if all(self.pools[CHUNKED].peek_cached(keys[i]) for i in range(first, h)):
+            if self._usable(CHUNKED, keys, h):
                 return h
         return 0
+
+    def _full_prefix(self, keys: list[bytes]) -> int:
+        """Most global blocks 0..h-1 present, with room for them: each restore takes a free block, and so does each
+        cached block taken back from the free list. Room only shrinks as h grows, so one pass finds it."""
+        pool = self.pools[FULL]
+        room = pool.num_free
+        for h, key in enumerate(keys):
+            if pool.peek_cached(key):
+                room -= pool.cached_free(key)
+            elif self.host is not None and self.host.has(FULL, key):
+                room -= 1
+            else:
+                return h
+            if room < 0:
+                return h
+        return len(keys)
+
+    def _usable(self, group: str, keys: list[bytes], h: int) -> bool:
+        """Whether group's blocks of an h-block prefix are all present, with room on the device for those on the host
+        only (the pool's free blocks, less the cached free ones the prefix takes back)."""
+        pool = self.pools[group]
+        needed = keys[self._first_needed(group, h) : h]
+        on_device = [key for key in needed if pool.peek_cached(key)]
+        if len(on_device) == len(needed):
+            return True
+        if not all(self._present(group, key) for key in needed):
+            return False
+        return len(needed) - len(on_device) <= pool.num_free - sum(pool.cached_free(key) for key in on_device)

@@ -27,6 +27,8 @@ from herd.engine.detokenizer import IncrementalDetokenizer
 from herd.engine.errors import Code, HerdError
 from herd.engine.grammar import GrammarCompiler
 from herd.engine.grammar_mask import GrammarMask, MaskFiller
+from herd.engine.host_block_index import host_blocks
+from herd.engine.host_kv_tier import HostKVTier
 from herd.engine.kv_cache_manager import KVCacheManager
 from herd.engine.model_runner import ModelRunner, StepLogits
 from herd.engine.output_processor import CoreOutput, OutputProcessor, RequestState
@@ -100,11 +102,15 @@ class LLMEngine:
         speculative = self.config.speculative
         layout = self.config.kv_layout(model.config, extra_bytes_per_block=Speculator.kv_bytes_per_block(
             speculative, self.config.block_size, self.config.dtype) if speculative is not None else None)
-        self.kv = KVCacheManager(layout, enable_prefix_caching=self.config.enable_prefix_caching)
+        host_slots = host_blocks(layout, self.config.host_kv_cache_bytes) \
+            if self.config.host_kv_cache_bytes and self.config.enable_prefix_caching else None
+        self.kv = KVCacheManager(layout, enable_prefix_caching=self.config.enable_prefix_caching,
+                                 host_blocks=host_slots)
         cache = PagedKVCache(model.config, layout, dtype=self.config.dtype, device=torch.device(self.config.device))
         self.speculator = Speculator.build(speculative, model, self.kv, cache) if speculative is not None else None
         """Proposes draft tokens between steps (speculative decoding; None: off)."""
-        self.runner = ModelRunner(model, self.kv, cache, config=self.config,
+        host = HostKVTier(cache, host_slots) if self.kv.host is not None and host_slots else None  # every layer added
+        self.runner = ModelRunner(model, self.kv, cache, config=self.config, host=host,
                                   aux_layers=self.speculator.aux_layers if self.speculator is not None else ())
         self.scheduler = Scheduler(self.config.scheduler(), self.kv)
         self.outputs = OutputProcessor()
@@ -245,6 +251,10 @@ class LLMEngine:
             prefix_queried_tokens=self.kv.prefix_queried_tokens, prefix_hit_tokens=self.kv.prefix_hit_tokens,
             preemptions=self.scheduler.num_preemptions, draft_tokens=self._draft_tokens,
             accepted_tokens=self._accepted_tokens,
+            host_kv_blocks=sum(host.capacity.values()) if (host := self.kv.host) is not None else 0,
+            host_kv_blocks_held=sum(host.held(g) for g in host.capacity) if host is not None else 0,
+            host_kv_hit_blocks=self.kv.host_hit_blocks, host_kv_hit_tokens=self.kv.host_hit_tokens,
+            host_kv_saved_bytes=self.kv.host_saved_bytes, host_kv_restored_bytes=self.kv.host_restored_bytes,
         )
 
     # --- the loop -----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 from herd.engine import prompt_logprobs
 from herd.engine.config import EngineConfig
 from herd.engine.decode_graphs import StaticDecode, token_at
+from herd.engine.host_kv_tier import HostKVTier
 from herd.engine.kv_cache_manager import KVCacheManager
 from herd.engine.paged_attention import PagedAttention
 from herd.engine.paged_kv import PagedKVCache
@@ -54,10 +55,13 @@ class ModelRunner:
     model's device)."""
 
     def __init__(self, model: Llama4Model, kv: KVCacheManager, cache: PagedKVCache, *,
-                 config: EngineConfig | None = None, aux_layers: Sequence[int] = ()) -> None:
+                 config: EngineConfig | None = None, aux_layers: Sequence[int] = (),
+                 host: HostKVTier | None = None) -> None:
         self.model = model
         self.kv = kv
         self.cache = cache
+        self.host = host
+        """The host KV tier the manager's saves and restores go to and come from (None: none)."""
         self.device = model.device
         self.aux_layers = tuple(aux_layers)
         """Layers whose entering hidden states every step returns (a draft head's input); the static path, which
@@ -76,8 +80,15 @@ class ModelRunner:
     def prepare(self, chunks: Sequence[ScheduledChunk]) -> Callable[[], StepLogits]:
         """Lay the step out now (tokens, block tables, the attention plan and the prompt rows to score are read
         here, on the caller's thread); the call returned runs the model on what was read, so it may run on
-        another thread while the caller goes on to schedule the next step. The block copies the KV cache manager
-        listed since the last step (copy-on-write of forked sequences) are made first, here."""
+        another thread while the caller goes on to schedule the next step. The block moves the KV cache manager
+        listed since the last step are made first, here: evicted blocks saved to the host tier, host hits restored,
+        then the copy-on-write copies of forked sequences."""
+        saves, restores = self.kv.take_host_moves()
+        if saves or restores:
+            if self.host is None:
+                raise RuntimeError("the KV cache manager lists host tier moves but the runner has no host tier")
+            self.host.save(saves)
+            self.host.restore(restores)
         if copies := self.kv.take_copies():
             self.cache.copy_blocks(copies)
         if self.static is not None and self.static.takes(chunks):  # pure decodes: no prompt rows

@@ -24,6 +24,16 @@ class EngineStats:
     draft_tokens: int = 0
     """Speculative decoding since the engine started: draft tokens verified, and those the model agreed with."""
     accepted_tokens: int = 0
+    host_kv_blocks: int = 0
+    """Host KV tier: slots of both groups (0: no tier), and those holding a block now."""
+    host_kv_blocks_held: int = 0
+    host_kv_hit_blocks: int = 0
+    """Since the engine started: blocks restored from the host tier at admission, and the prompt tokens whose
+    blocks came (in part) from it."""
+    host_kv_hit_tokens: int = 0
+    host_kv_saved_bytes: int = 0
+    """Since the engine started: bytes copied device to host (evicted blocks saved), and host to device."""
+    host_kv_restored_bytes: int = 0
 
     @property
     def kv_blocks_held(self) -> int:

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from herd.engine import LLMEngine
 from herd.engine.outputs import RequestTimes
+from herd.engine.stats import EngineStats
 from herd.workers.expert_load import ExpertLoad
 from herd.workers.speculative_metrics import SpeculativeMetrics
 
@@ -94,6 +95,28 @@ class _EngineCollector(Collector):
                                        "with, every request", labels=["model"])
         accepted.add_metric(model, stats.accepted_tokens)
         yield from (running, waiting, usage, queried, hits, preempted, experts, drafted, accepted)
+        yield from self._host_tier(stats)
+
+    def _host_tier(self, stats: EngineStats) -> Iterator[Any]:
+        """The host KV tier's series (all zero when it is off): slots held, hits, bytes moved each way."""
+        model = [self.model]
+        held = GaugeMetricFamily("herd_replica_host_kv_blocks_held", "KV blocks the host tier holds (both layer "
+                                 "groups)", labels=["model"])
+        held.add_metric(model, stats.host_kv_blocks_held)
+        capacity = GaugeMetricFamily("herd_replica_host_kv_blocks", "KV block slots of the host tier (0: off)",
+                                     labels=["model"])
+        capacity.add_metric(model, stats.host_kv_blocks)
+        hit_blocks = CounterMetricFamily("herd_replica_host_kv_hits_blocks", "KV blocks restored from the host tier "
+                                         "instead of recomputed", labels=["model"])
+        hit_blocks.add_metric(model, stats.host_kv_hit_blocks)
+        hit_tokens = CounterMetricFamily("herd_replica_host_kv_hits_tokens", "Prompt tokens whose KV blocks came "
+                                         "(in part) from the host tier", labels=["model"])
+        hit_tokens.add_metric(model, stats.host_kv_hit_tokens)
+        moved = CounterMetricFamily("herd_replica_host_kv_moved_bytes", "KV bytes copied between device and host "
+                                    "(direction: to_host, to_device)", labels=["model", "direction"])
+        moved.add_metric([self.model, "to_host"], stats.host_kv_saved_bytes)
+        moved.add_metric([self.model, "to_device"], stats.host_kv_restored_bytes)
+        yield from (held, capacity, hit_blocks, hit_tokens, moved)
 
     def describe(self) -> Iterator[Any]:
         return iter(())

@@ -167,3 +167,15 @@ def test_register_keeps_a_blocks_first_hash() -> None:
     pool.register(a, H3)
     assert pool.take_cached(H3) is None
     assert pool.take_cached(H1) == a
+
+
+def test_allocation_reports_the_hash_it_evicts() -> None:
+    pool = BlockPool(2)
+    a, b = pool.allocate(), pool.allocate()
+    pool.register(a, H1)
+    pool.release(a)
+    pool.release(b)
+    assert pool.cached_free(H1) and not pool.cached_free(H2)
+    assert pool.allocate_evicting() == (a, H1)
+    assert not pool.peek_cached(H1)
+    assert pool.allocate_evicting() == (b, None)

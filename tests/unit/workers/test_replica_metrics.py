@@ -32,3 +32,24 @@ def test_replica_metrics_bind_loopback_by_default() -> None:
 def test_replica_metrics_bind_the_configured_host(host: str) -> None:
     port = _serve_metrics({"telemetry": {"replica_metrics_host": host}})
     assert listening_hosts(port) == {host}
+
+
+def test_replica_metrics_export_the_host_kv_tier() -> None:
+    from herd.engine.stats import EngineStats
+    from herd.workers.replica_metrics import _EngineCollector
+
+    stats = EngineStats(running=0, waiting=0, kv_blocks={"full": 8}, kv_blocks_used={"full": 0},
+                        prefix_queried_tokens=100, prefix_hit_tokens=64, preemptions=0, host_kv_blocks=10,
+                        host_kv_blocks_held=7, host_kv_hit_blocks=5, host_kv_hit_tokens=48,
+                        host_kv_saved_bytes=4096, host_kv_restored_bytes=2048)
+    engine = SimpleNamespace(stats=lambda: stats)
+    collector = _EngineCollector("scout", engine, SimpleNamespace(snapshot=dict))  # type: ignore[arg-type]
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in collector.collect() for s in family.samples}
+    model = (("model", "scout"),)
+    assert samples[("herd_replica_host_kv_blocks", model)] == 10
+    assert samples[("herd_replica_host_kv_blocks_held", model)] == 7
+    assert samples[("herd_replica_host_kv_hits_blocks_total", model)] == 5
+    assert samples[("herd_replica_host_kv_hits_tokens_total", model)] == 48
+    assert samples[("herd_replica_host_kv_moved_bytes_total", (("direction", "to_host"), *model))] == 4096
+    assert samples[("herd_replica_host_kv_moved_bytes_total", (("direction", "to_device"), *model))] == 2048
