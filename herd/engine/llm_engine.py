@@ -102,7 +102,8 @@ class LLMEngine:
         layout = self.config.kv_layout(model.config, extra_bytes_per_block=Speculator.kv_bytes_per_block(
             speculative, self.config.block_size, self.config.dtype) if speculative is not None else None)
         self.kv = KVCacheManager(layout, enable_prefix_caching=self.config.enable_prefix_caching)
-        cache = PagedKVCache(model.config, layout, dtype=self.config.dtype, device=torch.device(self.config.device))
+        cache = PagedKVCache(model.config, layout, dtype=self.config.dtype, device=torch.device(self.config.device),
+                             kv_dtype=self.config.kv_dtype)
         self.speculator = Speculator.build(speculative, model, self.kv, cache) if speculative is not None else None
         """Proposes draft tokens between steps (speculative decoding; None: off)."""
         self.runner = ModelRunner(model, self.kv, cache, config=self.config,
