@@ -22,7 +22,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from herd.engine import EngineConfig, SamplingParams, fp8_kv
+from herd.engine import EngineConfig, LLMEngine, SamplingParams, fp8_kv
 from herd.engine.kv_cache_manager import KVCacheManager
 from herd.engine.model_runner import ModelRunner
 from herd.engine.paged_kv import PagedKVCache
@@ -30,6 +30,7 @@ from herd.engine.scheduler import Scheduler
 from herd.engine.sequence import Sequence
 from herd.model import load_model
 from herd.model.tiny import make_tiny
+from herd.model.tokenizer import Tokenizer
 
 SEQUENCES, LENGTH, PROMPT = 4, 160, 8
 MEDIAN_KL_BOUND = 5e-3
@@ -126,3 +127,28 @@ def test_a_wrong_scale_fails_the_bound(case, reference, monkeypatch, wrong):
     kl, _ = _compare(case, reference)
     print(f"wrong scales: median KL {kl.median():.2e}, mean {kl.mean():.2e}, max {kl.max():.2e}")
     assert float(kl.median()) > MEDIAN_KL_BOUND and float(kl.mean()) > MEAN_KL_BOUND, "fails both bounds"
+
+
+def test_an_engine_configured_for_fp8_kv_builds_and_serves_from_an_fp8_cache(tmp_path):
+    """LLMEngine wires kv_cache_dtype through: its cache stores e4m3 bytes, in about 4x the blocks of a float32 cache
+    in the same kv_cache_mb (within it, but for the scratch blocks), and it generates (prefill, decodes,
+    prefix-cache hits) from it."""
+    checkpoint = make_tiny(tmp_path, preset="scout", seed=4)
+    engines = {kv: LLMEngine(load_model(checkpoint, progress=False), Tokenizer.from_pretrained(checkpoint),
+                             EngineConfig(kv_cache_mb=8, max_num_seqs=4, kv_cache_dtype=kv)) for kv in ("auto", "fp8")}
+    cache = engines["fp8"].runner.cache
+    assert cache.fp8 and cache.k[0].dtype == torch.uint8 and cache.dtype == torch.float32
+    assert not engines["auto"].runner.cache.fp8
+    blocks = {kv: sum(e.kv.layout.num_blocks.values()) for kv, e in engines.items()}
+    assert 3.4 < blocks["fp8"] / blocks["auto"] <= 4, "4 x 32 / (32 + 4) at head_dim 32, give or take the split"
+    held = sum(t.nbytes for layer in range(len(cache.groups)) for t in cache.layer_tensors(layer))
+    assert held <= engines["fp8"].config.kv_cache_bytes + sum(engines["fp8"].kv.layout.bytes_per_block.values())
+    shared = list(range(5, 40))
+    prompts = [[*shared, 7, 8], [*shared, 9], list(range(50, 60))]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outputs = {kv: [o.token_ids for o in e.generate(prompts[:1], params) + e.generate(prompts[1:], params)]
+               for kv, e in engines.items()}
+    assert [len(t) for t in outputs["fp8"]] == [12] * 3
+    assert engines["fp8"].kv.prefix_hit_tokens > 0, "the second prompt read the first one's fp8 blocks"
+    same = sum(a == b for x, y in zip(outputs["fp8"], outputs["auto"], strict=True) for a, b in zip(x, y, strict=True))
+    assert same >= 0.6 * 36, f"greedy tokens mostly the float cache's ({same}/36)"
