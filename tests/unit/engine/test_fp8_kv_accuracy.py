@@ -28,6 +28,7 @@ from herd.engine.model_runner import ModelRunner
 from herd.engine.paged_kv import PagedKVCache
 from herd.engine.scheduler import Scheduler
 from herd.engine.sequence import Sequence
+from herd.kernels.host_syncs import forward_syncs
 from herd.model import load_model
 from herd.model.tiny import make_tiny
 from herd.model.tokenizer import Tokenizer
@@ -152,3 +153,22 @@ def test_an_engine_configured_for_fp8_kv_builds_and_serves_from_an_fp8_cache(tmp
     assert engines["fp8"].kv.prefix_hit_tokens > 0, "the second prompt read the first one's fp8 blocks"
     same = sum(a == b for x, y in zip(outputs["fp8"], outputs["auto"], strict=True) for a, b in zip(x, y, strict=True))
     assert same >= 0.6 * 36, f"greedy tokens mostly the float cache's ({same}/36)"
+
+
+@pytest.mark.parametrize("static_decode", [False, True], ids=["eager", "static-decode"])
+def test_fp8_writes_and_reads_add_no_host_sync_inside_the_forward(tmp_path, static_decode):
+    """Quantising on write and dequantising on read stay on the device (what a CUDA graph of a decode step needs):
+    the guard (herd.kernels.host_syncs) sees nothing in decode and mixed steps after the warm-up."""
+    config = EngineConfig(kv_cache_mb=16, max_num_seqs=8, static_decode=static_decode, kv_cache_dtype="fp8")
+    engine = LLMEngine.from_pretrained(make_tiny(tmp_path, preset="scout", seed=4), config)
+    assert engine.runner.cache.fp8 and (engine.runner.static is not None) == static_decode
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine.add_request(list(range(3, 21)), params)
+    engine.add_request(list(range(40, 51)), params)
+    engine.step()  # the warm-up
+    with forward_syncs(engine.model) as per_forward:
+        engine.step()
+        engine.add_request(list(range(60, 73)), params)
+        while engine.has_unfinished():
+            engine.step()
+    assert len(per_forward) >= 6 and per_forward == [[]] * len(per_forward)
