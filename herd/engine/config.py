@@ -4,11 +4,12 @@ setting everywhere: the config file, `herd serve --print-config`, the Helm chart
 
 from __future__ import annotations
 
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema, model_validator
 
+from herd.engine import fp8_kv
 from herd.engine.kv_cache_manager import CHUNKED, FULL, KVLayout
 from herd.engine.paged_kv import bytes_per_block
 from herd.engine.scheduler import SchedulerConfig
@@ -46,6 +47,10 @@ class EngineConfig(BaseModel):
                                     "cache (pinned on CUDA), restored on a prefix hit instead of recomputed, MiB; "
                                     "0: off (needs enable_prefix_caching)")
     dtype: TorchDType = Field("float32", validate_default=True, description="weights, activations and KV cache")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field("auto", description="what the KV cache stores: auto, the "
+                                                   "dtype above; fp8, e4m3 with a float32 scale per token and kv "
+                                                   "head (as vLLM's kv_cache_dtype=fp8), dequantised on read: about "
+                                                   "half the bytes of bfloat16, a quarter of float32")
     device: str = Field("cpu", description="torch device of the model and the cache")
     cuda_graphs: bool | None = Field(None, description="replay pure-decode steps as CUDA graphs, one captured per "
                                      "decode bucket on first use; null: on when device is cuda (true elsewhere "
@@ -103,6 +108,11 @@ class EngineConfig(BaseModel):
         return below + ((self.max_num_seqs,) if self.decode_buckets[-1] >= self.max_num_seqs else ())
 
     @property
+    def kv_dtype(self) -> torch.dtype:
+        """The torch dtype the KV cache stores (float8_e4m3fn for "fp8")."""
+        return fp8_kv.FP8 if self.kv_cache_dtype == "fp8" else self.dtype
+
+    @property
     def kv_cache_bytes(self) -> int:
         return round(self.kv_cache_mb * 2**20)
 
@@ -126,7 +136,7 @@ class EngineConfig(BaseModel):
         (`chunked_blocks_needed`): beyond that, the bytes go to the global pool. Either way one sequence of
         max_model_len must fit, or the config is refused.
         """
-        sizes = bytes_per_block(model, self.block_size, self.dtype)
+        sizes = bytes_per_block(model, self.block_size, self.kv_dtype)
         for group, extra in (extra_bytes_per_block or {}).items():
             sizes[group] += extra
         chunk = model.attention_chunk_size if CHUNKED in sizes else None

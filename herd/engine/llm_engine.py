@@ -101,12 +101,13 @@ class LLMEngine:
         self.max_model_len = self.config.context_limit(model.config)
         speculative = self.config.speculative
         layout = self.config.kv_layout(model.config, extra_bytes_per_block=Speculator.kv_bytes_per_block(
-            speculative, self.config.block_size, self.config.dtype) if speculative is not None else None)
+            speculative, self.config.block_size, self.config.kv_dtype) if speculative is not None else None)
         host_slots = host_blocks(layout, self.config.host_kv_cache_bytes) \
             if self.config.host_kv_cache_bytes and self.config.enable_prefix_caching else None
         self.kv = KVCacheManager(layout, enable_prefix_caching=self.config.enable_prefix_caching,
                                  host_blocks=host_slots)
-        cache = PagedKVCache(model.config, layout, dtype=self.config.dtype, device=torch.device(self.config.device))
+        cache = PagedKVCache(model.config, layout, dtype=self.config.dtype, device=torch.device(self.config.device),
+                             kv_dtype=self.config.kv_dtype)
         self.speculator = Speculator.build(speculative, model, self.kv, cache) if speculative is not None else None
         """Proposes draft tokens between steps (speculative decoding; None: off)."""
         host = HostKVTier(cache, host_slots) if self.kv.host is not None and host_slots else None  # every layer added

@@ -141,7 +141,7 @@ class Eagle3Proposer:
         slots = self._write_slots(segments, device)
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            dtype = self.cache.k[self.layer].dtype
+            dtype = self.cache.dtype
             self.cache.write(self.layer, slots, k.to(dtype), v.to(dtype))
             return self._attend(q, segments)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from herd.engine.kv_cache_manager import FULL, KVCacheManager
-from herd.engine.paged_kv import PagedKVCache
+from herd.engine.paged_kv import PagedKVCache, layer_bytes_per_block
 from herd.engine.sequence import Sequence, Status
 from herd.engine.speculative.config import SpeculativeConfig
 from herd.engine.speculative.ngram import NgramProposer
@@ -67,7 +67,7 @@ class Speculator:
         return cls(config, Eagle3Proposer.from_path(config.draft_path, model, kv, cache))
 
     @staticmethod
-    def kv_bytes_per_block(config: SpeculativeConfig, block_size: int, dtype: torch.dtype) -> dict[str, int]:
+    def kv_bytes_per_block(config: SpeculativeConfig, block_size: int, kv_dtype: torch.dtype) -> dict[str, int]:
         """What the proposer adds to each KV block of a group (an EAGLE-3 head's layer on the full group), so the
         engine's KV budget counts it; read from the head's config before anything is loaded."""
         if config.method != "eagle3":
@@ -77,7 +77,7 @@ class Speculator:
         assert config.draft_path is not None
         raw, source = read_config_json(config.draft_path)
         head = Eagle3Config.from_hf(raw, source=source)
-        return {FULL: 2 * block_size * head.num_key_value_heads * head.head_dim * torch.finfo(dtype).bits // 8}
+        return {FULL: layer_bytes_per_block(block_size, head.num_key_value_heads, head.head_dim, kv_dtype)}
 
     @property
     def aux_layers(self) -> tuple[int, ...]:

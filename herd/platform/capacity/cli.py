@@ -28,7 +28,9 @@ def add_parser(commands: Any) -> None:
     cmd.add_argument("--gpus", type=int, default=1, help="GPUs per replica")
     cmd.add_argument("--context", type=int, default=8192, help="prompt + output tokens per sequence")
     cmd.add_argument("--sequences", type=int, default=1, help="sequences holding KV at once")
-    cmd.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16", help="KV cache dtype")
+    cmd.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16",
+                     help="KV cache dtype (fp8: the engine's kv_cache_dtype fp8, e4m3 with a float32 scale per token "
+                     "and kv head)")
     cmd.add_argument("--step-tokens", type=int, default=8192, help="tokens per engine step (max_num_batched_tokens)")
     cmd.add_argument("--memory-utilization", type=float, default=0.90, help="share of each GPU's memory to use")
     cmd.add_argument("--json", action="store_true", help="print JSON instead of the table")

@@ -23,12 +23,15 @@ from dataclasses import dataclass
 
 import torch
 
+from herd.engine import fp8_kv
 from herd.engine.config import EngineConfig
 from herd.engine.kv_cache_manager import CHUNKED, FULL
 from herd.engine.paged_kv import bytes_per_block
 from herd.model.config import TextConfig
 
-KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn, "fp32": torch.float32}
+KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": fp8_kv.FP8, "fp32": torch.float32}
+"""`--kv-dtype`: what the KV cache stores; fp8 is EngineConfig.kv_cache_dtype "fp8" (e4m3 with a float32 scale per
+token and kv head, which bytes_per_block counts)."""
 ACTIVATION_BYTES = 2
 """bfloat16 activations."""
 TRUNK_RESERVE_BYTES = 3 * 2**29  # 1.5 GiB
@@ -59,6 +62,14 @@ class Workload:
     def kv_value_bytes(self) -> int:
         return torch.finfo(KV_DTYPES[self.kv_dtype]).bits // 8
 
+    @property
+    def gathered_value_bytes(self) -> int:
+        """Bytes per attended key or value element of the per-layer gather: the cache's dtype, and from an FP8 cache
+        the e4m3 bytes selected plus their dequantised copy in the activations' dtype (herd.engine.paged_kv.read)."""
+        if KV_DTYPES[self.kv_dtype] == fp8_kv.FP8:
+            return self.kv_value_bytes + ACTIVATION_BYTES
+        return self.kv_value_bytes
+
 
 def kv_bytes(text: TextConfig, load: Workload, *, chunk_aware: bool = True) -> int:
     """The least kv_cache_bytes with which the engine holds the workload: Herd's chunk-aware pools, split
@@ -82,7 +93,7 @@ def trunk_activation_bytes(text: TextConfig, load: Workload) -> int:
     heads = (text.num_attention_heads + 2 * text.num_key_value_heads) * text.head_dim
     step = load.step_tokens * (4 * h + heads + 2 * k * h + 3 * k * i + 3 * i) * ACTIVATION_BYTES
     gathered = 2 * load.sequences * load.context_tokens * text.num_key_value_heads * text.head_dim
-    gathered *= load.kv_value_bytes
+    gathered *= load.gathered_value_bytes
     logits = load.sequences * text.vocab_size * (ACTIVATION_BYTES + 4)
     return step + gathered + logits
 

@@ -36,7 +36,8 @@ def test_layer_groups_follow_the_attention_of_each_layer():
 
 @pytest.mark.parametrize(("dtype", "item_bytes"), [(torch.float32, 4), (torch.bfloat16, 2), (torch.float8_e4m3fn, 1)])
 def test_bytes_per_block_counts_keys_and_values_of_every_layer_of_the_group(dtype, item_bytes):
-    per_layer = 2 * B * K * D * item_bytes  # keys and values
+    scales = 4 if dtype == torch.float8_e4m3fn else 0  # FP8: a float32 scale per token and kv head
+    per_layer = 2 * B * K * (D * item_bytes + scales)  # keys and values
     assert bytes_per_block(config(layers=8), B, dtype) == {CHUNKED: 6 * per_layer, FULL: 2 * per_layer}
     assert bytes_per_block(config(layers=3, chunk=None), B, dtype) == {FULL: 3 * per_layer}
 
