@@ -356,8 +356,7 @@ class LLMEngine:
     def _sample_rows(self, logits: torch.Tensor, verify: VerifyRows, masks: Future[GrammarMask | None] | None,
                      ) -> tuple[list[int], list[TokenLogprobs | None]]:
         """A verifying step's samples: one per expanded row (herd.engine.speculative.verify)."""
-        rows = torch.tensor(verify.logit_rows, device=logits.device)
-        return sample_batch(logits.index_select(0, rows), verify.params, verify.positions, self._generator,
+        return sample_batch(_rows(logits, verify.logit_rows), verify.params, verify.positions, self._generator,
                             verify.histories, masks.result() if masks is not None else None)
 
     def _start_masks(self, sampling: list[Sequence], verify: VerifyRows | None = None,

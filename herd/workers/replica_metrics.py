@@ -65,53 +65,43 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         stats, model = self.engine.stats(), [self.model]
-        running = GaugeMetricFamily("herd_replica_requests_running", "Requests holding KV blocks", labels=["model"])
-        running.add_metric(model, stats.running)
-        waiting = GaugeMetricFamily("herd_replica_requests_waiting", "Requests queued for the engine (queue depth)",
-                                    labels=["model"])
-        waiting.add_metric(model, stats.waiting)
+        running = _series(GaugeMetricFamily, "herd_replica_requests_running", "Requests holding KV blocks", model,
+                          stats.running)
+        waiting = _series(GaugeMetricFamily, "herd_replica_requests_waiting", "Requests queued for the engine (queue "
+                          "depth)", model, stats.waiting)
         usage = GaugeMetricFamily("herd_replica_kv_cache_usage_ratio", "KV blocks in use, of the pool (per layer "
                                   "group: full attention, chunked)", labels=["model", "group"])
         for group, blocks in stats.kv_blocks.items():
             usage.add_metric([self.model, group], stats.kv_blocks_used[group] / max(1, blocks))
-        queried = CounterMetricFamily("herd_replica_prefix_cache_queries_tokens", "Prompt tokens looked up in the "
-                                      "prefix cache", labels=["model"])
-        queried.add_metric(model, stats.prefix_queried_tokens)
-        hits = CounterMetricFamily("herd_replica_prefix_cache_hits_tokens", "Prompt tokens found in the prefix "
-                                   "cache (hit rate: hits / queries)", labels=["model"])
-        hits.add_metric(model, stats.prefix_hit_tokens)
-        preempted = CounterMetricFamily("herd_replica_preemptions", "Requests preempted for KV blocks",
-                                        labels=["model"])
-        preempted.add_metric(model, stats.preemptions)
+        queried = _series(CounterMetricFamily, "herd_replica_prefix_cache_queries_tokens", "Prompt tokens looked up "
+                          "in the prefix cache", model, stats.prefix_queried_tokens)
+        hits = _series(CounterMetricFamily, "herd_replica_prefix_cache_hits_tokens", "Prompt tokens found in the "
+                       "prefix cache (hit rate: hits / queries)", model, stats.prefix_hit_tokens)
+        preempted = _series(CounterMetricFamily, "herd_replica_preemptions", "Requests preempted for KV blocks", model,
+                            stats.preemptions)
         experts = CounterMetricFamily("herd_expert_tokens", "Tokens routed to each expert of each MoE layer",
                                       labels=["model", "layer", "expert"])
         for layer, counts in self.expert_load.snapshot().items():
             for expert, count in enumerate(counts):
                 experts.add_metric([self.model, str(layer), str(expert)], count)
-        drafted = CounterMetricFamily("herd_replica_speculative_draft_tokens", "Draft tokens verified by the "
-                                      "model (speculative decoding), every request", labels=["model"])
-        drafted.add_metric(model, stats.draft_tokens)
-        accepted = CounterMetricFamily("herd_replica_speculative_accepted_tokens", "Draft tokens the model agreed "
-                                       "with, every request", labels=["model"])
-        accepted.add_metric(model, stats.accepted_tokens)
+        drafted = _series(CounterMetricFamily, "herd_replica_speculative_draft_tokens", "Draft tokens verified by "
+                          "the model (speculative decoding), every request", model, stats.draft_tokens)
+        accepted = _series(CounterMetricFamily, "herd_replica_speculative_accepted_tokens", "Draft tokens the model "
+                           "agreed with, every request", model, stats.accepted_tokens)
         yield from (running, waiting, usage, queried, hits, preempted, experts, drafted, accepted)
         yield from self._host_tier(stats)
 
     def _host_tier(self, stats: EngineStats) -> Iterator[Any]:
         """The host KV tier's series (all zero when it is off): slots held, hits, bytes moved each way."""
         model = [self.model]
-        held = GaugeMetricFamily("herd_replica_host_kv_blocks_held", "KV blocks the host tier holds (both layer "
-                                 "groups)", labels=["model"])
-        held.add_metric(model, stats.host_kv_blocks_held)
-        capacity = GaugeMetricFamily("herd_replica_host_kv_blocks", "KV block slots of the host tier (0: off)",
-                                     labels=["model"])
-        capacity.add_metric(model, stats.host_kv_blocks)
-        hit_blocks = CounterMetricFamily("herd_replica_host_kv_hits_blocks", "KV blocks restored from the host tier "
-                                         "instead of recomputed", labels=["model"])
-        hit_blocks.add_metric(model, stats.host_kv_hit_blocks)
-        hit_tokens = CounterMetricFamily("herd_replica_host_kv_hits_tokens", "Prompt tokens whose KV blocks came "
-                                         "(in part) from the host tier", labels=["model"])
-        hit_tokens.add_metric(model, stats.host_kv_hit_tokens)
+        held = _series(GaugeMetricFamily, "herd_replica_host_kv_blocks_held", "KV blocks the host tier holds (both "
+                       "layer groups)", model, stats.host_kv_blocks_held)
+        capacity = _series(GaugeMetricFamily, "herd_replica_host_kv_blocks", "KV block slots of the host tier (0: "
+                           "off)", model, stats.host_kv_blocks)
+        hit_blocks = _series(CounterMetricFamily, "herd_replica_host_kv_hits_blocks", "KV blocks restored from the "
+                             "host tier instead of recomputed", model, stats.host_kv_hit_blocks)
+        hit_tokens = _series(CounterMetricFamily, "herd_replica_host_kv_hits_tokens", "Prompt tokens whose KV blocks "
+                             "came (in part) from the host tier", model, stats.host_kv_hit_tokens)
         moved = CounterMetricFamily("herd_replica_host_kv_moved_bytes", "KV bytes copied between device and host "
                                     "(direction: to_host, to_device)", labels=["model", "direction"])
         moved.add_metric([self.model, "to_host"], stats.host_kv_saved_bytes)
@@ -120,6 +110,14 @@ class _EngineCollector(Collector):
 
     def describe(self) -> Iterator[Any]:
         return iter(())
+
+
+def _series(kind: type[CounterMetricFamily] | type[GaugeMetricFamily], name: str, doc: str, model: list[str],
+            value: float) -> CounterMetricFamily | GaugeMetricFamily:
+    """A series of one value labelled by model alone."""
+    family = kind(name, doc, labels=["model"])
+    family.add_metric(model, value)
+    return family
 
 
 __all__ = ["ReplicaMetrics"]
