@@ -46,6 +46,13 @@ class DeploymentConfig(_Config):
     trunk_gpus: float = Field(1.0, ge=0, description="GPUs of the trunk's bundle (fractional shares a device)")
     shard_gpus: float = Field(1.0, ge=0, description="GPUs of each expert shard's bundle")
     health_check_period_s: float = Field(10, gt=0, description="how often Serve asks a replica")
+    request_router: Literal["prefix", "power_of_two", "round_robin"] = Field(
+        "power_of_two", description="how a request picks its replica: prefix (the replica most likely to hold the "
+        "longest tenant-salted prefix of its prompt, least loaded when that one is overloaded), power_of_two "
+        "(Serve's default: the shorter queue of two), round_robin (in turn; a baseline for benchmarks)")
+    prefix_imbalance_requests: int = Field(8, ge=0, description="prefix routing leaves the replica holding the "
+                                           "prefix when its queue is this many requests longer than the "
+                                           "shortest one (then least loaded wins)")
 
 
 class ExpertBalance(_Config):

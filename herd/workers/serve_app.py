@@ -14,6 +14,10 @@ from herd.workers.model_replica import ModelReplica, check_replica_args
 from herd.workers.process_setup import ProcessSetup
 from herd.workers.replica_config import BUNDLE_CPUS, ReplicaArgs
 
+ROUTERS = {"prefix": "herd.workers.request_routers.PrefixAwareRouter",
+           "round_robin": "herd.workers.request_routers.RoundRobinRouter"}
+"""Serve request routers by the deployment's request_router (power_of_two is Serve's own default)."""
+
 
 def build_app(args: dict[str, Any], *, process_setup: ProcessSetup | None = None) -> serve.Application:
     """The application of one model from its ReplicaArgs (as JSON): deployment options from args.deployment,
@@ -37,6 +41,10 @@ def build_app(args: dict[str, Any], *, process_setup: ProcessSetup | None = None
         "health_check_period_s": deployment.health_check_period_s,
         "ray_actor_options": {"num_cpus": 0},  # the replica's share is bundle 0
     }
+    if deployment.request_router != "power_of_two":
+        options["request_router_config"] = {"request_router_class": ROUTERS[deployment.request_router],
+                                            "request_router_kwargs": {
+                                                "imbalance_requests": deployment.prefix_imbalance_requests}}
     if deployment.autoscaling is not None:
         options["autoscaling_config"] = deployment.autoscaling.model_dump()
     else:

@@ -262,7 +262,7 @@ def test_openai_client_responses_plain_streamed_with_a_tool_and_previous_respons
         "type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["n"],
         "additionalProperties": False}}
     called = client.responses.create(model="scout", input="Count.", tools=[tool], tool_choice="required",
-                                     max_output_tokens=100, temperature=1.0)
+                                     parallel_tool_calls=False, max_output_tokens=100, temperature=1.0)
     [call] = [item for item in called.output if item.type == "function_call"]
     assert call.name == "count"
     jsonschema.validate(json.loads(call.arguments), tool["parameters"])
