@@ -21,6 +21,7 @@ from herd.platform.gateway.core import Gateway
 from herd.platform.gateway.health import BackendHealth
 from herd.platform.gateway.http_app import MAX_REQUEST_BODY_BYTES, document_as_served, install_error_handlers
 from herd.platform.gateway.openai_models import ErrorResponse
+from herd.workers import router_metrics
 
 _ROUTER_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
@@ -60,10 +61,10 @@ def create_ops_app(gateway: Gateway, *, routers: Sequence[APIRouter] = (), healt
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
-        """Prometheus text exposition: the gateway's requests and load, and the control plane's numbers when
-        this process runs it (docs/METRICS.md)."""
+        """Prometheus text exposition: the gateway's requests and load, its handles' request routing, and the
+        control plane's numbers when this process runs it (docs/METRICS.md)."""
         plane = gateway.control_plane
-        text = generate_latest(gateway.telemetry.metrics.registry)
+        text = generate_latest(gateway.telemetry.metrics.registry) + generate_latest(router_metrics.REGISTRY)
         if plane is not None:
             text += generate_latest(plane.registry)
         return Response(text, media_type=CONTENT_TYPE_LATEST)

@@ -71,6 +71,7 @@ def test_operator_endpoints_are_not_on_the_public_door_and_are_on_the_operator_o
     assert set(hidden.values()) == {404}, hidden
     assert set(shown.values()) == {200}, shown
     assert "herd_requests_in_flight" in metrics
+    assert "# TYPE herd_router_prefix_hits_total counter" in metrics, "the handles' routers, beside the gateway's"
     assert isinstance(load, dict)
 
 
