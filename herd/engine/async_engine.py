@@ -3,7 +3,8 @@
 Steps run in a worker thread so the event loop stays free, and each step's text side (detokenising,
 stop strings, outputs) runs on an output thread while the next step computes (herd.engine.step_pipeline);
 the outputs reach the streams from there. Requests are checked on the caller's thread (so a bad one
-raises at once) and handed to the engine thread through a queue, as are aborts.
+raises at once) and handed to the engine thread through a queue, as are aborts and the calls that must see
+the engine between two steps (run_between_steps: a prefix's KV exported or imported).
 A stream whose consumer stops reading (client gone, task cancelled) aborts its request, so its KV
 blocks return to the pool.
 """
@@ -16,9 +17,10 @@ import dataclasses
 import functools
 import threading
 from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Unpack
+from typing import Any, TypeVar, Unpack
 
 from herd.engine.config import EngineConfig
 from herd.engine.llm_engine import EngineRequest, LLMEngine, RequestOptions
@@ -26,6 +28,8 @@ from herd.engine.outputs import RequestOutput
 from herd.engine.sampling_params import SamplingParams
 from herd.engine.step_pipeline import StepPipeline
 from herd.model.prompt import Prompt
+
+T = TypeVar("T")
 
 
 class AsyncLLMEngine:
@@ -40,6 +44,7 @@ class AsyncLLMEngine:
         self._to_submit: list[EngineRequest] = []
         self._to_abort: list[str] = []
         self._abort_all = False
+        self._calls: list[tuple[Callable[[LLMEngine], Any], Future[Any]]] = []
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._pipeline = StepPipeline(engine, self._deliver)
@@ -90,6 +95,15 @@ class AsyncLLMEngine:
             self._abort_all = True  # after this step's submissions: those are aborted too
         self._ensure_loop()
 
+    async def run_between_steps(self, fn: Callable[[LLMEngine], T]) -> T:
+        """fn(engine) on the engine's thread between two steps (before the next step's submissions), for what reads
+        or changes the engine's state outside a request; its result, or what it raised."""
+        done: Future[T] = Future()
+        with self._lock:
+            self._calls.append((fn, done))
+        self._ensure_loop()
+        return await asyncio.wrap_future(done)
+
     def _ensure_loop(self) -> None:
         """Start the step loop on the running event loop unless it runs there already. A task of an event loop
         that has closed (asyncio.run ended) never resumes, done or not: its loop's executor threads were joined,
@@ -110,7 +124,7 @@ class AsyncLLMEngine:
 
     def _idle(self) -> bool:
         with self._lock:
-            return (not self._to_submit and not self._to_abort and not self._abort_all
+            return (not self._to_submit and not self._to_abort and not self._abort_all and not self._calls
                     and not self.engine.has_unfinished())
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
@@ -134,6 +148,13 @@ class AsyncLLMEngine:
             submit, self._to_submit = self._to_submit, []
             abort, self._to_abort = self._to_abort, []
             abort_all, self._abort_all = self._abort_all, False
+            calls, self._calls = self._calls, []
+        for fn, done in calls:
+            if done.set_running_or_notify_cancel():
+                try:
+                    done.set_result(fn(self.engine))
+                except Exception as err:  # the caller's to handle; the engine goes on
+                    done.set_exception(err)
         for request in submit:
             self.engine.submit(request)
         for rid in abort:

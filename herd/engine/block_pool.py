@@ -60,6 +60,10 @@ class BlockPool:
     def peek_cached(self, block_hash: bytes) -> bool:
         return block_hash in self._cached
 
+    def cached_block(self, block_hash: bytes) -> int | None:
+        """The block holding this prefix hash (no reference taken: read it before anything is allocated), or None."""
+        return self._cached.get(block_hash)
+
     def cached_free(self, block_hash: bytes) -> bool:
         """Whether a cached block holds this hash and no sequence uses it (taking it shrinks num_free)."""
         block = self._cached.get(block_hash)

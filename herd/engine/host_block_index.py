@@ -56,6 +56,10 @@ class HostBlockIndex:
         slots[block_hash] = slot
         return slot
 
+    def slot(self, group: str, block_hash: bytes) -> int | None:
+        """The slot holding block_hash (neither pinned nor made recent: read it before anything is saved), or None."""
+        return self._slots[group].get(block_hash)
+
     def take(self, group: str, block_hash: bytes) -> int:
         """The slot holding block_hash, to restore from: made most recent and pinned until unpin_all."""
         slot = self._slots[group][block_hash]

@@ -21,6 +21,11 @@ host under the same hash first, and a prefix counts the blocks found on the devi
 host block a fresh device block and lists the restore. The model runner makes the listed moves before the step's
 forward: saves, then restores, then copy-on-write copies (a restore may land in a block just saved, a copy may read
 a block just restored). The host is keyed by the same tenant-salted chain, so a tenant finds only its own blocks.
+
+A prefix can move between engines (prefill/decode disaggregation, herd.engine.kv_export): `locate_prefix` says where
+the blocks a chain's admission would take are (device or host), for an export to read; `reserve_import` gives an
+import's blocks fresh device blocks registered under their keys, and `finish_import` leaves them cached and
+unreferenced, as a finished request leaves its blocks.
 Pure bookkeeping: no torch.
 """
 
@@ -35,6 +40,18 @@ from herd.engine.sequence import Sequence
 
 FULL = "full"
 CHUNKED = "chunked"
+
+BlockPlace = tuple[bool, int]
+"""Where a cached block is: (True, device block) or (False, host slot)."""
+
+
+@dataclass(frozen=True)
+class ImportPlan:
+    """Blocks held for a prefix being imported (KVCacheManager.reserve_import), per group: every block of the
+    group's needed range in chain order, and (position in that range, block) of those the import writes."""
+
+    held: dict[str, list[int]]
+    fresh: dict[str, list[tuple[int, int]]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,6 +241,55 @@ class KVCacheManager:
                 if block is not None:
                     self.pools[group].release(block)
 
+    # --- a prefix moved between engines (herd.engine.kv_export) ------------------------------------
+    def needed_range(self, group: str, hit: int) -> range:
+        """Block indices of group a prefix of `hit` blocks takes at admission: all for the global layers, those of
+        hit's chunk for the chunked ones."""
+        return range(self._first_needed(group, hit), hit)
+
+    def locate_prefix(self, keys: list[bytes]) -> tuple[int, dict[str, list[BlockPlace]]]:
+        """The most blocks h of a chain that admission could take here (every block of each group's needed range
+        cached on the device or the host, room aside), and where each block of those ranges is."""
+        hit = len(keys)
+        if FULL in self.pools:
+            hit = next((h for h, key in enumerate(keys) if not self._present(FULL, key)), hit)
+        if CHUNKED in self.pools:
+            hit = next((h for h in range(hit, 0, -1)
+                        if all(self._present(CHUNKED, keys[i]) for i in self.needed_range(CHUNKED, h))), 0)
+        places = {group: [self._place(group, keys[i]) for i in self.needed_range(group, hit)] for group in self.pools}
+        return hit, places
+
+    def reserve_import(self, keys: list[bytes]) -> ImportPlan | None:
+        """Hold the blocks of each group's needed range of the chain `keys`: those cached on the device taken
+        first (so no allocation evicts them), then a fresh block for each of the others, registered under its
+        key (an evicted cached block is listed for the host tier, as any allocation's). None, holding nothing,
+        when a group has no room. The caller writes the fresh blocks, then calls finish_import."""
+        hit = len(keys)
+        for group, pool in self.pools.items():
+            needed = [keys[i] for i in self.needed_range(group, hit)]
+            cached = [key for key in needed if pool.peek_cached(key)]
+            if len(needed) - len(cached) > pool.num_free - sum(pool.cached_free(key) for key in cached):
+                return None
+        plan = ImportPlan(held={}, fresh={})
+        for group, pool in self.pools.items():
+            needed = [keys[i] for i in self.needed_range(group, hit)]
+            taken = [pool.take_cached(key) for key in needed]
+            fresh = [(i, self._allocate(group)) for i, block in enumerate(taken) if block is None]
+            for i, block in fresh:
+                pool.register(block, needed[i])
+                taken[i] = block
+            plan.held[group] = [block for block in taken if block is not None]
+            plan.fresh[group] = fresh
+        return plan
+
+    def finish_import(self, plan: ImportPlan) -> int:
+        """Let go of an import's blocks (written by now): cached and unreferenced, the chain's last released first so
+        it is evicted first. The blocks written."""
+        for group, held in plan.held.items():
+            for block in reversed(held):
+                self.pools[group].release(block)
+        return sum(map(len, plan.fresh.values()))
+
     # --- what the model runner and reports read ---------------------------------------------------
     def table(self, seq: Sequence, group: str) -> list[int | None]:
         return self._tables[seq.request_id][group]
@@ -297,6 +363,14 @@ class KVCacheManager:
     def _present(self, group: str, key: bytes) -> bool:
         """Whether a block of this hash is cached on the device or held by the host tier."""
         return self.pools[group].peek_cached(key) or (self.host is not None and self.host.has(group, key))
+
+    def _place(self, group: str, key: bytes) -> BlockPlace:
+        block = self.pools[group].cached_block(key)
+        if block is not None:
+            return True, block
+        slot = self.host.slot(group, key) if self.host is not None else None
+        assert slot is not None, "only a present block has a place"
+        return False, slot
 
     def _longest_usable_prefix(self, keys: list[bytes]) -> int:
         """Most blocks h such that global blocks 0..h-1 and the chunked blocks of h's chunk are cached (on the device

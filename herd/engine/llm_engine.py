@@ -10,6 +10,7 @@ best_of candidates) runs one sequence per candidate over one prompt computation 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import TypedDict, Unpack
 
 import torch
 
-from herd.engine import prompt_logprobs
+from herd.engine import kv_export, prompt_logprobs
 from herd.engine.config import EngineConfig
 from herd.engine.detokenizer import IncrementalDetokenizer
 from herd.engine.errors import Code, HerdError
@@ -30,11 +31,13 @@ from herd.engine.grammar_mask import GrammarMask, MaskFiller
 from herd.engine.host_block_index import host_blocks
 from herd.engine.host_kv_tier import HostKVTier
 from herd.engine.kv_cache_manager import KVCacheManager
+from herd.engine.kv_export import KVExport, KVExportLayout
 from herd.engine.model_runner import ModelRunner, StepLogits
 from herd.engine.output_processor import CoreOutput, OutputProcessor, RequestState
 from herd.engine.outputs import RequestOutput
 from herd.engine.paged_kv import PagedKVCache
 from herd.engine.penalties import History, needs_history
+from herd.engine.prefix_hash import block_hashes, cache_salt
 from herd.engine.prompt_images import ImageInput, PromptImages, pixel_digest
 from herd.engine.prompt_logprobs import ScoredPrompt
 from herd.engine.request_group import Candidates, RequestGroups, candidate, candidate_id, fan_out, fork_computed
@@ -136,6 +139,8 @@ class LLMEngine:
         """Fills a step's token masks while its forward runs."""
         self._draft_tokens = 0  # speculative decoding since the start: drafts verified, and accepted
         self._accepted_tokens = 0
+        self._exported_blocks = 0  # prefix blocks exported to and imported from other engines since the start
+        self._imported_blocks = 0
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -188,7 +193,7 @@ class LLMEngine:
             raise ValueError(f"request id {rid!r} is already in use")
         seq = Sequence(
             request_id=rid, prompt_ids=ids, params=params, tenant_id=tenant_id, tenant_weight=float(tenant_weight),
-            cache_salt=f"group:{sharing_group}" if sharing_group else f"tenant:{tenant_id}",
+            cache_salt=cache_salt(tenant_id, sharing_group),
             stop_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
                                                         else frozenset(self.tokenizer.stop_ids)),
             bad_words=self._bad_word_ids(params.bad_words),
@@ -256,7 +261,48 @@ class LLMEngine:
             host_kv_blocks_held=sum(host.held(g) for g in host.capacity) if host is not None else 0,
             host_kv_hit_blocks=self.kv.host_hit_blocks, host_kv_hit_tokens=self.kv.host_hit_tokens,
             host_kv_saved_bytes=self.kv.host_saved_bytes, host_kv_restored_bytes=self.kv.host_restored_bytes,
+            kv_exported_blocks=self._exported_blocks, kv_imported_blocks=self._imported_blocks,
         )
+
+    # --- a prompt's KV between engines (prefill/decode disaggregation) --------------------------------
+    def export_prefix(self, prompt_ids: Seq[int], cache_salt: str) -> KVExport:
+        """The KV blocks a request of this prompt and salt (herd.engine.prefix_hash.cache_salt) would take from this
+        engine's prefix cache or host tier, for another engine to import (herd.engine.kv_export). It reads the
+        engine's state: call it between steps (AsyncLLMEngine.run_between_steps)."""
+        self._check_prefix_caching()
+        tokens = list(prompt_ids[: len(prompt_ids) - 1])  # a prefix hit leaves the last token to compute
+        self.runner.make_block_moves()  # every block placed below holds its contents
+        hit, places = self.kv.locate_prefix(block_hashes(tokens, self.config.block_size, cache_salt))
+        export = KVExport(layout=self.kv_export_layout, salt=cache_salt,
+                          token_ids=tuple(tokens[: hit * self.config.block_size]),
+                          tensors=kv_export.gather(self.runner.cache, self.runner.host, places))
+        self._exported_blocks += sum(map(len, places.values()))
+        return export
+
+    def import_prefix(self, export: KVExport) -> int:
+        """Put an export's blocks into the device prefix cache, cached and unreferenced (evictable like any) under the
+        keys their tokens and salt give, skipping those cached on the device already; the blocks written (0 when a
+        pool has no room for them all). ValueError for an export of another model or cache layout. It changes the
+        engine's state: call it between steps (AsyncLLMEngine.run_between_steps)."""
+        self._check_prefix_caching()
+        blocks = {group: len(self.kv.needed_range(group, export.num_blocks)) for group in self.kv.pools}
+        plan = self.kv.reserve_import(export.keys_for(self.kv_export_layout, blocks))
+        if plan is None:
+            return 0
+        self.runner.make_block_moves()  # blocks the reservation evicted are saved to the host before overwritten
+        kv_export.scatter(self.runner.cache, plan, export)
+        written = self.kv.finish_import(plan)
+        self._imported_blocks += written
+        return written
+
+    @functools.cached_property
+    def kv_export_layout(self) -> KVExportLayout:
+        """What an engine importing this engine's KV must share with it (draft-head layers included)."""
+        return KVExportLayout.of(self.model.config, self.config.dtype, self.runner.cache)
+
+    def _check_prefix_caching(self) -> None:
+        if not self.config.enable_prefix_caching:
+            raise ValueError("moving a prompt's KV between engines needs enable_prefix_caching on both")
 
     # --- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

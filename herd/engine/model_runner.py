@@ -81,16 +81,8 @@ class ModelRunner:
         """Lay the step out now (tokens, block tables, the attention plan and the prompt rows to score are read
         here, on the caller's thread); the call returned runs the model on what was read, so it may run on
         another thread while the caller goes on to schedule the next step. The block moves the KV cache manager
-        listed since the last step are made first, here: evicted blocks saved to the host tier, host hits restored,
-        then the copy-on-write copies of forked sequences."""
-        saves, restores = self.kv.take_host_moves()
-        if saves or restores:
-            if self.host is None:
-                raise RuntimeError("the KV cache manager lists host tier moves but the runner has no host tier")
-            self.host.save(saves)
-            self.host.restore(restores)
-        if copies := self.kv.take_copies():
-            self.cache.copy_blocks(copies)
+        listed since the last step are made first (make_block_moves)."""
+        self.make_block_moves()
         if self.static is not None and self.static.takes(chunks):  # pure decodes: no prompt rows
             static = self.static.prepare(chunks)
             return lambda: StepLogits(static())
@@ -122,6 +114,19 @@ class ModelRunner:
                               aux_hidden=aux)
 
         return forward
+
+    def make_block_moves(self) -> None:
+        """The block moves the KV cache manager listed since they were last made: evicted blocks saved to the host
+        tier, host hits restored, then the copy-on-write copies of forked sequences. Before each step's forward, and
+        before a prefix export reads blocks or an import overwrites the ones it evicted (herd.engine.kv_export)."""
+        saves, restores = self.kv.take_host_moves()
+        if saves or restores:
+            if self.host is None:
+                raise RuntimeError("the KV cache manager lists host tier moves but the runner has no host tier")
+            self.host.save(saves)
+            self.host.restore(restores)
+        if copies := self.kv.take_copies():
+            self.cache.copy_blocks(copies)
 
     @staticmethod
     def _tokens(chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:

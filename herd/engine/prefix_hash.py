@@ -17,6 +17,11 @@ from collections.abc import Sequence
 from herd.engine.prompt_images import ImageSpan
 
 
+def cache_salt(tenant_id: str, sharing_group: str | None) -> str:
+    """The salt of a request's chain: its sharing group's when it names one, else its tenant's."""
+    return f"group:{sharing_group}" if sharing_group else f"tenant:{tenant_id}"
+
+
 def block_hashes(token_ids: Sequence[int], block_size: int, salt: str, *, start: int = 0,
                  parent: bytes | None = None, images: Sequence[ImageSpan] = ()) -> list[bytes]:
     """Keys of the full blocks of token_ids from block `start` on, continuing the chain from `parent`."""

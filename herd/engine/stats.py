@@ -34,6 +34,10 @@ class EngineStats:
     host_kv_saved_bytes: int = 0
     """Since the engine started: bytes copied device to host (evicted blocks saved), and host to device."""
     host_kv_restored_bytes: int = 0
+    kv_exported_blocks: int = 0
+    """Since the engine started: prefix blocks (both groups) exported to other engines, and imported from them
+    (herd.engine.kv_export; prefill/decode disaggregation)."""
+    kv_imported_blocks: int = 0
 
     @property
     def kv_blocks_held(self) -> int:

@@ -95,6 +95,14 @@ def serve_config(settings: HerdSettings) -> dict[str, Any]:
     }
 
 
+def _replicas_at_most(model: ModelSettings) -> int:
+    """Model replicas (each a placement group) the model's application runs at most: both pools when disaggregated."""
+    pd = model.disaggregation
+    if pd is not None:
+        return pd.prefill_replicas + pd.decode_replicas
+    return max(model.deployment.num_replicas, model.autoscale.max_replicas)
+
+
 def print_config(settings: HerdSettings) -> str:
     return yaml.safe_dump(serve_config(settings), sort_keys=False)
 
@@ -109,8 +117,7 @@ async def run(settings: HerdSettings) -> None:
     from herd.platform.replica_app import build_app
 
     apps = {m.name: app_args(m, settings) for m in settings.models}
-    needed = sum((1 + m.shard_processes) * max(m.deployment.num_replicas, m.autoscale.max_replicas)
-                 for m in settings.models)
+    needed = sum((1 + m.shard_processes) * _replicas_at_most(m) for m in settings.models)
     # The control plane scales through Serve's external-scaler REST call, which the dashboard serves.
     scaled = settings.controlplane.enabled
     if settings.ray_address:

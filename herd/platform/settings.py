@@ -258,6 +258,10 @@ class HerdSettings(BaseSettings):
             if both:
                 raise ValueError(f"models {both}: deployment.autoscaling (Ray Serve's autoscaler) and "
                                  "controlplane.enabled (Herd's) cannot both scale a model; set one")
+            split = [m.name for m in self.models if m.disaggregation is not None]
+            if split:
+                raise ValueError(f"models {split}: the control plane scales a model's one deployment, not the "
+                                 "prefill and decode pools of disaggregation; turn one of them off")
         return self
 
     @classmethod

@@ -11,6 +11,8 @@ The replica reports engine and shard health to Serve, and drains on shutdown
 Shards listen on loopback unless args.shard_listen is "node", which needs args.shard_tls (checked before
 anything starts); on loopback the trunk checks every shard is on its own node, where 127.0.0.1 reaches it.
 The replica's /metrics binds args.telemetry.replica_metrics_host (loopback unless the settings open it).
+With args.disaggregation a replica serves a prefill or a decode pool (herd.workers.pd_proxy): `prefill` and
+`generate_with_kv` are its two sides (herd.workers.kv_handoff).
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from herd.engine.errors import HerdError
+from herd.engine.errors import Code, HerdError
 from herd.model.config import load_config
 from herd.model.dtypes import dtype_name
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.workers.collective import CollectiveGroup, backend_for, open_rendezvous
 from herd.workers.collective_transport import CollectiveTransport
 from herd.workers.grpc_transport import GrpcTransport
+from herd.workers.kv_handoff import KVHandoff
+from herd.workers.kv_transport import Prefilled, kv_transport
 from herd.workers.process_setup import ProcessSetup
 from herd.workers.ray_transport import RayTransport
 from herd.workers.replica_config import BUNDLE_CPUS, ReplicaArgs
@@ -61,11 +65,22 @@ class ModelReplica:
         self.shards: list[Any] = []
         factory = self._start_shards if self.args.shard_processes else None
         self.core = ReplicaCore(self.args, factory, step_sample_ratio=self.args.telemetry.step_sample_ratio)
+        pd = self.args.disaggregation
+        self.handoff = KVHandoff(self.core, kv_transport(pd.kv_transport)) if pd is not None else None
         self.metrics_port = self._serve_metrics(self.args.telemetry.replica_metrics_port)
 
     async def generate(self, request: bytes) -> AsyncIterator[bytes]:
         """Serialized GenerateRequest in, serialized GenerateChunks out (protobuf objects do not pickle)."""
         async for chunk in self.core.generate(pb.GenerateRequest.FromString(request)):
+            yield chunk.SerializeToString()
+
+    async def prefill(self, request: bytes) -> Prefilled:
+        """Disaggregation's prefill side: the serialized request's prompt run, its KV put on the transport."""
+        return await self._handoff().prefill(pb.GenerateRequest.FromString(request))
+
+    async def generate_with_kv(self, request: bytes, prefilled: Prefilled | None) -> AsyncIterator[bytes]:
+        """Disaggregation's decode side: generate, after importing the prompt's KV that `prefilled` names."""
+        async for chunk in self._handoff().generate(pb.GenerateRequest.FromString(request), prefilled):
             yield chunk.SerializeToString()
 
     async def Generate(self, request: pb.GenerateRequest,
@@ -86,6 +101,8 @@ class ModelReplica:
 
     def stats(self) -> dict[str, int]:
         stats = self.core.stats()
+        if self.handoff is not None:
+            stats |= self.handoff.stats()
         if self.metrics_port is not None:
             stats["metrics_port"] = self.metrics_port
         return stats
@@ -103,6 +120,11 @@ class ModelReplica:
         await self.core.drain()
         for shard in self.shards:
             ray.kill(shard)
+
+    def _handoff(self) -> KVHandoff:
+        if self.handoff is None:
+            raise HerdError(Code.INTERNAL, f"replica of {self.args.name} is not disaggregated (no KV transport)")
+        return self.handoff
 
     def _serve_metrics(self, port: int | None) -> int | None:
         """/metrics on the configured port; a second replica on the same node finds it taken and takes a free

@@ -10,10 +10,10 @@ and its chart value: nothing in between copies it field by field.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from herd.engine.config import EngineConfig
 from herd.workers.shard_tls import ShardTls
@@ -67,6 +67,17 @@ class ExpertBalance(_Config):
                             "at least this fraction")
 
 
+class Disaggregation(_Config):
+    """Prefill/decode disaggregation (as vLLM's disaggregated prefill): a prefill pool runs each prompt and hands its
+    KV blocks to a decode pool, which runs the request itself from them (its output is the colocated one's)."""
+
+    prefill_replicas: int = Field(1, ge=1, description="replicas that run prompts and export their KV")
+    decode_replicas: int = Field(1, ge=1, description="replicas that import a prompt's KV and generate")
+    kv_transport: Literal["ray"] = Field("ray", json_schema_extra={"enum": ["ray"]},  # the chart's schema says so
+                                         description="how a prompt's KV goes from prefill to decode: ray (Ray's "
+                                         "object store)")
+
+
 class ReplicaConfig(_Config):
     """What one replica serves and how its experts are hosted."""
 
@@ -92,6 +103,21 @@ class ReplicaConfig(_Config):
     balance: ExpertBalance = Field(default_factory=ExpertBalance)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    disaggregation: Disaggregation | None = Field(None, description="prefill/decode disaggregation: a prefill and a "
+                                                  "decode pool behind one ingress (deployment.num_replicas proxies); "
+                                                  "null: off (every replica runs whole requests)")
+
+    @model_validator(mode="after")
+    def _check_disaggregation(self) -> Self:
+        if self.disaggregation is None:
+            return self
+        if not self.engine.enable_prefix_caching:
+            raise ValueError(f"model {self.name}: disaggregation needs engine.enable_prefix_caching (a decode replica "
+                             "takes the prompt's blocks from its prefix cache)")
+        if self.deployment.autoscaling is not None:
+            raise ValueError(f"model {self.name}: disaggregation sizes its pools with prefill_replicas and "
+                             "decode_replicas; deployment.autoscaling would scale only the proxy in front of them")
+        return self
 
     @property
     def dispatch_transport(self) -> Literal["collective", "grpc", "ray", "local"]:
@@ -141,5 +167,5 @@ class ReplicaArgs(ReplicaConfig):
         return super().dispatch_transport
 
 
-__all__ = ["BUNDLE_CPUS", "DeploymentConfig", "ExpertBalance", "ReplicaArgs", "ReplicaConfig", "ReplicaTelemetry",
-           "ServeAutoscaling"]
+__all__ = ["BUNDLE_CPUS", "DeploymentConfig", "Disaggregation", "ExpertBalance", "ReplicaArgs", "ReplicaConfig",
+           "ReplicaTelemetry", "ServeAutoscaling"]

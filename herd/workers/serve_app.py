@@ -1,4 +1,5 @@
-"""The Ray Serve application of one model: a ModelReplica deployment whose options come from its args.
+"""The Ray Serve application of one model: a ModelReplica deployment whose options come from its args (with
+disaggregation: a prefill and a decode deployment of them behind herd.workers.pd_proxy's PDProxy).
 
 `build_app` is what a Serve config file (and a KubeRay RayService's serveConfigV2) names through
 herd.platform.replica_app:build_app; `replica_states` reads the application's replicas back from Serve.
@@ -11,6 +12,7 @@ from typing import Any, cast
 from ray import serve
 
 from herd.workers.model_replica import ModelReplica, check_replica_args
+from herd.workers.pd_proxy import disaggregated_app
 from herd.workers.process_setup import ProcessSetup
 from herd.workers.replica_config import BUNDLE_CPUS, ReplicaArgs
 
@@ -49,6 +51,8 @@ def build_app(args: dict[str, Any], *, process_setup: ProcessSetup | None = None
         options["autoscaling_config"] = deployment.autoscaling.model_dump()
     else:
         options["num_replicas"] = deployment.num_replicas
+    if config.disaggregation is not None:  # a prefill and a decode pool of these replicas, behind a proxy
+        return disaggregated_app(config, options, process_setup)
     # @serve.deployment made the class a Deployment; mypy keeps a decorated class's own type.
     replica = cast(serve.Deployment, ModelReplica)
     return replica.options(**options).bind(config.model_dump(mode="json"), process_setup)

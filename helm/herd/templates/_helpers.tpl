@@ -145,6 +145,17 @@ Returns JSON: `include "herd.models" . | fromJson`.
 {{- fail (printf "models.%s.engine.speculative: prompt_lookup_min (%d) is above prompt_lookup_max (%d)" $name $lo $hi) }}
 {{- end }}
 {{- end }}
+{{- with $m.disaggregation }}
+{{- if $m.deployment.autoscaling }}
+{{- fail (printf "models.%s.disaggregation: its pools are sized by prefill_replicas and decode_replicas; deployment.autoscaling would scale only the proxy in front of them (set it to null)" $name) }}
+{{- end }}
+{{- if $.Values.controlplane.enabled }}
+{{- fail (printf "models.%s.disaggregation: the control plane scales a model's one deployment, not a prefill and a decode pool; turn controlplane.enabled off, or set models.%s.disaggregation: null" $name $name) }}
+{{- end }}
+{{- if not $m.engine.enable_prefix_caching }}
+{{- fail (printf "models.%s.disaggregation: a decode replica takes the prompt's blocks from its prefix cache; set models.%s.engine.enable_prefix_caching: true" $name $name) }}
+{{- end }}
+{{- end }}
 {{- if and (eq $m.shard_listen "node") (not $.Values.tls.shards.enabled) }}
 {{- fail (printf "models.%s.shard_listen: node puts the expert shards on the pod's address, which needs their mutual TLS: set tls.shards.enabled and tls.shards.secretName (or keep shard_listen: loopback)" $name) }}
 {{- end }}

@@ -142,3 +142,29 @@ def test_the_engine_serves_a_new_event_loop_after_the_last_one_closed_mid_stream
         return await asyncio.wait_for(one(), timeout=30)
 
     assert len(asyncio.run(main())) == 3
+
+
+def test_calls_between_steps_see_the_engine_while_requests_stream(scout):
+    engine = AsyncLLMEngine.from_pretrained(scout, CONFIG)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+
+    def look(core: LLMEngine) -> int:
+        return len(core.scheduler.running)
+
+    def fail(core: LLMEngine) -> int:
+        raise ValueError("refused")
+
+    async def main():
+        stream = engine.generate(list(range(3, 40)), params)
+        first = await anext(stream)
+        running = await engine.run_between_steps(look)
+        with pytest.raises(ValueError, match="refused"):
+            await engine.run_between_steps(fail)
+        rest = [out async for out in stream]
+        idle = await engine.run_between_steps(look)  # the step loop had stopped: a call starts it again
+        return first, running, rest, idle
+
+    first, running, rest, idle = asyncio.run(main())
+    assert not first.finished and running == 1, "the call ran while the request was in the engine"
+    assert rest[-1].finished and len(rest[-1].token_ids) == 30, "and the request went on after it and the error"
+    assert idle == 0

@@ -112,3 +112,12 @@ def test_serve_config_carries_the_shards_tls_as_absolute_paths_only_when_set(tmp
     from herd.workers.shard_tls import ShardTls
 
     assert ShardTls.model_validate(yaml.safe_load(yaml.safe_dump(args))["shard_tls"]).server_name == "x"
+
+
+def test_disaggregation_in_the_serve_config_and_not_with_the_control_plane(tmp_path):
+    model = {"name": "m", "path": "scout", "shards": 0, "disaggregation": {"prefill_replicas": 2}}
+    settings = HerdSettings.load(models=[model], models_dir=tmp_path)
+    (app,) = serve_config(settings)["applications"]
+    assert app["args"]["disaggregation"] == {"decode_replicas": 1, "kv_transport": "ray", "prefill_replicas": 2}
+    with pytest.raises(ValueError, match=r"models \['m'\]: the control plane scales a model's one deployment"):
+        HerdSettings.load(models=[model], controlplane={"enabled": True})
