@@ -30,9 +30,9 @@ from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.workers import router_metrics
 from herd.workers.prefix_affinity import CHUNK_TOKENS, MAX_ENTRIES, PrefixAffinity, ReplicaLoad, cache_salt, rank
 
-GENERATE_METHODS = frozenset({"generate", "Generate"})
-"""ModelReplica's methods that take a GenerateRequest (serialized through a handle; a message through Serve's
-gRPC proxy)."""
+GENERATE_METHODS = frozenset({"generate", "Generate", "prefill", "generate_with_kv"})
+"""ModelReplica's methods that take a GenerateRequest first (serialized through a handle; a message through
+Serve's gRPC proxy); prefill and generate_with_kv are the disaggregated pools' (herd.workers.pd_proxy)."""
 PENDING_PROMPTS = 4096
 """Keys kept of requests being routed (dropped oldest first: a request cancelled before it was routed)."""
 _PICKLE_PROTOCOL_2_PLUS = 0x80
