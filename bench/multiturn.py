@@ -14,24 +14,29 @@ reply's completion tokens over the run's wall time. Turn 1 has no history to reu
 Sizes (defaults). One replica computes a 2000-token prefill in about 0.18 s and 4000 in about 0.45 s (the engine
 alone, one core), a decode step of one sequence in about 2.5 ms: at C=24, T=8, U=120 words, M=32 the last turn
 sends about 3,500-3,750 tokens, so prefill dominates TTFT. max_model_len is 4096 (it holds the last turn). The KV
-cache is 8 MiB per replica in both systems: the attention-chunked layers' pool takes 48 blocks (1.1 MiB, enough
+cache is 10 MiB per replica in both systems: the attention-chunked layers' pool takes 48 blocks (1.1 MiB, enough
 for max_num_seqs 8; the tiny model's attention chunk is one 16-token block, so a prefix hit needs no chunked
-block at all), the full-attention layer's pool the rest, 880 blocks = 14,080 tokens: the requests in flight and
-about two more conversations' histories, where 24 conversations end at about 90,000 tokens (12 of them, 45,000,
-on each replica when routing keeps a conversation on one). The host tier (herd) is 8x that, 64 MiB: 112,640
-tokens of full-attention blocks per replica, so every history it routes there stays cached.
+block at all), the full-attention layer's pool the rest, 1136 blocks = 18,176 tokens: the 4 requests in flight at
+their longest (15,000 tokens) even when all are on one replica, so no request waits for blocks, and otherwise a few
+histories more, where 24 conversations end at about 90,000 tokens (12 of them, 45,000, on each replica when
+routing keeps a conversation on one). The host tier (herd) is 8x that, 80 MiB: 145,408 tokens of full-attention
+blocks per replica (and 9 MiB of chunked blocks: the tier splits its bytes as the device pool does), so every
+history stays cached there.
 
 Systems, one after the other, each its own `herd serve`; only the settings differ:
 - baseline: deployment.request_router --baseline-router (round_robin), engine.host_kv_cache_mb 0.
 - herd: deployment.request_router --herd-router (prefix), engine.host_kv_cache_mb --host-kv-cache-mb.
 Both: 2 replicas, prefix caching on, the same kv_cache_mb. Each replica's prefix-cache and host-tier counters are
-read from its Prometheus /metrics (its port is in the operator endpoint /herd/stats) before and after the run.
+read from its Prometheus /metrics before and after the run (see replica_metrics_urls for how they are found).
+The engine counts a lookup at every admission attempt, and a request that finds no room is admitted again at the
+next step, so "prompt tokens looked up" can exceed the prompt tokens the clients sent (from the usage they got),
+and the hit rate (hits / looked up) is per attempt.
 
 Target (issue 25): herd's TTFT p50 (turns >= 2) <= 0.5x the baseline's. Exits 1 when a request failed or a
 server did not come up, so a broken benchmark fails its --smoke run.
 
     .venv/bin/python bench/multiturn.py [--conversations 24] [--turns 8] [--user-words 120] [--max-tokens 32]
-        [--concurrency 4] [--think-s 0.5] [--kv-cache-mb 8] [--host-kv-cache-mb 64] [--max-model-len 4096]
+        [--concurrency 4] [--think-s 0.5] [--kv-cache-mb 10] [--host-kv-cache-mb 80] [--max-model-len 4096]
         [--seed 0]
         [--baseline-router round_robin] [--herd-router prefix] [--checkpoint DIR] [--smoke]
 """
@@ -52,6 +57,7 @@ from typing import Any
 
 import httpx
 import openai
+import psutil
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -65,6 +71,8 @@ ROUTERS = ("prefix", "power_of_two", "round_robin")
 TARGET_RATIO = 0.5
 COUNTERS = {  # a replica's counters this reads, by the name the tables use
     "requests": "herd_replica_prefill_seconds_count",
+    "queue_s": "herd_replica_queue_seconds_sum",  # arrival at the engine to first scheduled
+    "prefill_s": "herd_replica_prefill_seconds_sum",  # first scheduled to first token
     "queried": "herd_replica_prefix_cache_queries_tokens_total",
     "hits": "herd_replica_prefix_cache_hits_tokens_total",
     "host_hits": "herd_replica_host_kv_hits_tokens_total",
@@ -179,17 +187,33 @@ async def run_conversations(url: str, api_key: str, messages: list[list[str]], t
 
 
 # --- the replicas' counters -----------------------------------------------------------------------------------------
-def replica_metrics_urls(ops_url: str, replicas: int, *, tries: int = 40) -> list[str]:
-    """Each replica's /metrics, found by asking /herd/stats (one replica answers each time) until `replicas`
-    distinct ports came back or `tries` ran out."""
+def replica_metrics_urls(server: HerdServe, replicas: int, *, tries: int = 20) -> list[str]:
+    """Each replica's /metrics. /herd/stats names the metrics port of the one replica that answers it, and a router
+    may send every such call to the same one (prefix routing sends them to the shortest queue: at rest, a tie), so
+    the ports that herd serve's replica processes (Ray workers titled ray::ServeReplica, its descendants) listen on
+    are tried too: those whose /metrics has herd_replica_ series are replicas'."""
     ports: set[int] = set()
     for _ in range(tries):
-        stats = httpx.get(f"{ops_url}/herd/stats", timeout=30).json().get(MODEL, {})
+        stats = httpx.get(f"{server.ops_url}/herd/stats", timeout=30).json().get(MODEL, {})
         if "metrics_port" in stats:
             ports.add(int(stats["metrics_port"]))
         if len(ports) >= replicas:
-            break
-    return [f"http://127.0.0.1:{port}/metrics" for port in sorted(ports)]
+            return [f"http://127.0.0.1:{port}/metrics" for port in sorted(ports)]
+    assert server.proc is not None
+    for proc in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            if "ServeReplica" in " ".join(proc.cmdline()):
+                ports |= {c.laddr.port for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:  # it ended meanwhile, or is not ours to read
+            continue
+    return [url for url in (f"http://127.0.0.1:{port}/metrics" for port in sorted(ports)) if _exports_replica(url)]
+
+
+def _exports_replica(url: str) -> bool:
+    try:
+        return COUNTERS["queried"].removesuffix("_total") in httpx.get(url, timeout=5).text
+    except httpx.HTTPError:
+        return False
 
 
 def read_counters(urls: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -219,7 +243,7 @@ def run_system(system: System, checkpoint: Path, messages: list[list[str]], thin
         warm = user_messages(4, 1, 8, seed=args.seed + 1000)  # a replica's first requests are slow; uncounted
         asyncio.run(run_conversations(server.url, server.api_key, warm, [[0.0]] * len(warm), concurrency=4,
                                       max_tokens=4, timeout_s=args.timeout_s))
-        urls = replica_metrics_urls(server.ops_url, 2)
+        urls = replica_metrics_urls(server, 2)
         before = read_counters(urls)
         turns, wall_s = asyncio.run(run_conversations(server.url, server.api_key, messages, thinks,
                                                       concurrency=args.concurrency, max_tokens=args.max_tokens,
@@ -227,7 +251,7 @@ def run_system(system: System, checkpoint: Path, messages: list[list[str]], thin
         result = SystemResult(system=system, turns=turns, wall_s=wall_s,
                               replicas=growth(before, read_counters(urls)))
         if len(urls) < 2:
-            result.note = f"{system.name}: /herd/stats named {len(urls)} of 2 replicas' metrics ports"
+            result.note = f"{system.name}: found the /metrics of {len(urls)} of 2 replicas"
     return result
 
 
@@ -242,6 +266,7 @@ def summary(result: SystemResult) -> dict[str, Any]:
             "p50_all": percentile(every, 50), "p95_all": percentile(every, 95),
             "tok_s": sum(t.output_tokens for t in ok) / result.wall_s if result.wall_s else 0.0,
             "max_prompt": max((t.prompt_tokens for t in ok), default=0),
+            "prompt_sent": sum(t.prompt_tokens for t in ok), "queried": totals["queried"],
             "hit_rate": totals["hits"] / totals["queried"] if totals["queried"] else None,
             "host_hits": totals["host_hits"]}
 
@@ -256,25 +281,29 @@ def _rate(value: float | None) -> str:
 
 def system_table(results: Sequence[SystemResult]) -> list[str]:
     lines = ["| system | router | host KV MiB | turns | errors | TTFT p50 ms (turns >= 2) | TTFT p95 ms (turns >= 2) "
-             "| TTFT p50 ms (all) | TTFT p95 ms (all) | output tok/s | longest prompt | prefix hit rate | "
-             "host-tier hit tokens |", "|" + "---|" * 13]
+             "| TTFT p50 ms (all) | TTFT p95 ms (all) | output tok/s | longest prompt | prompt tokens sent | "
+             "prompt tokens looked up | prefix hit rate | host-tier hit tokens |", "|" + "---|" * 15]
     for r in results:
         s = summary(r)
         lines.append(f"| {r.system.name} | {r.system.router} | {r.system.host_kv_cache_mb:g} | {s['turns']} | "
                      f"{s['errors']} | {_ms(s['p50_later'])} | {_ms(s['p95_later'])} | {_ms(s['p50_all'])} | "
-                     f"{_ms(s['p95_all'])} | {s['tok_s']:.1f} | {s['max_prompt']} | {_rate(s['hit_rate'])} | "
+                     f"{_ms(s['p95_all'])} | {s['tok_s']:.1f} | {s['max_prompt']} | {s['prompt_sent']} | "
+                     f"{s['queried']:.0f} | {_rate(s['hit_rate'])} | "
                      f"{s['host_hits']:.0f} |")
     return lines
 
 
 def replica_table(results: Sequence[SystemResult]) -> list[str]:
-    lines = ["| system | replica | requests | prompt tokens looked up | prefix hit rate | host-tier hit tokens | "
-             "preemptions |", "|" + "---|" * 7]
+    lines = ["| system | replica | requests | engine queue ms (mean) | engine prefill ms (mean) | "
+             "prompt tokens looked up | prefix hit rate | host-tier hit tokens | preemptions |", "|" + "---|" * 9]
     for r in results:
         for i, counts in enumerate(r.replicas.values()):
             rate = counts["hits"] / counts["queried"] if counts["queried"] else None
-            lines.append(f"| {r.system.name} | {i} | {counts['requests']:.0f} | {counts['queried']:.0f} | "
-                         f"{_rate(rate)} | {counts['host_hits']:.0f} | {counts['preemptions']:.0f} |")
+            n = counts["requests"]
+            queue, prefill = (counts["queue_s"] / n, counts["prefill_s"] / n) if n else (None, None)
+            lines.append(f"| {r.system.name} | {i} | {n:.0f} | {_ms(queue)} | {_ms(prefill)} | "
+                         f"{counts['queried']:.0f} | {_rate(rate)} | {counts['host_hits']:.0f} | "
+                         f"{counts['preemptions']:.0f} |")
     return lines
 
 
@@ -296,8 +325,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens of each reply (ignore_eos)")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight at most, both replicas together")
     p.add_argument("--think-s", type=float, default=0.5, help="mean pause before each turn")
-    p.add_argument("--kv-cache-mb", type=float, default=8, help="each replica's device KV cache, both systems")
-    p.add_argument("--host-kv-cache-mb", type=float, default=64, help="each replica's host KV tier (herd only)")
+    p.add_argument("--kv-cache-mb", type=float, default=10, help="each replica's device KV cache, both systems")
+    p.add_argument("--host-kv-cache-mb", type=float, default=80, help="each replica's host KV tier (herd only)")
     p.add_argument("--max-model-len", type=int, default=4096, help="the engines' context limit (the device KV cache "
                    "must hold one sequence of it)")
     p.add_argument("--baseline-router", choices=ROUTERS, default="round_robin")
