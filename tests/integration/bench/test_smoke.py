@@ -1,7 +1,7 @@
 """Every benchmark under bench/ at its --smoke size, as `.venv/bin/python bench/NAME.py --smoke` runs it: it
 must finish with exit code 0 and print its table, so a benchmark that a feature broke fails here. Nothing is
-timed; the timeout only stops a hang. serve.py, disaggregation.py and soak.py start `herd serve` (and Ray) with API
-keys on.
+timed; the timeout only stops a hang. serve.py, serve_breakdown.py, disaggregation.py, multiturn.py (twice, 2
+replicas each) and soak.py start `herd serve` (and Ray) with API keys on.
 
 bench/gpu_check.py and bench/quantized_experts.py are run at their --smoke size by tests/unit/bench/test_smoke_quant.py;
 every other script must be listed here.
@@ -36,6 +36,8 @@ SMOKE = {
                        "acceptance length | ms per token |", lambda tmp: ["--checkpoint", str(tmp / "scout")]),
     "disaggregation.py": ("| setup | concurrency | requests | errors | TTFT p50 ms | TTFT p95 ms | ITL p50 ms |",
                           lambda tmp: ["--checkpoint", str(tmp / "scout"), "--log-dir", str(tmp / "logs")]),
+    "multiturn.py": ("| system | router | host KV MiB | turns | errors |",
+                     lambda tmp: ["--checkpoint", str(tmp / "scout"), "--log-dir", str(tmp / "logs")]),
     "soak.py": ("| t_s | gateway_mib | replica_mib | shard0_mib | shard1_mib | kv_blocks |", lambda tmp: []),
 }
 NOT_HERE = {"__init__.py", "common.py", "expert_balance.py", "gpu_check.py", "quantized_experts.py"}
