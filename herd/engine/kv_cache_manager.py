@@ -142,6 +142,16 @@ class KVCacheManager:
         self.prefix_queried_tokens += len(known) - 1
         self.prefix_hit_tokens += seq.num_cached_prompt_tokens
 
+    def cancel_admit(self, seq: Sequence) -> None:
+        """Undo an admission the scheduler could not complete (no blocks for the rest of the step): the blocks it
+        took go back, and its lookup is not counted, since the sequence is looked up again when admitted later
+        (the hit rate counts requests' tokens once). Host tier moves already listed stand: they happened."""
+        if self.enable_prefix_caching:
+            self.prefix_queried_tokens -= len(seq.token_ids()) - 1
+            self.prefix_hit_tokens -= seq.num_cached_prompt_tokens
+        self.free(seq)
+        seq.num_computed = seq.num_cached_prompt_tokens = 0
+
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Blocks for the seq's next num_tokens tokens in every group, all or nothing; a shared block it would
         write into is replaced by a copy of its own (copy-on-write)."""

@@ -162,8 +162,7 @@ class Scheduler:
             victim = self._victim(exclude=scheduled | {id(seq)})
             if victim is None:
                 if admitting:
-                    self.kv.free(seq)  # give back the prefix blocks admit took
-                    seq.num_computed = 0
+                    self.kv.cancel_admit(seq)  # give back the prefix blocks admit took; it is looked up again
                 else:
                     self._preempt(seq, out)
                 return None

@@ -239,3 +239,23 @@ def test_accepted_drafts_count_as_computed_and_the_rejected_ones_blocks_go_back(
     assert s.kv.blocks_held(a) == {"full": 2, "chunked": 0}
     s.finish(a, "length")
     assert all_blocks_free(s)
+
+
+def test_a_request_that_waits_for_blocks_counts_its_prefix_lookup_once():
+    # 6 global blocks of 4 tokens: a's 20-token prompt and its growth take them all; b is tried every step (its
+    # admission looks its prompt up, then finds no blocks) until a finishes. Its tokens count once in the hit rate.
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), kv_manager(full=6, chunked=64))
+    a, b = seq("a", 20, max_tokens=4), seq("b", 8, max_tokens=2, first_token=50)
+    s.add(a)
+    simulate_step(s)
+    s.add(b)
+    waited = 0
+    for _ in range(30):
+        if not s.has_work():
+            break
+        out = simulate_step(s)
+        waited += b.status is Status.WAITING
+        assert not out.preempted
+    assert not s.has_work() and waited >= 2, "b waited several steps for a's blocks"
+    assert s.kv.prefix_queried_tokens == (20 - 1) + (8 - 1)
+    assert all_blocks_free(s)
