@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from herd.workers.replica_config import ReplicaArgs, ReplicaConfig, ReplicaTelemetry
+from herd.workers.replica_config import (
+    POOLS,
+    Disaggregation,
+    ReplicaArgs,
+    ReplicaConfig,
+    ReplicaTelemetry,
+    pool_deployment,
+)
 from herd.workers.shard_tls import ShardTls
 
 PRESETS = ("scout", "maverick")
@@ -37,13 +44,71 @@ class AutoscaleSettings(_Section):
     priority: int = Field(0, description="higher is served first when the GPU pool is full")
 
 
+class PoolAutoscaleSettings(_Section):
+    """The control plane's policy for one pool of a disaggregated model (used when controlplane.enabled): as a
+    colocated model's `autoscale`, less scale to zero (a pool keeps a replica; its model's proxy routes to it)."""
+
+    min_replicas: int = Field(1, ge=1, description="replicas at least")
+    max_replicas: int = Field(1, ge=1, description="replicas at most")
+    target_requests_per_replica: float = Field(32, gt=0, description="requests one replica should carry")
+    scale_up_window_s: float = Field(0, ge=0, description="stabilisation before scaling up")
+    scale_down_window_s: float = Field(300, ge=0, description="stabilisation before scaling down")
+    priority: int = Field(0, description="higher is served first when the GPU pool is full")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Self:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
+class PrefillAutoscaleSettings(PoolAutoscaleSettings):
+    """The prefill pool's: requests waiting for their first token, and time to first token."""
+
+    target_requests_per_replica: float = Field(8, gt=0, description="requests waiting for their first token one "
+                                               "prefill replica should carry")
+    ttft_slo_s: float | None = Field(2.0, gt=0, description="p95 time to first token above this adds a replica")
+
+
+class DecodeAutoscaleSettings(PoolAutoscaleSettings):
+    """The decode pool's: requests in flight (or their tokens), inter-token latency and KV use."""
+
+    target_requests_per_replica: float = Field(32, gt=0, description="requests in flight one decode replica "
+                                               "should carry")
+    target_tokens_per_replica: float | None = Field(None, gt=0, description="prompt + max_tokens one replica "
+                                                    "should hold (null: requests alone decide)")
+    itl_slo_s: float | None = Field(0.1, gt=0, description="p95 inter-token latency above this adds a replica "
+                                    "(null: off)")
+    kv_use_high_water: float | None = Field(0.9, gt=0, le=1, description="a decode replica's KV blocks in use, of "
+                                            "its pool, above this fraction adds a replica (null: off; read by herd "
+                                            "serve, not yet by herd controlplane)")
+
+
+class DisaggregationSettings(Disaggregation):
+    """A model's disaggregation (herd.workers.replica_config.Disaggregation, what its replicas read) and how the
+    control plane scales its pools."""
+
+    prefill_autoscale: PrefillAutoscaleSettings = Field(default_factory=PrefillAutoscaleSettings)
+    decode_autoscale: DecodeAutoscaleSettings = Field(default_factory=DecodeAutoscaleSettings)
+
+    def replica_part(self) -> Disaggregation:
+        """What the replicas read of it."""
+        return Disaggregation(**{name: getattr(self, name) for name in Disaggregation.model_fields})
+
+
 class ModelSettings(ReplicaConfig):
     """One served model: what its replicas run (ReplicaConfig) and what the gateway and the control plane
     read of it (the fields below)."""
 
     model_config = ConfigDict(frozen=False, extra="forbid")
 
-    autoscale: AutoscaleSettings = Field(default_factory=AutoscaleSettings)
+    autoscale: AutoscaleSettings = Field(default_factory=AutoscaleSettings, description="the control plane's "
+                                         "policy for a colocated model (a disaggregated one's pools: "
+                                         "disaggregation.prefill_autoscale and decode_autoscale)")
+    disaggregation: DisaggregationSettings | None = Field(None, description="prefill/decode disaggregation: a "
+                                                          "prefill and a decode pool behind one ingress "
+                                                          "(deployment.num_replicas proxies); null: off (every "
+                                                          "replica runs whole requests)")
     cold_start_wait_s: float = Field(30, ge=0, description="a request for a model with no ready replica (scaled "
                                      "to zero) waits this long for one, then gets 503 + Retry-After")
     cold_start_retry_after_s: int = Field(30, ge=1, description="Retry-After of that 503: about a cold start")
@@ -55,6 +120,8 @@ class ModelSettings(ReplicaConfig):
         """The Serve application's args of this model: its replica settings as they are, with the checkpoint
         `path` resolved on this machine, and the process-wide telemetry and shard TLS."""
         fields = {name: getattr(self, name) for name in ReplicaConfig.model_fields}
+        if self.disaggregation is not None:
+            fields["disaggregation"] = self.disaggregation.replica_part()
         return ReplicaArgs(**fields | {"path": path}, telemetry=telemetry.model_dump(mode="json"),
                            shard_tls=shard_tls)
 
@@ -258,10 +325,17 @@ class HerdSettings(BaseSettings):
             if both:
                 raise ValueError(f"models {both}: deployment.autoscaling (Ray Serve's autoscaler) and "
                                  "controlplane.enabled (Herd's) cannot both scale a model; set one")
-            split = [m.name for m in self.models if m.disaggregation is not None]
+            split = [m.name for m in self.models if m.disaggregation is not None and "autoscale" in m.model_fields_set]
             if split:
-                raise ValueError(f"models {split}: the control plane scales a model's one deployment, not the "
-                                 "prefill and decode pools of disaggregation; turn one of them off")
+                raise ValueError(f"models {split}: autoscale scales a colocated model; the control plane scales a "
+                                 "disaggregated model's pools within disaggregation.prefill_autoscale and "
+                                 "decode_autoscale")
+            names = [m.name for m in self.models]
+            pools = {pool_deployment(m.name, p): m.name for m in self.models if m.disaggregation for p in POOLS}
+            clash = sorted(set(names) & set(pools))
+            if clash:
+                raise ValueError(f"models {clash}: named as a pool of model(s) {sorted(pools[c] for c in clash)}; the "
+                                 "control plane knows a pool by its deployment (<model>-prefill, <model>-decode)")
         return self
 
     @classmethod

@@ -30,7 +30,7 @@ from herd.workers.kv_transport import Prefilled
 from herd.workers.model_replica import ModelReplica
 from herd.workers.prefill_request import colocated_reason
 from herd.workers.process_setup import ProcessSetup
-from herd.workers.replica_config import ReplicaArgs
+from herd.workers.replica_config import POOLS, ReplicaArgs, pool_deployment
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,10 @@ def disaggregated_app(config: ReplicaArgs, options: dict[str, Any], process_setu
     pd = config.disaggregation
     replica = cast(serve.Deployment, ModelReplica)  # @serve.deployment made the class a Deployment
     pools = {}
-    for role, replicas in (("prefill", pd.prefill_replicas), ("decode", pd.decode_replicas)):
+    for role in POOLS:
+        replicas = pd.prefill_replicas if role == "prefill" else pd.decode_replicas
         pool = {key: value for key, value in options.items() if key != "autoscaling_config"}
-        pool |= {"name": f"{config.name}-{role}", "num_replicas": replicas, "max_queued_requests": -1}
+        pool |= {"name": pool_deployment(config.name, role), "num_replicas": replicas, "max_queued_requests": -1}
         pools[role] = replica.options(**pool).bind(config.model_dump(mode="json"), process_setup)
     proxy = cast(serve.Deployment, PDProxy)
     return proxy.options(

@@ -78,6 +78,15 @@ class Disaggregation(_Config):
                                          "object store)")
 
 
+Pool = Literal["prefill", "decode"]
+POOLS: tuple[Pool, ...] = ("prefill", "decode")
+
+
+def pool_deployment(model: str, pool: Pool) -> str:
+    """The Serve deployment of a disaggregated model's pool (in the model's application): <model>-<pool>."""
+    return f"{model}-{pool}"
+
+
 class ReplicaConfig(_Config):
     """What one replica serves and how its experts are hosted."""
 
@@ -167,5 +176,5 @@ class ReplicaArgs(ReplicaConfig):
         return super().dispatch_transport
 
 
-__all__ = ["BUNDLE_CPUS", "DeploymentConfig", "Disaggregation", "ExpertBalance", "ReplicaArgs", "ReplicaConfig",
-           "ReplicaTelemetry", "ServeAutoscaling"]
+__all__ = ["BUNDLE_CPUS", "POOLS", "DeploymentConfig", "Disaggregation", "ExpertBalance", "Pool", "ReplicaArgs",
+           "ReplicaConfig", "ReplicaTelemetry", "ServeAutoscaling", "pool_deployment"]

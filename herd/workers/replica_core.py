@@ -192,10 +192,12 @@ class ReplicaCore:
         return not self._draining and (self.dispatcher is None or self.dispatcher.healthy())
 
     def stats(self) -> dict[str, int]:
-        """What the replica holds now: requests, KV blocks in use per group and in all (kv_blocks_held)."""
+        """What the replica holds now: requests, KV blocks in use per group and in all (kv_blocks_held), and each
+        group's blocks (kv_blocks_total_<group>)."""
         engine = self.engine.engine.stats()
         used = {f"kv_blocks_used_{g}": n for g, n in engine.kv_blocks_used.items()}
-        return {"in_flight": self._in_flight, "running": engine.running, "waiting": engine.waiting, **used,
+        total = {f"kv_blocks_total_{g}": n for g, n in engine.kv_blocks.items()}
+        return {"in_flight": self._in_flight, "running": engine.running, "waiting": engine.waiting, **used, **total,
                 "kv_blocks_held": engine.kv_blocks_held}
 
     async def drain(self) -> None:

@@ -149,8 +149,12 @@ Returns JSON: `include "herd.models" . | fromJson`.
 {{- if $m.deployment.autoscaling }}
 {{- fail (printf "models.%s.disaggregation: its pools are sized by prefill_replicas and decode_replicas; deployment.autoscaling would scale only the proxy in front of them (set it to null)" $name) }}
 {{- end }}
-{{- if $.Values.controlplane.enabled }}
-{{- fail (printf "models.%s.disaggregation: the control plane scales a model's one deployment, not a prefill and a decode pool; turn controlplane.enabled off, or set models.%s.disaggregation: null" $name $name) }}
+{{- range $pool := list "prefill_autoscale" "decode_autoscale" }}
+{{- with (get $m.disaggregation $pool) }}
+{{- if lt (int (default 1 .max_replicas)) (int (default 1 .min_replicas)) }}
+{{- fail (printf "models.%s.disaggregation.%s: max_replicas (%d) is below min_replicas (%d)" $name $pool (int (default 1 .max_replicas)) (int (default 1 .min_replicas))) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if not $m.engine.enable_prefix_caching }}
 {{- fail (printf "models.%s.disaggregation: a decode replica takes the prompt's blocks from its prefix cache; set models.%s.engine.enable_prefix_caching: true" $name $name) }}
@@ -266,6 +270,9 @@ and its path as the pods mount it. A replica setting added to ReplicaConfig need
 */}}
 {{- define "herd.replicaConfig" -}}
 {{- $config := omit .model "enabled" "head" "worker" "autoscale" "cold_start_wait_s" "cold_start_retry_after_s" }}
+{{- with .model.disaggregation }}
+{{- $_ := set $config "disaggregation" (omit . "prefill_autoscale" "decode_autoscale") }}
+{{- end }}
 {{- $_ := set $config "name" .name }}
 {{- $_ := set $config "path" (include "herd.modelPath" .) }}
 {{- toJson $config }}

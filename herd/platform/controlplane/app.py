@@ -16,6 +16,7 @@ from herd.platform.controlplane.leader import LeaseElector
 from herd.platform.controlplane.loop import ControlPlane
 from herd.platform.controlplane.metrics import GatewayLoadSource, HttpLoadSource, MetricsSource
 from herd.platform.controlplane.policy import Fleet, ModelPolicy
+from herd.platform.controlplane.units import Unit, colocated, pool
 from herd.platform.settings import HerdSettings
 
 if TYPE_CHECKING:
@@ -24,17 +25,36 @@ if TYPE_CHECKING:
 log = logging.getLogger("herd.controlplane")
 
 
-def fleet(settings: HerdSettings) -> Fleet:
-    policies = {}
+def units(settings: HerdSettings) -> dict[str, tuple[Unit, ModelPolicy]]:
+    """What the control plane scales, by unit name, with its policy: each colocated model within its `autoscale`,
+    each pool of a disaggregated model within its disaggregation.<pool>_autoscale (the prefill pool on TTFT alone
+    of the latencies, the decode pool on ITL and KV use). The GPUs a replica takes come from its deployment."""
+    out: dict[str, tuple[Unit, ModelPolicy]] = {}
     for model in settings.models:
-        # AutoscaleSettings' fields are ModelPolicy's; the GPUs a replica takes come from its deployment.
-        policies[model.name] = ModelPolicy(**model.autoscale.model_dump(), gpus_per_replica=model.gpus_per_replica)
-    return Fleet(gpu_pool=settings.controlplane.gpu_pool, policies=policies)
+        gpus = model.gpus_per_replica
+        pd = model.disaggregation
+        if pd is None:
+            # AutoscaleSettings' fields are ModelPolicy's.
+            out[model.name] = (colocated(model.name), ModelPolicy(**model.autoscale.model_dump(),
+                                                                  gpus_per_replica=gpus))
+            continue
+        prefill, decode = pool(model.name, "prefill"), pool(model.name, "decode")
+        out[prefill.name] = (prefill, ModelPolicy(**pd.prefill_autoscale.model_dump(), gpus_per_replica=gpus))
+        out[decode.name] = (decode, ModelPolicy(**pd.decode_autoscale.model_dump(), ttft_slo_s=None,
+                                                gpus_per_replica=gpus))
+    return out
+
+
+def fleet(settings: HerdSettings) -> Fleet:
+    return Fleet(gpu_pool=settings.controlplane.gpu_pool,
+                 policies={name: policy for name, (_, policy) in units(settings).items()})
 
 
 def local_control_plane(settings: HerdSettings, gateway: Gateway, dashboard_url: str) -> ControlPlane:
-    """herd serve's: reads the gateway in this process, scales the Serve applications through the dashboard."""
-    return _plane(settings, GatewayLoadSource(gateway), ServeActuator(dashboard_url), leader=None)
+    """herd serve's: reads the gateway in this process (and the KV use of disaggregated models' decode replicas),
+    scales the Serve deployments through the dashboard."""
+    kv_models = [m.name for m in settings.models if m.disaggregation is not None]
+    return _plane(settings, GatewayLoadSource(gateway, kv_models), ServeActuator(dashboard_url), leader=None)
 
 
 def kubernetes_control_plane(settings: HerdSettings) -> ControlPlane:
@@ -56,7 +76,9 @@ def kubernetes_control_plane(settings: HerdSettings) -> ControlPlane:
 
 def _plane(settings: HerdSettings, source: MetricsSource, actuator: Actuator,
            leader: Callable[[], bool] | None) -> ControlPlane:
-    return ControlPlane(source, actuator, fleet(settings), interval_s=settings.controlplane.interval_s, leader=leader)
+    scaled = units(settings)
+    return ControlPlane(source, actuator, fleet(settings), units={name: unit for name, (unit, _) in scaled.items()},
+                        interval_s=settings.controlplane.interval_s, leader=leader)
 
 
 async def run_kubernetes(settings: HerdSettings) -> None:

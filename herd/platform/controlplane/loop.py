@@ -1,10 +1,11 @@
-"""The control loop: read load, ask the policy, bring each model's replicas to its target, log every
-decision with its reason and export it as a metric.
+"""The control loop: read load, ask the policy, bring each unit's replicas to its target (a colocated model's, or
+each pool's of a disaggregated model: herd.platform.controlplane.units), log every decision with its reason and
+export it as a metric.
 
 Acting is level-triggered, like a Kubernetes controller: every round compares the policy's target with
-what the actuator holds, and a model whose change is still being applied (Serve bringing up a replica
+what the actuator holds, and a unit whose change is still being applied (Serve bringing up a replica
 can take minutes) is left to finish; the round after it ends applies whatever the target is by then.
-So a slow actuation never stalls the rounds of the other models, and a failed one is simply retried.
+So a slow actuation never stalls the rounds of the other units, and a failed one is simply retried.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -22,12 +23,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from herd.platform.controlplane.actuators import Actuator, ReplicaStatus
 from herd.platform.controlplane.metrics import MetricsSource
 from herd.platform.controlplane.policy import Decision, Fleet, ModelMetrics, ModelState, decide
+from herd.platform.controlplane.units import Unit, colocated, unit_metrics
 
 log = logging.getLogger("herd.controlplane")
 
 
 class PlaneMetrics:
-    """What the control plane exports (Prometheus names), in its own registry."""
+    """What the control plane exports (Prometheus names), in its own registry. `model` is the unit's name: the
+    model, or a pool's deployment (<model>-prefill, <model>-decode)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -44,9 +47,14 @@ class PlaneMetrics:
 
 class ControlPlane:
     def __init__(self, source: MetricsSource, actuator: Actuator, fleet: Fleet, *, interval_s: float = 10.0,
-                 leader: Callable[[], bool] | None = None, clock: Callable[[], float] = time.monotonic,
-                 registry: CollectorRegistry | None = None) -> None:
+                 units: Mapping[str, Unit] | None = None, leader: Callable[[], bool] | None = None,
+                 clock: Callable[[], float] = time.monotonic, registry: CollectorRegistry | None = None) -> None:
+        """`fleet` has a policy per unit name; `units` says what each name scales (default: every name a
+        colocated model)."""
         self.source, self.actuator, self.fleet = source, actuator, fleet
+        self.units = dict(units) if units is not None else {name: colocated(name) for name in fleet.policies}
+        if set(self.units) != set(fleet.policies):
+            raise ValueError(f"units {sorted(self.units)} and policies {sorted(fleet.policies)} differ")
         self.interval_s = interval_s
         self.leader = leader or (lambda: True)
         self.clock = clock
@@ -64,20 +72,21 @@ class ControlPlane:
         load = await self.source.read()
         metrics: dict[str, ModelMetrics] = {}
         held: dict[str, ReplicaStatus] = {}
-        for model in self.fleet.policies:
-            held[model] = status = await asyncio.to_thread(self.actuator.status, model)
-            metrics[model] = replace(load.get(model, ModelMetrics()), ready=status.ready, starting=status.starting)
-            if model not in self.state:
-                self.state[model] = ModelState(target=status.target, last_busy=self.clock())
+        for name, unit in self.units.items():
+            held[name] = status = await asyncio.to_thread(self.actuator.status, unit.model, unit.deployment)
+            share = unit_metrics(unit, load.get(unit.model, ModelMetrics()))
+            metrics[name] = replace(share, ready=status.ready, starting=status.starting)
+            if name not in self.state:
+                self.state[name] = ModelState(target=status.target, last_busy=self.clock())
         decisions, self.state = decide(metrics, self.state, self.clock(), self.fleet)
-        for model, decision in decisions.items():
-            self._export(model, decision, held[model])
+        for name, decision in decisions.items():
+            self._export(name, decision, held[name])
             if decision.changed:
-                log.info("scaling %s %d -> %d: %s", model, decision.previous, decision.target, decision.reason)
+                log.info("scaling %s %d -> %d: %s", name, decision.previous, decision.target, decision.reason)
             else:
-                log.debug("holding %s at %d: %s", model, decision.target, decision.reason)
-            if decision.target != held[model].target and not self.acting(model):
-                self._acting[model] = asyncio.create_task(self._scale(model, decision.target))
+                log.debug("holding %s at %d: %s", name, decision.target, decision.reason)
+            if decision.target != held[name].target and not self.acting(name):
+                self._acting[name] = asyncio.create_task(self._scale(self.units[name], decision.target))
         self.last = decisions
         return decisions
 
@@ -87,18 +96,24 @@ class ControlPlane:
         return self.metrics.registry
 
     async def report(self) -> dict[str, Any]:
-        """Each model's replicas as the actuator holds them (and whether a change is under way), and the last
-        decision per model with its reason: what /herd/controlplane shows."""
+        """Each unit's replicas as the actuator holds them (and whether a change is under way), and the last
+        decision per unit with its reason: what /herd/controlplane shows. A pool's entries also name its model
+        and pool."""
         replicas = {}
-        for model in self.fleet.policies:
-            status = await asyncio.to_thread(self.actuator.status, model)
-            replicas[model] = {**asdict(status), "acting": self.acting(model)}
-        decisions = {m: {"target": d.target, "previous": d.previous, "reason": d.reason} for m, d in self.last.items()}
+        for name, unit in self.units.items():
+            status = await asyncio.to_thread(self.actuator.status, unit.model, unit.deployment)
+            replicas[name] = {**asdict(status), "acting": self.acting(name), **self._pool_of(unit)}
+        decisions = {name: {"target": d.target, "previous": d.previous, "reason": d.reason,
+                            **self._pool_of(self.units[name])} for name, d in self.last.items()}
         return {"enabled": True, "replicas": replicas, "decisions": decisions}
 
-    def acting(self, model: str) -> bool:
-        """Whether a change of `model`'s replicas is still being applied."""
-        task = self._acting.get(model)
+    @staticmethod
+    def _pool_of(unit: Unit) -> dict[str, str]:
+        return {} if unit.pool is None else {"model": unit.model, "pool": unit.pool}
+
+    def acting(self, name: str) -> bool:
+        """Whether a change of unit `name`'s replicas is still being applied."""
+        task = self._acting.get(name)
         return task is not None and not task.done()
 
     async def settle(self) -> None:
@@ -116,16 +131,16 @@ class ControlPlane:
                 await asyncio.wait_for(stop.wait(), self.interval_s)
         await self.settle()
 
-    async def _scale(self, model: str, replicas: int) -> None:
+    async def _scale(self, unit: Unit, replicas: int) -> None:
         try:
-            await asyncio.to_thread(self.actuator.scale, model, replicas)
+            await asyncio.to_thread(self.actuator.scale, unit.model, replicas, unit.deployment)
         except Exception:  # the next round sees the target still differs and tries again
             self.metrics.failures.labels("scale").inc()
-            log.exception("scaling %s to %d failed", model, replicas)
+            log.exception("scaling %s to %d failed", unit.name, replicas)
 
-    def _export(self, model: str, decision: Decision, status: ReplicaStatus) -> None:
+    def _export(self, name: str, decision: Decision, status: ReplicaStatus) -> None:
         direction = "hold" if not decision.changed else ("up" if decision.target > decision.previous else "down")
-        self.metrics.decisions.labels(model, direction).inc()
-        self.metrics.target.labels(model).set(decision.target)
-        self.metrics.ready.labels(model).set(status.ready)
-        self.metrics.starting.labels(model).set(status.starting)
+        self.metrics.decisions.labels(name, direction).inc()
+        self.metrics.target.labels(name).set(decision.target)
+        self.metrics.ready.labels(name).set(status.ready)
+        self.metrics.starting.labels(name).set(status.starting)

@@ -1,11 +1,13 @@
-"""Where the control plane reads each model's load: the gateway in this process, or gateways over HTTP
-(their /herd/load, summed over the gateway pods)."""
+"""Where the control plane reads each model's load: the gateway in this process (with its replicas' KV use, from
+their stats), or gateways over HTTP (their /herd/load, summed over the gateway pods; no KV use: a gateway outside
+Ray reads no replica stats)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
@@ -20,7 +22,9 @@ class MetricsSource(Protocol):
     async def read(self) -> dict[str, ModelMetrics]: ...
 
 
-_SUMMED = ("in_flight", "in_flight_tokens", "waiting_for_replica", "refused_cold", "output_tokens_per_s")
+_SUMMED = ("in_flight", "in_flight_tokens", "waiting_for_replica", "awaiting_first_token", "refused_cold",
+           "output_tokens_per_s")
+_WORST = ("ttft_p95_s", "itl_p95_s")
 
 
 def from_load(load: dict[str, dict[str, Any]]) -> dict[str, ModelMetrics]:
@@ -28,23 +32,51 @@ def from_load(load: dict[str, dict[str, Any]]) -> dict[str, ModelMetrics]:
     held for a replica is queued, the rest of what is in flight runs (or waits in Serve's queue)."""
     return {name: ModelMetrics(running=int(v["in_flight"] - v["waiting_for_replica"]),
                                queued=int(v["waiting_for_replica"]), in_flight_tokens=int(v["in_flight_tokens"]),
+                               awaiting_first_token=int(v.get("awaiting_first_token") or 0),
                                refused_cold=int(v["refused_cold"]), ttft_p95_s=v["ttft_p95_s"],
-                               output_tokens_per_s=float(v["output_tokens_per_s"]))
+                               itl_p95_s=v.get("itl_p95_s"), output_tokens_per_s=float(v["output_tokens_per_s"]))
             for name, v in load.items()}
 
 
-class GatewayLoadSource:
-    """The gateway running in this process (herd serve)."""
+def kv_use(stats: Mapping[str, int]) -> float | None:
+    """A replica's KV use from its stats (herd.workers.replica_core.ReplicaCore.stats; a disaggregated model's are
+    a decode replica's): the fullest layer group's blocks in use of its blocks; None when the stats have none."""
+    uses = [stats[f"kv_blocks_used_{key.removeprefix('kv_blocks_total_')}"] / total
+            for key, total in stats.items()
+            if key.startswith("kv_blocks_total_") and total > 0
+            and f"kv_blocks_used_{key.removeprefix('kv_blocks_total_')}" in stats]
+    return max(uses) if uses else None
 
-    def __init__(self, gateway: Gateway) -> None:
+
+class GatewayLoadSource:
+    """The gateway running in this process (herd serve), with the KV use of the models in `kv_models` (those whose
+    policy reads it: a disaggregated model's decode pool)."""
+
+    STATS_TIMEOUT_S = 2.0
+
+    def __init__(self, gateway: Gateway, kv_models: Sequence[str] = ()) -> None:
         self.gateway = gateway
+        self.kv_models = list(kv_models)
 
     async def read(self) -> dict[str, ModelMetrics]:
-        return from_load(self.gateway.load.snapshot())
+        """The load of every model; a KV model's KV use is that of the replica Serve's router picks to answer
+        (the replicas' loads are balanced); one that does not answer in time leaves it unread this round."""
+        loads = from_load(self.gateway.load.snapshot())
+        uses = await asyncio.gather(*(self._kv_use(name) for name in self.kv_models))
+        for name, use in zip(self.kv_models, uses, strict=True):
+            if use is not None:
+                loads[name] = replace(loads.get(name, ModelMetrics()), kv_use=use)
+        return loads
+
+    async def _kv_use(self, model: str) -> float | None:
+        try:
+            return kv_use(await asyncio.wait_for(self.gateway.backends[model].stats(), self.STATS_TIMEOUT_S))
+        except Exception:  # a replica restarting or unreachable: no KV signal this round
+            return None
 
 
 class HttpLoadSource:
-    """Gateways elsewhere: requests, tokens and refusals add up over gateways; TTFT p95 takes the worst.
+    """Gateways elsewhere: requests, tokens and refusals add up over gateways; TTFT and ITL p95 take the worst.
     With `resolve`, each URL's host is looked up every round and every address asked: a headless Service
     names every gateway pod that way, however many the HPA runs."""
 
@@ -80,11 +112,12 @@ class HttpLoadSource:
             if isinstance(answer, BaseException) or answer.status_code != 200:
                 continue  # a gateway that does not answer contributes nothing this round
             for model, load in answer.json().items():
-                into = merged.setdefault(model, {**dict.fromkeys(_SUMMED, 0), "ttft_p95_s": None})
+                into = merged.setdefault(model, {**dict.fromkeys(_SUMMED, 0), **dict.fromkeys(_WORST)})
                 for key in _SUMMED:
                     into[key] += load.get(key, 0)
-                if load["ttft_p95_s"] is not None:
-                    into["ttft_p95_s"] = max(into["ttft_p95_s"] or 0.0, load["ttft_p95_s"])
+                for key in _WORST:
+                    if load.get(key) is not None:
+                        into[key] = max(into[key] or 0.0, load[key])
         return from_load(merged)
 
 

@@ -1,13 +1,16 @@
 """The autoscaling policy: a pure function `(metrics, state, now) -> (decisions, state)`.
 
-Per model:
+Per scaled unit (a colocated model, or one pool of a disaggregated model; "model" below):
 1. Need: the requests in the system (running + queued) over the requests one replica should carry, or
    (when the model sets a token target) their tokens over the tokens one replica should hold, whichever
    is more; at least one while the gateway is refusing requests for want of a replica (scaled to zero).
-2. TTFT SLO override: if p95 time-to-first-token is over the SLO and nothing is already starting, add
-   one replica beyond the current target (starting replicas count as coming, not missing, so a cold
-   start of several minutes does not make the policy pile up replicas). For one TTFT window after a
-   replica became ready the p95 still holds the waits of the cold start that just ended: no override.
+2. Overrides, each adding one replica beyond the current target while its signal is over its limit and
+   nothing is already starting (starting replicas count as coming, not missing, so a cold start of several
+   minutes does not make the policy pile up replicas): p95 time to first token over the TTFT SLO; p95
+   inter-token latency over the ITL SLO; KV use (blocks used of the pool, now) over its high-water
+   fraction. For one window after a replica became ready a latency p95 still holds the waits of the cold
+   start that just ended: no latency override then. A disaggregated model's prefill pool sets only the
+   TTFT limit, its decode pool only the ITL and KV ones (herd.platform.controlplane.units).
 3. Scale to zero after an idle period where the model allows it (min_replicas 0), else at least one;
    the idle period is the stabilisation of that step (the scale-down window does not add to it).
 4. Clamp to [min, max], and stabilise like Kubernetes' HPA: going up takes the lowest recommendation
@@ -33,7 +36,10 @@ class ModelMetrics:
     queued: int = 0  # requests waiting for a slot (or for a replica of a model at zero)
     in_flight_tokens: int = 0  # prompt + max_tokens of the requests in the system
     refused_cold: int = 0  # requests refused in the last minute because no replica was ready
+    awaiting_first_token: int = 0  # of running + queued: those with no output token yet
     ttft_p95_s: float | None = None  # over the last minute; None when there were no requests
+    itl_p95_s: float | None = None  # seconds between output tokens, over the last minute; None: no samples
+    kv_use: float | None = None  # KV blocks in use of the pool's, 0..1, now; None: not read
     output_tokens_per_s: float = 0.0  # read and shown; not a lever of this policy
     ready: int = 0  # replicas serving
     starting: int = 0  # replicas coming up (loading weights)
@@ -53,6 +59,9 @@ class ModelPolicy:
     target_tokens_per_replica: float | None = None  # None: requests alone decide
     ttft_slo_s: float | None = 2.0
     ttft_window_s: float = 60.0  # what the p95 is measured over (the gateway's window)
+    itl_slo_s: float | None = None  # p95 inter-token latency above this adds a replica; None: off
+    itl_window_s: float = 60.0  # what that p95 is measured over (the gateway's window)
+    kv_use_high_water: float | None = None  # KV use above this fraction adds a replica; None: off
     scale_up_window_s: float = 0.0
     scale_down_window_s: float = 300.0
     idle_to_zero_s: float = 900.0  # only when min_replicas is 0
@@ -68,6 +77,8 @@ class ModelPolicy:
             raise ValueError(f"target_requests_per_replica must be positive, got {self.target_requests_per_replica}")
         if self.target_tokens_per_replica is not None and self.target_tokens_per_replica <= 0:
             raise ValueError(f"target_tokens_per_replica must be positive, got {self.target_tokens_per_replica}")
+        if self.kv_use_high_water is not None and not 0 < self.kv_use_high_water <= 1:
+            raise ValueError(f"kv_use_high_water must be in (0, 1], got {self.kv_use_high_water}")
 
 
 @dataclass(frozen=True)
@@ -137,14 +148,14 @@ def _one_model(m: ModelMetrics, p: ModelPolicy, s: ModelState, now: float) -> tu
         need = 1
         reason += f"; {m.refused_cold} request(s) refused for want of a replica -> 1"
     ready_rose_at = now if s.ready is not None and m.ready > s.ready else s.ready_rose_at
-    if p.ttft_slo_s is not None and m.ttft_p95_s is not None and m.ttft_p95_s > p.ttft_slo_s and m.demand > 0:
+    for signal, over, latency in _breaches(m, p):
         if m.starting:
-            reason += f"; TTFT over SLO, {m.starting} replica(s) already starting"
-        elif ready_rose_at is not None and now - ready_rose_at < p.ttft_window_s:
-            reason += f"; TTFT over SLO, but a replica became ready {now - ready_rose_at:.0f}s ago (cold-start waits)"
+            reason += f"; {signal}, {m.starting} replica(s) already starting"
+        elif latency is not None and ready_rose_at is not None and now - ready_rose_at < latency:
+            reason += f"; {signal}, but a replica became ready {now - ready_rose_at:.0f}s ago (cold-start waits)"
         elif s.target + 1 > need:
             need = s.target + 1
-            reason += f"; TTFT p95 {m.ttft_p95_s:.2f}s over the {p.ttft_slo_s:g}s SLO -> {need}"
+            reason += f"; {over} -> {need}"
     idle_for = now - last_busy
     to_zero = False
     if need == 0:
@@ -165,6 +176,23 @@ def _one_model(m: ModelMetrics, p: ModelPolicy, s: ModelState, now: float) -> tu
         reason += f"; held at {target} by the {window:g}s scale-{direction} window"
     return target, reason, ModelState(target=target, last_busy=last_busy, history=history, ready=m.ready,
                                       ready_rose_at=ready_rose_at)
+
+
+def _breaches(m: ModelMetrics, p: ModelPolicy) -> list[tuple[str, str, float | None]]:
+    """The overrides whose signal is over its limit while there is demand: (which, by how much, the window a
+    latency p95 is measured over; None for KV use, read now)."""
+    if m.demand == 0:
+        return []
+    out: list[tuple[str, str, float | None]] = []
+    if p.ttft_slo_s is not None and m.ttft_p95_s is not None and m.ttft_p95_s > p.ttft_slo_s:
+        out.append(("TTFT over SLO", f"TTFT p95 {m.ttft_p95_s:.2f}s over the {p.ttft_slo_s:g}s SLO", p.ttft_window_s))
+    if p.itl_slo_s is not None and m.itl_p95_s is not None and m.itl_p95_s > p.itl_slo_s:
+        itl = f"ITL p95 {m.itl_p95_s * 1e3:.0f}ms over the {p.itl_slo_s * 1e3:g}ms SLO"
+        out.append(("ITL over SLO", itl, p.itl_window_s))
+    if p.kv_use_high_water is not None and m.kv_use is not None and m.kv_use > p.kv_use_high_water:
+        kv = f"KV use {m.kv_use:.0%} over the {p.kv_use_high_water:.0%} high-water"
+        out.append(("KV use over high-water", kv, None))
+    return out
 
 
 def _stabilised(history: tuple[tuple[float, int], ...], current: int, now: float, p: ModelPolicy) -> int:

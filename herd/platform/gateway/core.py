@@ -310,7 +310,7 @@ class Gateway:
                                       parent=trace_parent, prompt_text=self._prompt_text(prepared))
         status, completion, cached, error = "cancelled", 0, 0, None
         reserved = prepared.prompt_tokens + candidates(request.sampling) * request.sampling.max_tokens
-        admission, started = prepared.admission, None
+        admission, started, last_token_at = prepared.admission, None, None
         self.in_flight += 1
         interrupted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._interrupts.add(interrupted)
@@ -335,11 +335,15 @@ class Gateway:
                     except Exception:  # the backend failed (a bug, not a refusal): the door answers INTERNAL
                         status = "internal"
                         raise
-                    if not completion and chunk.token_ids:
-                        self.load.first_token(model, time.monotonic() - started)
+                    if chunk.token_ids:
+                        now = time.monotonic()
+                        if not completion:
+                            self.load.first_token(model, now - started)
+                        self.load.output(model, len(chunk.token_ids),
+                                         since_last_s=None if last_token_at is None else now - last_token_at)
+                        last_token_at = now
                     completion += len(chunk.token_ids)
                     record.tokens(len(chunk.token_ids))
-                    self.load.output(model, len(chunk.token_ids))
                     if chunk.finish_reason:
                         cached = chunk.usage.cached_tokens
                     yield chunk
@@ -350,7 +354,7 @@ class Gateway:
             self._interrupts.discard(interrupted)
             self.in_flight -= 1
             if started is not None:
-                self.load.finished(model, reserved)
+                self.load.finished(model, reserved, answered=completion > 0)
             if admission is not None and self.guard is not None:
                 await self.guard.settle(admission, completion_tokens=completion, cached_tokens=cached, status=status)
             record.end(status, completion_tokens=completion, cached_tokens=cached, error=error)

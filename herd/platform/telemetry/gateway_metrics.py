@@ -67,6 +67,8 @@ class _LoadCollector(Collector):
                                                      "a model scaled to zero", labels=["model"]),
             "in_flight_tokens": GaugeMetricFamily("herd_in_flight_tokens", "Prompt + max_tokens of the requests "
                                                   "in flight", labels=["model"]),
+            "awaiting_first_token": GaugeMetricFamily("herd_requests_awaiting_first_token", "Requests in flight "
+                                                      "with no output token yet", labels=["model"]),
         }
         for model, values in snapshot.items():
             for key, gauge in gauges.items():

@@ -1,5 +1,6 @@
 """A model's prefill/decode disaggregation through the chart: off by default, passed to its replicas as `herd serve
---print-config` writes it, and what herd refuses refused by the chart (its schema, or its checks across keys)."""
+--print-config` writes it, its pools' policies to the control plane alone, and what herd refuses refused by the chart
+(its schema, or its checks across keys)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import helm_python as helm
 import pytest
 import yaml
 
+from herd.platform.settings import ModelSettings
 from herd.workers.replica_config import ReplicaArgs
 from tests.unit.helm.conftest import Rendered, deep_merge, profile_values
 from tests.unit.helm.test_chart import FULLNAME, app_args, load_settings, settings_text
@@ -47,6 +49,9 @@ def test_it_reaches_the_replicas_as_herd_serve_prints_it(render: Callable[..., R
 
 @pytest.mark.parametrize(("value", "expected"), [
     ({"prefill_replicas": 0}, ["disaggregation/prefill_replicas", "minimum"]),
+    ({"prefill_autoscale": {"min_replicas": 0}}, ["prefill_autoscale/min_replicas", "minimum"]),
+    ({"decode_autoscale": {"kv_use_high_water": 2}}, ["decode_autoscale/kv_use_high_water", "maximum"]),
+    ({"prefill_autoscale": {"itl_slo_s": 0.1}}, ["prefill_autoscale", "itl_slo_s"]),
     ({"kv_transport": "nixl"}, ["disaggregation/kv_transport"]),
     ({"pools": 2}, ["disaggregation", "pools"]),
 ])
@@ -57,13 +62,41 @@ def test_the_schema_refuses_what_herd_would(render: Callable[..., Rendered], val
     for text in expected:
         assert text in str(caught.value), f"{text!r} not in {caught.value}"
     with pytest.raises(ValueError):
-        ReplicaArgs.model_validate({"disaggregation": value})
+        ModelSettings.model_validate({"disaggregation": value})
+
+
+def test_with_the_control_plane_the_pools_policies_go_to_it_and_not_to_the_replicas(
+        render: Callable[..., Rendered], tmp_path: Path, clean_env) -> None:
+    pools = {"prefill_autoscale": {"min_replicas": 1, "max_replicas": 2, "ttft_slo_s": 1.5},
+             "decode_autoscale": {"min_replicas": 2, "max_replicas": 6, "itl_slo_s": 0.05}}
+    rendered = render({"models": {"scout": {"disaggregation": {**ON, **pools}}}})
+    assert _args(rendered)["disaggregation"] == ON, "the replicas read no policy"
+    raw = yaml.safe_load(settings_text(rendered))
+    (scout,) = [m for m in raw["models"] if m["name"] == "scout"]
+    assert "autoscale" not in scout, "a disaggregated model's pools scale within their own policies"
+    settings = load_settings(settings_text(rendered), tmp_path)
+    assert settings.controlplane.rayservices["scout"] == f"{FULLNAME}-scout"
+    from herd.platform.controlplane.app import units
+
+    policies = {name: policy for name, (_, policy) in units(settings).items()}
+    assert (policies["scout-prefill"].max_replicas, policies["scout-prefill"].ttft_slo_s) == (2, 1.5)
+    assert (policies["scout-decode"].min_replicas, policies["scout-decode"].itl_slo_s) == (2, 0.05)
+    assert policies["scout-decode"].ttft_slo_s is None
+    from herd.platform.server import print_config
+
+    for model in raw["models"]:
+        model["path"] = "scout"  # a preset: herd serve makes it in models_dir
+    raw["models_dir"] = str(tmp_path)
+    (printed,) = [a for a in yaml.safe_load(print_config(load_settings(yaml.safe_dump(raw), tmp_path)))["applications"]
+                  if a["name"] == "scout"]
+    assert printed["args"]["disaggregation"] == ON, "herd serve --print-config leaves the policies out too"
 
 
 @pytest.mark.parametrize(("values", "expected"), [
     ({**OFF_CONTROLPLANE, "models": {"scout": {"disaggregation": ON, "deployment": {"autoscaling": {
         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}}}}}, "deployment.autoscaling"),
-    ({"models": {"scout": {"disaggregation": ON}}}, "controlplane.enabled"),
+    ({"models": {"scout": {"disaggregation": {**ON, "decode_autoscale": {"min_replicas": 3, "max_replicas": 2}}}}},
+     "decode_autoscale: max_replicas (2) is below min_replicas (3)"),
     ({**OFF_CONTROLPLANE, "models": {"scout": {"disaggregation": ON, "engine": {"enable_prefix_caching": False}}}},
      "enable_prefix_caching"),
 ])

@@ -19,7 +19,8 @@ CHART_ONLY = {"enabled", "head", "worker"}  # the chart's own keys of a model
 SET_BY_CHART = {"name", "serve_grpc_target", "serve_status_url"}  # herd settings the chart writes itself
 PAIRS = [("ModelSettings", "model"), ("EngineConfig", "engine"), ("DeploymentConfig", "deployment"),
          ("ExpertBalance", "balance"), ("ServeAutoscaling", "autoscaling"), ("AutoscaleSettings", "autoscale"),
-         ("SpeculativeConfig", "speculative"), ("Disaggregation", "disaggregation")]
+         ("SpeculativeConfig", "speculative"), ("DisaggregationSettings", "disaggregation"),
+         ("PrefillAutoscaleSettings", "prefill_autoscale"), ("DecodeAutoscaleSettings", "decode_autoscale")]
 BOUNDS = ("enum", "minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 
 

@@ -114,10 +114,33 @@ def test_serve_config_carries_the_shards_tls_as_absolute_paths_only_when_set(tmp
     assert ShardTls.model_validate(yaml.safe_load(yaml.safe_dump(args))["shard_tls"]).server_name == "x"
 
 
-def test_disaggregation_in_the_serve_config_and_not_with_the_control_plane(tmp_path):
-    model = {"name": "m", "path": "scout", "shards": 0, "disaggregation": {"prefill_replicas": 2}}
-    settings = HerdSettings.load(models=[model], models_dir=tmp_path)
+def test_disaggregation_in_the_serve_config_with_its_pools_scaled_by_the_control_plane(tmp_path):
+    pools = {"prefill_autoscale": {"max_replicas": 2, "ttft_slo_s": 1.0},
+             "decode_autoscale": {"min_replicas": 2, "max_replicas": 4, "itl_slo_s": 0.05}}
+    model = {"name": "m", "path": "scout", "shards": 0, "disaggregation": {"prefill_replicas": 2, **pools}}
+    settings = HerdSettings.load(models=[model], models_dir=tmp_path, controlplane={"enabled": True})
     (app,) = serve_config(settings)["applications"]
-    assert app["args"]["disaggregation"] == {"decode_replicas": 1, "kv_transport": "ray", "prefill_replicas": 2}
-    with pytest.raises(ValueError, match=r"models \['m'\]: the control plane scales a model's one deployment"):
-        HerdSettings.load(models=[model], controlplane={"enabled": True})
+    assert app["args"]["disaggregation"] == {"decode_replicas": 1, "kv_transport": "ray", "prefill_replicas": 2}, \
+        "the pools' policies are the control plane's, not the replicas'"
+    decode = settings.models[0].disaggregation.decode_autoscale
+    assert (decode.min_replicas, decode.max_replicas, decode.itl_slo_s, decode.kv_use_high_water) == (2, 4, 0.05, 0.9)
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    ({"disaggregation": {"prefill_autoscale": {"min_replicas": 0}}}, "min_replicas"),
+    ({"disaggregation": {"decode_autoscale": {"min_replicas": 3, "max_replicas": 2}}}, "below min_replicas"),
+    ({"disaggregation": {"decode_autoscale": {"kv_use_high_water": 1.5}}}, "kv_use_high_water"),
+    ({"disaggregation": {"prefill_autoscale": {"itl_slo_s": 0.1}}}, "itl_slo_s"),
+    ({"disaggregation": {}, "autoscale": {"max_replicas": 4}}, "autoscale scales a colocated model"),
+])
+def test_pool_policies_refuse_nonsense(model, message):
+    with pytest.raises(ValueError, match=message):
+        HerdSettings.load(models=[{"name": "m", "path": "scout", "shards": 0, **model}], controlplane={"enabled": True})
+
+
+def test_a_model_named_as_another_models_pool_is_refused_with_the_control_plane():
+    models = [{"name": "m", "path": "scout", "shards": 0, "disaggregation": {}},
+              {"name": "m-decode", "path": "scout", "shards": 0}]
+    HerdSettings.load(models=models)  # separate Serve applications: fine without the control plane
+    with pytest.raises(ValueError, match=r"models \['m-decode'\]: named as a pool of model\(s\) \['m'\]"):
+        HerdSettings.load(models=models, controlplane={"enabled": True})

@@ -19,8 +19,8 @@ from tests.unit.platform.controlplane.kube_emulator import kube_api, patches
 NAMESPACE = "herd"
 
 
-def _rayservice(tmp_path, name="scout"):
-    settings = HerdSettings.load(models_dir=tmp_path, models=[{"name": name, "path": "scout", "shards": 2}])
+def _rayservice(tmp_path, name="scout", **model):
+    settings = HerdSettings.load(models_dir=tmp_path, models=[{"name": name, "path": "scout", "shards": 2, **model}])
     return {
         "apiVersion": "ray.io/v1", "kind": "RayService",
         "metadata": {"name": f"herd-{name}", "namespace": NAMESPACE},
@@ -65,6 +65,36 @@ def test_zero_is_autoscaling_bounds_serve_accepts_and_back_is_a_count(tmp_path):
     as_count["applications"][0]["deployments"] = [{"name": "scout", "num_replicas": 0}]
     with pytest.raises(ValueError, match="num_replicas"):  # why zero cannot be a count
         ServeDeploySchema.model_validate(as_count)
+
+
+def test_each_pool_of_a_disaggregated_model_has_its_own_override(tmp_path):
+    text = _rayservice(tmp_path, disaggregation={"prefill_replicas": 2, "decode_replicas": 3})["spec"]["serveConfigV2"]
+    assert (replicas_in(text, "scout", "scout-prefill"), replicas_in(text, "scout", "scout-decode")) == (2, 3), \
+        "before any override: the counts the pools start with"
+    assert replicas_in(text, "scout") == 1, "the proxy's own"
+    patched = with_replicas(with_replicas(with_replicas(text, "scout", 4, "scout-decode"), "scout", 1,
+                                          "scout-prefill"), "scout", 5, "scout-decode")
+    app = yaml.safe_load(patched)["applications"][0]
+    assert app["deployments"] == [{"name": "scout-prefill", "num_replicas": 1},
+                                  {"name": "scout-decode", "num_replicas": 5}], "one per pool; none for the proxy"
+    assert (replicas_in(patched, "scout", "scout-prefill"), replicas_in(patched, "scout", "scout-decode")) == (1, 5)
+    assert app["args"] == yaml.safe_load(text)["applications"][0]["args"], "the code args are untouched"
+    ServeDeploySchema.model_validate(yaml.safe_load(patched))
+
+
+@pytest.mark.skipif(not crd_available(), reason=f"KubeRay's CRDs are not in {KUBERAY_DIR}")
+def test_scaling_a_pool_patches_its_override(tmp_path):
+    rayservice = _rayservice(tmp_path, disaggregation={"prefill_replicas": 1, "decode_replicas": 2})
+    with kube_api() as (api, _emulator):
+        objects = client.CustomObjectsApi(api)
+        objects.create_namespaced_custom_object("ray.io", "v1", NAMESPACE, "rayservices", rayservice)
+        actuator = KubernetesActuator(objects, NAMESPACE, {"scout": "herd-scout"})
+        assert actuator.status("scout", "scout-decode").target == 2
+        actuator.scale("scout", 4, "scout-decode")
+        assert actuator.status("scout", "scout-decode").target == 4
+        assert actuator.status("scout", "scout-prefill").target == 1
+        stored = objects.get_namespaced_custom_object("ray.io", "v1", NAMESPACE, "rayservices", "herd-scout")
+        validate_rayservice(stored)
 
 
 @pytest.mark.skipif(not crd_available(), reason=f"KubeRay's CRDs are not in {KUBERAY_DIR}")

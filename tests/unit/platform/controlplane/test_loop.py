@@ -7,25 +7,35 @@ import asyncio
 import threading
 
 import httpx
+import pytest
 
 from herd.platform.controlplane.actuators import ReplicaStatus
 from herd.platform.controlplane.loop import ControlPlane
-from herd.platform.controlplane.metrics import HttpLoadSource
+from herd.platform.controlplane.metrics import GatewayLoadSource, HttpLoadSource, kv_use
 from herd.platform.controlplane.policy import Fleet, ModelMetrics, ModelPolicy
+from herd.platform.controlplane.units import pool
+from herd.platform.gateway.load import LoadTracker
 from tests.waiting import until
 
 
 class FakeActuator:
+    """Deployments by name (a colocated model's is named as the model); calls are (deployment, replicas)."""
+
     def __init__(self, models=("scout",)):
         self.targets = dict.fromkeys(models, 1)
         self.calls = []
+        self.applications = {}  # deployment -> the application it was reached through
 
-    def status(self, model):
-        return ReplicaStatus(target=self.targets[model], ready=self.targets[model], starting=0)
+    def status(self, model, deployment=None):
+        deployment = deployment or model
+        self.applications[deployment] = model
+        return ReplicaStatus(target=self.targets[deployment], ready=self.targets[deployment], starting=0)
 
-    def scale(self, model, replicas):
-        self.calls.append((model, replicas))
-        self.targets[model] = replicas
+    def scale(self, model, replicas, deployment=None):
+        deployment = deployment or model
+        assert self.applications.get(deployment, model) == model, "a deployment scaled through another application"
+        self.calls.append((deployment, replicas))
+        self.targets[deployment] = replicas
 
 
 class FakeSource:
@@ -73,10 +83,10 @@ def test_a_slow_scale_up_does_not_stall_the_other_models_and_the_latest_target_w
     release = threading.Event()
 
     class SlowScout(FakeActuator):
-        def scale(self, model, replicas):
+        def scale(self, model, replicas, deployment=None):
             if model == "scout" and not self.calls:
                 assert release.wait(10), "never released"  # a cold start under way
-            super().scale(model, replicas)
+            super().scale(model, replicas, deployment)
 
     source, actuator = FakeSource(), SlowScout(models=("scout", "maverick"))
     policy = ModelPolicy(min_replicas=1, max_replicas=8, target_requests_per_replica=10, scale_down_window_s=0)
@@ -108,11 +118,11 @@ def test_a_failed_scale_is_counted_and_retried_next_round():
     class Flaky(FakeActuator):
         failures = 1
 
-        def scale(self, model, replicas):
+        def scale(self, model, replicas, deployment=None):
             if self.failures:
                 self.failures -= 1
                 raise RuntimeError("API server unavailable")
-            super().scale(model, replicas)
+            super().scale(model, replicas, deployment)
 
     source, actuator = FakeSource(), Flaky()
     plane = ControlPlane(source, actuator, Fleet(policies={"scout": ModelPolicy(max_replicas=4)}), clock=lambda: 0.0)
@@ -131,9 +141,13 @@ def test_a_failed_scale_is_counted_and_retried_next_round():
 def test_load_from_several_gateways_adds_up_and_a_silent_one_is_skipped():
     answers = {
         "http://gw-a": {"scout": {"in_flight": 5, "in_flight_tokens": 900, "waiting_for_replica": 2,
-                                  "refused_cold": 1, "ttft_p95_s": 0.8, "output_tokens_per_s": 40.0}},
+                                  "awaiting_first_token": 3, "refused_cold": 1, "ttft_p95_s": 0.8,
+                                  "itl_p95_s": 0.04, "output_tokens_per_s": 40.0}},
         "http://gw-b": {"scout": {"in_flight": 3, "in_flight_tokens": 100, "waiting_for_replica": 0,
                                   "refused_cold": 0, "ttft_p95_s": 2.5, "output_tokens_per_s": 10.0}},
+        "http://gw-d": {"scout": {"in_flight": 1, "in_flight_tokens": 10, "waiting_for_replica": 0,
+                                  "awaiting_first_token": 1, "refused_cold": 0, "ttft_p95_s": None,
+                                  "itl_p95_s": 0.09, "output_tokens_per_s": 0.0}},
     }
 
     def handler(request):
@@ -143,10 +157,13 @@ def test_load_from_several_gateways_adds_up_and_a_silent_one_is_skipped():
         assert request.url.path == "/herd/load"
         return httpx.Response(200, json=answers[base])
 
-    source = HttpLoadSource(["http://gw-a", "http://gw-b/", "http://gw-c"], transport=httpx.MockTransport(handler))
+    source = HttpLoadSource(["http://gw-a", "http://gw-b/", "http://gw-c", "http://gw-d"],
+                            transport=httpx.MockTransport(handler))
     scout = asyncio.run(source.read())["scout"]
-    assert (scout.running, scout.queued, scout.in_flight_tokens, scout.refused_cold) == (6, 2, 1000, 1)
+    assert (scout.running, scout.queued, scout.in_flight_tokens, scout.refused_cold) == (7, 2, 1010, 1)
     assert scout.ttft_p95_s == 2.5 and scout.output_tokens_per_s == 50.0
+    assert scout.awaiting_first_token == 4, "summed (a gateway of an older version reports none)"
+    assert scout.itl_p95_s == 0.09, "the worst gateway's"
 
 
 def test_a_headless_service_is_resolved_to_every_gateway_pod_each_round():
@@ -192,3 +209,85 @@ def test_report_says_each_models_replicas_and_last_decision():
     scout = report["decisions"]["scout"]
     assert (scout["previous"], scout["target"]) == (1, 4) and "requests" in scout["reason"]
     assert plane.registry is plane.metrics.registry
+
+
+class PoolSource:
+    """One disaggregated model's load, as the gateway sees it."""
+
+    def __init__(self):
+        self.load = ModelMetrics()
+
+    async def read(self):
+        return {"scout": self.load}
+
+
+def test_a_disaggregated_models_pools_are_scaled_each_on_its_own_signal_and_shown_apart():
+    actuator = FakeActuator(models=("scout-prefill", "scout-decode"))
+    prefill, decode = pool("scout", "prefill"), pool("scout", "decode")
+    fleet = Fleet(policies={
+        prefill.name: ModelPolicy(min_replicas=1, max_replicas=4, target_requests_per_replica=4, ttft_slo_s=1.0),
+        decode.name: ModelPolicy(min_replicas=1, max_replicas=4, ttft_slo_s=None, itl_slo_s=0.05,
+                                 kv_use_high_water=0.9, scale_down_window_s=0)})
+    source = PoolSource()
+    now = iter(range(0, 1000, 10))
+    plane = ControlPlane(source, actuator, fleet, units={prefill.name: prefill, decode.name: decode},
+                         clock=lambda: float(next(now)))
+
+    async def round_with(load):
+        source.load = load
+        await plane.tick()
+        await plane.settle()
+        return await plane.report()
+
+    asyncio.run(round_with(ModelMetrics(running=4, awaiting_first_token=12, ttft_p95_s=3.0)))
+    assert actuator.calls == [("scout-prefill", 3)], "12 waiting for their first token / 4; TTFT is not decode's"
+    assert actuator.applications == {"scout-prefill": "scout", "scout-decode": "scout"}, "both in scout's application"
+    report = asyncio.run(round_with(ModelMetrics(running=4, awaiting_first_token=12, kv_use=0.95)))
+    assert actuator.calls[1:] == [("scout-decode", 2)], "KV use scales the decode pool"
+    assert report["replicas"]["scout-decode"] == {"target": 2, "ready": 2, "starting": 0, "acting": False,
+                                                  "model": "scout", "pool": "decode"}
+    decision = report["decisions"]["scout-decode"]
+    assert (decision["model"], decision["pool"]) == ("scout", "decode") and "KV use 95%" in decision["reason"]
+    assert _sample(plane, "herd_controlplane_target_replicas", model="scout-prefill") == 3
+    assert _sample(plane, "herd_controlplane_target_replicas", model="scout-decode") == 2
+    assert _sample(plane, "herd_controlplane_decisions_total", model="scout-decode", direction="up") == 1
+
+
+def test_units_must_match_the_policies():
+    with pytest.raises(ValueError, match="differ"):
+        ControlPlane(FakeSource(), FakeActuator(), Fleet(policies={"scout": ModelPolicy()}),
+                     units={"scout-decode": pool("scout", "decode")})
+
+
+class FakeBackend:
+    def __init__(self, stats):
+        self._stats = stats
+
+    async def stats(self):
+        if isinstance(self._stats, Exception):
+            raise self._stats
+        return self._stats
+
+
+class FakeGateway:
+    def __init__(self, backends):
+        self.backends = backends
+        self.load = LoadTracker()
+        for model in backends:
+            self.load.started(model, 10)
+
+
+def test_the_local_source_reads_the_kv_use_of_the_models_that_scale_on_it():
+    gateway = FakeGateway({
+        "scout": FakeBackend({"kv_blocks_used_full": 90, "kv_blocks_total_full": 100, "kv_blocks_used_chunked": 1,
+                              "kv_blocks_total_chunked": 50, "prefill_kv_blocks_used_full": 100,
+                              "prefill_kv_blocks_total_full": 100}),
+        "maverick": FakeBackend({"kv_blocks_used_full": 100, "kv_blocks_total_full": 100}),
+        "gone": FakeBackend(RuntimeError("replica unavailable")),
+    })
+    loads = asyncio.run(GatewayLoadSource(gateway, kv_models=["scout", "gone"]).read())
+    assert loads["scout"].kv_use == 0.9, "the fullest group of the decode replica's (not the prefill one's)"
+    assert loads["scout"].running == 1
+    assert loads["gone"].kv_use is None, "a replica that does not answer: no KV signal this round"
+    assert loads["maverick"].kv_use is None, "not read for a model whose policy does not use it"
+    assert kv_use({"kv_blocks_held": 0}) is None

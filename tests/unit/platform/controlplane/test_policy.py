@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -126,3 +127,49 @@ def test_scale_to_zero_comes_after_the_idle_period_not_idle_plus_the_down_window
     policy = ModelPolicy(min_replicas=0, max_replicas=3, idle_to_zero_s=300, scale_down_window_s=600)
     targets, _ = run([ModelMetrics(running=40)] + [ModelMetrics()] * 40, policy=policy)
     assert targets.index(0) * 10 == 300
+
+
+DECODE = ModelPolicy(min_replicas=1, max_replicas=4, target_requests_per_replica=32, ttft_slo_s=None,
+                     itl_slo_s=0.05, itl_window_s=60, kv_use_high_water=0.9, scale_down_window_s=60)
+
+
+def test_inter_token_latency_over_its_slo_adds_one_replica_at_a_time_as_ttft_does():
+    slow = ModelMetrics(running=10, itl_p95_s=0.08, ready=1)
+    targets, reasons = run([slow, ModelMetrics(running=10, itl_p95_s=0.08, ready=1, starting=1), slow], policy=DECODE)
+    assert targets == [2, 2, 3]
+    assert "ITL p95 80ms over the 50ms SLO -> 2" in reasons[0]
+    assert "ITL over SLO, 1 replica(s) already starting" in reasons[1]
+    fine, _ = run([ModelMetrics(running=10, itl_p95_s=0.04, ready=1)] * 3, policy=DECODE)
+    assert fine == [1, 1, 1]
+
+
+def test_itl_waits_of_a_replica_just_ready_do_not_add_another():
+    policy = replace(DECODE, scale_down_window_s=600)
+    trace = [ModelMetrics(running=10, itl_p95_s=0.2, ready=r) for r in (1, 2, 2, 2, 2, 2, 2, 2)]
+    targets, reasons = run(trace, policy=policy)
+    assert targets[:7] == [2] * 7, "the p95 of the minute before the second replica was ready"
+    assert "ITL over SLO, but a replica became ready" in reasons[1]
+    assert targets[7] == 3, "past the ITL window a breach counts again"
+
+
+def test_kv_use_over_its_high_water_adds_a_replica_and_is_read_now_not_over_a_window():
+    full = ModelMetrics(running=10, kv_use=0.95, ready=1)
+    targets, reasons = run([full, ModelMetrics(running=10, kv_use=0.95, ready=2)], policy=DECODE)
+    assert targets == [2, 3], "a replica just ready does not hold KV use back: it is now, not a minute's p95"
+    assert "KV use 95% over the 90% high-water -> 2" in reasons[0]
+    idle_but_cached, _ = run([ModelMetrics(kv_use=0.99, ready=1)], policy=DECODE)
+    assert idle_but_cached == [1], "no demand, no override"
+
+
+def test_each_limit_is_off_unless_the_policy_sets_it():
+    prefill = ModelPolicy(min_replicas=1, max_replicas=4, ttft_slo_s=2.0)  # ITL and KV: off by default
+    targets, reasons = run([ModelMetrics(running=1, itl_p95_s=1.0, kv_use=1.0, ready=1)], policy=prefill)
+    assert targets == [1] and "ITL" not in reasons[0] and "KV" not in reasons[0]
+    targets, _ = run([ModelMetrics(running=1, ttft_p95_s=30.0, ready=1)], policy=DECODE)
+    assert targets == [1], "the decode pool's policy sets no TTFT SLO"
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.5])
+def test_a_kv_high_water_outside_zero_to_one_is_refused(bad):
+    with pytest.raises(ValueError, match="kv_use_high_water"):
+        ModelPolicy(kv_use_high_water=bad)

@@ -50,12 +50,13 @@ def test_a_request_is_held_until_a_replica_is_ready_and_counts_as_queued_meanwhi
     assert reply.json()["usage"]["completion_tokens"] == 4
     assert backend.polls == 4, "asked until the fourth answer said one was ready"
     held = seen[1]
-    assert held["in_flight"] == 1 and held["waiting_for_replica"] == 1
+    assert held["in_flight"] == 1 and held["waiting_for_replica"] == 1 and held["awaiting_first_token"] == 1
     assert held["in_flight_tokens"] == reply.json()["usage"]["prompt_tokens"] + 4, "prompt + max_tokens reserved"
     metrics = from_load({"scout": held})["scout"]
     assert (metrics.running, metrics.queued) == (0, 1), "held for a replica is queued, not running"
     after = gateway.load.snapshot()["scout"]
     assert (after["in_flight"], after["in_flight_tokens"], after["waiting_for_replica"]) == (0, 0, 0)
+    assert after["awaiting_first_token"] == 0, "its first token came"
 
 
 def test_when_no_replica_comes_in_time_it_is_503_with_retry_after_and_still_demand(core):
@@ -68,6 +69,7 @@ def test_when_no_replica_comes_in_time_it_is_503_with_retry_after_and_still_dema
     assert error["code"] == "model_starting" and "scaled to zero" in error["message"]
     load = gateway.load.snapshot()["scout"]
     assert (load["in_flight"], load["waiting_for_replica"], load["refused_cold"]) == (0, 0, 1)
+    assert load["awaiting_first_token"] == 0, "a request that ended with no token no longer waits for one"
     # The control plane, reading that, brings a model at zero back to one replica.
     fleet = Fleet(policies={"scout": ModelPolicy(min_replicas=0, max_replicas=2)})
     decisions, _ = decide(from_load({"scout": load}), {"scout": ModelState(target=0, last_busy=0.0)}, 5000.0, fleet)

@@ -141,3 +141,14 @@ def test_the_admin_api_on_the_operator_port_keeps_its_credential_and_openai_erro
     unauthenticated, invalid = asyncio.run(main())
     assert unauthenticated.status_code == 401
     assert invalid.status_code == 400 and set(invalid.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_replicas_stats_carry_each_groups_blocks_the_control_plane_reads_as_kv_use(gateway):
+    from herd.platform.controlplane.metrics import kv_use
+
+    stats = asyncio.run(gateway.backends["scout"].stats())
+    groups = {key.removeprefix("kv_blocks_total_") for key in stats if key.startswith("kv_blocks_total_")}
+    assert groups and groups == {key.removeprefix("kv_blocks_used_") for key in stats
+                                 if key.startswith("kv_blocks_used_")}
+    assert all(stats[f"kv_blocks_total_{g}"] > 0 for g in groups)
+    assert kv_use(stats) == 0.0, "an idle replica holds no block"
