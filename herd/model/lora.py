@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from herd.model.config import TextConfig
-from herd.model.lora_config import AdapterConfig, AdapterError, read_adapter_config
+from herd.model.lora_config import CONFIG_FILE, AdapterConfig, AdapterError, read_adapter_config
 from herd.model.lora_sites import EXPERTS, MLP, Site, SiteShape, layer_sites
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -71,6 +71,7 @@ def load_adapter(path: str | Path, config: TextConfig) -> LoRAAdapter:
         raise AdapterError(f"{weights}: not a readable safetensors file ({err})") from err
     if not tensors:
         raise AdapterError(f"{weights}: holds no tensors")
+    _check_target_names(adapter, str(directory / CONFIG_FILE))
     pairs = _pairs(tensors, str(weights))
     modules: dict[Site, LoRAFactors] = {}
     for (prefix, layer, module), (a, b) in sorted(pairs.items()):
@@ -173,23 +174,33 @@ def _expert_factors(a: torch.Tensor, b: torch.Tensor, shape: SiteShape, rank: in
     return LoRAFactors(a=down_proj.contiguous(), b=up_proj.contiguous())
 
 
-def _check_targets_present(adapter: AdapterConfig, modules: dict[Site, LoRAFactors], source: str) -> None:
-    """Every listed target must name something Herd adapts and select at least one module the file covers."""
-    covered = {name for _, name in modules}
+def _check_target_names(adapter: AdapterConfig, source: str) -> None:
+    """Every listed target must name something Herd adapts."""
     if isinstance(adapter.target_modules, tuple):
         for target in adapter.target_modules:
             if target.rsplit(".", 1)[-1] not in _SUPPORTED_TARGETS:
                 raise AdapterError(f"{source}: target_modules names {target!r}; Herd adapts {list(_SUPPORTED_TARGETS)}"
-                                   " (attention, shared expert and dense MLP projections)")
+                                   " (attention, shared expert and dense MLP projections) and the routed experts")
+    for target in adapter.target_parameters:
+        if not _expert_names(target):
+            raise AdapterError(f"{source}: target_parameters names {target!r}; Herd adapts {list(EXPERTS)}")
+
+
+def _check_targets_present(adapter: AdapterConfig, modules: dict[Site, LoRAFactors], source: str) -> None:
+    """Every listed target must select at least one module the file has factors for."""
+    covered = {name for _, name in modules}
+    if isinstance(adapter.target_modules, tuple):
+        for target in adapter.target_modules:
             if not any(name == target or name.endswith(f".{target}") or target.endswith(f".{name}")
                        for name in covered):
                 raise AdapterError(f"{source}: target_modules names {target!r}, but {WEIGHTS_FILE} holds no factors "
                                    "for it")
     for target in adapter.target_parameters:
-        names = [name for name in EXPERTS if name == target or name.endswith(f".{target}")
-                 or target.endswith(f".{name}")]
-        if not names:
-            raise AdapterError(f"{source}: target_parameters names {target!r}; Herd adapts {list(EXPERTS)}")
-        if not covered.intersection(names):
+        if not covered.intersection(_expert_names(target)):
             raise AdapterError(f"{source}: target_parameters names {target!r}, but {WEIGHTS_FILE} holds no factors "
                                "for it")
+
+
+def _expert_names(target: str) -> list[str]:
+    """The routed-expert weights a target_parameters entry selects (PEFT: the path, or a dotted suffix of it)."""
+    return [name for name in EXPERTS if name == target or name.endswith(f".{target}") or target.endswith(f".{name}")]
