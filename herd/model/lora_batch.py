@@ -4,14 +4,15 @@ Legend: T tokens, k experts per token, R = T*k expert rows, E experts.
 
 The model builds a LoRABatch from the token slots it is given (herd.model.lora_bank: -1 is the base model) and
 hands each layer a scope (its layer index and module prefix). A module adds `scope.add(name, x, y)` after its
-own projection; a site no resident adapter covers costs a dictionary lookup. Deltas are gathered per row
-(herd.kernels.lora.lora_delta): on the CPU, for decode-sized batches, gathering beat grouping rows by adapter
-(bench/lora_delta.py).
+own projection; a site no resident adapter covers costs a dictionary lookup. Linears use the masked delta
+(herd.kernels.lora.lora_delta_masked): no host sync, and on the CPU from 8 tokens on much faster than gathering
+each token's factors (bench/lora_delta.py; the numbers are in herd.kernels.lora).
 
 Routed experts: a row's entry is (its token's slot + 1) * E + its expert, computed after permutation and handed
-to the in-process experts (herd.kernels.experts). A remote executor (the workers' expert shards) would need the
-same per-row entry, or the slot per row and the adapters on the shard; that is not built, so an adapter on the
-routed experts with a remote executor is refused in the forward (herd.model.moe).
+to the in-process experts (herd.kernels.experts), which gather each row's factors. A remote executor (the
+workers' expert shards) would need the same per-row entry, or the slot per row and the adapters on the shard;
+that is not built, so an adapter on the routed experts with a remote executor is refused in the forward
+(herd.model.moe).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from herd.kernels.lora import ExpertsLoRA, lora_delta
+from herd.kernels.lora import ExpertsLoRA, lora_delta_masked
 from herd.model.lora_bank import AdapterBank
 from herd.model.lora_sites import EXPERTS
 
@@ -55,7 +56,7 @@ class LoRAScope:
         stack = self.batch.bank.stacks.get((self.layer, self.prefix + name))
         if stack is None:
             return y
-        return y + lora_delta(x, stack, self.batch.token_entries)
+        return y + lora_delta_masked(x, stack, self.batch.token_entries)
 
     def sub(self, prefix: str) -> LoRAScope:
         return LoRAScope(self.batch, self.layer, self.prefix + prefix)

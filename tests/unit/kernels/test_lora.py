@@ -8,7 +8,14 @@ import torch.nn.functional as F
 
 from herd import kernels
 from herd.kernels import torch_moe
-from herd.kernels.lora import ExpertsLoRA, LoRAStack, lora_delta, lora_delta_grouped, lora_reference
+from herd.kernels.lora import (
+    ExpertsLoRA,
+    LoRAStack,
+    lora_delta,
+    lora_delta_grouped,
+    lora_delta_masked,
+    lora_reference,
+)
 
 TOLERANCE = 1e-5
 
@@ -28,14 +35,14 @@ def _rel(x, y):
 
 @pytest.mark.parametrize(("rows", "entries", "rank"), [(1, 2, 1), (7, 4, 8), (33, 9, 16)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_gathered_and_grouped_deltas_equal_each_rows_own_adapter(rows, entries, rank, seed):
+def test_gathered_grouped_and_masked_deltas_equal_each_rows_own_adapter(rows, entries, rank, seed):
     generator = torch.Generator().manual_seed(seed)
     stack = _stack(generator, entries, rank, 24, 40)
     x = torch.randn(rows, 24, generator=generator)
     index = torch.randint(0, entries, (rows,), generator=generator)
     want = torch.stack([lora_reference(x[t : t + 1], stack.a[i], stack.b[i], float(stack.scaling[i]))[0]
                         for t, i in enumerate(index.tolist())])
-    for delta in (lora_delta, lora_delta_grouped):
+    for delta in (lora_delta, lora_delta_grouped, lora_delta_masked):
         got = delta(x, stack, index)
         assert got.shape == (rows, 40)
         assert _rel(got, want) < TOLERANCE if want.norm() > 0 else torch.equal(got, want)
@@ -48,7 +55,8 @@ def test_a_wrong_entry_is_detected():
     stack = _stack(generator, 3, 4, 16, 16, zero_first=False)
     x = torch.randn(5, 16, generator=generator)
     want = lora_reference(x, stack.a[1], stack.b[1], float(stack.scaling[1]))
-    assert _rel(lora_delta(x, stack, torch.full((5,), 2)), want) > 0.1
+    for delta in (lora_delta, lora_delta_grouped, lora_delta_masked):
+        assert _rel(delta(x, stack, torch.full((5,), 2)), want) > 0.1
 
 
 def _experts_reference(rows, row_experts, row_entries, gate_up, down, lora_gu, lora_down):
