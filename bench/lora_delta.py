@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     generator = torch.Generator().manual_seed(0)
     d = args.features
     weight = torch.randn(d, d, generator=generator) * d**-0.5
-    print(f"# features {d}, rank {args.rank}, float32, {torch.get_num_threads()} threads; medians in ms")
-    print(f"{'slots':>5} {'tokens':>6} {'base':>8} {'gathered':>9} {'grouped':>9} {'masked':>9}")
+    print(f"features {d}, rank {args.rank}, float32, {torch.get_num_threads()} threads; medians in ms\n")
+    print("| slots | tokens | base (ms) | gathered (ms) | grouped (ms) | masked (ms) |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for slots in args.slots:
         stack = LoRAStack(a=torch.randn(slots + 1, args.rank, d, generator=generator),
                           b=torch.randn(slots + 1, d, args.rank, generator=generator),
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
                      for delta in (lora_delta, lora_delta_grouped, lora_delta_masked)]
             times = interleaved_medians(runs, budget_s=1.0)
             base, gathered, grouped, masked = (t * 1e3 for t in times)
-            print(f"{slots:>5} {tokens:>6} {base:>8.3f} {gathered:>9.3f} {grouped:>9.3f} {masked:>9.3f}")
+            print(f"| {slots} | {tokens} | {base:.3f} | {gathered:.3f} | {grouped:.3f} | {masked:.3f} |")
 
 
 if __name__ == "__main__":
