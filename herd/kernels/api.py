@@ -19,6 +19,7 @@ from typing import cast
 import torch
 
 from herd.kernels.backend import backend_for
+from herd.kernels.lora import ExpertsLoRA, LoRAStack
 from herd.kernels.permutation import Permutation
 from herd.kernels.quantized import QuantizedTensor
 
@@ -79,6 +80,7 @@ def experts(
     down: torch.Tensor | QuantizedTensor,
     *,
     check_values: bool = True,
+    lora: ExpertsLoRA | None = None,
 ) -> torch.Tensor:
     """SwiGLU of each expert over its own rows: [R, H] -> [R, H]; experts with no rows cost nothing.
 
@@ -89,6 +91,7 @@ def experts(
     valid by construction, such as permute's. Float weights then run with no sync where torch._grouped_mm
     runs (CPU; CUDA bfloat16 on recent GPUs); its per-expert fallback and quantised weights loop over the
     experts on the host, which reads the offsets (one sync per call).
+    `lora`: per-row adapter deltas on the gate/up and down projections (herd.kernels.lora), float weights only.
     """
     check_tensor("rows", rows, dims=2, dtypes=FLOAT_DTYPES)
     quantized = isinstance(gate_up, QuantizedTensor) or isinstance(down, QuantizedTensor)
@@ -111,11 +114,15 @@ def experts(
         bounds = expert_offsets.tolist()  # one device sync, however many experts
         if bounds[0] != 0 or bounds[-1] != rows.shape[0] or any(b < a for a, b in itertools.pairwise(bounds)):
             raise ValueError(f"expert_offsets must rise from 0 to {rows.shape[0]} rows, got {bounds}")
+    if lora is not None:
+        if quantized:
+            raise ValueError("LoRA on routed experts needs float expert weights, not quantised ones")
+        _check_experts_lora(lora, rows, hidden, inter2 // 2)
     backend = backend_for(rows.device)
     if quantized:
         return backend.quantized_experts(rows, expert_offsets, cast(QuantizedTensor, gate_up),
                                          cast(QuantizedTensor, down))
-    return backend.experts(rows, expert_offsets, cast(torch.Tensor, gate_up), cast(torch.Tensor, down))
+    return backend.experts(rows, expert_offsets, cast(torch.Tensor, gate_up), cast(torch.Tensor, down), lora)
 
 
 def combine(out_rows: torch.Tensor, permutation: Permutation, num_tokens: int) -> torch.Tensor:
@@ -158,6 +165,26 @@ def check_tensor(
         raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device}, the other inputs on {device}")
+
+
+def _check_experts_lora(lora: ExpertsLoRA, rows: torch.Tensor, hidden: int, inter: int) -> None:
+    check_tensor("lora.row_index", lora.row_index, dims=1, dtypes=(torch.int64,), device=rows.device)
+    if lora.row_index.shape[0] != rows.shape[0]:
+        raise ValueError(f"lora.row_index must be [{rows.shape[0]}] (one per row), got {tuple(lora.row_index.shape)}")
+    for name, stack, d_in, d_out in (("gate_up", lora.gate_up, hidden, 2 * inter), ("down", lora.down, inter, hidden)):
+        if stack is not None:
+            check_lora_stack(f"lora.{name}", stack, d_in, d_out, rows)
+
+
+def check_lora_stack(name: str, stack: LoRAStack, d_in: int, d_out: int, x: torch.Tensor) -> None:
+    """ValueError naming `name` unless A [S, r, d_in], B [S, d_out, r] and scaling [S] fit x's dtype and device."""
+    entries, rank = stack.a.shape[0], stack.a.shape[1]
+    for part, t, shape in (("a", stack.a, (entries, rank, d_in)), ("b", stack.b, (entries, d_out, rank)),
+                           ("scaling", stack.scaling, (entries,))):
+        if not isinstance(t, torch.Tensor) or t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{name}.{part} must be a {x.dtype} tensor on {x.device}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}.{part} must be {list(shape)}, got {list(t.shape)}")
 
 
 def _check_quantized(gate_up: object, down: object, device: torch.device) -> None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from herd.kernels import torch_moe
+from herd.kernels.lora import ExpertsLoRA
 from herd.kernels.permutation import Permutation
 from herd.kernels.schemes import Scheme, get_scheme
 
@@ -58,10 +59,12 @@ class Backend:
         return torch_moe.combine(out_rows, permutation, num_tokens)
 
     def experts(
-        self, rows: torch.Tensor, expert_offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+        self, rows: torch.Tensor, expert_offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+        lora: ExpertsLoRA | None = None,
     ) -> torch.Tensor:
-        """SwiGLU per expert over its slice of rows, float weights gate_up [E, H, 2I], down [E, I, H]."""
-        return torch_moe.experts(rows, expert_offsets, gate_up, down)
+        """SwiGLU per expert over its slice of rows, float weights gate_up [E, H, 2I], down [E, I, H]; with
+        `lora`, each row's adapter deltas added (herd.kernels.lora)."""
+        return torch_moe.experts(rows, expert_offsets, gate_up, down, lora)
 
     def quantized_experts(
         self, rows: torch.Tensor, expert_offsets: torch.Tensor, gate_up: QuantizedTensor, down: QuantizedTensor

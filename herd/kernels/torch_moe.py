@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from herd.kernels.lora import ExpertsLoRA, lora_delta
 from herd.kernels.permutation import Permutation
 
 
@@ -50,15 +51,20 @@ def permute(
 
 
 def experts(
-    rows: torch.Tensor, expert_offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+    rows: torch.Tensor, expert_offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+    lora: ExpertsLoRA | None = None,
 ) -> torch.Tensor:
-    """SwiGLU per expert over its slice of rows: [R, H] -> [R, H]."""
+    """SwiGLU per expert over its slice of rows: [R, H] -> [R, H].
+
+    With `lora`, each row's adapter delta is added to the gate/up projection before the activation and to the
+    down projection after it (herd.kernels.lora).
+    """
     if _grouped_mm_works(rows.device, rows.dtype):
         try:
-            return _grouped_experts(rows, expert_offsets, gate_up, down)
+            return _grouped_experts(rows, expert_offsets, gate_up, down, lora)
         except RuntimeError:  # a shape or alignment this build's grouped GEMM refuses: per-expert below
             pass
-    return _looped_experts(rows, expert_offsets, gate_up, down)
+    return _looped_experts(rows, expert_offsets, gate_up, down, lora)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -72,17 +78,24 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped_experts(
-    rows: torch.Tensor, expert_offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+    rows: torch.Tensor, expert_offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+    lora: ExpertsLoRA | None,
 ) -> torch.Tensor:
     inter = down.shape[1]
     ends = expert_offsets[1:].to(torch.int32)  # grouped_mm takes each group's end row
     gate_up_out = torch._grouped_mm(rows, gate_up, offs=ends)  # [R, 2I]
+    if lora is not None and lora.gate_up is not None:
+        gate_up_out = gate_up_out + lora_delta(rows, lora.gate_up, lora.row_index)
     act = swiglu(gate_up_out[:, :inter], gate_up_out[:, inter:])  # [R, I], a view into gate_up_out
-    return torch._grouped_mm(act, down, offs=ends)
+    out = torch._grouped_mm(act, down, offs=ends)  # [R, H]
+    if lora is not None and lora.down is not None:
+        out = out + lora_delta(act, lora.down, lora.row_index)
+    return out
 
 
 def _looped_experts(
-    rows: torch.Tensor, expert_offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+    rows: torch.Tensor, expert_offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+    lora: ExpertsLoRA | None,
 ) -> torch.Tensor:
     inter = down.shape[1]
     out = torch.empty_like(rows)
@@ -91,7 +104,12 @@ def _looped_experts(
         start, end = bounds[e], bounds[e + 1]
         if end > start:
             gate_up_out = rows[start:end] @ gate_up[e]  # [n, 2I]
-            torch.mm(swiglu(gate_up_out[:, :inter], gate_up_out[:, inter:]), down[e], out=out[start:end])
+            if lora is not None and lora.gate_up is not None:
+                gate_up_out += lora_delta(rows[start:end], lora.gate_up, lora.row_index[start:end])
+            act = swiglu(gate_up_out[:, :inter], gate_up_out[:, inter:])  # [n, I]
+            torch.mm(act, down[e], out=out[start:end])
+            if lora is not None and lora.down is not None:
+                out[start:end] += lora_delta(act, lora.down, lora.row_index[start:end])
     return out
 
 

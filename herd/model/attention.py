@@ -17,6 +17,7 @@ from torch import nn
 from herd.model.causal_attention import attend
 from herd.model.config import TextConfig
 from herd.model.kv_cache import KVContext
+from herd.model.lora_batch import LoRAScope
 from herd.model.norm import rms_normalize
 from herd.model.rope import apply_rotary
 
@@ -43,13 +44,14 @@ class Attention(nn.Module):
         self.chunk_size = config.chunk_size(layer)
 
     def project(
-        self, x: torch.Tensor, positions: torch.Tensor, rot: torch.Tensor
+        self, x: torch.Tensor, positions: torch.Tensor, rot: torch.Tensor, lora: LoRAScope | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [T, N, D], k [T, K, D], v [T, K, D] for x [T, H] at positions [T], ready to attend."""
         t = x.shape[0]
-        q = self.q_proj(x).view(t, -1, self.head_dim)
-        k = self.k_proj(x).view(t, -1, self.head_dim)
-        v = self.v_proj(x).view(t, -1, self.head_dim)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, N*D], [T, K*D], [T, K*D]
+        if lora is not None:
+            q, k, v = lora.add("q_proj", x, q), lora.add("k_proj", x, k), lora.add("v_proj", x, v)
+        q, k, v = q.view(t, -1, self.head_dim), k.view(t, -1, self.head_dim), v.view(t, -1, self.head_dim)
         if self.use_rope:
             q, k = apply_rotary(q, rot), apply_rotary(k, rot)
         if self.qk_norm:
@@ -60,14 +62,16 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rot: torch.Tensor, kv: KVContext | None = None
+        self, x: torch.Tensor, positions: torch.Tensor, rot: torch.Tensor, kv: KVContext | None = None,
+        lora: LoRAScope | None = None,
     ) -> torch.Tensor:
         """[T, H] -> [T, H]; with a KV context, attends to everything it holds for this layer plus these
-        tokens (which it keeps); without one, to these tokens alone."""
-        q, k, v = self.project(x, positions, rot)
+        tokens (which it keeps); without one, to these tokens alone. `lora`: each token's adapter deltas."""
+        q, k, v = self.project(x, positions, rot, lora)
         if kv is None:
             out = attend(q, k, v, positions, positions, self.chunk_size)  # [T, N, D]
         else:
             out = kv.attend(self.layer, q, k, v, positions, self.chunk_size)
-        projected: torch.Tensor = self.o_proj(out.reshape(x.shape[0], -1))  # [T, H]
-        return projected
+        flat = out.reshape(x.shape[0], -1)  # [T, N*D]
+        projected: torch.Tensor = self.o_proj(flat)  # [T, H]
+        return projected if lora is None else lora.add("o_proj", flat, projected)

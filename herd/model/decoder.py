@@ -10,6 +10,7 @@ from torch import nn
 from herd.model.attention import Attention
 from herd.model.config import TextConfig
 from herd.model.kv_cache import KVContext
+from herd.model.lora_batch import LoRABatch
 from herd.model.mlp import FeedForward
 from herd.model.moe import MoE
 from herd.model.norm import RMSNorm
@@ -20,6 +21,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: TextConfig, layer: int, expert_ids: Sequence[int]) -> None:
         super().__init__()
+        self.index = layer
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -30,10 +32,13 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rot: torch.Tensor, kv: KVContext | None = None
+        self, x: torch.Tensor, positions: torch.Tensor, rot: torch.Tensor, kv: KVContext | None = None,
+        lora: LoRABatch | None = None,
     ) -> torch.Tensor:
-        """[T, H] -> [T, H]."""
-        attended: torch.Tensor = self.self_attn(self.input_layernorm(x), positions, rot, kv)  # [T, H]
+        """[T, H] -> [T, H]; `lora`: the forward's per-token adapters (herd.model.lora_batch)."""
+        attn_lora = None if lora is None else lora.scope(self.index, "self_attn.")
+        ff_lora = None if lora is None else lora.scope(self.index, "feed_forward.")
+        attended: torch.Tensor = self.self_attn(self.input_layernorm(x), positions, rot, kv, attn_lora)  # [T, H]
         h = x + attended
-        mixed: torch.Tensor = self.feed_forward(self.post_attention_layernorm(h))  # [T, H]
+        mixed: torch.Tensor = self.feed_forward(self.post_attention_layernorm(h), ff_lora)  # [T, H]
         return h + mixed

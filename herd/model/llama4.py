@@ -31,6 +31,9 @@ from herd.kernels.host_syncs import host_side
 from herd.model.config import TextConfig
 from herd.model.decoder import DecoderLayer
 from herd.model.kv_cache import ContiguousKVCache, KVContext
+from herd.model.lora_bank import AdapterBank
+from herd.model.lora_batch import LoRABatch
+from herd.model.lora_config import MAX_RANK
 from herd.model.moe import ExpertsExecutor, MoE
 from herd.model.norm import RMSNorm
 from herd.model.rope import inv_frequencies, rotations
@@ -59,6 +62,7 @@ class Llama4Model(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self._inv_freq: torch.Tensor | None = None
+        self.adapters: AdapterBank | None = None
 
     @property
     def device(self) -> torch.device:
@@ -85,6 +89,7 @@ class Llama4Model(nn.Module):
         image_rows: torch.Tensor | None = None,
         logit_rows: torch.Tensor | None = None,
         check_ids: bool = True,
+        adapter_slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ids [T] at positions [T] -> logits [T, V] (or [L, V] for the L `logit_rows`).
 
@@ -95,9 +100,11 @@ class Llama4Model(nn.Module):
         ids already on an accelerator cost a host sync, so a caller whose ids are valid by construction (the
         engine's persistent decode buffers) passes False. Inputs on the host are copied to the device without
         blocking; a caller that passes pinned memory must not write it again before the step's work is done.
+        `adapter_slots` [T]: each token's LoRA adapter, a slot of the bank set with set_adapter_bank (-1: the
+        base model); checked like the ids (with check_ids). None: no adapter anywhere.
         """
         return self._forward(input_ids, positions, cache, image_embeds=image_embeds, image_rows=image_rows,
-                             logit_rows=logit_rows, check_ids=check_ids)[0]
+                             logit_rows=logit_rows, check_ids=check_ids, adapter_slots=adapter_slots)[0]
 
     @torch.inference_mode()
     def forward_with_aux(
@@ -133,8 +140,10 @@ class Llama4Model(nn.Module):
         logit_rows: torch.Tensor | None,
         check_ids: bool,
         aux_layers: tuple[int, ...] = (),
+        adapter_slots: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_ids(input_ids, values=check_ids)
+        lora = None if adapter_slots is None else self._lora_batch(adapter_slots, input_ids.shape[0], check_ids)
         if image_embeds is not None:
             image_rows = self._image_rows(input_ids, image_embeds, image_rows)  # [T] or [M]
         device = self.device
@@ -157,7 +166,7 @@ class Llama4Model(nn.Module):
         for index, layer in enumerate(self.model.layers):
             if index in aux_layers:
                 entering[index] = x
-            x = layer(x, positions, rot, cache)
+            x = layer(x, positions, rot, cache, lora)
         if self.config.num_hidden_layers in aux_layers:
             entering[self.config.num_hidden_layers] = x
         aux = torch.cat([entering[i] for i in aux_layers], dim=-1) if aux_layers else None  # [T, A*H]
@@ -175,6 +184,33 @@ class Llama4Model(nn.Module):
         for layer in self.model.layers:
             if isinstance(layer.feed_forward, MoE):
                 layer.feed_forward.executor = executor
+
+    def new_adapter_bank(self, *, slots: int, max_rank: int = MAX_RANK) -> AdapterBank:
+        """An empty bank of `slots` LoRA adapters for this model (its dtype, device and expert storage), which
+        forward's `adapter_slots` then refer to."""
+        quantized = any(isinstance(layer.feed_forward, MoE) and layer.feed_forward.experts.scheme is not None
+                        for layer in self.model.layers)
+        self.adapters = AdapterBank(self.config, slots=slots, max_rank=max_rank, dtype=self.lm_head.weight.dtype,
+                                    device=self.device, quantized_experts=quantized)
+        return self.adapters
+
+    def drop_adapter_bank(self) -> None:
+        """Forget the adapter bank (its memory goes with it)."""
+        self.adapters = None
+
+    def _lora_batch(self, slots: torch.Tensor, tokens: int, check: bool) -> LoRABatch:
+        if self.adapters is None:
+            raise ValueError("adapter_slots given, but the model has no adapter bank (new_adapter_bank)")
+        if not isinstance(slots, torch.Tensor) or slots.shape != (tokens,) or slots.dtype.is_floating_point:
+            shape = tuple(slots.shape) if isinstance(slots, torch.Tensor) else type(slots).__name__
+            raise ValueError(f"adapter_slots must be an integer tensor [{tokens}] (one per token), got {shape}")
+        if check:
+            with _reading(slots):
+                low, high = int(slots.min()), int(slots.max())
+            if low < -1 or high >= self.adapters.slots:
+                raise ValueError(f"adapter_slots hold {low}..{high}; valid: -1 (the base model) and "
+                                 f"0..{self.adapters.slots - 1} (the bank's slots)")
+        return LoRABatch.of(self.adapters, slots)
 
     def _frequencies(self, device: torch.device) -> torch.Tensor:
         if self._inv_freq is None or self._inv_freq.device != device:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from herd.kernels import swiglu
+from herd.model.lora_batch import LoRAScope
 
 
 class FeedForward(nn.Module):
@@ -17,6 +18,10 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-        return out
+    def forward(self, x: torch.Tensor, lora: LoRAScope | None = None) -> torch.Tensor:
+        """[T, H] -> [T, H]; `lora`: each token's adapter deltas on the three projections."""
+        if lora is None:
+            out: torch.Tensor = self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+            return out
+        act = swiglu(lora.add("gate_proj", x, self.gate_proj(x)), lora.add("up_proj", x, self.up_proj(x)))
+        return lora.add("down_proj", act, self.down_proj(act))

@@ -28,7 +28,9 @@ from torch import nn
 from herd import kernels
 from herd.kernels import QuantizedTensor
 from herd.kernels.int4 import GROUP
+from herd.kernels.lora import ExpertsLoRA
 from herd.model.config import TextConfig
+from herd.model.lora_batch import LoRAScope
 from herd.model.mlp import FeedForward
 from herd.model.quant.layout import expert_storage, expert_weights, keep_storage_dtypes
 
@@ -86,15 +88,17 @@ class Experts(nn.Module):
             return self.gate_up_proj, self.down_proj
         return expert_weights(self.scheme, dict(self.named_buffers()), self.hidden, self.inter, self.group)
 
-    def forward(self, rows: torch.Tensor, expert_offsets: torch.Tensor, *, check_values: bool = True) -> torch.Tensor:
+    def forward(self, rows: torch.Tensor, expert_offsets: torch.Tensor, *, check_values: bool = True,
+                lora: ExpertsLoRA | None = None) -> torch.Tensor:
         """Rows grouped over all E experts -> outputs, running only the experts held here.
 
         check_values=False: the offsets are permute's (valid by construction), so they are not read to check
         them (see herd.kernels.experts). Holding only some experts, this reads which got rows: a host sync.
+        `lora`: each row's adapter deltas (entries over all E experts, whichever are held).
         """
         gate_up, down = self.weights()
         if self._holds_all:
-            return kernels.experts(rows, expert_offsets, gate_up, down, check_values=check_values)
+            return kernels.experts(rows, expert_offsets, gate_up, down, check_values=check_values, lora=lora)
         counts = expert_offsets.diff()  # [E]
         missing = set(counts.nonzero().flatten().tolist()) - set(self.expert_ids)  # a host sync
         if missing:
@@ -105,7 +109,7 @@ class Experts(nn.Module):
         held = torch.tensor(self.expert_ids, device=counts.device)
         local_offsets = torch.zeros(len(self.expert_ids) + 1, dtype=torch.int64, device=counts.device)
         local_offsets[1:] = torch.cumsum(counts[held], 0)
-        return kernels.experts(rows, local_offsets, gate_up, down, check_values=check_values)
+        return kernels.experts(rows, local_offsets, gate_up, down, check_values=check_values, lora=lora)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         if self.scheme is None:
@@ -127,18 +131,39 @@ class MoE(nn.Module):
         self.shared_expert = FeedForward(config.hidden_size, config.intermediate_size)
         self.executor: ExpertsExecutor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, H] -> [T, H]."""
+    def forward(self, x: torch.Tensor, lora: LoRAScope | None = None) -> torch.Tensor:
+        """[T, H] -> [T, H]; `lora`: each token's adapter deltas (shared expert, and routed experts in-process)."""
         topk_ids, topk_scores = kernels.route(self.router(x), self.top_k)  # [T, k] each
         order = getattr(self.executor, "expert_order", None)  # a plain function groups by expert id
         rows, permutation = kernels.permute(x, topk_ids, topk_scores, self.num_experts, expert_order=order,
                                             check_values=False)  # route's ids are in range
+        if lora is not None:
+            return self._forward_lora(x, rows, permutation, topk_ids, lora)
         if self.executor is None:
             out_rows = self.experts(rows, permutation.expert_offsets, check_values=False)  # permute's offsets
             shared: torch.Tensor = self.shared_expert(x)  # [T, H]
         else:
             pending = _submit(self.executor, self.layer, rows, permutation.expert_offsets)
             shared = self.shared_expert(x)  # while the routed rows are at the shards
+            out_rows = pending()  # [R, H]
+        return shared + kernels.combine(out_rows, permutation, x.shape[0])
+
+    def _forward_lora(self, x: torch.Tensor, rows: torch.Tensor, permutation: kernels.Permutation,
+                      topk_ids: torch.Tensor, lora: LoRAScope) -> torch.Tensor:
+        row_source = permutation.row_source.long()  # [R]: flat token * k + choice
+        row_tokens = torch.div(row_source, self.top_k, rounding_mode="floor")  # [R]
+        row_experts = topk_ids.reshape(-1).index_select(0, row_source).long()  # [R]
+        experts_lora = lora.experts(row_tokens, row_experts, self.num_experts)
+        if self.executor is None:
+            out_rows = self.experts(rows, permutation.expert_offsets, check_values=False, lora=experts_lora)
+            shared: torch.Tensor = self.shared_expert(x, lora.sub("shared_expert."))  # [T, H]
+        else:
+            if experts_lora is not None:
+                raise ValueError(
+                    f"layer {self.layer}: an adapter covers the routed experts, which run through a remote executor; "
+                    "routed-expert LoRA needs the experts held in this process (shards do not take row slots yet)")
+            pending = _submit(self.executor, self.layer, rows, permutation.expert_offsets)
+            shared = self.shared_expert(x, lora.sub("shared_expert."))
             out_rows = pending()  # [R, H]
         return shared + kernels.combine(out_rows, permutation, x.shape[0])
 
