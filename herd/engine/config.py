@@ -75,6 +75,12 @@ class EngineConfig(BaseModel):
     speculative: SpeculativeConfig | None = Field(None, description="speculative decoding: draft tokens proposed "
                                                   "by prompt lookup (ngram) or an EAGLE-3 head (eagle3) and verified "
                                                   "in one forward, the output exactly the model's; null: off")
+    max_loras: int = Field(0, ge=0, description="LoRA adapters resident at once (slots of the adapter bank; more "
+                           "registered ones are loaded in turn, least recently used evicted first); 0: LoRA off. "
+                           "Not with static_decode / CUDA graphs, speculative or async_scheduling (null "
+                           "cuda_graphs and static_decode then mean off)")
+    max_lora_rank: int = Field(64, ge=1, le=64, description="highest rank of an adapter this engine accepts (the "
+                               "bank's factors are this wide)")
 
     @model_validator(mode="after")
     def _check_decode_settings(self) -> Self:
@@ -88,12 +94,22 @@ class EngineConfig(BaseModel):
         if self.speculative is not None and self.async_scheduling:
             raise ValueError("speculative decoding and async_scheduling do not run together yet: a step's drafts "
                              "come from the tokens the step before verified, which async scheduling has not seen")
+        if self.max_loras:
+            clashes = {"static_decode": self.use_static_decode, "speculative": self.speculative is not None,
+                       "async_scheduling": self.async_scheduling}
+            if on := [name for name, value in clashes.items() if value]:
+                raise ValueError(f"max_loras > 0 (LoRA adapters) does not run with {', '.join(on)} yet (the padded "
+                                 "decode path, drafts and overlapped steps do not carry adapter slots): turn them "
+                                 "off (static_decode: false, cuda_graphs: false) or set max_loras to 0")
         return self
 
     @property
     def use_cuda_graphs(self) -> bool:
-        """Whether pure-decode steps replay CUDA graphs (the setting, or by default: the device is CUDA)."""
-        return self.cuda_graphs if self.cuda_graphs is not None else torch.device(self.device).type == "cuda"
+        """Whether pure-decode steps replay CUDA graphs (the setting, or by default: the device is CUDA and LoRA is
+        off)."""
+        if self.cuda_graphs is not None:
+            return self.cuda_graphs
+        return torch.device(self.device).type == "cuda" and not self.max_loras
 
     @property
     def use_static_decode(self) -> bool:

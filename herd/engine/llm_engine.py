@@ -23,6 +23,7 @@ from typing import TypedDict, Unpack
 import torch
 
 from herd.engine import kv_export, prompt_logprobs
+from herd.engine.adapter_residency import AdapterResidency
 from herd.engine.config import EngineConfig
 from herd.engine.detokenizer import IncrementalDetokenizer
 from herd.engine.errors import Code, HerdError
@@ -53,6 +54,7 @@ from herd.engine.step_pipeline import StepPipeline
 from herd.engine.stop_strings import StopStrings
 from herd.model.llama4 import Llama4Model
 from herd.model.loader import load_model
+from herd.model.lora import load_adapter
 from herd.model.prompt import Prompt, as_prompt, is_token_list, prompt_ids
 from herd.model.tokenizer import Tokenizer
 from herd.model.vision import VisionTower, load_vision_if_multimodal
@@ -71,6 +73,8 @@ class RequestOptions(TypedDict, total=False):
     """A prefix-cache namespace several tenants opted into (default: the tenant's own)."""
     images: Seq[ImageInput]
     """Preprocessed images for the prompt's image placeholders, in order."""
+    adapter: str | None
+    """A registered LoRA adapter to run the request with (add_adapter); None: the base model."""
 
 
 @dataclass(eq=False)
@@ -114,9 +118,16 @@ class LLMEngine:
         self.speculator = Speculator.build(speculative, model, self.kv, cache) if speculative is not None else None
         """Proposes draft tokens between steps (speculative decoding; None: off)."""
         host = HostKVTier(cache, host_slots) if self.kv.host is not None and host_slots else None  # every layer added
+        self.lora = AdapterResidency(model.new_adapter_bank(slots=self.config.max_loras,
+                                                            max_rank=self.config.max_lora_rank)) \
+            if self.config.max_loras else None
+        """The registered LoRA adapters and the bank's occupants (None: LoRA off, max_loras 0)."""
         self.runner = ModelRunner(model, self.kv, cache, config=self.config, host=host,
-                                  aux_layers=self.speculator.aux_layers if self.speculator is not None else ())
+                                  aux_layers=self.speculator.aux_layers if self.speculator is not None else (),
+                                  adapter_slot=self.lora.slot if self.lora is not None else None)
         self.scheduler = Scheduler(self.config.scheduler(), self.kv)
+        if self.lora is not None:
+            self.scheduler.admissible = self._adapter_resident
         self.outputs = OutputProcessor()
         """Detokenising, stop strings and RequestOutputs (`step` runs it inline; the async engine on its own
         thread, one step behind the core)."""
@@ -149,6 +160,52 @@ class LLMEngine:
         vision = load_vision_if_multimodal(path, dtype=config.dtype, device=config.device)
         return cls(model, Tokenizer.from_pretrained(path), config, vision=vision)
 
+    # --- LoRA adapters ----------------------------------------------------------------------------------
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        """Register the PEFT adapter at `path` as `name`: loaded and checked against the model now, kept on the host,
+        put into the bank when a request needs it. AdapterError (nothing registered) if it cannot run here;
+        ValueError for a taken name or with LoRA off. Between steps (it changes the engine's state)."""
+        lora = self._lora_on()
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"an adapter name must be a non-empty string, got {name!r}")
+        if name in lora.registered:
+            raise ValueError(f"adapter {name!r} is already registered")
+        lora.register(name, load_adapter(path, self.model.config))
+
+    def remove_adapter(self, name: str) -> None:
+        """Forget adapter `name` (its slot is emptied); ValueError if it is unknown or an unfinished request uses
+        it. Between steps."""
+        lora = self._lora_on()
+        if name not in lora.registered:
+            raise ValueError(f"no adapter {name!r} is registered")
+        if users := sorted(seq.request_id for seq in self._requests.values() if seq.adapter == name):
+            raise ValueError(f"adapter {name!r} is in use by {len(users)} unfinished request(s), e.g. {users[0]!r}")
+        lora.unregister(name)
+
+    def adapters(self) -> list[str]:
+        """The registered adapters' names, in registration order (empty with LoRA off)."""
+        return list(self.lora.registered) if self.lora is not None else []
+
+    def _lora_on(self) -> AdapterResidency:
+        if self.lora is None:
+            raise ValueError("LoRA adapters are off in this engine (max_loras is 0)")
+        return self.lora
+
+    def _check_adapter(self, name: str | None) -> None:
+        if name is not None and (self.lora is None or name not in self.lora.registered):
+            known = sorted(self.lora.registered) if self.lora is not None else []
+            raise ValueError(f"unknown adapter {name!r}; registered: {known}" if self.lora is not None
+                             else f"adapter {name!r} asked for, but LoRA adapters are off (max_loras is 0)")
+
+    def _adapter_resident(self, seq: Sequence) -> bool:
+        """The scheduler's admission check: seq's adapter is (made) resident without evicting one that a running
+        sequence uses."""
+        if seq.adapter is None:
+            return True
+        assert self.lora is not None
+        pinned = {s.adapter for s in self.scheduler.running if s.adapter is not None}
+        return self.lora.ensure(seq.adapter, pinned)
+
     # --- requests -----------------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     **options: Unpack[RequestOptions]) -> str:
@@ -167,6 +224,8 @@ class LLMEngine:
         tenant_id, tenant_weight = options.get("tenant_id", "default"), options.get("tenant_weight", 1.0)
         request_id, sharing_group = options.get("request_id"), options.get("sharing_group")
         images = options.get("images", ())
+        adapter = options.get("adapter")
+        self._check_adapter(adapter)
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -193,7 +252,7 @@ class LLMEngine:
             raise ValueError(f"request id {rid!r} is already in use")
         seq = Sequence(
             request_id=rid, prompt_ids=ids, params=params, tenant_id=tenant_id, tenant_weight=float(tenant_weight),
-            cache_salt=cache_salt(tenant_id, sharing_group),
+            cache_salt=cache_salt(tenant_id, sharing_group) + self._adapter_salt(adapter), adapter=adapter,
             stop_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
                                                         else frozenset(self.tokenizer.stop_ids)),
             bad_words=self._bad_word_ids(params.bad_words),
@@ -202,6 +261,14 @@ class LLMEngine:
             token_limit=min(len(ids) + params.max_tokens, self.max_model_len),
         )
         return self._with_states([seq, *(candidate(seq, i) for i in range(1, total))])
+
+    def _adapter_salt(self, adapter: str | None) -> str:
+        """What the adapter adds to the prefix-cache salt: its registration's tag, so that the KV of one adapter
+        never serves another, the base model, or a later adapter registered under the same name."""
+        if adapter is None:
+            return ""
+        assert self.lora is not None
+        return f"|lora:{self.lora.registered[adapter].tag}"
 
     def _with_states(self, seqs: list[Sequence]) -> EngineRequest:
         """The request of these candidate sequences (the first one leads; the others are its forks), with the
@@ -223,6 +290,11 @@ class LLMEngine:
         if any(s.request_id in self._requests or s.request_id in self.outputs for s in request.states) \
                 or rid in self._groups:
             raise ValueError(f"request id {rid!r} is already in use")
+        seq = request.seq
+        if seq.adapter is not None and (self.lora is None or seq.adapter not in self.lora.registered
+                                        or not seq.cache_salt.endswith(self._adapter_salt(seq.adapter))):
+            raise ValueError(f"adapter {seq.adapter!r} was removed (or registered again) since the request was "
+                             "prepared")
         for state in request.states:
             self.outputs.add(state)
         for seq in request.sequences:
@@ -262,6 +334,9 @@ class LLMEngine:
             host_kv_hit_blocks=self.kv.host_hit_blocks, host_kv_hit_tokens=self.kv.host_hit_tokens,
             host_kv_saved_bytes=self.kv.host_saved_bytes, host_kv_restored_bytes=self.kv.host_restored_bytes,
             kv_exported_blocks=self._exported_blocks, kv_imported_blocks=self._imported_blocks,
+            lora_adapters_resident=self.lora.resident if self.lora is not None else 0,
+            lora_adapter_loads=self.lora.loads if self.lora is not None else 0,
+            lora_adapter_evictions=self.lora.evictions if self.lora is not None else 0,
         )
 
     # --- a prompt's KV between engines (prefill/decode disaggregation) --------------------------------

@@ -56,13 +56,16 @@ class ModelRunner:
 
     def __init__(self, model: Llama4Model, kv: KVCacheManager, cache: PagedKVCache, *,
                  config: EngineConfig | None = None, aux_layers: Sequence[int] = (),
-                 host: HostKVTier | None = None) -> None:
+                 host: HostKVTier | None = None, adapter_slot: Callable[[str | None], int] | None = None) -> None:
         self.model = model
         self.kv = kv
         self.cache = cache
         self.host = host
         """The host KV tier the manager's saves and restores go to and come from (None: none)."""
         self.device = model.device
+        self.adapter_slot = adapter_slot
+        """A sequence's LoRA adapter's bank slot (-1 for None: the base model); None: LoRA off, and the forward
+        gets no adapter_slots. (The engine refuses LoRA with a draft head's aux layers and with the static path.)"""
         self.aux_layers = tuple(aux_layers)
         """Layers whose entering hidden states every step returns (a draft head's input); the static path, which
         returns none, is then off."""
@@ -94,8 +97,10 @@ class ModelRunner:
         scoring = prompt_logprobs.plan(chunks)
         logit_rows = torch.tensor(sampling + prompt_logprobs.rows(scoring), dtype=torch.long)  # [C_sampling + P]
         context = PagedAttention.for_step(chunks, self.kv, self.cache, self.device)
+        lora = self._adapter_slots(chunks)  # [N] or None
         if self.device.type == "cuda":  # the model reads ids on the host, then copies without blocking: pin them
             ids, positions, logit_rows = ids.pin_memory(), positions.pin_memory(), logit_rows.pin_memory()
+            lora = lora.pin_memory() if lora is not None else None
 
         @torch.inference_mode()
         def forward() -> StepLogits:
@@ -106,7 +111,7 @@ class ModelRunner:
                                                           logit_rows=logit_rows)  # [R + P, V], [N, A*H]
             else:
                 logits = self.model(ids, positions, context, image_embeds=image_embeds, image_rows=image_rows,
-                                    logit_rows=logit_rows)  # [R + P, V]
+                                    logit_rows=logit_rows, adapter_slots=lora)  # [R + P, V]
             logits = logits.float()
             if not scoring:
                 return StepLogits(logits, aux_hidden=aux)
@@ -127,6 +132,13 @@ class ModelRunner:
             self.host.restore(restores)
         if copies := self.kv.take_copies():
             self.cache.copy_blocks(copies)
+
+    def _adapter_slots(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor | None:
+        """Each step token's LoRA bank slot [N] (-1: base), or None when LoRA is off."""
+        if self.adapter_slot is None:
+            return None
+        slots = torch.tensor([self.adapter_slot(c.seq.adapter) for c in chunks], dtype=torch.int64)  # [C]
+        return slots.repeat_interleave(torch.tensor([c.num_tokens for c in chunks]))
 
     @staticmethod
     def _tokens(chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:

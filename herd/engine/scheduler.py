@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from herd.engine.fair_share import FairShare
@@ -75,6 +75,9 @@ class Scheduler:
         self.waiting: dict[str, deque[Sequence]] = {}
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.admissible: Callable[[Sequence], bool] | None = None
+        """Asked before a waiting sequence is admitted (after the sequence-count check): False leaves it, and its
+        tenant's later waiting ones, for a later step (the engine: its LoRA adapter cannot be made resident)."""
 
     def add(self, seq: Sequence) -> None:
         if seq.tenant_id not in self._busy_tenants():
@@ -151,6 +154,8 @@ class Scheduler:
         if admitting:
             slots = len(self.running) + sum(len(s.forks) for s in self.running)  # choices to be forked hold theirs
             if slots + 1 + len(seq.forks) > self.config.max_num_seqs:
+                return None
+            if self.admissible is not None and not self.admissible(seq):
                 return None
             self.kv.admit(seq)
         drafts = seq.draft_ids if seq.num_computed == seq.num_known - 1 else ()  # only a decode verifies drafts

@@ -42,7 +42,10 @@ class Sequence:
     tenant_id: str = "default"
     tenant_weight: float = 1.0
     cache_salt: str = ""
-    """Prefix-cache namespace: the tenant id, or a sharing group that several tenants opted into."""
+    """Prefix-cache namespace: the tenant id, or a sharing group that several tenants opted into (and the LoRA
+    adapter's registration, when the request names one)."""
+    adapter: str | None = None
+    """The registered LoRA adapter the request runs with (None: the base model)."""
     stop_ids: frozenset[int] = frozenset()
     """Token ids that finish this sequence (model end tokens unless ignore_eos, plus stop_token_ids)."""
     bad_words: tuple[tuple[int, ...], ...] = ()

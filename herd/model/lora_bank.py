@@ -50,7 +50,7 @@ class AdapterBank:
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
         """Put `adapter` into `slot` (replacing what was there); AdapterError if it cannot run on this model."""
         self._check_slot(slot)
-        self._check_fits(adapter)
+        self.check_fits(adapter)
         self.unload(slot)
         for site, factors in adapter.modules.items():
             stack = self.stacks.get(site) or self._allocate(site)
@@ -72,7 +72,8 @@ class AdapterBank:
         if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.slots:
             raise ValueError(f"slot must be in 0..{self.slots - 1}, got {slot!r}")
 
-    def _check_fits(self, adapter: LoRAAdapter) -> None:
+    def check_fits(self, adapter: LoRAAdapter) -> None:
+        """AdapterError if `adapter` cannot be held by this bank (rank, shapes, experts held quantised)."""
         if adapter.rank > self.max_rank:
             raise AdapterError(f"{adapter.path}: rank {adapter.rank} is over this bank's max_rank {self.max_rank}")
         for (layer, name), factors in adapter.modules.items():
