@@ -16,10 +16,10 @@ from dataclasses import dataclass, fields
 
 from herd.engine.errors import Code, HerdError
 from herd.engine.kv_export import KVExport
-from herd.engine.prefix_hash import cache_salt
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.workers.kv_transport import KVTransport, Prefilled
 from herd.workers.prefill_request import colocated_reason, prefill_request
+from herd.workers.prefix_affinity import cache_salt
 from herd.workers.replica_core import ReplicaCore
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,7 @@ class KVHandoff:
         cached = 0
         async for chunk in self.core.generate(prefill_request(request)):
             cached = chunk.usage.cached_tokens if chunk.HasField("usage") else cached
-        ids, tenant = list(request.token_ids.ids), request.tenant
-        salt = cache_salt(tenant.tenant_id or "default", tenant.sharing_group or None)
+        ids, salt = list(request.token_ids.ids), cache_salt(request.tenant)
         export = await self.core.engine.run_between_steps(lambda engine: engine.export_prefix(ids, salt))
         self.moves.prefills += 1
         self.moves.exported_bytes += export.nbytes

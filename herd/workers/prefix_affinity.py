@@ -30,6 +30,7 @@ from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from herd.engine.prefix_hash import cache_salt as engine_cache_salt
 from herd.protos.herd.v1 import inference_pb2 as pb
 
 R = TypeVar("R", bound=Hashable)
@@ -48,9 +49,7 @@ _DIGEST_BYTES = 16
 def cache_salt(tenant: pb.TenantContext) -> str:
     """The engine's cache salt of a request from this tenant (as herd.workers.replica_core hands the tenant to
     the engine: an empty tenant_id is "default")."""
-    if tenant.sharing_group:
-        return f"group:{tenant.sharing_group}"
-    return f"tenant:{tenant.tenant_id or 'default'}"
+    return engine_cache_salt(tenant.tenant_id or "default", tenant.sharing_group or None)
 
 
 @dataclass
