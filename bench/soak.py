@@ -83,17 +83,17 @@ def _rss_mib(pid: int) -> float:
 
 
 def _herd_processes(root: int) -> dict[str, int]:
-    """{role: pid}: the gateway (herd serve itself), the replica, each expert shard."""
-    roles = {"gateway": root}
-    shards = 0
+    """{role: pid}: the gateway (herd serve itself), the replica, each expert shard, in that order whatever order
+    the processes were started in (the table's columns follow it)."""
+    replica: dict[str, int] = {}
+    shards: list[int] = []
     for child in sorted(psutil.Process(root).children(recursive=True), key=lambda p: p.pid):
         pid, title = child.pid, " ".join(child.cmdline())
         if title.startswith("ray::ServeReplica:scout"):
-            roles["replica"] = pid
+            replica["replica"] = pid
         elif title.startswith("ray::ExpertShardActor"):
-            roles[f"shard{shards}"] = pid
-            shards += 1
-    return roles
+            shards.append(pid)
+    return {"gateway": root, **replica, **{f"shard{i}": pid for i, pid in enumerate(shards)}}
 
 
 async def _client(http: httpx.AsyncClient, workload: Any, stop: float, seen: Seen) -> None:
