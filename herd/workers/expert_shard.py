@@ -99,13 +99,27 @@ class ExpertShardService(pb_grpc.ExpertShardServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             yield reply
 
+    async def SetAdapter(self, request: pb.SetAdapterRequest,
+                         context: grpc.aio.ServicerContext[object, object]) -> pb.SetAdapterReply:
+        """Load (from its path) or empty a slot of the trunk's adapter bank; runs on the loop, between dispatches."""
+        try:
+            if request.path:
+                self.shard.load_adapter_from(request.slot, request.path, slots=request.slots,
+                                             max_rank=request.max_rank)
+            else:
+                self.shard.unload_adapter(request.slot)
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return pb.SetAdapterReply()
+
     def _step(self, request: pb.DispatchRequest) -> pb.DispatchReply:
         counts = list(request.counts)
         # The shape first: one whose element count wraps past int64 would pass the byte count in from_wire.
         self.shard.check(request.layer, counts, list(request.rows.shape))
         rows = from_wire(request.rows, name="rows").to(self.shard.device)  # [R, H]
+        row_slots = torch.tensor(list(request.row_slots), dtype=torch.int64) if request.row_slots else None  # [R]
         start = time.perf_counter()
-        out = self.shard.compute(request.layer, counts, rows, request.trace_context)
+        out = self.shard.compute(request.layer, counts, rows, request.trace_context, row_slots)
         return pb.DispatchReply(sequence=request.sequence, layer=request.layer, rows=to_wire(out),
                                 compute_seconds=time.perf_counter() - start)
 

@@ -81,9 +81,16 @@ class ExpertShardActor:
         return self._collective_thread is None or self._collective_thread.is_alive()
 
     def dispatch(self, layer: int, counts: list[int], rows: torch.Tensor,
-                 trace_context: dict[str, str] | None = None) -> torch.Tensor:
+                 trace_context: dict[str, str] | None = None, row_slots: torch.Tensor | None = None) -> torch.Tensor:
         """The rows' expert outputs, checked and traced as over gRPC (ShardExperts.compute)."""
-        return self.service.shard.compute(layer, counts, rows, trace_context)
+        return self.service.shard.compute(layer, counts, rows, trace_context, row_slots)
+
+    def set_adapter(self, slot: int, path: str, slots: int, max_rank: int) -> None:
+        """Read the LoRA adapter at `path` into bank slot `slot` (empty `path`: empty the slot)."""
+        if path:
+            self.service.shard.load_adapter_from(slot, path, slots=slots, max_rank=max_rank)
+        else:
+            self.service.shard.unload_adapter(slot)
 
     def stop(self) -> None:
         self.server.stop(grace=1)
