@@ -136,3 +136,69 @@ def test_an_executor_that_cannot_hold_adapters_is_refused_in_the_forward(scout):
     with pytest.raises(ValueError, match="cannot hold adapters"):
         trunk(torch.tensor([1, 2, 3]), adapter_slots=torch.tensor([0, 0, -1]))
     assert trunk(torch.tensor([1, 2, 3])).shape[0] == 3, "without adapters a plain function still serves"
+
+
+def _adapted_logits_match(trunk, path, adapters, seed=0):
+    """trunk (its bank loaded with `adapters` in slots 0..) against the model holding its experts."""
+    full = load_model(path, progress=False)
+    bank = full.new_adapter_bank(slots=len(adapters), max_rank=8)
+    for slot, adapter in enumerate(adapters):
+        bank.load(slot, adapter)
+    ids = torch.randint(0, full.config.vocab_size, (12,), generator=torch.Generator().manual_seed(seed))
+    slots = torch.arange(12) % (len(adapters) + 1) - 1  # base and every slot
+    want = full(ids, adapter_slots=slots).float()
+    assert _rel_error(trunk(ids, adapter_slots=slots).float(), want) < TOLERANCE
+    assert _rel_error(full(ids).float(), want) > 100 * TOLERANCE
+
+
+def test_engine_with_expert_shards_generates_the_adapters_tokens(scout):
+    from herd.engine import EngineConfig, LLMEngine, SamplingParams
+    from herd.model.tokenizer import Tokenizer
+
+    path, _, paths = scout
+    config = EngineConfig(kv_cache_mb=16, max_num_seqs=8, max_loras=1, max_lora_rank=8)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engines = [LLMEngine(_sharded_trunk(path, 2)[0], Tokenizer.from_pretrained(path), config),
+               LLMEngine.from_pretrained(path, config)]
+    for engine in engines:
+        for i, adapter in enumerate(paths[:2]):
+            engine.add_adapter(f"a{i}", adapter)
+    prompt = list(range(3, 23))
+    for adapter in ("a0", "a1", "a0", None):  # one slot: each switch evicts the other adapter
+        sharded, alone = (e.generate([prompt], greedy, adapter=adapter)[0].token_ids for e in engines)
+        assert sharded == alone, adapter
+
+
+def test_grpc_shards_take_adapters_by_path_and_refuse_one_they_cannot_read(scout, tmp_path):
+    import shutil
+
+    from herd.engine.errors import HerdError
+    from herd.workers.expert_shard import serve
+    from herd.workers.grpc_transport import GrpcTransport
+
+    path, config, paths = scout
+    placement = place_experts(config.num_local_experts, 2)
+    servers = [serve(path, experts) for experts in placement.shard_experts]
+    transport = GrpcTransport([f"127.0.0.1:{port}" for _, port, _ in servers], timeout_s=20.0)
+    try:
+        trunk = load_model(path, experts=(), progress=False)
+        ExpertDispatcher(placement, transport).attach(trunk)
+        bank = trunk.new_adapter_bank(slots=2, max_rank=8)
+        adapters = [load_adapter(p, config) for p in paths[:2]]
+        for slot, adapter in enumerate(adapters):
+            bank.load(slot, adapter)
+        _adapted_logits_match(trunk, path, adapters)
+
+        gone = shutil.copytree(paths[2], tmp_path / "gone")
+        vanished = load_adapter(gone, config)
+        shutil.rmtree(gone)
+        with pytest.raises(HerdError, match="could not set adapter"):
+            bank.load(1, vanished)
+        assert bank.adapter(1) is None, "the failed load leaves slot 1 empty"
+        for _, _, service in servers:
+            held = len(service.shard.experts)
+            assert all(not stack.scaling[2 * held :].any() for stack in service.shard.adapters.stacks.values())
+    finally:
+        transport.close()
+        for server, _, _ in servers:
+            server.stop(0)
