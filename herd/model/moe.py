@@ -168,8 +168,8 @@ class MoE(nn.Module):
             if experts_lora is not None:  # the bank holds expert factors here: the executor is no expert sink
                 raise ValueError(
                     f"layer {self.layer}: an adapter covers the routed experts, which run through "
-                    f"{type(self.executor).__name__}, an executor that cannot hold adapters (routed-expert LoRA needs "
-                    "the experts in this process or expert shards, herd.workers.dispatch)")
+                    f"{type(self.executor).__name__}, an executor that cannot hold adapters: routed-expert LoRA needs "
+                    "the experts held in this process or at expert shards (herd.workers.dispatch)")
             row_slots = lora.expert_slots(row_tokens)  # [R] or None
             pending = _submit(self.executor, self.layer, rows, permutation.expert_offsets, row_slots)
             shared = self.shared_expert(x, lora.sub("shared_expert."))
