@@ -48,6 +48,10 @@ class ExpertAdapterSink(Protocol):
         """Zero `slot`'s routed-expert factors."""
         ...
 
+    def check_expert_adapter(self, adapter: LoRAAdapter) -> None:
+        """AdapterError if the experts' holders could not load `adapter` (read it where they are, fit it)."""
+        ...
+
 
 class AdapterBank:
     """Up to `slots` adapters held at once, in the model's dtype and on its device."""
@@ -88,7 +92,7 @@ class AdapterBank:
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
         """Put `adapter` into `slot` (replacing what was there); AdapterError if it cannot run on this model."""
         self._check_slot(slot)
-        self.check_fits(adapter)
+        self._check_here(adapter)  # check_fits without asking the sink: its load checks there
         self.unload(slot)
         sink = self.expert_sink
         for site, factors in adapter.modules.items():
@@ -137,7 +141,13 @@ class AdapterBank:
             raise ValueError(f"slot must be in 0..{self.slots - 1}, got {slot!r}")
 
     def check_fits(self, adapter: LoRAAdapter) -> None:
-        """AdapterError if `adapter` cannot be held by this bank (rank, shapes, experts held quantised)."""
+        """AdapterError if `adapter` cannot be held by this bank (rank, shapes, experts held quantised), or, with
+        an expert sink, by the experts' holders (the expert shards read it where they are)."""
+        self._check_here(adapter)
+        if self.expert_sink is not None and _expert_layers(adapter):
+            self.expert_sink.check_expert_adapter(adapter)
+
+    def _check_here(self, adapter: LoRAAdapter) -> None:
         if adapter.rank > self.max_rank:
             raise AdapterError(f"{adapter.path}: rank {adapter.rank} is over this bank's max_rank {self.max_rank}")
         for (layer, name), factors in adapter.modules.items():

@@ -10,9 +10,10 @@ Trunk and shard talk point to point, each kind of message under its own tag, in 
   rest of its rows in a second message if there are more; the shard sends its outputs back.
 - A layer step with LoRA (some resident adapter covers the layer's routed experts): the same, under op LORA_STEP,
   and then the rows' row slots [R_s] int64 (each row's bank slot + 1, 0: the base model) in a message of their own.
-- An adapter, to every shard: a header (ADAPTER, payload length), the payload ([slot, slots, max_rank] and the
-  adapter directory's path as UTF-8 bytes, one per int64; slots 0 and no path: empty the slot); each shard reads
-  the adapter from the path (herd.workers.shard_adapters) and acks 1, or 0 when it cannot (the reason in its log).
+- An adapter, to every shard: a header (ADAPTER, payload length), the payload ([action, slot, slots, max_rank]
+  and the adapter directory's path as UTF-8 bytes, one per int64; action: herd.workers.shard_experts'
+  AdapterAction, load, unload or check); each shard does it (reading the adapter from the path) and acks 1, or 0
+  when it cannot (the reason in its log).
 - A re-placement (expert balancing), to every shard: a header (PLACE, payload length), the payload (old and new
   placements as herd.workers.placement's ints); then per MoE layer one all_to_all of the whole group in which the
   shards swap the moved experts' weights (the trunk takes part with nothing); then each shard's ack.
@@ -63,15 +64,15 @@ INLINE_BYTES = 64 * 1024
 CPU sizes, a few rows of Scout's."""
 
 
-def adapter_payload(slot: int, path: str, slots: int, max_rank: int) -> list[int]:
-    """An ADAPTER message's payload ints: load the adapter at `path` into `slot`, or (no path) empty it."""
-    return [slot, slots, max_rank, *path.encode()]
+def adapter_payload(action: int, slot: int, path: str, slots: int, max_rank: int) -> list[int]:
+    """An ADAPTER message's payload ints."""
+    return [action, slot, slots, max_rank, *path.encode()]
 
 
-def read_adapter_payload(values: list[int]) -> tuple[int, str, int, int]:
-    """(slot, path, slots, max_rank) of an ADAPTER payload; path "" to empty the slot."""
-    slot, slots, max_rank = values[:3]
-    return slot, bytes(values[3:]).decode(), slots, max_rank
+def read_adapter_payload(values: list[int]) -> tuple[int, int, str, int, int]:
+    """(action, slot, path, slots, max_rank) of an ADAPTER payload."""
+    action, slot, slots, max_rank = values[:4]
+    return action, slot, bytes(values[4:]).decode(), slots, max_rank
 
 
 def header_size(num_experts: int) -> int:

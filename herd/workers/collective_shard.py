@@ -37,7 +37,7 @@ from herd.workers.collective_protocol import (
     rows_part,
 )
 from herd.workers.placement import Placement
-from herd.workers.shard_experts import ShardExperts
+from herd.workers.shard_experts import AdapterAction, ShardExperts
 
 log = logging.getLogger(__name__)
 
@@ -120,18 +120,16 @@ class CollectiveShard:
         self._to_trunk(out.contiguous(), Tag.OUTPUTS, then_post_next=True)
 
     def _adapter(self, length: int) -> None:
-        """Load or empty a bank slot; a shard that cannot (the adapter unreadable here) acks 0 and goes on."""
+        """Load, empty or check a bank slot's adapter; a shard that cannot (the adapter unreadable here) acks 0 and
+        goes on."""
         payload = torch.empty(length, dtype=torch.int64, device=self.device)
         self._from_trunk(payload, Tag.PAYLOAD)
-        slot, path, slots, max_rank = read_adapter_payload(payload.tolist())
+        action, slot, path, slots, max_rank = read_adapter_payload(payload.tolist())
         done = 1
         try:
-            if path:
-                self.shard.load_adapter_from(slot, path, slots=slots, max_rank=max_rank)
-            else:
-                self.shard.unload_adapter(slot)
-        except ValueError as err:
-            log.error("expert shard %d cannot load adapter %s into slot %d: %s", self.group.rank, path, slot, err)
+            self.shard.set_adapter(AdapterAction(action), slot, path, slots=slots, max_rank=max_rank)
+        except ValueError as err:  # an unknown action too
+            log.error("expert shard %d cannot %s adapter %s (slot %d): %s", self.group.rank, action, path, slot, err)
             done = 0
         self._to_trunk(torch.tensor([done], dtype=torch.int64, device=self.device), Tag.ACK, then_post_next=True)
 

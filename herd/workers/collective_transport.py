@@ -41,6 +41,7 @@ from herd.workers.collective_protocol import (
     rows_part,
 )
 from herd.workers.placement import Placement
+from herd.workers.shard_experts import AdapterAction
 from herd.workers.transport import ShardWork, TransportStats
 
 log = logging.getLogger(__name__)
@@ -117,10 +118,15 @@ class CollectiveTransport:
 
     def load_adapter(self, slot: int, adapter: LoRAAdapter, *, slots: int, max_rank: int) -> None:
         """Every shard reads the adapter from its path into bank slot `slot`; between steps."""
-        self._set_adapter(adapter_payload(slot, str(adapter.path), slots, max_rank), f"adapter {adapter.path}")
+        self._set_adapter(adapter_payload(AdapterAction.LOAD, slot, str(adapter.path), slots, max_rank),
+                          f"load adapter {adapter.path}")
 
     def unload_adapter(self, slot: int) -> None:
-        self._set_adapter(adapter_payload(slot, "", 0, 0), f"slot {slot}")
+        self._set_adapter(adapter_payload(AdapterAction.UNLOAD, slot, "", 0, 0), f"empty slot {slot}")
+
+    def check_adapter(self, adapter: LoRAAdapter) -> None:
+        self._set_adapter(adapter_payload(AdapterAction.CHECK, 0, str(adapter.path), 0, 0),
+                          f"read adapter {adapter.path}")
 
     def _set_adapter(self, values: list[int], what: str) -> None:
         payload = torch.tensor(values, dtype=torch.int64, device=self.device)
@@ -133,7 +139,7 @@ class CollectiveTransport:
         self._wait(self._start([(acks[rank - 1], rank, Tag.ACK, True) for rank in shards]))
         refused = [rank - 1 for rank in shards if acks[rank - 1].item() != 1]
         if refused:
-            raise HerdError(Code.INTERNAL, f"expert shard(s) {refused} could not set {what} (see the shards' logs)")
+            raise HerdError(Code.INTERNAL, f"expert shard(s) {refused} could not {what} (see the shards' logs)")
 
     def replace(self, old: Placement, new: Placement) -> None:
         """Move experts between the shards to `new` (the shards copy weights among themselves; the trunk only

@@ -30,8 +30,10 @@ from typing import Protocol, runtime_checkable
 import torch
 from opentelemetry import propagate, trace
 
+from herd.engine.errors import Code, HerdError
 from herd.model.llama4 import Llama4Model
 from herd.model.lora import LoRAAdapter
+from herd.model.lora_config import AdapterError
 from herd.workers.expert_load import ExpertLoad
 from herd.workers.placement import Placement, copy_rows
 from herd.workers.transport import AdapterTransport, ExpertTransport, ShardWork
@@ -90,6 +92,18 @@ class ExpertDispatcher:
         """The shards empty bank slot `slot`."""
         self._adapters.pop(slot, None)
         self._adapter_transport().unload_adapter(slot)
+
+    def check_expert_adapter(self, adapter: LoRAAdapter) -> None:
+        """AdapterError unless every shard can read `adapter` and hold its factors (at registration); a shard
+        unreachable or late is the transport's HerdError."""
+        try:
+            self._adapter_transport().check_adapter(adapter)
+        except ValueError as err:
+            raise AdapterError(f"{adapter.path}: the expert shards cannot hold it: {err}") from err
+        except HerdError as err:
+            if err.code != Code.INTERNAL:  # a shard gone or late, not a refusal
+                raise
+            raise AdapterError(f"{adapter.path}: the expert shards cannot hold it: {err.message}") from err
 
     def _adapter_transport(self) -> AdapterTransport:
         if not isinstance(self.transport, AdapterTransport):

@@ -33,7 +33,7 @@ from herd.model.config import TextConfig, load_config
 from herd.protos.herd.v1 import experts_pb2 as pb
 from herd.protos.herd.v1 import experts_pb2_grpc as pb_grpc
 from herd.workers.grpc_serving import LoopThread, add_health_and_reflection, listen, message_options
-from herd.workers.shard_experts import ShardExperts
+from herd.workers.shard_experts import AdapterAction, ShardExperts
 from herd.workers.wire import TO_WIRE, from_wire, to_wire
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,11 @@ class ExpertShardService(pb_grpc.ExpertShardServicer):
                          context: grpc.aio.ServicerContext[object, object]) -> pb.SetAdapterReply:
         """Load (from its path) or empty a slot of the trunk's adapter bank; runs on the loop, between dispatches."""
         try:
-            if request.path:
-                self.shard.load_adapter_from(request.slot, request.path, slots=request.slots,
-                                             max_rank=request.max_rank)
-            else:
-                self.shard.unload_adapter(request.slot)
+            action = int(request.action)
+            if action not in {a.value for a in AdapterAction}:
+                raise ValueError(f"SetAdapter needs an action ({[a.name for a in AdapterAction]}), got {action}")
+            self.shard.set_adapter(AdapterAction(action), request.slot, request.path, slots=request.slots,
+                                   max_rank=request.max_rank)
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         return pb.SetAdapterReply()

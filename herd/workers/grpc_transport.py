@@ -83,13 +83,18 @@ class GrpcTransport:
 
     def load_adapter(self, slot: int, adapter: LoRAAdapter, *, slots: int, max_rank: int) -> None:
         """Every shard reads the adapter from its path (SetAdapter)."""
-        for stream in self.streams:
-            stream.set_adapter(pb.SetAdapterRequest(slot=slot, path=str(adapter.path), slots=slots,
-                                                    max_rank=max_rank))
+        self._set_adapter(pb.SetAdapterRequest(action=pb.ADAPTER_ACTION_LOAD, slot=slot, path=str(adapter.path),
+                                               slots=slots, max_rank=max_rank))
 
     def unload_adapter(self, slot: int) -> None:
+        self._set_adapter(pb.SetAdapterRequest(action=pb.ADAPTER_ACTION_UNLOAD, slot=slot))
+
+    def check_adapter(self, adapter: LoRAAdapter) -> None:
+        self._set_adapter(pb.SetAdapterRequest(action=pb.ADAPTER_ACTION_CHECK, path=str(adapter.path)))
+
+    def _set_adapter(self, request: pb.SetAdapterRequest) -> None:
         for stream in self.streams:
-            stream.set_adapter(pb.SetAdapterRequest(slot=slot))
+            stream.set_adapter(request)
 
     def healthy(self) -> bool:
         return all(s.healthy() for s in self.streams)
@@ -163,9 +168,10 @@ class _ShardStream:
         try:
             self.stub.SetAdapter(request, timeout=self.timeout_s)
         except grpc.RpcError as err:
-            what = f"adapter {request.path!r} into slot {request.slot}" if request.path else f"slot {request.slot}"
+            what = f"adapter {request.path!r}" if request.path else f"slot {request.slot}"
             raise HerdError(shard_code(err.code().name),
-                            f"expert shard at {self.address} could not set {what}: {err.details()}") from err
+                            f"expert shard at {self.address} could not {pb.AdapterAction.Name(request.action)} {what}: "
+                            f"{err.details()}") from err
 
     def receive(self, sequence: int) -> pb.DispatchReply:
         try:

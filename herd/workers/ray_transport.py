@@ -10,6 +10,7 @@ import torch
 
 from herd.engine.errors import Code, HerdError
 from herd.model.lora import LoRAAdapter
+from herd.workers.shard_experts import AdapterAction
 from herd.workers.transport import ShardWork, TransportStats
 
 
@@ -53,10 +54,14 @@ class RayTransport:
 
     def load_adapter(self, slot: int, adapter: LoRAAdapter, *, slots: int, max_rank: int) -> None:
         """Every shard actor reads the adapter from its path."""
-        self._get([a.set_adapter.remote(slot, str(adapter.path), slots, max_rank) for a in self.actors])
+        self._get([a.set_adapter.remote(AdapterAction.LOAD, slot, str(adapter.path), slots, max_rank)
+                   for a in self.actors])
 
     def unload_adapter(self, slot: int) -> None:
-        self._get([a.set_adapter.remote(slot, "", 0, 0) for a in self.actors])
+        self._get([a.set_adapter.remote(AdapterAction.UNLOAD, slot, "", 0, 0) for a in self.actors])
+
+    def check_adapter(self, adapter: LoRAAdapter) -> None:
+        self._get([a.set_adapter.remote(AdapterAction.CHECK, 0, str(adapter.path), 0, 0) for a in self.actors])
 
     def healthy(self) -> bool:
         try:

@@ -22,7 +22,7 @@ from collections.abc import Collection, Sequence
 import torch
 
 from herd.kernels.lora import ExpertsLoRA, LoRAStack
-from herd.model.lora import LoRAAdapter
+from herd.model.lora import LoRAAdapter, LoRAFactors
 from herd.model.lora_sites import EXPERTS, Site
 
 
@@ -43,14 +43,7 @@ class ShardAdapters:
             raise ValueError(f"slot {slot} of {slots} slots, max_rank {max_rank}: not a bank's slot")
         if adapter.rank > max_rank:
             raise ValueError(f"{adapter.path}: rank {adapter.rank} is over the bank's max_rank {max_rank}")
-        factors = {site: f for site, f in adapter.modules.items() if f.a.dim() == 3}  # [E, r, Din], [E, Dout, r]
-        for (layer, name), f in factors.items():
-            if layer not in self.layers or name not in EXPERTS:
-                raise ValueError(f"{adapter.path}: layers.{layer}.{name} is not a routed-expert weight of this shard "
-                                 f"(MoE layers {sorted(self.layers)})")
-            if f.a.shape[0] <= max(self.experts):
-                raise ValueError(f"{adapter.path}: layers.{layer}.{name} has factors for {f.a.shape[0]} experts; this "
-                                 f"shard holds experts {list(self.experts)}")
+        factors = self.check(adapter)
         if (slots, max_rank) != (self.slots, self.max_rank):
             self.slots, self.max_rank, self.stacks = slots, max_rank, {}
         self.unload(slot)
@@ -65,6 +58,18 @@ class ShardAdapters:
                 stack.a[entries, : adapter.rank] = f.a[held].to(self.device, self.dtype)
                 stack.b[entries, :, : adapter.rank] = f.b[held].to(self.device, self.dtype)
                 stack.scaling[entries] = adapter.scaling
+
+    def check(self, adapter: LoRAAdapter) -> dict[Site, LoRAFactors]:
+        """`adapter`'s routed-expert factors by site; ValueError if they do not fit this shard's layers and experts."""
+        factors = {site: f for site, f in adapter.modules.items() if f.a.dim() == 3}  # [E, r, Din], [E, Dout, r]
+        for (layer, name), f in factors.items():
+            if layer not in self.layers or name not in EXPERTS:
+                raise ValueError(f"{adapter.path}: layers.{layer}.{name} is not a routed-expert weight of this shard "
+                                 f"(MoE layers {sorted(self.layers)})")
+            if f.a.shape[0] <= max(self.experts):
+                raise ValueError(f"{adapter.path}: layers.{layer}.{name} has factors for {f.a.shape[0]} experts; this "
+                                 f"shard holds experts {list(self.experts)}")
+        return factors
 
     def unload(self, slot: int) -> None:
         """Zero `slot`'s factors: a row still naming it adds nothing."""

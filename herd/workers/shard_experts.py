@@ -13,6 +13,7 @@ use adapters carries each row's slot (row_slots), and the compute adds each row'
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from enum import IntEnum
 from pathlib import Path
 
 import torch
@@ -28,6 +29,14 @@ from herd.workers.shard_adapters import ShardAdapters
 tracer = trace.get_tracer("herd.workers.expert_shard")
 
 
+class AdapterAction(IntEnum):
+    """What the trunk asks a shard to do with an adapter, by its path (the wire's codes)."""
+
+    LOAD = 1
+    UNLOAD = 2
+    CHECK = 3
+
+
 def expert_offsets(counts: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
     """Rows per expert [E'] -> where each expert's rows start, and the end: [E'+1] int64."""
     offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
@@ -40,7 +49,7 @@ class ShardExperts:
 
     def __init__(self, layers: Mapping[int, ExpertWeights], *, hidden_size: int, dtype: torch.dtype,
                  config: TextConfig | None = None) -> None:
-        """`config`: the model's, to read LoRA adapters from their paths (load_adapter_from)."""
+        """`config`: the model's, to read LoRA adapters from their paths (set_adapter)."""
         if not layers:
             raise ValueError("a shard needs the experts of at least one MoE layer")
         self.layers = dict(layers)
@@ -67,21 +76,35 @@ class ShardExperts:
     def resident_bytes(self) -> int:
         return sum(w.nbytes for w in self.layers.values())
 
-    def load_adapter(self, slot: int, adapter: LoRAAdapter, *, slots: int, max_rank: int) -> None:
-        """Hold `adapter`'s factors for this shard's experts in bank slot `slot` (ValueError if they do not fit)."""
+    def check_adapter(self, adapter: LoRAAdapter) -> None:
+        """ValueError unless this shard can hold `adapter`'s factors for its experts."""
         if any(isinstance(w, kernels.QuantizedTensor) for e in self.layers.values() for w in (e.gate_up, e.down)):
             raise ValueError("LoRA on routed experts needs float expert weights; this shard holds them quantised")
+        self.adapters.check(adapter)
+
+    def load_adapter(self, slot: int, adapter: LoRAAdapter, *, slots: int, max_rank: int) -> None:
+        """Hold `adapter`'s factors for this shard's experts in bank slot `slot` (ValueError if they do not fit)."""
+        self.check_adapter(adapter)
         self.adapters.load(slot, adapter, slots=slots, max_rank=max_rank)
 
-    def load_adapter_from(self, slot: int, path: str | Path, *, slots: int, max_rank: int) -> None:
-        """load_adapter of the PEFT adapter at `path`, read here; ValueError naming what failed."""
+    def read_adapter(self, path: str | Path) -> LoRAAdapter:
+        """The PEFT adapter at `path`, read here; ValueError naming what failed."""
         if self.config is None:
             raise ValueError("this shard was built without its model's config; it cannot read adapters from a path")
         try:
-            adapter = load_adapter(path, self.config)
+            return load_adapter(path, self.config)
         except (AdapterError, OSError) as err:
             raise ValueError(f"expert shard of experts {list(self.experts)} cannot read adapter {path}: {err}") from err
-        self.load_adapter(slot, adapter, slots=slots, max_rank=max_rank)
+
+    def set_adapter(self, action: AdapterAction, slot: int, path: str, *, slots: int, max_rank: int) -> None:
+        """What a remote transport asks for by path: check the adapter at `path`, load it into `slot`, or empty
+        `slot` (path unused); ValueError naming what failed."""
+        if action is AdapterAction.UNLOAD:
+            self.unload_adapter(slot)
+        elif action is AdapterAction.CHECK:
+            self.check_adapter(self.read_adapter(path))
+        else:
+            self.load_adapter(slot, self.read_adapter(path), slots=slots, max_rank=max_rank)
 
     def unload_adapter(self, slot: int) -> None:
         """Empty bank slot `slot` here."""

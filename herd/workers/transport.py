@@ -78,6 +78,10 @@ class AdapterTransport(Protocol):
         """Every shard empties bank slot `slot`."""
         ...
 
+    def check_adapter(self, adapter: LoRAAdapter) -> None:
+        """HerdError or ValueError unless every shard could load `adapter` (at registration; nothing is held)."""
+        ...
+
 
 class InProcessTransport:
     """Shards as plain weight slices in this process (one GPU, or tests): no copies, no wire."""
@@ -109,6 +113,10 @@ class InProcessTransport:
     def unload_adapter(self, slot: int) -> None:
         for shard in self.shards:
             shard.unload_adapter(slot)
+
+    def check_adapter(self, adapter: LoRAAdapter) -> None:
+        for shard in self.shards:
+            shard.check_adapter(adapter)
 
     def healthy(self) -> bool:
         return True

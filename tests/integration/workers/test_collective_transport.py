@@ -225,7 +225,10 @@ def test_adapters_on_the_routed_experts_over_the_group_equal_the_single_process_
     """Two adapters and the base model in one batch, a slot refilled with another adapter, and a live re-placement
     (the shards load the resident adapters again for the experts they hold then): logits as the model holding
     every expert and every adapter."""
+    import dataclasses
+
     from herd.model.lora import load_adapter
+    from herd.model.lora_config import AdapterError
     from herd.model.tiny_lora import make_tiny_lora
     from herd.workers.balance import plan_placement
 
@@ -255,3 +258,6 @@ def test_adapters_on_the_routed_experts_over_the_group_equal_the_single_process_
         banks[0].unload(0)
         banks[0].unload(1)
         torch.testing.assert_close(trunk.logits(ids), full.logits(ids), rtol=1e-4, atol=1e-5)  # no stale factors
+        with pytest.raises(AdapterError, match="the expert shards cannot hold it"):  # registration's check
+            banks[0].check_fits(dataclasses.replace(adapters[0], path=tmp_path / "nowhere"))
+        torch.testing.assert_close(trunk.logits(ids), full.logits(ids), rtol=1e-4, atol=1e-5)  # still serving

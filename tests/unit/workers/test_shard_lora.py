@@ -76,7 +76,7 @@ def test_shard_compute_with_row_slots_equals_the_trunks_experts_with_its_stacks(
 def test_a_shard_that_cannot_read_the_adapter_says_so(scout, tmp_path):
     path, _, _ = scout
     with pytest.raises(ValueError, match="cannot read adapter"):
-        ShardExperts.load(path, HELD).load_adapter_from(0, tmp_path / "missing", slots=2, max_rank=8)
+        ShardExperts.load(path, HELD).read_adapter(tmp_path / "missing")
 
 
 def _sharded_trunk(path, shards):
@@ -173,6 +173,7 @@ def test_grpc_shards_take_adapters_by_path_and_refuse_one_they_cannot_read(scout
     import shutil
 
     from herd.engine.errors import HerdError
+    from herd.model.lora_config import AdapterError
     from herd.workers.expert_shard import serve
     from herd.workers.grpc_transport import GrpcTransport
 
@@ -192,7 +193,9 @@ def test_grpc_shards_take_adapters_by_path_and_refuse_one_they_cannot_read(scout
         gone = shutil.copytree(paths[2], tmp_path / "gone")
         vanished = load_adapter(gone, config)
         shutil.rmtree(gone)
-        with pytest.raises(HerdError, match="could not set adapter"):
+        with pytest.raises(AdapterError, match="the expert shards cannot hold it"):
+            bank.check_fits(vanished)  # what registration calls: refused there, with the shard's reason
+        with pytest.raises(HerdError, match="could not ADAPTER_ACTION_LOAD adapter"):
             bank.load(1, vanished)
         assert bank.adapter(1) is None, "the failed load leaves slot 1 empty"
         for _, _, service in servers:
