@@ -1,8 +1,8 @@
 """An expert shard: owns some experts of every MoE layer and computes them for the trunk over gRPC.
 
 It loads only its experts (memory in proportion to its share) and serves herd.v1.ExpertShard (a persistent
-Dispatch stream, plus Info) and the standard grpc.health.v1 health service; reflection only when asked (a
-shard is internal). Every dispatch message is checked before any work: a bad one ends that stream with
+Dispatch stream, Info, and SetAdapter: the trunk's LoRA adapters, read from their paths, for its experts) and the
+standard grpc.health.v1 health service; reflection only when asked (a shard is internal). Every dispatch message is checked before any work: a bad one ends that stream with
 INVALID_ARGUMENT and the reason, and the shard goes on serving other streams.
 
 The server is asyncio, on a thread of its own, so a stream costs no thread while it waits: idle Dispatch

@@ -1,5 +1,8 @@
 """Expert shards reached over gRPC: one persistent herd.v1.ExpertShard Dispatch stream per shard.
 
+LoRA: each DispatchRequest carries its rows' slots (row_slots) when an adapter covers the layer's experts; the
+adapters themselves go by path in SetAdapter calls between steps, and each shard reads them.
+
 With ShardTls credentials the traffic is mutual TLS: each shard and the trunk present one certificate and
 accept only a peer whose certificate the same CA signed.
 """
