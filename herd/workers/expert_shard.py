@@ -2,8 +2,9 @@
 
 It loads only its experts (memory in proportion to its share) and serves herd.v1.ExpertShard (a persistent
 Dispatch stream, Info, and SetAdapter: the trunk's LoRA adapters, read from their paths, for its experts) and the
-standard grpc.health.v1 health service; reflection only when asked (a shard is internal). Every dispatch message is checked before any work: a bad one ends that stream with
-INVALID_ARGUMENT and the reason, and the shard goes on serving other streams.
+standard grpc.health.v1 health service; reflection only when asked (a shard is internal). Every dispatch message
+is checked before any work: a bad one ends that stream with INVALID_ARGUMENT and the reason, and the shard goes on
+serving other streams.
 
 The server is asyncio, on a thread of its own, so a stream costs no thread while it waits: idle Dispatch
 streams, a rogue client's, cannot take the threads the trunk's stream needs. The compute runs on that loop, one
