@@ -84,6 +84,7 @@ class AdapterResidency:
         if (evicted := self.occupants[slot]) is not None:
             self.evictions += 1
             self._last_used.pop(evicted, None)
+            self.occupants[slot] = None  # the load empties the slot first, even one that fails (expert shards)
         self.bank.load(slot, self.registered[name].adapter)  # replaces the evicted adapter's entries
         self.occupants[slot] = name
         self._last_used[name] = next(self._clock)

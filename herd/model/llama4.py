@@ -31,7 +31,7 @@ from herd.kernels.host_syncs import host_side
 from herd.model.config import TextConfig
 from herd.model.decoder import DecoderLayer
 from herd.model.kv_cache import ContiguousKVCache, KVContext
-from herd.model.lora_bank import AdapterBank
+from herd.model.lora_bank import AdapterBank, ExpertAdapterSink
 from herd.model.lora_batch import LoRABatch
 from herd.model.lora_config import MAX_RANK
 from herd.model.moe import ExpertsExecutor, MoE
@@ -184,6 +184,8 @@ class Llama4Model(nn.Module):
         for layer in self.model.layers:
             if isinstance(layer.feed_forward, MoE):
                 layer.feed_forward.executor = executor
+        if self.adapters is not None:
+            self.adapters.set_expert_sink(self._expert_sink())
 
     def new_adapter_bank(self, *, slots: int, max_rank: int = MAX_RANK) -> AdapterBank:
         """An empty bank of `slots` LoRA adapters for this model (its dtype, device and expert storage), which
@@ -191,8 +193,15 @@ class Llama4Model(nn.Module):
         quantized = any(isinstance(layer.feed_forward, MoE) and layer.feed_forward.experts.scheme is not None
                         for layer in self.model.layers)
         self.adapters = AdapterBank(self.config, slots=slots, max_rank=max_rank, dtype=self.lm_head.weight.dtype,
-                                    device=self.device, quantized_experts=quantized)
+                                    device=self.device, quantized_experts=quantized, expert_sink=self._expert_sink())
         return self.adapters
+
+    def _expert_sink(self) -> ExpertAdapterSink | None:
+        """The experts executor, when it holds the routed-expert parts of adapters itself (expert shards)."""
+        executors = {id(layer.feed_forward.executor): layer.feed_forward.executor for layer in self.model.layers
+                     if isinstance(layer.feed_forward, MoE)}
+        executor = next(iter(executors.values()), None) if len(executors) == 1 else None
+        return executor if isinstance(executor, ExpertAdapterSink) else None
 
     def drop_adapter_bank(self) -> None:
         """Forget the adapter bank (its memory goes with it)."""

@@ -9,10 +9,9 @@ own projection; a site no resident adapter covers costs a dictionary lookup. Lin
 each token's factors (bench/lora_delta.py; the numbers are in herd.kernels.lora).
 
 Routed experts: a row's entry is (its token's slot + 1) * E + its expert, computed after permutation and handed
-to the in-process experts (herd.kernels.experts), which gather each row's factors. A remote executor (the
-workers' expert shards) would need the same per-row entry, or the slot per row and the adapters on the shard;
-that is not built, so an adapter on the routed experts with a remote executor is refused in the forward
-(herd.model.moe).
+to the in-process experts (herd.kernels.experts), which gather each row's factors. With the experts at shards
+(the bank's expert sink, herd.model.lora_bank), each row's slot + 1 goes with the row instead (`expert_slots`),
+and each shard adds its own experts' factors (herd.workers.shard_adapters).
 """
 
 from __future__ import annotations
@@ -70,3 +69,10 @@ class LoRAScope:
             return None
         entries = self.batch.token_entries.index_select(0, row_tokens) * num_experts + row_experts  # [R]
         return ExpertsLoRA(gate_up=gate_up, down=down, row_index=entries)
+
+    def expert_slots(self, row_tokens: torch.Tensor) -> torch.Tensor | None:
+        """Each row's slot + 1 (0: the base model) for rows of tokens row_tokens [R], when a resident adapter covers
+        this layer's routed experts at the bank's expert sink; None otherwise (the rows go as without LoRA)."""
+        if self.layer not in self.batch.bank.remote_expert_layers:
+            return None
+        return self.batch.token_entries.index_select(0, row_tokens)  # [R]

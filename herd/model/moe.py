@@ -50,7 +50,14 @@ class ExpertsExecutor(Protocol):
         ...
 
     def submit(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """Start the experts on the rows; the returned function waits for and returns the outputs [R, H]."""
+        """Start the experts on the rows; the returned function waits for and returns the outputs [R, H].
+
+        LoRA on the routed experts: an executor that holds the adapters' expert factors itself (an
+        herd.model.lora_bank.ExpertAdapterSink, to which the model's bank hands each adapter it loads) also takes
+        `row_slots` [R] int64 as a keyword of both calls: each row's adapter, bank slot + 1 (0: the base model).
+        It is given only when a resident adapter covers this layer's routed experts, so rows without adapters go
+        to any executor exactly as without LoRA.
+        """
         ...
 
 
@@ -158,22 +165,28 @@ class MoE(nn.Module):
             out_rows = self.experts(rows, permutation.expert_offsets, check_values=False, lora=experts_lora)
             shared: torch.Tensor = self.shared_expert(x, lora.sub("shared_expert."))  # [T, H]
         else:
-            if experts_lora is not None:
+            if experts_lora is not None:  # the bank holds expert factors here: the executor is no expert sink
                 raise ValueError(
-                    f"layer {self.layer}: an adapter covers the routed experts, which run through a remote executor; "
-                    "routed-expert LoRA needs the experts held in this process (shards do not take row slots yet)")
-            pending = _submit(self.executor, self.layer, rows, permutation.expert_offsets)
+                    f"layer {self.layer}: an adapter covers the routed experts, which run through "
+                    f"{type(self.executor).__name__}, an executor that cannot hold adapters: routed-expert LoRA needs "
+                    "the experts held in this process or at expert shards (herd.workers.dispatch)")
+            row_slots = lora.expert_slots(row_tokens)  # [R] or None
+            pending = _submit(self.executor, self.layer, rows, permutation.expert_offsets, row_slots)
             shared = self.shared_expert(x, lora.sub("shared_expert."))
             out_rows = pending()  # [R, H]
         return shared + kernels.combine(out_rows, permutation, x.shape[0])
 
 
 def _submit(executor: ExpertsExecutor, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor,
-            ) -> Callable[[], torch.Tensor]:
-    """executor.submit; an executor without one (a plain function) runs at once, with nothing to overlap."""
+            row_slots: torch.Tensor | None = None) -> Callable[[], torch.Tensor]:
+    """executor.submit; an executor without one (a plain function) runs at once, with nothing to overlap. Rows
+    without adapters go exactly as before LoRA (no row_slots argument), so any executor takes them."""
     submit = getattr(executor, "submit", None)
     if submit is not None:
-        pending: Callable[[], torch.Tensor] = submit(layer, rows, expert_offsets)
+        pending: Callable[[], torch.Tensor] = (submit(layer, rows, expert_offsets) if row_slots is None
+                                               else submit(layer, rows, expert_offsets, row_slots=row_slots))
         return pending
-    out = executor(layer, rows, expert_offsets)
+    run: Callable[..., torch.Tensor] = executor
+    out = run(layer, rows, expert_offsets) if row_slots is None else run(layer, rows, expert_offsets,
+                                                                         row_slots=row_slots)
     return lambda: out

@@ -8,6 +8,12 @@ Trunk and shard talk point to point, each kind of message under its own tag, in 
 - A layer step, to each shard with rows this layer (others hear nothing): one message of the header (STEP, layer,
   its counts per held expert) and up to `inline_rows` of its rows (grouped by expert in the shard's order), the
   rest of its rows in a second message if there are more; the shard sends its outputs back.
+- A layer step with LoRA (some resident adapter covers the layer's routed experts): the same, under op LORA_STEP,
+  and then the rows' row slots [R_s] int64 (each row's bank slot + 1, 0: the base model) in a message of their own.
+- An adapter, to every shard: a header (ADAPTER, payload length), the payload ([action, slot, slots, max_rank]
+  and the adapter directory's path as UTF-8 bytes, one per int64; action: herd.workers.shard_experts'
+  AdapterAction, load, unload or check); each shard does it (reading the adapter from the path) and acks 1, or 0
+  when it cannot (the reason in its log).
 - A re-placement (expert balancing), to every shard: a header (PLACE, payload length), the payload (old and new
   placements as herd.workers.placement's ints); then per MoE layer one all_to_all of the whole group in which the
   shards swap the moved experts' weights (the trunk takes part with nothing); then each shard's ack.
@@ -38,12 +44,15 @@ class Tag(IntEnum):
     INFO = 4
     PAYLOAD = 5
     ACK = 6
+    SLOTS = 7
 
 
 class Op(IntEnum):
     STOP = 0
     STEP = 1  # argument: the MoE layer; values: rows per held expert
     PLACE = 2  # argument: payload length
+    LORA_STEP = 3  # as STEP; the rows' row slots follow
+    ADAPTER = 4  # argument: payload length
 
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -53,6 +62,17 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INLINE_BYTES = 64 * 1024
 """Bytes of rows a header message carries (at least one row): a decode step's rows of a shard on the tiny and
 CPU sizes, a few rows of Scout's."""
+
+
+def adapter_payload(action: int, slot: int, path: str, slots: int, max_rank: int) -> list[int]:
+    """An ADAPTER message's payload ints."""
+    return [action, slot, slots, max_rank, *path.encode()]
+
+
+def read_adapter_payload(values: list[int]) -> tuple[int, int, str, int, int]:
+    """(action, slot, path, slots, max_rank) of an ADAPTER payload."""
+    action, slot, slots, max_rank = values[:4]
+    return action, slot, bytes(values[4:]).decode(), slots, max_rank
 
 
 def header_size(num_experts: int) -> int:

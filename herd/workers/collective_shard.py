@@ -4,11 +4,12 @@ Legend: R_s the shard's rows of a step, H hidden, B bytes of one expert's weight
 
 `serve` is a loop on one thread (a shard process's main thread, or a thread of its Ray actor) that waits for the
 trunk's next header (herd.workers.collective_protocol) with no deadline worth the name (an idle replica sends
-nothing) and answers it: a layer step's
-rows through ShardExperts.compute (the one compute entry of every transport), a re-placement by swapping weights
-with the other shards, a stop by returning. A failed collective ends the loop with the error (the trunk is gone or
-the group broke: the replica restarts it all); a dispatch the shard cannot compute ends it too, after logging why
-(the trunk then fails its step when its wait times out, and reports unhealthy).
+nothing) and answers it: a layer step's rows through ShardExperts.compute (the one compute entry of every
+transport), an adapter by reading it from its path (or emptying its slot), a re-placement by swapping weights with
+the other shards (the new ShardExperts holds no adapters: the trunk sends them again), a stop by returning. A
+failed collective ends the loop with the error (the trunk is gone or the group broke: the replica restarts it
+all); a dispatch the shard cannot compute ends it too, after logging why (the trunk then fails its step when its
+wait times out, and reports unhealthy).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from herd.workers.collective_protocol import (
     info_size,
     inline_rows,
     message_bytes,
+    read_adapter_payload,
     read_header,
     rows_part,
 )
 from herd.workers.placement import Placement
-from herd.workers.shard_experts import ShardExperts
+from herd.workers.shard_experts import AdapterAction, ShardExperts
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,10 @@ class CollectiveShard:
                 op, argument, values = self._header()
                 if op is Op.STOP:
                     return
-                if op is Op.STEP:
-                    self._step(argument, values)
+                if op in (Op.STEP, Op.LORA_STEP):
+                    self._step(argument, values, lora=op is Op.LORA_STEP)
+                elif op is Op.ADAPTER:
+                    self._adapter(argument)
                 else:
                     self._place(argument)
         except BaseException as err:
@@ -100,7 +104,7 @@ class CollectiveShard:
         self.group.wait(work, timeout_s=IDLE_TIMEOUT_S)
         return read_header(header_part(self._message, self.num_experts).tolist())
 
-    def _step(self, layer: int, counts: list[int]) -> None:
+    def _step(self, layer: int, counts: list[int], *, lora: bool = False) -> None:
         hidden, dtype, total = self.shard.hidden_size, self.shard.dtype, sum(counts)
         inline = min(total, inline_rows(hidden, dtype))
         rows = rows_part(self._message, self.num_experts, inline, hidden, dtype)  # [inline, H], a view
@@ -108,8 +112,26 @@ class CollectiveShard:
             rest = torch.empty(total - inline, hidden, dtype=dtype, device=self.device)
             self._from_trunk(rest, Tag.ROWS)
             rows = torch.cat([rows, rest])
-        out = self.shard.compute(layer, counts, rows)  # [R_s, H]
+        row_slots = None
+        if lora:
+            row_slots = torch.empty(total, dtype=torch.int64, device=self.device)  # [R_s]
+            self._from_trunk(row_slots, Tag.SLOTS)
+        out = self.shard.compute(layer, counts, rows, row_slots=row_slots)  # [R_s, H]
         self._to_trunk(out.contiguous(), Tag.OUTPUTS, then_post_next=True)
+
+    def _adapter(self, length: int) -> None:
+        """Load, empty or check a bank slot's adapter; a shard that cannot (the adapter unreadable here) acks 0 and
+        goes on."""
+        payload = torch.empty(length, dtype=torch.int64, device=self.device)
+        self._from_trunk(payload, Tag.PAYLOAD)
+        action, slot, path, slots, max_rank = read_adapter_payload(payload.tolist())
+        done = 1
+        try:
+            self.shard.set_adapter(AdapterAction(action), slot, path, slots=slots, max_rank=max_rank)
+        except ValueError as err:  # an unknown action too
+            log.error("expert shard %d cannot %s adapter %s (slot %d): %s", self.group.rank, action, path, slot, err)
+            done = 0
+        self._to_trunk(torch.tensor([done], dtype=torch.int64, device=self.device), Tag.ACK, then_post_next=True)
 
     def _place(self, length: int) -> None:
         payload = torch.empty(length, dtype=torch.int64, device=self.device)
@@ -123,7 +145,8 @@ class CollectiveShard:
                              f"{list(self.shard.experts)}")
         layers = {layer: self._move(weights, old, new) for layer, weights in sorted(self.shard.layers.items())}
         with self._lock:
-            self.shard = ShardExperts(layers, hidden_size=self.shard.hidden_size, dtype=self.shard.dtype)
+            self.shard = ShardExperts(layers, hidden_size=self.shard.hidden_size, dtype=self.shard.dtype,
+                                      config=self.shard.config)
         self._to_trunk(torch.ones(1, dtype=torch.int64, device=self.device), Tag.ACK, then_post_next=True)
 
     def _move(self, weights: ExpertWeights, old: Placement, new: Placement) -> ExpertWeights:

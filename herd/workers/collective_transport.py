@@ -7,7 +7,10 @@ Per MoE layer the trunk starts, for each shard with rows, a send of its header (
 (herd.workers.collective_protocol); the wait function waits for them, so whatever the caller does between submit
 and wait (the shared expert) overlaps the shards' work. On CUDA (NCCL) the rows never leave the device (they are
 copied into the header message there); the counts are the host's already (the dispatcher reads the offsets to
-cut the rows). A failed or late operation is a HerdError (UNAVAILABLE or DEADLINE_EXCEEDED) with a generic message (the
+cut the rows). With LoRA, a layer step's row slots follow its rows, and adapters go to the shards as their paths
+(the shards read them).
+
+A failed or late operation is a HerdError (UNAVAILABLE or DEADLINE_EXCEEDED) with a generic message (the
 detail goes to the log); the group is then broken, `healthy()` is False for good, and the replica is restarted by
 whoever hosts it.
 """
@@ -23,11 +26,13 @@ import torch
 from torch._C._distributed_c10d import Work
 
 from herd.engine.errors import Code, HerdError
+from herd.model.lora import LoRAAdapter
 from herd.workers.collective import CollectiveError, CollectiveGroup
 from herd.workers.collective_protocol import (
     Op,
     ShardInfo,
     Tag,
+    adapter_payload,
     header,
     header_part,
     info_size,
@@ -36,6 +41,7 @@ from herd.workers.collective_protocol import (
     rows_part,
 )
 from herd.workers.placement import Placement
+from herd.workers.shard_experts import AdapterAction
 from herd.workers.transport import ShardWork, TransportStats
 
 log = logging.getLogger(__name__)
@@ -76,7 +82,8 @@ class CollectiveTransport:
         start = time.perf_counter()
         sizes = [item.rows.shape[0] for item in work]
         busy = [rank for rank, size in enumerate(sizes, start=1) if size]
-        heads = torch.tensor([header(Op.STEP, layer, list(work[rank - 1].counts), self.num_experts) for rank in busy],
+        op = Op.STEP if all(item.row_slots is None for item in work) else Op.LORA_STEP
+        heads = torch.tensor([header(op, layer, list(work[rank - 1].counts), self.num_experts) for rank in busy],
                              dtype=torch.int64).to(self.device, non_blocking=True)  # [busy, HS]
         messages = self._messages(heads)  # [busy, message bytes]
         outputs = [item.rows.new_empty(item.rows.shape) for item in work]  # [R_s, H] each
@@ -87,6 +94,11 @@ class CollectiveTransport:
             operations.append((messages[row], rank, Tag.HEADER, False))
             if sizes[rank - 1] > inline:
                 operations.append((rows[inline:].contiguous(), rank, Tag.ROWS, False))
+            if op is Op.LORA_STEP:
+                row_slots = work[rank - 1].row_slots
+                if row_slots is None or row_slots.shape != (sizes[rank - 1],):
+                    raise ValueError(f"shard {rank - 1}: row slots must be given for each of its rows, or for none")
+                operations.append((row_slots.to(self.device, torch.int64).contiguous(), rank, Tag.SLOTS, False))
             operations.append((outputs[rank - 1], rank, Tag.OUTPUTS, True))
         pending = self._start(operations)
         self.stats.calls += 1
@@ -103,6 +115,31 @@ class CollectiveTransport:
             return outputs
 
         return wait
+
+    def load_adapter(self, slot: int, adapter: LoRAAdapter, *, slots: int, max_rank: int) -> None:
+        """Every shard reads the adapter from its path into bank slot `slot`; between steps."""
+        self._set_adapter(adapter_payload(AdapterAction.LOAD, slot, str(adapter.path), slots, max_rank),
+                          f"load adapter {adapter.path}")
+
+    def unload_adapter(self, slot: int) -> None:
+        self._set_adapter(adapter_payload(AdapterAction.UNLOAD, slot, "", 0, 0), f"empty slot {slot}")
+
+    def check_adapter(self, adapter: LoRAAdapter) -> None:
+        self._set_adapter(adapter_payload(AdapterAction.CHECK, 0, str(adapter.path), 0, 0),
+                          f"read adapter {adapter.path}")
+
+    def _set_adapter(self, values: list[int], what: str) -> None:
+        payload = torch.tensor(values, dtype=torch.int64, device=self.device)
+        head = self._messages(torch.tensor([header(Op.ADAPTER, payload.shape[0], [], self.num_experts)],
+                                           dtype=torch.int64, device=self.device))[0]
+        acks = torch.zeros(self.num_shards, 1, dtype=torch.int64, device=self.device)
+        shards = range(1, self.num_shards + 1)
+        self._wait(self._start([(t, rank, tag, False) for rank in shards
+                                for t, tag in ((head, Tag.HEADER), (payload, Tag.PAYLOAD))]))
+        self._wait(self._start([(acks[rank - 1], rank, Tag.ACK, True) for rank in shards]))
+        refused = [rank - 1 for rank in shards if acks[rank - 1].item() != 1]
+        if refused:
+            raise HerdError(Code.INTERNAL, f"expert shard(s) {refused} could not {what} (see the shards' logs)")
 
     def replace(self, old: Placement, new: Placement) -> None:
         """Move experts between the shards to `new` (the shards copy weights among themselves; the trunk only

@@ -14,6 +14,11 @@ to the expert load and, when given, reports its duration (herd_expert_dispatch_s
 Submit and wait (issue 21): `submit` sends every shard its rows and returns a function that waits for
 the outputs, so the model computes its shared expert while the rows are out. The load is counted at
 submit; the duration and a traced step's dispatch span run from the submit to the end of the wait.
+
+LoRA: the dispatcher is the model's expert sink (herd.model.lora_bank.ExpertAdapterSink): the bank hands it each
+adapter it loads, and the shards hold the routed-expert factors for their experts (herd.workers.shard_adapters).
+Rows of a layer some resident adapter covers come with their row slots, cut like the rows. A re-placement moves
+experts between shards without their factors, so the dispatcher loads every resident adapter on the shards again.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ from typing import Protocol, runtime_checkable
 import torch
 from opentelemetry import propagate, trace
 
+from herd.engine.errors import Code, HerdError
 from herd.model.llama4 import Llama4Model
+from herd.model.lora import LoRAAdapter
+from herd.model.lora_config import AdapterError
 from herd.workers.expert_load import ExpertLoad
 from herd.workers.placement import Placement, copy_rows
-from herd.workers.transport import ExpertTransport, ShardWork
+from herd.workers.transport import AdapterTransport, ExpertTransport, ShardWork
 
 tracer = trace.get_tracer("herd.workers.dispatch")
 
@@ -54,6 +62,7 @@ class ExpertDispatcher:
         self._use(placement)
         self.load = load or ExpertLoad(len(placement.expert_order))
         self.observe_s = observe_s
+        self._adapters: dict[int, tuple[LoRAAdapter, int, int]] = {}  # slot -> (adapter, slots, max_rank) on shards
 
     def attach(self, model: Llama4Model) -> None:
         """Route every MoE layer of the model through the shards."""
@@ -70,22 +79,56 @@ class ExpertDispatcher:
                              "transport can)")
         self.transport.replace(self.placement, placement)
         self._use(placement)
+        for slot, (adapter, slots, max_rank) in sorted(self._adapters.items()):  # the moved experts' factors
+            self._adapter_transport().load_adapter(slot, adapter, slots=slots, max_rank=max_rank)
+
+    def load_expert_adapter(self, slot: int, adapter: LoRAAdapter, *, slots: int, max_rank: int) -> None:
+        """The shards hold `adapter`'s routed-expert factors in bank slot `slot` (between steps)."""
+        self._adapters.pop(slot, None)
+        self._adapter_transport().load_adapter(slot, adapter, slots=slots, max_rank=max_rank)
+        self._adapters[slot] = (adapter, slots, max_rank)
+
+    def unload_expert_adapter(self, slot: int) -> None:
+        """The shards empty bank slot `slot`."""
+        self._adapters.pop(slot, None)
+        self._adapter_transport().unload_adapter(slot)
+
+    def check_expert_adapter(self, adapter: LoRAAdapter) -> None:
+        """AdapterError unless every shard can read `adapter` and hold its factors (at registration); a shard
+        unreachable or late is the transport's HerdError."""
+        try:
+            self._adapter_transport().check_adapter(adapter)
+        except ValueError as err:
+            raise AdapterError(f"{adapter.path}: the expert shards cannot hold it: {err}") from err
+        except HerdError as err:
+            if err.code != Code.INTERNAL:  # a shard gone or late, not a refusal
+                raise
+            raise AdapterError(f"{adapter.path}: the expert shards cannot hold it: {err.message}") from err
+
+    def _adapter_transport(self) -> AdapterTransport:
+        if not isinstance(self.transport, AdapterTransport):
+            raise ValueError(f"{type(self.transport).__name__} cannot hold LoRA adapters on its expert shards; an "
+                             "adapter covering routed experts needs the in-process, gRPC, Ray or collective transport")
+        return self.transport
 
     def _use(self, placement: Placement) -> None:
         self.placement = placement
         self.expert_order: tuple[int, ...] = placement.expert_order
         self._group = {expert: g for g, expert in enumerate(placement.expert_order)}
 
-    def __call__(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
-        return self.submit(layer, rows, expert_offsets)()
+    def __call__(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor,
+                 row_slots: torch.Tensor | None = None) -> torch.Tensor:
+        return self.submit(layer, rows, expert_offsets, row_slots)()
 
-    def submit(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """Send every shard its rows now; the returned function waits for the outputs, in the rows' places."""
+    def submit(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor,
+               row_slots: torch.Tensor | None = None) -> Callable[[], torch.Tensor]:
+        """Send every shard its rows (with LoRA, their row slots [R]) now; the function waits for the outputs, in
+        the rows' places."""
         start = time.perf_counter()
         bounds = expert_offsets.tolist()
         self.load.add(layer, self.expert_order, bounds)
         if not trace.get_current_span().is_recording():
-            return self._finish(*self._send(layer, rows, bounds, {}), rows, start)
+            return self._finish(*self._send(layer, rows, row_slots, bounds, {}), rows, start)
         # The span covers the dispatch from the sends to the end of the wait, but is current only while
         # this code runs: what the caller does in between (the shared expert) is not inside it.
         span = tracer.start_span("herd.expert_dispatch", attributes={
@@ -94,7 +137,7 @@ class ExpertDispatcher:
             with trace.use_span(span):
                 carrier: dict[str, str] = {}
                 propagate.inject(carrier)
-                plans, wait = self._send(layer, rows, bounds, carrier)
+                plans, wait = self._send(layer, rows, row_slots, bounds, carrier)
         except BaseException:
             span.end()  # use_span recorded the error
             raise
@@ -106,11 +149,12 @@ class ExpertDispatcher:
 
         return traced
 
-    def _send(self, layer: int, rows: torch.Tensor, bounds: list[int], trace_context: dict[str, str],
-              ) -> tuple[list[list[tuple[int, int]]], Callable[[], list[torch.Tensor]]]:
+    def _send(self, layer: int, rows: torch.Tensor, row_slots: torch.Tensor | None, bounds: list[int],
+              trace_context: dict[str, str]) -> tuple[list[list[tuple[int, int]]], Callable[[], list[torch.Tensor]]]:
         plans = [self._slices(shard, bounds) for shard in range(self.placement.num_shards)]
         work = [ShardWork(counts=[stop - start for start, stop in plan], rows=_take(rows, plan),
-                          trace_context=trace_context) for plan in plans]
+                          trace_context=trace_context,
+                          row_slots=None if row_slots is None else _take(row_slots, plan)) for plan in plans]
         return plans, self.transport.submit(layer, work)
 
     def _finish(self, plans: list[list[tuple[int, int]]], wait: Callable[[], list[torch.Tensor]], rows: torch.Tensor,
@@ -142,7 +186,7 @@ class ExpertDispatcher:
 
 
 def _take(rows: torch.Tensor, slices: list[tuple[int, int]]) -> torch.Tensor:
-    """The rows of the given ranges, concatenated: a view when they touch end to end."""
+    """The rows [R, ...] of the given ranges, concatenated: a view when they touch end to end."""
     spans = [(a, b) for a, b in slices if b > a]
     if not spans:
         return rows[:0]

@@ -1,9 +1,10 @@
 """An expert shard: owns some experts of every MoE layer and computes them for the trunk over gRPC.
 
 It loads only its experts (memory in proportion to its share) and serves herd.v1.ExpertShard (a persistent
-Dispatch stream, plus Info) and the standard grpc.health.v1 health service; reflection only when asked (a
-shard is internal). Every dispatch message is checked before any work: a bad one ends that stream with
-INVALID_ARGUMENT and the reason, and the shard goes on serving other streams.
+Dispatch stream, Info, and SetAdapter: the trunk's LoRA adapters, read from their paths, for its experts) and the
+standard grpc.health.v1 health service; reflection only when asked (a shard is internal). Every dispatch message
+is checked before any work: a bad one ends that stream with INVALID_ARGUMENT and the reason, and the shard goes on
+serving other streams.
 
 The server is asyncio, on a thread of its own, so a stream costs no thread while it waits: idle Dispatch
 streams, a rogue client's, cannot take the threads the trunk's stream needs. The compute runs on that loop, one
@@ -33,7 +34,7 @@ from herd.model.config import TextConfig, load_config
 from herd.protos.herd.v1 import experts_pb2 as pb
 from herd.protos.herd.v1 import experts_pb2_grpc as pb_grpc
 from herd.workers.grpc_serving import LoopThread, add_health_and_reflection, listen, message_options
-from herd.workers.shard_experts import ShardExperts
+from herd.workers.shard_experts import AdapterAction, ShardExperts
 from herd.workers.wire import TO_WIRE, from_wire, to_wire
 
 log = logging.getLogger(__name__)
@@ -99,13 +100,27 @@ class ExpertShardService(pb_grpc.ExpertShardServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             yield reply
 
+    async def SetAdapter(self, request: pb.SetAdapterRequest,
+                         context: grpc.aio.ServicerContext[object, object]) -> pb.SetAdapterReply:
+        """Load (from its path) or empty a slot of the trunk's adapter bank; runs on the loop, between dispatches."""
+        try:
+            action = int(request.action)
+            if action not in {a.value for a in AdapterAction}:
+                raise ValueError(f"SetAdapter needs an action ({[a.name for a in AdapterAction]}), got {action}")
+            self.shard.set_adapter(AdapterAction(action), request.slot, request.path, slots=request.slots,
+                                   max_rank=request.max_rank)
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return pb.SetAdapterReply()
+
     def _step(self, request: pb.DispatchRequest) -> pb.DispatchReply:
         counts = list(request.counts)
         # The shape first: one whose element count wraps past int64 would pass the byte count in from_wire.
         self.shard.check(request.layer, counts, list(request.rows.shape))
         rows = from_wire(request.rows, name="rows").to(self.shard.device)  # [R, H]
+        row_slots = torch.tensor(list(request.row_slots), dtype=torch.int64) if request.row_slots else None  # [R]
         start = time.perf_counter()
-        out = self.shard.compute(request.layer, counts, rows, request.trace_context)
+        out = self.shard.compute(request.layer, counts, rows, request.trace_context, row_slots)
         return pb.DispatchReply(sequence=request.sequence, layer=request.layer, rows=to_wire(out),
                                 compute_seconds=time.perf_counter() - start)
 

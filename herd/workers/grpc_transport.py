@@ -1,5 +1,8 @@
 """Expert shards reached over gRPC: one persistent herd.v1.ExpertShard Dispatch stream per shard.
 
+LoRA: each DispatchRequest carries its rows' slots (row_slots) when an adapter covers the layer's experts; the
+adapters themselves go by path in SetAdapter calls between steps, and each shard reads them.
+
 With ShardTls credentials the traffic is mutual TLS: each shard and the trunk present one certificate and
 accept only a peer whose certificate the same CA signed.
 """
@@ -17,6 +20,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from herd.engine.errors import Code, HerdError
+from herd.model.lora import LoRAAdapter
 from herd.protos.herd.v1 import experts_pb2 as pb
 from herd.protos.herd.v1 import experts_pb2_grpc as pb_grpc
 from herd.workers.expert_shard import SERVICE
@@ -56,7 +60,7 @@ class GrpcTransport:
         sent: list[int | None] = []  # each shard's message sequence; None: no rows for it this layer
         for stream, item in zip(self.streams, work, strict=True):
             if item.rows.shape[0]:
-                sent.append(stream.send(layer, item.counts, to_wire(item.rows), item.trace_context))
+                sent.append(stream.send(layer, item.counts, to_wire(item.rows), item.trace_context, item.row_slots))
             else:
                 sent.append(None)
         self.stats.serialize_s += time.perf_counter() - start
@@ -79,6 +83,21 @@ class GrpcTransport:
         self.stats.deserialize_s += done - received
         self.stats.compute_s += max((r.compute_seconds for r in replies if r is not None), default=0.0)
         return outputs
+
+    def load_adapter(self, slot: int, adapter: LoRAAdapter, *, slots: int, max_rank: int) -> None:
+        """Every shard reads the adapter from its path (SetAdapter)."""
+        self._set_adapter(pb.SetAdapterRequest(action=pb.ADAPTER_ACTION_LOAD, slot=slot, path=str(adapter.path),
+                                               slots=slots, max_rank=max_rank))
+
+    def unload_adapter(self, slot: int) -> None:
+        self._set_adapter(pb.SetAdapterRequest(action=pb.ADAPTER_ACTION_UNLOAD, slot=slot))
+
+    def check_adapter(self, adapter: LoRAAdapter) -> None:
+        self._set_adapter(pb.SetAdapterRequest(action=pb.ADAPTER_ACTION_CHECK, path=str(adapter.path)))
+
+    def _set_adapter(self, request: pb.SetAdapterRequest) -> None:
+        for stream in self.streams:
+            stream.set_adapter(request)
 
     def healthy(self) -> bool:
         return all(s.healthy() for s in self.streams)
@@ -135,15 +154,27 @@ class _ShardStream:
                     err = probe
             raise HerdError(shard_code(err.code().name), f"expert shard at {self.address}: {err.details()}") from err
 
-    def send(self, layer: int, counts: list[int], rows: pb.Tensor, trace_context: dict[str, str] | None = None) -> int:
+    def send(self, layer: int, counts: list[int], rows: pb.Tensor, trace_context: dict[str, str] | None = None,
+             row_slots: torch.Tensor | None = None) -> int:
+        slots = row_slots.tolist() if row_slots is not None else []
         with self._lock:
             if self._requests is None:
                 self._open()
             assert self._requests is not None
             sequence = next(self._sequence)
             self._requests.put(pb.DispatchRequest(sequence=sequence, layer=layer, counts=counts, rows=rows,
-                                                  trace_context=trace_context or {}))
+                                                  trace_context=trace_context or {}, row_slots=slots))
         return sequence
+
+    def set_adapter(self, request: pb.SetAdapterRequest) -> None:
+        """SetAdapter; a shard that refuses or cannot be reached is a HerdError naming the adapter."""
+        try:
+            self.stub.SetAdapter(request, timeout=self.timeout_s)
+        except grpc.RpcError as err:
+            what = f"adapter {request.path!r}" if request.path else f"slot {request.slot}"
+            raise HerdError(shard_code(err.code().name),
+                            f"expert shard at {self.address} could not {pb.AdapterAction.Name(request.action)} {what}: "
+                            f"{err.details()}") from err
 
     def receive(self, sequence: int) -> pb.DispatchReply:
         try:

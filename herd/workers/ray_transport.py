@@ -9,6 +9,8 @@ import ray
 import torch
 
 from herd.engine.errors import Code, HerdError
+from herd.model.lora import LoRAAdapter
+from herd.workers.shard_experts import AdapterAction
 from herd.workers.transport import ShardWork, TransportStats
 
 
@@ -29,7 +31,7 @@ class RayTransport:
 
     def submit(self, layer: int, work: list[ShardWork]) -> Callable[[], list[torch.Tensor]]:
         """Start every shard's actor call now; the function gets their outputs."""
-        refs = [a.dispatch.remote(layer, w.counts, w.rows, w.trace_context)
+        refs = [a.dispatch.remote(layer, w.counts, w.rows, w.trace_context, w.row_slots)
                 for a, w in zip(self.actors, work, strict=True)]
         return lambda: self._get(refs)
 
@@ -49,6 +51,17 @@ class RayTransport:
             raise HerdError(Code.INTERNAL, f"an expert shard refused the work: {err.cause}") from err
         finally:
             self.stats.calls += 1
+
+    def load_adapter(self, slot: int, adapter: LoRAAdapter, *, slots: int, max_rank: int) -> None:
+        """Every shard actor reads the adapter from its path."""
+        self._get([a.set_adapter.remote(AdapterAction.LOAD, slot, str(adapter.path), slots, max_rank)
+                   for a in self.actors])
+
+    def unload_adapter(self, slot: int) -> None:
+        self._get([a.set_adapter.remote(AdapterAction.UNLOAD, slot, "", 0, 0) for a in self.actors])
+
+    def check_adapter(self, adapter: LoRAAdapter) -> None:
+        self._get([a.set_adapter.remote(AdapterAction.CHECK, 0, str(adapter.path), 0, 0) for a in self.actors])
 
     def healthy(self) -> bool:
         try:

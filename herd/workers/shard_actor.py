@@ -21,6 +21,7 @@ from herd.workers.collective_shard import CollectiveShard
 from herd.workers.expert_shard import DEFAULT_STEP_TOKENS
 from herd.workers.expert_shard import serve as serve_shard
 from herd.workers.process_setup import ProcessSetup
+from herd.workers.shard_experts import AdapterAction
 from herd.workers.shard_tls import ShardTls, check_shard_listen
 
 LOOPBACK = "127.0.0.1"
@@ -81,9 +82,14 @@ class ExpertShardActor:
         return self._collective_thread is None or self._collective_thread.is_alive()
 
     def dispatch(self, layer: int, counts: list[int], rows: torch.Tensor,
-                 trace_context: dict[str, str] | None = None) -> torch.Tensor:
+                 trace_context: dict[str, str] | None = None, row_slots: torch.Tensor | None = None) -> torch.Tensor:
         """The rows' expert outputs, checked and traced as over gRPC (ShardExperts.compute)."""
-        return self.service.shard.compute(layer, counts, rows, trace_context)
+        return self.service.shard.compute(layer, counts, rows, trace_context, row_slots)
+
+    def set_adapter(self, action: AdapterAction, slot: int, path: str, slots: int, max_rank: int) -> None:
+        """Load the LoRA adapter at `path` into bank slot `slot`, empty the slot, or check the adapter fits
+        (ShardExperts.set_adapter)."""
+        self.service.shard.set_adapter(action, slot, path, slots=slots, max_rank=max_rank)
 
     def stop(self) -> None:
         self.server.stop(grace=1)

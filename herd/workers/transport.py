@@ -6,7 +6,11 @@ returns each shard's outputs in the same order. `submit` starts every shard and 
 waits for the outputs, so the caller can work while the rows are out (the shared expert, issue 21); `run`
 is submit, then wait. Failures surface as HerdError (a shard unreachable, late or refusing), which the
 engine turns into failed requests. Every transport ends in ShardExperts.compute on the shard's side
-(herd.workers.shard_experts); the others are herd.workers.grpc_transport and ray_transport.
+(herd.workers.shard_experts); the others are herd.workers.grpc_transport, ray_transport and collective_transport.
+
+LoRA (herd.workers.shard_adapters): a transport that can carry adapters (AdapterTransport) sends each shard's
+row slots with its rows, and loads or empties a bank slot on every shard between steps. The in-process transport
+hands the shards the adapter the trunk loaded; the others send its path, and each shard reads it.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
+from herd.model.lora import LoRAAdapter
 from herd.workers.shard_experts import ShardExperts
 
 
@@ -26,6 +31,7 @@ class ShardWork:
     counts: list[int]  # rows per owned expert, in the shard's expert order
     rows: torch.Tensor  # [sum(counts), H]
     trace_context: dict[str, str] = field(default_factory=dict)  # W3C context on a traced step
+    row_slots: torch.Tensor | None = None  # [sum(counts)] int64: each row's bank slot + 1 (0: base); None: no LoRA
 
 
 @dataclass
@@ -59,6 +65,24 @@ class ExpertTransport(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class AdapterTransport(Protocol):
+    """A transport whose shards hold LoRA adapters' routed-expert factors (and so take ShardWork.row_slots)."""
+
+    def load_adapter(self, slot: int, adapter: LoRAAdapter, *, slots: int, max_rank: int) -> None:
+        """Every shard holds `adapter`'s factors for its experts in bank slot `slot` (HerdError or ValueError if
+        one cannot)."""
+        ...
+
+    def unload_adapter(self, slot: int) -> None:
+        """Every shard empties bank slot `slot`."""
+        ...
+
+    def check_adapter(self, adapter: LoRAAdapter) -> None:
+        """HerdError or ValueError unless every shard could load `adapter` (at registration; nothing is held)."""
+        ...
+
+
 class InProcessTransport:
     """Shards as plain weight slices in this process (one GPU, or tests): no copies, no wire."""
 
@@ -76,11 +100,23 @@ class InProcessTransport:
 
     def run(self, layer: int, work: list[ShardWork]) -> list[torch.Tensor]:
         start = time.perf_counter()
-        outputs = [shard.compute(layer, item.counts, item.rows, item.trace_context)
+        outputs = [shard.compute(layer, item.counts, item.rows, item.trace_context, item.row_slots)
                    for shard, item in zip(self.shards, work, strict=True)]
         self.stats.calls += 1
         self.stats.compute_s += time.perf_counter() - start
         return outputs
+
+    def load_adapter(self, slot: int, adapter: LoRAAdapter, *, slots: int, max_rank: int) -> None:
+        for shard in self.shards:
+            shard.load_adapter(slot, adapter, slots=slots, max_rank=max_rank)
+
+    def unload_adapter(self, slot: int) -> None:
+        for shard in self.shards:
+            shard.unload_adapter(slot)
+
+    def check_adapter(self, adapter: LoRAAdapter) -> None:
+        for shard in self.shards:
+            shard.check_adapter(adapter)
 
     def healthy(self) -> bool:
         return True

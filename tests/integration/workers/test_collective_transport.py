@@ -219,3 +219,45 @@ def test_rows_beyond_what_a_header_message_carries_follow_in_a_second_message(tm
             got = group.transport.run(layer, work)
             for shard, item, out in zip(local, work, got, strict=True):
                 torch.testing.assert_close(out, shard.compute(layer, item.counts, item.rows), rtol=0, atol=0)
+
+
+def test_adapters_on_the_routed_experts_over_the_group_equal_the_single_process_model(tmp_path):
+    """Two adapters and the base model in one batch, a slot refilled with another adapter, and a live re-placement
+    (the shards load the resident adapters again for the experts they hold then): logits as the model holding
+    every expert and every adapter."""
+    import dataclasses
+
+    from herd.model.lora import load_adapter
+    from herd.model.lora_config import AdapterError
+    from herd.model.tiny_lora import make_tiny_lora
+    from herd.workers.balance import plan_placement
+
+    path = make_tiny(tmp_path / "scout", preset="scout", seed=6)
+    full = load_model(path, progress=False)
+    paths = [make_tiny_lora(tmp_path / f"a{i}", full.config, rank=4, seed=i, targets=("experts",)) for i in range(3)]
+    adapters = [load_adapter(p, full.config) for p in paths]
+    ids = torch.randint(0, full.config.vocab_size, (30,), generator=torch.Generator().manual_seed(0))
+    slots = torch.arange(30) % 3 - 1  # base, slot 0, slot 1
+    hot = [1.0] * 16
+    hot[0], hot[1] = 200.0, 120.0  # both on shard 0
+    with CollectiveShards(path, _specs(16, 2)) as group:
+        trunk, dispatcher = _trunk(path, 16, group)
+        banks = [model.new_adapter_bank(slots=2, max_rank=8) for model in (trunk, full)]
+        for loads, placement in (([(0, 0), (1, 1)], None), ([(0, 2)], None),  # then slot 0 takes another adapter
+                                 ([], plan_placement(hot, 2, slots_per_shard=10))):
+            for bank in banks:
+                for slot, which in loads:
+                    bank.load(slot, adapters[which])
+            if placement is not None:
+                dispatcher.replace(placement)
+                assert any(len(holders) > 1 for holders in placement.replicas.values()), "hot experts get copies"
+            want = full(ids, adapter_slots=slots).float()
+            got = trunk(ids, adapter_slots=slots).float()
+            assert float(((got - want).norm(dim=-1) / want.norm(dim=-1)).max()) < 1e-5
+            assert not torch.allclose(want, full(ids).float(), rtol=1e-3, atol=1e-3), "the adapters move the logits"
+        banks[0].unload(0)
+        banks[0].unload(1)
+        torch.testing.assert_close(trunk.logits(ids), full.logits(ids), rtol=1e-4, atol=1e-5)  # no stale factors
+        with pytest.raises(AdapterError, match="the expert shards cannot hold it"):  # registration's check
+            banks[0].check_fits(dataclasses.replace(adapters[0], path=tmp_path / "nowhere"))
+        torch.testing.assert_close(trunk.logits(ids), full.logits(ids), rtol=1e-4, atol=1e-5)  # still serving

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from herd.model import load_model
+from herd.model.lora import load_adapter
 from herd.model.tiny import make_tiny
+from herd.model.tiny_lora import make_tiny_lora
 from herd.workers.dispatch import ExpertDispatcher
 from herd.workers.grpc_transport import GrpcTransport
 from herd.workers.placement import place_experts
@@ -26,10 +28,20 @@ def test_shard_actors_over_ray_calls_and_grpc(ray_session, tmp_path):
     ids = torch.randint(0, full.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
     expected = full.logits(ids)
     addresses = ray_session.get([a.address.remote() for a in actors])
+    # LoRA on the routed experts: the shards read the adapter from its path, each row's slot goes with it.
+    adapter = load_adapter(make_tiny_lora(tmp_path / "adapter", full.config, rank=4, targets=("experts",)),
+                           full.config)
+    full.new_adapter_bank(slots=2, max_rank=8).load(1, adapter)
+    slots = torch.arange(40) % 2 * 2 - 1  # base and slot 1, alternating
+    adapted = full(ids, adapter_slots=slots).float()
     for transport in (RayTransport(actors, timeout_s=60), GrpcTransport(addresses)):
         trunk = load_model(path, experts=(), progress=False)
         ExpertDispatcher(placement, transport).attach(trunk)
         assert float((trunk.logits(ids) - expected).norm() / expected.norm()) < 1e-5
+        bank = trunk.new_adapter_bank(slots=2, max_rank=8)
+        bank.load(1, adapter)
+        assert float((trunk(ids, adapter_slots=slots).float() - adapted).norm() / adapted.norm()) < 1e-5
+        bank.unload(1)
         assert transport.healthy()
     RayTransport(actors, timeout_s=60).close()
 
