@@ -4,7 +4,8 @@ Steps run in a worker thread so the event loop stays free, and each step's text 
 stop strings, outputs) runs on an output thread while the next step computes (herd.engine.step_pipeline);
 the outputs reach the streams from there. Requests are checked on the caller's thread (so a bad one
 raises at once) and handed to the engine thread through a queue, as are aborts and the calls that must see
-the engine between two steps (run_between_steps: a prefix's KV exported or imported).
+the engine between two steps (run_between_steps: a prefix's KV exported or imported, a LoRA adapter added or
+removed).
 A stream whose consumer stops reading (client gone, task cancelled) aborts its request, so its KV
 blocks return to the pool.
 """
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import logging
 import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future
@@ -23,13 +25,16 @@ from pathlib import Path
 from typing import Any, TypeVar, Unpack
 
 from herd.engine.config import EngineConfig
+from herd.engine.errors import Code, HerdError
 from herd.engine.llm_engine import EngineRequest, LLMEngine, RequestOptions
 from herd.engine.outputs import RequestOutput
 from herd.engine.sampling_params import SamplingParams
 from herd.engine.step_pipeline import StepPipeline
+from herd.model.lora import load_adapter
 from herd.model.prompt import Prompt
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class AsyncLLMEngine:
@@ -104,6 +109,16 @@ class AsyncLLMEngine:
         self._ensure_loop()
         return await asyncio.wrap_future(done)
 
+    async def add_adapter(self, name: str, path: str | Path) -> None:
+        """LLMEngine.add_adapter: the adapter read and checked on a worker thread, then registered between steps
+        (so a large adapter's read never holds a step)."""
+        adapter = await asyncio.to_thread(load_adapter, path, self.engine.model.config)
+        await self.run_between_steps(lambda engine: engine.add_adapter(name, adapter))
+
+    async def remove_adapter(self, name: str) -> None:
+        """LLMEngine.remove_adapter, between steps."""
+        await self.run_between_steps(lambda engine: engine.remove_adapter(name))
+
     def _ensure_loop(self) -> None:
         """Start the step loop on the running event loop unless it runs there already. A task of an event loop
         that has closed (asyncio.run ended) never resumes, done or not: its loop's executor threads were joined,
@@ -116,11 +131,22 @@ class AsyncLLMEngine:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.to_thread(self._step)
+            try:
+                await asyncio.to_thread(self._step)
+            except Exception as err:  # a bug: every request in the engine ends with an error, and the loop goes on
+                log.exception("engine step failed; failing the requests in the engine")
+                await asyncio.to_thread(self._fail_unfinished, err)
             if self._idle():
                 await asyncio.to_thread(self._pipeline.drain)  # the last step's outputs reach their streams
                 if self._idle():  # checked again after the wait: a request may have come meanwhile, and
                     return  # nothing can come between this check and the task's end (no await)
+
+    def _fail_unfinished(self, err: Exception) -> None:
+        """On the worker thread: end every request with an INTERNAL error naming what the step raised."""
+        with contextlib.suppress(Exception):  # the step before may have failed too: its outputs are lost
+            self._pipeline.drain()
+        failure = HerdError(Code.INTERNAL, f"the engine step failed ({type(err).__name__}: {err})")
+        self._deliver(self.engine.fail_unfinished(failure))
 
     def _idle(self) -> bool:
         with self._lock:

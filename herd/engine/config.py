@@ -81,6 +81,10 @@ class EngineConfig(BaseModel):
                            "cuda_graphs and static_decode then mean off)")
     max_lora_rank: int = Field(64, ge=1, le=64, description="highest rank of an adapter this engine accepts (the "
                                "bank's factors are this wide)")
+    max_cpu_loras: int | None = Field(None, ge=1, description="LoRA adapters a replica keeps registered (loaded on "
+                                      "the host, ready to take a slot); past it the least recently used one no "
+                                      "request is using is dropped (and loaded again from its path when asked "
+                                      "for); null: 4 x max_loras")
 
     @model_validator(mode="after")
     def _check_decode_settings(self) -> Self:

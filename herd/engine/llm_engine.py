@@ -54,7 +54,7 @@ from herd.engine.step_pipeline import StepPipeline
 from herd.engine.stop_strings import StopStrings
 from herd.model.llama4 import Llama4Model
 from herd.model.loader import load_model
-from herd.model.lora import load_adapter
+from herd.model.lora import LoRAAdapter, load_adapter
 from herd.model.prompt import Prompt, as_prompt, is_token_list, prompt_ids
 from herd.model.tokenizer import Tokenizer
 from herd.model.vision import VisionTower, load_vision_if_multimodal
@@ -161,16 +161,18 @@ class LLMEngine:
         return cls(model, Tokenizer.from_pretrained(path), config, vision=vision)
 
     # --- LoRA adapters ----------------------------------------------------------------------------------
-    def add_adapter(self, name: str, path: str | Path) -> None:
-        """Register the PEFT adapter at `path` as `name`: loaded and checked against the model now, kept on the host,
-        put into the bank when a request needs it. AdapterError (nothing registered) if it cannot run here;
-        ValueError for a taken name or with LoRA off. Between steps (it changes the engine's state)."""
+    def add_adapter(self, name: str, adapter: str | Path | LoRAAdapter) -> None:
+        """Register the PEFT adapter at a path (or one load_adapter read already) as `name`: loaded and checked
+        against the model now, kept on the host, put into the bank when a request needs it. AdapterError (nothing
+        registered) if it cannot run here; ValueError for a taken name or with LoRA off. Between steps (it changes
+        the engine's state)."""
         lora = self._lora_on()
         if not isinstance(name, str) or not name:
             raise ValueError(f"an adapter name must be a non-empty string, got {name!r}")
         if name in lora.registered:
             raise ValueError(f"adapter {name!r} is already registered")
-        lora.register(name, load_adapter(path, self.model.config))
+        loaded = adapter if isinstance(adapter, LoRAAdapter) else load_adapter(adapter, self.model.config)
+        lora.register(name, loaded)
 
     def remove_adapter(self, name: str) -> None:
         """Forget adapter `name` (its slot is emptied); ValueError if it is unknown or an unfinished request uses
@@ -316,6 +318,19 @@ class LLMEngine:
         """Abort every unfinished request (a replica shutting down); how many there were."""
         return sum(self.abort(rid) for rid in list(self._requests))
 
+    def fail_unfinished(self, err: HerdError) -> list[RequestOutput]:
+        """End every unfinished request with `err` (a step raised what no request's error covers: a bug, never a
+        hang): their blocks go back, and their last outputs carry the error."""
+        core = [self._core_output(seq, []) for seq in self._aborted]
+        self._aborted.clear()
+        for seq in list(self._requests.values()):
+            seq.error = err
+            self._end(seq, "error")
+            core.append(self._core_output(seq, []))
+        processed = self.outputs.process(core)
+        self.finish_stopped(processed.stopped)
+        return processed.outputs
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborted)
 
@@ -334,6 +349,7 @@ class LLMEngine:
             host_kv_hit_blocks=self.kv.host_hit_blocks, host_kv_hit_tokens=self.kv.host_hit_tokens,
             host_kv_saved_bytes=self.kv.host_saved_bytes, host_kv_restored_bytes=self.kv.host_restored_bytes,
             kv_exported_blocks=self._exported_blocks, kv_imported_blocks=self._imported_blocks,
+            lora_adapters_registered=len(self.lora.registered) if self.lora is not None else 0,
             lora_adapters_resident=self.lora.resident if self.lora is not None else 0,
             lora_adapter_loads=self.lora.loads if self.lora is not None else 0,
             lora_adapter_evictions=self.lora.evictions if self.lora is not None else 0,

@@ -38,9 +38,10 @@ class EngineStats:
     """Since the engine started: prefix blocks (both groups) exported to other engines, and imported from them
     (herd.engine.kv_export; prefill/decode disaggregation)."""
     kv_imported_blocks: int = 0
+    lora_adapters_registered: int = 0
+    """LoRA adapters registered now (on the host), those in the bank now (at most max_loras), and since the engine
+    started: adapters loaded into the bank and adapters evicted from it to make room."""
     lora_adapters_resident: int = 0
-    """LoRA adapters in the bank now (at most max_loras), and since the engine started: adapters loaded into it
-    and adapters evicted from it to make room."""
     lora_adapter_loads: int = 0
     lora_adapter_evictions: int = 0
 

@@ -20,7 +20,7 @@ then waits for them; the sum is the same as computing them in either order.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from torch import nn
@@ -164,6 +164,11 @@ class MoE(nn.Module):
         if self.executor is None:
             out_rows = self.experts(rows, permutation.expert_offsets, check_values=False, lora=experts_lora)
             shared: torch.Tensor = self.shared_expert(x, lora.sub("shared_expert."))  # [T, H]
+        elif experts_lora is not None and getattr(self.executor, "holds_experts_here", False):
+            # An executor over this process's own experts (it counts their rows): the factors are the bank's here.
+            local = cast(Callable[..., torch.Tensor], self.executor)  # CountingExperts (herd.workers.expert_load)
+            out_rows = local(self.layer, rows, permutation.expert_offsets, lora=experts_lora)
+            shared = self.shared_expert(x, lora.sub("shared_expert."))
         else:
             if experts_lora is not None:  # the bank holds expert factors here: the executor is no expert sink
                 raise ValueError(

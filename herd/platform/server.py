@@ -12,7 +12,7 @@ import logging
 import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 import yaml
@@ -26,8 +26,23 @@ from herd.platform.tenancy.setup import Tenancy, start_tenancy
 from herd.workers.replica_config import ReplicaArgs
 from herd.workers.shard_tls import ShardTls
 
+if TYPE_CHECKING:
+    from herd.platform.tenancy.adapter_registry import AdapterRegistry
+    from herd.platform.tenancy.store import TenantStore
+
 log = logging.getLogger("herd.serve")
 EMBEDDED_DATABASE_URL: str = TenancySettings.model_fields["database_url"].default
+
+
+def adapter_registry(settings: HerdSettings, store: TenantStore) -> AdapterRegistry:
+    """The LoRA adapter registry over `store` (a TenantStore), checking adapters against the served models."""
+    from herd.platform.tenancy.adapter_check import AdapterModel, model_checker
+    from herd.platform.tenancy.adapter_registry import AdapterRegistry
+
+    models = {m.name: AdapterModel(model_path(m, settings), m.engine.max_loras, m.engine.max_lora_rank)
+              for m in settings.models}
+    return AdapterRegistry(store, model_checker(models))
+
 
 def model_path(model: ModelSettings, settings: HerdSettings) -> Path:
     """The checkpoint of a model: its path, or a tiny preset made on first use."""
@@ -200,7 +215,8 @@ async def serve_doors(settings: HerdSettings, backends: dict[str, Any], control_
                      read_timeout_s=limits.http_read_timeout_s, stream_write_timeout_s=limits.stream_write_timeout_s,
                      image_urls=image_urls, health=health, responses=_response_store(settings, tenancy),
                      batches=batch_apis.batches if batch_apis else None)
-    routers = [admin_router(tenancy.store, tenancy.admin_token)] if tenancy else []
+    routers = ([admin_router(tenancy.store, tenancy.admin_token, adapter_registry(settings, tenancy.store))]
+               if tenancy else [])
     ops_app = create_ops_app(gateway, routers=routers, health=health,
                              max_request_body_bytes=settings.max_request_body_bytes)
     http, ops = _Uvicorn(http_config(app, settings)), _Uvicorn(ops_config(ops_app, settings))

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from herd.kernels.lora import ExpertsLoRA
 from herd.model.llama4 import Llama4Model
 from herd.model.moe import MoE
 
@@ -59,16 +60,20 @@ class CountingExperts:
 
     expert_order: tuple[int, ...] | None = None
     """Rows come grouped by expert id, as the experts held here take them."""
+    holds_experts_here = True
+    """The model's own experts: a LoRA adapter's routed-expert factors stay in the model's bank and come with the
+    rows (herd.model.moe)."""
 
     def __init__(self, model: Llama4Model, load: ExpertLoad, observe_s: Callable[[float], None] | None = None) -> None:
         self.layers = {m.layer: m.experts for m in model.modules() if isinstance(m, MoE)}
         self.load = load
         self.observe_s = observe_s
 
-    def __call__(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor, *,
+                 lora: ExpertsLoRA | None = None) -> torch.Tensor:
         start = time.perf_counter()
         self.load.add_offsets(layer, expert_offsets)
-        out: torch.Tensor = self.layers[layer](rows, expert_offsets)  # [R, H]
+        out: torch.Tensor = self.layers[layer](rows, expert_offsets, lora=lora)  # [R, H]
         if self.observe_s is not None:
             self.observe_s(time.perf_counter() - start)
         return out

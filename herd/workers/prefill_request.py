@@ -28,6 +28,8 @@ def colocated_reason(request: pb.GenerateRequest) -> str | None:
         return "images"  # the blocks' keys hash the pixels, which an export by token ids does not carry
     if request.sampling.HasField("prompt_logprobs"):
         return "prompt logprobs"  # scoring the prompt computes it anyway: a hit would be recomputed
+    if request.HasField("adapter"):
+        return "a LoRA adapter"  # its blocks are salted by the adapter's registration on each replica: no handoff
     return None
 
 

@@ -34,6 +34,7 @@ from herd.workers.dispatch import ExpertDispatcher, PlacementMover
 from herd.workers.expert_balancer import ExpertBalancer
 from herd.workers.expert_load import CountingExperts, ExpertLoad
 from herd.workers.placement import place_experts
+from herd.workers.replica_adapters import ReplicaAdapters
 from herd.workers.replica_config import ReplicaConfig
 from herd.workers.replica_metrics import ReplicaMetrics
 from herd.workers.shard_experts import ShardExperts
@@ -91,6 +92,9 @@ class ReplicaCore:
             self.balancer = ExpertBalancer(self.dispatcher, config.balance, model.config.moe_layers,
                                            on_replace=lambda _: self.metrics.replacements.inc())
         self.engine = AsyncLLMEngine(engine, step_scope=self._step_scope)
+        loras = engine_config.max_loras
+        self.adapters = (ReplicaAdapters(self.engine, max_registered=engine_config.max_cpu_loras or 4 * loras)
+                         if loras else None)
         self._spans: dict[str, trace.SpanContext] = {}  # request id -> its replica span (steps link to them)
         self._draining = False
         self._in_flight = 0
@@ -117,17 +121,18 @@ class ReplicaCore:
         self._spans[request.request_id] = span.get_span_context()
         self._in_flight += 1
         try:
-            stream = self.engine.generate(
-                prompt, params, request_id=request.request_id or None,
-                tenant_id=tenant.tenant_id or "default", tenant_weight=tenant.weight or 1.0,
-                sharing_group=tenant.sharing_group or None, images=images,
-            )
-            echo = self.tokenizer.decode(prompt, skip_special_tokens=True) if request.sampling.echo else ""
-            chunks = merged_chunks(stream, self._stream_interval_s, self._piece,
-                                   check=functools.partial(self._check, span), echo=echo)
-            async with contextlib.aclosing(stream), contextlib.aclosing(chunks):  # aborts the request, frees its blocks
-                async for chunk in chunks:
-                    yield chunk
+            async with self._adapter(request) as adapter:  # registered, and kept until the stream ends
+                stream = self.engine.generate(
+                    prompt, params, request_id=request.request_id or None,
+                    tenant_id=tenant.tenant_id or "default", tenant_weight=tenant.weight or 1.0,
+                    sharing_group=tenant.sharing_group or None, images=images, adapter=adapter,
+                )
+                echo = self.tokenizer.decode(prompt, skip_special_tokens=True) if request.sampling.echo else ""
+                chunks = merged_chunks(stream, self._stream_interval_s, self._piece,
+                                       check=functools.partial(self._check, span), echo=echo)
+                async with contextlib.aclosing(stream), contextlib.aclosing(chunks):  # aborts it, frees its blocks
+                    async for chunk in chunks:
+                        yield chunk
         except ValueError as err:  # the engine's refusal; a SamplingError names the field (n past max_num_seqs)
             span.set_status(Status(StatusCode.ERROR, str(err)))
             field = err.field if isinstance(err, SamplingError) else None
@@ -139,6 +144,15 @@ class ReplicaCore:
             self._in_flight -= 1
             self._spans.pop(request.request_id, None)
             span.end()
+
+    def _adapter(self, request: pb.GenerateRequest) -> contextlib.AbstractAsyncContextManager[str | None]:
+        """The request's LoRA adapter (registered here on first use, leased while the request runs), or None."""
+        if not request.HasField("adapter"):
+            return contextlib.nullcontext(None)
+        if self.adapters is None:
+            raise HerdError(Code.INVALID_ARGUMENT, f"model {self.config.name} serves no LoRA adapters "
+                            "(engine.max_loras is 0)")
+        return self.adapters.lease(request.adapter.name, request.adapter.path)
 
     def _check(self, span: trace.Span, out: RequestOutput) -> None:
         """Each engine output as it comes: the finished one's phases recorded (the first choice's: one request)

@@ -90,6 +90,20 @@ class _EngineCollector(Collector):
                            "agreed with, every request", model, stats.accepted_tokens)
         yield from (running, waiting, usage, queried, hits, preempted, experts, drafted, accepted)
         yield from self._host_tier(stats)
+        yield from self._lora(stats)
+
+    def _lora(self, stats: EngineStats) -> Iterator[Any]:
+        """The LoRA adapter bank's series (all zero with LoRA off): registered, resident, loads and evictions."""
+        model = [self.model]
+        registered = _series(GaugeMetricFamily, "herd_replica_lora_adapters_registered", "LoRA adapters registered "
+                             "on the replica (loaded on the host)", model, stats.lora_adapters_registered)
+        resident = _series(GaugeMetricFamily, "herd_replica_lora_adapters_resident", "LoRA adapters in the adapter "
+                           "bank (at most max_loras)", model, stats.lora_adapters_resident)
+        loads = _series(CounterMetricFamily, "herd_replica_lora_adapter_loads", "LoRA adapters loaded into the "
+                        "bank", model, stats.lora_adapter_loads)
+        evictions = _series(CounterMetricFamily, "herd_replica_lora_adapter_evictions", "LoRA adapters evicted from "
+                            "the bank to make room for another", model, stats.lora_adapter_evictions)
+        yield from (registered, resident, loads, evictions)
 
     def _host_tier(self, stats: EngineStats) -> Iterator[Any]:
         """The host KV tier's series (all zero when it is off): slots held, hits, bytes moved each way."""

@@ -5,6 +5,10 @@ Both doors turn their request into the same internal herd.v1 GenerateRequest her
 the prompt (so image tokens are counted and checked like text), its length checked against the model's
 context, max_tokens defaulted or refused, the tenant context attached. The stream that comes back is
 the same for both; refusals are HerdErrors (herd.platform.gateway.errors builds them).
+
+A model named `<model>:<adapter>` is a LoRA adapter granted to the caller's tenant (herd.platform.tenancy): the
+request runs on the base model's backend with the adapter attached; an adapter the tenant was not granted is
+answered as a model that does not exist (404), as is any name without tenancy.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from herd.platform.gateway.load import LoadTracker
 from herd.platform.gateway.sampling_limits import candidates, check_sampling
 from herd.platform.telemetry.gateway_metrics import GatewayMetrics
 from herd.platform.telemetry.request_telemetry import RequestTelemetry
+from herd.platform.tenancy.adapters import AdapterRef, split_model
 from herd.protos.herd.v1 import inference_pb2 as pb
 
 ImageLoader = Callable[[str], Awaitable[bytes]]
@@ -52,9 +57,14 @@ class AdmissionGuard(Protocol):
 
     def allowed_models(self, identity: Any, models: list[str]) -> list[str]: ...
 
+    def adapters(self, identity: Any) -> Mapping[str, AdapterRef]:
+        """The LoRA adapters the caller may use, by public name (<model>:<adapter>)."""
+        ...
+
     def context(self, identity: Any) -> pb.TenantContext: ...
 
-    async def enter(self, identity: Any, model: str, request_id: str, *, choices: int = 1) -> Any: ...
+    async def enter(self, identity: Any, model: str, request_id: str, *, choices: int = 1,
+                    adapter: str | None = None) -> Any: ...
 
     async def reserve(self, admission: Any, prompt_tokens: int, max_tokens: int, *,
                       max_tokens_given: bool = True) -> None: ...
@@ -90,6 +100,7 @@ class Ticket:
     identity: Any
     request_id: str
     admission: Any = None
+    adapter: AdapterRef | None = None
 
 
 class Gateway:
@@ -156,6 +167,17 @@ class Gateway:
             self.telemetry.metrics.rejected.labels(err.code.value).inc()
             raise
 
+    def resolve(self, model: str, identity: Any = None) -> tuple[Backend, AdapterRef | None]:
+        """The backend of `model` and, for `<model>:<adapter>`, the adapter: 404 for one the caller's tenant was
+        not granted (or without tenancy), 403/404 for its base model as for the base model itself."""
+        base, adapter = split_model(model)
+        if adapter is None or model in self.backends:
+            return self.backend(model, identity), None
+        ref = self.guard.adapters(identity).get(model) if self.guard is not None else None
+        if ref is None:
+            raise model_not_found(model, self._visible(identity))
+        return self.backend(base, identity), ref
+
     def backend(self, model: str, identity: Any = None) -> Backend:
         visible = self._visible(identity)
         if model not in self.backends or (self.guard is not None and model not in visible):
@@ -165,7 +187,15 @@ class Gateway:
         return self.backends[model]
 
     def list_models(self, identity: Any = None) -> list[pb.ModelCard]:
-        return [self.backends[name].card() for name in self._visible(identity)]
+        """The models the caller may use, each followed by the LoRA adapters of it granted to the caller."""
+        cards = []
+        granted = sorted(self.guard.adapters(identity).values(), key=lambda a: a.name) if self.guard else []
+        for name in self._visible(identity):
+            base = self.backends[name].card()
+            cards.append(base)
+            cards += [pb.ModelCard(id=a.public_name, root=base.root, max_model_len=base.max_model_len,
+                                   created=base.created, parent=name) for a in granted if a.model == name]
+        return cards
 
     def _visible(self, identity: Any) -> list[str]:
         names = sorted(self.backends)
@@ -226,15 +256,16 @@ class Gateway:
         prepared is settled at once (it was never reserved: no usage row); every refusal is counted."""
         with self._counting_rejections():
             self._check_open()
-            backend = self.backend(model, identity)
+            backend, adapter = self.resolve(model, identity)
             check_sampling(options)
             request_id = request_id or f"herd-{uuid.uuid4().hex}"  # ours, never the client's: the ledger's key
             tenant = self.guard.context(identity).tenant_id if self.guard is not None else "default"
             admission = None
             try:
                 if self.guard is not None:
-                    admission = await self.guard.enter(identity, model, request_id, choices=candidates(options))
-                yield Ticket(backend, identity, request_id, admission)
+                    admission = await self.guard.enter(identity, backend.name, request_id, choices=candidates(options),
+                                                       adapter=adapter.name if adapter is not None else None)
+                yield Ticket(backend, identity, request_id, admission, adapter)
             except BaseException as err:
                 if admission is not None and self.guard is not None:
                     await self.guard.settle(admission, completion_tokens=0, cached_tokens=0, status="refused")
@@ -409,9 +440,11 @@ class Gateway:
         if self.guard is not None:
             await self.guard.reserve(ticket.admission, len(ids), options.max_tokens, max_tokens_given=given)
         tenant = self.guard.context(ticket.identity) if self.guard is not None else None
+        adapter = ticket.adapter
         request = pb.GenerateRequest(
             model=backend.name, token_ids=pb.TokenIds(ids=ids), sampling=options, request_id=ticket.request_id,
             tenant=tenant or pb.TenantContext(tenant_id="default", weight=1.0), images=images,
+            adapter=pb.LoraAdapter(name=adapter.engine_name, path=adapter.path) if adapter is not None else None,
         )
         return Prepared(backend=backend, request=request, prompt_tokens=len(ids), identity=ticket.identity,
                         admission=ticket.admission)

@@ -108,8 +108,8 @@ def create_app(gateway: Gateway, *, max_request_body_bytes: int = MAX_REQUEST_BO
     @app.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[400] | {"description": "no key"}})
     async def list_models(request: Request) -> ModelList:
         caller = _identity(request)
-        return ModelList(data=[ModelEntry(id=c.id, created=c.created, root=c.root, max_model_len=c.max_model_len)
-                               for c in gateway.list_models(caller)])
+        return ModelList(data=[ModelEntry(id=c.id, created=c.created, root=c.root, parent=c.parent or None,
+                                          max_model_len=c.max_model_len) for c in gateway.list_models(caller)])
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:

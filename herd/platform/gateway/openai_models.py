@@ -345,6 +345,7 @@ class ModelEntry(BaseModel):
     created: int
     owned_by: str = "herd"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int | None = None
 
 

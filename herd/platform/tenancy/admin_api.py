@@ -1,4 +1,5 @@
-"""The admin API under /admin/v1 (its own credential, never a tenant key): tenants, keys, usage.
+"""The admin API under /admin/v1 (its own credential, never a tenant key): tenants, keys, usage, and the LoRA
+adapters registered on the models with the tenants granted each.
 
 A key's plaintext appears in exactly one response, the one that creates it; afterwards only its id
 and public prefix exist anywhere outside the hash.
@@ -23,6 +24,8 @@ from herd.platform.gateway.errors import (
     invalid_request,
     not_found,
 )
+from herd.platform.tenancy.adapter_registry import AdapterRegistry, adapter_json
+from herd.platform.tenancy.adapters import NAME_PATTERN
 from herd.platform.tenancy.schema import TENANT_FIELDS, ApiKey, Tenant
 from herd.platform.tenancy.store import Conflict, NotFound, TenantStore
 
@@ -64,6 +67,16 @@ class NewKey(_Body):
     expires_at: datetime | None = None
 
 
+class NewAdapter(_Body):
+    model: str = Field(min_length=1, description="the served model it adapts")
+    name: str = Field(pattern=NAME_PATTERN, description="clients ask for <model>:<name>")
+    path: str = Field(min_length=1, description="PEFT adapter directory, readable where the replicas run")
+
+
+class AdapterGrantBody(_Body):
+    tenant_id: str = Field(min_length=1)
+
+
 def tenant_json(tenant: Tenant) -> dict[str, Any]:
     return {f: getattr(tenant, f) for f in ("id", *TENANT_FIELDS)}
 
@@ -74,7 +87,8 @@ def key_json(key: ApiKey) -> dict[str, Any]:
             "revoked_at": _iso(key.revoked_at), "last_used_at": _iso(key.last_used_at)}
 
 
-def admin_router(store: TenantStore, admin_token: str) -> APIRouter:
+def admin_router(store: TenantStore, admin_token: str, adapters: AdapterRegistry | None = None) -> APIRouter:
+    """The admin routes; the adapter routes with `adapters` (a registry checking against the served models)."""
     expected = admin_token.encode()
 
     async def admin(request: Request) -> None:
@@ -137,10 +151,39 @@ def admin_router(store: TenantStore, admin_token: str) -> APIRouter:
 
     @router.get("/usage")
     async def usage(tenant_id: str | None = None, key_id: str | None = None, model: str | None = None,
-                    day: str | None = None) -> list[dict[str, Any]]:
-        return await call(store.usage, tenant_id=tenant_id, key_id=key_id, model=model, day=day)
+                    day: str | None = None, adapter: str | None = None) -> list[dict[str, Any]]:
+        return await call(store.usage, tenant_id=tenant_id, key_id=key_id, model=model, day=day, adapter=adapter)
 
+    if adapters is not None:
+        _adapter_routes(router, adapters, call)
     return router
+
+
+def _adapter_routes(router: APIRouter, adapters: AdapterRegistry, call: Any) -> None:
+    @router.post("/adapters", status_code=201)
+    async def register_adapter(body: NewAdapter) -> JSONResponse:
+        adapter = await call(adapters.register, body.model, body.name, body.path)
+        return JSONResponse(adapter_json(adapter, []), status_code=201)
+
+    @router.get("/adapters")
+    async def list_adapters(model: str | None = None) -> list[dict[str, Any]]:
+        return [adapter_json(a, tenants) for a, tenants in await call(adapters.list_adapters, model)]
+
+    @router.get("/adapters/{model}/{name}")
+    async def get_adapter(model: str, name: str) -> dict[str, Any]:
+        return adapter_json(*await call(adapters.get, model, name))
+
+    @router.delete("/adapters/{model}/{name}", status_code=204)
+    async def delete_adapter(model: str, name: str) -> None:
+        await call(adapters.delete, model, name)
+
+    @router.post("/adapters/{model}/{name}/grants")
+    async def grant_adapter(model: str, name: str, body: AdapterGrantBody) -> dict[str, Any]:
+        return adapter_json(*await call(adapters.grant, model, name, body.tenant_id))
+
+    @router.delete("/adapters/{model}/{name}/grants/{tenant_id}")
+    async def revoke_adapter(model: str, name: str, tenant_id: str) -> dict[str, Any]:
+        return adapter_json(*await call(adapters.revoke, model, name, tenant_id))
 
 
 def _iso(moment: datetime | None) -> str | None:

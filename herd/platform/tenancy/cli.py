@@ -1,5 +1,7 @@
-"""`herd tenants ...`: manage tenants, keys and usage, directly in the database or through a running
-server's admin API. Prints JSON; a key's plaintext only when it is created.
+"""`herd tenants ...`: manage tenants, keys, usage and LoRA adapters (registered on a model, granted to tenants),
+directly in the database or through a running server's admin API. Prints JSON; a key's plaintext only when it is
+created. An adapter registered through the database is checked against the model as the settings (--config)
+serve it; through --url, against what that server serves.
 
 A database password never goes on the command line, where every user of the machine reads it in the process
 list: --db refuses a URL that carries one; such a URL comes from a file (--db-file) or from the settings
@@ -18,6 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from herd.platform.settings import HerdSettings
+from herd.platform.tenancy.adapter_registry import adapter_json
 from herd.platform.tenancy.admin_api import key_json, tenant_json
 from herd.platform.tenancy.database import connect, migrate
 from herd.platform.tenancy.store import TenantStore
@@ -58,9 +61,21 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     key.add_argument("--expires", help="ISO time the key stops working")
     actions.add_parser("key-revoke", help="revoke a key by id").add_argument("key_id")
     actions.add_parser("keys", help="list a tenant's keys").add_argument("tenant")
-    usage = actions.add_parser("usage", help="usage summed by tenant, key, model and day")
-    for name in ("tenant", "key", "model", "day"):
+    usage = actions.add_parser("usage", help="usage summed by tenant, key, model, adapter and day")
+    for name in ("tenant", "key", "model", "day", "adapter"):
         usage.add_argument(f"--{name}")
+    actions.add_parser("adapters", help="list LoRA adapters and their tenants").add_argument("--model")
+    register = actions.add_parser("adapter-register", help="check a PEFT adapter against a model and register it "
+                                  "(clients ask for <model>:<name>)")
+    for name in ("model", "name", "path"):
+        register.add_argument(name)
+    delete = actions.add_parser("adapter-delete", help="unregister an adapter")
+    for verb in ("grant", "revoke"):
+        grant = actions.add_parser(f"adapter-{verb}", help=f"{verb} a tenant's use of an adapter")
+        for name in ("model", "name", "tenant"):
+            grant.add_argument(name)
+    for name in ("model", "name"):
+        delete.add_argument(name)
     tenants.set_defaults(run=run)
 
 
@@ -112,6 +127,8 @@ def _via_database(args: argparse.Namespace) -> object:
         raise ValueError(f"the database did not answer: {str(err.orig or err).strip().splitlines()[0]}") from err
     store = TenantStore(engine)
     action = args.action
+    if action.startswith("adapter"):
+        return _adapters(args, store)
     if action == "list":
         return [tenant_json(t) for t in store.list_tenants()]
     if action == "create":
@@ -129,7 +146,24 @@ def _via_database(args: argparse.Namespace) -> object:
         return key_json(store.revoke_key(args.key_id))
     if action == "keys":
         return [key_json(k) for k in store.list_keys(args.tenant)]
-    return store.usage(tenant_id=args.tenant, key_id=args.key, model=args.model, day=args.day)
+    return store.usage(tenant_id=args.tenant, key_id=args.key, model=args.model, day=args.day, adapter=args.adapter)
+
+
+def _adapters(args: argparse.Namespace, store: TenantStore) -> object:
+    """An adapter action on the database, checking against the models the settings serve."""
+    from herd.platform.server import adapter_registry
+
+    registry = adapter_registry(HerdSettings.load(args.config), store)
+    action = args.action
+    if action == "adapters":
+        return [adapter_json(a, tenants) for a, tenants in registry.list_adapters(args.model)]
+    if action == "adapter-register":
+        return adapter_json(registry.register(args.model, args.name, args.path), [])
+    if action == "adapter-delete":
+        registry.delete(args.model, args.name)
+        return {"deleted": f"{args.model}:{args.name}"}
+    verb = registry.grant if action == "adapter-grant" else registry.revoke
+    return adapter_json(*verb(args.model, args.name, args.tenant))
 
 
 def _via_api(args: argparse.Namespace) -> object:
@@ -150,11 +184,21 @@ def _via_api(args: argparse.Namespace) -> object:
         "key-revoke": ("POST", f"/keys/{getattr(args, 'key_id', '')}/revoke", None),
         "keys": ("GET", f"/tenants/{getattr(args, 'tenant', '')}/keys", None),
         "usage": ("GET", "/usage", None),
+        "adapters": ("GET", "/adapters", None),
+        "adapter-register": ("POST", "/adapters", {"model": getattr(args, "model", None),
+                                                   "name": getattr(args, "name", None),
+                                                   "path": str(Path(getattr(args, "path", "") or "").resolve())}),
+        "adapter-delete": ("DELETE", f"/adapters/{getattr(args, 'model', '')}/{getattr(args, 'name', '')}", None),
+        "adapter-grant": ("POST", f"/adapters/{getattr(args, 'model', '')}/{getattr(args, 'name', '')}/grants",
+                          {"tenant_id": getattr(args, "tenant", None)}),
+        "adapter-revoke": ("DELETE", f"/adapters/{getattr(args, 'model', '')}/{getattr(args, 'name', '')}/grants/"
+                           f"{getattr(args, 'tenant', '')}", None),
     }
     method, path, body = routes[action]
     filters = (("tenant_id", getattr(args, "tenant", None)), ("key_id", getattr(args, "key", None)),
-               ("model", getattr(args, "model", None)), ("day", getattr(args, "day", None)))
-    params = {k: v for k, v in filters if v is not None} if action == "usage" else None
+               ("model", getattr(args, "model", None)), ("day", getattr(args, "day", None)),
+               ("adapter", getattr(args, "adapter", None)))
+    params = {k: v for k, v in filters if v is not None} if action in ("usage", "adapters") else None
     response = httpx.request(method, base + path, headers=headers, json=body, params=params, timeout=30)
     if response.status_code >= 400:
         raise ValueError(f"admin API answered {response.status_code}: {response.json()['error']['message']}")

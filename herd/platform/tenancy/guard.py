@@ -25,7 +25,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -40,6 +40,7 @@ from herd.platform.gateway.errors import (
     permission_denied,
     unauthenticated,
 )
+from herd.platform.tenancy.adapters import AdapterRef
 from herd.platform.tenancy.ledger import UsageLedger
 from herd.platform.tenancy.quota import Caps, InProcessQuota, Quota, UsedTokens
 from herd.platform.tenancy.rate_limit import Charge, InProcessRateLimiter, Limit, RateLimiter
@@ -71,6 +72,7 @@ class Admission:
     request_id: str
     month: str  # YYYY-MM whose budget it counts against
     limits: Limits  # where its slot is held
+    adapter: str | None = None  # the LoRA adapter's name, when it runs with one (model is the base)
     choices: int = 1  # sequences it runs (n, or best_of): slots held, and its output reservation's multiple
     prompt_tokens: int = 0
     reserved_output: int = 0
@@ -113,12 +115,17 @@ class Guard:
         allowed = identity.tenant.allowed_models or []
         return models if "*" in allowed else [m for m in models if m in allowed]
 
+    def adapters(self, identity: Identity) -> Mapping[str, AdapterRef]:
+        """The LoRA adapters granted to the caller's tenant, by public name (<model>:<adapter>)."""
+        return identity.adapters
+
     def context(self, identity: Identity) -> pb.TenantContext:
         tenant = identity.tenant
         return pb.TenantContext(tenant_id=tenant.id, weight=tenant.weight or 1.0,
                                 sharing_group=tenant.sharing_group or "")
 
-    async def enter(self, identity: Identity, model: str, request_id: str, *, choices: int = 1) -> Admission:
+    async def enter(self, identity: Identity, model: str, request_id: str, *, choices: int = 1,
+                    adapter: str | None = None) -> Admission:
         """Before any expensive work: a concurrency slot per choice, a request of the per-minute rate, and a budget
         not already spent. A refusal (HerdError) holds nothing and writes no row; otherwise `settle` must follow."""
         tenant, month = identity.tenant, _month()
@@ -143,7 +150,7 @@ class Guard:
                 for slot in taken:
                     await _quietly(limits.quota.release(tenant.id, slot, month, 0))
                 raise
-            return Admission(identity, model, request_id, month, limits, choices=choices)
+            return Admission(identity, model, request_id, month, limits, adapter=adapter, choices=choices)
 
         if self._shared_up():
             try:
@@ -254,7 +261,7 @@ class Guard:
             "time": datetime.now(UTC), "tenant_id": admission.identity.tenant.id, "key_id": admission.identity.key_id,
             "model": admission.model, "request_id": admission.request_id, "prompt_tokens": admission.prompt_tokens,
             "completion_tokens": completion, "cached_tokens": cached, "status": status[:32],
-            "latency_ms": int((time.monotonic() - admission.started) * 1000),
+            "latency_ms": int((time.monotonic() - admission.started) * 1000), "adapter": admission.adapter,
         }
 
 

@@ -1,5 +1,6 @@
-"""The tenancy tables (SQLAlchemy ORM): tenants, their API keys, the usage ledger, and what the Responses and
-Batch APIs keep per tenant (stored responses, files, batches and their lines).
+"""The tenancy tables (SQLAlchemy ORM): tenants, their API keys, the usage ledger, the LoRA adapters registered on
+the models and the tenants granted each, and what the Responses and Batch APIs keep per tenant (stored responses,
+files, batches and their lines).
 
 The schema is owned by the Alembic migrations in migrations/versions; these classes describe the
 head revision and are what the code reads and writes.
@@ -10,7 +11,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, func
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    func,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -79,6 +92,34 @@ class UsageRecord(Base):
     cached_tokens: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(32))  # ok, error, cancelled, refused, timeout
     latency_ms: Mapped[int] = mapped_column(Integer, default=0)
+    adapter: Mapped[str | None] = mapped_column(String(64))  # the LoRA adapter the request ran with (model: its base)
+
+
+class Adapter(Base):
+    """A LoRA adapter registered on a model (checked against it when registered), used as "<model>:<name>" by the
+    tenants granted it. `id` is new at every registration, so a name registered again never reuses what a replica
+    loaded (or cached) for the adapter it named before."""
+
+    __tablename__ = "adapters"
+    __table_args__ = (UniqueConstraint("model", "name", name="uq_adapters_model_name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(1024))  # PEFT's directory, readable where the model's replicas run
+    rank: Mapped[int] = mapped_column(Integer)
+    targets: Mapped[list[str]] = mapped_column(JSON, default=list)  # adapted modules, e.g. self_attn.q_proj
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class AdapterGrant(Base):
+    """A tenant may use an adapter."""
+
+    __tablename__ = "adapter_grants"
+
+    adapter_id: Mapped[str] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True,
+                                           index=True)
 
 
 class StoredResponse(Base):

@@ -15,8 +15,8 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 
 from herd.platform.settings import TenancySettings
 from herd.platform.tenancy import keys as keymod
+from herd.platform.tenancy.adapters import AdapterRef, granted
 from herd.platform.tenancy.database import sessions
 from herd.platform.tenancy.schema import TENANT_FIELDS, ApiKey, Tenant, UsageRecord
 
@@ -41,10 +42,12 @@ class Conflict(ValueError):
 
 @dataclass(frozen=True)
 class Identity:
-    """Who a valid key belongs to: the tenant's settings as they were when the key was checked."""
+    """Who a valid key belongs to: the tenant's settings and the LoRA adapters granted to it (by public name,
+    <model>:<adapter>) as they were when the key was checked."""
 
     tenant: Tenant
     key_id: str | None
+    adapters: Mapping[str, AdapterRef] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -180,8 +183,9 @@ class TenantStore:
                 return None
             key.last_used_at = now
             s.flush()
+            adapters = granted(s, tenant.id)
             s.expunge(tenant)
-            verified = _Verified(Identity(tenant=tenant, key_id=key.id), key.expires_at,
+            verified = _Verified(Identity(tenant=tenant, key_id=key.id, adapters=adapters), key.expires_at,
                                  self._clock() + self.key_cache_ttl_s)
         with self._lock:
             if self.key_cache_ttl_s > 0 and self.key_cache_size > 0 and generation == self._generation:
@@ -232,7 +236,8 @@ class TenantStore:
     def record_usage(self, records: Sequence[dict[str, Any]]) -> None:
         """Insert ledger rows; a request id already there (or twice in the batch) is written once, so
         retries, spills and two gateways racing are all safe."""
-        unique = list({r["request_id"]: r for r in records}.values())
+        # A journal written before usage.adapter existed holds rows without it: one set of columns for the insert.
+        unique = [{"adapter": None, **r} for r in {r["request_id"]: r for r in records}.values()]
         if not unique:
             return
         insert = postgresql_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
@@ -248,15 +253,17 @@ class TenantStore:
         return int(total or 0)
 
     def usage(self, *, tenant_id: str | None = None, key_id: str | None = None, model: str | None = None,
-              day: str | None = None) -> list[dict[str, Any]]:
-        """Usage summed by tenant, key, model and day (YYYY-MM-DD), filtered by any of them."""
+              day: str | None = None, adapter: str | None = None) -> list[dict[str, Any]]:
+        """Usage summed by tenant, key, model, LoRA adapter (None: the base model) and day (YYYY-MM-DD), filtered
+        by any of them."""
         day_col = func.date(UsageRecord.time)  # UTC days: PostgreSQL sessions run in UTC (database.connect)
-        query = select(UsageRecord.tenant_id, UsageRecord.key_id, UsageRecord.model, day_col.label("day"),
+        query = select(UsageRecord.tenant_id, UsageRecord.key_id, UsageRecord.model, UsageRecord.adapter,
+                       day_col.label("day"),
                        func.count().label("requests"), func.sum(UsageRecord.prompt_tokens).label("prompt_tokens"),
                        func.sum(UsageRecord.completion_tokens).label("completion_tokens"),
                        func.sum(UsageRecord.cached_tokens).label("cached_tokens"))
         for column, value in ((UsageRecord.tenant_id, tenant_id), (UsageRecord.key_id, key_id),
-                              (UsageRecord.model, model)):
+                              (UsageRecord.model, model), (UsageRecord.adapter, adapter)):
             if value is not None:
                 query = query.where(column == value)
         if day is not None:
@@ -265,7 +272,8 @@ class TenantStore:
             except ValueError:
                 raise ValueError(f"day must be YYYY-MM-DD, got {day!r}") from None
             query = query.where(UsageRecord.time >= start, UsageRecord.time < start + timedelta(days=1))
-        query = query.group_by(UsageRecord.tenant_id, UsageRecord.key_id, UsageRecord.model, day_col)
+        query = query.group_by(UsageRecord.tenant_id, UsageRecord.key_id, UsageRecord.model, UsageRecord.adapter,
+                                 day_col)
         with self.session() as s:
             rows = [dict(row._mapping) for row in s.execute(query.order_by("day"))]
         return [{**row, "day": str(row["day"])} for row in rows]

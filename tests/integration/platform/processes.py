@@ -1,13 +1,19 @@
 """Servers the integration tests start as processes of their own: a free loopback port (bench.common's), a
-clean stop."""
+clean stop, and `herd serve` of a settings file run from this checkout."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import signal
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -33,6 +39,31 @@ def wait_until_serving(proc: subprocess.Popen, output: list[str], timeout_s: flo
         assert line, "herd serve exited:\n" + "".join(output)
         output.append(line)
     threading.Thread(target=lambda: output.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+
+
+CHECKOUT = Path(__file__).resolve().parents[3]
+"""herd serve runs in a temporary directory: its processes (and Ray's workers, which inherit PYTHONPATH) import herd
+from this checkout first, so the code under test is this one even when PYTHONPATH is relative or unset."""
+
+
+@contextlib.contextmanager
+def herd_serve(root: Path, settings: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """`herd serve` of `settings` (written to root/herd.json; its ops port chosen here) in `root`, until the block
+    ends: yields its http and ops URLs and its output so far (a list that grows)."""
+    http_port, ops_port = free_port(), free_port()
+    config = root / "herd.json"
+    config.write_text(json.dumps({**settings, "ops_port": ops_port}))
+    proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", "--config", str(config),
+                             "--http-port", str(http_port), "--grpc-port", str(free_port())],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled",
+                                 "PYTHONPATH": os.pathsep.join([str(CHECKOUT), os.environ.get("PYTHONPATH", "")])})
+    output: list[str] = []
+    try:
+        wait_until_serving(proc, output)
+        yield {"http": f"http://127.0.0.1:{http_port}", "ops": f"http://127.0.0.1:{ops_port}", "output": output}
+    finally:
+        interrupt(proc)
 
 
 def descendants(root: int) -> dict[int, str]:

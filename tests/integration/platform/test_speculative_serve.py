@@ -6,14 +6,9 @@ back."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
@@ -22,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from herd.model.tiny import make_tiny
 from herd.model.tiny_eagle3 import make_tiny_eagle3
-from tests.integration.platform.processes import free_port, interrupt, wait_until_serving
+from tests.integration.platform.processes import herd_serve
 
 PRESETS = ("scout", "maverick")
 METHODS = {"plain": None, "lookup": {"method": "ngram", "num_tokens": 4},
@@ -34,9 +29,6 @@ MODELS = tuple(PREFIX[preset] + method for preset in PRESETS for method in METHO
 SPECULATING = tuple(m for m in MODELS if not m.endswith("plain"))
 MAX_TOKENS = 32
 ENGINE = {"kv_cache_mb": 16, "max_num_seqs": 16, "max_model_len": 512}
-CHECKOUT = Path(__file__).resolve().parents[3]
-"""herd serve runs in a temporary directory: its processes (and Ray's workers, which inherit PYTHONPATH) import herd
-from this checkout first, so the code under test is this one even when PYTHONPATH is relative or unset."""
 DEV_TENANT = "dev"  # the tenant of the key the first start prints (herd.platform.tenancy.setup.DEV_TENANT)
 
 # Copy-heavy prompts first (the text repeats itself, so continuations found in it are worth drafting), then
@@ -67,26 +59,13 @@ def server(tmp_path_factory):
                 speculative = {**speculative, "draft_path": str(head)}
             models.append({"name": PREFIX[preset] + method, "path": str(path), "shards": 2, "transport": "local",
                            "engine": {**ENGINE, "speculative": speculative}})
-    http_port, ops_port = free_port(), free_port()
-    config = root / "herd.json"
-    config.write_text(json.dumps({
+    settings = {
         "models": models,
         "tenancy": {"admin_token_file": str(root / "admin-token"), "spill_path": str(root / "spill.jsonl")},
-        "ops_port": ops_port,
-    }))
-    proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", "--config", str(config),
-                             "--http-port", str(http_port), "--grpc-port", str(free_port())],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root,
-                            env={**os.environ, "RAY_AUTH_MODE": "disabled",
-                                 "PYTHONPATH": os.pathsep.join([str(CHECKOUT), os.environ.get("PYTHONPATH", "")])})
-    output: list[str] = []
-    try:
-        wait_until_serving(proc, output)
-        key = re.search(r"export HERD_KEY=(hk_\w+)", "".join(output)).group(1)
-        yield {"http": f"http://127.0.0.1:{http_port}", "ops": f"http://127.0.0.1:{ops_port}", "key": key,
-               "admin": (root / "admin-token").read_text().strip(), "output": output}
-    finally:
-        interrupt(proc)
+    }
+    with herd_serve(root, settings) as served:
+        key = re.search(r"export HERD_KEY=(hk_\w+)", "".join(served["output"])).group(1)
+        yield {**served, "key": key, "admin": (root / "admin-token").read_text().strip()}
 
 
 @pytest.fixture(scope="module")

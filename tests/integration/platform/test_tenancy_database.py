@@ -26,7 +26,7 @@ from herd.platform.tenancy.schema import Base
 from herd.platform.tenancy.store import TenantStore
 from tests.integration.platform.postgres import Databases, postgres_databases
 
-HEAD = "0004"
+HEAD = "0005"
 COLUMNS = {
     "tenants": {"id", "name", "allowed_models", "requests_per_min", "input_tokens_per_min", "output_tokens_per_min",
                 "max_concurrent", "max_context", "max_output_tokens", "monthly_token_budget", "weight",
@@ -34,7 +34,7 @@ COLUMNS = {
     "api_keys": {"id", "tenant_id", "prefix", "key_hash", "name", "created_at", "expires_at", "revoked_at",
                  "last_used_at"},
     "usage": {"id", "time", "tenant_id", "key_id", "model", "request_id", "prompt_tokens", "completion_tokens",
-              "cached_tokens", "status", "latency_ms"},
+              "cached_tokens", "status", "latency_ms", "adapter"},
     "stored_responses": {"id", "tenant_id", "model", "status", "previous_response_id", "body", "conversation",
                          "created_at", "expires_at"},
     "files": {"id", "tenant_id", "purpose", "filename", "bytes", "storage_key", "created_at", "expires_at"},
@@ -43,10 +43,13 @@ COLUMNS = {
                 "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
                 "cancelled_at"},
     "batch_items": {"batch_id", "line", "custom_id", "status", "request", "result", "updated_at"},
+    "adapters": {"id", "model", "name", "path", "rank", "targets", "created_at"},
+    "adapter_grants": {"adapter_id", "tenant_id"},
 }
 FIRST_TABLES = ("tenants", "api_keys", "usage")
 """The tables of the first schema (0001); later revisions add columns to them and tables beside them."""
-ADDED_BY_0002 = {"tenants": {"sharing_group"}, "api_keys": {"last_used_at"}, "usage": {"cached_tokens"}}
+ADDED_LATER = {"tenants": {"sharing_group"}, "api_keys": {"last_used_at"}, "usage": {"cached_tokens", "adapter"}}
+"""Columns of the first schema's tables that later revisions added (0002; usage.adapter: 0005)."""
 T0 = datetime(2025, 3, 14, 12, 0, tzinfo=UTC)
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -215,7 +218,7 @@ def test_a_database_on_the_first_schema_upgrades_with_its_rows_intact(backend: B
     migrate(engine, "0001")
     assert revision(engine) == "0001"
     at_0001 = columns(engine, FIRST_TABLES)
-    for table, added in ADDED_BY_0002.items():
+    for table, added in ADDED_LATER.items():
         assert at_0001[table] == COLUMNS[table] - added
     plaintext = old_rows(engine)
 
@@ -247,7 +250,7 @@ def test_a_database_on_the_first_schema_upgrades_with_its_rows_intact(backend: B
     assert listed.last_used_at is not None
     store.record_usage([usage_row("new-req", tenant_id="old", key_id="key1", cached=7)])
     assert store.usage(tenant_id="old") == [
-        {"tenant_id": "old", "key_id": "key1", "model": "llama", "day": "2025-03-14", "requests": 2,
+        {"tenant_id": "old", "key_id": "key1", "model": "llama", "adapter": None, "day": "2025-03-14", "requests": 2,
          "prompt_tokens": 110, "completion_tokens": 55, "cached_tokens": 7}]
 
 

@@ -168,3 +168,35 @@ def test_calls_between_steps_see_the_engine_while_requests_stream(scout):
     assert not first.finished and running == 1, "the call ran while the request was in the engine"
     assert rest[-1].finished and len(rest[-1].token_ids) == 30, "and the request went on after it and the error"
     assert idle == 0
+
+
+def test_a_step_that_raises_ends_its_requests_with_an_error_and_the_engine_goes_on(scout):
+    """A bug in a step (anything but the HerdError a step's requests are failed with) must not stop the step loop
+    and leave every stream waiting: the requests end with INTERNAL, their blocks go back, and the next is served."""
+    engine = AsyncLLMEngine.from_pretrained(scout, CONFIG)
+    run = engine.engine.runner.run
+    calls = {"n": 0}
+
+    def broken_once(chunks):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first decode step
+            raise RuntimeError("a bug in the step")
+        return run(chunks)
+
+    engine.engine.runner.run = broken_once
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    async def last(prompt):
+        outputs = [out async for out in engine.generate(prompt, params)]
+        return outputs[-1]
+
+    async def main():
+        failed = await asyncio.wait_for(last([5, 6, 7]), 60)
+        served = await asyncio.wait_for(last([5, 6, 7]), 60)
+        return failed, served
+
+    failed, served = asyncio.run(main())
+    assert failed.finish_reason == "error" and failed.error.code.value == "INTERNAL"
+    assert "RuntimeError: a bug in the step" in failed.error.message
+    assert served.finish_reason == "length" and len(served.token_ids) == 6
+    assert _blocks_free(engine.engine)

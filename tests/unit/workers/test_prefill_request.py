@@ -26,3 +26,5 @@ def test_what_runs_on_the_decode_pool_alone():
     assert colocated_reason(_request(images=[b"png"])) == "images"
     assert colocated_reason(_request(sampling=pb.SamplingOptions(prompt_logprobs=1))) == "prompt logprobs"
     assert colocated_reason(pb.GenerateRequest(text="hello")) == "a text prompt"
+    adapter = pb.LoraAdapter(name="bot@1", path="/adapters/bot")
+    assert colocated_reason(_request(adapter=adapter)) == "a LoRA adapter"

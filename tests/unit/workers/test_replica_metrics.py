@@ -34,14 +34,15 @@ def test_replica_metrics_bind_the_configured_host(host: str) -> None:
     assert listening_hosts(port) == {host}
 
 
-def test_replica_metrics_export_the_host_kv_tier() -> None:
+def test_replica_metrics_export_the_host_kv_tier_and_the_lora_bank() -> None:
     from herd.engine.stats import EngineStats
     from herd.workers.replica_metrics import _EngineCollector
 
     stats = EngineStats(running=0, waiting=0, kv_blocks={"full": 8}, kv_blocks_used={"full": 0},
                         prefix_queried_tokens=100, prefix_hit_tokens=64, preemptions=0, host_kv_blocks=10,
                         host_kv_blocks_held=7, host_kv_hit_blocks=5, host_kv_hit_tokens=48,
-                        host_kv_saved_bytes=4096, host_kv_restored_bytes=2048)
+                        host_kv_saved_bytes=4096, host_kv_restored_bytes=2048, lora_adapters_registered=5,
+                        lora_adapters_resident=2, lora_adapter_loads=9, lora_adapter_evictions=7)
     engine = SimpleNamespace(stats=lambda: stats)
     collector = _EngineCollector("scout", engine, SimpleNamespace(snapshot=dict))  # type: ignore[arg-type]
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -53,3 +54,7 @@ def test_replica_metrics_export_the_host_kv_tier() -> None:
     assert samples[("herd_replica_host_kv_hits_tokens_total", model)] == 48
     assert samples[("herd_replica_host_kv_moved_bytes_total", (("direction", "to_host"), *model))] == 4096
     assert samples[("herd_replica_host_kv_moved_bytes_total", (("direction", "to_device"), *model))] == 2048
+    assert samples[("herd_replica_lora_adapters_registered", model)] == 5
+    assert samples[("herd_replica_lora_adapters_resident", model)] == 2
+    assert samples[("herd_replica_lora_adapter_loads_total", model)] == 9
+    assert samples[("herd_replica_lora_adapter_evictions_total", model)] == 7

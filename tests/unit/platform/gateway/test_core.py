@@ -120,13 +120,17 @@ class Settlements:
     def authorize(self, identity: Any, model: str) -> None:
         pass
 
+    def adapters(self, identity: Any) -> dict[str, Any]:
+        return {}
+
     def allowed_models(self, identity: Any, models: list[str]) -> list[str]:
         return models
 
     def context(self, identity: Any) -> pb.TenantContext:
         return pb.TenantContext(tenant_id="t", weight=1.0)
 
-    async def enter(self, identity: Any, model: str, request_id: str, *, choices: int = 1) -> Any:
+    async def enter(self, identity: Any, model: str, request_id: str, *, choices: int = 1,
+                    adapter: str | None = None) -> Any:
         return request_id
 
     async def reserve(self, admission: Any, prompt_tokens: int, max_tokens: int, *,

@@ -179,6 +179,9 @@ class RecordingGuard:
     def authorize(self, identity, model):
         pass
 
+    def adapters(self, identity):
+        return {}
+
     def allowed_models(self, identity, models):
         return models
 
@@ -187,7 +190,7 @@ class RecordingGuard:
 
         return pb.TenantContext(tenant_id="t", weight=1.0)
 
-    async def enter(self, identity, model, request_id, *, choices=1):
+    async def enter(self, identity, model, request_id, *, choices=1, adapter=None):
         return request_id
 
     async def reserve(self, admission, prompt_tokens, max_tokens, *, max_tokens_given=True):

@@ -275,15 +275,15 @@ def test_usage_sums_by_tenant_key_model_and_day(store: TenantStore) -> None:
     usage_fixture(store)
     got = store.usage()
     assert sorted(got, key=lambda r: (r["day"], r["tenant_id"], r["key_id"], r["model"])) == [
-        {"tenant_id": "acme", "key_id": "k1", "model": "llama", "day": "2025-03-14", "requests": 2,
+        {"tenant_id": "acme", "key_id": "k1", "model": "llama", "adapter": None, "day": "2025-03-14", "requests": 2,
          "prompt_tokens": 30, "completion_tokens": 3, "cached_tokens": 5},
-        {"tenant_id": "acme", "key_id": "k1", "model": "qwen", "day": "2025-03-14", "requests": 1,
+        {"tenant_id": "acme", "key_id": "k1", "model": "qwen", "adapter": None, "day": "2025-03-14", "requests": 1,
          "prompt_tokens": 160, "completion_tokens": 16, "cached_tokens": 0},
-        {"tenant_id": "acme", "key_id": "k2", "model": "llama", "day": "2025-03-14", "requests": 1,
+        {"tenant_id": "acme", "key_id": "k2", "model": "llama", "adapter": None, "day": "2025-03-14", "requests": 1,
          "prompt_tokens": 80, "completion_tokens": 8, "cached_tokens": 0},
-        {"tenant_id": "beta", "key_id": "kb", "model": "llama", "day": "2025-03-14", "requests": 1,
+        {"tenant_id": "beta", "key_id": "kb", "model": "llama", "adapter": None, "day": "2025-03-14", "requests": 1,
          "prompt_tokens": 1000, "completion_tokens": 100, "cached_tokens": 50},
-        {"tenant_id": "acme", "key_id": "k1", "model": "llama", "day": "2025-03-15", "requests": 1,
+        {"tenant_id": "acme", "key_id": "k1", "model": "llama", "adapter": None, "day": "2025-03-15", "requests": 1,
          "prompt_tokens": 40, "completion_tokens": 4, "cached_tokens": 0},
     ]
     assert [r["day"] for r in got] == sorted(r["day"] for r in got)  # ordered by day
