@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import httpx
 import pytest
 
@@ -16,6 +17,7 @@ from herd.model.tiny import make_tiny
 from herd.model.tiny_lora import make_tiny_lora
 from herd.platform.gateway.backend import LocalBackend
 from herd.platform.gateway.core import Gateway
+from herd.platform.gateway.grpc_server import start_grpc
 from herd.platform.gateway.http_app import create_app
 from herd.platform.tenancy.adapter_check import AdapterModel, model_checker
 from herd.platform.tenancy.adapter_registry import AdapterRegistry
@@ -24,6 +26,8 @@ from herd.platform.tenancy.guard import Guard
 from herd.platform.tenancy.ledger import UsageLedger
 from herd.platform.tenancy.rate_limit import InProcessRateLimiter
 from herd.platform.tenancy.store import Conflict, NotFound, TenantStore
+from herd.protos.herd.v1 import inference_pb2 as pb
+from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
 from herd.workers.replica_config import ReplicaConfig
 from herd.workers.replica_core import ReplicaCore
 
@@ -143,3 +147,39 @@ def test_the_replica_loads_each_registration_once_and_drops_unused_ones(world):
     assert sorted(core.engine.engine.adapters()) == sorted(core.adapters.registered())
     stats = core.engine.engine.stats()
     assert stats.lora_adapters_resident == 2 and stats.lora_adapter_evictions >= 2
+
+
+def test_the_grpc_door_serves_and_hides_adapters_the_same_way(world):
+    _, registry, _, gateway, keys, adapters, _ = world
+    registry.register("scout", "a1", str(adapters["a1"]))
+    registry.grant("scout", "a1", "acme")
+
+    async def main():
+        server, port = await start_grpc(gateway, port=0)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.InferenceStub(channel)
+                listed = {t: await stub.ListModels(pb.ListModelsRequest(), metadata=_bearer(keys[t])) for t in keys}
+                said = {}
+                for tenant, model in (("acme", "scout"), ("acme", "scout:a1"), ("beta", "scout:a1")):
+                    request = pb.GenerateRequest(model=model, text="Tell me about the herd.",
+                                                 sampling=pb.SamplingOptions(max_tokens=6, temperature=0),
+                                                 adapter=pb.LoraAdapter(name="x@1", path="/etc"))  # replaced
+                    try:
+                        said[tenant, model] = "".join([c.text async for c in stub.Generate(
+                            request, metadata=_bearer(keys[tenant]))])
+                    except grpc.aio.AioRpcError as err:
+                        said[tenant, model] = err.code()
+                return listed, said
+        finally:
+            await server.stop(0)
+
+    listed, said = asyncio.run(main())
+    assert [(m.id, m.parent) for m in listed["acme"].models] == [("scout", ""), ("scout:a1", "scout")]
+    assert [m.id for m in listed["beta"].models] == ["scout"]
+    assert said["beta", "scout:a1"] == grpc.StatusCode.NOT_FOUND
+    assert isinstance(said["acme", "scout:a1"], str) and said["acme", "scout:a1"] != said["acme", "scout"]
+
+
+def _bearer(key):
+    return (("authorization", f"Bearer {key}"),)
