@@ -22,11 +22,11 @@ Checks (exit 1 when one fails): both LoRA-on base runs give exactly the base tok
 adapter 0 equal the one-adapter batch's same rows (mixing is exact); adapters change the output (rows whose
 tokens differ from base, reported; at least one must).
 
-    .venv/bin/python bench/lora.py [--preset scout|maverick] [--hidden-size 1024] [--intermediate-size 1024]
-                                   [--intermediate-size-mlp 2048] [--layers 4] [--head-dim 64]
-                                   [--sequences 32] [--adapters 8] [--prompt-tokens 32] [--output-tokens 33]
+    .venv/bin/python bench/lora.py [--preset scout|maverick] [--hidden-size 512] [--intermediate-size 512]
+                                   [--intermediate-size-mlp 1024] [--layers 4] [--head-dim 64]
+                                   [--sequences 32] [--adapters 8] [--prompt-tokens 32] [--output-tokens 17]
                                    [--rank 16] [--targets attention shared_expert dense_mlp experts]
-                                   [--repeats 5] [--threads N] [--smoke]
+                                   [--repeats 3] [--threads N] [--smoke]
 """
 
 from __future__ import annotations
@@ -146,19 +146,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=("scout", "maverick"), default="scout",
                    help="the tiny checkpoint's layout: scout (every layer MoE, 16 experts) or maverick (MoE every "
                    "second layer, dense MLPs between, 32 experts)")
-    p.add_argument("--hidden-size", type=int, default=1024, help="H, the residual width")
-    p.add_argument("--intermediate-size", type=int, default=1024, help="a routed and the shared expert's width")
-    p.add_argument("--intermediate-size-mlp", type=int, default=2048, help="a dense MLP's width (maverick)")
+    p.add_argument("--hidden-size", type=int, default=512, help="H, the residual width")
+    p.add_argument("--intermediate-size", type=int, default=512, help="a routed and the shared expert's width")
+    p.add_argument("--intermediate-size-mlp", type=int, default=1024, help="a dense MLP's width (maverick)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64, help="heads = H / head-dim, KV heads a quarter of those")
     p.add_argument("--sequences", type=int, default=32, help="requests in the batch")
     p.add_argument("--adapters", type=int, default=8, help="distinct adapters in the mixed batch (max_loras)")
     p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--output-tokens", type=int, default=33, help="per request (the first comes from the prefill)")
+    p.add_argument("--output-tokens", type=int, default=17, help="per request (the first comes from the prefill)")
     p.add_argument("--rank", type=int, default=16, help="every adapter's rank (the engine's max_lora_rank)")
     p.add_argument("--targets", nargs="+", choices=ALL_TARGETS, default=list(ALL_TARGETS),
                    help="what the adapters adapt")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
     p.add_argument("--seed", type=int, default=0, help="the prompts'")
     p.add_argument("--threads", type=int, help="torch intra-op threads; default: torch's choice")
     return parse_args_with_smoke(p, argv, hidden_size=128, intermediate_size=64, intermediate_size_mlp=256,
@@ -207,9 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             Scenario(f"LoRA on, {args.adapters} resident, base requests", served, lambda i: None, 0),
             Scenario("one adapter", served, lambda i: names[0], 1),
         ]
-        for _ in range(args.repeats + 1):  # the first round warms up (and makes the served engine's adapters resident)
+        for round_ in range(args.repeats + 1):  # round 0 warms up (and makes the served engine's adapters resident)
             for scenario in scenarios:
                 scenario.run(prompts, params)
+            print(f"round {round_}/{args.repeats} done at {time.perf_counter() - begun:.0f} s", file=sys.stderr)
         for scenario in scenarios:
             scenario.decode_s.pop(0)
         loads = served.stats().lora_adapter_loads
