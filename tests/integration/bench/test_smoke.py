@@ -39,6 +39,8 @@ SMOKE = {
     "multiturn.py": ("| system | router | host KV MiB | turns | errors |",
                      lambda tmp: ["--checkpoint", str(tmp / "scout"), "--log-dir", str(tmp / "logs")]),
     "lora_delta.py": ("| slots | tokens | base (ms) | gathered (ms) | grouped (ms) | masked (ms) |", lambda tmp: []),
+    "lora.py": ("| scenario | sequences | adapters in batch | decode tokens | decode s (median) | decode tok/s | "
+                "vs base |", lambda tmp: []),
     "soak.py": ("| t_s | gateway_mib | replica_mib | shard0_mib | shard1_mib | kv_blocks |", lambda tmp: []),
 }
 NOT_HERE = {"__init__.py", "common.py", "expert_balance.py", "gpu_check.py", "quantized_experts.py"}
