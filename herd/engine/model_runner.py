@@ -134,8 +134,9 @@ class ModelRunner:
             self.cache.copy_blocks(copies)
 
     def _adapter_slots(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor | None:
-        """Each step token's LoRA bank slot [N] (-1: base), or None when LoRA is off."""
-        if self.adapter_slot is None:
+        """Each step token's LoRA bank slot [N] (-1: base), or None when LoRA is off or no chunk of the step uses an
+        adapter (a base-only step then skips the deltas, which would add exactly zero, whatever is resident)."""
+        if self.adapter_slot is None or all(c.seq.adapter is None for c in chunks):
             return None
         slots = torch.tensor([self.adapter_slot(c.seq.adapter) for c in chunks], dtype=torch.int64)  # [C]
         return slots.repeat_interleave(torch.tensor([c.num_tokens for c in chunks]))

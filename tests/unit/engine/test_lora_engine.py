@@ -95,6 +95,25 @@ def test_mixed_batch_gives_each_request_its_tokens_alone(scout, alone):
     assert engine.stats().lora_adapters_resident == 3
 
 
+def test_a_step_without_adapter_requests_runs_the_base_model_alone(scout, alone):
+    """With adapters resident, a step whose requests all run on the base model computes no LoRA deltas (it gives
+    the model no adapter slots), and one that mixes them does."""
+    engine = _engine(scout, max_loras=2, enable_prefix_caching=False)
+    assert _generate(engine, _prompt(0), "x") == alone["x"]  # x resident from now on
+    forward, seen = engine.model.forward, []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("adapter_slots"))
+        return forward(*args, **kwargs)
+
+    engine.model.forward = recording
+    assert _generate(engine, _prompt(0), None) == alone[None]
+    assert seen and all(slots is None for slots in seen)
+    seen.clear()
+    assert _generate(engine, _prompt(0), "x") == alone["x"]
+    assert seen and all(slots is not None for slots in seen)
+
+
 def test_prefix_cache_never_hits_across_adapters(scout, alone):
     engine = _engine(scout, max_loras=3)
     prompt = _prompt(0)  # 20 tokens: one full block of 16 to share
