@@ -91,6 +91,7 @@ class _EngineCollector(Collector):
         yield from (running, waiting, usage, queried, hits, preempted, experts, drafted, accepted)
         yield from self._host_tier(stats)
         yield from self._lora(stats)
+        yield from self._faults(stats)
 
     def _lora(self, stats: EngineStats) -> Iterator[Any]:
         """The LoRA adapter bank's series (all zero with LoRA off): registered, resident, loads and evictions."""
@@ -104,6 +105,22 @@ class _EngineCollector(Collector):
         evictions = _series(CounterMetricFamily, "herd_replica_lora_adapter_evictions", "LoRA adapters evicted from "
                             "the bank to make room for another", model, stats.lora_adapter_evictions)
         yield from (registered, resident, loads, evictions)
+
+    def _faults(self, stats: EngineStats) -> Iterator[Any]:
+        """Steps that failed for want of the experts, and the engine's holds on their requests (fault_hold_s)."""
+        model = [self.model]
+        failed = _series(CounterMetricFamily, "herd_replica_fault_failed_steps", "Engine steps whose forward failed "
+                         "(an expert shard unreachable or past its deadline)", model, stats.fault_failed_steps)
+        holds = _series(CounterMetricFamily, "herd_replica_fault_holds", "Holds begun: a failed step's requests kept "
+                        "and retried instead of failed", model, stats.fault_holds)
+        recoveries = _series(CounterMetricFamily, "herd_replica_fault_recoveries", "Holds that ended with a "
+                             "successful step (the experts came back)", model, stats.fault_recoveries)
+        last = _series(GaugeMetricFamily, "herd_replica_fault_last_recovery_seconds", "How long the last recovered "
+                       "hold lasted, from the first failed step to the next successful one", model,
+                       stats.fault_last_recovery_s)
+        held = _series(GaugeMetricFamily, "herd_replica_fault_held", "1 while the engine holds failed steps' requests "
+                       "(no step has succeeded since a failure)", model, float(stats.fault_held))
+        yield from (failed, holds, recoveries, last, held)
 
     def _host_tier(self, stats: EngineStats) -> Iterator[Any]:
         """The host KV tier's series (all zero when it is off): slots held, hits, bytes moved each way."""
