@@ -12,6 +12,8 @@ import torch
 from herd.engine import AsyncLLMEngine, EngineConfig, HerdError, LLMEngine, SamplingParams
 from herd.engine.errors import Code
 from herd.engine.fault_hold import RETRY_AFTER_S
+from herd.engine.speculative.config import SpeculativeConfig
+from herd.engine.structured_output import StructuredOutput
 from herd.model.moe import MoE
 from herd.model.tiny import make_tiny
 
@@ -85,6 +87,38 @@ def test_failed_steps_are_held_and_the_output_is_the_undisturbed_one(scout):
     stats = engine.stats()
     assert (stats.fault_failed_steps, stats.fault_holds, stats.fault_recoveries) == (6, 2, 2)
     assert not stats.fault_held and stats.fault_last_recovery_s >= 0
+
+
+def test_a_held_step_retries_its_drafts_grammar_masks_and_penalties_unchanged(scout):
+    """Speculative decoding (a failed step's drafts are verified again), a structured constraint (its masks were
+    filled for the failed step) and penalties (histories), failed mid-decode and on steps that verify drafts."""
+    repeat = list(range(20, 32))
+    prompts = [repeat * 4, list(range(40, 60)), [*repeat, *repeat, 7, 8]]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=40, structured=StructuredOutput("json_object", "")),
+              SamplingParams(temperature=1.0, seed=9, max_tokens=12, ignore_eos=True, frequency_penalty=1.5)]
+    prompts.insert(1, prompts[0])
+    speculative = SpeculativeConfig(method="ngram", num_tokens=3, prompt_lookup_min=1)
+    steady = _engine(scout, speculative=speculative)
+    FlakyExperts(steady, lambda n: False)
+    want = steady.generate(prompts, params)
+    engine = _engine(scout, speculative=speculative)
+    with_drafts = []
+
+    def down(n):  # the 4th forward, and the first two that verify drafts
+        if len(with_drafts) < 2 and any(seq.draft_ids for seq in engine.scheduler.running):
+            with_drafts.append(n)
+            return True
+        return n == 4
+
+    flaky = FlakyExperts(engine, down)
+    got = engine.generate(prompts, params)
+    assert len(with_drafts) == 2 and flaky.failures == 3
+    assert _tokens(got) == _tokens(want)
+    assert engine.stats().draft_tokens == steady.stats().draft_tokens > 0, "the same drafts were verified"
+    assert engine.stats().accepted_tokens == steady.stats().accepted_tokens
+    assert _free(engine)
 
 
 def test_past_the_hold_the_requests_end_unavailable_without_internal_addresses(scout):
