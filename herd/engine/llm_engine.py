@@ -6,6 +6,8 @@ that finishes or is aborted gives its KV blocks back in the same step. A request
 (preprocessed tiles): the engine's vision tower turns them into features when the request is prepared,
 and the model runner puts those in place of the prompt's ``<|patch|>`` tokens. A request of n choices (or
 best_of candidates) runs one sequence per candidate over one prompt computation (herd.engine.request_group).
+A step that fails for want of the experts (a shard unavailable or late) is held and retried, its requests kept at
+their last token, for up to fault_hold_s before they fail (herd.engine.fault_hold).
 """
 
 from __future__ import annotations
