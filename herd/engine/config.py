@@ -85,6 +85,13 @@ class EngineConfig(BaseModel):
                                       "the host, ready to take a slot); past it the least recently used one no "
                                       "request is using is dropped (and loaded again from its path when asked "
                                       "for); null: 4 x max_loras")
+    fault_hold_s: float = Field(30, ge=0, description="how long the engine holds the sequences of steps that fail "
+                                "with a retryable error (an expert shard UNAVAILABLE or past its deadline) waiting "
+                                "for the experts to come back: they keep their tokens and are computed again, then "
+                                "fail with UNAVAILABLE past it; 0: fail them at once. Not with async_scheduling, "
+                                "whose failed steps fail at once")
+    fault_retry_interval_s: float = Field(0.2, gt=0, le=10, description="pause between retries of a failing step "
+                                          "during a hold, so the engine thread does not spin on a dead shard")
 
     @model_validator(mode="after")
     def _check_decode_settings(self) -> Self:

@@ -6,6 +6,8 @@ that finishes or is aborted gives its KV blocks back in the same step. A request
 (preprocessed tiles): the engine's vision tower turns them into features when the request is prepared,
 and the model runner puts those in place of the prompt's ``<|patch|>`` tokens. A request of n choices (or
 best_of candidates) runs one sequence per candidate over one prompt computation (herd.engine.request_group).
+A step that fails for want of the experts (a shard unavailable or late) is held and retried, its requests kept at
+their last token, for up to fault_hold_s before they fail (herd.engine.fault_hold).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from herd.engine.adapter_residency import AdapterResidency
 from herd.engine.config import EngineConfig
 from herd.engine.detokenizer import IncrementalDetokenizer
 from herd.engine.errors import Code, HerdError
+from herd.engine.fault_hold import FaultHold
 from herd.engine.grammar import GrammarCompiler
 from herd.engine.grammar_mask import GrammarMask, MaskFiller
 from herd.engine.host_block_index import host_blocks
@@ -152,6 +155,8 @@ class LLMEngine:
         self._accepted_tokens = 0
         self._exported_blocks = 0  # prefix blocks exported to and imported from other engines since the start
         self._imported_blocks = 0
+        self.faults = FaultHold(self.config.fault_hold_s)
+        """Steps that fail for want of the experts: held and retried (synchronous steps), failures counted."""
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -353,6 +358,9 @@ class LLMEngine:
             lora_adapters_resident=self.lora.resident if self.lora is not None else 0,
             lora_adapter_loads=self.lora.loads if self.lora is not None else 0,
             lora_adapter_evictions=self.lora.evictions if self.lora is not None else 0,
+            fault_failed_steps=self.faults.failed_steps, fault_holds=self.faults.holds,
+            fault_recoveries=self.faults.recoveries, fault_last_recovery_s=self.faults.last_recovery_s,
+            fault_held=self.faults.holding,
         )
 
     # --- a prompt's KV between engines (prefill/decode disaggregation) --------------------------------
@@ -415,11 +423,12 @@ class LLMEngine:
         try:
             step = self.runner.run(scheduled.chunks) if scheduled.chunks else None
         except HerdError as err:
-            return self._fail(scheduled, err)
+            return self._step_failed(scheduled, err)
         self.scheduler.on_step_done(scheduled)
         fork_computed(leaders, self.kv, self.scheduler)
         if step is None:
             return self._record([], [], [])
+        self.faults.on_success()
         if verify is None:
             outputs = self._record(sampling, *self._sample(step.sampled, sampling, rows, masks), step.prompt)
         else:
@@ -459,10 +468,11 @@ class LLMEngine:
             error = in_flight.exception()
             for seq in sampling:
                 seq.num_pending = 0
-        if isinstance(error, HerdError):
-            return self._fail(scheduled, error)
+        if isinstance(error, HerdError):  # the step has been counted done and the next scheduled: not held
+            return self._fail(scheduled, self.faults.on_failure(error, holdable=False) or error)
         if error is not None:
             raise error
+        self.faults.on_success()
         return self._record(sampling, *in_flight.result())
 
     def _bad_word_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
@@ -620,6 +630,19 @@ class LLMEngine:
             outputs.append(self._core_output(seq, new, new_logprobs))
         return outputs
 
+    def _step_failed(self, scheduled: SchedulerOutput, err: HerdError) -> list[CoreOutput]:
+        """A synchronous step's forward raised err. Within a hold (herd.engine.fault_hold) its requests are kept as
+        they stood before it: the scheduler is not told the step ran, so the next schedule gives its sequences the
+        same positions again (blocks allocated for them kept, nothing computed, cached or sampled), after a pause so
+        that a dead shard is not retried in a spin. Otherwise they end with the error."""
+        final = self.faults.on_failure(err)
+        if final is not None:
+            return self._fail(scheduled, final)
+        time.sleep(self.config.fault_retry_interval_s)
+        outputs = [self._core_output(seq, []) for seq in self._aborted]
+        self._aborted.clear()
+        return outputs
+
     def _fail(self, scheduled: SchedulerOutput, err: HerdError) -> list[CoreOutput]:
         """The step's work is lost (an expert shard unreachable, a deadline missed, ...): its requests end with
         the error (within their deadline, never a hang) and give back their blocks; others carry on."""
@@ -639,6 +662,8 @@ class LLMEngine:
         self._groups.forget(seq)
         if self.speculator is not None:
             self.speculator.forget(seq)
+        if not self._requests:
+            self.faults.on_idle()  # nothing left held: a later failure begins a hold of its own
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         """The finishes that decide the next batch (stop strings are the output processor's). A constrained

@@ -44,6 +44,15 @@ class EngineStats:
     lora_adapters_resident: int = 0
     lora_adapter_loads: int = 0
     lora_adapter_evictions: int = 0
+    fault_failed_steps: int = 0
+    """Since the engine started: steps whose forward failed (an expert shard unreachable or late), holds begun on
+    such failures (the step's requests kept and retried, EngineConfig.fault_hold_s), holds that ended with a
+    successful step, and how long the last of those lasted (s)."""
+    fault_holds: int = 0
+    fault_recoveries: int = 0
+    fault_last_recovery_s: float = 0.0
+    fault_held: bool = False
+    """Whether the engine is holding failed steps' requests now (no step has succeeded since a failure)."""
 
     @property
     def kv_blocks_held(self) -> int:

@@ -91,19 +91,38 @@ class _EngineCollector(Collector):
         yield from (running, waiting, usage, queried, hits, preempted, experts, drafted, accepted)
         yield from self._host_tier(stats)
         yield from self._lora(stats)
+        yield from self._faults(stats)
 
     def _lora(self, stats: EngineStats) -> Iterator[Any]:
         """The LoRA adapter bank's series (all zero with LoRA off): registered, resident, loads and evictions."""
-        model = [self.model]
-        registered = _series(GaugeMetricFamily, "herd_replica_lora_adapters_registered", "LoRA adapters registered "
-                             "on the replica (loaded on the host)", model, stats.lora_adapters_registered)
-        resident = _series(GaugeMetricFamily, "herd_replica_lora_adapters_resident", "LoRA adapters in the adapter "
-                           "bank (at most max_loras)", model, stats.lora_adapters_resident)
-        loads = _series(CounterMetricFamily, "herd_replica_lora_adapter_loads", "LoRA adapters loaded into the "
-                        "bank", model, stats.lora_adapter_loads)
-        evictions = _series(CounterMetricFamily, "herd_replica_lora_adapter_evictions", "LoRA adapters evicted from "
-                            "the bank to make room for another", model, stats.lora_adapter_evictions)
-        yield from (registered, resident, loads, evictions)
+        return self._by_model(
+            (GaugeMetricFamily, "herd_replica_lora_adapters_registered", "LoRA adapters registered on the replica "
+             "(loaded on the host)", stats.lora_adapters_registered),
+            (GaugeMetricFamily, "herd_replica_lora_adapters_resident", "LoRA adapters in the adapter bank (at most "
+             "max_loras)", stats.lora_adapters_resident),
+            (CounterMetricFamily, "herd_replica_lora_adapter_loads", "LoRA adapters loaded into the bank",
+             stats.lora_adapter_loads),
+            (CounterMetricFamily, "herd_replica_lora_adapter_evictions", "LoRA adapters evicted from the bank to make "
+             "room for another", stats.lora_adapter_evictions))
+
+    def _faults(self, stats: EngineStats) -> Iterator[Any]:
+        """Steps that failed for want of the experts, and the engine's holds on their requests (fault_hold_s)."""
+        return self._by_model(
+            (CounterMetricFamily, "herd_replica_fault_failed_steps", "Engine steps whose forward failed (an expert "
+             "shard unreachable or past its deadline)", stats.fault_failed_steps),
+            (CounterMetricFamily, "herd_replica_fault_holds", "Holds begun: a failed step's requests kept and retried "
+             "instead of failed", stats.fault_holds),
+            (CounterMetricFamily, "herd_replica_fault_recoveries", "Holds that ended with a successful step (the "
+             "experts came back)", stats.fault_recoveries),
+            (GaugeMetricFamily, "herd_replica_fault_last_recovery_seconds", "How long the last recovered hold lasted, "
+             "from the first failed step to the next successful one", stats.fault_last_recovery_s),
+            (GaugeMetricFamily, "herd_replica_fault_held", "1 while the engine holds failed steps' requests (no step "
+             "has succeeded since a failure)", float(stats.fault_held)))
+
+    def _by_model(self, *specs: tuple[type[CounterMetricFamily] | type[GaugeMetricFamily], str, str, float],
+                  ) -> Iterator[Any]:
+        """One series per (kind, name, doc, value), labelled by this replica's model."""
+        return (_series(kind, name, doc, [self.model], value) for kind, name, doc, value in specs)
 
     def _host_tier(self, stats: EngineStats) -> Iterator[Any]:
         """The host KV tier's series (all zero when it is off): slots held, hits, bytes moved each way."""

@@ -58,3 +58,19 @@ def test_replica_metrics_export_the_host_kv_tier_and_the_lora_bank() -> None:
     assert samples[("herd_replica_lora_adapters_resident", model)] == 2
     assert samples[("herd_replica_lora_adapter_loads_total", model)] == 9
     assert samples[("herd_replica_lora_adapter_evictions_total", model)] == 7
+
+
+def test_replica_metrics_export_failed_steps_and_holds() -> None:
+    from herd.engine.stats import EngineStats
+    from herd.workers.replica_metrics import _EngineCollector
+
+    stats = EngineStats(running=2, waiting=1, kv_blocks={"full": 8}, kv_blocks_used={"full": 3},
+                        prefix_queried_tokens=0, prefix_hit_tokens=0, preemptions=0, fault_failed_steps=12,
+                        fault_holds=3, fault_recoveries=2, fault_last_recovery_s=4.5, fault_held=True)
+    engine = SimpleNamespace(stats=lambda: stats)
+    collector = _EngineCollector("scout", engine, SimpleNamespace(snapshot=dict))  # type: ignore[arg-type]
+    samples = {s.name: s.value for family in collector.collect() for s in family.samples if s.name.startswith(
+        "herd_replica_fault")}
+    assert samples == {"herd_replica_fault_failed_steps_total": 12, "herd_replica_fault_holds_total": 3,
+                       "herd_replica_fault_recoveries_total": 2, "herd_replica_fault_last_recovery_seconds": 4.5,
+                       "herd_replica_fault_held": 1}
