@@ -99,8 +99,8 @@ class Progress:
 
     def relay(self, chunk: pb.GenerateChunk) -> pb.GenerateChunk:
         """`chunk` as the client gets it: as it came on the first attempt; on a continuation with the request's
-        id, its text recomputed from all the tokens (cut at a stop string that spans the attempts, which then
-        finishes the request: `finished`) and its usage the whole request's."""
+        id, its text recomputed from all the tokens (cut at a stop string, which may span the attempts: `cut`, the
+        stream is to be closed) and its last chunk's usage the whole request's."""
         self.chunks += 1
         if self._detok is None:
             self.tokens += chunk.token_ids
@@ -139,7 +139,7 @@ class Progress:
         del out.logprobs[kept:]
         if cut is not None:
             self.cut = True
-            return self._last(out, self._detok.text[:cut], "stop", 0)
+            return self._last(out, self._detok.text[:cut], "stop", chunk.usage.cached_tokens)
         if chunk.finish_reason:
             self._detok.flush(self.tokens)
             return self._last(out, self._detok.text, chunk.finish_reason, chunk.usage.cached_tokens)

@@ -405,6 +405,9 @@ class Gateway:
                     status = "ok"
                     return
                 self.telemetry.metrics.migrated.labels(model).inc()
+                # The replica that died may have been the only one: held for its restart as a cold start is.
+                await wait_for_replica(prepared.backend, self.load, self.cold_start.get(model, ColdStartPolicy()),
+                                       deadline=deadline)
         except HerdError as err:
             status, error = ("interrupted" if err.reason == "interrupted" else err.code.value.lower()), err
             raise

@@ -13,11 +13,13 @@ from herd.engine.detokenizer import IncrementalDetokenizer
 from herd.engine.errors import Code, HerdError
 from herd.model.prompt import prompt_ids
 from herd.platform.gateway.backend import LocalBackend
+from herd.platform.gateway.cold_start import ColdStartPolicy
 from herd.platform.gateway.continuation import Progress, continuation, migratable, replica_lost
 from herd.platform.gateway.core import Gateway
 from herd.platform.gateway.errors import from_replica, replica_unavailable
 from herd.platform.gateway.http_app import create_app
 from herd.protos.herd.v1 import inference_pb2 as pb
+from tests.unit.platform.gateway.test_http_app import RecordingGuard
 
 CHAT = {"model": "scout", "messages": [{"role": "user", "content": "Tell me about the herd."}],
         "max_tokens": 12, "temperature": 0}
@@ -235,3 +237,50 @@ def test_a_character_split_over_the_boundary_is_not_lost(core):
     assert "".join(c.text for c in sent) == tokenizer.decode(ids)
     assert sent[-1].usage == pb.Usage(prompt_tokens=3, completion_tokens=len(ids), cached_tokens=3)
     assert progress.finished and {c.request_id for c in sent} == {"herd-x"}
+
+
+def test_a_continued_request_is_settled_once_for_every_token(core, gateway):
+    plain = _post(gateway, "/v1/chat/completions", CHAT).json()
+    guard = RecordingGuard()
+    migrating, _ = _gateway(core, [1, 1], guard=guard)
+
+    async def main():
+        async with _client(migrating) as client:
+            return await client.post("/v1/chat/completions", json=CHAT,
+                                     headers={"authorization": f"Bearer {guard.KEY}"})
+
+    assert asyncio.run(main()).status_code == 200
+    assert [(s["completion_tokens"], s["status"]) for s in guard.settled] == [
+        (plain["usage"]["completion_tokens"], "ok")]
+
+
+def test_a_request_whose_only_replica_died_is_held_for_its_restart(core, gateway):
+    class Restarting(DyingBackend):
+        def __init__(self, core):
+            super().__init__(core, [1])
+            self.counts = [1, 0, 0, 1]  # ready replicas, as asked: before the request, then while it restarts
+
+        async def ready_replicas(self):
+            return self.counts.pop(0) if self.counts else 1
+
+    backend = Restarting(core)
+    migrating = Gateway({"scout": backend}, cold_start={"scout": ColdStartPolicy(wait_s=60, poll_s=0.01)})
+    plain = _post(gateway, "/v1/chat/completions", CHAT).json()
+    body = _post(migrating, "/v1/chat/completions", CHAT).json()
+    assert body["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    assert not backend.counts and len(backend.requests) == 2
+
+
+def test_a_request_that_had_sent_all_its_tokens_ends_with_length():
+    class Chars:  # a tokenizer of one character per token
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(i) for i in ids)
+
+    progress = Progress(_request(max_tokens=3), Chars())
+    for token in (104, 105, 33):
+        progress.relay(pb.GenerateChunk(request_id="herd-x", token_ids=[token], text=chr(token)))
+    progress.next_request()
+    assert progress.remaining() == 0
+    last = progress.length_reached()
+    assert (last.finish_reason, last.text, list(last.token_ids)) == ("length", "", [])
+    assert last.usage == pb.Usage(prompt_tokens=3, completion_tokens=3) and progress.finished
