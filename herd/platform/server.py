@@ -199,7 +199,8 @@ async def serve_doors(settings: HerdSettings, backends: dict[str, Any], control_
     images = settings.images
     gateway = Gateway(backends, guard=tenancy.guard if tenancy else None, request_timeout_s=settings.request_timeout_s,
                       cold_start=cold_start, log_prompts=settings.telemetry.log_prompts,
-                      max_images_per_request=images.max_images_per_request, max_image_bytes=images.max_image_bytes)
+                      max_images_per_request=images.max_images_per_request, max_image_bytes=images.max_image_bytes,
+                      migration_attempts=settings.migration_attempts)
     tls = settings.tls
     cert_chain, private_key, client_ca = (path.read_bytes() if path is not None else None
                                           for path in (tls.cert_file, tls.key_file, tls.client_ca_file))

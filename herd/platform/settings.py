@@ -299,6 +299,8 @@ class HerdSettings(BaseSettings):
     ops_port: int = Field(9401, ge=0, le=65535, description="operator port; the public ports keep only a cheap "
                           "/health/live and /health/ready")
     request_timeout_s: float = Field(600, gt=0, description="longest a request may take")
+    migration_attempts: int = Field(2, ge=0, description="times a request whose replica died is sent again to "
+                                    "another (continued from the tokens it streamed) before it fails with 503")
     shutdown_timeout_s: float = Field(25, gt=0, description="SIGTERM to exit: in-flight requests may finish within "
                                       "it, then are ended as interrupted and the ledger is written (keep it under "
                                       "the pod's terminationGracePeriodSeconds)")

@@ -30,6 +30,7 @@ from herd.model.image_processor import TileGrid
 from herd.model.prompt import prompt_ids
 from herd.platform.gateway.backend import Backend
 from herd.platform.gateway.cold_start import ColdStartPolicy, wait_for_replica
+from herd.platform.gateway.continuation import Progress, replica_lost
 from herd.platform.gateway.errors import (
     context_length_exceeded,
     deadline_exceeded,
@@ -109,9 +110,12 @@ class Gateway:
     def __init__(
         self, backends: Mapping[str, Backend], *, guard: AdmissionGuard | None = None, request_timeout_s: float = 600.0,
         cold_start: Mapping[str, ColdStartPolicy] | None = None, log_prompts: bool = False,
-        max_images_per_request: int = 8, max_image_bytes: int = 20 * 2**20,
+        max_images_per_request: int = 8, max_image_bytes: int = 20 * 2**20, migration_attempts: int = 2,
     ) -> None:
+        """`migration_attempts`: how many times a request whose replica died is sent again (continued from the
+        tokens it streamed; herd.platform.gateway.continuation) before it fails."""
         self.backends = dict(backends)
+        self.migration_attempts = migration_attempts
         self.max_images_per_request = max_images_per_request
         self.max_image_bytes = max_image_bytes
         self.guard = guard
@@ -333,7 +337,10 @@ class Gateway:
         """The backend's chunks, within the deadline, after tenant admission and (for a model scaled to
         zero) a wait for its replica; leaving early aborts the request. With tenancy, every request ends in
         exactly one settlement (its usage row). Every request is one span (a child of `trace_parent`, the
-        caller's trace context) and one set of metric samples."""
+        caller's trace context) and one set of metric samples. A request whose replica died (or could not be
+        reached) is sent again, up to `migration_attempts` times within the same deadline, continued from the
+        tokens it had streamed (herd.platform.gateway.continuation): the client's stream goes on where it stopped,
+        and its usage counts each token once."""
         limit = min(timeout_s or self.request_timeout_s, self.request_timeout_s)
         deadline = time.monotonic() + limit
         request, model = prepared.request, prepared.request.model
@@ -352,32 +359,55 @@ class Gateway:
             await wait_for_replica(prepared.backend, self.load, self.cold_start.get(model, ColdStartPolicy()),
                                    deadline=deadline)
             record.admitted()
-            async with contextlib.aclosing(prepared.backend.generate(request)) as chunks:
-                while True:
-                    try:
-                        chunk = await self._next(chunks, interrupted, deadline - time.monotonic())
-                    except StopAsyncIteration:
+            progress, attempt = Progress(request, prepared.backend.tokenizer), request
+            while True:
+                try:
+                    async with contextlib.aclosing(prepared.backend.generate(attempt)) as chunks:
+                        while not progress.cut:
+                            try:
+                                chunk = progress.relay(await self._next(chunks, interrupted,
+                                                                        deadline - time.monotonic()))
+                            except StopAsyncIteration:
+                                break
+                            except TimeoutError:
+                                raise deadline_exceeded(limit) from None
+                            except HerdError:
+                                raise
+                            except Exception:  # the backend failed (a bug, not a refusal): the door answers INTERNAL
+                                status = "internal"
+                                raise
+                            if chunk.token_ids:
+                                now = time.monotonic()
+                                if not completion:
+                                    self.load.first_token(model, now - started)
+                                self.load.output(model, len(chunk.token_ids),
+                                                 since_last_s=None if last_token_at is None else now - last_token_at)
+                                last_token_at = now
+                            completion += len(chunk.token_ids)
+                            record.tokens(len(chunk.token_ids))
+                            if chunk.finish_reason:
+                                cached = chunk.usage.cached_tokens
+                            yield chunk
+                    status = "ok"
+                    return
+                except HerdError as err:
+                    if progress.finished and replica_lost(err):  # it went after the request's last chunk
                         status = "ok"
                         return
-                    except TimeoutError:
-                        raise deadline_exceeded(limit) from None
-                    except HerdError:
+                    if not (replica_lost(err) and progress.attempts < self.migration_attempts
+                            and progress.can_continue()):
                         raise
-                    except Exception:  # the backend failed (a bug, not a refusal): the door answers INTERNAL
-                        status = "internal"
-                        raise
-                    if chunk.token_ids:
-                        now = time.monotonic()
-                        if not completion:
-                            self.load.first_token(model, now - started)
-                        self.load.output(model, len(chunk.token_ids),
-                                         since_last_s=None if last_token_at is None else now - last_token_at)
-                        last_token_at = now
-                    completion += len(chunk.token_ids)
-                    record.tokens(len(chunk.token_ids))
-                    if chunk.finish_reason:
-                        cached = chunk.usage.cached_tokens
+                attempt = progress.next_request()
+                if progress.chunks and progress.remaining() <= 0:  # all its tokens were sent; only the end was not
+                    chunk = progress.length_reached()
+                    cached = chunk.usage.cached_tokens
                     yield chunk
+                    status = "ok"
+                    return
+                self.telemetry.metrics.migrated.labels(model).inc()
+                # The replica that died may have been the only one: held for its restart as a cold start is.
+                await wait_for_replica(prepared.backend, self.load, self.cold_start.get(model, ColdStartPolicy()),
+                                       deadline=deadline)
         except HerdError as err:
             status, error = ("interrupted" if err.reason == "interrupted" else err.code.value.lower()), err
             raise

@@ -183,14 +183,20 @@ _HIDDEN = {  # code -> what the caller is told instead of the detail
 }
 
 
-def _hidden(code: Code, detail: str, request_id: str | None, retry_after_s: int | None = None) -> HerdError:
+REPLICA_LOST = "replica_lost"
+"""The reason of an UNAVAILABLE whose replica died or could not be reached: the gateway may send the request again
+(herd.platform.gateway.continuation); a replica's own UNAVAILABLE (shutting down, a shard down) has none."""
+
+
+def _hidden(code: Code, detail: str, request_id: str | None, retry_after_s: int | None = None,
+            reason: str | None = None) -> HerdError:
     """`detail` logged under the request id (the one given, the current request's, else a new one), and an
     error that tells the caller only what kind of failure it was and that id. A bug is an error in the log;
     a replica out of reach or late, a warning (replicas come and go)."""
     request_id = request_id or logs.request_id.get() or f"herd-{uuid.uuid4().hex}"
     level = logging.ERROR if code is Code.INTERNAL else logging.WARNING
     log.log(level, "%s: %s", code.value, detail, extra={"request_id": request_id})
-    return HerdError(code, f"{_HIDDEN[code]}; request id {request_id}", retry_after_s=retry_after_s)
+    return HerdError(code, f"{_HIDDEN[code]}; request id {request_id}", retry_after_s=retry_after_s, reason=reason)
 
 
 def internal(detail: str, *, request_id: str | None = None) -> HerdError:
@@ -199,9 +205,9 @@ def internal(detail: str, *, request_id: str | None = None) -> HerdError:
 
 
 def replica_unavailable(detail: str, *, request_id: str | None = None) -> HerdError:
-    """No replica could be reached (Ray, the network, a replica going away): worth a retry in a second.
-    `detail` is logged, not answered."""
-    return _hidden(Code.UNAVAILABLE, detail, request_id, retry_after_s=1)
+    """No replica could be reached (Ray, the network, a replica going away): worth a retry in a second, which the
+    gateway makes itself (reason REPLICA_LOST). `detail` is logged, not answered."""
+    return _hidden(Code.UNAVAILABLE, detail, request_id, retry_after_s=1, reason=REPLICA_LOST)
 
 
 def from_replica(err: HerdError, *, request_id: str | None = None) -> HerdError:

@@ -17,7 +17,7 @@ from herd.model.config import load_config
 from herd.model.image_prompts import ImagePrompts
 from herd.model.tokenizer import Tokenizer
 from herd.platform.gateway.cold_start import CachedCount
-from herd.platform.gateway.errors import from_status
+from herd.platform.gateway.errors import from_status, replica_unavailable
 from herd.protos.herd.v1 import inference_pb2 as pb
 from herd.protos.herd.v1 import inference_pb2_grpc as pb_grpc
 from herd.workers.serve_details import replica_counts
@@ -48,6 +48,9 @@ class ServeGrpcBackend:
             async for chunk in call:
                 yield chunk
         except grpc.aio.AioRpcError as err:
+            if err.code() is grpc.StatusCode.UNAVAILABLE:  # Serve's proxy lost the replica, or is out of reach
+                raise replica_unavailable(f"the replica of {self.name} is unavailable: {err.details()}",
+                                          request_id=request.request_id) from err
             raise from_status(err.code().name, err.details() or "the replica failed",
                               request_id=request.request_id) from err
         finally:

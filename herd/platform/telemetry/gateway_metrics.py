@@ -48,6 +48,9 @@ class GatewayMetrics:
                                      ["model", "tenant"], registry=r)
         self.generation_tokens = Counter("herd_generation_tokens", "Output tokens sent to clients",
                                          ["model", "tenant"], registry=r)
+        self.migrated = Counter("herd_migrated_requests", "Requests sent again after their replica died or could "
+                                "not be reached (continued from the tokens they had streamed), once per attempt",
+                                ["model"], registry=r)
         if load is not None:
             r.register(_LoadCollector(load))
 
