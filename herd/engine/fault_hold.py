@@ -20,6 +20,9 @@ from herd.engine.errors import Code, HerdError
 
 RETRYABLE = frozenset({Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED})
 """The step errors that a shard coming back may cure."""
+EXPERTS_LOST = "experts_lost"
+"""The reason of a step error that no wait can cure (an executor that knows it is broken for good, as the
+collective transport's group after a failure): never held, its requests end at once."""
 RETRY_AFTER_S = 5
 """What a request ended past the hold tells its client: a shard restart takes seconds."""
 GAVE_UP = "an expert shard of this replica is unavailable; retry the request"
@@ -52,7 +55,7 @@ class FaultHold:
         (err itself when it is not retryable, the hold is off or the step cannot be held; a generic UNAVAILABLE
         once the hold has lasted hold_s)."""
         self.failed_steps += 1
-        if not holdable or self.hold_s == 0 or err.code not in RETRYABLE:
+        if not holdable or self.hold_s == 0 or err.code not in RETRYABLE or err.reason == EXPERTS_LOST:
             return err
         now = self.clock()
         if self.since is None:

@@ -26,6 +26,7 @@ import torch
 from torch._C._distributed_c10d import Work
 
 from herd.engine.errors import Code, HerdError
+from herd.engine.fault_hold import EXPERTS_LOST
 from herd.model.lora import LoRAAdapter
 from herd.workers.collective import CollectiveError, CollectiveGroup
 from herd.workers.collective_protocol import (
@@ -220,7 +221,10 @@ class CollectiveTransport:
 
 
 def _failed(err: CollectiveError, timeout_s: float) -> HerdError:
+    """The step's error: the group is broken for good, so the engine must not hold the step for it (EXPERTS_LOST);
+    the replica is restarted, and the gateway continues its requests elsewhere."""
     log.error("the replica's collective group failed: %s", err)
     if err.timed_out:
-        return HerdError(Code.DEADLINE_EXCEEDED, f"an expert shard did not answer within {timeout_s:g} s")
-    return HerdError(Code.UNAVAILABLE, "an expert shard of this replica is unavailable")
+        return HerdError(Code.DEADLINE_EXCEEDED, f"an expert shard did not answer within {timeout_s:g} s",
+                         reason=EXPERTS_LOST)
+    return HerdError(Code.UNAVAILABLE, "an expert shard of this replica is unavailable", reason=EXPERTS_LOST)
