@@ -77,11 +77,25 @@ class BlockPool:
         if self._refs[block] == 0:
             self._free[block] = None
 
-    def register(self, block: int, block_hash: bytes) -> None:
-        """Make a full block findable by its prefix hash (first block with a hash wins)."""
+    def register(self, block: int, block_hash: bytes) -> bool:
+        """Make a full block findable by its prefix hash (first block with a hash wins); whether this one did."""
         if self._hash[block] is None and block_hash not in self._cached:
             self._hash[block] = block_hash
             self._cached[block_hash] = block
+            return True
+        return False
+
+    def unregister(self, block: int, block_hash: bytes) -> bool:
+        """Make a block no longer findable under block_hash (its KV was never written: the step that filled it
+        failed), if it still holds that hash; a free one moves to the front of the free list, to be reused first.
+        A block holding another hash, or none (evicted and reused since), is left as it is. Whether it was dropped."""
+        if self._hash[block] != block_hash:
+            return False
+        self._hash[block] = None
+        del self._cached[block_hash]
+        if self._refs[block] == 0:
+            self._free.move_to_end(block, last=False)
+        return True
 
     def cached_hashes(self) -> frozenset[bytes]:
         """The prefix hashes findable now (what a later request could take)."""

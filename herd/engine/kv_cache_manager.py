@@ -44,6 +44,9 @@ CHUNKED = "chunked"
 BlockPlace = tuple[bool, int]
 """Where a cached block is: (True, device block) or (False, host slot)."""
 
+CachedBlock = tuple[str, int, bytes]
+"""A block registered in the prefix cache: (group, block, its prefix hash)."""
+
 
 @dataclass(frozen=True)
 class ImportPlan:
@@ -205,9 +208,11 @@ class KVCacheManager:
             self.host.unpin_all()
         return saves, restores
 
-    def on_computed(self, seq: Sequence) -> None:
-        """After a step: cache the blocks it filled, release chunk blocks the sequence has moved past."""
+    def on_computed(self, seq: Sequence) -> list[CachedBlock]:
+        """After a step: cache the blocks it filled, release chunk blocks the sequence has moved past. The blocks
+        registered in the prefix cache (what uncache undoes, should the step turn out to have failed)."""
         tables = self._tables[seq.request_id]
+        registered: list[CachedBlock] = []
         keys = self._hashes[seq.request_id] if self.enable_prefix_caching else None
         if keys is not None and seq.num_computed // self.block_size > len(keys):  # a block was filled
             known = seq.token_ids()[: seq.num_computed]
@@ -216,8 +221,8 @@ class KVCacheManager:
             for i, key in enumerate(new, start=len(keys)):
                 for group, table in tables.items():
                     block = table[i] if i < len(table) else None
-                    if block is not None:
-                        self.pools[group].register(block, key)
+                    if block is not None and self.pools[group].register(block, key):
+                        registered.append((group, block, key))
             keys.extend(new)
         if CHUNKED in tables:
             table = tables[CHUNKED]
@@ -229,6 +234,24 @@ class KVCacheManager:
                     break
                 self.pools[CHUNKED].release(block)
                 table[i] = None
+        return registered
+
+    def uncache(self, registered: list[CachedBlock]) -> set[tuple[str, int]]:
+        """Undo on_computed's registrations for a step whose forward failed after they were made (async scheduling
+        counts a step done before its forward ends): those blocks' KV was never (fully) written, so no later prefix
+        may take them. Each block still under its hash leaves the cache (freed uncached once its holders let go);
+        the (group, block) pairs that did. Whoever holds one (the step's sequences, or one admitted since with a
+        prefix hit on it) holds garbage and must end or start again: that is the caller's, who knows the sequences."""
+        dropped: set[tuple[str, int]] = set()
+        for group, block, key in registered:
+            if self.pools[group].unregister(block, key):
+                dropped.add((group, block))
+        return dropped
+
+    def holds_any(self, seq: Sequence, blocks: set[tuple[str, int]]) -> bool:
+        """Whether seq's tables name any of these (group, block) pairs."""
+        tables = self._tables.get(seq.request_id, {})
+        return any((group, block) in blocks for group, table in tables.items() for block in table)
 
     def trim(self, seq: Sequence) -> None:
         """Release the blocks past the seq's computed tokens (taken for draft tokens the model rejected): what it

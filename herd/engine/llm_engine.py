@@ -34,7 +34,7 @@ from herd.engine.grammar import GrammarCompiler
 from herd.engine.grammar_mask import GrammarMask, MaskFiller
 from herd.engine.host_block_index import host_blocks
 from herd.engine.host_kv_tier import HostKVTier
-from herd.engine.kv_cache_manager import KVCacheManager
+from herd.engine.kv_cache_manager import CachedBlock, KVCacheManager
 from herd.engine.kv_export import KVExport, KVExportLayout
 from herd.engine.model_runner import ModelRunner, StepLogits
 from herd.engine.output_processor import CoreOutput, OutputProcessor, RequestState
@@ -460,7 +460,7 @@ class LLMEngine:
                                               masks)
         for seq in sampling:
             seq.num_pending = 1
-        self.scheduler.on_step_done(scheduled)  # its blocks are written before the next step reads them
+        registered = self.scheduler.on_step_done(scheduled)  # its blocks are written before the next step reads them
         fork_computed(leaders, self.kv, self.scheduler)  # before the next schedule, which runs the forked choices
         try:
             self._next = self.scheduler.schedule()
@@ -469,7 +469,7 @@ class LLMEngine:
             for seq in sampling:
                 seq.num_pending = 0
         if isinstance(error, HerdError):  # the step has been counted done and the next scheduled: not held
-            return self._fail(scheduled, self.faults.on_failure(error, holdable=False) or error)
+            return self._fail_overlapped(scheduled, registered, self.faults.on_failure(error, holdable=False) or error)
         if error is not None:
             raise error
         self.faults.on_success()
@@ -653,6 +653,18 @@ class LLMEngine:
                 seq.error = err
                 self._end(seq, "error")
                 outputs.append(self._core_output(seq, []))
+        return outputs
+
+    def _fail_overlapped(self, scheduled: SchedulerOutput, registered: list[CachedBlock], err: HerdError,
+                         ) -> list[CoreOutput]:
+        """An overlapped step's forward raised err after the step was counted done: the blocks it filled were
+        registered in the prefix cache with KV never (fully) written. They leave the cache, the step's requests end
+        with err, and a sequence the next schedule admitted with a prefix hit on one of them is computed again."""
+        dropped = self.kv.uncache(registered)
+        outputs = self._fail(scheduled, err)
+        assert self._next is not None
+        for seq in [s for s in self.scheduler.running if dropped and self.kv.holds_any(s, dropped)]:
+            self.scheduler.recompute(seq, self._next)
         return outputs
 
     def _end(self, seq: Sequence, reason: str) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from herd.engine.fair_share import FairShare
-from herd.engine.kv_cache_manager import KVCacheManager
+from herd.engine.kv_cache_manager import CachedBlock, KVCacheManager
 from herd.engine.sequence import Sequence, Status
 
 
@@ -104,12 +104,15 @@ class Scheduler:
         child.status = Status.RUNNING
         child.scheduled_ns = time.time_ns()
 
-    def on_step_done(self, output: SchedulerOutput) -> None:
+    def on_step_done(self, output: SchedulerOutput) -> list[CachedBlock]:
         """The step computed what was scheduled: advance, cache full blocks, drop passed chunks. A chunk's drafts
-        are not counted: accept_drafts counts those the model agreed with, once they are output."""
+        are not counted: accept_drafts counts those the model agreed with, once they are output. The blocks it
+        registered in the prefix cache (KVCacheManager.on_computed)."""
+        registered: list[CachedBlock] = []
         for chunk in output.chunks:
             chunk.seq.num_computed += chunk.num_known
-            self.kv.on_computed(chunk.seq)
+            registered += self.kv.on_computed(chunk.seq)
+        return registered
 
     def accept_drafts(self, seq: Sequence, accepted: int) -> None:
         """The first `accepted` drafts of seq's last verifying step are now output tokens: their KV entries count
@@ -200,6 +203,12 @@ class Scheduler:
         if not pool:
             return None
         return max(pool, key=lambda s: (self.fair.virtual_time(s.tenant_id), s.arrival))
+
+    def recompute(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Send a running sequence back to wait, its blocks given back, to be computed again from its tokens (its KV
+        is not to be trusted), and drop it from `out`, a schedule made before."""
+        out.chunks = [chunk for chunk in out.chunks if chunk.seq is not seq]
+        self._preempt(seq, out)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)

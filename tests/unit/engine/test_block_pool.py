@@ -179,3 +179,34 @@ def test_allocation_reports_the_hash_it_evicts() -> None:
     assert pool.allocate_evicting() == (a, H1)
     assert not pool.peek_cached(H1)
     assert pool.allocate_evicting() == (b, None)
+
+
+def test_unregister_drops_only_the_hash_the_block_holds() -> None:
+    pool = BlockPool(3)
+    a, b = pool.allocate(), pool.allocate()
+    assert pool.register(a, H1)
+    assert not pool.register(b, H1)  # first block with a hash wins
+    assert not pool.unregister(b, H1)  # b never held H1: a stays findable
+    assert not pool.unregister(a, H2)
+    assert pool.cached_block(H1) == a
+    assert pool.unregister(a, H1)
+    assert not pool.peek_cached(H1) and pool.cached_hashes() == frozenset()
+    assert not pool.unregister(a, H1)  # already dropped
+    assert pool.refs(a) == 1  # the holder keeps its reference
+    assert pool.register(b, H1)  # the hash is free for another block
+
+
+def test_unregistered_free_block_is_reused_first_and_evicts_nothing() -> None:
+    pool = BlockPool(3)
+    a, b, c = pool.allocate(), pool.allocate(), pool.allocate()
+    pool.register(a, H1)
+    pool.register(b, H2)
+    for block in (a, b, c):
+        pool.release(block)  # free list: a, b, c
+    assert pool.unregister(b, H2)  # free list: b, a, c
+    assert pool.num_free == 3
+    assert pool.allocate_evicting() == (b, None)
+    assert pool.cached_hashes() == {H1}
+    assert pool.take_cached(H2) is None
+    pool.release(b)  # released uncached: no hash comes back
+    assert [pool.allocate_evicting() for _ in range(3)] == [(a, H1), (c, None), (b, None)]

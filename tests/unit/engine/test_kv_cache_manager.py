@@ -145,3 +145,25 @@ def test_copy_on_write_is_all_or_nothing():
     child.output_ids.append(5)
     assert not kv.allocate(child, 1)
     assert kv.take_copies() == [] and kv.table(child, FULL) == kv.table(parent, FULL)
+
+
+def test_uncache_drops_what_a_failed_step_registered_and_keeps_what_came_before():
+    kv = kv_manager()
+    a = seq("a", 20)
+    kv.admit(a)
+    _compute(kv, a, 6)  # block 0 full: cached by a step that succeeded
+    assert kv.allocate(a, 10)
+    a.num_computed += 10
+    registered = kv.on_computed(a)  # blocks 1..3 (block 1 partly filled before), chunk 0 released
+    assert sorted(kv.table(a, FULL).index(b) for g, b, _ in registered if g == FULL) == [1, 2, 3]
+    assert len([r for r in registered if r[0] == CHUNKED]) == 3
+    dropped = kv.uncache(registered)
+    assert dropped == {(g, b) for g, b, _ in registered}
+    assert kv.uncache(registered) == set()  # undone once
+    assert kv.holds_any(a, dropped)
+    kv.free(a)
+    b = seq("b", 20)
+    kv.admit(b)
+    assert b.num_computed == BLOCK  # only block 0 is found
+    assert not kv.holds_any(b, dropped)
+    assert sum(len(p.cached_hashes()) for p in kv.pools.values()) == 2  # block 0 of each group
