@@ -116,6 +116,12 @@ def free_port() -> int:
 
 
 # --- servers --------------------------------------------------------------------------------------------------
+PORT_ATTEMPTS = 3
+"""Starts of herd serve on new ports when a chosen one was taken meanwhile (UVICORN_STARTUP_FAILURE)."""
+UVICORN_STARTUP_FAILURE = 3
+"""uvicorn's exit status when it cannot bind its port (or its lifespan fails to start)."""
+
+
 class ServerError(RuntimeError):
     """A server did not come up; the message says why."""
 
@@ -208,14 +214,33 @@ class HerdServe(ServerProcess):
 
     def __enter__(self) -> HerdServe:
         self.work.mkdir(parents=True, exist_ok=True)
-        (self.work / "herd.json").write_text(json.dumps(self.settings, indent=2))
-        super().__enter__()
+        for attempt in range(PORT_ATTEMPTS):
+            (self.work / "herd.json").write_text(json.dumps(self.settings, indent=2))
+            try:
+                super().__enter__()
+                break
+            except ServerError:
+                # uvicorn exits with 3 when its port was taken after free_port chose it (herd serve binds its doors
+                # only once Ray and Serve are up, a minute on a busy machine): new ports, and start again.
+                if self.proc is None or self.proc.returncode != UVICORN_STARTUP_FAILURE or attempt + 1 == PORT_ATTEMPTS:
+                    raise
+                self._new_ports()
         try:
             self.api_key = self._bench_key()
         except BaseException:
             self.__exit__()
             raise
         return self
+
+    def _new_ports(self) -> None:
+        """Other free ports for the doors and the operator endpoints, in the settings and the command line."""
+        old = {str(self.http_port), str(self.grpc_port)}
+        self.http_port, self.grpc_port, self.ops_port = free_port(), free_port(), free_port()
+        self.settings["ops_port"] = self.ops_port
+        self.ops_url = f"http://127.0.0.1:{self.ops_port}"
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        flags = {"--http-port": str(self.http_port), "--grpc-port": str(self.grpc_port)}
+        self.cmd = [flags.get(self.cmd[i - 1], arg) if arg in old else arg for i, arg in enumerate(self.cmd)]
 
     def _bench_key(self) -> str:
         """The tenant BENCH_TENANT and a key of it, made through the admin API (its token: made at start)."""
