@@ -115,6 +115,13 @@ class CollectiveGroup:
         """Start sending a contiguous tensor's bytes to rank `to` (done once `to` has posted the matching recv)."""
         return self._started(lambda: self._pg.send([_bytes(tensor).reshape(-1)], to, tag))
 
+    def send_anyway(self, tensor: torch.Tensor, to: int, tag: int) -> Work:
+        """send, on a group already broken by another rank (its pairs to the live ranks still work on gloo: the
+        trunk's last word to the surviving shards); RuntimeError if this rank closed the group."""
+        if self._pg is None:
+            raise RuntimeError("this rank closed its collective group")
+        return self._pg.send([_bytes(tensor).reshape(-1)], to, tag)
+
     def recv(self, tensor: torch.Tensor, source: int, tag: int) -> Work:
         """Start receiving rank `source`'s bytes into a contiguous tensor of their size."""
         return self._started(lambda: self._pg.recv([_bytes(tensor).reshape(-1)], source, tag))

@@ -11,13 +11,17 @@ cut the rows). With LoRA, a layer step's row slots follow its rows, and adapters
 (the shards read them).
 
 A failed or late operation is a HerdError (UNAVAILABLE or DEADLINE_EXCEEDED) with a generic message (the
-detail goes to the log); the group is then broken, `healthy()` is False for good, and the replica is restarted by
-whoever hosts it.
+detail goes to the log); the group is then broken and `healthy()` False. With `restartable` the replica restarts the
+dead shard in place (herd.workers.shard_recovery): `leave` tells the surviving shards to stop serving the broken
+group and drops it, `rejoin` takes the new group of every rank (the restarted one too); the engine holds the steps
+that failed meanwhile. Without it the error carries reason experts_lost (never held) and the replica is restarted
+whole by whoever hosts it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import time
 from collections.abc import Callable
@@ -55,7 +59,8 @@ class CollectiveTransport:
     """The trunk's side (rank 0) of a replica's group; `probe` says whether the shard processes are alive."""
 
     def __init__(self, group: CollectiveGroup, *, num_experts: int, moe_layers: int, hidden_size: int,
-                 dtype: torch.dtype, timeout_s: float, probe: Callable[[], bool] | None = None) -> None:
+                 dtype: torch.dtype, timeout_s: float, probe: Callable[[], bool] | None = None,
+                 restartable: bool = False) -> None:
         if group.rank != 0:
             raise ValueError(f"the trunk is rank 0 of its replica's group, not {group.rank}")
         self.group, self.num_experts, self.moe_layers = group, num_experts, moe_layers
@@ -64,6 +69,7 @@ class CollectiveTransport:
         self.num_shards = group.world_size - 1
         self.stats = TransportStats()
         self._probe = probe
+        self.restartable = restartable
         self._in_flight = False  # a layer step submitted and not yet waited for
         self._experts = [info.experts for info in self._introductions()]
         self._inline = inline_rows(hidden_size, dtype)
@@ -166,7 +172,7 @@ class CollectiveTransport:
                 self.group.wait(self.group.all_to_all(nothing, nothing, none, none, timeout_s=timeout_s),
                                 timeout_s=timeout_s)
             except CollectiveError as err:
-                raise _failed(err, timeout_s) from err
+                raise _failed(err, timeout_s, self.restartable) from err
         self._wait(self._start([(acks[rank - 1], rank, Tag.ACK, True) for rank in shards]), timeout_s=timeout_s)
         if acks.sum().item() != self.num_shards:
             raise HerdError(Code.INTERNAL, "an expert shard did not take the new placement")
@@ -174,6 +180,30 @@ class CollectiveTransport:
 
     def healthy(self) -> bool:
         return self.group.broken is None and (self._probe is None or self._probe())
+
+    def leave(self, alive: list[int]) -> None:
+        """Between steps, a shard having died: tell the shards in `alive` (indexes) to stop serving this group (its
+        pairs to them still carry a message when the dead one's are closed) and drop it; they can then join the next
+        (`rejoin`). Steps fail meanwhile (UNAVAILABLE)."""
+        stop = self._messages(torch.tensor([header(Op.STOP, 0, [], self.num_experts)], dtype=torch.int64,
+                                           device=self.device))[0]
+        try:
+            for work in [self.group.send_anyway(stop, index + 1, Tag.HEADER) for index in alive]:
+                work.wait(datetime.timedelta(seconds=5.0))
+        except RuntimeError as err:  # a survivor that does not stop fails to join the next group, and says so
+            log.warning("telling the surviving expert shards to leave the broken group failed: %s", err)
+        self.group.close()
+
+    def rejoin(self, group: CollectiveGroup) -> None:
+        """Between steps: serve the shards over `group` from now on (every rank joined it, the restarted shard
+        too); ValueError unless the shards hold what they held before."""
+        if group.rank != 0 or group.world_size != self.num_shards + 1:
+            raise ValueError(f"a group of {group.world_size} with the trunk as rank {group.rank} does not fit "
+                             f"{self.num_shards} shards")
+        before, self.group = self._experts, group
+        experts = [info.experts for info in self._introductions()]
+        if experts != before:
+            raise ValueError(f"the re-formed group's shards hold {experts}, not {before}")
 
     def close(self) -> None:
         """Tell the shards to stop (when the group still works and no step is using it: a replica drains on
@@ -210,21 +240,23 @@ class CollectiveTransport:
             return [self.group.recv(tensor, rank, tag) if receive else self.group.send(tensor, rank, tag)
                     for tensor, rank, tag, receive in operations]
         except CollectiveError as err:
-            raise _failed(err, self.timeout_s) from err
+            raise _failed(err, self.timeout_s, self.restartable) from err
 
     def _wait(self, pending: list[Work], *, timeout_s: float | None = None) -> None:
         try:
             for work in pending:
                 self.group.wait(work, timeout_s=timeout_s or self.timeout_s)
         except CollectiveError as err:
-            raise _failed(err, timeout_s or self.timeout_s) from err
+            raise _failed(err, timeout_s or self.timeout_s, self.restartable) from err
 
 
-def _failed(err: CollectiveError, timeout_s: float) -> HerdError:
-    """The step's error: the group is broken for good, so the engine must not hold the step for it (EXPERTS_LOST);
-    the replica is restarted, and the gateway continues its requests elsewhere."""
+def _failed(err: CollectiveError, timeout_s: float, restartable: bool) -> HerdError:
+    """The step's error. The group is broken for good: unless the replica restarts the shard in place and re-forms
+    the group (restartable: the engine holds the step meanwhile), the engine must not hold the step for it
+    (EXPERTS_LOST): the replica is restarted, and the gateway continues its requests elsewhere."""
     log.error("the replica's collective group failed: %s", err)
+    reason = None if restartable else EXPERTS_LOST
     if err.timed_out:
         return HerdError(Code.DEADLINE_EXCEEDED, f"an expert shard did not answer within {timeout_s:g} s",
-                         reason=EXPERTS_LOST)
-    return HerdError(Code.UNAVAILABLE, "an expert shard of this replica is unavailable", reason=EXPERTS_LOST)
+                         reason=reason)
+    return HerdError(Code.UNAVAILABLE, "an expert shard of this replica is unavailable", reason=reason)

@@ -19,6 +19,10 @@ LoRA: the dispatcher is the model's expert sink (herd.model.lora_bank.ExpertAdap
 adapter it loads, and the shards hold the routed-expert factors for their experts (herd.workers.shard_adapters).
 Rows of a layer some resident adapter covers come with their row slots, cut like the rows. A re-placement moves
 experts between shards without their factors, so the dispatcher loads every resident adapter on the shards again.
+
+A shard restarting in place (herd.workers.shard_recovery) pauses the dispatcher: its steps fail with a retryable
+UNAVAILABLE (the engine holds their requests) until the shard is back with every resident adapter loaded again;
+a recovery that gave up leaves it refusing with reason experts_lost (the requests end and move to another replica).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from opentelemetry import propagate, trace
 
 from herd.engine.errors import Code, HerdError
+from herd.engine.fault_hold import EXPERTS_LOST
 from herd.model.llama4 import Llama4Model
 from herd.model.lora import LoRAAdapter
 from herd.model.lora_config import AdapterError
@@ -63,6 +68,7 @@ class ExpertDispatcher:
         self.load = load or ExpertLoad(len(placement.expert_order))
         self.observe_s = observe_s
         self._adapters: dict[int, tuple[LoRAAdapter, int, int]] = {}  # slot -> (adapter, slots, max_rank) on shards
+        self._paused: tuple[str, str | None] | None = None  # (message, reason) of every step's error while paused
 
     def attach(self, model: Llama4Model) -> None:
         """Route every MoE layer of the model through the shards."""
@@ -70,6 +76,20 @@ class ExpertDispatcher:
 
     def healthy(self) -> bool:
         return self.transport.healthy()
+
+    def pause(self, *, lost: bool = False) -> None:
+        """Refuse every step until resume(): a shard is restarting (UNAVAILABLE, held by the engine), or, `lost`,
+        will not come back (UNAVAILABLE with reason experts_lost: never held)."""
+        message = "an expert shard of this replica is " + ("unavailable" if lost else "restarting")
+        self._paused = (message, EXPERTS_LOST if lost else None)
+
+    def resume(self) -> None:
+        self._paused = None
+
+    def reload_adapters(self) -> None:
+        """Load every resident adapter on the shards again (a restarted shard holds none); between steps."""
+        for slot, (adapter, slots, max_rank) in sorted(self._adapters.items()):
+            self._adapter_transport().load_adapter(slot, adapter, slots=slots, max_rank=max_rank)
 
     def replace(self, placement: Placement) -> None:
         """Re-place the experts (live balancing), between steps: the shards move weights among themselves, then
@@ -79,8 +99,7 @@ class ExpertDispatcher:
                              "transport can)")
         self.transport.replace(self.placement, placement)
         self._use(placement)
-        for slot, (adapter, slots, max_rank) in sorted(self._adapters.items()):  # the moved experts' factors
-            self._adapter_transport().load_adapter(slot, adapter, slots=slots, max_rank=max_rank)
+        self.reload_adapters()  # the moved experts' factors
 
     def load_expert_adapter(self, slot: int, adapter: LoRAAdapter, *, slots: int, max_rank: int) -> None:
         """The shards hold `adapter`'s routed-expert factors in bank slot `slot` (between steps)."""
@@ -124,6 +143,9 @@ class ExpertDispatcher:
                row_slots: torch.Tensor | None = None) -> Callable[[], torch.Tensor]:
         """Send every shard its rows (with LoRA, their row slots [R]) now; the function waits for the outputs, in
         the rows' places."""
+        if self._paused is not None:
+            message, reason = self._paused
+            raise HerdError(Code.UNAVAILABLE, message, reason=reason)
         start = time.perf_counter()
         bounds = expert_offsets.tolist()
         self.load.add(layer, self.expert_order, bounds)

@@ -47,9 +47,24 @@ class GrpcTransport:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.timeout_s = timeout_s
         self.stats = TransportStats()
-        self.streams = [_ShardStream(address, timeout_s, credentials, server_name, max_message_bytes)
-                        for address in addresses]
+        self._channel = (credentials, server_name, max_message_bytes)
+        self.streams = [_ShardStream(address, timeout_s, *self._channel) for address in addresses]
         self.infos = [s.info() for s in self.streams]
+
+    def reconnect(self, index: int, address: str) -> None:
+        """Between steps: shard `index` serves at `address` from now on (restarted in place, on a new port); a
+        HerdError if it cannot be reached, ValueError unless it holds the experts it held."""
+        stream = _ShardStream(address, self.timeout_s, *self._channel)
+        try:
+            info = stream.info()
+            if tuple(info.experts) != tuple(self.infos[index].experts):
+                raise ValueError(f"the expert shard at {address} holds experts {list(info.experts)}, shard {index} "
+                                 f"held {list(self.infos[index].experts)}")
+        except BaseException:
+            stream.close()
+            raise
+        old, self.streams[index], self.infos[index] = self.streams[index], stream, info
+        old.close()
 
     def shard_experts(self) -> list[tuple[int, ...]]:
         return [tuple(info.experts) for info in self.infos]
@@ -177,16 +192,22 @@ class _ShardStream:
                             f"{err.details()}") from err
 
     def receive(self, sequence: int) -> pb.DispatchReply:
-        try:
-            reply = self._replies.get(timeout=self.timeout_s)
-        except queue.Empty:
-            self._break()
-            raise HerdError(Code.DEADLINE_EXCEEDED,
-                            f"expert shard at {self.address} did not answer within {self.timeout_s:g} s") from None
-        if isinstance(reply, grpc.RpcError):
-            self._break()
-            code = reply.code().name if reply.code() is not None else "UNAVAILABLE"
-            raise HerdError(shard_code(code), f"expert shard at {self.address}: {reply.details()}")
+        """The reply to message `sequence`. Replies to earlier messages still queued are skipped: a step that failed
+        at another shard left this one's reply unread (the engine holds that step and sends it again)."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                reply = self._replies.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                self._break()
+                raise HerdError(Code.DEADLINE_EXCEEDED,
+                                f"expert shard at {self.address} did not answer within {self.timeout_s:g} s") from None
+            if isinstance(reply, grpc.RpcError):
+                self._break()
+                code = reply.code().name if reply.code() is not None else "UNAVAILABLE"
+                raise HerdError(shard_code(code), f"expert shard at {self.address}: {reply.details()}")
+            if reply.sequence >= sequence:
+                break
         if reply.sequence != sequence:
             self._break()
             raise HerdError(Code.INTERNAL,

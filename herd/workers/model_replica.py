@@ -13,12 +13,17 @@ anything starts); on loopback the trunk checks every shard is on its own node, w
 The replica's /metrics binds args.telemetry.replica_metrics_host (loopback unless the settings open it).
 With args.disaggregation a replica serves a prefill or a decode pool (herd.workers.pd_proxy): `prefill` and
 `generate_with_kv` are its two sides (herd.workers.kv_handoff).
+
+A shard whose process dies is restarted in place (args.shard_restarts; herd.workers.shard_recovery): Ray starts
+the actor again in its bundle, and the replica reconnects it (a gRPC shard's new address; a collective group
+re-formed with every shard) and loads its resident LoRA adapters again, holding its steps meanwhile.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -42,6 +47,7 @@ from herd.workers.ray_transport import RayTransport
 from herd.workers.replica_config import BUNDLE_CPUS, ReplicaArgs
 from herd.workers.replica_core import ReplicaCore
 from herd.workers.shard_actor import LOOPBACK, ExpertShardActor
+from herd.workers.shard_recovery import RESTART_TIMEOUT_S, RestartBudget, ShardRecovery
 from herd.workers.shard_tls import check_shard_listen
 from herd.workers.transport import ExpertTransport
 
@@ -67,6 +73,7 @@ class ModelReplica:
         self.core = ReplicaCore(self.args, factory, step_sample_ratio=self.args.telemetry.step_sample_ratio)
         pd = self.args.disaggregation
         self.handoff = KVHandoff(self.core, kv_transport(pd.kv_transport)) if pd is not None else None
+        self.recovery = self._watch_shards() if self.shards and self.args.shard_restarts else None
         self.metrics_port = self._serve_metrics(self.args.telemetry.replica_metrics_port)
 
     async def generate(self, request: bytes) -> AsyncIterator[bytes]:
@@ -113,13 +120,24 @@ class ModelReplica:
                 "engine": self.core.engine_config().model_dump(mode="json")}
 
     def check_health(self) -> None:
-        if not self.core.healthy():
-            raise RuntimeError(f"replica of {self.args.name}: an expert shard is not serving")
+        """Healthy while a dead shard is being restarted in place (its requests are held, not lost: Serve must not
+        replace the replica, nor the control plane count it gone); unhealthy once that recovery gave up."""
+        recovery = self.recovery
+        if recovery is not None:
+            if recovery.failed is not None:
+                raise RuntimeError(f"replica of {self.args.name}: {recovery.failed}")
+            if recovery.recovering:
+                return
+        if self.core.healthy() or (recovery is not None and recovery.noticed()):
+            return
+        raise RuntimeError(f"replica of {self.args.name}: an expert shard is not serving")
 
     async def __del__(self) -> None:
+        if self.recovery is not None:
+            self.recovery.close()
         await self.core.drain()
         for shard in self.shards:
-            ray.kill(shard)
+            ray.kill(shard, no_restart=True)
 
     def _handoff(self) -> KVHandoff:
         if self.handoff is None:
@@ -149,7 +167,8 @@ class ModelReplica:
             raise RuntimeError(f"replica of {args.name} is in no placement group: its shards have no bundles")
         for index, experts in enumerate(shard_experts):
             strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index + 1)
-            options: dict[str, Any] = {"num_cpus": BUNDLE_CPUS, "scheduling_strategy": strategy}
+            options: dict[str, Any] = {"num_cpus": BUNDLE_CPUS, "scheduling_strategy": strategy,
+                                       "max_restarts": -1 if args.shard_restarts else 0}
             if torch.cuda.is_available():
                 options["num_gpus"] = args.deployment.shard_gpus
             device = args.engine.device if args.dispatch_transport == "collective" else "cpu"
@@ -179,22 +198,75 @@ class ModelReplica:
     def _join_collective(self) -> CollectiveTransport:
         """The trunk's group with its shard actors (all on this node): rank 0 here, shard i as rank i + 1."""
         args = self.args
-        backend = backend_for(args.engine.device)
-        store, rendezvous = open_rendezvous(LOOPBACK, len(self.shards) + 1, backend=backend,
-                                            timeout_s=JOIN_TIMEOUT_S)
-        ray.get([shard.join_collective.remote(rendezvous, rank) for rank, shard in enumerate(self.shards, start=1)],
-                timeout=JOIN_TIMEOUT_S)
-        group = CollectiveGroup(rendezvous, 0, device=args.engine.device, store=store)
         text = load_config(args.path).text
-        return CollectiveTransport(group, num_experts=text.num_local_experts, moe_layers=len(text.moe_layers),
-                                   hidden_size=text.hidden_size, dtype=args.engine.dtype,
-                                   timeout_s=args.dispatch_timeout_s, probe=self._shards_serving)
+        return CollectiveTransport(self._form_group(), num_experts=text.num_local_experts,
+                                   moe_layers=len(text.moe_layers), hidden_size=text.hidden_size,
+                                   dtype=args.engine.dtype, timeout_s=args.dispatch_timeout_s,
+                                   probe=self._shards_serving, restartable=args.shard_restarts > 0)
+
+    def _form_group(self, experts: Sequence[tuple[int, ...]] | None = None,
+                    timeout_s: float = JOIN_TIMEOUT_S) -> CollectiveGroup:
+        """A new group of the trunk and every shard actor (each holding `experts[i]` when given)."""
+        backend = backend_for(self.args.engine.device)
+        store, rendezvous = open_rendezvous(LOOPBACK, len(self.shards) + 1, backend=backend, timeout_s=timeout_s)
+        ray.get([shard.join_collective.remote(rendezvous, rank, list(experts[rank - 1]) if experts else None)
+                 for rank, shard in enumerate(self.shards, start=1)], timeout=timeout_s)
+        return CollectiveGroup(rendezvous, 0, device=self.args.engine.device, store=store)
+
+    def _watch_shards(self) -> ShardRecovery:
+        metrics = self.core.metrics
+        dispatcher = self.core.dispatcher
+        assert dispatcher is not None, "shard processes come with a dispatcher"
+
+        def observe(seconds: float) -> None:
+            metrics.shard_restarts.inc()
+            metrics.shard_recovery.observe(seconds)
+
+        recovery = ShardRecovery(self.shards, self._restore_shard, budget=RestartBudget(self.args.shard_restarts),
+                                 pause=lambda lost: dispatcher.pause(lost=lost), resume=dispatcher.resume,
+                                 observe=observe)
+        metrics.shard_recovering.set_function(lambda: float(recovery.recovering))
+        return recovery
+
+    def _restore_shard(self, index: int) -> None:
+        """Shard `index`'s process died (ShardRecovery's thread): the survivors leave a broken collective group,
+        Ray starts the shard again, the transport reaches it (its new address, or a group re-formed with every
+        shard), and it gets the resident LoRA adapters again. Engine steps are paused meanwhile."""
+        dispatcher = self.core.dispatcher
+        assert dispatcher is not None, "shard processes come with a dispatcher"
+        transport = dispatcher.transport
+        if isinstance(transport, CollectiveTransport):
+            alive = [i for i in range(len(self.shards)) if i != index]
+            self.core.between_steps(lambda: transport.leave(alive))
+        actor = self.shards[index]
+        _restarted(actor)
+        if isinstance(transport, GrpcTransport):
+            address: str = ray.get(actor.address.remote(), timeout=RESTART_TIMEOUT_S)
+            self.core.between_steps(lambda: transport.reconnect(index, address))
+        elif isinstance(transport, CollectiveTransport):
+            group = self._form_group(dispatcher.placement.shard_experts, RESTART_TIMEOUT_S)
+            self.core.between_steps(lambda: transport.rejoin(group))
+        self.core.between_steps(dispatcher.reload_adapters)
 
     def _shards_serving(self) -> bool:
         try:
             return all(ray.get([shard.serving.remote() for shard in self.shards], timeout=2.0))
         except Exception:
             return False
+
+
+def _restarted(actor: Any) -> None:
+    """Wait for Ray to have started a dead actor again (its constructor done: its experts loaded); a call made
+    while Ray has not yet seen the death fails, so it is made again until RESTART_TIMEOUT_S."""
+    deadline = time.monotonic() + RESTART_TIMEOUT_S
+    while True:
+        try:
+            ray.get(actor.node_id.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
 
 
 def check_replica_args(args: ReplicaArgs) -> None:

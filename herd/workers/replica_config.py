@@ -101,6 +101,10 @@ class ReplicaConfig(_Config):
         "collective to use it)")
     dispatch_timeout_s: float = Field(30, gt=0, description="a shard that does not answer a layer step in this "
                                       "time fails the step (DEADLINE_EXCEEDED)")
+    shard_restarts: int = Field(5, ge=0, description="a shard whose process dies is restarted in place (Ray starts "
+                                "it again, the replica reconnects it and holds its steps meanwhile) at most this "
+                                "many times in 10 minutes; past that, or 0, the replica reports unhealthy and is "
+                                "restarted whole")
     shard_listen: Literal["loopback", "node"] = Field("loopback", description="where expert shards listen: "
                                                       "loopback (every shard beside its trunk: STRICT_PACK) or "
                                                       "the node's address (PACK over nodes; needs shard mTLS)")

@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import functools
 import random
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from typing import TypeVar
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
@@ -49,6 +51,8 @@ share of a millisecond of CPU (Ray Serve's item on both sides, the gateway's SSE
 so with N streams in flight each waits N times this between messages (32 streams: 160 ms, 8: 40 ms, below
 stream_interval_s's 50 ms default) and the serving overhead stays a bounded share of the cores."""
 
+
+T = TypeVar("T")
 
 TransportFactory = Callable[[list[tuple[int, ...]]], ExpertTransport]
 """Given each shard's experts, bring the shards up (processes, actors, ...) and return their transport."""
@@ -98,6 +102,7 @@ class ReplicaCore:
         self._spans: dict[str, trace.SpanContext] = {}  # request id -> its replica span (steps link to them)
         self._draining = False
         self._in_flight = 0
+        self._step_lock = threading.Lock()  # held by every engine step (_step_scope); between_steps takes it too
 
     @property
     def max_model_len(self) -> int:
@@ -185,15 +190,21 @@ class ReplicaCore:
         """Around an engine step, on the engine's thread: a sampled step is a span (current, so the expert
         dispatches inside are its children), linked to the requests the replica is serving. Expert balancing
         looks here too, before the step: between two steps, on the thread that runs them."""
-        if self.balancer is not None:
-            self.balancer.between_steps()
-        if not self.step_sample_ratio or random.random() >= self.step_sample_ratio:
-            yield
-            return
-        links = [Link(c) for c in list(self._spans.values()) if c.is_valid]
-        with tracer.start_as_current_span("herd.engine.step", links=links[:32],
-                                          attributes={"herd.requests": len(self._spans)}):
-            yield
+        with self._step_lock:
+            if self.balancer is not None:
+                self.balancer.between_steps()
+            if not self.step_sample_ratio or random.random() >= self.step_sample_ratio:
+                yield
+                return
+            links = [Link(c) for c in list(self._spans.values()) if c.is_valid]
+            with tracer.start_as_current_span("herd.engine.step", links=links[:32],
+                                              attributes={"herd.requests": len(self._spans)}):
+                yield
+
+    def between_steps(self, fn: Callable[[], T]) -> T:
+        """fn() while no engine step runs (from another thread than the engine's: a shard's recovery)."""
+        with self._step_lock:
+            return fn()
 
     def _observe_dispatch(self, seconds: float) -> None:
         self.metrics.dispatch.observe(seconds)

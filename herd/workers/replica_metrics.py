@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -41,6 +41,14 @@ class ReplicaMetrics:
                                   buckets=DISPATCH_BUCKETS, registry=r).labels(model)
         self.replacements = Counter("herd_expert_replacements", "Live expert re-placements applied (expert "
                                     "balancing)", ["model"], registry=r).labels(model)
+        self.shard_restarts = Counter("herd_replica_shard_restarts", "Expert shards restarted in place (their "
+                                      "process died; the replica held its steps meanwhile)", ["model"],
+                                      registry=r).labels(model)
+        self.shard_recovery = Histogram("herd_replica_shard_recovery_seconds", "From a shard's death noticed to it "
+                                        "serving again (process restart, experts loaded, transport reconnected)",
+                                        ["model"], buckets=PHASE_BUCKETS, registry=r).labels(model)
+        self.shard_recovering = Gauge("herd_replica_shard_recovering", "1 while an expert shard of the replica is "
+                                      "being restarted in place", ["model"], registry=r).labels(model)
         self.speculative = SpeculativeMetrics(model, r)
         r.register(_EngineCollector(model, engine, expert_load))
 

@@ -5,6 +5,10 @@ It listens on loopback (`listen="loopback"`: the trunk is on the same node, its 
 STRICT_PACK), or on its node's address with mutual TLS (`listen="node"`, for shards spread over nodes). The gRPC
 server stays up with the collective too: it answers health checks and Info, the control path. `device` is where its
 experts live and compute (the trunk's device: "cuda" on a GPU bundle, whose one GPU Ray makes cuda:0).
+
+Restarted in place (herd.workers.shard_recovery): the replica keeps a `watch` call pending on every shard (it
+returns only by the actor dying, on a thread of its own); Ray starts a dead shard again with the same arguments,
+and a collective shard joins its trunk's next group, the survivors too, each with the experts it is told to hold.
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ from herd.workers.collective_shard import CollectiveShard
 from herd.workers.expert_shard import DEFAULT_STEP_TOKENS
 from herd.workers.expert_shard import serve as serve_shard
 from herd.workers.process_setup import ProcessSetup
-from herd.workers.shard_experts import AdapterAction
+from herd.workers.shard_experts import AdapterAction, ShardExperts
 from herd.workers.shard_tls import ShardTls, check_shard_listen
 
 LOOPBACK = "127.0.0.1"
+LEAVE_TIMEOUT_S = 30.0
+"""How long joining a new collective group waits for this shard's last one to end (its trunk told it to stop)."""
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"watch": 1})  # type: ignore[call-overload]  # Ray's stub lacks the option
 class ExpertShardActor:
     """Serves herd.v1.ExpertShard where `listen` says; `dispatch` is the same compute for Ray calls."""
 
@@ -42,7 +48,7 @@ class ExpertShardActor:
         self.server, self.port, self.service = serve_shard(path, experts, host=self.host, dtype=to_dtype(dtype),
                                                            device=device, credentials=credentials,
                                                            step_tokens=step_tokens)
-        self.path, self.device = path, device
+        self.path, self.device, self.dtype = path, device, to_dtype(dtype)
         self.collective: CollectiveShard | None = None
         self._collective_thread: threading.Thread | None = None
 
@@ -61,16 +67,28 @@ class ExpertShardActor:
         """What it holds now (a collective re-placement may have changed it)."""
         return self.collective.experts if self.collective is not None else self.service.shard.experts
 
-    def join_collective(self, rendezvous: Rendezvous, rank: int) -> None:
+    @ray.method(concurrency_group="watch")
+    def watch(self) -> None:
+        """Never returns: the replica's pending call on it fails when this actor's process dies."""
+        threading.Event().wait()
+
+    def join_collective(self, rendezvous: Rendezvous, rank: int, experts: list[int] | None = None) -> None:
         """Join the trunk's group as `rank` and serve it on a thread of its own (returns at once: joining waits for
-        every rank, the trunk included, and this actor keeps answering health checks meanwhile)."""
+        every rank, the trunk included, and this actor keeps answering health checks meanwhile). A shard of a group
+        that ended (its trunk re-forms the group around a restarted shard) joins the next with what it holds, or
+        with `experts` loaded again where it holds others (a restarted shard after a re-placement)."""
         if self._collective_thread is not None:
-            raise RuntimeError("this shard has joined a collective group already")
+            self._collective_thread.join(timeout=LEAVE_TIMEOUT_S)
+            if self._collective_thread.is_alive():
+                raise RuntimeError("this shard still serves its last collective group")
         num_experts = load_config(self.path).text.num_local_experts
+        shard = self.collective.shard if self.collective is not None else self.service.shard
+        if experts is not None and tuple(experts) != shard.experts:
+            shard = ShardExperts.load(self.path, tuple(experts), dtype=self.dtype, device=self.device)
 
         def serve() -> None:
             group = CollectiveGroup(rendezvous, rank, device=self.device)
-            self.collective = CollectiveShard(self.service.shard, group, num_experts)
+            self.collective = CollectiveShard(shard, group, num_experts)
             self.collective.serve()
 
         self._collective_thread = threading.Thread(target=serve, name=f"collective-rank-{rank}", daemon=True)

@@ -261,3 +261,24 @@ def test_an_untraced_submit_makes_no_span(spans):
     assert exporter.get_finished_spans() == ()
     (_, work), = transport.calls
     assert all(w.trace_context == {} for w in work)
+
+
+def test_a_paused_dispatcher_refuses_steps_held_while_restarting_and_not_held_once_lost():
+    from herd.engine.fault_hold import EXPERTS_LOST, FaultHold
+
+    placement = place_experts(8, 2)
+    d, transport = dispatcher(placement)
+    rows, counts = torch.randn(8, H), [1] * 8
+    d.pause()
+    with pytest.raises(HerdError) as restarting:
+        d(0, rows, offsets(counts))
+    assert restarting.value.code == Code.UNAVAILABLE and restarting.value.reason is None
+    assert "restarting" in restarting.value.message and not transport.calls, "nothing reached the shards"
+    assert FaultHold(30).on_failure(restarting.value) is None, "the engine holds the step"
+    d.pause(lost=True)
+    with pytest.raises(HerdError) as lost:
+        d(0, rows, offsets(counts))
+    assert lost.value.code == Code.UNAVAILABLE and lost.value.reason == EXPERTS_LOST
+    assert FaultHold(30).on_failure(lost.value) is lost.value, "its requests end at once"
+    d.resume()
+    torch.testing.assert_close(d(0, rows, offsets(counts)), expected(placement, 0, rows, counts))
