@@ -53,3 +53,41 @@ def test_expert_balancing_needs_collective_shards(args: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"balance\.enabled needs expert shards over the collective transport"):
         build_app({**args, "balance": {"enabled": True}})
     build_app({"balance": {"enabled": True}})
+
+
+class _Core:
+    def __init__(self, healthy: bool) -> None:
+        self._healthy = healthy
+
+    def healthy(self) -> bool:
+        return self._healthy
+
+
+class _Recovery:
+    def __init__(self, *, recovering: bool = False, failed: str | None = None, noticed: bool = False) -> None:
+        self.recovering, self.failed, self._noticed = recovering, failed, noticed
+
+    def noticed(self) -> bool:
+        return self._noticed
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .ModelReplica.__del__. was never awaited")  # made without __init__
+@pytest.mark.parametrize(("core", "recovery", "healthy"), [
+    (True, None, True),
+    (False, None, False),  # no restarts in place: a dead shard means a replica restart
+    (False, _Recovery(recovering=True), True),  # a shard restarting in place: held, not replaced
+    (False, _Recovery(noticed=True), True),  # found gone a moment before the recovery noticed it
+    (False, _Recovery(), False),  # gone and not restarting (hung, not dead): the replica is replaced
+    (True, _Recovery(failed="more than 5 shard restarts"), False),  # the recovery gave up
+])
+def test_a_replica_restoring_a_shard_in_place_reports_healthy_and_one_whose_recovery_gave_up_does_not(
+        core: bool, recovery: _Recovery | None, healthy: bool) -> None:
+    from herd.workers.replica_config import ReplicaArgs
+
+    replica = object.__new__(ModelReplica.func_or_class)  # type: ignore[attr-defined]
+    replica.args, replica.core, replica.recovery = ReplicaArgs(), _Core(core), recovery
+    if healthy:
+        replica.check_health()
+    else:
+        with pytest.raises(RuntimeError, match="replica of scout"):
+            replica.check_health()
