@@ -88,8 +88,9 @@ class EngineConfig(BaseModel):
     fault_hold_s: float = Field(30, ge=0, description="how long the engine holds the sequences of steps that fail "
                                 "with a retryable error (an expert shard UNAVAILABLE or past its deadline) waiting "
                                 "for the experts to come back: they keep their tokens and are computed again, then "
-                                "fail with UNAVAILABLE past it; 0: fail them at once. Not with async_scheduling, "
-                                "whose failed steps fail at once")
+                                "fail with UNAVAILABLE past it; 0: fail them at once (with async_scheduling a held "
+                                "step's sequences are computed again from their tokens, its successor having been "
+                                "scheduled on it)")
     fault_retry_interval_s: float = Field(0.2, gt=0, le=10, description="pause between retries of a failing step "
                                           "during a hold, so the engine thread does not spin on a dead shard")
 

@@ -5,7 +5,9 @@ or is late) has produced nothing the engine keeps. The engine then does not tell
 its sequences stay at their last completed token (num_computed, output, prefix-cache commits untouched, the
 blocks it allocated kept) and the next schedule gives them the same positions again, whose KV entries the
 failed forward may have half written and the retry writes whole. Nothing was sampled, so the retried step
-samples what the undisturbed one would have (seeded draws are keyed by request and position).
+samples what the undisturbed one would have (seeded draws are keyed by request and position). With async
+scheduling the failed step was already counted done and its successor scheduled on it: its sequences are
+preempted by recompute instead (computed again from their tokens: the same positions, nothing sampled).
 
 FaultHold decides, from when the current run of failures began, whether a failed step is retried or its
 requests end, and counts failures, holds and recoveries. Pure bookkeeping with an injectable clock.
@@ -50,12 +52,12 @@ class FaultHold:
     def holding(self) -> bool:
         return self.since is not None
 
-    def on_failure(self, err: HerdError, *, holdable: bool = True) -> HerdError | None:
+    def on_failure(self, err: HerdError) -> HerdError | None:
         """A step failed with err: None to hold its requests (the step is retried), or the error to end them with
-        (err itself when it is not retryable, the hold is off or the step cannot be held; a generic UNAVAILABLE
-        once the hold has lasted hold_s)."""
+        (err itself when it is not retryable or the hold is off; a generic UNAVAILABLE once the hold has lasted
+        hold_s)."""
         self.failed_steps += 1
-        if not holdable or self.hold_s == 0 or err.code not in RETRYABLE or err.reason == EXPERTS_LOST:
+        if self.hold_s == 0 or err.code not in RETRYABLE or err.reason == EXPERTS_LOST:
             return err
         now = self.clock()
         if self.since is None:

@@ -468,8 +468,11 @@ class LLMEngine:
             error = in_flight.exception()
             for seq in sampling:
                 seq.num_pending = 0
-        if isinstance(error, HerdError):  # the step has been counted done and the next scheduled: not held
-            return self._fail_overlapped(scheduled, registered, self.faults.on_failure(error, holdable=False) or error)
+        if isinstance(error, HerdError):  # the step has been counted done and the next scheduled
+            final = self.faults.on_failure(error)
+            if final is None:
+                return self._hold_overlapped(scheduled, registered)
+            return self._fail_overlapped(scheduled, registered, final)
         if error is not None:
             raise error
         self.faults.on_success()
@@ -653,6 +656,22 @@ class LLMEngine:
                 seq.error = err
                 self._end(seq, "error")
                 outputs.append(self._core_output(seq, []))
+        return outputs
+
+    def _hold_overlapped(self, scheduled: SchedulerOutput, registered: list[CachedBlock]) -> list[CoreOutput]:
+        """An overlapped step failed within a hold. It was counted done and the next step scheduled on it, so its
+        sequences (and their choices) are computed again from their tokens (preemption by recompute: the same
+        positions, nothing was sampled), as is any sequence the next schedule admitted onto blocks it filled (they
+        leave the prefix cache); after a pause, so that a dead shard is not retried in a spin."""
+        dropped = self.kv.uncache(registered)
+        assert self._next is not None
+        failed = {id(m) for chunk in scheduled.chunks for m in _with_choices(chunk.seq, self._groups)}
+        for seq in [s for s in self.scheduler.running
+                    if id(s) in failed or (dropped and self.kv.holds_any(s, dropped))]:
+            self.scheduler.recompute(seq, self._next)
+        time.sleep(self.config.fault_retry_interval_s)
+        outputs = [self._core_output(seq, []) for seq in self._aborted]
+        self._aborted.clear()
         return outputs
 
     def _fail_overlapped(self, scheduled: SchedulerOutput, registered: list[CachedBlock], err: HerdError,

@@ -11,7 +11,8 @@ from herd.engine.errors import Code
 from herd.model.moe import MoE
 from herd.model.tiny import make_tiny
 
-SMALL = dict(kv_cache_mb=16, max_num_seqs=16, max_num_batched_tokens=48, enable_prefix_caching=True)
+SMALL = dict(kv_cache_mb=16, max_num_seqs=16, max_num_batched_tokens=48, enable_prefix_caching=True,
+             fault_hold_s=0)  # a failed step fails its requests (not held: tests/unit/engine/test_fault_hold.py)
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 

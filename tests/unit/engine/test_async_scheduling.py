@@ -122,7 +122,7 @@ def test_the_next_step_is_scheduled_while_the_forward_runs(scout):
 
 
 def test_abort_and_a_failed_step_free_everything_and_the_engine_goes_on(scout):
-    engine = LLMEngine.from_pretrained(scout, EngineConfig(**SMALL, async_scheduling=True))
+    engine = LLMEngine.from_pretrained(scout, EngineConfig(**SMALL, async_scheduling=True, fault_hold_s=0))
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     prompts = _prompts(4, 11)
     for i, prompt in enumerate(prompts):

@@ -71,13 +71,16 @@ def _tokens(outputs):
     return [(o.request_id, o.index, o.token_ids, o.finish_reason) for o in outputs]
 
 
-def test_failed_steps_are_held_and_the_output_is_the_undisturbed_one(scout):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_failed_steps_are_held_and_the_output_is_the_undisturbed_one(scout, async_scheduling):
+    """With async scheduling a failed step was counted done and the next scheduled on it: its sequences are
+    computed again from their tokens instead, with the same output."""
     prompts, params = _workload()
     steady = _engine(scout)
     FlakyExperts(steady, lambda n: False)
     want = steady.generate(prompts, params)
 
-    engine = _engine(scout)
+    engine = _engine(scout, async_scheduling=async_scheduling)
     # forwards 2-4: the 70-token prompt's chunked prefill and the others' first chunks; 9-11: mid-decode
     flaky = FlakyExperts(engine, lambda n: 2 <= n <= 4 or 9 <= n <= 11)
     got = engine.generate(prompts, params)
