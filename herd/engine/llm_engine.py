@@ -456,7 +456,7 @@ class LLMEngine:
         forward = self.runner.prepare(scheduled.chunks)  # reads the tokens and block tables now, on this thread
         masks = self._start_masks(sampling)
         in_flight = self._model_thread.submit(self._forward_and_sample, forward, [seq.params for seq in sampling],
-                                              [len(seq.output_ids) for seq in sampling], _histories(sampling), rows,
+                                              [seq.draw_position for seq in sampling], _histories(sampling), rows,
                                               masks)
         for seq in sampling:
             seq.num_pending = 1
@@ -500,7 +500,7 @@ class LLMEngine:
     def _sample(self, logits: torch.Tensor, sampling: list[Sequence], rows: list[int] | None,
                 masks: Future[GrammarMask | None] | None) -> tuple[list[int], list[TokenLogprobs | None]]:
         return sample_batch(_rows(logits, rows), [seq.params for seq in sampling],
-                            [len(seq.output_ids) for seq in sampling], self._generator, _histories(sampling),
+                            [seq.draw_position for seq in sampling], self._generator, _histories(sampling),
                             masks.result() if masks is not None else None)
 
     def _sample_rows(self, logits: torch.Tensor, verify: VerifyRows, masks: Future[GrammarMask | None] | None,

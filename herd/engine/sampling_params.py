@@ -101,6 +101,9 @@ class SamplingParams:
     speculative: bool = True
     """Let the engine speculate for this request where it is configured to (EngineConfig.speculative); False
     decodes one token per step. The tokens are the same either way."""
+    output_offset: int = 0
+    """Output tokens the request produced before, elsewhere (a continuation whose prompt ends with them): its
+    seeded draws are keyed by output position output_offset + n, as the undisturbed request's were."""
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1, high=MAX_TOKENS_LIMIT)
@@ -121,6 +124,7 @@ class SamplingParams:
         _check_number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
         object.__setattr__(self, "logit_bias", checked_logit_bias(self.logit_bias))
         _check_int("min_tokens", self.min_tokens, low=0, high=self.max_tokens)
+        _check_int("output_offset", self.output_offset, low=0)
         object.__setattr__(self, "bad_words", checked_bad_words(self.bad_words))
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             raise SamplingError("structured", f"structured must be a StructuredOutput, got {self.structured!r:.80}")

@@ -97,6 +97,12 @@ class Sequence:
             self.prompt_logprobs = [None]
 
     @property
+    def draw_position(self) -> int:
+        """The output position of its next sampled token as seeded draws key it: the tokens it generated here, after
+        those of an earlier replica it continues (SamplingParams.output_offset)."""
+        return self.params.output_offset + len(self.output_ids)
+
+    @property
     def num_known(self) -> int:
         """Prompt, output, and the tokens a step in flight is sampling."""
         return len(self.prompt_ids) + len(self.output_ids) + self.num_pending

@@ -262,6 +262,7 @@ class ReplicaCore:
                 n=options.n if options.HasField("n") else 1,
                 best_of=options.best_of if options.HasField("best_of") else None,
                 speculative=options.speculative if options.HasField("speculative") else True,
+                output_offset=options.output_offset,
             )
         except SamplingError as err:
             raise HerdError(Code.INVALID_ARGUMENT, str(err), param=err.field) from err

@@ -69,7 +69,7 @@ def expand(sampling: Seq[Sequence], drafts: Seq[tuple[int, ...]], chunk_rows: Se
         for j in range(len(verified) + 1):
             logit_rows.append(first + j)
             params.append(seq.params)
-            positions.append(len(seq.output_ids) + j)
+            positions.append(seq.draw_position + j)
             histories.append(History(seq.prompt_ids, (*seq.output_ids, *verified[:j]), seq.stop_ids, seq.bad_words)
                              if history else None)
     return VerifyRows(logit_rows, params, positions, histories, starts, list(drafts))

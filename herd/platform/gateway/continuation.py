@@ -14,9 +14,9 @@ strings, as the replica runs them), and a stop string is cut where the replica w
 Which requests can continue (`migratable`): one choice (n 1, best_of at most 1; several interleaved choices fail
 as before), no output constraint (a grammar would start again from the beginning on the new replica), no
 presence or frequency penalty (those count generated tokens, and the streamed ones would arrive as prompt).
-Greedy decoding continues with exactly the tokens of an undisturbed run; seeded sampling continues with valid
-draws but not the same ones (a seeded draw is a function of the seed and the count of tokens the replica has
-generated, which starts at 0 again). A request that has streamed nothing is simply sent again, whatever it is.
+Greedy decoding continues with exactly the tokens of an undisturbed run, and so does seeded sampling: a seeded draw
+is a function of the seed and the output position, and the continuation says how many outputs came before
+(`output_offset`). A request that has streamed nothing is simply sent again, whatever it is.
 """
 
 from __future__ import annotations
@@ -45,12 +45,14 @@ def migratable(request: pb.GenerateRequest) -> bool:
 
 def continuation(request: pb.GenerateRequest, streamed: list[int], attempt: int) -> pb.GenerateRequest:
     """The request to send on attempt `attempt` (1, 2, ...) after `streamed` output tokens reached the client: the
-    prompt followed by them, max_tokens and min_tokens less them, a request id of its own, nothing sent again."""
+    prompt followed by them, max_tokens and min_tokens less them, output_offset past them, a request id of its own,
+    nothing sent again."""
     out = pb.GenerateRequest()
     out.CopyFrom(request)
     out.request_id = f"{request.request_id}-r{attempt}"
     out.token_ids.ids.extend(streamed)
     s = out.sampling
+    s.output_offset = request.sampling.output_offset + len(streamed)
     s.max_tokens = request.sampling.max_tokens - len(streamed)
     if s.HasField("min_tokens"):
         s.min_tokens = max(0, s.min_tokens - len(streamed))

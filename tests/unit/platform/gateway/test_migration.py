@@ -72,11 +72,16 @@ def _streamed_text(reply):
     return text, events[-1]["usage"], [e["choices"][0]["finish_reason"] for e in events if e["choices"]]
 
 
-@pytest.mark.parametrize("deaths", [[1], [1, 1]])
-def test_a_chat_continues_with_the_undisturbed_text_and_usage(core, gateway, deaths):
-    undisturbed = _post(gateway, "/v1/chat/completions", CHAT).json()
+SEEDED = {**CHAT, "temperature": 1.0, "seed": 11, "ignore_eos": True}
+
+
+@pytest.mark.parametrize(("deaths", "body"), [([1], CHAT), ([1, 1], CHAT), ([3], SEEDED), ([1, 2], SEEDED)])
+def test_a_chat_continues_with_the_undisturbed_text_and_usage(core, gateway, deaths, body):
+    """Greedy, and seeded sampling: each draw is keyed by the seed and its output position, which the continuation
+    carries on from (output_offset)."""
+    undisturbed = _post(gateway, "/v1/chat/completions", body).json()
     migrating, backend = _gateway(core, deaths)
-    reply = _post(migrating, "/v1/chat/completions", CHAT)
+    reply = _post(migrating, "/v1/chat/completions", body)
     assert reply.status_code == 200
     body = reply.json()
     assert body["choices"][0]["message"]["content"] == undisturbed["choices"][0]["message"]["content"]
@@ -88,6 +93,7 @@ def test_a_chat_continues_with_the_undisturbed_text_and_usage(core, gateway, dea
     for attempt, sent in enumerate(backend.requests[1:], 1):
         assert sent.request_id == f"{first.request_id}-r{attempt}"
         assert len(sent.token_ids.ids) + sent.sampling.max_tokens == len(first.token_ids.ids) + 12
+        assert sent.sampling.output_offset == len(sent.token_ids.ids) - len(first.token_ids.ids)
     assert migrating.telemetry.metrics.migrated.labels("scout")._value.get() == len(deaths)
     assert migrating.load.snapshot()["scout"]["in_flight"] == 0
 
@@ -194,7 +200,7 @@ def test_the_continuation_carries_the_streamed_tokens_and_asks_for_the_rest():
     original = _request(min_tokens=5, echo=True, prompt_logprobs=2, logprobs=1, temperature=0, stop=["x"])
     out = continuation(original, [7, 8], 2)
     assert list(out.token_ids.ids) == [1, 2, 3, 7, 8] and out.request_id == "herd-x-r2"
-    assert out.sampling.max_tokens == 8 and out.sampling.min_tokens == 3
+    assert out.sampling.max_tokens == 8 and out.sampling.min_tokens == 3 and out.sampling.output_offset == 2
     assert not out.sampling.echo and not out.sampling.HasField("prompt_logprobs")
     assert out.sampling.logprobs == 1 and list(out.sampling.stop) == ["x"] and out.sampling.temperature == 0
     assert out.tenant == original.tenant and out.adapter == original.adapter
