@@ -1,7 +1,8 @@
 """Every benchmark under bench/ at its --smoke size, as `.venv/bin/python bench/NAME.py --smoke` runs it: it
 must finish with exit code 0 and print its table, so a benchmark that a feature broke fails here. Nothing is
 timed; the timeout only stops a hang. serve.py, serve_breakdown.py, disaggregation.py, multiturn.py (twice, 2
-replicas each) and soak.py start `herd serve` (and Ray) with API keys on.
+replicas each), soak.py and recovery.py (which SIGKILLs an expert shard of it) start `herd serve` (and Ray) with
+API keys on.
 
 bench/gpu_check.py and bench/quantized_experts.py are run at their --smoke size by tests/unit/bench/test_smoke_quant.py;
 every other script must be listed here.
@@ -42,6 +43,8 @@ SMOKE = {
     "lora.py": ("| scenario | sequences | adapters in batch | decode tokens | decode s (median) | decode tok/s | "
                 "vs base |", lambda tmp: []),
     "soak.py": ("| t_s | gateway_mib | replica_mib | shard0_mib | shard1_mib | kv_blocks |", lambda tmp: []),
+    "recovery.py": ("| transport | kills | recovery s (median) |",
+                    lambda tmp: ["--checkpoint", str(tmp / "scout"), "--log-dir", str(tmp / "logs")]),
 }
 NOT_HERE = {"__init__.py", "common.py", "expert_balance.py", "gpu_check.py", "quantized_experts.py"}
 
