@@ -86,8 +86,9 @@ class BatchRunner:
                     await self.round()
             except Exception:  # the database away for a moment: try again at the next poll
                 log.exception("batch runner: a round failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval_s)
+            with contextlib.suppress(TimeoutError):  # not wait_for: on 3.11 it can swallow stop()'s cancel
+                async with asyncio.timeout(self.settings.poll_interval_s):
+                    await self._wake.wait()
 
     async def round(self) -> None:
         """One pass over the open batches (see the module's doc)."""

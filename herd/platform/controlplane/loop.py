@@ -127,8 +127,9 @@ class ControlPlane:
             except Exception:  # a failed round is logged and retried; the loop must not die
                 self.metrics.failures.labels("round").inc()
                 log.exception("control-plane round failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval_s)
+            with contextlib.suppress(TimeoutError):  # not wait_for: on 3.11 it can swallow a cancel
+                async with asyncio.timeout(self.interval_s):
+                    await stop.wait()
         await self.settle()
 
     async def _scale(self, unit: Unit, replicas: int) -> None:

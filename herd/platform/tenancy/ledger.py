@@ -79,7 +79,8 @@ class UsageLedger:
         while self._pending:
             batch = self._pending[: self.max_batch]
             try:
-                await asyncio.wait_for(asyncio.to_thread(self.store.record_usage, batch), self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):  # not wait_for: on 3.11 it can swallow close()'s cancel
+                    await asyncio.to_thread(self.store.record_usage, batch)
             except Exception as err:
                 if self.database_ok:
                     log.error("usage ledger: database write failed, %d rows kept for retry: %s",
@@ -110,7 +111,8 @@ class UsageLedger:
     async def flush_last_used(self) -> None:
         """Write the keys' last uses; on a failure they wait for the next time."""
         try:
-            await asyncio.wait_for(asyncio.to_thread(self.store.flush_last_used), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                await asyncio.to_thread(self.store.flush_last_used)
         except Exception as err:
             log.warning("usage ledger: could not write API keys' last use (%s); kept for the next try",
                         type(err).__name__)
