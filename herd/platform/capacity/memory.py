@@ -10,6 +10,12 @@ widest window, plus one step's new blocks), and the engine gives them as many bl
 up to that. Without the chunk saving (every layer keeping the whole context, as an engine without a
 hybrid KV cache does): S x ceil(X/B) blocks of all L layers.
 
+Context parallelism over P trunks (issue 28; the runtime does not serve it yet): each sequence's
+global-layer KV is split evenly, ceil(X/P) tokens on each trunk, and each trunk gathers only its share
+for its partial attention (the partials combined by their log-sum-exp, as ring attention does). The
+chunked layers' windows are counted on every trunk for every sequence: conservative, as a sequence's
+window lives on its home trunk only.
+
 Activations (an estimate, not a measurement; no GPU has run Herd yet): the step's hidden states,
 projections and MoE buffers, T x (4H + (Q + 2K)D + 2kH + 3kI + 3I) values; the attended keys and values
 Herd's model runner gathers for one global layer at a time (2 x S x X x K x D values: decodes are padded
@@ -71,11 +77,13 @@ class Workload:
         return self.kv_value_bytes
 
 
-def kv_bytes(text: TextConfig, load: Workload, *, chunk_aware: bool = True) -> int:
+def kv_bytes(text: TextConfig, load: Workload, *, chunk_aware: bool = True, context_parallel: int = 1) -> int:
     """The least kv_cache_bytes with which the engine holds the workload: Herd's chunk-aware pools, split
-    as EngineConfig.kv_layout splits them, or every layer keeping the whole context."""
+    as EngineConfig.kv_layout splits them, or every layer keeping the whole context. With
+    `context_parallel` P > 1: one trunk's share, each sequence's global context split over P trunks and
+    every sequence's chunked window kept whole (see the module docstring)."""
     sizes = bytes_per_block(text, load.block_size, KV_DTYPES[load.kv_dtype])  # group -> one block, its layers
-    context_blocks = load.sequences * -(-load.context_tokens // load.block_size)
+    context_blocks = load.sequences * -(-_share(load.context_tokens, context_parallel) // load.block_size)
     if not chunk_aware or CHUNKED not in sizes:
         return context_blocks * sum(sizes.values())
     engine = EngineConfig(block_size=load.block_size, max_num_seqs=load.sequences,
@@ -87,18 +95,28 @@ def kv_bytes(text: TextConfig, load: Workload, *, chunk_aware: bool = True) -> i
     return windows * (sizes[CHUNKED] + full)  # the pools split evenly: the chunked one binds
 
 
-def trunk_activation_bytes(text: TextConfig, load: Workload) -> int:
-    """Peak transient memory of one engine step on the trunk's GPU (see the module docstring)."""
+def _share(context_tokens: int, context_parallel: int) -> int:
+    """Tokens of one sequence's global context on one of `context_parallel` trunks (the largest share)."""
+    if context_parallel < 1:
+        raise ValueError(f"context_parallel must be at least 1, got {context_parallel}")
+    return -(-context_tokens // context_parallel)
+
+
+def trunk_activation_bytes(text: TextConfig, load: Workload, *, context_parallel: int = 1) -> int:
+    """Peak transient memory of one engine step on a trunk's GPU (see the module docstring); with context
+    parallelism the gather holds the trunk's share of each sequence's global context."""
     h, i, k = text.hidden_size, text.intermediate_size, text.num_experts_per_tok
     heads = (text.num_attention_heads + 2 * text.num_key_value_heads) * text.head_dim
     step = load.step_tokens * (4 * h + heads + 2 * k * h + 3 * k * i + 3 * i) * ACTIVATION_BYTES
-    gathered = 2 * load.sequences * load.context_tokens * text.num_key_value_heads * text.head_dim
+    gathered = 2 * load.sequences * _share(load.context_tokens, context_parallel) * text.num_key_value_heads
+    gathered *= text.head_dim
     gathered *= load.gathered_value_bytes
     logits = load.sequences * text.vocab_size * (ACTIVATION_BYTES + 4)
     return step + gathered + logits
 
 
-def shard_activation_bytes(text: TextConfig, load: Workload) -> int:
-    """An expert shard's step: every routed row could come to it (rows in and out, gate/up and act)."""
+def shard_activation_bytes(text: TextConfig, load: Workload, *, trunks: int = 1) -> int:
+    """An expert shard's step: every routed row of every trunk's step could come to it (rows in and out,
+    gate/up and act)."""
     h, i, k = text.hidden_size, text.intermediate_size, text.num_experts_per_tok
-    return load.step_tokens * k * (2 * h + 3 * i) * ACTIVATION_BYTES
+    return trunks * load.step_tokens * k * (2 * h + 3 * i) * ACTIVATION_BYTES

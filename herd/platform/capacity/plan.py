@@ -6,6 +6,14 @@ contiguous balanced ranges (herd.workers.placement). On one GPU the shard shares
 several, the planner tries the shards on GPUs 1..G-1 (the trunk's GPU then keeps all its memory for KV)
 and on all G GPUs, and keeps the layout that fits with the longest context.
 
+With `trunks` M > 1 (issue 28, MegaScale-Infer style; the runtime does not serve it yet) GPUs 0..M-1
+are trunks, each a full copy of the trunk's weights (data-parallel attention) with its KV share and
+activations, and the N = G - M other GPUs are the expert shards, every shard taking the routed rows of
+all M trunks' steps. Without context parallelism a sequence lives on one trunk: the sequences are spread
+over the trunks (each counted with the most any holds, ceil(S/M)), so the largest context is one trunk's
+and the batch about M times one trunk's. With `context_parallel`, every sequence's global-layer KV is
+split over the M trunks (herd.platform.capacity.memory: the chunked windows counted on every trunk).
+
 Each GPU may use `memory_utilization` of its memory. The largest context (for the requested number of
 sequences) and the largest batch (for the requested context) are found by bisection on the same
 accounting. For comparison with published figures of tensor-parallel engines, `tensor_parallel_context`
@@ -41,7 +49,7 @@ class GpuUse:
 
     index: int
     role: str
-    """trunk, trunk + shard 0, or shard s."""
+    """trunk, trunk + shard 0, trunk t (of several) or shard s."""
     experts: tuple[int, ...]
     """Routed experts (of every MoE layer) this GPU's shard holds; () for the trunk alone."""
     weights: dict[str, int]
@@ -60,6 +68,11 @@ class GpuUse:
     def fits(self) -> bool:
         return self.total_bytes <= self.capacity_bytes
 
+    @property
+    def over_bytes(self) -> int:
+        """Bytes past the capacity (negative: room left)."""
+        return self.total_bytes - self.capacity_bytes
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -77,26 +90,51 @@ class Plan:
     tensor_parallel_context: int
     """Longest context of a tensor-parallel engine over the same GPUs, every layer's KV kept (for published
     figures such as vLLM's)."""
+    trunks: int = 1
+    """M: GPUs holding a copy of the trunk."""
+    context_parallel: bool = False
+    """Each sequence's global-layer KV split over the M trunks."""
 
     @property
     def fits(self) -> bool:
         return all(g.fits for g in self.gpus)
 
+    @property
+    def shards(self) -> int:
+        """N: GPUs holding routed experts (the trunk's GPU included when it holds a shard too)."""
+        return sum(1 for g in self.gpus if g.experts)
+
+    @property
+    def served(self) -> bool:
+        """Whether Herd's runtime serves this layout today (one trunk; issue 28 brings the others)."""
+        return self.trunks == 1 and not self.context_parallel
+
+    @property
+    def worst_gpu(self) -> GpuUse:
+        """The GPU closest to (or furthest past) its capacity."""
+        return max(self.gpus, key=lambda g: g.over_bytes)
+
 
 def plan(text: TextConfig, vision: VisionConfig | None, *, weight_format: str, gpu: GpuType, num_gpus: int,
-         load: Workload, memory_utilization: float = 0.90) -> Plan:
-    """The best layout of one replica on `num_gpus` GPUs of `gpu`, and its limits."""
+         load: Workload, memory_utilization: float = 0.90, trunks: int = 1, context_parallel: bool = False) -> Plan:
+    """The best layout of one replica with `trunks` trunks on `num_gpus` GPUs of `gpu`, and its limits."""
     if num_gpus < 1:
         raise ValueError(f"a replica needs at least one GPU, got {num_gpus}")
     if not 0 < memory_utilization <= 1:
         raise ValueError(f"memory_utilization must be in (0, 1], got {memory_utilization}")
+    if trunks < 1 or (trunks > 1 and trunks >= num_gpus):
+        raise ValueError(f"trunks must be 1, or fewer than the {num_gpus} GPUs (each shard needs one), got {trunks}")
     weights = weight_sizes(text, vision, weight_format)
     capacity = int(gpu.memory_bytes * memory_utilization)
     experts = text.num_local_experts
-    layouts = [s for s in (num_gpus - 1, num_gpus) if 1 <= s <= experts] or [experts]  # GPUs past E idle
+    if trunks == 1:
+        layouts = [s for s in (num_gpus - 1, num_gpus) if 1 <= s <= experts] or [experts]  # GPUs past E idle
+    else:
+        layouts = [min(num_gpus - trunks, experts)]
+    spread = trunks if context_parallel else 1
 
     def build(shards: int, use: Workload, chunk_aware: bool = True) -> tuple[GpuUse, ...]:
-        return _layout(text, weights, use, shards, num_gpus, capacity, chunk_aware)
+        return _layout(text, weights, use, (trunks, shards, num_gpus), capacity, chunk_aware, spread)
 
     def longest(shards: int, chunk_aware: bool) -> int:
         return _bisect(lambda x: all(g.fits for g in build(shards, dataclasses.replace(load, context_tokens=x),
@@ -111,29 +149,37 @@ def plan(text: TextConfig, vision: VisionConfig | None, *, weight_format: str, g
                               1 << 20),
         largest_context_without_chunk_saving=longest(best, False),
         tensor_parallel_context=_tensor_parallel_context(text, weights, load, num_gpus, capacity),
+        trunks=trunks, context_parallel=context_parallel and trunks > 1,
     )
 
 
-def _layout(text: TextConfig, weights: WeightSizes, load: Workload, shards: int, num_gpus: int, capacity: int,
-            chunk_aware: bool) -> tuple[GpuUse, ...]:
+def _layout(text: TextConfig, weights: WeightSizes, load: Workload, counts: tuple[int, int, int], capacity: int,
+            chunk_aware: bool, context_parallel: int) -> tuple[GpuUse, ...]:
+    """GPUs 0..M-1 the trunks, the last N the shards (GPU 0 holds one too only when M = 1 and N = G);
+    counts is (M, N, G), context_parallel the trunks each sequence's global KV is split over (1: none)."""
+    trunks, shards, num_gpus = counts
     placement = place_experts(text.num_local_experts, shards)
-    first = num_gpus - shards  # shards on the last `shards` GPUs; GPU 0 holds one only when shards == num_gpus
+    first = num_gpus - shards
     trunk_parts = {p: b for p, b in weights.bytes.items() if p != "routed_experts"}
+    # a trunk's sequences: all of them, each its share, with context parallelism; else the most one trunk holds
+    per_trunk = load if context_parallel > 1 else dataclasses.replace(load, sequences=-(-load.sequences // trunks))
+    trunk_kv = kv_bytes(text, per_trunk, chunk_aware=chunk_aware, context_parallel=context_parallel)
+    trunk_act = trunk_activation_bytes(text, per_trunk, context_parallel=context_parallel)
     out = []
     for index in range(num_gpus):
-        shard = index - first
-        experts = placement.shard_experts[shard] if shard >= 0 else ()
-        parts = dict(trunk_parts) if index == 0 else {}
+        shard, trunk = index - first, index < trunks
+        experts = placement.shard_experts[shard] if 0 <= shard < shards else ()
+        parts = dict(trunk_parts) if trunk else {}
         parts["routed_experts"] = weights.experts_bytes(len(experts))
-        role = "trunk" if index == 0 else f"shard {shard}"
-        if index == 0 and experts:
-            role = f"trunk + shard {shard}"
+        role = ("trunk" if trunks == 1 else f"trunk {index}") if trunk else f"shard {shard}"
+        if trunk and experts:
+            role = f"{role} + shard {shard}"
         out.append(GpuUse(
             index=index, role=role, experts=experts, weights=parts,
-            kv_bytes=kv_bytes(text, load, chunk_aware=chunk_aware) if index == 0 else 0,
-            activation_bytes=(trunk_activation_bytes(text, load) if index == 0 else 0)
-            + (shard_activation_bytes(text, load) if experts else 0),
-            reserve_bytes=TRUNK_RESERVE_BYTES if index == 0 else SHARD_RESERVE_BYTES,
+            kv_bytes=trunk_kv if trunk else 0,
+            activation_bytes=(trunk_act if trunk else 0)
+            + (shard_activation_bytes(text, load, trunks=trunks) if experts else 0),
+            reserve_bytes=TRUNK_RESERVE_BYTES if trunk else SHARD_RESERVE_BYTES,
             capacity_bytes=capacity,
         ))
     return tuple(out)

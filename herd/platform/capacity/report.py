@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from herd.platform.capacity.plan import Plan
+from herd.platform.capacity.search import Search
 from herd.platform.capacity.weights import PARTS
 
 GIB = 2**30
 _COLUMNS = (*PARTS, "kv_cache", "activations", "runtime", "total", "capacity")
+NOT_SERVED = ("M > 1 trunks and context parallelism are layouts the planner models but Herd's runtime does not "
+              "serve yet (issue 28); the host KV tier is not modelled.")
 
 
 def _ranges(experts: tuple[int, ...]) -> str:
@@ -34,9 +37,20 @@ def rows(plan: Plan) -> list[dict[str, Any]]:
     return out
 
 
+def layout(plan: Plan) -> dict[str, Any]:
+    """What a layout is and how far it stretches: one row of the search's summary."""
+    worst = plan.worst_gpu
+    return {
+        "trunks": plan.trunks, "shards": plan.shards, "kv_dtype": plan.load.kv_dtype,
+        "context_parallel": plan.context_parallel, "served_today": plan.served, "fits": plan.fits,
+        "largest_context": plan.largest_context, "largest_batch": plan.largest_batch,
+        "fullest_gpu": worst.index, "fullest_gpu_over_bytes": worst.over_bytes,
+    }
+
+
 def as_json(plan: Plan) -> dict[str, Any]:
     return {
-        "weight_format": plan.weights.weight_format, "weights_bytes": plan.weights.bytes,
+        **layout(plan), "weight_format": plan.weights.weight_format, "weights_bytes": plan.weights.bytes,
         "weights_total_bytes": plan.weights.total_bytes, "gpus": rows(plan), "fits": plan.fits,
         "sequences": plan.load.sequences, "context_tokens": plan.load.context_tokens,
         "largest_context": plan.largest_context, "largest_batch": plan.largest_batch,
@@ -56,7 +70,8 @@ def as_text(plan: Plan, title: str) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
     load = plan.load
     verdict = "FITS" if plan.fits else "DOES NOT FIT: " + ", ".join(
-        f"GPU {r['gpu']} needs {r['total'] / GIB:.1f} of {r['capacity'] / GIB:.1f} GiB" for r in table if not r["fits"])
+        f"GPU {r['gpu']} needs {r['total'] / GIB:.1f} of {r['capacity'] / GIB:.1f} GiB "
+        f"({(r['total'] - r['capacity']) / GIB:.1f} GiB over)" for r in table if not r["fits"])
     capped = " (the model's max_position_embeddings)" if plan.largest_context == plan.max_position_embeddings else ""
     lines += [
         f"{verdict}  ({load.sequences} sequence(s) x {load.context_tokens} tokens, KV {load.kv_dtype}, "
@@ -67,4 +82,44 @@ def as_text(plan: Plan, title: str) -> str:
         f"  a tensor-parallel engine over the same GPUs, every layer's KV kept: {plan.tensor_parallel_context} tokens",
         f"largest batch at {load.context_tokens} tokens: {plan.largest_batch} sequences",
     ]
+    if not plan.served:
+        lines.insert(1, f"layout: {_name(plan)}")
+        lines.append(NOT_SERVED)
+    return "\n".join(lines)
+
+
+def _name(plan: Plan) -> str:
+    cp = "context parallel" if plan.context_parallel else "no context parallelism"
+    return f"{plan.trunks} trunk(s) : {plan.shards} shard(s), {cp}, KV {plan.load.kv_dtype}"
+
+
+def search_json(found: Search) -> dict[str, Any]:
+    return {"fits": found.fits, "layouts": [layout(p) for p in found.plans], "best": as_json(found.best)}
+
+
+def search_text(found: Search, title: str) -> str:
+    """The summary of every layout, the verdict (or how far the closest is), and the best one's table."""
+    best, load = found.best, found.best.load
+    header = ["M", "N", "kv", "context_parallel", "fits", "largest_context", "largest_batch", "fullest_gpu_GiB"]
+    cells = [[str(p.trunks), str(p.shards), p.load.kv_dtype, "yes" if p.context_parallel else "no",
+              "yes" if p.fits else "no", str(p.largest_context), str(p.largest_batch),
+              f"{p.worst_gpu.total_bytes / GIB:.1f} (GPU {p.worst_gpu.index})"] for p in found.plans]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    lines = [title, f"layouts of M trunks and N = G - M expert shards, best first (largest_context: for "
+                    f"{load.sequences} sequence(s); largest_batch and fits: at {load.context_tokens} tokens):",
+             "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)).rstrip() for cell in cells]
+    lines.append(NOT_SERVED)
+    tp = {p.load.kv_dtype: p.tensor_parallel_context for p in found.plans}
+    lines.append("a tensor-parallel engine over the same GPUs, every layer's KV kept: "
+                 + ", ".join(f"{n} tokens (KV {d})" for d, n in tp.items()))
+    if found.fits:
+        lines.append(f"BEST LAYOUT THAT FITS {load.sequences} x {load.context_tokens} tokens: {_name(best)}")
+    else:
+        worst = best.worst_gpu
+        lines.append(
+            f"NO LAYOUT FITS {load.sequences} x {load.context_tokens} tokens; the closest, {_name(best)}: largest "
+            f"context {best.largest_context} tokens ({load.context_tokens - best.largest_context} tokens short), "
+            f"GPU {worst.index} ({worst.role}) {worst.over_bytes / GIB:.1f} GiB over at the request")
+    lines += ["", as_text(best, title)]
     return "\n".join(lines)
