@@ -239,10 +239,9 @@ class ModelReplica:
             alive = [i for i in range(len(self.shards)) if i != index]
             self.core.between_steps(lambda: transport.leave(alive))
         actor = self.shards[index]
-        _restarted(actor)
+        restarted = _after_restart(actor.address)  # its new port (any call waits for the restarted actor)
         if isinstance(transport, GrpcTransport):
-            address: str = ray.get(actor.address.remote(), timeout=RESTART_TIMEOUT_S)
-            self.core.between_steps(lambda: transport.reconnect(index, address))
+            self.core.between_steps(lambda: transport.reconnect(index, restarted))
         elif isinstance(transport, CollectiveTransport):
             group = self._form_group(dispatcher.placement.shard_experts, RESTART_TIMEOUT_S)
             self.core.between_steps(lambda: transport.rejoin(group))
@@ -255,14 +254,13 @@ class ModelReplica:
             return False
 
 
-def _restarted(actor: Any) -> None:
-    """Wait for Ray to have started a dead actor again (its constructor done: its experts loaded); a call made
-    while Ray has not yet seen the death fails, so it is made again until RESTART_TIMEOUT_S."""
+def _after_restart(method: Any) -> Any:
+    """An actor method's answer once Ray has started the dead actor again (its constructor done: its experts
+    loaded); a call made while Ray has not yet seen the death fails, so it is made again until RESTART_TIMEOUT_S."""
     deadline = time.monotonic() + RESTART_TIMEOUT_S
     while True:
         try:
-            ray.get(actor.node_id.remote(), timeout=max(deadline - time.monotonic(), 0.1))
-            return
+            return ray.get(method.remote(), timeout=max(deadline - time.monotonic(), 0.1))
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
             if time.monotonic() >= deadline:
                 raise
