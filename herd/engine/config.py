@@ -85,6 +85,11 @@ class EngineConfig(BaseModel):
                                       "the host, ready to take a slot); past it the least recently used one no "
                                       "request is using is dropped (and loaded again from its path when asked "
                                       "for); null: 4 x max_loras")
+    micro_batches: int = Field(1, ge=1, le=8, description="split each step of two or more sequences into this "
+                               "many micro-batches that ping-pong with the expert shards: one's attention runs "
+                               "while another's routed rows are at the shards (the same tokens come out); 1: off. "
+                               "Steps with images, prompt logprobs or an EAGLE-3 head run whole. Not with "
+                               "static_decode / CUDA graphs (null then means off)")
     fault_hold_s: float = Field(30, ge=0, description="how long the engine holds the sequences of steps that fail "
                                 "with a retryable error (an expert shard UNAVAILABLE or past its deadline) waiting "
                                 "for the experts to come back: they keep their tokens and are computed again, then "
@@ -106,6 +111,10 @@ class EngineConfig(BaseModel):
         if self.speculative is not None and self.async_scheduling:
             raise ValueError("speculative decoding and async_scheduling do not run together yet: a step's drafts "
                              "come from the tokens the step before verified, which async scheduling has not seen")
+        if self.micro_batches > 1 and self.use_static_decode:
+            raise ValueError("micro_batches > 1 does not run with static_decode / CUDA graphs yet (a captured "
+                             "graph is one whole step): turn them off (static_decode: false, cuda_graphs: false) or "
+                             "set micro_batches to 1")
         if self.max_loras:
             clashes = {"static_decode": self.use_static_decode, "speculative": self.speculative is not None,
                        "async_scheduling": self.async_scheduling}
@@ -117,11 +126,11 @@ class EngineConfig(BaseModel):
 
     @property
     def use_cuda_graphs(self) -> bool:
-        """Whether pure-decode steps replay CUDA graphs (the setting, or by default: the device is CUDA and LoRA is
-        off)."""
+        """Whether pure-decode steps replay CUDA graphs (the setting, or by default: the device is CUDA, LoRA is off
+        and steps run whole)."""
         if self.cuda_graphs is not None:
             return self.cuda_graphs
-        return torch.device(self.device).type == "cuda" and not self.max_loras
+        return torch.device(self.device).type == "cuda" and not self.max_loras and self.micro_batches == 1
 
     @property
     def use_static_decode(self) -> bool:

@@ -12,6 +12,10 @@ a sampled row at each of its last 1 + len(drafts) positions. The chunks of reque
 have their prompt rows' logits computed by the same forward, after the sampled rows, and scored at once
 (herd.engine.prompt_logprobs).
 
+With EngineConfig.micro_batches > 1 a step of several chunks is split into runs of chunks (herd.engine.micro_batching)
+that the model computes as ping-pong micro-batches (herd.model.micro_batch), each with its own view of the paged
+cache; steps with images or prompt logprobs, and a runner returning a draft head's aux layers, run whole.
+
 A pure-decode step (every chunk one token that samples) takes the static path instead when the engine config
 says so (EngineConfig.use_static_decode): padded to a batch bucket on persistent buffers, replayed as a CUDA graph
 where graphs are on (herd.engine.decode_graphs). The logits returned are the same either way.
@@ -30,11 +34,13 @@ from herd.engine.config import EngineConfig
 from herd.engine.decode_graphs import StaticDecode, token_at
 from herd.engine.host_kv_tier import HostKVTier
 from herd.engine.kv_cache_manager import KVCacheManager
+from herd.engine.micro_batching import split_chunks
 from herd.engine.paged_attention import PagedAttention
 from herd.engine.paged_kv import PagedKVCache
 from herd.engine.prompt_logprobs import ScoredPrompt
 from herd.engine.scheduler import ScheduledChunk
 from herd.model.llama4 import Llama4Model
+from herd.model.micro_batch import MicroBatch
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,8 @@ class ModelRunner:
         """Layers whose entering hidden states every step returns (a draft head's input); the static path, which
         returns none, is then off."""
         config = config or EngineConfig(device=str(model.device))
+        self.micro_batches = 1 if self.aux_layers else config.micro_batches
+        """Micro-batches a step of several chunks is split into (herd.model.micro_batch); 1: whole steps."""
         self.static = StaticDecode(
             model, kv, cache, batch_sizes=config.decode_batch_sizes, graphs=config.use_cuda_graphs,
             max_graphs=config.max_cuda_graphs,
@@ -89,8 +97,12 @@ class ModelRunner:
         if self.static is not None and self.static.takes(chunks):  # pure decodes: no prompt rows
             static = self.static.prepare(chunks)
             return lambda: StepLogits(static())
-        ids, positions = self._tokens(chunks)  # [N], [N]
         image_rows, image_embeds = self._images(chunks)  # [M], [M, H]
+        if self.micro_batches > 1 and image_rows is None and not prompt_logprobs.plan(chunks):
+            runs = split_chunks([c.num_tokens for c in chunks], self.micro_batches)
+            if len(runs) > 1:
+                return self._prepare_micro_batches([[chunks[i] for i in run] for run in runs])
+        ids, positions = self._tokens(chunks)  # [N], [N]
         ends = itertools.accumulate(c.num_tokens for c in chunks)
         sampling = [row for end, c in zip(ends, chunks, strict=True) if c.samples
                     for row in range(end - 1 - len(c.drafts), end)]
@@ -117,6 +129,30 @@ class ModelRunner:
                 return StepLogits(logits, aux_hidden=aux)
             return StepLogits(logits[: len(sampling)], prompt_logprobs.score(scoring, logits[len(sampling) :]),
                               aux_hidden=aux)
+
+        return forward
+
+    def _prepare_micro_batches(self, runs: list[list[ScheduledChunk]]) -> Callable[[], StepLogits]:
+        """prepare for a step split into runs of chunks that ping-pong with the expert shards: each run laid out as
+        a step of its own (its tokens, sampled rows and view of the KV cache); the sampled rows are the runs' in
+        order, which is the step's."""
+        batches = []
+        for run in runs:
+            ids, positions = self._tokens(run)  # [N_run], [N_run]
+            ends = itertools.accumulate(c.num_tokens for c in run)
+            sampling = [row for end, c in zip(ends, run, strict=True) if c.samples
+                        for row in range(end - 1 - len(c.drafts), end)]
+            logit_rows = torch.tensor(sampling, dtype=torch.long)  # [R_run]
+            lora = self._adapter_slots(run)  # [N_run] or None
+            if self.device.type == "cuda":
+                ids, positions, logit_rows = ids.pin_memory(), positions.pin_memory(), logit_rows.pin_memory()
+                lora = lora.pin_memory() if lora is not None else None
+            context = PagedAttention.for_step(run, self.kv, self.cache, self.device)
+            batches.append(MicroBatch(ids, positions, context, logit_rows, lora))
+
+        @torch.inference_mode()
+        def forward() -> StepLogits:
+            return StepLogits(torch.cat(self.model.forward_micro_batches(batches)).float())  # [R, V]
 
         return forward
 

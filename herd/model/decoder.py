@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -36,9 +36,20 @@ class DecoderLayer(nn.Module):
         lora: LoRABatch | None = None,
     ) -> torch.Tensor:
         """[T, H] -> [T, H]; `lora`: the forward's per-token adapters (herd.model.lora_batch)."""
+        return self.begin(x, positions, rot, kv, lora)()
+
+    def begin(
+        self, x: torch.Tensor, positions: torch.Tensor, rot: torch.Tensor, kv: KVContext | None = None,
+        lora: LoRABatch | None = None,
+    ) -> Callable[[], torch.Tensor]:
+        """The layer up to the MoE's wait for its routed rows (attention, the router, the rows sent, the shared
+        expert); the function returned finishes it: [T, H]. A dense layer is done at once."""
         attn_lora = None if lora is None else lora.scope(self.index, "self_attn.")
         ff_lora = None if lora is None else lora.scope(self.index, "feed_forward.")
         attended: torch.Tensor = self.self_attn(self.input_layernorm(x), positions, rot, kv, attn_lora)  # [T, H]
         h = x + attended
-        mixed: torch.Tensor = self.feed_forward(self.post_attention_layernorm(h), ff_lora)  # [T, H]
-        return h + mixed
+        if isinstance(self.feed_forward, MoE):
+            mixing = self.feed_forward.begin(self.post_attention_layernorm(h), ff_lora)
+            return lambda: h + mixing()
+        out = h + self.feed_forward(self.post_attention_layernorm(h), ff_lora)  # [T, H]
+        return lambda: out

@@ -21,7 +21,7 @@ device (herd.model.moe). Where a sync stays, herd.model.moe and herd.kernels.tor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -34,6 +34,7 @@ from herd.model.kv_cache import ContiguousKVCache, KVContext
 from herd.model.lora_bank import AdapterBank, ExpertAdapterSink
 from herd.model.lora_batch import LoRABatch
 from herd.model.lora_config import MAX_RANK
+from herd.model.micro_batch import MicroBatch
 from herd.model.moe import ExpertsExecutor, MoE
 from herd.model.norm import RMSNorm
 from herd.model.rope import inv_frequencies, rotations
@@ -174,6 +175,38 @@ class Llama4Model(nn.Module):
             x = x[logit_rows]  # [L, H]
         logits: torch.Tensor = self.lm_head(self.model.norm(x))  # [T, V] or [L, V]
         return logits, aux
+
+    @torch.inference_mode()
+    def forward_micro_batches(self, batches: Sequence[MicroBatch], *, check_ids: bool = True) -> list[torch.Tensor]:
+        """forward of each micro-batch, interleaved layer by layer so that one's routed rows are at the expert shards
+        while another's attention runs (herd.model.micro_batch): each micro-batch's logits [L, V]."""
+        if not batches:
+            raise ValueError("forward_micro_batches needs at least one micro-batch")
+        device = self.device
+        states: list[tuple[torch.Tensor, torch.Tensor, KVContext | None, LoRABatch | None]] = []
+        xs: list[torch.Tensor] = []
+        for batch in batches:
+            self._check_ids(batch.input_ids, values=check_ids)
+            tokens = batch.input_ids.shape[0]
+            lora = None if batch.adapter_slots is None else self._lora_batch(batch.adapter_slots, tokens, check_ids)
+            positions = batch.positions.to(device, non_blocking=True)
+            states.append((positions, rotations(positions, self._frequencies(device)), batch.cache, lora))  # [T, D/2]
+            xs.append(self.model.embed_tokens(batch.input_ids.to(device, non_blocking=True)))  # [T, H]
+        finishing: list[Callable[[], torch.Tensor] | None] = [None] * len(batches)
+        layers: list[DecoderLayer] = list(self.model.layers)  # type: ignore[arg-type]  # a ModuleList of them
+        for layer in layers:
+            for i, (positions, rot, cache, lora) in enumerate(states):
+                if (finish := finishing[i]) is not None:
+                    xs[i] = finish()  # the last layer's rows back from the shards while the others' are out
+                finishing[i] = layer.begin(xs[i], positions, rot, cache, lora)
+        out = []
+        for finish, batch in zip(finishing, batches, strict=True):
+            assert finish is not None
+            x = finish()  # [T, H]
+            if batch.logit_rows is not None:
+                x = x[batch.logit_rows.to(device, non_blocking=True)]  # [L, H]
+            out.append(self.lm_head(self.model.norm(x)))  # [L, V]
+        return out
 
     def new_cache(self) -> ContiguousKVCache:
         """An empty KV cache for incremental decoding of one sequence."""

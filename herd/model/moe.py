@@ -14,7 +14,8 @@ holding only some experts reads which experts got rows (to raise MissingExpertsE
 (herd.workers.dispatch) copies the rows to the host to send them, until a collective transport (issue 21).
 
 Overlap (issue 21): the layer submits its rows to the executor, runs the shared expert while they are out,
-then waits for them; the sum is the same as computing them in either order.
+then waits for them; the sum is the same as computing them in either order. `begin` splits the layer at that
+wait, so a forward of micro-batches (issue 28) runs another micro-batch's attention there too.
 """
 
 from __future__ import annotations
@@ -140,46 +141,49 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoRAScope | None = None) -> torch.Tensor:
         """[T, H] -> [T, H]; `lora`: each token's adapter deltas (shared expert, and routed experts in-process)."""
+        return self.begin(x, lora)()
+
+    def begin(self, x: torch.Tensor, lora: LoRAScope | None = None) -> Callable[[], torch.Tensor]:
+        """Route, send the routed rows to the executor and run the shared expert meanwhile; the function returned
+        waits for the rows and combines: [T, H]. What the caller runs between the two (another micro-batch's
+        attention, herd.model.llama4's ping-pong) overlaps the rows' time at the shards as well."""
         topk_ids, topk_scores = kernels.route(self.router(x), self.top_k)  # [T, k] each
         order = getattr(self.executor, "expert_order", None)  # a plain function groups by expert id
         rows, permutation = kernels.permute(x, topk_ids, topk_scores, self.num_experts, expert_order=order,
                                             check_values=False)  # route's ids are in range
         if lora is not None:
-            return self._forward_lora(x, rows, permutation, topk_ids, lora)
-        if self.executor is None:
+            shared, pending = self._begin_lora(x, rows, permutation, topk_ids, lora)
+        elif self.executor is None:
             out_rows = self.experts(rows, permutation.expert_offsets, check_values=False)  # permute's offsets
-            shared: torch.Tensor = self.shared_expert(x)  # [T, H]
+            shared, pending = self.shared_expert(x), lambda: out_rows  # [T, H]
         else:
             pending = _submit(self.executor, self.layer, rows, permutation.expert_offsets)
             shared = self.shared_expert(x)  # while the routed rows are at the shards
-            out_rows = pending()  # [R, H]
-        return shared + kernels.combine(out_rows, permutation, x.shape[0])
+        return lambda: shared + kernels.combine(pending(), permutation, x.shape[0])
 
-    def _forward_lora(self, x: torch.Tensor, rows: torch.Tensor, permutation: kernels.Permutation,
-                      topk_ids: torch.Tensor, lora: LoRAScope) -> torch.Tensor:
+    def _begin_lora(self, x: torch.Tensor, rows: torch.Tensor, permutation: kernels.Permutation,
+                    topk_ids: torch.Tensor, lora: LoRAScope) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+        """The shared expert's output [T, H] and the routed rows' wait, with each token's adapter deltas."""
         row_source = permutation.row_source.long()  # [R]: flat token * k + choice
         row_tokens = torch.div(row_source, self.top_k, rounding_mode="floor")  # [R]
         row_experts = topk_ids.reshape(-1).index_select(0, row_source).long()  # [R]
         experts_lora = lora.experts(row_tokens, row_experts, self.num_experts)
         if self.executor is None:
             out_rows = self.experts(rows, permutation.expert_offsets, check_values=False, lora=experts_lora)
-            shared: torch.Tensor = self.shared_expert(x, lora.sub("shared_expert."))  # [T, H]
-        elif experts_lora is not None and getattr(self.executor, "holds_experts_here", False):
+            return self.shared_expert(x, lora.sub("shared_expert.")), lambda: out_rows  # [T, H]
+        if experts_lora is not None and getattr(self.executor, "holds_experts_here", False):
             # An executor over this process's own experts (it counts their rows): the factors are the bank's here.
             local = cast(Callable[..., torch.Tensor], self.executor)  # CountingExperts (herd.workers.expert_load)
             out_rows = local(self.layer, rows, permutation.expert_offsets, lora=experts_lora)
-            shared = self.shared_expert(x, lora.sub("shared_expert."))
-        else:
-            if experts_lora is not None:  # the bank holds expert factors here: the executor is no expert sink
-                raise ValueError(
-                    f"layer {self.layer}: an adapter covers the routed experts, which run through "
-                    f"{type(self.executor).__name__}, an executor that cannot hold adapters: routed-expert LoRA needs "
-                    "the experts held in this process or at expert shards (herd.workers.dispatch)")
-            row_slots = lora.expert_slots(row_tokens)  # [R] or None
-            pending = _submit(self.executor, self.layer, rows, permutation.expert_offsets, row_slots)
-            shared = self.shared_expert(x, lora.sub("shared_expert."))
-            out_rows = pending()  # [R, H]
-        return shared + kernels.combine(out_rows, permutation, x.shape[0])
+            return self.shared_expert(x, lora.sub("shared_expert.")), lambda: out_rows
+        if experts_lora is not None:  # the bank holds expert factors here: the executor is no expert sink
+            raise ValueError(
+                f"layer {self.layer}: an adapter covers the routed experts, which run through "
+                f"{type(self.executor).__name__}, an executor that cannot hold adapters: routed-expert LoRA needs "
+                "the experts held in this process or at expert shards (herd.workers.dispatch)")
+        row_slots = lora.expert_slots(row_tokens)  # [R] or None
+        pending = _submit(self.executor, self.layer, rows, permutation.expert_offsets, row_slots)
+        return self.shared_expert(x, lora.sub("shared_expert.")), pending  # shared while the rows are out
 
 
 def _submit(executor: ExpertsExecutor, layer: int, rows: torch.Tensor, expert_offsets: torch.Tensor,

@@ -42,6 +42,8 @@ SMOKE = {
     "lora_delta.py": ("| slots | tokens | base (ms) | gathered (ms) | grouped (ms) | masked (ms) |", lambda tmp: []),
     "lora.py": ("| scenario | sequences | adapters in batch | decode tokens | decode s (median) | decode tok/s | "
                 "vs base |", lambda tmp: []),
+    "ping_pong.py": ("| schedule | sequences | decode steps | step ms (median) | shard wait ms / step |",
+                     lambda tmp: []),
     "soak.py": ("| t_s | gateway_mib | replica_mib | shard0_mib | shard1_mib | kv_blocks |", lambda tmp: []),
     "recovery.py": ("| transport | kills | recovery s (median) |",
                     lambda tmp: ["--checkpoint", str(tmp / "scout"), "--log-dir", str(tmp / "logs")]),

@@ -1,0 +1,163 @@
+"""Ping-pong micro-batches against whole steps, with the routed experts on expert-shard processes (issue 28).
+
+A trunk in this process (`LLMEngine`, attention, KV cache, shared expert) and `--shards` `herd expert-shard
+--collective` processes holding the routed experts, joined over the replica's collective group (gloo), on a tiny
+checkpoint widened to `--hidden-size` (bench/lora.py's widening) so that both sides carry real work. The same
+`--sequences` prompts run with whole steps (`micro_batches` 1, the baseline) and with each step split into
+`--micro-batches` (`EngineConfig.micro_batches`): while one micro-batch's rows are at the shards, the trunk runs
+the other's attention. Rounds alternate the two engines (`--repeats` after a warm-up round), so load on a shared
+machine falls on both alike; the table shows medians over rounds.
+
+Per decode step (the steps after every sequence has its first token): wall time; the trunk's wait for the shards
+(TransportStats.wait_s: shard time the trunk did not hide); and the overlapped share = 1 - wait with ping-pong /
+wait with whole steps, the part of the exposed shard time that ping-pong hid. On this machine every rank (the trunk
+and each shard) shares 2 cores, so the shards' compute and the trunk's attention cannot truly run at once: expect
+little or no gain here; the number to carry to a GPU cluster is how much of the wait the schedule hides.
+
+Checks (exit 1 when one fails): ping-pong gives the whole steps' tokens, every round.
+
+    .venv/bin/python bench/ping_pong.py [--preset scout|maverick] [--hidden-size 512] [--intermediate-size 512]
+                                        [--intermediate-size-mlp 1024] [--layers 4] [--head-dim 64]
+                                        [--shards 2] [--micro-batches 2] [--sequences 32] [--prompt-tokens 32]
+                                        [--output-tokens 17] [--repeats 5] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common and tests' shard processes
+
+from bench.common import machine, parse_args_with_smoke, print_command
+from bench.lora import make_prompts, wide_checkpoint
+from herd.engine import EngineConfig, LLMEngine, SamplingParams
+from herd.model import load_model
+from herd.model.tokenizer import Tokenizer
+from herd.workers.dispatch import ExpertDispatcher
+from herd.workers.placement import place_experts
+from herd.workers.transport import TransportStats
+from tests.integration.workers.shard_processes import CollectiveShards
+
+TABLE_HEADER = ("| schedule | sequences | decode steps | step ms (median) | shard wait ms / step | overlapped share "
+                "| vs whole steps |")
+
+
+@dataclass
+class Schedule:
+    name: str
+    engine: LLMEngine
+    stats: TransportStats
+    step_s: list[float] = field(default_factory=list)  # each round's median decode step
+    wait_s: list[float] = field(default_factory=list)  # each round's wait for the shards per decode step
+    steps: int = 0
+    tokens: list[list[int]] = field(default_factory=list)
+
+    def run(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        engine = self.engine
+        ids = [engine.add_request(p, params) for p in prompts]
+        final: dict[str, list[int]] = {}
+        started: set[str] = set()
+        while len(started) < len(ids):  # prefill until every sequence has sampled once
+            for out in engine.step():
+                started.update([out.request_id] if out.delta_token_ids else [])
+                if out.finished:
+                    final[out.request_id] = out.token_ids
+        durations: list[float] = []
+        waited = self.stats.wait_s
+        while engine.has_unfinished():
+            start = time.perf_counter()
+            for out in engine.step():
+                if out.finished:
+                    final[out.request_id] = out.token_ids
+            durations.append(time.perf_counter() - start)
+        self.steps = len(durations)
+        self.step_s.append(statistics.median(durations))
+        self.wait_s.append((self.stats.wait_s - waited) / max(1, len(durations)))
+        tokens = [final[rid] for rid in ids]
+        if self.tokens and tokens != self.tokens:
+            raise RuntimeError(f"{self.name}: greedy tokens changed between rounds")
+        self.tokens = tokens
+
+
+def table(whole: Schedule, split: Schedule, sequences: int) -> str:
+    lines = [TABLE_HEADER, "|---|---:|---:|---:|---:|---:|---:|"]
+    wait_whole = statistics.median(whole.wait_s)
+    for schedule in (whole, split):
+        wait = statistics.median(schedule.wait_s)
+        share = "" if schedule is whole else f"{1 - wait / wait_whole:.0%}" if wait_whole else "n/a"
+        ratios = [w / s for w, s in zip(whole.step_s, schedule.step_s, strict=True)]
+        step_ms = statistics.median(schedule.step_s) * 1e3
+        lines.append(f"| {schedule.name} | {sequences} | {schedule.steps} | {step_ms:.2f} | {wait * 1e3:.2f} | {share} "
+                     f"| {statistics.median(ratios):.2f}x |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=("scout", "maverick"), default="scout")
+    parser.add_argument("--hidden-size", type=int, default=512)
+    parser.add_argument("--intermediate-size", type=int, default=512)
+    parser.add_argument("--intermediate-size-mlp", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--micro-batches", type=int, default=2)
+    parser.add_argument("--sequences", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--output-tokens", type=int, default=17)
+    parser.add_argument("--repeats", type=int, default=5)
+    return parse_args_with_smoke(parser, argv, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128,
+                                 head_dim=16, sequences=4, prompt_tokens=8, output_tokens=4, repeats=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    print_command("ping_pong.py")
+    print(machine())
+    os.environ["OMP_NUM_THREADS"] = "1"  # the shard processes started below: every rank shares the cores
+    with tempfile.TemporaryDirectory() as tmp:
+        path = wide_checkpoint(Path(tmp) / "wide", args)
+        trunk = load_model(path, experts=(), progress=False)
+        experts = trunk.config.num_local_experts
+        placement = place_experts(experts, args.shards)
+        specs = [f"{owned[0]}:{owned[-1] + 1}" for owned in placement.shard_experts]
+        prompts = make_prompts(args.sequences, args.prompt_tokens, trunk.config.vocab_size, seed=0)
+        params = SamplingParams(temperature=0, max_tokens=args.output_tokens, ignore_eos=True)
+        tokenizer = Tokenizer.from_pretrained(path)
+        config = dict(kv_cache_mb=64, max_num_seqs=args.sequences, max_num_batched_tokens=4096)
+        with CollectiveShards(path, specs) as shards:
+            ExpertDispatcher(placement, shards.transport).attach(trunk)
+            whole = Schedule("whole steps", LLMEngine(trunk, tokenizer, EngineConfig(**config)),
+                             shards.transport.stats)
+            split = Schedule(f"ping-pong, {args.micro_batches} micro-batches",
+                             LLMEngine(trunk, tokenizer, EngineConfig(**config, micro_batches=args.micro_batches)),
+                             shards.transport.stats)
+            for round_ in range(args.repeats + 1):  # round 0 warms up and is dropped
+                for schedule in (whole, split) if round_ % 2 else (split, whole):
+                    schedule.run(prompts, params)
+                if round_ == 0:
+                    for schedule in (whole, split):
+                        schedule.step_s.clear()
+                        schedule.wait_s.clear()
+                print(f"round {round_}/{args.repeats} done", file=sys.stderr)
+    print(f"\n{args.preset}, H {args.hidden_size}, {args.layers} layers, {experts} experts on {args.shards} shard "
+          f"processes (collective, gloo), 1 trunk, torch threads in the trunk: {torch.get_num_threads()}\n")
+    print(table(whole, split, args.sequences))
+    if split.tokens != whole.tokens:
+        print("\nFAILED: ping-pong changed the tokens")
+        return 1
+    print(f"\nping-pong gives the whole steps' tokens ({len(whole.tokens)}/{len(whole.tokens)} sequences)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
