@@ -43,7 +43,7 @@ def attend_partial(
     lse = torch.logsumexp(scores, dim=-1)  # [N, T]; -inf where a row sees nothing (or S is 0)
     shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # keeps empty rows at exp(-inf) = 0
     weights = torch.exp(scores - shift[..., None])  # [N, T, S]
-    out = torch.einsum("nts,snd->tnd", weights, values)  # [T, N, D]
+    out = torch.einsum("nts,snd->tnd", weights, values).contiguous()  # [T, N, D]
     return out, lse.transpose(0, 1).contiguous()
 
 
