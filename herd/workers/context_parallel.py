@@ -24,7 +24,8 @@ receive of a step to all peers before waiting on any, so no order of peers can d
 
 Supported: one sequence per trunk (its forward's tokens are that sequence's; `start_sequence` begins the next one
 and tells the peers to drop what they hold for it); any number of trunks and global layers; gloo (NCCL takes the
-same calls: the group's sends and receives are backend-agnostic, untested here). Not yet: several sequences per
+same calls and buffers on the group's device, untested here; reading the headers' sizes is then one host sync
+per global layer, and placement stays host data so it costs none). Not yet: several sequences per
 trunk (the header would carry per-sequence query ranges), the engine's paged KV and block tables, and moving the
 held parts' memory accounting into the scheduler.
 """
@@ -76,7 +77,8 @@ class Request:
     fresh: bool  # the sender began a new sequence: drop what is held for it before keeping these rows
 
     def header(self) -> torch.Tensor:
-        return torch.tensor([self.q.shape[0], self.k.shape[0], int(self.fresh)], dtype=torch.int64)  # [3]
+        return torch.tensor([self.q.shape[0], self.k.shape[0], int(self.fresh)], dtype=torch.int64,
+                            device=self.q.device)  # [3]
 
 
 _PAYLOAD = (Purpose.QUERIES, Purpose.QUERY_POSITIONS, Purpose.KEYS, Purpose.VALUES, Purpose.KEY_POSITIONS)
@@ -93,7 +95,7 @@ class ContextParallelKV:
 
     def __init__(self, group: CollectiveGroup, config: TextConfig, *, dtype: torch.dtype,
                  timeout_s: float | None = None) -> None:
-        self.group, self.rank, self.timeout_s = group, group.rank, timeout_s
+        self.group, self.rank, self.timeout_s, self.device = group, group.rank, timeout_s, group.device
         self.peers = [p for p in range(group.world_size) if p != group.rank]
         layers = config.num_hidden_layers
         self.global_layers = tuple(i for i in range(layers) if config.chunk_size(i) is None)
@@ -114,7 +116,7 @@ class ContextParallelKV:
     def place(self, holders: int | torch.Tensor) -> None:
         """Where the next forwards' new tokens' global-layer k/v are kept: a rank for all of them, or a rank per
         token [T] (this trunk's own rank: here). Holds until placed again."""
-        ranks = torch.as_tensor(holders)
+        ranks = torch.as_tensor(holders, device="cpu")
         if ((ranks < 0) | (ranks >= self.group.world_size)).any():
             raise ValueError(f"holders {ranks.tolist()} are outside the group's ranks 0..{self.group.world_size - 1}")
         self._holders = holders
@@ -129,27 +131,28 @@ class ContextParallelKV:
 
     def idle(self) -> None:
         """Take part in one forward's exchanges without tokens of this trunk's own (peers still get answers)."""
-        q = torch.empty(0, self.heads, self.head_dim, dtype=self.dtype)
-        kv = torch.empty(0, self.kv_heads, self.head_dim, dtype=self.dtype)
+        q = torch.empty(0, self.heads, self.head_dim, dtype=self.dtype, device=self.device)
+        kv = torch.empty(0, self.kv_heads, self.head_dim, dtype=self.dtype, device=self.device)
         for layer in self.global_layers:
-            self._attend_global(layer, q, kv, kv, torch.empty(0, dtype=torch.int64), self.rank)
+            self._attend_global(layer, q, kv, kv, torch.empty(0, dtype=torch.int64, device=self.device), self.rank)
 
     def _attend_global(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        positions: torch.Tensor, placed: int | torch.Tensor) -> torch.Tensor:
         positions = positions.to(torch.int64)
-        holders = torch.as_tensor(placed).to(torch.int64)
+        holders = torch.as_tensor(placed, device="cpu").to(torch.int64)  # placement is host data: no syncs
         if holders.dim() and holders.shape != positions.shape:
             raise ValueError(f"placed {holders.shape[0]} holders for a forward of {positions.shape[0]} tokens")
         holders = holders.expand(positions.shape[0])  # [T]
-        keep = holders == self.rank
+        keep = (holders == self.rank).to(q.device, non_blocking=True)
         keys, values, key_positions = self.own[layer].append(k[keep], v[keep], positions[keep])
         fresh = layer in self._fresh
         self._fresh.discard(layer)
         requests = {}
         for peer in self.peers:
-            ship = holders == peer
-            if bool(ship.any()):
+            on_host = holders == peer
+            if bool(on_host.any()):
                 self.remote.add(peer)
+            ship = on_host.to(q.device, non_blocking=True)
             rows = q.shape[0] if peer in self.remote else 0
             requests[peer] = Request(q[:rows].contiguous(), positions[:rows].contiguous(), k[ship].contiguous(),
                                      v[ship].contiguous(), positions[ship].contiguous(), fresh)
@@ -169,12 +172,13 @@ class ContextParallelKV:
         held = self.held[peer][layer]
         keys, values, key_positions = held.append(request.k, request.v, request.k_positions)
         if not request.q.shape[0]:
-            return torch.empty(0, self.heads, self.head_dim), torch.empty(0, self.heads)
+            return (torch.empty(0, self.heads, self.head_dim, device=self.device),
+                    torch.empty(0, self.heads, device=self.device))
         return attend_partial(request.q, keys, values, request.q_positions, key_positions, None)
 
     def _exchange_requests(self, layer: int, requests: dict[int, Request]) -> dict[int, Request]:
         """Steps 1 and 2: headers, then the payloads they announce, with every peer."""
-        headers = {p: torch.empty(3, dtype=torch.int64) for p in self.peers}
+        headers = {p: torch.empty(3, dtype=torch.int64, device=self.device) for p in self.peers}
         works = [self.group.send(requests[p].header(), p, tag(layer, Purpose.HEADER)) for p in self.peers]
         works += [self.group.recv(headers[p], p, tag(layer, Purpose.HEADER)) for p in self.peers]
         self._wait(works)
@@ -192,16 +196,17 @@ class ContextParallelKV:
     def _receiving(self, header: list[int]) -> Request:
         """Empty buffers for the request a peer's header announces."""
         queries, rows, fresh = header
-        return Request(torch.empty(queries, self.heads, self.head_dim, dtype=self.dtype),
-                       torch.empty(queries, dtype=torch.int64),
-                       torch.empty(rows, self.kv_heads, self.head_dim, dtype=self.dtype),
-                       torch.empty(rows, self.kv_heads, self.head_dim, dtype=self.dtype),
-                       torch.empty(rows, dtype=torch.int64), bool(fresh))
+        return Request(torch.empty(queries, self.heads, self.head_dim, dtype=self.dtype, device=self.device),
+                       torch.empty(queries, dtype=torch.int64, device=self.device),
+                       torch.empty(rows, self.kv_heads, self.head_dim, dtype=self.dtype, device=self.device),
+                       torch.empty(rows, self.kv_heads, self.head_dim, dtype=self.dtype, device=self.device),
+                       torch.empty(rows, dtype=torch.int64, device=self.device), bool(fresh))
 
     def _exchange_answers(self, layer: int, answers: dict[int, tuple[torch.Tensor, torch.Tensor]],
                           asked: dict[int, int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Step 3: each peer's (out, lse) for the queries it sent here; ours back for the `asked` rows we sent."""
-        replies = {p: (torch.empty(asked[p], self.heads, self.head_dim), torch.empty(asked[p], self.heads))
+        replies = {p: (torch.empty(asked[p], self.heads, self.head_dim, device=self.device),
+                        torch.empty(asked[p], self.heads, device=self.device))
                    for p in self.peers}
         works: list[Work] = []
         for p in self.peers:
