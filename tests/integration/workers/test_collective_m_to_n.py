@@ -6,6 +6,8 @@ not support is refused."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -45,15 +47,26 @@ def counting(shard):
 class MtoN:
     """A replica of TRUNKS trunks and SHARDS shards in this process; `trunks[t]` is (model, transport)."""
 
-    def __init__(self, path: Path, preset: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, path: Path, preset: str, *, timeout_s: float = 30.0, processes: bool = False) -> None:
         text = load_config(path).text
         world = TRUNKS + SHARDS
         store, rendezvous = open_rendezvous("127.0.0.1", world, backend="gloo", timeout_s=timeout_s)
         placement = place_experts(EXPERTS[preset], SHARDS)
-        self.shards = [counting(ShardExperts.load(path, experts)) for experts in placement.shard_experts]
         self.errors: list[BaseException] = []
-        self._threads = [threading.Thread(target=self._serve, args=(rendezvous, TRUNKS + s, text.num_local_experts),
-                                          daemon=True) for s in range(SHARDS)]
+        self.procs: list[subprocess.Popen[str]] = []
+        self._threads: list[threading.Thread] = []
+        if processes:  # `herd expert-shard --collective ... --trunks 2`, as a replica would start them
+            self.procs = [subprocess.Popen(
+                [sys.executable, "-m", "herd.cli", "expert-shard", "--model", str(path), "--experts",
+                 f"{experts[0]}:{experts[-1] + 1}", "--collective", f"127.0.0.1:{rendezvous.port}", "--rank",
+                 str(TRUNKS + s), "--world-size", str(world), "--trunks", str(TRUNKS), "--timeout-s", "120"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+                for s, experts in enumerate(placement.shard_experts)]
+        else:
+            self.shards = [counting(ShardExperts.load(path, experts)) for experts in placement.shard_experts]
+            self._threads = [threading.Thread(target=self._serve, args=(rendezvous, TRUNKS + s,
+                                                                        text.num_local_experts), daemon=True)
+                             for s in range(SHARDS)]
         for thread in self._threads:
             thread.start()
 
@@ -85,6 +98,12 @@ class MtoN:
         for thread in self._threads:
             thread.join(timeout=WAIT_S)
         assert not any(thread.is_alive() for thread in self._threads), "every shard left its loop"
+        for proc in self.procs:
+            try:
+                assert proc.wait(timeout=WAIT_S) == 0, "the shard process left when trunk 0 said stop"
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
 
     def __enter__(self) -> MtoN:
         return self
@@ -193,6 +212,50 @@ def test_an_idle_trunk_steps_with_empty_headers_and_its_busy_peer_is_exact(repli
     torch.testing.assert_close(got, replica.full.logits(ids), rtol=0, atol=0)
 
 
+def test_rows_beyond_a_header_message_and_a_lora_trunk_beside_a_plain_one(replica, tmp_path):
+    """Rows past a header message's room follow in a second message from either trunk; a trunk with LoRA rows
+    (LORA_STEP) and one without (STEP) share a step, the plain trunk's rows on the base model. Each trunk's outputs
+    are a single shard's compute of its own rows."""
+    from herd.model.lora import load_adapter
+    from herd.model.tiny_lora import make_tiny_lora
+    from herd.workers.collective_protocol import inline_rows
+    from herd.workers.shard_experts import AdapterAction
+    from herd.workers.transport import ShardWork
+
+    text = replica.full.config
+    inline = inline_rows(text.hidden_size, torch.float32)
+    (_, zero), (_, one) = replica.group.trunks
+    local = [ShardExperts.load(replica.path, experts) for experts in zero.shard_experts()]
+    path = make_tiny_lora(tmp_path / "adapter", text, rank=4, seed=0, targets=("experts",))
+    zero.load_adapter(0, load_adapter(path, text), slots=1, max_rank=8)
+    for shard in local:
+        shard.set_adapter(AdapterAction.LOAD, 0, str(path), slots=1, max_rank=8)
+    generator = torch.Generator().manual_seed(0)
+
+    def work(sizes, lora):
+        items = []
+        for experts, size in zip(zero.shard_experts(), sizes, strict=True):
+            share = size // len(experts)
+            counts = [share] * (len(experts) - 1) + [size - share * (len(experts) - 1)]
+            slots = torch.randint(0, 2, (size,), generator=generator) if lora else None  # 0 base, 1 slot 0
+            items.append(ShardWork(counts=counts, rows=torch.randn(size, text.hidden_size, generator=generator),
+                                   row_slots=slots))
+        return items
+
+    layer = text.moe_layers[-1]
+    try:
+        first, second = work([inline + 37, 3], lora=True), work([0, 2 * inline + 1], lora=False)
+        got = both(lambda: zero.run(layer, first), lambda: one.run(layer, second))
+    finally:
+        zero.unload_adapter(0)
+    for items, outputs in zip((first, second), got, strict=True):
+        for shard, item, out in zip(local, items, outputs, strict=True):
+            want = shard.compute(layer, item.counts, item.rows, row_slots=item.row_slots)
+            torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)  # aggregation's rounding (see _close)
+    plain = local[0].compute(layer, first[0].counts, first[0].rows)
+    assert not torch.allclose(got[0][0], plain, rtol=1e-3, atol=1e-3), "the adapter moves trunk 0's outputs"
+
+
 def test_control_a_shard_that_misorders_the_trunks_outputs_fails_the_comparison(replica, monkeypatch):
     """The comparisons above can fail: a shard splitting its outputs as if trunk 1's rows came first within each
     expert gives each trunk other rows' outputs."""
@@ -265,3 +328,24 @@ def test_trunks_out_of_step_are_a_protocol_error_that_fails_both_at_once(tmp_pat
         assert len(group.errors) == SHARDS
         assert all("protocol error" in str(err) and "out of step" in str(err) for err in group.errors)
         assert not group.trunks[0][1].healthy()
+
+
+def test_shard_processes_started_with_trunks_2_serve_two_trunks(tmp_path):
+    """`herd expert-shard --collective ... --trunks 2`: the shard processes a replica would start."""
+    path = make_tiny(tmp_path / "maverick", preset="maverick", seed=6)
+    full = load_model(path, progress=False)
+    with MtoN(path, "maverick", processes=True, timeout_s=120.0) as group:
+        first, second = _ids(full.config.vocab_size, 37, 1), _ids(full.config.vocab_size, 5, 2)
+        got = both(lambda: group.trunks[0][0].logits(first), lambda: group.trunks[1][0].logits(second))
+        for logits, ids in zip(got, (first, second), strict=True):
+            _close(logits, full.logits(ids))
+
+
+def test_the_shard_command_refuses_a_trunks_rank():
+    import argparse
+
+    from herd.cli import _collective_shard
+
+    args = argparse.Namespace(collective="127.0.0.1:1", rank=1, world_size=4, trunks=2)
+    with pytest.raises(ValueError, match=r"--rank must be in 2\.\.3 \(ranks 0\.\.1 are trunks\)"):
+        _collective_shard(args)
