@@ -79,8 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     shard.add_argument("--tls-ca", type=Path, help="mutual TLS: only clients with a certificate from this CA")
     shard.add_argument("--collective", metavar="HOST:PORT", help="instead of serving gRPC, join a trunk's collective "
                        "group at its store (with --rank, --world-size) and serve it until it stops")
-    shard.add_argument("--rank", type=int, help="this shard's rank in the trunk's group (1..world size - 1)")
-    shard.add_argument("--world-size", type=int, help="ranks of the trunk's group: the trunk and its shards")
+    shard.add_argument("--rank", type=int, help="this shard's rank in the trunk's group (trunks..world size - 1)")
+    shard.add_argument("--world-size", type=int, help="ranks of the trunk's group: the trunk(s) and its shards")
+    shard.add_argument("--trunks", type=int, default=1, help="trunks of the group (ranks 0..trunks - 1), which "
+                       "dispatch to the shards in lockstep (M:N)")
     shard.add_argument("--timeout-s", type=float, default=600.0, help="joining the group, and each collective")
     shard.set_defaults(run=_expert_shard)
 
@@ -254,14 +256,15 @@ def _collective_shard(args: argparse.Namespace) -> int:
     host, _, port = args.collective.rpartition(":")
     if not host or not port.isdigit() or args.rank is None or args.world_size is None:
         raise ValueError("--collective takes HOST:PORT, with --rank and --world-size")
-    if not 1 <= args.rank < args.world_size:
-        raise ValueError(f"--rank must be in 1..{args.world_size - 1} (rank 0 is the trunk), got {args.rank}")
+    if not 1 <= args.trunks <= args.rank < args.world_size:
+        raise ValueError(f"--rank must be in {args.trunks}..{args.world_size - 1} (ranks 0..{args.trunks - 1} are "
+                         f"trunks), got {args.rank}")
     num_experts = load_config(args.model).text.num_local_experts
     shard = ShardExperts.load(args.model, parse_experts(args.experts, num_experts), dtype=DTYPES[args.dtype])
     rendezvous = Rendezvous(host=host, port=int(port), world_size=args.world_size, backend="gloo",
                             timeout_s=args.timeout_s)
     print(f"expert shard joining {args.collective} as rank {args.rank} of {args.world_size}", flush=True)
-    CollectiveShard(shard, CollectiveGroup(rendezvous, args.rank), num_experts).serve()
+    CollectiveShard(shard, CollectiveGroup(rendezvous, args.rank), num_experts, trunks=args.trunks).serve()
     return 0
 
 

@@ -1,21 +1,24 @@
-"""A replica's collective group: the trunk (rank 0) and its expert shards (ranks 1..N) as one torch.distributed group.
+"""A replica's collective group: its trunk(s) and its expert shards as one torch.distributed group.
 
-Legend: W world size (1 trunk + N shards).
+Legend: W world size (M trunks + N shards), M trunks (1 unless issue 28's M:N layout), N shards.
+
+Ranks: the trunks are ranks 0..M-1 (one, rank 0, unless M:N), the shards ranks M..M+N-1 (shard index = rank - M).
+Trunk 0 opens the store and speaks for the replica to the shards (control messages); every trunk dispatches rows.
 
 The group is stateless in torch's sense: a process group built straight from a TCP store, not torch's default group,
 so one process may hold several (tests, benchmarks) and none leaks into another's. Gloo on CPU, NCCL on CUDA, chosen
-by the trunk's device and the same for every rank. The trunk opens the store (a free port on its node) and hands the
+by the trunks' device and the same for every rank. Trunk 0 opens the store (a free port on its node) and hands the
 `Rendezvous` to the shards however it reaches them (Ray actor calls in a replica, command-line flags for processes).
 
-Rows travel point to point (`send`, `recv`: the trunk and each shard; shards never send to each other in a
-step), which on gloo costs a fifth of an all_to_all_single over the whole group (every rank pairs with every other
-in one, shards included, with nothing to say: 0.6 ms against 0.14 ms median on the 2-core machine, a tail of
-4 ms against 0.3); NCCL runs an all_to_all as the same grouped sends and receives. `all_to_all` stays for what
-does go shard to shard (moving experts). Every operation is asynchronous (torch's Work) and every wait has a
-timeout: a rank that died breaks the group at once on gloo (its TCP pairs close) and a hung one after the
-timeout. Either way the group is then unusable (`CollectiveError`, `broken`): a replica reports unhealthy and is
-restarted, as a replica whose gRPC shard died is. Tensors travel as bytes (a dtype-agnostic uint8 view), so
-bfloat16, FP8 and int4 storage move alike.
+Rows travel point to point (`send`, `recv`: each trunk and each shard; shards never send to each other in a step,
+nor trunks to trunks), which on gloo costs a fifth of an all_to_all_single over the whole group (every rank pairs
+with every other in one, shards included, with nothing to say: 0.6 ms against 0.14 ms median on the 2-core machine,
+a tail of 4 ms against 0.3); NCCL runs an all_to_all as the same grouped sends and receives. `all_to_all` stays for
+what does go shard to shard (moving experts). Every operation is asynchronous (torch's Work) and every wait has a
+timeout: a rank that died breaks the group at once on gloo (its TCP pairs close) and a hung one after the timeout.
+Either way the group is then unusable (`CollectiveError`, `broken`): a replica reports unhealthy and is restarted,
+as a replica whose gRPC shard died is. Tensors travel as bytes (a dtype-agnostic uint8 view), so bfloat16, FP8 and
+int4 storage move alike.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The messages of a replica's collective group: what the trunk and its shards exchange, in which order.
 
-Legend: E experts of the model, N shards (ranks 1..N; the trunk is rank 0), HS = 3 + E int64s per header.
+Legend: E experts of the model, M trunks (ranks 0..M-1; M = 1 but in an M:N layout), N shards (ranks M..M+N-1),
+HS = 3 + E int64s per header.
 
-Trunk and shard talk point to point, each kind of message under its own tag, in this order:
+Trunk and shard talk point to point, each kind of message under its own tag, in this order (with one trunk; M
+trunks below):
 
 - Once, on joining: each shard sends the trunk its `ShardInfo` (hidden size, dtype, experts held).
 - A layer step, to each shard with rows this layer (others hear nothing): one message of the header (STEP, layer,
@@ -18,6 +20,14 @@ Trunk and shard talk point to point, each kind of message under its own tag, in 
   placements as herd.workers.placement's ints); then per MoE layer one all_to_all of the whole group in which the
   shards swap the moved experts' weights (the trunk takes part with nothing); then each shard's ack.
 - Stop, to every shard: a header (STOP); shards leave their loop.
+
+With M trunks (issue 28's M:N, in lockstep): every shard sends its ShardInfo to every trunk. Each MoE layer step,
+every trunk sends EVERY shard a header (STEP or LORA_STEP, the layer, its counts: zeros where it has no rows for
+that shard; a trunk with nothing to run sends such a header for every MoE layer in order, `idle_step`); its rows,
+row slots and the outputs back travel only where it sent rows. The shard reads trunk 0's header, then (a step)
+trunks 1..M-1's in rank order, requires them to be steps of the same layer, computes all their rows in one call
+and sends each trunk its outputs. Adapters and stop come from trunk 0 only (the others' headers are read only for a
+step); re-placement is one trunk's only.
 
 Every header goes in a message of one fixed size (`message_bytes`), with room for a decode step's rows: a shard
 always has the receive for the next one posted, so the message lands at once. A receive posted only after the

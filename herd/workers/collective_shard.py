@@ -10,6 +10,14 @@ the other shards (the new ShardExperts holds no adapters: the trunk sends them a
 failed collective ends the loop with the error (the trunk is gone or the group broke: the replica restarts it
 all); a dispatch the shard cannot compute ends it too, after logging why (the trunk then fails its step when its
 wait times out, and reports unhealthy).
+
+With M trunks (ranks 0..M-1; this shard is rank M + its index) a layer step is every trunk's header, read in rank
+order (each trunk's next header's receive posted before the answer, as with one): they must agree on the layer
+(and be steps; a trunk's STEP and another's LORA_STEP mix, the STEP trunk's rows on the base model), else the
+shard logs and raises. All trunks' rows go through ONE ShardExperts.compute: per expert, trunk 0's rows, then trunk
+1's, and so on (bigger expert GEMMs: the point of M:N), and each trunk gets its own rows' outputs back in its own
+order. Control messages (adapters, stop) come from trunk 0 only: its header is read first, the others' only for a
+step.
 """
 
 from __future__ import annotations
@@ -38,26 +46,28 @@ from herd.workers.collective_protocol import (
 )
 from herd.workers.placement import Placement
 from herd.workers.shard_experts import AdapterAction, ShardExperts
+from herd.workers.trunk_rows import merge, merged_counts, split
 
 log = logging.getLogger(__name__)
 
 
 class CollectiveShard:
-    """Rank `group.rank` of a replica: shard `group.rank - 1` of the placement, holding `shard`'s experts."""
+    """Rank `group.rank` of a replica: shard `group.rank - trunks` of the placement, holding `shard`'s experts."""
 
-    def __init__(self, shard: ShardExperts, group: CollectiveGroup, num_experts: int) -> None:
-        if group.rank == 0:
-            raise ValueError("rank 0 of a replica's group is its trunk, not a shard")
-        self.shard, self.group, self.num_experts = shard, group, num_experts
+    def __init__(self, shard: ShardExperts, group: CollectiveGroup, num_experts: int, *, trunks: int = 1) -> None:
+        if group.rank < trunks:
+            raise ValueError(f"ranks 0..{trunks - 1} of a replica's group are its trunks, not shards: {group.rank}")
+        self.shard, self.group, self.num_experts, self.trunks = shard, group, num_experts, trunks
         self.device = group.device
         self._lock = threading.Lock()  # shard swaps versus readers on other threads
-        # The trunk's header messages land in these two in turn: the receive of the next is posted before the answer
-        # to this one is sent, so it is waiting when the trunk sends (at once, not after a gloo round trip), while
-        # this one's inline rows are still in use.
+        # Each trunk's header messages land in two buffers in turn: the receive of the next is posted before the
+        # answer to this one is sent, so it is waiting when the trunk sends (at once, not after a gloo round trip),
+        # while this one's inline rows are still in use.
         size = message_bytes(num_experts, shard.hidden_size, shard.dtype)
-        self._messages = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
-        self._current = 0  # the buffer of the header message being answered
-        self._next: tuple[Work, int] | None = None  # the posted receive of the next one, and its buffer
+        self._buffers = [[torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
+                         for _ in range(trunks)]
+        self._current = [0] * trunks  # per trunk, the buffer of the header message being answered
+        self._next: list[tuple[Work, int] | None] = [None] * trunks  # per trunk, the posted receive and its buffer
 
     @property
     def experts(self) -> tuple[int, ...]:
@@ -67,13 +77,16 @@ class CollectiveShard:
     def serve(self) -> None:
         """Answer the trunk until it says stop (returns) or the group fails (raises, after logging why)."""
         try:
-            self._post_next_header()
+            for trunk in range(self.trunks):
+                self._post_next_header(trunk)
             self._introduce()
             while True:
                 op, argument, values = self._header()
                 if op is Op.STOP:
                     return
-                if op in (Op.STEP, Op.LORA_STEP):
+                if op in (Op.STEP, Op.LORA_STEP) and self.trunks > 1:
+                    self._steps(op, argument, values)
+                elif op in (Op.STEP, Op.LORA_STEP):
                     self._step(argument, values, lora=op is Op.LORA_STEP)
                 elif op is Op.ADAPTER:
                     self._adapter(argument)
@@ -85,24 +98,27 @@ class CollectiveShard:
 
     def _introduce(self) -> None:
         info = ShardInfo(self.shard.hidden_size, self.shard.dtype, self.shard.experts).to_ints(self.num_experts)
-        self._to_trunk(torch.tensor(info, dtype=torch.int64, device=self.device), Tag.INFO)
+        ints = torch.tensor(info, dtype=torch.int64, device=self.device)
+        for sent in [self.group.send(ints, trunk, Tag.INFO) for trunk in range(self.trunks)]:
+            self.group.wait(sent)
 
     @property
     def _message(self) -> torch.Tensor:
-        """The header message being answered."""
-        return self._messages[self._current]
+        """Trunk 0's header message being answered."""
+        return self._buffers[0][self._current[0]]
 
-    def _post_next_header(self) -> None:
-        other = 1 - self._current
-        self._next = (self.group.recv(self._messages[other], 0, Tag.HEADER), other)
+    def _post_next_header(self, trunk: int = 0) -> None:
+        other = 1 - self._current[trunk]
+        self._next[trunk] = (self.group.recv(self._buffers[trunk][other], trunk, Tag.HEADER), other)
 
-    def _header(self) -> tuple[Op, int, list[int]]:
-        """The next header: its receive was posted (into the other buffer) before the last answer went out."""
-        assert self._next is not None, "every answer posts the next header's receive"
-        work, self._current = self._next
-        self._next = None
-        self.group.wait(work, timeout_s=IDLE_TIMEOUT_S)
-        return read_header(header_part(self._message, self.num_experts).tolist())
+    def _header(self, trunk: int = 0, timeout_s: float = IDLE_TIMEOUT_S) -> tuple[Op, int, list[int]]:
+        """A trunk's next header: its receive was posted (into the other buffer) before the last answer went out."""
+        posted = self._next[trunk]
+        assert posted is not None, "every answer posts the next header's receive"
+        work, self._current[trunk] = posted
+        self._next[trunk] = None
+        self.group.wait(work, timeout_s=timeout_s)
+        return read_header(header_part(self._buffers[trunk][self._current[trunk]], self.num_experts).tolist())
 
     def _step(self, layer: int, counts: list[int], *, lora: bool = False) -> None:
         hidden, dtype, total = self.shard.hidden_size, self.shard.dtype, sum(counts)
@@ -118,6 +134,46 @@ class CollectiveShard:
             self._from_trunk(row_slots, Tag.SLOTS)
         out = self.shard.compute(layer, counts, rows, row_slots=row_slots)  # [R_s, H]
         self._to_trunk(out.contiguous(), Tag.OUTPUTS, then_post_next=True)
+
+    def _steps(self, op: Op, layer: int, counts: list[int]) -> None:
+        """A layer step of several trunks (trunk 0's header read): the others' headers, every trunk's rows computed
+        in one call, each trunk's outputs sent back (to those that sent rows)."""
+        heads = [(op, layer, counts)] + [self._header(t, self.group.rendezvous.timeout_s)
+                                         for t in range(1, self.trunks)]
+        for trunk, (other, other_layer, values) in enumerate(heads):
+            if other not in (Op.STEP, Op.LORA_STEP) or other_layer != layer:
+                raise ValueError(f"protocol error: trunk 0 sent {op.name} of layer {layer}, trunk {trunk} "
+                                 f"{other.name} of layer {other_layer} (the trunks are out of step)")
+            if len(values) != len(self.shard.experts):
+                raise ValueError(f"protocol error: trunk {trunk} sent {len(values)} counts for layer {layer}; this "
+                                 f"shard holds {len(self.shard.experts)} experts")
+        per_trunk = [values for _, _, values in heads]  # [M][E']
+        hidden, dtype = self.shard.hidden_size, self.shard.dtype
+        lora = any(o is Op.LORA_STEP for o, _, _ in heads)
+        rows, slots, receives = [], [], []
+        for trunk, (other, _, values) in enumerate(heads):
+            total = sum(values)
+            inline = min(total, inline_rows(hidden, dtype))
+            message = self._buffers[trunk][self._current[trunk]]
+            part = [rows_part(message, self.num_experts, inline, hidden, dtype)]  # [inline, H], a view
+            if total > inline:
+                part.append(torch.empty(total - inline, hidden, dtype=dtype, device=self.device))
+                receives.append(self.group.recv(part[-1], trunk, Tag.ROWS))
+            rows.append(part)
+            slots.append(torch.zeros(total, dtype=torch.int64, device=self.device))  # [R_t]; 0: the base model
+            if other is Op.LORA_STEP and total:
+                receives.append(self.group.recv(slots[-1], trunk, Tag.SLOTS))
+        for work in receives:
+            self.group.wait(work)
+        batch = merge(per_trunk, [torch.cat(part) if len(part) > 1 else part[0] for part in rows])  # [R, H]
+        row_slots = merge(per_trunk, slots) if lora else None  # [R]
+        out = self.shard.compute(layer, merged_counts(per_trunk), batch, row_slots=row_slots)  # [R, H]
+        outputs = split(per_trunk, out)  # [M] of [R_t, H], kept until sent
+        sent = [self.group.send(part, trunk, Tag.OUTPUTS) for trunk, part in enumerate(outputs) if part.shape[0]]
+        for trunk in range(self.trunks):
+            self._post_next_header(trunk)
+        for work in sent:
+            self.group.wait(work)
 
     def _adapter(self, length: int) -> None:
         """Load, empty or check a bank slot's adapter; a shard that cannot (the adapter unreadable here) acks 0 and
@@ -139,6 +195,8 @@ class CollectiveShard:
         values = payload.tolist()
         old = Placement.from_ints(values[1 : 1 + values[0]])
         new = Placement.from_ints(values[1 + values[0] :])
+        if self.trunks > 1:
+            raise ValueError(f"protocol error: a re-placement with {self.trunks} trunks (one trunk only)")
         me = self.group.rank - 1
         if old.shard_experts[me] != self.shard.experts:
             raise ValueError(f"the trunk's placement gives shard {me} experts {list(old.shard_experts[me])}, it holds "

@@ -72,11 +72,13 @@ class ExpertShardActor:
         """Never returns: the replica's pending call on it fails when this actor's process dies."""
         threading.Event().wait()
 
-    def join_collective(self, rendezvous: Rendezvous, rank: int, experts: list[int] | None = None) -> None:
+    def join_collective(self, rendezvous: Rendezvous, rank: int, experts: list[int] | None = None, *,
+                        trunks: int = 1) -> None:
         """Join the trunk's group as `rank` and serve it on a thread of its own (returns at once: joining waits for
         every rank, the trunk included, and this actor keeps answering health checks meanwhile). A shard of a group
         that ended (its trunk re-forms the group around a restarted shard) joins the next with what it holds, or
-        with `experts` loaded again where it holds others (a restarted shard after a re-placement)."""
+        with `experts` loaded again where it holds others (a restarted shard after a re-placement). `trunks`: the
+        group's trunks (ranks 0..trunks - 1), which dispatch in lockstep (M:N)."""
         if self._collective_thread is not None:
             self._collective_thread.join(timeout=LEAVE_TIMEOUT_S)
             if self._collective_thread.is_alive():
@@ -88,7 +90,7 @@ class ExpertShardActor:
 
         def serve() -> None:
             group = CollectiveGroup(rendezvous, rank, device=self.device)
-            self.collective = CollectiveShard(shard, group, num_experts)
+            self.collective = CollectiveShard(shard, group, num_experts, trunks=trunks)
             self.collective.serve()
 
         self._collective_thread = threading.Thread(target=serve, name=f"collective-rank-{rank}", daemon=True)
