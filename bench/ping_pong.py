@@ -1,12 +1,16 @@
 """Ping-pong micro-batches against whole steps, with the routed experts on expert-shard processes (issue 28).
 
-A trunk in this process (`LLMEngine`, attention, KV cache, shared expert) and `--shards` `herd expert-shard
---collective` processes holding the routed experts, joined over the replica's collective group (gloo), on a tiny
+`--trunks` trunks in this process (each an `LLMEngine` on its own copy of the trunk: attention, KV cache, shared
+expert; one thread each) and `--shards` `herd expert-shard --collective` processes holding the routed experts,
+joined over the replica's collective group (gloo; with 2 trunks every shard computes both trunks' rows of a layer
+in one call, issue 28's M:N), on a tiny
 checkpoint widened to `--hidden-size` (bench/lora.py's widening) so that both sides carry real work. The same
 `--sequences` prompts run with whole steps (`micro_batches` 1, the baseline) and with each step split into
 `--micro-batches` (`EngineConfig.micro_batches`): while one micro-batch's rows are at the shards, the trunk runs
 the other's attention. Rounds alternate the two engines (`--repeats` after a warm-up round), so load on a shared
-machine falls on both alike; the table shows medians over rounds.
+machine falls on both alike; the table shows medians over rounds. With several trunks every trunk runs the same
+prompts: the trunks then step in lockstep by construction (the engine does not yet coordinate trunks with
+different work), and the table shows trunk 0's times (each trunk's are printed to stderr).
 
 Per decode step (the steps after every sequence has its first token): wall time; the trunk's wait for the shards
 (TransportStats.wait_s: shard time the trunk did not hide); and the overlapped share = 1 - wait with ping-pong /
@@ -14,12 +18,12 @@ wait with whole steps, the part of the exposed shard time that ping-pong hid. On
 and each shard) shares 2 cores, so the shards' compute and the trunk's attention cannot truly run at once: expect
 little or no gain here; the number to carry to a GPU cluster is how much of the wait the schedule hides.
 
-Checks (exit 1 when one fails): ping-pong gives the whole steps' tokens, every round.
+Checks (exit 1 when one fails): ping-pong gives the whole steps' tokens, every round, on every trunk.
 
     .venv/bin/python bench/ping_pong.py [--preset scout|maverick] [--hidden-size 512] [--intermediate-size 512]
                                         [--intermediate-size-mlp 1024] [--layers 4] [--head-dim 64]
-                                        [--shards 2] [--micro-batches 2] [--sequences 32] [--prompt-tokens 32]
-                                        [--output-tokens 17] [--repeats 5] [--smoke]
+                                        [--trunks 2] [--shards 2] [--micro-batches 2] [--sequences 32]
+                                        [--prompt-tokens 32] [--output-tokens 17] [--repeats 5] [--smoke]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common 
 from bench.common import machine, parse_args_with_smoke, print_command
 from bench.lora import make_prompts, wide_checkpoint
 from herd.engine import EngineConfig, LLMEngine, SamplingParams
-from herd.model import load_model
+from herd.model import load_config, load_model
 from herd.model.tokenizer import Tokenizer
 from herd.workers.dispatch import ExpertDispatcher
 from herd.workers.placement import place_experts
@@ -109,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--intermediate-size-mlp", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--trunks", type=int, default=2)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--sequences", type=int, default=32)
@@ -126,37 +132,62 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["OMP_NUM_THREADS"] = "1"  # the shard processes started below: every rank shares the cores
     with tempfile.TemporaryDirectory() as tmp:
         path = wide_checkpoint(Path(tmp) / "wide", args)
-        trunk = load_model(path, experts=(), progress=False)
-        experts = trunk.config.num_local_experts
-        placement = place_experts(experts, args.shards)
+        text = load_config(path).text
+        placement = place_experts(text.num_local_experts, args.shards)
         specs = [f"{owned[0]}:{owned[-1] + 1}" for owned in placement.shard_experts]
-        prompts = make_prompts(args.sequences, args.prompt_tokens, trunk.config.vocab_size, seed=0)
+        prompts = make_prompts(args.sequences, args.prompt_tokens, text.vocab_size, seed=0)
         params = SamplingParams(temperature=0, max_tokens=args.output_tokens, ignore_eos=True)
         tokenizer = Tokenizer.from_pretrained(path)
         config = dict(kv_cache_mb=64, max_num_seqs=args.sequences, max_num_batched_tokens=4096)
-        with CollectiveShards(path, specs) as shards:
-            ExpertDispatcher(placement, shards.transport).attach(trunk)
-            whole = Schedule("whole steps", LLMEngine(trunk, tokenizer, EngineConfig(**config)),
-                             shards.transport.stats)
-            split = Schedule(f"ping-pong, {args.micro_batches} micro-batches",
-                             LLMEngine(trunk, tokenizer, EngineConfig(**config, micro_batches=args.micro_batches)),
-                             shards.transport.stats)
+        with CollectiveShards(path, specs, trunks=args.trunks) as shards:
+            trunks: list[tuple[Schedule, Schedule]] = []
+            for transport in shards.transports:
+                trunk = load_model(path, experts=(), progress=False)
+                ExpertDispatcher(placement, transport).attach(trunk)
+                whole = Schedule("whole steps", LLMEngine(trunk, tokenizer, EngineConfig(**config)), transport.stats)
+                split = Schedule(f"ping-pong, {args.micro_batches} micro-batches", LLMEngine(
+                    trunk, tokenizer, EngineConfig(**config, micro_batches=args.micro_batches)), transport.stats)
+                trunks.append((whole, split))
             for round_ in range(args.repeats + 1):  # round 0 warms up and is dropped
-                for schedule in (whole, split) if round_ % 2 else (split, whole):
-                    schedule.run(prompts, params)
+                for index in (0, 1) if round_ % 2 else (1, 0):
+                    in_lockstep([pair[index] for pair in trunks], prompts, params)
                 if round_ == 0:
-                    for schedule in (whole, split):
+                    for schedule in (s for pair in trunks for s in pair):
                         schedule.step_s.clear()
                         schedule.wait_s.clear()
                 print(f"round {round_}/{args.repeats} done", file=sys.stderr)
-    print(f"\n{args.preset}, H {args.hidden_size}, {args.layers} layers, {experts} experts on {args.shards} shard "
-          f"processes (collective, gloo), 1 trunk, torch threads in the trunk: {torch.get_num_threads()}\n")
+    for rank, (whole, split) in enumerate(trunks):
+        print(f"trunk {rank}:\n{table(whole, split, args.sequences)}", file=sys.stderr)
+    print(f"\n{args.preset}, H {args.hidden_size}, {args.layers} layers, {text.num_local_experts} experts on "
+          f"{args.shards} shard processes (collective, gloo), {args.trunks} trunk(s) in this process, torch threads "
+          f"{torch.get_num_threads()}\n")
+    whole, split = trunks[0]
     print(table(whole, split, args.sequences))
-    if split.tokens != whole.tokens:
-        print("\nFAILED: ping-pong changed the tokens")
+    if any(s.tokens != w.tokens or w.tokens != trunks[0][0].tokens for w, s in trunks):
+        print("\nFAILED: ping-pong (or another trunk) changed the tokens")
         return 1
-    print(f"\nping-pong gives the whole steps' tokens ({len(whole.tokens)}/{len(whole.tokens)} sequences)")
+    print(f"\nping-pong gives the whole steps' tokens ({len(whole.tokens)}/{len(whole.tokens)} sequences"
+          f"{', on every trunk' if len(trunks) > 1 else ''})")
     return 0
+
+
+def in_lockstep(schedules: list[Schedule], prompts: list[list[int]], params: SamplingParams) -> None:
+    """Run each trunk's schedule on the same prompts at once, a thread each; the first error is raised."""
+    errors: list[BaseException] = []
+
+    def run(schedule: Schedule) -> None:
+        try:
+            schedule.run(prompts, params)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(schedule,)) for schedule in schedules]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 if __name__ == "__main__":

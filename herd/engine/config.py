@@ -88,8 +88,8 @@ class EngineConfig(BaseModel):
     micro_batches: int = Field(1, ge=1, le=8, description="split each step of two or more sequences into this "
                                "many micro-batches that ping-pong with the expert shards: one's attention runs "
                                "while another's routed rows are at the shards (the same tokens come out); 1: off. "
-                               "Steps with images, prompt logprobs or an EAGLE-3 head run whole. Not with "
-                               "static_decode / CUDA graphs (null then means off)")
+                               "With an EAGLE-3 head steps run whole. Not with static_decode / CUDA graphs (null "
+                               "then means off)")
     fault_hold_s: float = Field(30, ge=0, description="how long the engine holds the sequences of steps that fail "
                                 "with a retryable error (an expert shard UNAVAILABLE or past its deadline) waiting "
                                 "for the experts to come back: they keep their tokens and are computed again, then "

@@ -422,6 +422,8 @@ class LLMEngine:
         masks = self._start_masks(sampling, verify)
         try:
             step = self.runner.run(scheduled.chunks) if scheduled.chunks else None
+            if step is None and self.runner.lockstep:  # one of several trunks: its peers' step is this one's too
+                self.runner.idle()
         except HerdError as err:
             return self._step_failed(scheduled, err)
         self.scheduler.on_step_done(scheduled)

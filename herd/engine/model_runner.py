@@ -14,7 +14,7 @@ have their prompt rows' logits computed by the same forward, after the sampled r
 
 With EngineConfig.micro_batches > 1 a step of several chunks is split into runs of chunks (herd.engine.micro_batching)
 that the model computes as ping-pong micro-batches (herd.model.micro_batch), each with its own view of the paged
-cache; steps with images or prompt logprobs, and a runner returning a draft head's aux layers, run whole.
+cache, images and prompt rows; a runner returning a draft head's aux layers runs whole steps.
 
 A pure-decode step (every chunk one token that samples) takes the static path instead when the engine config
 says so (EngineConfig.use_static_decode): padded to a batch bucket on persistent buffers, replayed as a CUDA graph
@@ -78,6 +78,9 @@ class ModelRunner:
         config = config or EngineConfig(device=str(model.device))
         self.micro_batches = 1 if self.aux_layers else config.micro_batches
         """Micro-batches a step of several chunks is split into (herd.model.micro_batch); 1: whole steps."""
+        self.lockstep = False
+        """Set by a replica of several trunks (herd.workers.trunk_group): every step is exactly micro_batches
+        micro-batches (padded with empty ones; `idle` when there is nothing to run), as every trunk's must be."""
         self.static = StaticDecode(
             model, kv, cache, batch_sizes=config.decode_batch_sizes, graphs=config.use_cuda_graphs,
             max_graphs=config.max_cuda_graphs,
@@ -97,11 +100,10 @@ class ModelRunner:
         if self.static is not None and self.static.takes(chunks):  # pure decodes: no prompt rows
             static = self.static.prepare(chunks)
             return lambda: StepLogits(static())
+        runs = split_chunks([c.num_tokens for c in chunks], self.micro_batches)
+        if len(runs) > 1 or self.lockstep:
+            return self._prepare_micro_batches([[chunks[i] for i in run] for run in runs])
         image_rows, image_embeds = self._images(chunks)  # [M], [M, H]
-        if self.micro_batches > 1 and image_rows is None and not prompt_logprobs.plan(chunks):
-            runs = split_chunks([c.num_tokens for c in chunks], self.micro_batches)
-            if len(runs) > 1:
-                return self._prepare_micro_batches([[chunks[i] for i in run] for run in runs])
         ids, positions = self._tokens(chunks)  # [N], [N]
         ends = itertools.accumulate(c.num_tokens for c in chunks)
         sampling = [row for end, c in zip(ends, chunks, strict=True) if c.samples
@@ -132,27 +134,43 @@ class ModelRunner:
 
         return forward
 
+    def idle(self) -> None:
+        """A lockstep runner's step with nothing to compute: its micro-batches empty, so the expert shards, which
+        wait for every trunk's header of every layer, hear from this trunk too (herd.model.micro_batch)."""
+        self.model.forward_micro_batches([MicroBatch.nothing()] * self.micro_batches)
+
     def _prepare_micro_batches(self, runs: list[list[ScheduledChunk]]) -> Callable[[], StepLogits]:
         """prepare for a step split into runs of chunks that ping-pong with the expert shards: each run laid out as
-        a step of its own (its tokens, sampled rows and view of the KV cache); the sampled rows are the runs' in
-        order, which is the step's."""
-        batches = []
+        a step of its own (its tokens, images, sampled and scored rows, view of the KV cache); the sampled rows are
+        the runs' in order, which is the step's. A lockstep runner pads the runs with empty micro-batches to
+        micro_batches."""
+        batches, scorings, sampled_rows = [], [], []
         for run in runs:
             ids, positions = self._tokens(run)  # [N_run], [N_run]
+            image_rows, image_embeds = self._images(run)  # [M_run], [M_run, H]
             ends = itertools.accumulate(c.num_tokens for c in run)
             sampling = [row for end, c in zip(ends, run, strict=True) if c.samples
                         for row in range(end - 1 - len(c.drafts), end)]
-            logit_rows = torch.tensor(sampling, dtype=torch.long)  # [R_run]
+            scoring = prompt_logprobs.plan(run)
+            logit_rows = torch.tensor(sampling + prompt_logprobs.rows(scoring), dtype=torch.long)  # [R_run + P_run]
             lora = self._adapter_slots(run)  # [N_run] or None
             if self.device.type == "cuda":
                 ids, positions, logit_rows = ids.pin_memory(), positions.pin_memory(), logit_rows.pin_memory()
                 lora = lora.pin_memory() if lora is not None else None
             context = PagedAttention.for_step(run, self.kv, self.cache, self.device)
-            batches.append(MicroBatch(ids, positions, context, logit_rows, lora))
+            batches.append(MicroBatch(ids, positions, context, logit_rows, lora, image_embeds, image_rows))
+            scorings.append(scoring)
+            sampled_rows.append(len(sampling))
+        if self.lockstep:
+            batches += [MicroBatch.nothing()] * (self.micro_batches - len(batches))
 
         @torch.inference_mode()
         def forward() -> StepLogits:
-            return StepLogits(torch.cat(self.model.forward_micro_batches(batches)).float())  # [R, V]
+            logits = [out.float() for out in self.model.forward_micro_batches(batches)]  # [R_run + P_run, V] each
+            prompt = [scored for out, scoring, rows in zip(logits, scorings, sampled_rows, strict=False) if scoring
+                      for scored in prompt_logprobs.score(scoring, out[rows:])]
+            return StepLogits(torch.cat([out[:rows] for out, rows in zip(logits, sampled_rows, strict=False)]),
+                              prompt)  # [R, V]
 
         return forward
 

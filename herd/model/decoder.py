@@ -53,3 +53,9 @@ class DecoderLayer(nn.Module):
             return lambda: h + mixing()
         out = h + self.feed_forward(self.post_attention_layernorm(h), ff_lora)  # [T, H]
         return lambda: out
+
+    def idle(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """An empty micro-batch's turn (x [0, H]): no attention; a MoE layer still sends its executor no rows."""
+        if isinstance(self.feed_forward, MoE):
+            return self.feed_forward.idle(x)
+        return lambda: x

@@ -183,22 +183,30 @@ class Llama4Model(nn.Module):
         if not batches:
             raise ValueError("forward_micro_batches needs at least one micro-batch")
         device = self.device
-        states: list[tuple[torch.Tensor, torch.Tensor, KVContext | None, LoRABatch | None]] = []
+        states: list[tuple[torch.Tensor, torch.Tensor, KVContext | None, LoRABatch | None] | None] = []
         xs: list[torch.Tensor] = []
         for batch in batches:
+            if batch.empty:  # no attention; its MoE layers send the shards no rows (herd.model.micro_batch)
+                states.append(None)
+                xs.append(self.model.embed_tokens.weight.new_empty(0, self.config.hidden_size))  # [0, H]
+                continue
             self._check_ids(batch.input_ids, values=check_ids)
             tokens = batch.input_ids.shape[0]
             lora = None if batch.adapter_slots is None else self._lora_batch(batch.adapter_slots, tokens, check_ids)
             positions = batch.positions.to(device, non_blocking=True)
             states.append((positions, rotations(positions, self._frequencies(device)), batch.cache, lora))  # [T, D/2]
-            xs.append(self.model.embed_tokens(batch.input_ids.to(device, non_blocking=True)))  # [T, H]
+            x = self.model.embed_tokens(batch.input_ids.to(device, non_blocking=True))  # [T, H]
+            if batch.image_embeds is not None:
+                rows = self._image_rows(batch.input_ids, batch.image_embeds, batch.image_rows)  # [M] or [T]
+                x[rows.to(device, non_blocking=True)] = batch.image_embeds.to(device, x.dtype, non_blocking=True)
+            xs.append(x)
         finishing: list[Callable[[], torch.Tensor] | None] = [None] * len(batches)
         layers: list[DecoderLayer] = list(self.model.layers)  # type: ignore[arg-type]  # a ModuleList of them
         for layer in layers:
-            for i, (positions, rot, cache, lora) in enumerate(states):
+            for i, state in enumerate(states):
                 if (finish := finishing[i]) is not None:
                     xs[i] = finish()  # the last layer's rows back from the shards while the others' are out
-                finishing[i] = layer.begin(xs[i], positions, rot, cache, lora)
+                finishing[i] = layer.idle(xs[i]) if state is None else layer.begin(xs[i], *state)
         out = []
         for finish, batch in zip(finishing, batches, strict=True):
             assert finish is not None

@@ -161,6 +161,20 @@ class MoE(nn.Module):
             shared = self.shared_expert(x)  # while the routed rows are at the shards
         return lambda: shared + kernels.combine(pending(), permutation, x.shape[0])
 
+    def idle(self, like: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """An empty micro-batch's turn at this layer: the executor is sent no rows (with several trunks, the empty
+        header the shards wait for); nothing with experts held here. `like` [0, H] gives dtype and device."""
+        if self.executor is None:
+            return lambda: like
+        offsets = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=like.device)
+        pending = _submit(self.executor, self.layer, like, offsets)
+
+        def finish() -> torch.Tensor:
+            pending()  # no rows back, but the step is the shards' and is waited for
+            return like
+
+        return finish
+
     def _begin_lora(self, x: torch.Tensor, rows: torch.Tensor, permutation: kernels.Permutation,
                     topk_ids: torch.Tensor, lora: LoRAScope) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
         """The shared expert's output [T, H] and the routed rows' wait, with each token's adapter deltas."""

@@ -90,7 +90,7 @@ class CollectiveTransport:
         self.stats = TransportStats()
         self._probe = probe
         self.restartable = restartable
-        self._in_flight = False  # a layer step submitted and not yet waited for
+        self._in_flight = 0  # layer steps submitted and not yet waited for (ping-pong micro-batches: several)
         self._experts = [info.experts for info in self._introductions()]
         self._inline = inline_rows(hidden_size, dtype)
         self._message_bytes = message_bytes(num_experts, hidden_size, dtype)
@@ -132,14 +132,14 @@ class CollectiveTransport:
             operations.append((outputs[s], rank, Tag.OUTPUTS, True))
         pending = self._start(operations)
         self.stats.calls += 1
-        self._in_flight = True
+        self._in_flight += 1
 
         def wait() -> list[torch.Tensor]:
             waited = time.perf_counter()
             try:
                 self._wait(pending)
             finally:
-                self._in_flight = False
+                self._in_flight -= 1
             self.stats.wait_s += time.perf_counter() - waited
             self.stats.compute_s += time.perf_counter() - start
             return outputs
@@ -157,12 +157,12 @@ class CollectiveTransport:
                              dtype=torch.int64, device=self.device)  # [layers * N, HS]: zero counts
         messages = self._messages(heads)  # [layers * N, message bytes]
         ranks = [rank for _ in self.layers for rank in self._shard_ranks()]
-        self._in_flight = True
+        self._in_flight += 1
         try:
             self._wait(self._start([(message, rank, Tag.HEADER, False) for message, rank in zip(messages, ranks,
                                                                                                 strict=True)]))
         finally:
-            self._in_flight = False
+            self._in_flight -= 1
         self.stats.calls += len(self.layers)
 
     def load_adapter(self, slot: int, adapter: LoRAAdapter, *, slots: int, max_rank: int) -> None:

@@ -81,11 +81,12 @@ class ShardProcesses:
 
 
 class CollectiveShards:
-    """One `herd expert-shard --collective` process per expert spec, joined with this process as the trunk (rank 0):
-    `transport` is the trunk's side, ready once every shard has joined."""
+    """One `herd expert-shard --collective` process per expert spec, joined with this process as the trunk (rank 0),
+    or as `trunks` trunks (ranks 0..trunks-1, issue 28's M:N; they must then run their forwards in lockstep):
+    `transports` are the trunks' sides (`transport` trunk 0's), ready once every shard has joined."""
 
     def __init__(self, model: Path, specs: list[str], *, timeout_s: float = 30.0, join_timeout_s: float = 120.0,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", trunks: int = 1) -> None:
         import torch
 
         from herd.model import load_config
@@ -93,24 +94,39 @@ class CollectiveShards:
         from herd.workers.collective_transport import CollectiveTransport
 
         self.specs = specs
-        world = len(specs) + 1
+        world = len(specs) + trunks
         store, rendezvous = open_rendezvous("127.0.0.1", world, backend="gloo", timeout_s=join_timeout_s)
         self.procs = [
             subprocess.Popen(
                 [sys.executable, "-m", "herd.cli", "expert-shard", "--model", str(model), "--experts", spec,
                  "--dtype", dtype, "--collective", f"127.0.0.1:{rendezvous.port}", "--rank", str(rank),
-                 "--world-size", str(world), "--timeout-s", str(join_timeout_s)],
+                 "--world-size", str(world), "--timeout-s", str(join_timeout_s), "--trunks", str(trunks)],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )
-            for rank, spec in enumerate(specs, start=1)
+            for rank, spec in enumerate(specs, start=trunks)
         ]
         for proc in self.procs:  # keep reading what they print, so a full pipe never blocks one
             threading.Thread(target=proc.stdout.read, daemon=True).start()  # type: ignore[union-attr]
         config = load_config(model).text
-        group = CollectiveGroup(rendezvous, 0, store=store)
-        self.transport = CollectiveTransport(
-            group, num_experts=config.num_local_experts, moe_layers=len(config.moe_layers),
-            hidden_size=config.hidden_size, dtype=getattr(torch, dtype), timeout_s=timeout_s, probe=self.alive)
+        transports: list[CollectiveTransport | None] = [None] * trunks
+
+        def join(rank: int) -> None:  # every trunk joins at once: a group forms when all ranks have
+            group = CollectiveGroup(rendezvous, rank, store=store if rank == 0 else None)
+            transports[rank] = CollectiveTransport(
+                group, num_experts=config.num_local_experts, moe_layers=len(config.moe_layers),
+                hidden_size=config.hidden_size, dtype=getattr(torch, dtype), timeout_s=timeout_s, probe=self.alive,
+                trunks=trunks, layers=config.moe_layers if trunks > 1 else None)
+
+        joining = [threading.Thread(target=join, args=(rank,), daemon=True) for rank in range(1, trunks)]
+        for thread in joining:
+            thread.start()
+        join(0)
+        for thread in joining:
+            thread.join(timeout=join_timeout_s)
+        if any(t is None for t in transports):
+            raise RuntimeError("a trunk did not join the collective group")
+        self.transports: list[CollectiveTransport] = [t for t in transports if t is not None]
+        self.transport = self.transports[0]
 
     def alive(self) -> bool:
         return all(proc.poll() is None for proc in self.procs)
@@ -120,8 +136,10 @@ class CollectiveShards:
         self.procs[index].wait(timeout=30)
 
     def stop(self) -> None:
-        """Stop the shards (they leave their loop when the trunk says so), then make sure they are gone."""
-        self.transport.close()
+        """Stop the shards (they leave their loop when trunk 0 says so, the other trunks having left), then make
+        sure they are gone."""
+        for transport in reversed(self.transports):
+            transport.close()
         for proc in self.procs:
             try:
                 proc.wait(timeout=15)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from herd.model import load_config, load_model
+from herd.model.micro_batch import MicroBatch
 from herd.model.tiny import make_tiny
 from herd.workers import collective_shard
 from herd.workers.collective import CollectiveGroup, open_rendezvous
@@ -349,3 +350,39 @@ def test_the_shard_command_refuses_a_trunks_rank():
     args = argparse.Namespace(collective="127.0.0.1:1", rank=1, world_size=4, trunks=2)
     with pytest.raises(ValueError, match=r"--rank must be in 2\.\.3 \(ranks 0\.\.1 are trunks\)"):
         _collective_shard(args)
+
+
+def _ping_pong_greedy(model: Any, prompts: list[torch.Tensor], steps: int) -> tuple[list[list[int]], list[Any]]:
+    """Greedy tokens of each prompt, the prompts as micro-batches of one forward that ping-pong with the shards
+    (each with its own contiguous cache); and the first forward's logits."""
+    caches = [model.new_cache() for _ in prompts]
+    ids = list(prompts)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    first = None
+    for _ in range(steps):
+        batches = [MicroBatch(i, torch.arange(len(c), len(c) + i.shape[0]), c) for i, c in zip(ids, caches,
+                                                                                               strict=True)]
+        logits = model.forward_micro_batches(batches)
+        first = first or logits
+        for out, row in zip(tokens, logits, strict=True):
+            out.append(int(row[-1].argmax()))
+        ids = [torch.tensor([out[-1]]) for out in tokens]
+    return tokens, first
+
+
+def test_two_trunks_each_ping_ponging_two_micro_batches_get_the_single_process_logits_and_tokens(replica):
+    """Issue 28's exactness with ping-pong: each trunk's step is two micro-batches in flight to the shards at once
+    (the shards answer both trunks' first micro-batch in one call, then their second)."""
+    (one, _), (two, _) = replica.group.trunks
+    vocab = replica.full.config.vocab_size
+    prompts = [[_ids(vocab, 29, 11), _ids(vocab, 6, 12)], [_ids(vocab, 17, 13), _ids(vocab, 9, 14)]]
+    for shard in replica.group.shards:
+        shard.calls.clear()
+    got = both(lambda: _ping_pong_greedy(one, prompts[0], 6), lambda: _ping_pong_greedy(two, prompts[1], 6))
+    layers = len(replica.full.config.moe_layers)
+    for shard in replica.group.shards:  # 6 forwards x 2 micro-batches x MoE layers, both trunks' rows per call
+        assert len(shard.calls) == 6 * 2 * layers
+    for (tokens, first), trunk_prompts in zip(got, prompts, strict=True):
+        for prompt, logits, greedy in zip(trunk_prompts, first, tokens, strict=True):
+            _close(logits, replica.full.logits(prompt))
+            assert greedy == _greedy(replica.full, prompt, 6)

@@ -9,7 +9,11 @@ import torch
 
 from herd.engine import EngineConfig, LLMEngine, SamplingParams
 from herd.engine.micro_batching import split_chunks
+from herd.engine.prompt_images import ImageInput
+from herd.engine.speculative.config import SpeculativeConfig
+from herd.engine.speculative.speculator import Speculator
 from herd.model.tiny import make_tiny
+from tests.unit.engine.speculative.oracle import OracleProposer
 
 
 def test_runs_are_consecutive_non_empty_and_about_equal_in_tokens():
@@ -68,3 +72,53 @@ def test_ping_pong_steps_give_the_tokens_of_whole_steps(tmp_path, preset):
             for a, b in zip(whole.logprobs, split.logprobs, strict=True):
                 assert a.token_id == b.token_id and [t for t, _ in a.top] == [t for t, _ in b.top]
                 assert abs(a.logprob - b.logprob) < 1e-4
+
+
+def test_ping_pong_steps_carry_images_and_prompt_logprobs(tmp_path):
+    """Micro-batches lay out their own images (a chunk boundary inside an image) and prompt rows: the same tokens,
+    prompt logprobs and image-dependent text as whole steps."""
+    path = make_tiny(tmp_path / "vision", preset="scout", seed=3)
+    placeholder = LLMEngine.from_pretrained(path, EngineConfig(kv_cache_mb=16)).model.config.image_token_id
+    pixels = torch.rand(1, 3, 336, 336, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with_image = [5, 6, 7] + [placeholder] * 144 + [8, 9]
+    texts = [torch.randint(0, 400, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (30, 9, 21)]
+    scored = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=2)
+    results = {}
+    for parts in (1, 2):
+        engine = LLMEngine.from_pretrained(path, EngineConfig(kv_cache_mb=16, max_num_seqs=8, micro_batches=parts,
+                                                              max_num_batched_tokens=64))
+        for text in texts:
+            engine.add_request(text, scored)
+        engine.add_request(with_image, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                           images=[ImageInput(pixels)])
+        finished = {}
+        while engine.has_unfinished():
+            finished.update({out.request_id: out for out in engine.step() if out.finished})
+        results[parts] = [finished[rid] for rid in sorted(finished)]
+    assert sum(1 for out in results[2] if out.prompt_logprobs) == len(texts)
+    for whole, split in zip(results[1], results[2], strict=True):
+        assert split.token_ids == whole.token_ids
+        assert (whole.prompt_logprobs is None) == (split.prompt_logprobs is None)
+        for a, b in zip(whole.prompt_logprobs or [], split.prompt_logprobs or [], strict=True):
+            if a is None:
+                assert b is None
+                continue
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+
+
+def test_ping_pong_steps_verify_drafts_exactly(tmp_path):
+    """A verifying step's chunks end with their drafts (an oracle's, some corrupted): split over micro-batches, the
+    accepted tokens are still the plain greedy ones."""
+    path = make_tiny(tmp_path / "spec", preset="scout", seed=3)
+    prompts = [torch.randint(5, 400, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 30, 15)]
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    plain = LLMEngine.from_pretrained(path, EngineConfig(kv_cache_mb=16)).generate(prompts, greedy)
+    ngram = SpeculativeConfig(method="ngram", num_tokens=4)
+    engine = LLMEngine.from_pretrained(path, EngineConfig(kv_cache_mb=16, micro_batches=2, speculative=ngram))
+    references = {tuple(p): o.token_ids for p, o in zip(prompts, plain, strict=True)}
+    engine.speculator = Speculator(ngram, OracleProposer(references, vocab=engine.model.config.vocab_size))
+    split_steps: list[int] = []
+    engine.model.forward_micro_batches = _counting(engine.model.forward_micro_batches, split_steps)
+    drafted = engine.generate(prompts, greedy)
+    assert [o.token_ids for o in drafted] == [o.token_ids for o in plain]
+    assert split_steps and engine.stats().draft_tokens > 0

@@ -1,0 +1,95 @@
+"""A replica's 2 trunks stepping in lockstep over 2 expert shards (issue 28's M:N with the engine): requests spread
+over the trunks, each trunk its own scheduler and KV cache, every step of both at once (an idle trunk's empty
+micro-batches keep the shards in step); the tokens are the single-process engine's, with and without ping-pong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from herd.engine import EngineConfig, LLMEngine, SamplingParams
+from herd.model import load_model
+from herd.model.tiny import make_tiny
+from herd.model.tokenizer import Tokenizer
+from herd.workers.trunk_group import TrunkGroup
+from tests.integration.workers.test_collective_m_to_n import MtoN
+
+CONFIG = dict(kv_cache_mb=16, max_num_seqs=8, max_num_batched_tokens=48)
+
+
+@pytest.fixture(scope="module", params=["scout", "maverick"])
+def replica(request, tmp_path_factory):
+    preset = request.param
+    path = make_tiny(tmp_path_factory.mktemp(preset), preset=preset, seed=9)
+    with MtoN(path, preset) as group:
+        yield path, group
+    assert not group.errors, "no shard failed"
+
+
+def _prompts() -> list[list[int]]:
+    return [torch.randint(0, 400, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+            for n in (5, 41, 12, 27, 8, 19)]
+
+
+def _params() -> list[SamplingParams]:
+    """Different lengths (a trunk runs out of work before the other), a seeded draw and prompt logprobs."""
+    return [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 12, 7, 10)] + [
+        SamplingParams(temperature=1.0, seed=4, max_tokens=9, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, prompt_logprobs=1)]
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_two_trunks_give_the_single_process_engines_outputs(replica, micro_batches):
+    path, group = replica
+    tokenizer = Tokenizer.from_pretrained(path)
+    alone = LLMEngine(load_model(path, progress=False), tokenizer, EngineConfig(**CONFIG))
+    expected = [alone.generate([p], sp)[0] for p, sp in zip(_prompts(), _params(), strict=True)]
+    engines = [LLMEngine(model, tokenizer, EngineConfig(**CONFIG, micro_batches=micro_batches))
+               for model, _ in group.trunks]
+    trunks = TrunkGroup(engines)
+    try:
+        ids = [trunks.add_request(p, sp) for p, sp in zip(_prompts(), _params(), strict=True)]
+        owners = {trunks.trunk_of(rid) for rid in ids}
+        assert owners == {0, 1}, "requests are spread over both trunks"
+        final = {}
+        steps = 0
+        while trunks.has_unfinished():
+            final.update((out.request_id, out) for out in trunks.step() if out.finished)
+            steps += 1
+        got = [final[rid] for rid in ids]
+    finally:
+        trunks.close()
+    for mine, reference in zip(got, expected, strict=True):
+        assert mine.token_ids == reference.token_ids
+    scored = [(a, b) for a, b in zip(got[-1].prompt_logprobs, expected[-1].prompt_logprobs, strict=True) if a]
+    assert scored and all(abs(a.logprob - b.logprob) < 1e-4 for a, b in scored)
+    for engine in engines:
+        assert engine.stats().kv_blocks_held == 0  # every block back on both trunks
+
+
+def test_one_request_runs_on_one_trunk_while_the_other_idles_in_step(replica):
+    path, group = replica
+    tokenizer = Tokenizer.from_pretrained(path)
+    prompt = _prompts()[1]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = LLMEngine(load_model(path, progress=False), tokenizer, EngineConfig(**CONFIG)).generate(
+        [prompt], greedy)[0].token_ids
+    trunks = TrunkGroup([LLMEngine(model, tokenizer, EngineConfig(**CONFIG, micro_batches=2))
+                         for model, _ in group.trunks])
+    try:
+        [out] = trunks.generate([prompt], greedy)
+    finally:
+        trunks.close()
+    assert out.token_ids == expected
+
+
+def test_settings_that_cannot_step_in_lockstep_are_refused(replica):
+    path, group = replica
+    tokenizer = Tokenizer.from_pretrained(path)
+    (one, _), (two, _) = group.trunks
+    with pytest.raises(ValueError, match="lockstep"):
+        TrunkGroup([LLMEngine(one, tokenizer, EngineConfig(**CONFIG, static_decode=True)),
+                    LLMEngine(two, tokenizer, EngineConfig(**CONFIG))])
+    with pytest.raises(ValueError, match="same number of micro-batches"):
+        TrunkGroup([LLMEngine(one, tokenizer, EngineConfig(**CONFIG, micro_batches=2)),
+                    LLMEngine(two, tokenizer, EngineConfig(**CONFIG))])
