@@ -30,6 +30,7 @@ from herd.engine.llm_engine import EngineRequest, LLMEngine, RequestOptions
 from herd.engine.outputs import RequestOutput
 from herd.engine.sampling_params import SamplingParams
 from herd.engine.step_pipeline import StepPipeline
+from herd.engine.trunk_group import TrunkGroup
 from herd.model.lora import load_adapter
 from herd.model.prompt import Prompt
 
@@ -38,10 +39,11 @@ log = logging.getLogger(__name__)
 
 
 class AsyncLLMEngine:
-    """Wraps an LLMEngine; one background task drives its steps while there is work."""
+    """Wraps an LLMEngine (or the M trunks' engines of a replica, herd.engine.trunk_group, driven as one); one
+    background task drives its steps while there is work."""
 
-    def __init__(self, engine: LLMEngine, *, step_scope: Callable[[], AbstractContextManager[object]] | None = None,
-                 ) -> None:
+    def __init__(self, engine: LLMEngine | TrunkGroup, *,
+                 step_scope: Callable[[], AbstractContextManager[object]] | None = None) -> None:
         self.engine = engine
         self.step_scope = step_scope or contextlib.nullcontext
         """Entered around every engine step on the worker thread (the replica's sampled step spans)."""
@@ -178,6 +180,8 @@ class AsyncLLMEngine:
         for fn, done in calls:
             if done.set_running_or_notify_cancel():
                 try:
+                    if not isinstance(self.engine, LLMEngine):
+                        raise TypeError("a call between steps takes one engine, not a group of trunks")
                     done.set_result(fn(self.engine))
                 except Exception as err:  # the caller's to handle; the engine goes on
                     done.set_exception(err)

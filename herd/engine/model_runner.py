@@ -79,7 +79,7 @@ class ModelRunner:
         self.micro_batches = 1 if self.aux_layers else config.micro_batches
         """Micro-batches a step of several chunks is split into (herd.model.micro_batch); 1: whole steps."""
         self.lockstep = False
-        """Set by a replica of several trunks (herd.workers.trunk_group): every step is exactly micro_batches
+        """Set by a replica of several trunks (herd.engine.trunk_group): every step is exactly micro_batches
         micro-batches (padded with empty ones; `idle` when there is nothing to run), as every trunk's must be."""
         self.static = StaticDecode(
             model, kv, cache, batch_sizes=config.decode_batch_sizes, graphs=config.use_cuda_graphs,

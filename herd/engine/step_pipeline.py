@@ -23,12 +23,13 @@ from herd.engine.outputs import RequestOutput
 
 if TYPE_CHECKING:
     from herd.engine.llm_engine import LLMEngine  # which runs its own batches through a pipeline
+    from herd.engine.trunk_group import TrunkGroup
 
 
 class StepPipeline:
     """Drives an LLMEngine's core steps on the calling thread and its output processing on its own thread."""
 
-    def __init__(self, engine: LLMEngine, deliver: Callable[[list[RequestOutput]], None]) -> None:
+    def __init__(self, engine: LLMEngine | TrunkGroup, deliver: Callable[[list[RequestOutput]], None]) -> None:
         self.engine = engine
         self.deliver = deliver
         """Called on the output thread with each step's outputs, in step order."""

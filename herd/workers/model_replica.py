@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -45,7 +46,7 @@ from herd.workers.kv_transport import Prefilled, kv_transport
 from herd.workers.process_setup import ProcessSetup
 from herd.workers.ray_transport import RayTransport
 from herd.workers.replica_config import BUNDLE_CPUS, ReplicaArgs
-from herd.workers.replica_core import ReplicaCore
+from herd.workers.replica_core import ReplicaCore, trunk_device
 from herd.workers.shard_actor import LOOPBACK, ExpertShardActor
 from herd.workers.shard_recovery import RESTART_TIMEOUT_S, RestartBudget, ShardRecovery
 from herd.workers.shard_tls import check_shard_listen
@@ -73,7 +74,8 @@ class ModelReplica:
         self.core = ReplicaCore(self.args, factory, step_sample_ratio=self.args.telemetry.step_sample_ratio)
         pd = self.args.disaggregation
         self.handoff = KVHandoff(self.core, kv_transport(pd.kv_transport)) if pd is not None else None
-        self.recovery = self._watch_shards() if self.shards and self.args.shard_restarts else None
+        restarts = self.shards and self.args.shard_restarts and self.args.trunks == 1
+        self.recovery = self._watch_shards() if restarts else None
         self.metrics_port = self._serve_metrics(self.args.telemetry.replica_metrics_port)
 
     async def generate(self, request: bytes) -> AsyncIterator[bytes]:
@@ -159,22 +161,26 @@ class ModelReplica:
         log.info("replica of %s: Prometheus /metrics on %s:%d", self.args.name, host, bound)
         return bound
 
-    def _start_shards(self, shard_experts: list[tuple[int, ...]]) -> ExpertTransport:
-        """One actor per shard in bundles 1..N of this replica's placement group; their transport."""
+    def _start_shards(self, shard_experts: list[tuple[int, ...]]) -> ExpertTransport | list[ExpertTransport]:
+        """One actor per shard in bundles 1..N of this replica's placement group; their transport (each trunk's,
+        with several trunks)."""
         args = self.args
         group = ray.util.get_current_placement_group()
         if group is None:  # Serve gives every replica one, from the deployment's placement_group_bundles
             raise RuntimeError(f"replica of {args.name} is in no placement group: its shards have no bundles")
         for index, experts in enumerate(shard_experts):
             strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index + 1)
+            restarts = args.shard_restarts and args.trunks == 1  # several trunks: a dead shard restarts the replica
             options: dict[str, Any] = {"num_cpus": BUNDLE_CPUS, "scheduling_strategy": strategy,
-                                       "max_restarts": -1 if args.shard_restarts else 0}
+                                       "max_restarts": -1 if restarts else 0}
             if torch.cuda.is_available():
                 options["num_gpus"] = args.deployment.shard_gpus
             device = args.engine.device if args.dispatch_transport == "collective" else "cpu"
             self.shards.append(ExpertShardActor.options(**options).remote(  # type: ignore[attr-defined]
                 args.path, list(experts), dtype_name(args.engine.dtype), self.process_setup, args.shard_tls,
                 listen=args.shard_listen, step_tokens=args.engine.max_num_batched_tokens, device=device))
+        if args.dispatch_transport == "collective" and args.trunks > 1:
+            return self._join_collective_trunks()
         if args.dispatch_transport == "collective":
             return self._join_collective()
         if args.dispatch_transport == "ray":
@@ -203,6 +209,30 @@ class ModelReplica:
                                    moe_layers=len(text.moe_layers), hidden_size=text.hidden_size,
                                    dtype=args.engine.dtype, timeout_s=args.dispatch_timeout_s,
                                    probe=self._shards_serving, restartable=args.shard_restarts > 0)
+
+    def _join_collective_trunks(self) -> list[ExpertTransport]:
+        """The replica's M trunks (ranks 0..M-1, all in this process: one thread joins each, as a group forms only
+        once every rank has) and its shard actors (ranks M..M+N-1); each trunk's transport, in lockstep (M:N)."""
+        args, trunks = self.args, self.args.trunks
+        text = load_config(args.path).text
+        backend = backend_for(args.engine.device)
+        world = trunks + len(self.shards)
+        store, rendezvous = open_rendezvous(LOOPBACK, world, backend=backend, timeout_s=JOIN_TIMEOUT_S)
+        joined = [shard.join_collective.remote(rendezvous, rank, None, trunks=trunks)
+                  for rank, shard in enumerate(self.shards, start=trunks)]
+
+        def trunk(rank: int) -> CollectiveTransport:
+            group = CollectiveGroup(rendezvous, rank, device=trunk_device(args.engine.device, rank),
+                                    store=store if rank == 0 else None)
+            return CollectiveTransport(group, num_experts=text.num_local_experts, moe_layers=len(text.moe_layers),
+                                       hidden_size=text.hidden_size, dtype=args.engine.dtype,
+                                       timeout_s=args.dispatch_timeout_s, probe=self._shards_serving, trunks=trunks,
+                                       layers=text.moe_layers)
+
+        with ThreadPoolExecutor(max_workers=trunks) as threads:
+            transports: list[ExpertTransport] = list(threads.map(trunk, range(trunks)))
+        ray.get(joined, timeout=JOIN_TIMEOUT_S)
+        return transports
 
     def _form_group(self, experts: Sequence[tuple[int, ...]] | None = None,
                     timeout_s: float = JOIN_TIMEOUT_S) -> CollectiveGroup:
@@ -272,7 +302,25 @@ def check_replica_args(args: ReplicaArgs) -> None:
     expert balancing needs shard processes in a collective group (they move the experts)."""
     if args.shard_processes:
         check_shard_listen(args.shard_listen, args.shard_tls)
+    if args.trunks > 1:
+        check_trunks(args)
     if args.balance.enabled and (not args.shard_processes or args.dispatch_transport != "collective"):
         raise ValueError(f"model {args.name}: balance.enabled needs expert shards over the collective transport "
                          f"(shards > 0 and transport collective, or auto on one node); this replica's shards "
                          f"{'use ' + args.dispatch_transport if args.shard_processes else 'are in its process'}")
+
+
+def check_trunks(args: ReplicaArgs) -> None:
+    """Several trunks step in lockstep over one collective group to shard processes, and not with what moves experts,
+    loads adapters on the shards or hands KV between pools."""
+    if not args.shard_processes or args.dispatch_transport != "collective":
+        raise ValueError(f"model {args.name}: trunks > 1 needs expert shard processes over the collective transport "
+                         "(shards > 0 and transport collective, or auto on one node)")
+    clashes = {"balance.enabled": args.balance.enabled, "engine.max_loras > 0": bool(args.engine.max_loras),
+               "disaggregation": args.disaggregation is not None, "engine.speculative eagle3": (
+                   args.engine.speculative is not None and args.engine.speculative.method == "eagle3"),
+               "engine.async_scheduling": args.engine.async_scheduling,
+               "engine.static_decode / cuda_graphs": args.engine.use_static_decode}
+    if on := [name for name, value in clashes.items() if value]:
+        raise ValueError(f"model {args.name}: trunks > 1 does not run with {', '.join(on)} yet (the trunks step in "
+                         "lockstep, each step micro_batches forwards, and trunk 0 alone controls the shards)")

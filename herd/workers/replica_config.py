@@ -93,6 +93,11 @@ class ReplicaConfig(_Config):
     name: str = Field("scout", description="the model name clients ask for")
     path: str = Field("scout", description="checkpoint directory, or a tiny preset (scout, maverick) made on use")
     shards: int = Field(2, ge=0, description="expert shards per replica (0: experts in the trunk)")
+    trunks: int = Field(1, ge=1, le=16, description="attention trunks per replica (issue 28's M:N): each a copy of "
+                        "the trunk with its own KV cache and scheduler (on CUDA each on its own GPU of the trunk's "
+                        "bundle), requests spread over them, all stepping in lockstep over the collective group to "
+                        "the same shards; more than 1 needs the collective transport, and runs without live expert "
+                        "balancing, LoRA, disaggregation or shard restarts in place")
     transport: Literal["auto", "collective", "grpc", "ray", "local"] = Field(
         "auto", description="how the trunk reaches its shards: collective (a torch.distributed group: NCCL on CUDA, "
         "gloo on CPU; one node), grpc (also across nodes), ray (object store), local (the shards' experts in the "
@@ -149,7 +154,7 @@ class ReplicaConfig(_Config):
     @property
     def gpus_per_replica(self) -> float:
         d = self.deployment
-        return d.trunk_gpus + self.shard_processes * d.shard_gpus if d.gpus else 0.0
+        return self.trunks * d.trunk_gpus + self.shard_processes * d.shard_gpus if d.gpus else 0.0
 
 
 class ReplicaTelemetry(BaseModel):

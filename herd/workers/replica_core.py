@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
+import torch
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
@@ -27,6 +28,7 @@ from herd.engine.outputs import RequestTimes
 from herd.engine.prompt_images import ImageInput
 from herd.engine.sampler import TokenLogprobs
 from herd.engine.sampling_params import SamplingError
+from herd.engine.trunk_group import TrunkGroup
 from herd.model import load_model
 from herd.model.image_prompts import ImagePrompts
 from herd.model.tokenizer import Tokenizer
@@ -54,8 +56,9 @@ stream_interval_s's 50 ms default) and the serving overhead stays a bounded shar
 
 T = TypeVar("T")
 
-TransportFactory = Callable[[list[tuple[int, ...]]], ExpertTransport]
-"""Given each shard's experts, bring the shards up (processes, actors, ...) and return their transport."""
+TransportFactory = Callable[[list[tuple[int, ...]]], ExpertTransport | list[ExpertTransport]]
+"""Given each shard's experts, bring the shards up (processes, actors, ...) and return their transport (with
+several trunks, each trunk's, trunk 0's first)."""
 
 
 class ReplicaCore:
@@ -71,9 +74,14 @@ class ReplicaCore:
         self.tokenizer = Tokenizer.from_pretrained(config.path)
         engine_config = config.engine
         self.dispatcher: ExpertDispatcher | None = None
+        """Trunk 0's dispatcher (the one that controls the shards: health, pauses, adapters, balancing)."""
+        self.dispatchers: list[ExpertDispatcher] = []
+        """Every trunk's, trunk 0's first."""
         experts = None if config.shards == 0 else ()
-        model = load_model(config.path, experts=experts, dtype=engine_config.dtype, device=engine_config.device,
-                           progress=False)
+        models = [load_model(config.path, experts=experts, dtype=engine_config.dtype,
+                             device=trunk_device(engine_config.device, trunk), progress=False)
+                  for trunk in range(config.trunks)]
+        model = models[0]
         self.expert_load = ExpertLoad(model.config.num_local_experts)
         observe = self._observe_dispatch
         if config.shards == 0:
@@ -81,12 +89,19 @@ class ReplicaCore:
         else:
             placement = place_experts(model.config.num_local_experts, config.shards)
             factory = transport_factory or self._in_process_transport
-            self.dispatcher = ExpertDispatcher(placement, factory(list(placement.shard_experts)),
-                                               load=self.expert_load, observe_s=observe)
-            self.dispatcher.attach(model)
+            made = factory(list(placement.shard_experts))
+            transports = made if isinstance(made, list) else [made]
+            if len(transports) != len(models):
+                raise ValueError(f"model {config.name}: {len(transports)} transports for {len(models)} trunks")
+            for trunk, transport in zip(models, transports, strict=True):
+                dispatcher = ExpertDispatcher(placement, transport, load=self.expert_load, observe_s=observe)
+                dispatcher.attach(trunk)
+                self.dispatchers.append(dispatcher)
+            self.dispatcher = self.dispatchers[0]
         vision = load_vision_if_multimodal(config.path, dtype=engine_config.dtype, device=engine_config.device)
         self.image_prompts = ImagePrompts.from_pretrained(config.path)
-        engine = LLMEngine(model, self.tokenizer, engine_config, vision=vision)
+        engines = [LLMEngine(trunk, self.tokenizer, engine_config, vision=vision) for trunk in models]
+        engine: LLMEngine | TrunkGroup = engines[0] if len(engines) == 1 else TrunkGroup(engines)
         self.metrics = ReplicaMetrics(config.name, engine, self.expert_load)
         self.balancer: ExpertBalancer | None = None
         if config.balance.enabled:
@@ -214,7 +229,7 @@ class ReplicaCore:
         return self.engine.engine.config
 
     def healthy(self) -> bool:
-        return not self._draining and (self.dispatcher is None or self.dispatcher.healthy())
+        return not self._draining and all(dispatcher.healthy() for dispatcher in self.dispatchers)
 
     def stats(self) -> dict[str, int]:
         """What the replica holds now: requests, KV blocks in use per group and in all (kv_blocks_held), and each
@@ -232,8 +247,8 @@ class ReplicaCore:
         while self._in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self.engine.abort_all()
-        if self.dispatcher is not None:
-            self.dispatcher.transport.close()
+        for dispatcher in reversed(self.dispatchers):  # trunk 0, which tells the shards to stop, last
+            dispatcher.transport.close()
 
     def _unpack(self, request: pb.GenerateRequest) -> tuple[SamplingParams, list[int]]:
         if request.WhichOneof("prompt") != "token_ids":
@@ -289,6 +304,16 @@ class ReplicaCore:
         engine = self.config.engine
         return InProcessTransport([ShardExperts.load(self.config.path, experts, dtype=engine.dtype,
                                                      device=engine.device) for experts in shard_experts])
+
+
+def trunk_device(device: str, trunk: int) -> str:
+    """Where trunk `trunk` of a replica runs: on CUDA its own GPU of the replica's (cuda:<trunk> unless the setting
+    names one, which the first trunk alone may), elsewhere the device as set."""
+    if trunk == 0 or torch.device(device).type != "cuda":
+        return device
+    if torch.device(device).index is not None:
+        raise ValueError(f"engine.device {device!r} names one GPU; several trunks take cuda:0..cuda:M-1 (set 'cuda')")
+    return f"cuda:{trunk}"
 
 
 def stream_interval_s(base_s: float, streams: int) -> float:

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from herd.engine import LLMEngine
 from herd.engine.outputs import RequestTimes
 from herd.engine.stats import EngineStats
+from herd.engine.trunk_group import TrunkGroup
 from herd.workers.expert_load import ExpertLoad
 from herd.workers.speculative_metrics import SpeculativeMetrics
 
@@ -26,7 +27,7 @@ DISPATCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 
 
 class ReplicaMetrics:
-    def __init__(self, model: str, engine: LLMEngine, expert_load: ExpertLoad) -> None:
+    def __init__(self, model: str, engine: LLMEngine | TrunkGroup, expert_load: ExpertLoad) -> None:
         self.model = model
         self.registry = CollectorRegistry()
         r = self.registry
@@ -68,7 +69,7 @@ class ReplicaMetrics:
 
 
 class _EngineCollector(Collector):
-    def __init__(self, model: str, engine: LLMEngine, expert_load: ExpertLoad) -> None:
+    def __init__(self, model: str, engine: LLMEngine | TrunkGroup, expert_load: ExpertLoad) -> None:
         self.model, self.engine, self.expert_load = model, engine, expert_load
 
     def collect(self) -> Iterator[Any]:

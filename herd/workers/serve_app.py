@@ -36,7 +36,7 @@ def build_app(args: dict[str, Any], *, process_setup: ProcessSetup | None = None
         "name": config.name,
         "max_ongoing_requests": deployment.max_ongoing_requests or config.engine.max_num_seqs,
         "max_queued_requests": deployment.max_queued_requests,
-        "placement_group_bundles": [bundle(deployment.trunk_gpus)]
+        "placement_group_bundles": [bundle(config.trunks * deployment.trunk_gpus)]
         + [bundle(deployment.shard_gpus)] * config.shard_processes,
         "placement_group_strategy": deployment.placement_strategy,
         "graceful_shutdown_timeout_s": config.drain_timeout_s,

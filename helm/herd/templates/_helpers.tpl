@@ -199,10 +199,11 @@ herd.platform.replica_app:build_app) in the pod's CPU limit, or the replica neve
 {{- if $d.gpus }}
 {{- $trunk := ternary 1.0 $d.trunk_gpus (kindIs "invalid" $d.trunk_gpus) }}
 {{- $shard := ternary 1.0 $d.shard_gpus (kindIs "invalid" $d.shard_gpus) }}
-{{- $need := addf $trunk (mulf $shard $shards) }}
+{{- $trunks := int (.model.trunks | default 1) }}
+{{- $need := addf (mulf $trunk $trunks) (mulf $shard $shards) }}
 {{- $have := get $limits "nvidia.com/gpu" | default 0 | float64 }}
 {{- if gt $need $have }}
-{{- fail (printf "models.%s: a replica needs %v GPUs on one node (STRICT_PACK: trunk %v + %d shards x %v) but a worker pod has %v (worker.resources.limits[\"nvidia.com/gpu\"])" .name $need $trunk $shards $shard $have) }}
+{{- fail (printf "models.%s: a replica needs %v GPUs on one node (STRICT_PACK: %d trunks x %v + %d shards x %v) but a worker pod has %v (worker.resources.limits[\"nvidia.com/gpu\"])" .name $need $trunks $trunk $shards $shard $have) }}
 {{- end }}
 {{- end }}
 {{- $cpu := get $limits "cpu" | default (get $requests "cpu") }}

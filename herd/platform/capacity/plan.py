@@ -106,8 +106,9 @@ class Plan:
 
     @property
     def served(self) -> bool:
-        """Whether Herd's runtime serves this layout today (one trunk; issue 28 brings the others)."""
-        return self.trunks == 1 and not self.context_parallel
+        """Whether Herd's runtime serves this layout today (M trunks, `trunks: M`, yes; context parallelism not yet
+        in the engine)."""
+        return not self.context_parallel
 
     @property
     def worst_gpu(self) -> GpuUse:

@@ -10,8 +10,9 @@ from herd.platform.capacity.weights import PARTS
 
 GIB = 2**30
 _COLUMNS = (*PARTS, "kv_cache", "activations", "runtime", "total", "capacity")
-NOT_SERVED = ("M > 1 trunks and context parallelism are layouts the planner models but Herd's runtime does not "
-              "serve yet (issue 28); the host KV tier is not modelled.")
+NOT_SERVED = ("context parallelism is a layout the planner models but Herd's engine does not serve yet (issue 28: "
+              "M trunks are served, with `trunks: M`, each sequence on one trunk); the host KV tier is not "
+              "modelled.")
 
 
 def _ranges(experts: tuple[int, ...]) -> str:

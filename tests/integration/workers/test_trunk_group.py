@@ -4,14 +4,17 @@ micro-batches keep the shards in step); the tokens are the single-process engine
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
 from herd.engine import EngineConfig, LLMEngine, SamplingParams
+from herd.engine.async_engine import AsyncLLMEngine
+from herd.engine.trunk_group import TrunkGroup
 from herd.model import load_model
 from herd.model.tiny import make_tiny
 from herd.model.tokenizer import Tokenizer
-from herd.workers.trunk_group import TrunkGroup
 from tests.integration.workers.test_collective_m_to_n import MtoN
 
 CONFIG = dict(kv_cache_mb=16, max_num_seqs=8, max_num_batched_tokens=48)
@@ -93,3 +96,42 @@ def test_settings_that_cannot_step_in_lockstep_are_refused(replica):
     with pytest.raises(ValueError, match="same number of micro-batches"):
         TrunkGroup([LLMEngine(one, tokenizer, EngineConfig(**CONFIG, micro_batches=2)),
                     LLMEngine(two, tokenizer, EngineConfig(**CONFIG))])
+
+
+def test_an_async_engine_streams_requests_over_both_trunks(replica):
+    """The group driven as one engine by AsyncLLMEngine (as a replica drives its engine): concurrent streams get the
+    single-process tokens, an aborted stream gives its blocks back, and the stats are both trunks' summed."""
+    path, group = replica
+    tokenizer = Tokenizer.from_pretrained(path)
+    alone = LLMEngine(load_model(path, progress=False), tokenizer, EngineConfig(**CONFIG))
+    prompts, params = _prompts(), _params()
+    expected = [alone.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params, strict=True)]
+    trunks = TrunkGroup([LLMEngine(model, tokenizer, EngineConfig(**CONFIG, micro_batches=2))
+                         for model, _ in group.trunks])
+    engine = AsyncLLMEngine(trunks)
+
+    async def run(prompt, sp) -> list[int]:
+        tokens: list[int] = []
+        async for out in engine.generate(prompt, sp):
+            tokens = out.token_ids
+        return tokens
+
+    async def aborted() -> int:
+        long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        async for out in engine.generate(prompts[1], long):
+            if len(out.token_ids) >= 3:
+                break  # closing the stream aborts the request
+        return len(out.token_ids)
+
+    async def main():
+        return await asyncio.gather(*(run(p, sp) for p, sp in zip(prompts, params, strict=True)), aborted())
+
+    try:
+        *got, stopped_at = asyncio.run(main())
+    finally:
+        trunks.close()
+    assert got == expected
+    assert stopped_at >= 3
+    stats = trunks.stats()
+    assert stats.kv_blocks_held == 0 and stats.running == 0 and stats.waiting == 0
+    assert stats.kv_blocks == {g: 2 * n for g, n in trunks.engines[0].stats().kv_blocks.items()}

@@ -197,6 +197,9 @@ GUARDS = {
         {"models": {"maverick": {"worker": {"resources": {"limits": {"nvidia.com/gpu": 4},
                                                           "requests": {"nvidia.com/gpu": 4}}}}}},
         "maverick", ["models.maverick", "needs 8 GPUs", "has 4"]),
+    "M:N trunks larger than a worker pod": (
+        {"models": {"scout": {"trunks": 2, "transport": "collective"}}},
+        "scout", ["models.scout", "needs 5 GPUs", "2 trunks x 1", "has 4"]),
     "replica needs more CPUs than a worker pod": (
         {"models": {"scout": {"worker": {"resources": {"limits": {"cpu": "1500m"}}}}}},
         "dev", ["models.scout", "needs 3 CPUs", "1.5"]),

@@ -9,6 +9,7 @@ import json
 import httpx
 import pytest
 
+from herd.engine import EngineConfig
 from herd.engine.detokenizer import IncrementalDetokenizer
 from herd.engine.errors import Code, HerdError
 from herd.model.prompt import prompt_ids
@@ -19,7 +20,20 @@ from herd.platform.gateway.core import Gateway
 from herd.platform.gateway.errors import from_replica, replica_unavailable
 from herd.platform.gateway.http_app import create_app
 from herd.protos.herd.v1 import inference_pb2 as pb
+from herd.workers.replica_config import ReplicaConfig
+from herd.workers.replica_core import ReplicaCore
 from tests.unit.platform.gateway.test_http_app import RecordingGuard
+
+
+@pytest.fixture
+def core(tiny_path):
+    """The in-process replica, streaming a message every step (stream_interval_s 0): a death after k tokens then
+    comes mid-stream however fast the engine runs (with the 50 ms default, a quiet machine delivered the remaining
+    tokens in the final message, and the replica never died)."""
+    config = ReplicaConfig(name="scout", path=str(tiny_path), shards=2, transport="local", stream_interval_s=0,
+                           engine=EngineConfig(kv_cache_mb=16, max_num_seqs=16, max_model_len=512))
+    return ReplicaCore(config)
+
 
 CHAT = {"model": "scout", "messages": [{"role": "user", "content": "Tell me about the herd."}],
         "max_tokens": 12, "temperature": 0}

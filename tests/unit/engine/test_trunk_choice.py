@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from herd.workers.trunk_choice import TrunkLoad, choose_trunk
+from herd.engine.trunk_choice import TrunkLoad, choose_trunk
 
 
 def test_the_trunk_holding_the_least_kv_wins_then_the_fewest_requests_then_the_first():
