@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--model", help="checkpoint directory, or a tiny preset: scout, maverick")
     serve_cmd.add_argument("--name", help="the model name clients use (default: the preset or directory name)")
     serve_cmd.add_argument("--shards", type=int, help="expert shards per replica (0: none)")
+    serve_cmd.add_argument("--trunks", type=int, help="attention trunks per replica, in lockstep to the same shards "
+                           "(M:N; more than 1 needs the collective transport)")
     serve_cmd.add_argument("--transport", choices=["auto", "collective", "grpc", "ray", "local"],
                            help="trunk-to-shard transport (auto: collective on one node)")
     serve_cmd.add_argument("--config", type=Path, help="settings file (YAML or JSON)")
@@ -167,13 +169,15 @@ def _serve(args: argparse.Namespace) -> int:
     configure_process(settings.telemetry, "gateway")
     if args.no_auth:
         settings.tenancy.auth = False
-    if args.model or args.shards is not None or args.transport or args.name:
+    if args.model or args.shards is not None or args.trunks is not None or args.transport or args.name:
         base = settings.models[0]
         path = args.model or base.path
         name = args.name or (path if path in ("scout", "maverick") else Path(path).name) if args.model else base.name
         updates = {"path": path, "name": name}
         if args.shards is not None:
             updates["shards"] = args.shards
+        if args.trunks is not None:
+            updates["trunks"] = args.trunks
         if args.transport:
             updates["transport"] = args.transport
         settings.models[0] = ModelSettings.model_validate({**base.model_dump(), **updates})

@@ -302,25 +302,8 @@ def check_replica_args(args: ReplicaArgs) -> None:
     expert balancing needs shard processes in a collective group (they move the experts)."""
     if args.shard_processes:
         check_shard_listen(args.shard_listen, args.shard_tls)
-    if args.trunks > 1:
-        check_trunks(args)
     if args.balance.enabled and (not args.shard_processes or args.dispatch_transport != "collective"):
         raise ValueError(f"model {args.name}: balance.enabled needs expert shards over the collective transport "
                          f"(shards > 0 and transport collective, or auto on one node); this replica's shards "
                          f"{'use ' + args.dispatch_transport if args.shard_processes else 'are in its process'}")
 
-
-def check_trunks(args: ReplicaArgs) -> None:
-    """Several trunks step in lockstep over one collective group to shard processes, and not with what moves experts,
-    loads adapters on the shards or hands KV between pools."""
-    if not args.shard_processes or args.dispatch_transport != "collective":
-        raise ValueError(f"model {args.name}: trunks > 1 needs expert shard processes over the collective transport "
-                         "(shards > 0 and transport collective, or auto on one node)")
-    clashes = {"balance.enabled": args.balance.enabled, "engine.max_loras > 0": bool(args.engine.max_loras),
-               "disaggregation": args.disaggregation is not None, "engine.speculative eagle3": (
-                   args.engine.speculative is not None and args.engine.speculative.method == "eagle3"),
-               "engine.async_scheduling": args.engine.async_scheduling,
-               "engine.static_decode / cuda_graphs": args.engine.use_static_decode}
-    if on := [name for name, value in clashes.items() if value]:
-        raise ValueError(f"model {args.name}: trunks > 1 does not run with {', '.join(on)} yet (the trunks step in "
-                         "lockstep, each step micro_batches forwards, and trunk 0 alone controls the shards)")

@@ -126,6 +126,26 @@ class ReplicaConfig(_Config):
                                                   "null: off (every replica runs whole requests)")
 
     @model_validator(mode="after")
+    def _check_trunks(self) -> Self:
+        """Several trunks step in lockstep over one collective group to shard processes, and not with what moves
+        experts, loads adapters on the shards, hands KV between pools or runs a step as one graph."""
+        if self.trunks == 1:
+            return self
+        if not self.shard_processes or self.dispatch_transport != "collective":
+            raise ValueError(f"model {self.name}: trunks > 1 needs expert shard processes over the collective "
+                             "transport (shards > 0 and transport collective, or auto on one node)")
+        engine = self.engine
+        eagle3 = engine.speculative is not None and engine.speculative.method == "eagle3"
+        clashes = {"balance.enabled": self.balance.enabled, "engine.max_loras > 0": bool(engine.max_loras),
+                   "disaggregation": self.disaggregation is not None, "engine.speculative eagle3": eagle3,
+                   "engine.async_scheduling": engine.async_scheduling,
+                   "engine.static_decode / cuda_graphs": engine.use_static_decode}
+        if on := [name for name, value in clashes.items() if value]:
+            raise ValueError(f"model {self.name}: trunks > 1 does not run with {', '.join(on)} yet (the trunks step in "
+                             "lockstep, each step micro_batches forwards, and trunk 0 alone controls the shards)")
+        return self
+
+    @model_validator(mode="after")
     def _check_disaggregation(self) -> Self:
         if self.disaggregation is None:
             return self

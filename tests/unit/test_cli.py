@@ -48,3 +48,15 @@ def test_make_tiny_eagle3_writes_a_head_that_loads(tmp_path, capsys):
     assert f"wrote tiny EAGLE-3 draft head to {tmp_path / 'm' / 'eagle3'}" in out
     head = load_eagle3(tmp_path / "m" / "eagle3", load_config(tmp_path / "m").text, dtype=torch.float32)
     assert head.fc.weight.shape == (128, 3 * 128) and head.lm_head.weight.shape[0] == 64
+
+
+def test_serve_takes_the_trunks_of_each_replica(capsys):
+    """`herd serve --trunks 2` puts them in the replica's args (and its trunk bundle's count) as a settings file
+    would; a transport that cannot carry them is refused before anything starts."""
+    assert main(["serve", "--model", "scout", "--shards", "2", "--trunks", "2", "--transport", "collective",
+                 "--print-config", "--no-auth"]) == 0
+    printed = capsys.readouterr().out
+    assert "trunks: 2" in printed
+    assert main(["serve", "--model", "scout", "--trunks", "2", "--transport", "grpc", "--print-config",
+                 "--no-auth"]) == 2
+    assert "trunks > 1 needs expert shard processes over the collective transport" in capsys.readouterr().err

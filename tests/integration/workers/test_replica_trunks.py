@@ -18,7 +18,6 @@ from herd.model.tokenizer import Tokenizer
 from herd.platform.server import app_args
 from herd.platform.settings import HerdSettings
 from herd.protos.herd.v1 import inference_pb2 as pb
-from herd.workers.model_replica import check_replica_args
 from herd.workers.replica_config import ReplicaArgs
 
 APP = "trunks"
@@ -82,7 +81,6 @@ def test_a_replica_of_two_trunks_serves_the_single_process_tokens(ray_session: A
     ({"transport": "collective", "engine": {"max_loras": 2}}, "engine.max_loras"),
 ])
 def test_what_several_trunks_cannot_run_with_is_refused_before_anything_starts(tiny: Path, extra, words) -> None:
-    args = ReplicaArgs.model_validate({"name": "m", "path": str(tiny), "shards": 2, "trunks": 2, **extra})
     with pytest.raises(ValueError, match="trunks > 1") as caught:
-        check_replica_args(args)
+        ReplicaArgs.model_validate({"name": "m", "path": str(tiny), "shards": 2, "trunks": 2, **extra})
     assert words in str(caught.value)

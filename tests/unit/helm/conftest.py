@@ -15,7 +15,8 @@ import yaml
 CHART_DIR = Path(__file__).resolve().parents[3] / "helm" / "herd"
 RELEASE = "herd"
 NAMESPACE = "llm"
-PROFILES = {"defaults": None, "scout": "values-scout.yaml", "maverick": "values-maverick.yaml",
+PROFILES = {"defaults": None, "scout": "values-scout.yaml", "scout-mn": "values-scout-mn.yaml",
+            "maverick": "values-maverick.yaml",
             "dev": "values-dev.yaml"}
 """Profile -> values file applied over values.yaml (`helm install -f ...`); `defaults` is values.yaml alone."""
 

@@ -23,10 +23,10 @@ KUBE_VERSION = "1.31.0"
 CUSTOM_KINDS = {"RayService", "ServiceMonitor", "PodMonitor"}
 """Kinds kubernetes-validate has no schema for: the RayServices go to KubeRay's CRD instead."""
 
-MODELS = {"defaults": {"scout"}, "scout": {"scout"}, "maverick": {"maverick"}, "dev": {"scout"}}
+MODELS = {"defaults": {"scout"}, "scout": {"scout"}, "scout-mn": {"scout"}, "maverick": {"maverick"}, "dev": {"scout"}}
 """The models each profile serves."""
 
-GPU_PROFILES = ["defaults", "scout", "maverick"]
+GPU_PROFILES = ["defaults", "scout", "scout-mn", "maverick"]
 FULLNAME = RELEASE  # the release name already contains the chart's name
 SETTINGS_PATH = "/etc/herd/herd.yaml"
 
@@ -362,13 +362,26 @@ def test_a_replica_fits_one_worker_pod_and_the_pods_hold_max_replicas(
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         per_pod = math.floor(cpus(limits["cpu"]) / (1 + shards))  # build_app: one CPU per bundle
         if deployment["gpus"]:
-            need = deployment["trunk_gpus"] + shards * deployment["shard_gpus"]
+            need = args.get("trunks", 1) * deployment["trunk_gpus"] + shards * deployment["shard_gpus"]
             per_pod = min(per_pod, math.floor(limits["nvidia.com/gpu"] / need + 1e-9))
         else:
             assert "nvidia.com/gpu" not in limits
         assert per_pod >= 1, f"{rs['metadata']['name']}: a replica does not fit in a worker pod ({limits})"
         (model,) = [m for m in settings.models if m.name == args["name"]]
         assert per_pod * group["maxReplicas"] >= model.autoscale.max_replicas
+
+
+def test_the_m_to_n_profile_is_two_trunks_and_six_shards_on_one_8_gpu_worker_pod(
+        rendered_profiles: dict[str, Rendered], tmp_path: Path, clean_env) -> None:
+    rendered = rendered_profiles["scout-mn"]
+    rs = rendered.one("RayService", f"{FULLNAME}-scout")
+    args = app_args(rs)
+    (group,) = worker_groups(rs)
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert (args["trunks"], args["shards"], args["transport"]) == (2, 6, "collective")
+    assert args["engine"]["micro_batches"] == 2
+    (model,) = load_settings(settings_text(rendered), tmp_path).models  # herd accepts the layout
+    assert model.trunks == 2 and model.gpus_per_replica == 8
 
 
 def test_maverick_replica_is_one_8_gpu_worker_pod(rendered_profiles: dict[str, Rendered]) -> None:
@@ -393,27 +406,30 @@ def test_scout_replica_is_one_4_gpu_worker_pod(rendered_profiles: dict[str, Rend
     assert args["shards"] == 3 and d["trunk_gpus"] + args["shards"] * d["shard_gpus"] == 4
 
 
-@pytest.mark.parametrize(("profile", "weights"), [("scout", "bf16"), ("maverick", "fp8")])
+@pytest.mark.parametrize(("profile", "weights"), [("scout", "bf16"), ("scout-mn", "bf16"), ("maverick", "fp8")])
 def test_gpu_profiles_are_the_planners(rendered_profiles: dict[str, Rendered], profile: str, weights: str) -> None:
     """The engine of each GPU profile starts on the real config (its KV split holds a full-length sequence),
-    and the capacity planner says the replica fits its GPUs with that KV cache and batch."""
+    and the capacity planner says the replica fits its GPUs with that KV cache and batch (each trunk's, for M:N)."""
     from herd.engine import EngineConfig
     from herd.platform.capacity.cli import load_model_config
     from herd.platform.capacity.gpus import gpu_type
     from herd.platform.capacity.memory import Workload, trunk_activation_bytes
     from herd.platform.capacity.plan import plan
 
-    args = app_args(rendered_profiles[profile].one("RayService", f"{FULLNAME}-{profile}"))
+    name = profile.split("-")[0]
+    args = app_args(rendered_profiles[profile].one("RayService", f"{FULLNAME}-{name}"))
     engine = {k: v for k, v in args["engine"].items() if k not in ("dtype", "device")}
     config = EngineConfig(**engine)
-    model, vision, _ = load_model_config(profile)
+    model, vision, _ = load_model_config(name)
     config.kv_layout(model.text)  # raises if the split cannot hold one sequence of max_model_len
-    gpus = int(args["deployment"]["trunk_gpus"] + args["shards"] * args["deployment"]["shard_gpus"])
-    result = plan(model.text, vision, weight_format=weights, gpu=gpu_type("h100"), num_gpus=gpus,
-                  load=Workload(sequences=config.max_num_seqs, context_tokens=1,
+    trunks = args.get("trunks", 1)
+    gpus = int(trunks * args["deployment"]["trunk_gpus"] + args["shards"] * args["deployment"]["shard_gpus"])
+    result = plan(model.text, vision, weight_format=weights, gpu=gpu_type("h100"), num_gpus=gpus, trunks=trunks,
+                  load=Workload(sequences=trunks * config.max_num_seqs, context_tokens=1,
                                 step_tokens=config.max_num_batched_tokens))
     trunk = result.gpus[0]
-    assert [g.role for g in result.gpus].count("trunk") == 1 and len(result.gpus) == args["shards"] + 1
+    roles = [g.role for g in result.gpus]
+    assert sum(role.startswith("trunk") for role in roles) == trunks and len(roles) == args["shards"] + trunks
     kv_room = trunk.capacity_bytes - sum(trunk.weights.values()) - trunk.reserve_bytes - trunk_activation_bytes(
         model.text, Workload(sequences=config.max_num_seqs, context_tokens=config.context_limit(model.text),
                              step_tokens=config.max_num_batched_tokens))

@@ -15,7 +15,7 @@ import yaml
 import herd
 from tests.unit.helm.conftest import CHART_DIR, PROFILES, Rendered, deep_merge, profile_values
 
-FLAVORS = {"defaults": "cuda", "scout": "cuda", "maverick": "cuda", "dev": "cpu"}
+FLAVORS = {"defaults": "cuda", "scout": "cuda", "scout-mn": "cuda", "maverick": "cuda", "dev": "cpu"}
 """The image flavour each profile runs: CUDA torch + herd[gpu] for the GPU profiles, CPU for the dev one."""
 
 
