@@ -135,3 +135,31 @@ def test_an_async_engine_streams_requests_over_both_trunks(replica):
     stats = trunks.stats()
     assert stats.kv_blocks_held == 0 and stats.running == 0 and stats.waiting == 0
     assert stats.kv_blocks == {g: 2 * n for g, n in trunks.engines[0].stats().kv_blocks.items()}
+
+
+def test_a_prompt_goes_to_the_trunk_whose_prefix_cache_holds_its_start(replica):
+    """A prompt with nothing cached goes to the trunk holding the least KV; a second turn resending the first's
+    prompt goes where the first ran (its blocks are cached there) even though that trunk holds more KV."""
+    path, group = replica
+    tokenizer = Tokenizer.from_pretrained(path)
+    trunks = TrunkGroup([LLMEngine(model, tokenizer, EngineConfig(**CONFIG)) for model, _ in group.trunks])
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    long = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    try:
+        history = _prompts()[1]  # 41 tokens: two full blocks of 16 cached once it has run
+        [first] = trunks.generate([history], greedy)
+        home = trunks.trunk_of(trunks.add_request(_prompts()[3], long))  # a long request beside its blocks
+        assert home == 0, "nothing held anywhere: the first trunk"
+        for _ in range(3):
+            trunks.step()
+        loads = [e.stats().kv_blocks_held for e in trunks.engines]
+        assert loads[0] > loads[1] == 0
+        fresh = trunks.add_request(_prompts()[0], greedy)
+        assert trunks.trunk_of(fresh) == 1, "nothing cached: the trunk holding the least KV"
+        resent = trunks.add_request(history + first.token_ids + [7, 8, 9], greedy)
+        assert trunks.trunk_of(resent) == 0, "the cached prefix wins over the load"
+        while trunks.has_unfinished():
+            trunks.step()
+        assert trunks.engines[0].stats().prefix_hit_tokens >= 32  # and it was a hit there
+    finally:
+        trunks.close()
