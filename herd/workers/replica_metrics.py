@@ -101,6 +101,23 @@ class _EngineCollector(Collector):
         yield from self._host_tier(stats)
         yield from self._lora(stats)
         yield from self._faults(stats)
+        yield from self._trunks()
+
+    def _trunks(self) -> Iterator[Any]:
+        """Each trunk's KV use and requests, for a replica of several (issue 28): the replica's series sum them, and
+        lockstep makes a step as slow as its busiest trunk, so an imbalance shows here."""
+        if not isinstance(self.engine, TrunkGroup):
+            return
+        usage = GaugeMetricFamily("herd_replica_trunk_kv_cache_usage_ratio", "KV blocks in use of each trunk's pool "
+                                  "(per layer group)", labels=["model", "trunk", "group"])
+        requests = GaugeMetricFamily("herd_replica_trunk_requests", "Requests on each trunk (running and waiting)",
+                                     labels=["model", "trunk"])
+        for trunk, engine in enumerate(self.engine.engines):
+            stats = engine.stats()
+            for group, blocks in stats.kv_blocks.items():
+                usage.add_metric([self.model, str(trunk), group], stats.kv_blocks_used[group] / max(1, blocks))
+            requests.add_metric([self.model, str(trunk)], stats.running + stats.waiting)
+        yield from (usage, requests)
 
     def _lora(self, stats: EngineStats) -> Iterator[Any]:
         """The LoRA adapter bank's series (all zero with LoRA off): registered, resident, loads and evictions."""

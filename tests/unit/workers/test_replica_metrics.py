@@ -74,3 +74,26 @@ def test_replica_metrics_export_failed_steps_and_holds() -> None:
     assert samples == {"herd_replica_fault_failed_steps_total": 12, "herd_replica_fault_holds_total": 3,
                        "herd_replica_fault_recoveries_total": 2, "herd_replica_fault_last_recovery_seconds": 4.5,
                        "herd_replica_fault_held": 1}
+
+
+def test_a_replica_of_several_trunks_exports_each_trunks_kv_use_and_requests(tmp_path) -> None:
+    from herd.engine import EngineConfig, LLMEngine, SamplingParams
+    from herd.engine.trunk_group import TrunkGroup
+    from herd.model.tiny import make_tiny
+    from herd.workers.replica_metrics import _EngineCollector
+
+    path = make_tiny(tmp_path / "scout", preset="scout", seed=1)
+    group = TrunkGroup([LLMEngine.from_pretrained(path, EngineConfig(kv_cache_mb=8)) for _ in range(2)])
+    try:
+        group.add_request(list(range(5, 40)), SamplingParams(max_tokens=8, ignore_eos=True))
+        group.step()  # trunk 0 holds the request's blocks; trunk 1 nothing
+        collector = _EngineCollector("scout", group, SimpleNamespace(snapshot=dict))  # type: ignore[arg-type]
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in collector.collect() for s in family.samples if "trunk" in s.name}
+    finally:
+        group.close()
+    assert samples[("herd_replica_trunk_requests", (("model", "scout"), ("trunk", "0")))] == 1
+    assert samples[("herd_replica_trunk_requests", (("model", "scout"), ("trunk", "1")))] == 0
+    full = (("group", "full"), ("model", "scout"))
+    assert samples[("herd_replica_trunk_kv_cache_usage_ratio", (*full, ("trunk", "0")))] > 0
+    assert samples[("herd_replica_trunk_kv_cache_usage_ratio", (*full, ("trunk", "1")))] == 0
