@@ -5,12 +5,15 @@ micro-batches keep the shards in step); the tokens are the single-process engine
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
 
 from herd.engine import EngineConfig, LLMEngine, SamplingParams
 from herd.engine.async_engine import AsyncLLMEngine
+from herd.engine.errors import Code
+from herd.engine.fault_hold import EXPERTS_LOST
 from herd.engine.trunk_group import TrunkGroup
 from herd.model import load_model
 from herd.model.tiny import make_tiny
@@ -163,3 +166,38 @@ def test_a_prompt_goes_to_the_trunk_whose_prefix_cache_holds_its_start(replica):
         assert trunks.engines[0].stats().prefix_hit_tokens >= 32  # and it was a hit there
     finally:
         trunks.close()
+
+
+def test_a_dead_shard_fails_both_trunks_requests_at_once_and_frees_their_blocks(tmp_path):
+    """With several trunks a shard is not restarted in place: a shard process killed mid-generation fails every
+    request on both trunks with UNAVAILABLE (reason experts_lost: the gateway continues them elsewhere) within
+    seconds, whichever trunk was idle, and no KV block is left held."""
+    path = make_tiny(tmp_path / "scout", preset="scout", seed=9)
+    tokenizer = Tokenizer.from_pretrained(path)
+    group = MtoN(path, "scout", processes=True, timeout_s=120.0)
+    trunks = TrunkGroup([LLMEngine(model, tokenizer, EngineConfig(**CONFIG)) for model, _ in group.trunks])
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    try:
+        ids = [trunks.add_request(p, long) for p in _prompts()]
+        assert {trunks.trunk_of(rid) for rid in ids} == {0, 1}
+        for _ in range(3):
+            trunks.step()
+        group.procs[0].kill()
+        group.procs[0].wait(timeout=30)
+        final, started = {}, time.monotonic()
+        while trunks.has_unfinished() and time.monotonic() - started < 60:
+            final.update((out.request_id, out) for out in trunks.step() if out.finished)
+        assert not trunks.has_unfinished(), "every request ended"
+        assert time.monotonic() - started < 30
+        assert sorted(final) == sorted(ids)
+        assert {out.finish_reason for out in final.values()} == {"error"}
+        assert {(out.error.code, out.error.reason) for out in final.values()} == {(Code.UNAVAILABLE, EXPERTS_LOST)}
+        assert trunks.stats().kv_blocks_held == 0
+        assert not any(transport.healthy() for _, transport in group.trunks)
+    finally:
+        trunks.close()
+        for _, transport in group.trunks:
+            transport.group.close()
+        for proc in group.procs:
+            proc.kill()
+            proc.wait(timeout=30)
