@@ -64,7 +64,7 @@ class CollectiveShard:
         # answer to this one is sent, so it is waiting when the trunk sends (at once, not after a gloo round trip),
         # while this one's inline rows are still in use.
         size = message_bytes(num_experts, shard.hidden_size, shard.dtype)
-        self._buffers = [[torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        self._header_messages = [[torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
                          for _ in range(trunks)]
         self._current = [0] * trunks  # per trunk, the buffer of the header message being answered
         self._next: list[tuple[Work, int] | None] = [None] * trunks  # per trunk, the posted receive and its buffer
@@ -105,11 +105,11 @@ class CollectiveShard:
     @property
     def _message(self) -> torch.Tensor:
         """Trunk 0's header message being answered."""
-        return self._buffers[0][self._current[0]]
+        return self._header_messages[0][self._current[0]]
 
     def _post_next_header(self, trunk: int = 0) -> None:
         other = 1 - self._current[trunk]
-        self._next[trunk] = (self.group.recv(self._buffers[trunk][other], trunk, Tag.HEADER), other)
+        self._next[trunk] = (self.group.recv(self._header_messages[trunk][other], trunk, Tag.HEADER), other)
 
     def _header(self, trunk: int = 0, timeout_s: float = IDLE_TIMEOUT_S) -> tuple[Op, int, list[int]]:
         """A trunk's next header: its receive was posted (into the other buffer) before the last answer went out."""
@@ -118,7 +118,7 @@ class CollectiveShard:
         work, self._current[trunk] = posted
         self._next[trunk] = None
         self.group.wait(work, timeout_s=timeout_s)
-        return read_header(header_part(self._buffers[trunk][self._current[trunk]], self.num_experts).tolist())
+        return read_header(header_part(self._header_messages[trunk][self._current[trunk]], self.num_experts).tolist())
 
     def _step(self, layer: int, counts: list[int], *, lora: bool = False) -> None:
         hidden, dtype, total = self.shard.hidden_size, self.shard.dtype, sum(counts)
@@ -154,7 +154,7 @@ class CollectiveShard:
         for trunk, (other, _, values) in enumerate(heads):
             total = sum(values)
             inline = min(total, inline_rows(hidden, dtype))
-            message = self._buffers[trunk][self._current[trunk]]
+            message = self._header_messages[trunk][self._current[trunk]]
             part = [rows_part(message, self.num_experts, inline, hidden, dtype)]  # [inline, H], a view
             if total > inline:
                 part.append(torch.empty(total - inline, hidden, dtype=dtype, device=self.device))
