@@ -82,6 +82,18 @@ def wide_checkpoint(path: Path, args: argparse.Namespace) -> Path:
     return path
 
 
+def add_width_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments wide_checkpoint reads: the preset and the widths it redraws the tiny checkpoint at."""
+    p.add_argument("--preset", choices=("scout", "maverick"), default="scout",
+                   help="the tiny checkpoint's layout: scout (every layer MoE, 16 experts) or maverick (MoE every "
+                   "second layer, dense MLPs between, 32 experts)")
+    p.add_argument("--hidden-size", type=int, default=512, help="H, the residual width")
+    p.add_argument("--intermediate-size", type=int, default=512, help="a routed and the shared expert's width")
+    p.add_argument("--intermediate-size-mlp", type=int, default=1024, help="a dense MLP's width (maverick)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64, help="heads = H / head-dim, KV heads a quarter of those")
+
+
 def make_adapters(root: Path, engine: LLMEngine, args: argparse.Namespace) -> list[Path]:
     """args.adapters adapters of args.rank on args.targets, each from its own seed."""
     return [make_tiny_lora(root / f"adapter{i}", engine.model.config, rank=args.rank, targets=args.targets,
@@ -151,14 +163,7 @@ def table(scenarios: list[Scenario], sequences: int) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=("scout", "maverick"), default="scout",
-                   help="the tiny checkpoint's layout: scout (every layer MoE, 16 experts) or maverick (MoE every "
-                   "second layer, dense MLPs between, 32 experts)")
-    p.add_argument("--hidden-size", type=int, default=512, help="H, the residual width")
-    p.add_argument("--intermediate-size", type=int, default=512, help="a routed and the shared expert's width")
-    p.add_argument("--intermediate-size-mlp", type=int, default=1024, help="a dense MLP's width (maverick)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64, help="heads = H / head-dim, KV heads a quarter of those")
+    add_width_arguments(p)
     p.add_argument("--sequences", type=int, default=32, help="requests in the batch")
     p.add_argument("--adapters", type=int, default=8, help="distinct adapters in the mixed batch (max_loras)")
     p.add_argument("--prompt-tokens", type=int, default=32)

@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common and tests' shard processes
 
 from bench.common import machine, parse_args_with_smoke, print_command
-from bench.lora import make_prompts, wide_checkpoint
+from bench.lora import add_width_arguments, make_prompts, wide_checkpoint
 from herd.engine import EngineConfig, LLMEngine, SamplingParams
 from herd.model import load_config, load_model
 from herd.model.tokenizer import Tokenizer
@@ -108,12 +108,7 @@ def table(whole: Schedule, split: Schedule, sequences: int) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=("scout", "maverick"), default="scout")
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--intermediate-size", type=int, default=512)
-    parser.add_argument("--intermediate-size-mlp", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=64)
+    add_width_arguments(parser)
     parser.add_argument("--trunks", type=int, default=2)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--micro-batches", type=int, default=2)

@@ -55,6 +55,21 @@ class StepLogits:
     """[N, A*H]: the hidden states entering the runner's aux_layers, every row of the step (None: none asked)."""
 
 
+@dataclass(frozen=True)
+class _Laid:
+    """Chunks laid out as one forward (a whole step, or one micro-batch of it)."""
+
+    batch: MicroBatch
+    scoring: list[prompt_logprobs.PromptRows]
+    sampled: int  # the logit rows sampled, before the prompt rows scored
+
+    def split(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[ScoredPrompt]]:
+        """The forward's float32 logits [R + P, V] -> the sampled rows [R, V] and the prompt tokens scored."""
+        if not self.scoring:
+            return logits, []
+        return logits[: self.sampled], prompt_logprobs.score(self.scoring, logits[self.sampled :])
+
+
 class ModelRunner:
     """Owns nothing but the step (and the static path's buffers): the model, the KV tensors and the block tables
     are given. `config` says whether pure decodes take the static path (default: EngineConfig's defaults for the
@@ -100,37 +115,27 @@ class ModelRunner:
         if self.static is not None and self.static.takes(chunks):  # pure decodes: no prompt rows
             static = self.static.prepare(chunks)
             return lambda: StepLogits(static())
-        runs = split_chunks([c.num_tokens for c in chunks], self.micro_batches)
-        if len(runs) > 1 or self.lockstep:
-            return self._prepare_micro_batches([[chunks[i] for i in run] for run in runs])
-        image_rows, image_embeds = self._images(chunks)  # [M], [M, H]
-        ids, positions = self._tokens(chunks)  # [N], [N]
-        ends = itertools.accumulate(c.num_tokens for c in chunks)
-        sampling = [row for end, c in zip(ends, chunks, strict=True) if c.samples
-                    for row in range(end - 1 - len(c.drafts), end)]
-        scoring = prompt_logprobs.plan(chunks)
-        logit_rows = torch.tensor(sampling + prompt_logprobs.rows(scoring), dtype=torch.long)  # [C_sampling + P]
-        context = PagedAttention.for_step(chunks, self.kv, self.cache, self.device)
-        lora = self._adapter_slots(chunks)  # [N] or None
-        if self.device.type == "cuda":  # the model reads ids on the host, then copies without blocking: pin them
-            ids, positions, logit_rows = ids.pin_memory(), positions.pin_memory(), logit_rows.pin_memory()
-            lora = lora.pin_memory() if lora is not None else None
+        if self.micro_batches > 1 or self.lockstep:
+            runs = split_chunks([c.num_tokens for c in chunks], self.micro_batches)
+            if len(runs) > 1 or self.lockstep:
+                return self._prepare_micro_batches([[chunks[i] for i in run] for run in runs])
+        laid = self._layout(chunks)
+        batch = laid.batch
 
         @torch.inference_mode()
         def forward() -> StepLogits:
             aux: torch.Tensor | None = None
             if self.aux_layers:
-                logits, aux = self.model.forward_with_aux(ids, positions, context, aux_layers=self.aux_layers,
-                                                          image_embeds=image_embeds, image_rows=image_rows,
-                                                          logit_rows=logit_rows)  # [R + P, V], [N, A*H]
+                logits, aux = self.model.forward_with_aux(
+                    batch.input_ids, batch.positions, batch.cache, aux_layers=self.aux_layers,
+                    image_embeds=batch.image_embeds, image_rows=batch.image_rows, logit_rows=batch.logit_rows,
+                )  # [R + P, V], [N, A*H]
             else:
-                logits = self.model(ids, positions, context, image_embeds=image_embeds, image_rows=image_rows,
-                                    logit_rows=logit_rows, adapter_slots=lora)  # [R + P, V]
-            logits = logits.float()
-            if not scoring:
-                return StepLogits(logits, aux_hidden=aux)
-            return StepLogits(logits[: len(sampling)], prompt_logprobs.score(scoring, logits[len(sampling) :]),
-                              aux_hidden=aux)
+                logits = self.model(batch.input_ids, batch.positions, batch.cache, image_embeds=batch.image_embeds,
+                                    image_rows=batch.image_rows, logit_rows=batch.logit_rows,
+                                    adapter_slots=batch.adapter_slots)  # [R + P, V]
+            sampled, prompt = laid.split(logits.float())
+            return StepLogits(sampled, prompt, aux_hidden=aux)
 
         return forward
 
@@ -141,38 +146,39 @@ class ModelRunner:
 
     def _prepare_micro_batches(self, runs: list[list[ScheduledChunk]]) -> Callable[[], StepLogits]:
         """prepare for a step split into runs of chunks that ping-pong with the expert shards: each run laid out as
-        a step of its own (its tokens, images, sampled and scored rows, view of the KV cache); the sampled rows are
-        the runs' in order, which is the step's. A lockstep runner pads the runs with empty micro-batches to
-        micro_batches."""
-        batches, scorings, sampled_rows = [], [], []
-        for run in runs:
-            ids, positions = self._tokens(run)  # [N_run], [N_run]
-            image_rows, image_embeds = self._images(run)  # [M_run], [M_run, H]
-            ends = itertools.accumulate(c.num_tokens for c in run)
-            sampling = [row for end, c in zip(ends, run, strict=True) if c.samples
-                        for row in range(end - 1 - len(c.drafts), end)]
-            scoring = prompt_logprobs.plan(run)
-            logit_rows = torch.tensor(sampling + prompt_logprobs.rows(scoring), dtype=torch.long)  # [R_run + P_run]
-            lora = self._adapter_slots(run)  # [N_run] or None
-            if self.device.type == "cuda":
-                ids, positions, logit_rows = ids.pin_memory(), positions.pin_memory(), logit_rows.pin_memory()
-                lora = lora.pin_memory() if lora is not None else None
-            context = PagedAttention.for_step(run, self.kv, self.cache, self.device)
-            batches.append(MicroBatch(ids, positions, context, logit_rows, lora, image_embeds, image_rows))
-            scorings.append(scoring)
-            sampled_rows.append(len(sampling))
+        a step of its own; the sampled rows are the runs' in order, which is the step's. A lockstep runner pads the
+        runs with empty micro-batches to micro_batches."""
+        laid = [self._layout(run) for run in runs]
+        batches = [run.batch for run in laid]
         if self.lockstep:
             batches += [MicroBatch.nothing()] * (self.micro_batches - len(batches))
 
         @torch.inference_mode()
         def forward() -> StepLogits:
-            logits = [out.float() for out in self.model.forward_micro_batches(batches)]  # [R_run + P_run, V] each
-            prompt = [scored for out, scoring, rows in zip(logits, scorings, sampled_rows, strict=False) if scoring
-                      for scored in prompt_logprobs.score(scoring, out[rows:])]
-            return StepLogits(torch.cat([out[:rows] for out, rows in zip(logits, sampled_rows, strict=False)]),
-                              prompt)  # [R, V]
+            logits = self.model.forward_micro_batches(batches)  # [R_run + P_run, V] each
+            parts = [run.split(out.float()) for run, out in zip(laid, logits, strict=False)]
+            return StepLogits(torch.cat([sampled for sampled, _ in parts]),
+                              [scored for _, prompt in parts for scored in prompt])  # [R, V]
 
         return forward
+
+    def _layout(self, chunks: Sequence[ScheduledChunk]) -> _Laid:
+        """Chunks laid out as one forward: their tokens and positions end to end, images, the rows whose logits are
+        sampled (then the prompt rows scored), the adapter slots, and the view of the paged KV cache."""
+        ids, positions = self._tokens(chunks)  # [N], [N]
+        image_rows, image_embeds = self._images(chunks)  # [M], [M, H]
+        ends = itertools.accumulate(c.num_tokens for c in chunks)
+        sampling = [row for end, c in zip(ends, chunks, strict=True) if c.samples
+                    for row in range(end - 1 - len(c.drafts), end)]
+        scoring = prompt_logprobs.plan(chunks)
+        logit_rows = torch.tensor(sampling + prompt_logprobs.rows(scoring), dtype=torch.long)  # [R + P]
+        context = PagedAttention.for_step(chunks, self.kv, self.cache, self.device)
+        lora = self._adapter_slots(chunks)  # [N] or None
+        if self.device.type == "cuda":  # the model reads ids on the host, then copies without blocking: pin them
+            ids, positions, logit_rows = ids.pin_memory(), positions.pin_memory(), logit_rows.pin_memory()
+            lora = lora.pin_memory() if lora is not None else None
+        return _Laid(MicroBatch(ids, positions, context, logit_rows, lora, image_embeds, image_rows), scoring,
+                     len(sampling))
 
     def make_block_moves(self) -> None:
         """The block moves the KV cache manager listed since they were last made: evicted blocks saved to the host

@@ -118,7 +118,8 @@ class TrunkGroup:
     def prepare(self, prompt: Prompt, params: SamplingParams | None = None,
                 **options: Unpack[RequestOptions]) -> EngineRequest:
         """The request prepared by the trunk choose_trunk picks now (it is submitted there); safe from any thread."""
-        trunk = choose_trunk([self._load(i, prompt, options) for i in range(len(self.engines))])
+        keys = self._prefix_keys(prompt, options)
+        trunk = choose_trunk([self._load(engine, keys) for engine in self.engines])
         if options.get("request_id") is None:
             options["request_id"] = f"req-{next(self._ids)}"
         request = self.engines[trunk].prepare(prompt, params, **options)
@@ -201,25 +202,25 @@ class TrunkGroup:
             if out.finished:
                 self._owner.pop(out.request_id, None)
 
-    def _load(self, index: int, prompt: Prompt, options: RequestOptions) -> TrunkLoad:
-        engine = self.engines[index]
-        stats = engine.stats()
-        return TrunkLoad(kv_blocks_held=stats.kv_blocks_held, requests=stats.running + stats.waiting,
-                         prefix_blocks=self._prefix_blocks(engine, prompt, options))
-
     @staticmethod
-    def _prefix_blocks(engine: LLMEngine, prompt: Prompt, options: RequestOptions) -> int:
-        """Blocks of the prompt's text (images aside: the count is then a lower bound) that the trunk's prefix cache
-        holds under the request's salt; 0 with prefix caching off."""
-        if not engine.config.enable_prefix_caching:
-            return 0
+    def _load(engine: LLMEngine, keys: list[bytes]) -> TrunkLoad:
+        """What a trunk holds, and how many blocks of the prompt's prefix chain `keys` its cache could give."""
+        stats = engine.stats()
+        prefix = engine.kv.locate_prefix(keys)[0] if keys and engine.config.enable_prefix_caching else 0
+        return TrunkLoad(kv_blocks_held=stats.kv_blocks_held, requests=stats.running + stats.waiting,
+                         prefix_blocks=prefix)
+
+    def _prefix_keys(self, prompt: Prompt, options: RequestOptions) -> list[bytes]:
+        """The prompt's text blocks' prefix-cache keys under the request's salt, once for every trunk (the trunks
+        share tokenizer and block size; images aside, so an image prompt's hit is a lower bound); none when the
+        prompt is bad (prepare says why)."""
+        engine = self.engines[0]
         try:
             ids = prompt_ids(engine.tokenizer, prompt, engine.model.config.vocab_size)
         except ValueError:
-            return 0  # prepare says what is wrong with it
+            return []
         salt = cache_salt(options.get("tenant_id", "default"), options.get("sharing_group"))
-        keys = block_hashes(ids[: len(ids) - 1], engine.config.block_size, salt)
-        return engine.kv.locate_prefix(keys)[0] if keys else 0
+        return block_hashes(ids[: len(ids) - 1], engine.config.block_size, salt)
 
 
 def combined(stats: Sequence[EngineStats]) -> EngineStats:

@@ -143,6 +143,25 @@ class Llama4Model(nn.Module):
         aux_layers: tuple[int, ...] = (),
         adapter_slots: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x, positions, rot, lora = self._enter(input_ids, positions, cache, image_embeds=image_embeds,
+                                              image_rows=image_rows, adapter_slots=adapter_slots, check_ids=check_ids)
+        entering: dict[int, torch.Tensor] = {}
+        for index, layer in enumerate(self.model.layers):
+            if index in aux_layers:
+                entering[index] = x
+            x = layer(x, positions, rot, cache, lora)
+        if self.config.num_hidden_layers in aux_layers:
+            entering[self.config.num_hidden_layers] = x
+        aux = torch.cat([entering[i] for i in aux_layers], dim=-1) if aux_layers else None  # [T, A*H]
+        return self._logits(x, logit_rows), aux
+
+    def _enter(self, input_ids: torch.Tensor, positions: torch.Tensor | None, cache: KVContext | None, *,
+               image_embeds: torch.Tensor | None, image_rows: torch.Tensor | None,
+               adapter_slots: torch.Tensor | None, check_ids: bool,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, LoRABatch | None]:
+        """Checked inputs on the device, ready for the first layer: the embeddings x [T, H] with the image features
+        placed, the positions [T] (by default following what a contiguous cache holds), their rotations [T, D/2],
+        and the tokens' LoRA batch."""
         self._check_ids(input_ids, values=check_ids)
         lora = None if adapter_slots is None else self._lora_batch(adapter_slots, input_ids.shape[0], check_ids)
         if image_embeds is not None:
@@ -157,24 +176,18 @@ class Llama4Model(nn.Module):
         if image_rows is not None and image_embeds is not None:
             image_rows = image_rows.to(device, non_blocking=True)
             image_embeds = image_embeds.to(device, non_blocking=True)
-        if logit_rows is not None:
-            logit_rows = logit_rows.to(device, non_blocking=True)
         rot = rotations(positions, self._frequencies(device))  # [T, D/2]
         x = self.model.embed_tokens(input_ids)  # [T, H]
         if image_embeds is not None and image_rows is not None:
             x[image_rows] = image_embeds.to(x.dtype)  # [M, H] into M rows, in order
-        entering: dict[int, torch.Tensor] = {}
-        for index, layer in enumerate(self.model.layers):
-            if index in aux_layers:
-                entering[index] = x
-            x = layer(x, positions, rot, cache, lora)
-        if self.config.num_hidden_layers in aux_layers:
-            entering[self.config.num_hidden_layers] = x
-        aux = torch.cat([entering[i] for i in aux_layers], dim=-1) if aux_layers else None  # [T, A*H]
+        return x, positions, rot, lora
+
+    def _logits(self, x: torch.Tensor, logit_rows: torch.Tensor | None) -> torch.Tensor:
+        """The last layer's output [T, H] -> logits [T, V], or [L, V] of the L `logit_rows`."""
         if logit_rows is not None:
-            x = x[logit_rows]  # [L, H]
-        logits: torch.Tensor = self.lm_head(self.model.norm(x))  # [T, V] or [L, V]
-        return logits, aux
+            x = x[logit_rows.to(x.device, non_blocking=True)]  # [L, H]
+        logits: torch.Tensor = self.lm_head(self.model.norm(x))
+        return logits
 
     @torch.inference_mode()
     def forward_micro_batches(self, batches: Sequence[MicroBatch], *, check_ids: bool = True) -> list[torch.Tensor]:
@@ -182,7 +195,6 @@ class Llama4Model(nn.Module):
         while another's attention runs (herd.model.micro_batch): each micro-batch's logits [L, V]."""
         if not batches:
             raise ValueError("forward_micro_batches needs at least one micro-batch")
-        device = self.device
         states: list[tuple[torch.Tensor, torch.Tensor, KVContext | None, LoRABatch | None] | None] = []
         xs: list[torch.Tensor] = []
         for batch in batches:
@@ -190,15 +202,10 @@ class Llama4Model(nn.Module):
                 states.append(None)
                 xs.append(self.model.embed_tokens.weight.new_empty(0, self.config.hidden_size))  # [0, H]
                 continue
-            self._check_ids(batch.input_ids, values=check_ids)
-            tokens = batch.input_ids.shape[0]
-            lora = None if batch.adapter_slots is None else self._lora_batch(batch.adapter_slots, tokens, check_ids)
-            positions = batch.positions.to(device, non_blocking=True)
-            states.append((positions, rotations(positions, self._frequencies(device)), batch.cache, lora))  # [T, D/2]
-            x = self.model.embed_tokens(batch.input_ids.to(device, non_blocking=True))  # [T, H]
-            if batch.image_embeds is not None:
-                rows = self._image_rows(batch.input_ids, batch.image_embeds, batch.image_rows)  # [M] or [T]
-                x[rows.to(device, non_blocking=True)] = batch.image_embeds.to(device, x.dtype, non_blocking=True)
+            x, positions, rot, lora = self._enter(batch.input_ids, batch.positions, batch.cache,
+                                                  image_embeds=batch.image_embeds, image_rows=batch.image_rows,
+                                                  adapter_slots=batch.adapter_slots, check_ids=check_ids)
+            states.append((positions, rot, batch.cache, lora))
             xs.append(x)
         finishing: list[Callable[[], torch.Tensor] | None] = [None] * len(batches)
         layers: list[DecoderLayer] = list(self.model.layers)  # type: ignore[arg-type]  # a ModuleList of them
@@ -210,10 +217,7 @@ class Llama4Model(nn.Module):
         out = []
         for finish, batch in zip(finishing, batches, strict=True):
             assert finish is not None
-            x = finish()  # [T, H]
-            if batch.logit_rows is not None:
-                x = x[batch.logit_rows.to(device, non_blocking=True)]  # [L, H]
-            out.append(self.lm_head(self.model.norm(x)))  # [L, V]
+            out.append(self._logits(finish(), batch.logit_rows))  # [L, V]
         return out
 
     def new_cache(self) -> ContiguousKVCache:
