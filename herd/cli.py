@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--shards", type=int, help="expert shards per replica (0: none)")
     serve_cmd.add_argument("--trunks", type=int, help="attention trunks per replica, in lockstep to the same shards "
                            "(M:N; more than 1 needs the collective transport)")
+    serve_cmd.add_argument("--context-parallel", action="store_true", help="the trunks share their global-layer KV: "
+                           "one sequence may be --trunks times longer than one trunk's cache holds")
     serve_cmd.add_argument("--transport", choices=["auto", "collective", "grpc", "ray", "local"],
                            help="trunk-to-shard transport (auto: collective on one node)")
     serve_cmd.add_argument("--config", type=Path, help="settings file (YAML or JSON)")
@@ -169,7 +171,8 @@ def _serve(args: argparse.Namespace) -> int:
     configure_process(settings.telemetry, "gateway")
     if args.no_auth:
         settings.tenancy.auth = False
-    if args.model or args.shards is not None or args.trunks is not None or args.transport or args.name:
+    if (args.model or args.shards is not None or args.trunks is not None or args.transport or args.name
+            or args.context_parallel):
         base = settings.models[0]
         path = args.model or base.path
         name = args.name or (path if path in ("scout", "maverick") else Path(path).name) if args.model else base.name
@@ -180,6 +183,8 @@ def _serve(args: argparse.Namespace) -> int:
             updates["trunks"] = args.trunks
         if args.transport:
             updates["transport"] = args.transport
+        if args.context_parallel:
+            updates["engine"] = {**base.engine.model_dump(), "context_parallel": updates.get("trunks", base.trunks)}
         settings.models[0] = ModelSettings.model_validate({**base.model_dump(), **updates})
     if args.print_config:
         print(print_config(settings), end="")

@@ -27,6 +27,11 @@ class BlockPool:
         """Blocks no sequence uses (some still hold a cached prefix until reused)."""
         return len(self._free)
 
+    @property
+    def used(self) -> int:
+        """Blocks some sequence uses."""
+        return self.num_blocks - len(self._free)
+
     def allocate(self) -> int:
         """A block for new tokens, referenced once. The caller checked num_free first."""
         return self.allocate_evicting()[0]

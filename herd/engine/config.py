@@ -90,6 +90,11 @@ class EngineConfig(BaseModel):
                                "while another's routed rows are at the shards (the same tokens come out); 1: off. "
                                "With an EAGLE-3 head steps run whole. Not with static_decode / CUDA graphs (null "
                                "then means off)")
+    context_parallel: int = Field(1, ge=1, le=64, description="trunks of the replica whose memory holds the global "
+                                  "(NoPE) layers' KV of any one sequence, as one pool: a sequence may be that many "
+                                  "times longer than one trunk's cache holds, its attention computed where its "
+                                  "blocks are (context parallelism); 1: off. Set by the replica to its trunks; not "
+                                  "with a host KV tier")
     fault_hold_s: float = Field(30, ge=0, description="how long the engine holds the sequences of steps that fail "
                                 "with a retryable error (an expert shard UNAVAILABLE or past its deadline) waiting "
                                 "for the experts to come back: they keep their tokens and are computed again, then "
@@ -111,6 +116,9 @@ class EngineConfig(BaseModel):
         if self.speculative is not None and self.async_scheduling:
             raise ValueError("speculative decoding and async_scheduling do not run together yet: a step's drafts "
                              "come from the tokens the step before verified, which async scheduling has not seen")
+        if self.context_parallel > 1 and self.host_kv_cache_bytes:
+            raise ValueError("context_parallel > 1 does not run with a host KV tier (host_kv_cache_bytes): the tier "
+                             "saves blocks of one trunk's memory, and shared global blocks live in several")
         if self.micro_batches > 1 and self.use_static_decode:
             raise ValueError("micro_batches > 1 does not run with static_decode / CUDA graphs yet (a captured "
                              "graph is one whole step): turn them off (static_decode: false, cuda_graphs: false) or "
@@ -195,10 +203,12 @@ class EngineConfig(BaseModel):
         if FULL in sizes:
             blocks[FULL] = max(0, left // sizes[FULL])
             needed = -(-context // self.block_size)
-            if blocks[FULL] < needed:
+            if blocks[FULL] * self.context_parallel < needed:
+                shared = f" ({self.context_parallel} trunks: {blocks[FULL] * self.context_parallel})" \
+                    if self.context_parallel > 1 else ""
                 raise ValueError(
-                    f"kv_cache_bytes {self.kv_cache_bytes} holds {blocks[FULL]} global blocks; one sequence of "
-                    f"max_model_len {context} needs {needed}"
+                    f"kv_cache_bytes {self.kv_cache_bytes} holds {blocks[FULL]} global blocks{shared}; one sequence "
+                    f"of max_model_len {context} needs {needed}"
                 )
         return KVLayout(block_size=self.block_size, chunk_size=chunk, num_blocks=blocks, bytes_per_block=sizes)
 

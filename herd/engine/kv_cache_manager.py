@@ -37,6 +37,7 @@ from herd.engine.block_pool import BlockPool
 from herd.engine.host_block_index import HostBlockIndex
 from herd.engine.prefix_hash import block_hashes
 from herd.engine.sequence import Sequence
+from herd.engine.shared_blocks import SharedBlockView
 
 FULL = "full"
 CHUNKED = "chunked"
@@ -86,7 +87,8 @@ class KVCacheManager:
                  host_blocks: dict[str, int] | None = None) -> None:
         self.layout = layout
         self.block_size = layout.block_size
-        self.pools = {group: BlockPool(n) for group, n in layout.num_blocks.items()}
+        self.pools: dict[str, BlockPool | SharedBlockView] = {
+            group: BlockPool(n) for group, n in layout.num_blocks.items()}
         self.enable_prefix_caching = enable_prefix_caching
         self.host = HostBlockIndex(host_blocks) if host_blocks and enable_prefix_caching else None
         """The host tier's slots per group (None: no host tier)."""
@@ -104,6 +106,19 @@ class KVCacheManager:
         self.host_hit_tokens = 0
         self.host_saved_bytes = 0
         self.host_restored_bytes = 0
+
+    def share_pool(self, group: str, view: SharedBlockView) -> None:
+        """Take `group`'s blocks from the pool the replica's trunks share (context parallelism,
+        herd.engine.shared_blocks), before any sequence is admitted; the view's home is this manager's own pool."""
+        if self._tables:
+            raise RuntimeError("a pool is shared before the manager holds any sequence")
+        if self.host is not None:
+            raise ValueError("a host KV tier saves blocks of this trunk's memory only: it does not go with blocks "
+                             "shared across trunks (context parallelism)")
+        if view.num_blocks != self.layout.num_blocks[group]:
+            raise ValueError(f"the shared view's home has {view.num_blocks} {group} blocks, this trunk's layout "
+                             f"{self.layout.num_blocks[group]}")
+        self.pools[group] = view
 
     # --- the scheduler's questions -------------------------------------------------------------
     def admit(self, seq: Sequence) -> None:

@@ -345,7 +345,7 @@ class LLMEngine:
         return EngineStats(
             running=len(self.scheduler.running), waiting=sum(len(q) for q in self.scheduler.waiting.values()),
             kv_blocks={g: p.num_blocks for g, p in pools.items()},
-            kv_blocks_used={g: p.num_blocks - p.num_free for g, p in pools.items()},
+            kv_blocks_used={g: p.used for g, p in pools.items()},
             prefix_queried_tokens=self.kv.prefix_queried_tokens, prefix_hit_tokens=self.kv.prefix_hit_tokens,
             preemptions=self.scheduler.num_preemptions, draft_tokens=self._draft_tokens,
             accepted_tokens=self._accepted_tokens,
@@ -415,17 +415,26 @@ class LLMEngine:
         on; the text side is the output processor's."""
         if self._model_thread is not None:
             return self._overlapped_step()
-        scheduled = self.scheduler.schedule()
+        with self.runner.kv_lock:
+            scheduled = self.scheduler.schedule()
         leaders = [c.seq for c in scheduled.chunks if c.samples]
         sampling, rows = fan_out(leaders)
         verify = verify_rows(scheduled.chunks, sampling, rows)
         masks = self._start_masks(sampling, verify)
         try:
-            step = self.runner.run(scheduled.chunks) if scheduled.chunks else None
+            step = self.runner.run(scheduled.chunks) if scheduled.chunks else None  # laid out under kv_lock
             if step is None and self.runner.lockstep:  # one of several trunks: its peers' step is this one's too
                 self.runner.idle()
         except HerdError as err:
-            return self._step_failed(scheduled, err)
+            with self.runner.kv_lock:
+                return self._step_failed(scheduled, err)
+        with self.runner.kv_lock:
+            return self._step_done(scheduled, step, leaders, sampling, rows, verify, masks)
+
+    def _step_done(self, scheduled: SchedulerOutput, step: StepLogits | None, leaders: list[Sequence],
+                   sampling: list[Sequence], rows: list[int] | None, verify: VerifyRows | None,
+                   masks: Future[GrammarMask | None] | None) -> list[CoreOutput]:
+        """A synchronous step after its forward: the blocks it filled cached, forks, sampling, finishes."""
         self.scheduler.on_step_done(scheduled)
         fork_computed(leaders, self.kv, self.scheduler)
         if step is None:

@@ -23,14 +23,17 @@ where graphs are on (herd.engine.decode_graphs). The logits returned are the sam
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from herd.engine import prompt_logprobs
 from herd.engine.config import EngineConfig
+from herd.engine.context_parallel import ContextParallel
 from herd.engine.decode_graphs import StaticDecode, token_at
 from herd.engine.host_kv_tier import HostKVTier
 from herd.engine.kv_cache_manager import KVCacheManager
@@ -96,14 +99,24 @@ class ModelRunner:
         self.lockstep = False
         """Set by a replica of several trunks (herd.engine.trunk_group): every step is exactly micro_batches
         micro-batches (padded with empty ones; `idle` when there is nothing to run), as every trunk's must be."""
+        self.kv_lock: AbstractContextManager[object] = nullcontext()
+        """Held around every use of the block tables (the engine's scheduling and bookkeeping, a step's layout),
+        never around a forward: the trunks of a replica whose global blocks are shared (herd.engine.shared_blocks)
+        share one lock, so that their managers never change the shared pool at once."""
+        self.context_parallel: ContextParallel | None = None
+        """Set by a replica of several trunks whose global blocks are shared (herd.engine.context_parallel): every
+        forward, an empty one too, takes part in each global layer's exchange with the other trunks."""
         self.static = StaticDecode(
             model, kv, cache, batch_sizes=config.decode_batch_sizes, graphs=config.use_cuda_graphs,
             max_graphs=config.max_cuda_graphs,
         ) if config.use_static_decode and not self.aux_layers else None
 
     def run(self, chunks: Sequence[ScheduledChunk]) -> StepLogits:
-        """Compute every chunk; return the sampling chunks' float32 logits and the prompt tokens scored."""
-        return self.prepare(chunks)()
+        """Compute every chunk; return the sampling chunks' float32 logits and the prompt tokens scored. The step is
+        laid out under kv_lock, the forward runs outside it."""
+        with self.kv_lock:
+            forward = self.prepare(chunks)
+        return forward()
 
     @torch.inference_mode()
     def prepare(self, chunks: Sequence[ScheduledChunk]) -> Callable[[], StepLogits]:
@@ -142,7 +155,15 @@ class ModelRunner:
     def idle(self) -> None:
         """A lockstep runner's step with nothing to compute: its micro-batches empty, so the expert shards, which
         wait for every trunk's header of every layer, hear from this trunk too (herd.model.micro_batch)."""
-        self.model.forward_micro_batches([MicroBatch.nothing()] * self.micro_batches)
+        self.model.forward_micro_batches([self._nothing() for _ in range(self.micro_batches)])
+
+    def _nothing(self) -> MicroBatch:
+        """An empty micro-batch; with context parallelism it carries a view of the cache, so that its global layers
+        answer the other trunks (herd.model.micro_batch)."""
+        if self.context_parallel is None:
+            return MicroBatch.nothing()
+        return dataclasses.replace(MicroBatch.nothing(), cache=PagedAttention.for_step(
+            [], self.kv, self.cache, self.device, self.context_parallel))
 
     def _prepare_micro_batches(self, runs: list[list[ScheduledChunk]]) -> Callable[[], StepLogits]:
         """prepare for a step split into runs of chunks that ping-pong with the expert shards: each run laid out as
@@ -151,7 +172,7 @@ class ModelRunner:
         laid = [self._layout(run) for run in runs]
         batches = [run.batch for run in laid]
         if self.lockstep:
-            batches += [MicroBatch.nothing()] * (self.micro_batches - len(batches))
+            batches += [self._nothing() for _ in range(self.micro_batches - len(batches))]
 
         @torch.inference_mode()
         def forward() -> StepLogits:
@@ -172,7 +193,7 @@ class ModelRunner:
                     for row in range(end - 1 - len(c.drafts), end)]
         scoring = prompt_logprobs.plan(chunks)
         logit_rows = torch.tensor(sampling + prompt_logprobs.rows(scoring), dtype=torch.long)  # [R + P]
-        context = PagedAttention.for_step(chunks, self.kv, self.cache, self.device)
+        context = PagedAttention.for_step(chunks, self.kv, self.cache, self.device, self.context_parallel)
         lora = self._adapter_slots(chunks)  # [N] or None
         if self.device.type == "cuda":  # the model reads ids on the host, then copies without blocking: pin them
             ids, positions, logit_rows = ids.pin_memory(), positions.pin_memory(), logit_rows.pin_memory()

@@ -25,6 +25,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
+from herd.engine.context_parallel import ContextParallel, SpreadAttention, is_spread
 from herd.engine.kv_cache_manager import FULL, KVCacheManager
 from herd.engine.paged_kv import PagedKVCache
 from herd.engine.scheduler import ScheduledChunk
@@ -61,22 +62,34 @@ class _Verify:
 class PagedAttention:
     """A KVContext (herd.model.kv_cache) over the engine's paged cache for one step's chunks."""
 
-    def __init__(self, cache: PagedKVCache, plans: dict[str, GroupPlan]) -> None:
+    def __init__(self, cache: PagedKVCache, plans: dict[str, GroupPlan], spread: SpreadAttention | None = None) -> None:
         self.cache = cache
         self.plans = plans
+        self.spread = spread
+        """The global layers' exchange with the other trunks (context parallelism; None: off)."""
 
     @classmethod
     def for_step(cls, chunks: Sequence[ScheduledChunk], kv: KVCacheManager, cache: PagedKVCache,
-                 device: torch.device) -> PagedAttention:
-        """The plans of a step of any shape, worked out on the host and copied to `device`."""
-        return cls(cache, {group: _plan(chunks, kv, group, device) for group in kv.pools})
+                 device: torch.device, cp: ContextParallel | None = None) -> PagedAttention:
+        """The plans of a step of any shape, worked out on the host and copied to `device`; with context parallelism
+        the chunks whose global blocks are spread over trunks attend through the exchange instead."""
+        if cp is None:
+            return cls(cache, {group: _plan(chunks, kv, group, device) for group in kv.pools})
+        spread = {i for i, chunk in enumerate(chunks) if is_spread(chunk, kv, FULL)}
+        plans = {group: _plan(chunks, kv, group, device, skip=spread if group == FULL else set(),
+                              scratch=cache.scratch_block[group]) for group in kv.pools}
+        return cls(cache, plans, SpreadAttention.plan(cp, chunks, spread, kv, cache, FULL, device))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                chunk_size: int | None) -> torch.Tensor:
         """Write the step's k, v [N, K, D] to their slots, then [N, Q, D] queries -> [N, Q, D] outputs over the
         layer's paged keys (the chunk windows are in the step's plan, so chunk_size is not needed here)."""
-        plan = self.plans[self.cache.groups[layer]]
+        group = self.cache.groups[layer]
+        plan = self.plans[group]
         self.cache.write(layer, plan.write_slots, k, v)
+        spread = self.spread if group == FULL else None
+        if spread is not None:
+            spread.start(layer, q, k, v)  # the peers' answers come while the home chunks attend
         out = torch.empty_like(q)
         scale = q.shape[-1] ** -0.5
         if plan.decode_rows.numel():
@@ -97,6 +110,8 @@ class PagedAttention:
                 q[prefill.rows].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
                 attn_mask=prefill.mask, scale=scale, enable_gqa=True,
             ).transpose(0, 1)
+        if spread is not None:
+            spread.finish(layer, q, out)
         return out
 
 
@@ -122,7 +137,10 @@ def decode_slots(blocks: torch.Tensor, lengths: torch.Tensor, block: int) -> tup
     return slots, mask[:, None, None, :]
 
 
-def _plan(chunks: Sequence[ScheduledChunk], kv: KVCacheManager, group: str, device: torch.device) -> GroupPlan:
+def _plan(chunks: Sequence[ScheduledChunk], kv: KVCacheManager, group: str, device: torch.device, *,
+          skip: set[int] | None = None, scratch: int = 0) -> GroupPlan:
+    """The group's plan; chunks `skip` (indices: spread over trunks) are only written, their tokens held elsewhere
+    to the `scratch` block (herd.engine.context_parallel attends them)."""
     block = kv.block_size
     chunk_size = kv.layout.chunk_size if group != FULL else None
     write: list[int] = []
@@ -132,7 +150,13 @@ def _plan(chunks: Sequence[ScheduledChunk], kv: KVCacheManager, group: str, devi
     prefills: list[_Prefill] = []
     verifying: list[tuple[int, int, list[int], torch.Tensor]] = []  # (first row, tokens, window slots, mask)
     row = 0
-    for chunk in chunks:
+    for index, chunk in enumerate(chunks):
+        if skip and index in skip:
+            table = cast("list[int]", kv.table(chunk.seq, group))
+            write += [table[p // block] * block + p % block if table[p // block] < scratch else scratch * block
+                      for p in range(chunk.start, chunk.start + chunk.num_tokens)]
+            row += chunk.num_tokens
+            continue
         # Every position from the window on holds a block (only blocks before the window are freed).
         table = cast("list[int]", kv.table(chunk.seq, group))
         first = chunk.start

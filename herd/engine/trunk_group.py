@@ -24,18 +24,23 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar, Unpack
+from typing import Any, TypeVar, Unpack, cast
 
+from herd.engine.block_pool import BlockPool
 from herd.engine.config import EngineConfig
+from herd.engine.context_parallel import ContextParallel, PeerLink
 from herd.engine.errors import HerdError
 from herd.engine.grammar import GrammarCompiler
+from herd.engine.kv_cache_manager import FULL
 from herd.engine.llm_engine import EngineRequest, LLMEngine, RequestOptions
 from herd.engine.output_processor import CoreOutput, ProcessedStep
 from herd.engine.outputs import RequestOutput
 from herd.engine.prefix_hash import block_hashes, cache_salt
 from herd.engine.sampling_params import SamplingParams
+from herd.engine.shared_blocks import SharedBlocks
 from herd.engine.stats import EngineStats
 from herd.engine.trunk_choice import TrunkLoad, choose_trunk
 from herd.model.llama4 import Llama4Model
@@ -74,7 +79,10 @@ class TrunkOutputs:
 class TrunkGroup:
     """The M trunks' engines of one replica; driven as one engine (add_request and step, or AsyncLLMEngine)."""
 
-    def __init__(self, engines: Sequence[LLMEngine]) -> None:
+    def __init__(self, engines: Sequence[LLMEngine], *, links: Sequence[PeerLink] | None = None,
+                 timeout_s: float | None = None) -> None:
+        """`links`: each trunk's link to the others (ranks 0..M-1), when the engines share their global-layer KV
+        (EngineConfig.context_parallel = M); `timeout_s` bounds each wait of their exchanges."""
         if not engines:
             raise ValueError("a trunk group needs at least one engine")
         for index, engine in enumerate(engines):
@@ -88,6 +96,11 @@ class TrunkGroup:
         self.engines = list(engines)
         for engine in self.engines:
             engine.runner.lockstep = len(self.engines) > 1
+        self.context_parallel = engines[0].config.context_parallel > 1
+        if self.context_parallel:
+            self._share_global_blocks(links, timeout_s)
+        elif links is not None:
+            raise ValueError("links between trunks are for context parallelism (EngineConfig.context_parallel > 1)")
         self.outputs = TrunkOutputs(self.engines)
         self._owner: dict[str, int] = {}  # request id -> its trunk, from prepare until it finishes
         self._ids = itertools.count()
@@ -118,6 +131,10 @@ class TrunkGroup:
     def prepare(self, prompt: Prompt, params: SamplingParams | None = None,
                 **options: Unpack[RequestOptions]) -> EngineRequest:
         """The request prepared by the trunk choose_trunk picks now (it is submitted there); safe from any thread."""
+        if self.context_parallel and params is not None and max(params.n, params.best_of or 1) > 1:
+            raise ValueError("n > 1 and best_of > 1 are not served with context parallelism yet: choices share their "
+                             "prompt's blocks, and one written by a choice must be copied where it lives, maybe on "
+                             "another trunk")
         keys = self._prefix_keys(prompt, options)
         trunk = choose_trunk([self._load(engine, keys) for engine in self.engines])
         if options.get("request_id") is None:
@@ -190,7 +207,34 @@ class TrunkGroup:
     def close(self) -> None:
         self._threads.shutdown(wait=True)
 
-    # --- inside --------------------------------------------------------------------------------------------------
+    # --- inside -----------------------------------------------------------------------------------------------------
+    def _share_global_blocks(self, links: Sequence[PeerLink] | None, timeout_s: float | None) -> None:
+        """Context parallelism: the trunks' global-layer pools as one (herd.engine.shared_blocks), one lock around
+        their managers, and every runner's part in the global layers' exchange (herd.engine.context_parallel)."""
+        trunks = len(self.engines)
+        if links is None or len(links) != trunks:
+            raise ValueError(f"context parallelism over {trunks} trunks needs a link for each")
+        if any(engine.config.context_parallel != trunks for engine in self.engines):
+            raise ValueError(f"every trunk's EngineConfig.context_parallel is the trunk count, {trunks}")
+        if trunks < 2:
+            raise ValueError("context parallelism needs two trunks or more")
+        pools = [engine.kv.pools.get(FULL) for engine in self.engines]
+        if not all(isinstance(pool, BlockPool) for pool in pools):
+            raise ValueError("context parallelism shares the global layers' block pools; these trunks have none of "
+                             "their own")
+        shared = SharedBlocks(cast("list[BlockPool]", pools))
+        lock = threading.Lock()
+        for rank, (engine, link) in enumerate(zip(self.engines, links, strict=True)):
+            if link.rank != rank:
+                raise ValueError(f"trunk {rank}'s link is rank {link.rank} of the group")
+            view = shared.view(rank)
+            engine.kv.share_pool(FULL, view)
+            engine.runner.kv_lock = lock
+            text = engine.model.config
+            engine.runner.context_parallel = ContextParallel(
+                link, trunks, view, heads=text.num_attention_heads, kv_heads=text.num_key_value_heads,
+                head_dim=text.head_dim, dtype=engine.config.dtype, timeout_s=timeout_s)
+
     def _all(self, call: Callable[[LLMEngine], T]) -> list[T]:
         futures = [self._threads.submit(call, engine) for engine in self.engines]
         if error := next((e for e in (future.exception() for future in futures) if e is not None), None):

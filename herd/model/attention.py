@@ -75,3 +75,13 @@ class Attention(nn.Module):
         flat = out.reshape(x.shape[0], -1)  # [T, N*D]
         projected: torch.Tensor = self.o_proj(flat)  # [T, H]
         return projected if lora is None else lora.add("o_proj", flat, projected)
+
+    def idle(self, kv: KVContext) -> None:
+        """A global layer's turn in a forward of no tokens: the KV context attends no queries (context parallelism
+        exchanges with the other trunks all the same); chunked layers have nothing to do."""
+        if self.chunk_size is not None:
+            return
+        weight = self.q_proj.weight
+        q = weight.new_empty(0, self.q_proj.out_features // self.head_dim, self.head_dim)  # [0, N, D]
+        kv_ = weight.new_empty(0, self.k_proj.out_features // self.head_dim, self.head_dim)  # [0, K, D]
+        kv.attend(self.layer, q, kv_, kv_, torch.empty(0, dtype=torch.long, device=weight.device), None)

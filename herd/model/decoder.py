@@ -54,8 +54,12 @@ class DecoderLayer(nn.Module):
         out = h + self.feed_forward(self.post_attention_layernorm(h), ff_lora)  # [T, H]
         return lambda: out
 
-    def idle(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """An empty micro-batch's turn (x [0, H]): no attention; a MoE layer still sends its executor no rows."""
+    def idle(self, x: torch.Tensor, kv: KVContext | None = None) -> Callable[[], torch.Tensor]:
+        """An empty micro-batch's turn (x [0, H]): no attention, but a global layer's KV context is still given its
+        empty queries (context parallelism: the trunks exchange at every global layer); a MoE layer still sends its
+        executor no rows."""
+        if kv is not None:
+            self.self_attn.idle(kv)
         if isinstance(self.feed_forward, MoE):
             return self.feed_forward.idle(x)
         return lambda: x

@@ -213,7 +213,7 @@ class Llama4Model(nn.Module):
             for i, state in enumerate(states):
                 if (finish := finishing[i]) is not None:
                     xs[i] = finish()  # the last layer's rows back from the shards while the others' are out
-                finishing[i] = layer.idle(xs[i]) if state is None else layer.begin(xs[i], *state)
+                finishing[i] = layer.idle(xs[i], batches[i].cache) if state is None else layer.begin(xs[i], *state)
         out = []
         for finish, batch in zip(finishing, batches, strict=True):
             assert finish is not None

@@ -13,9 +13,11 @@ A micro-batch is a whole set of sequences with its own view of the KV cache, so 
 what one forward of them all does: the same tokens come out, and the logits differ at most by the rounding of
 GEMMs over fewer rows. With experts held in the trunk there is nothing to overlap and it only costs smaller GEMMs.
 
-An empty micro-batch (no tokens) runs no attention; at each MoE layer it sends the executor no rows, which with
-several trunks of one replica (herd.workers.collective_transport, trunks > 1) is the header every shard waits for:
-a trunk with less work than its peers pads its step with empty micro-batches and stays in lockstep with them.
+An empty micro-batch (no tokens) runs no attention, unless it carries a KV context (with context parallelism its
+global layers still take part in the trunks' exchange, herd.engine.context_parallel). At each MoE layer it sends
+the executor no rows, which with several trunks of one replica (herd.workers.collective_transport, trunks > 1) is
+the header every shard waits for: a trunk with less work than its peers pads its step with empty micro-batches and
+stays in lockstep with them.
 """
 
 from __future__ import annotations

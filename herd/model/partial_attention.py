@@ -1,5 +1,5 @@
 """Attention over part of the keys, and the exact merge of such parts: what lets one sequence's keys live in
-several places (context parallelism, herd.workers.context_parallel) and still attend as if they were in one.
+several places (context parallelism, herd.engine.context_parallel) and still attend as if they were in one.
 
 Legend: T query tokens, S key tokens (of this part), N query heads, K key/value heads, D head dim, P parts.
 
@@ -31,6 +31,13 @@ def attend_partial(
     """GQA attention of q [T, N, D] over this part's k/v [S, K, D] -> (out [T, N, D], lse [T, N]), both float32.
 
     `out` is normalised over this part's visible keys only; rows that see none here: out 0, lse -inf."""
+    return attend_partial_masked(q, k, v, attention_mask(q_positions, k_positions, chunk_size))
+
+
+def attend_partial_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """attend_partial with the mask given: `visible` [T, S] bool, which keys each query sees (several sequences'
+    queries and keys in one call: each sees its own)."""
     heads, kv_heads = q.shape[1], k.shape[1]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not share {kv_heads} key/value heads evenly")
@@ -38,7 +45,6 @@ def attend_partial(
     keys = k.float().repeat_interleave(group, dim=1)  # [S, N, D]: head n reads kv head n // group, as SDPA's GQA
     values = v.float().repeat_interleave(group, dim=1)  # [S, N, D]
     scores = torch.einsum("tnd,snd->nts", q.float(), keys) * q.shape[-1] ** -0.5  # [N, T, S]
-    visible = attention_mask(q_positions, k_positions, chunk_size)  # [T, S]
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [N, T]; -inf where a row sees nothing (or S is 0)
     shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # keeps empty rows at exp(-inf) = 0
@@ -50,6 +56,11 @@ def attend_partial(
 def merge_partials(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Combine parts' (out [T, N, D], lse [T, N]) over disjoint key sets -> the attention over their union
     [T, N, D] float32 (0 for rows no part has a key for)."""
+    return combine_partials(parts)[0]
+
+
+def combine_partials(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """merge_partials, and the union's log-sum-exp [T, N] (-inf for rows no part has a key for): itself a part."""
     if not parts:
         raise ValueError("merge_partials needs at least one part")
     outs = torch.stack([out.float() for out, _ in parts])  # [P, T, N, D]
@@ -59,5 +70,6 @@ def merge_partials(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.
     weights = torch.exp(lses - top)  # [P, T, N]; a part with lse -inf weighs 0
     total = weights.sum(dim=0)  # [T, N]
     merged = (weights[..., None] * outs).sum(dim=0)  # [T, N, D]
-    return torch.where(total[..., None] > 0, merged / total.clamp_min(torch.finfo(total.dtype).tiny)[..., None],
-                       torch.zeros_like(merged))
+    out = torch.where(total[..., None] > 0, merged / total.clamp_min(torch.finfo(total.dtype).tiny)[..., None],
+                      torch.zeros_like(merged))
+    return out, top + torch.log(total)  # log(0) = -inf where nothing was seen

@@ -129,6 +129,9 @@ class ReplicaConfig(_Config):
     def _check_trunks(self) -> Self:
         """Several trunks step in lockstep over one collective group to shard processes, and not with what moves
         experts, loads adapters on the shards, hands KV between pools or runs a step as one graph."""
+        if self.engine.context_parallel not in (1, self.trunks):
+            raise ValueError(f"model {self.name}: engine.context_parallel is {self.engine.context_parallel}; a "
+                             f"replica shares its global-layer KV over all of its trunks ({self.trunks}) or none (1)")
         if self.trunks == 1:
             return self
         if not self.shard_processes or self.dispatch_transport != "collective":

@@ -34,6 +34,8 @@ from herd.model.image_prompts import ImagePrompts
 from herd.model.tokenizer import Tokenizer
 from herd.model.vision import load_vision_if_multimodal
 from herd.protos.herd.v1 import inference_pb2 as pb
+from herd.workers.collective import CollectiveGroup
+from herd.workers.collective_transport import CollectiveTransport
 from herd.workers.dispatch import ExpertDispatcher, PlacementMover
 from herd.workers.expert_balancer import ExpertBalancer
 from herd.workers.expert_load import CountingExperts, ExpertLoad
@@ -101,7 +103,9 @@ class ReplicaCore:
         vision = load_vision_if_multimodal(config.path, dtype=engine_config.dtype, device=engine_config.device)
         self.image_prompts = ImagePrompts.from_pretrained(config.path)
         engines = [LLMEngine(trunk, self.tokenizer, engine_config, vision=vision) for trunk in models]
-        engine: LLMEngine | TrunkGroup = engines[0] if len(engines) == 1 else TrunkGroup(engines)
+        engine: LLMEngine | TrunkGroup = engines[0] if len(engines) == 1 else TrunkGroup(
+            engines, links=self._trunk_links() if engine_config.context_parallel > 1 else None,
+            timeout_s=config.dispatch_timeout_s)
         self.metrics = ReplicaMetrics(config.name, engine, self.expert_load)
         self.balancer: ExpertBalancer | None = None
         if config.balance.enabled:
@@ -299,6 +303,15 @@ class ReplicaCore:
 
     def _piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _trunk_links(self) -> list[CollectiveGroup]:
+        """Each trunk's collective group (ranks 0..M-1 are the trunks): the link their global layers' exchange
+        takes (context parallelism, herd.engine.context_parallel)."""
+        groups = [d.transport.group for d in self.dispatchers if isinstance(d.transport, CollectiveTransport)]
+        if len(groups) != self.config.trunks:
+            raise ValueError(f"model {self.config.name}: context parallelism links the trunks over the collective "
+                             "transport's group")
+        return groups
 
     def _in_process_transport(self, shard_experts: list[tuple[int, ...]]) -> ExpertTransport:
         engine = self.config.engine

@@ -60,3 +60,9 @@ def test_serve_takes_the_trunks_of_each_replica(capsys):
     assert main(["serve", "--model", "scout", "--trunks", "2", "--transport", "grpc", "--print-config",
                  "--no-auth"]) == 2
     assert "trunks > 1 needs expert shard processes over the collective transport" in capsys.readouterr().err
+
+
+def test_serve_context_parallel_shares_the_global_kv_over_every_trunk(capsys):
+    assert main(["serve", "--model", "scout", "--shards", "2", "--trunks", "2", "--transport", "collective",
+                 "--context-parallel", "--print-config", "--no-auth"]) == 0
+    assert "context_parallel: 2" in capsys.readouterr().out

@@ -38,7 +38,7 @@ def add_parser(commands: Any) -> None:
     layout.add_argument("--search", action="store_true", help="try every M from 1 to G - 1, context parallelism "
                         "off and on, and the KV dtypes; print every layout and the best one's table")
     cmd.add_argument("--context-parallel", action="store_true", help="with --trunks M > 1: split each sequence's "
-                     "global-layer KV over the M trunks (not served by the engine yet, issue 28)")
+                     "global-layer KV over the M trunks (engine.context_parallel: M)")
     cmd.add_argument("--step-tokens", type=int, default=8192, help="tokens per engine step (max_num_batched_tokens)")
     cmd.add_argument("--memory-utilization", type=float, default=0.90, help="share of each GPU's memory to use")
     cmd.add_argument("--json", action="store_true", help="print JSON instead of the table")

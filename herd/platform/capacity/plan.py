@@ -105,12 +105,6 @@ class Plan:
         return sum(1 for g in self.gpus if g.experts)
 
     @property
-    def served(self) -> bool:
-        """Whether Herd's runtime serves this layout today (M trunks, `trunks: M`, yes; context parallelism not yet
-        in the engine)."""
-        return not self.context_parallel
-
-    @property
     def worst_gpu(self) -> GpuUse:
         """The GPU closest to (or furthest past) its capacity."""
         return max(self.gpus, key=lambda g: g.over_bytes)

@@ -10,9 +10,8 @@ from herd.platform.capacity.weights import PARTS
 
 GIB = 2**30
 _COLUMNS = (*PARTS, "kv_cache", "activations", "runtime", "total", "capacity")
-NOT_SERVED = ("context parallelism is a layout the planner models but Herd's engine does not serve yet (issue 28: "
-              "M trunks are served, with `trunks: M`, each sequence on one trunk); the host KV tier is not "
-              "modelled.")
+CONTEXT_PARALLEL = ("context parallelism: set `trunks: M` and `engine.context_parallel: M` (issue 28); proven on "
+                    "CPUs over gloo, not yet run on GPUs over NCCL. The host KV tier is not modelled.")
 
 
 def _ranges(experts: tuple[int, ...]) -> str:
@@ -43,7 +42,7 @@ def layout(plan: Plan) -> dict[str, Any]:
     worst = plan.worst_gpu
     return {
         "trunks": plan.trunks, "shards": plan.shards, "kv_dtype": plan.load.kv_dtype,
-        "context_parallel": plan.context_parallel, "served_today": plan.served, "fits": plan.fits,
+        "context_parallel": plan.context_parallel, "fits": plan.fits,
         "largest_context": plan.largest_context, "largest_batch": plan.largest_batch,
         "fullest_gpu": worst.index, "fullest_gpu_over_bytes": worst.over_bytes,
     }
@@ -83,9 +82,9 @@ def as_text(plan: Plan, title: str) -> str:
         f"  a tensor-parallel engine over the same GPUs, every layer's KV kept: {plan.tensor_parallel_context} tokens",
         f"largest batch at {load.context_tokens} tokens: {plan.largest_batch} sequences",
     ]
-    if not plan.served:
+    if plan.context_parallel:
         lines.insert(1, f"layout: {_name(plan)}")
-        lines.append(NOT_SERVED)
+        lines.append(CONTEXT_PARALLEL)
     return "\n".join(lines)
 
 
@@ -110,7 +109,7 @@ def search_text(found: Search, title: str) -> str:
                     f"{load.sequences} sequence(s); largest_batch and fits: at {load.context_tokens} tokens):",
              "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)).rstrip() for cell in cells]
-    lines.append(NOT_SERVED)
+    lines.append(CONTEXT_PARALLEL)
     tp = {p.load.kv_dtype: p.tensor_parallel_context for p in found.plans}
     lines.append("a tensor-parallel engine over the same GPUs, every layer's KV kept: "
                  + ", ".join(f"{n} tokens (KV {d})" for d, n in tp.items()))

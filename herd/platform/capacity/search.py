@@ -40,8 +40,8 @@ class Search:
         return next((p for p in self.plans if p.fits), self.plans[0])
 
 
-def _rank(p: Plan) -> tuple[int, int, int, bool, int, bool, int]:
-    return (-p.largest_context, -p.largest_batch, p.worst_gpu.over_bytes, not p.served, p.trunks,
+def _rank(p: Plan) -> tuple[int, int, int, int, bool, int]:
+    return (-p.largest_context, -p.largest_batch, p.worst_gpu.over_bytes, p.trunks,
             p.context_parallel, -p.load.kv_value_bytes)
 
 

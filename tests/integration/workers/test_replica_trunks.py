@@ -34,9 +34,34 @@ def _prompts() -> list[list[int]]:
             for n in (6, 33, 14, 25, 9, 18)]
 
 
-async def _generate(stream: Any, ids: list[int]) -> list[int]:
+def _serve(tiny: Path, engine: dict[str, Any], prompts: list[list[int]],
+           max_tokens: int) -> tuple[list[list[int]], dict[str, int]]:
+    """A replica of 2 trunks and 2 shard actors with these engine settings: each prompt's greedy tokens, streamed at
+    once, and the replica's stats after."""
+    from ray import serve
+
+    from herd.workers.serve_app import build_app
+
+    settings = HerdSettings.load(models=[{
+        "name": APP, "path": str(tiny), "shards": 2, "trunks": 2, "transport": "collective", "shard_restarts": 0,
+        "engine": engine, "deployment": {"num_replicas": 1}}], tenancy={"auth": False})
+    handle = serve.run(build_app(app_args(settings.models[0], settings)), name=APP, route_prefix=None)
+
+    async def main() -> tuple[list[list[int]], dict[str, int]]:
+        await handle.model_card.remote()
+        stream = handle.options(stream=True)
+        outputs = list(await asyncio.gather(*(_generate(stream, p, max_tokens) for p in prompts)))
+        return outputs, await handle.stats.remote()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        serve.delete(APP)
+
+
+async def _generate(stream: Any, ids: list[int], max_tokens: int) -> list[int]:
     request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), tenant=pb.TenantContext(tenant_id="t"),
-                                 sampling=pb.SamplingOptions(max_tokens=8, temperature=0, ignore_eos=True))
+                                 sampling=pb.SamplingOptions(max_tokens=max_tokens, temperature=0, ignore_eos=True))
     out: list[int] = []
     async for data in stream.generate.remote(request.SerializeToString()):
         out.extend(pb.GenerateChunk.FromString(data).token_ids)
@@ -44,27 +69,8 @@ async def _generate(stream: Any, ids: list[int]) -> list[int]:
 
 
 def test_a_replica_of_two_trunks_serves_the_single_process_tokens(ray_session: Any, tiny: Path) -> None:
-    from ray import serve
-
-    from herd.workers.serve_app import build_app
-
-    settings = HerdSettings.load(models=[{
-        "name": APP, "path": str(tiny), "shards": 2, "trunks": 2, "transport": "collective", "shard_restarts": 0,
-        "engine": {"kv_cache_mb": KV_MB, "micro_batches": 2}, "deployment": {"num_replicas": 1}}],
-        tenancy={"auth": False})
-    handle = serve.run(build_app(app_args(settings.models[0], settings)), name=APP, route_prefix=None)
     prompts = _prompts()
-
-    async def main() -> tuple[list[list[int]], dict[str, int]]:
-        await handle.model_card.remote()
-        stream = handle.options(stream=True)
-        outputs = list(await asyncio.gather(*(_generate(stream, p) for p in prompts)))
-        return outputs, await handle.stats.remote()
-
-    try:
-        got, stats = asyncio.run(main())
-    finally:
-        serve.delete(APP)
+    got, stats = _serve(tiny, {"kv_cache_mb": KV_MB, "micro_batches": 2}, prompts, 8)
     alone = LLMEngine(load_model(tiny, progress=False), Tokenizer.from_pretrained(tiny),
                       EngineConfig(kv_cache_mb=KV_MB))
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -72,6 +78,24 @@ def test_a_replica_of_two_trunks_serves_the_single_process_tokens(ray_session: A
     one = alone.stats().kv_blocks
     assert {g: stats[f"kv_blocks_total_{g}"] for g in one} == {g: 2 * n for g, n in one.items()}  # both trunks' KV
     assert stats["kv_blocks_held"] == 0
+
+
+def test_a_replica_of_two_trunks_serves_a_sequence_longer_than_one_trunks_kv(ray_session: Any, tiny: Path) -> None:
+    """Context parallelism served: each trunk's cache holds 8 global blocks (128 tokens), the prompt and its tokens
+    200; the replica serves it (global KV on both trunks), with the single-process tokens."""
+    small = {"kv_cache_mb": 212992 / 2**20, "max_num_seqs": 2, "max_num_batched_tokens": 32, "max_model_len": 224}
+    prompt = torch.randint(5, 400, (180,), generator=torch.Generator().manual_seed(7)).tolist()
+    (got,), stats = _serve(tiny, {**small, "context_parallel": 2}, [prompt], 20)
+    alone = LLMEngine(load_model(tiny, progress=False), Tokenizer.from_pretrained(tiny),
+                      EngineConfig(max_num_seqs=2, max_num_batched_tokens=32, max_model_len=224))
+    assert got == alone.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].token_ids
+    assert stats["kv_blocks_total_full"] == 16 and stats["kv_blocks_held"] == 0
+
+
+def test_context_parallelism_spans_every_trunk_or_none(tiny: Path) -> None:
+    with pytest.raises(ValueError, match=r"engine\.context_parallel is 3"):
+        ReplicaArgs.model_validate({"name": "m", "path": str(tiny), "shards": 2, "trunks": 2,
+                                    "transport": "collective", "engine": {"context_parallel": 3}})
 
 
 @pytest.mark.parametrize(("extra", "words"), [

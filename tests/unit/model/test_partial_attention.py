@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from herd.model.causal_attention import attend
-from herd.model.partial_attention import attend_partial, merge_partials
+from herd.model.partial_attention import attend_partial, combine_partials, merge_partials
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
@@ -45,6 +45,17 @@ def test_merged_parts_equal_attention_over_all_keys(seed, heads, kv_heads, chunk
     merged = merge_partials(_partials(q, k, v, qp, kp, chunk, _split(k.shape[0], parts, seed)))
     assert merged.dtype == torch.float32
     torch.testing.assert_close(merged, whole, **TOLERANCE)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_combined_parts_are_a_part_again_with_the_unions_log_sum_exp(seed):
+    """Merging in two levels ((A, B), C) equals merging A, B, C at once: combine_partials' lse is the union's."""
+    q, k, v, qp, kp = _case(seed, 4, 2)
+    a, b, c = _partials(q, k, v, qp, kp, None, _split(k.shape[0], 3, seed))
+    ab = combine_partials([a, b])
+    torch.testing.assert_close(merge_partials([ab, c]), merge_partials([a, b, c]), **TOLERANCE)
+    torch.testing.assert_close(ab[1], torch.logaddexp(a[1], b[1]), **TOLERANCE)
+    torch.testing.assert_close(combine_partials([a, b, c])[1], attend_partial(q, k, v, qp, kp, None)[1], **TOLERANCE)
 
 
 def test_one_part_is_attention_itself():

@@ -11,7 +11,7 @@ from herd.platform.capacity.cli import load_model_config
 from herd.platform.capacity.gpus import gpu_type
 from herd.platform.capacity.memory import Workload, kv_bytes, trunk_activation_bytes
 from herd.platform.capacity.plan import Plan, plan
-from herd.platform.capacity.report import NOT_SERVED
+from herd.platform.capacity.report import CONTEXT_PARALLEL
 from herd.platform.capacity.search import Search, search
 
 H100, H200 = gpu_type("h100"), gpu_type("h200")
@@ -34,7 +34,7 @@ def ten_million() -> Search:
 
 def test_one_trunk_is_todays_plan():
     one = _plan(1)
-    assert [g.role for g in one.gpus] == ["trunk"] + [f"shard {s}" for s in range(7)] and one.served
+    assert [g.role for g in one.gpus] == ["trunk"] + [f"shard {s}" for s in range(7)]
     assert (one.largest_context, one.largest_batch, one.tensor_parallel_context) == (1_994_679, 65, 4_292_032)
 
 
@@ -45,7 +45,6 @@ def test_two_trunks_double_the_batch_and_keep_one_sequences_context():
     assert sorted(e for g in two.gpus for e in g.experts) == list(range(16))
     assert two.largest_context == one.largest_context, "without context parallelism a sequence lives on one trunk"
     assert two.largest_batch == 2 * one.largest_batch
-    assert two.served and not _plan(2, context_parallel=True).served  # M:N is served; context parallelism not yet
 
 
 def test_context_parallelism_splits_the_global_layers_kv_over_the_trunks():
@@ -68,7 +67,7 @@ def test_scout_bf16_kv_on_8_h200_reaches_past_a_tensor_parallel_engine(ten_milli
     assert best.largest_context >= best.tensor_parallel_context == 4_292_032
     assert best.largest_context == TEN_M and best.fits
     assert (best.trunks, best.shards, best.context_parallel) == (6, 2, True)
-    assert max(p.largest_context for p in bf16 if p.served) == 1_994_679, "one trunk stops at 2.0M"
+    assert max(p.largest_context for p in bf16 if not p.context_parallel) == 1_994_679, "one trunk stops at 2.0M"
 
 
 def test_ten_million_tokens_fit_8_h200_with_fp8_kv_and_context_parallelism(ten_million):
@@ -91,7 +90,7 @@ def test_herd_plan_search_reports_the_layouts_and_how_far_an_impossible_request_
     assert best["kv_dtype"] == "fp8" and 0 < best["largest_context"] < TEN_M
     assert main([*args, "--search"]) == 1
     out = capsys.readouterr().out
-    assert f"NO LAYOUT FITS 1 x {TEN_M} tokens" in out and NOT_SERVED in out
+    assert f"NO LAYOUT FITS 1 x {TEN_M} tokens" in out and CONTEXT_PARALLEL in out
     assert f"({TEN_M - best['largest_context']} tokens short)" in out and "GiB over" in out
 
 
@@ -101,7 +100,7 @@ def test_herd_plan_trunks_prints_the_layout_and_refuses_a_layout_without_shards(
     assert main(["plan", "--model", "scout", "--gpu", "h200", "--gpus", "8", "--trunks", "6", "--context-parallel",
                  "--context", str(TEN_M)]) == 0
     out = capsys.readouterr().out
-    assert "layout: 6 trunk(s) : 2 shard(s), context parallel, KV bf16" in out and NOT_SERVED in out
+    assert "layout: 6 trunk(s) : 2 shard(s), context parallel, KV bf16" in out and CONTEXT_PARALLEL in out
     assert "trunk 5" in out and "FITS" in out
     assert main(["plan", "--model", "scout", "--gpus", "8", "--trunks", "8"]) == 2
     assert "trunks must be 1, or fewer than the 8 GPUs" in capsys.readouterr().err
