@@ -9,8 +9,9 @@ checkpoint widened to `--hidden-size` (bench/lora.py's widening) so that both si
 `--micro-batches` (`EngineConfig.micro_batches`): while one micro-batch's rows are at the shards, the trunk runs
 the other's attention. Rounds alternate the two engines (`--repeats` after a warm-up round), so load on a shared
 machine falls on both alike; the table shows medians over rounds. With several trunks every trunk runs the same
-prompts: the trunks then step in lockstep by construction (the engine does not yet coordinate trunks with
-different work), and the table shows trunk 0's times (each trunk's are printed to stderr).
+prompts: the trunks then step in lockstep by construction (the bench drives each trunk's engines itself, not
+through herd.engine.trunk_group, to time the two schedules apart), and the table shows trunk 0's times (each
+trunk's are printed to stderr).
 
 Per decode step (the steps after every sequence has its first token): wall time; the trunk's wait for the shards
 (TransportStats.wait_s: shard time the trunk did not hide); and the overlapped share = 1 - wait with ping-pong /

@@ -28,7 +28,8 @@ log-sum-exp (flash-attention's) would be the fast one, and is not written.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
@@ -36,6 +37,8 @@ from typing import Protocol
 import torch
 from torch._C._distributed_c10d import Work
 
+from herd.engine.errors import Code, HerdError
+from herd.engine.fault_hold import EXPERTS_LOST
 from herd.engine.kv_cache_manager import KVCacheManager
 from herd.engine.paged_kv import PagedKVCache
 from herd.engine.scheduler import ScheduledChunk
@@ -198,6 +201,10 @@ class SpreadAttention:
     def start(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Ship every peer its rows and queries, keep what the peers ship here, answer their queries; the answers to
         ours are then in flight (`finish` waits for them). The step's own k/v are written already."""
+        with _exchanging():
+            self._start(layer, q, k, v)
+
+    def _start(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         requests = {p: self._request(part, q, k, v) for p, part in self.parts.items()}
         incoming = self._exchange(layer, requests)
         works: list[Work] = []
@@ -222,10 +229,12 @@ class SpreadAttention:
     def finish(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
         """The spread rows' attention into out [N, Q, D]: home part merged with the peers' answers."""
         if not self.rows.numel():
-            self._wait(self._pending)  # only our answers to the peers
+            with _exchanging():
+                self._wait(self._pending)  # only our answers to the peers
             return
         parts = [self._attend(layer, q.index_select(0, self.rows), self.q_meta, self.home_blocks)]  # q [R, N, D]
-        self._wait(self._pending)
+        with _exchanging():
+            self._wait(self._pending)
         for peer, (answer, lse) in self._replies.items():
             index = self.parts[peer].queries
             full_out = answer.new_zeros(self.rows.shape[0], *answer.shape[1:])  # [R, N, D]
@@ -293,3 +302,14 @@ class SpreadAttention:
     def _wait(self, works: list[Work]) -> None:
         for work in works:
             self.cp.link.wait(work, timeout_s=self.cp.timeout_s)
+
+
+@contextmanager
+def _exchanging() -> Iterator[None]:
+    """A failed link (a trunk gone, or late past the timeout) is a step error that no wait cures: the group is broken,
+    the replica restarts, and the gateway continues its requests elsewhere."""
+    try:
+        yield
+    except RuntimeError as err:
+        raise HerdError(Code.UNAVAILABLE, f"a trunk of this replica failed in the context-parallel exchange: {err}",
+                        reason=EXPERTS_LOST) from err

@@ -14,6 +14,12 @@ The group offers what herd.engine.async_engine's AsyncLLMEngine drives of an LLM
 core_step, the outputs' processing, finish_stopped, stats), so a replica serves M trunks as it serves one; each
 trunk's outputs go through its own engine's output processor.
 
+With context parallelism (EngineConfig.context_parallel = M, and each trunk's link to the others) the trunks'
+global-layer block pools are one (herd.engine.shared_blocks): a sequence may outgrow its trunk's memory, its
+attention computed where its blocks are (herd.engine.context_parallel). The trunks then lay out their steps and keep
+their books under one lock (ModelRunner.kv_lock), and run their forwards at once as ever; requests asking for n > 1
+or best_of > 1 are refused (a choice's copy-on-write copy would have to be made on the trunk holding the block).
+
 Supported: the engine features that keep a step's forwards to K micro-batches. Refused: static decode / CUDA graphs
 (a captured graph is one whole step), async scheduling, an EAGLE-3 head (its steps run whole), LoRA (adapters on
 the shards are trunk 0's to load). A trunk whose step fails breaks the group for its peers too (their collectives

@@ -44,6 +44,8 @@ SMOKE = {
                 "vs base |", lambda tmp: []),
     "ping_pong.py": ("| schedule | sequences | decode steps | step ms (median) | shard wait ms / step |",
                      lambda tmp: []),
+    "context_parallel.py": ("| run | context | global blocks on the peer | prefill s | decode step ms (median) |",
+                            lambda tmp: []),
     "soak.py": ("| t_s | gateway_mib | replica_mib | shard0_mib | shard1_mib | kv_blocks |", lambda tmp: []),
     "recovery.py": ("| transport | kills | recovery s (median) |",
                     lambda tmp: ["--checkpoint", str(tmp / "scout"), "--log-dir", str(tmp / "logs")]),

@@ -12,6 +12,7 @@ import torch
 
 from herd.engine import EngineConfig, LLMEngine, SamplingParams
 from herd.engine import context_parallel as cp_module
+from herd.engine.speculative.config import SpeculativeConfig
 from herd.engine.trunk_group import TrunkGroup
 from herd.model.tiny import make_tiny
 from herd.workers.collective import CollectiveGroup, open_rendezvous
@@ -144,6 +145,24 @@ def test_three_trunks_hold_one_sequence_between_them(tiny):
             link.close()
 
 
+def test_draft_tokens_of_a_spread_sequence_are_verified_exactly(tiny):
+    """Prompt lookup's drafts on the long sequence: its verifying chunks attend through the exchange too."""
+    prompt = torch.randint(3, 500, (LONG,), generator=torch.Generator().manual_seed(5)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    expected = LLMEngine.from_pretrained(tiny, EngineConfig(max_num_seqs=2, max_num_batched_tokens=32,
+                                                            max_model_len=224)).generate([prompt], params)
+    group, links = _group(tiny, speculative=SpeculativeConfig(method="ngram", num_tokens=4,
+                                                                prompt_lookup_min=1))  # one token seen before: a draft
+    try:
+        (got,) = group.generate([prompt], params)
+        assert got.token_ids == expected[0].token_ids
+        assert got.draft_tokens > 0 and group.engines[1].stats().kv_blocks_used["full"] == 0
+    finally:
+        group.close()
+        for link in links:
+            link.close()
+
+
 def test_without_the_peers_answers_the_long_sequence_goes_wrong(tiny, monkeypatch):
     prompts = [_prompt(0, LONG), _prompt(1, SHORT)]
     expected = _reference(tiny, prompts)
@@ -158,6 +177,26 @@ def test_without_the_peers_answers_the_long_sequence_goes_wrong(tiny, monkeypatc
         group.close()
         for link in links:
             link.close()
+
+
+def test_a_trunk_gone_fails_the_long_request_at_once_and_frees_its_blocks(tiny):
+    """Trunk 1's link breaks while trunk 0's sequence holds blocks there: the exchange fails, the request ends with
+    UNAVAILABLE / experts_lost (the gateway continues it elsewhere; the replica restarts), no hang."""
+    group, links = _group(tiny)
+    try:
+        rid = group.add_request(_prompt(4, LONG), _params())
+        while group.engines[1].stats().kv_blocks_used["full"] == 0:
+            group.step()
+        links[1].close()
+        final = None
+        while group.has_unfinished():
+            final = next((out for out in group.step() if out.finished), final)
+        assert final is not None and final.request_id == rid and final.finish_reason == "error"
+        assert final.error.code.value == "UNAVAILABLE" and final.error.reason == "experts_lost"
+        assert group.stats().kv_blocks_held == 0
+    finally:
+        group.close()
+        links[0].close()
 
 
 def test_context_parallelism_refuses_what_it_cannot_serve(tiny):
