@@ -13,11 +13,15 @@ wall time and the median decode step, and each one's ratio to the baseline's in 
 machine both trunks share the cores, so the spread sequence's peer attention does not run beside anything: the
 ratio is the exchange's cost here, not on a GPU pair.
 
+A second table shows the host's cost of planning a spread sequence's step at long contexts (`--plan-contexts`, up to
+10M tokens): the incremental index (herd.engine.spread_index) against walking the whole block table.
+
 Checks (exit 1 when one fails): the three give the same tokens, every round; the spread run's sequence really held
 blocks on the other trunk.
 
     .venv/bin/python bench/context_parallel.py [--preset scout|maverick] [--hidden-size 512] [--layers 4] ...
-                                               [--context 2048] [--output-tokens 32] [--repeats 5] [--smoke]
+                                               [--context 2048] [--output-tokens 32] [--repeats 5]
+                                               [--plan-contexts 65536 1048576 10485760] [--plan-steps 64] [--smoke]
 """
 
 from __future__ import annotations
@@ -39,8 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common
 from bench.common import machine, parse_args_with_smoke, print_command
 from bench.lora import add_width_arguments, make_prompts, wide_checkpoint
 from herd.engine import EngineConfig, LLMEngine, SamplingParams
+from herd.engine.block_pool import BlockPool
 from herd.engine.kv_cache_manager import FULL
 from herd.engine.paged_kv import bytes_per_block
+from herd.engine.sequence import Sequence
+from herd.engine.shared_blocks import SharedBlocks
+from herd.engine.spread_index import SpreadIndex
 from herd.engine.trunk_group import TrunkGroup
 from herd.model import load_config
 from herd.model.config import TextConfig
@@ -118,14 +126,49 @@ def table(runs: list[Run], context: int) -> str:
     return "\n".join(lines)
 
 
+PLAN_HEADER = "| context tokens | global blocks | index, per decode step (us, median) | whole-table walk (ms, median) |"
+
+
+def planning_table(contexts: list[int], steps: int) -> str:
+    """The host's cost of knowing where a spread sequence's blocks are, per decode step: the index (what changed)
+    against walking the whole table (what planning did before it), for sequences half on each of 2 trunks."""
+    block = EngineConfig().block_size
+    lines = [PLAN_HEADER, "|---:|---:|---:|---:|"]
+    for context in contexts:
+        blocks = -(-context // block)
+        shared = SharedBlocks([BlockPool(blocks // 2 + steps + 1) for _ in range(2)])
+        view = shared.view(0)
+        table: list[int | None] = [view.allocate() for _ in range(blocks)]
+        index = SpreadIndex(view, block, torch.device("cpu"))
+        seq = Sequence(request_id="long", prompt_ids=[1] * context, params=SamplingParams())
+        index.blocks(seq, table)  # the first time walks it all, once
+        indexed, walked = [], []
+        for step in range(steps):
+            if step % block == 0:
+                table.append(view.allocate())  # a decode fills a block every `block` steps
+            start = time.perf_counter()
+            index.blocks(seq, table)
+            indexed.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            [view.holder(b) for b in table]  # type: ignore[arg-type]  # the walk the index replaces
+            walked.append(time.perf_counter() - start)
+        lines.append(f"| {context} | {blocks} | {statistics.median(indexed) * 1e6:.1f} | "
+                     f"{statistics.median(walked) * 1e3:.2f} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_width_arguments(parser)
     parser.add_argument("--context", type=int, default=2048, help="prompt tokens of the long sequence")
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--plan-contexts", type=int, nargs="+", default=[65536, 1048576, 10485760],
+                        help="contexts whose per-step planning cost the second table shows")
+    parser.add_argument("--plan-steps", type=int, default=64)
     return parse_args_with_smoke(parser, argv, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128,
-                                 head_dim=16, context=96, output_tokens=4, repeats=1)
+                                 head_dim=16, context=96, output_tokens=4, repeats=1, plan_contexts=[4096],
+                                 plan_steps=4)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nFAILED: the spread run held nothing on the other trunk (or the roomy one did)")
         return 1
     print(f"\nall three give the same {len(runs[0].tokens)} tokens; the spread sequence held {runs[2].lent} global "
-          "blocks on the other trunk")
+          "blocks on the other trunk\n")
+    print(planning_table(args.plan_contexts, args.plan_steps))
     return 0
 
 

@@ -2,22 +2,24 @@
 paged caches attends where its keys are, and the parts merge exactly.
 
 Legend: M trunks, N query heads, K key/value heads, D head dim, B tokens per block, Q query rows asked of a peer,
-L key blocks read there, W new tokens' k/v it keeps.
+L key blocks read there, S spread chunks asked of it (segments), W new tokens' k/v it keeps.
 
 The blocks come from the pool the trunks share (herd.engine.shared_blocks): a block id of a trunk's tables says
 which trunk holds it. A step's chunks whose global blocks are all home attend as ever (herd.engine.paged_attention);
-the others, `spread` chunks, are planned here once per step (`plan`), and at every global layer:
+the others, `spread` chunks, are planned here once per forward (`plan`; herd.engine.spread_index keeps where each
+sequence's blocks are, so planning costs what changed, not the context), and at every global layer:
   1. each new token's k/v is written where its block is: home blocks by the step's own write, and for each peer the
      rows it keeps are shipped to it;
-  2. the chunk's queries go to every peer that holds any of its blocks, with those blocks (block id there, first
-     position, the chunk's segment in the request); the peer writes the rows shipped, reads those blocks from its
-     cache and answers each query's partial attention and log-sum-exp (herd.model.partial_attention) over them,
-     a query seeing the keys of its own segment up to its own position;
+  2. the chunk's queries go to every peer that holds any of its blocks; at the forward's first global layer, with
+     those blocks (block id there, first position) and how many belong to each chunk (its segment in the request),
+     which the peer keeps for the forward's other global layers; the peer writes the rows shipped, reads those
+     blocks from its cache and answers each query's partial attention and log-sum-exp (herd.model.partial_attention)
+     over them, a query seeing the keys of its own segment up to its own position;
   3. the owner attends the same queries over its home blocks and merges its part with the answers.
 Every global layer of every forward is one exchange of each trunk with every other, headers always (lockstep: a
 trunk with nothing to ask or answer still says so, as an idle trunk's empty micro-batches do), payloads when the
 headers announce them; all sends and receives of a phase are posted before any is waited on, so no order of peers
-deadlocks. Tags `TAG_BASE + 8 * layer + purpose` keep layers apart; the micro-batches of one step exchange in the
+deadlocks. Tags `TAG_BASE + 16 * layer + purpose` keep layers apart; the micro-batches of one step exchange in the
 same order on every trunk (herd.model.micro_batch), so their messages never cross.
 
 The link is the replica's collective group (herd.workers.collective: gloo here, NCCL on GPUs, untested); the trunks
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
@@ -39,10 +41,11 @@ from torch._C._distributed_c10d import Work
 
 from herd.engine.errors import Code, HerdError
 from herd.engine.fault_hold import EXPERTS_LOST
-from herd.engine.kv_cache_manager import KVCacheManager
+from herd.engine.kv_cache_manager import FULL, KVCacheManager
 from herd.engine.paged_kv import PagedKVCache
 from herd.engine.scheduler import ScheduledChunk
 from herd.engine.shared_blocks import SharedBlockView
+from herd.engine.spread_index import SpreadIndex
 from herd.model.partial_attention import attend_partial_masked, combine_partials, merge_partials
 
 TAG_BASE = 1 << 16  # clear of the small tags the expert transport uses on the same group
@@ -57,14 +60,15 @@ class Purpose(IntEnum):
     QUERIES = 1
     QUERY_META = 2
     KEY_BLOCKS = 3
-    WRITES = 4
-    WRITE_SLOTS = 5
-    OUT = 6
-    LSE = 7
+    KEY_COUNTS = 4
+    WRITES = 5
+    WRITE_SLOTS = 6
+    OUT = 7
+    LSE = 8
 
 
 def tag(layer: int, purpose: Purpose) -> int:
-    return TAG_BASE + 8 * layer + int(purpose)
+    return TAG_BASE + 16 * layer + int(purpose)
 
 
 class PeerLink(Protocol):
@@ -79,10 +83,10 @@ class PeerLink(Protocol):
     def wait(self, work: Work, *, timeout_s: float | None = None) -> None: ...
 
 
-@dataclass(frozen=True)
+@dataclass
 class ContextParallel:
-    """One trunk's part in context parallelism: its link to the other trunks (ranks 0..trunks-1) and its view of the
-    shared global-layer blocks."""
+    """One trunk's part in context parallelism: its link to the other trunks (ranks 0..trunks-1), its view of the
+    shared global-layer blocks, and the index of where its sequences' blocks are."""
 
     link: PeerLink
     trunks: int
@@ -91,19 +95,44 @@ class ContextParallel:
     kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    index: SpreadIndex
     timeout_s: float | None = None
 
     @property
     def peers(self) -> list[int]:
         return [t for t in range(self.trunks) if t != self.link.rank]
 
+    def spread(self, chunks: Sequence[ScheduledChunk], kv: KVCacheManager) -> set[int]:
+        """Indices of the chunks whose global blocks are not all at home."""
+        self.index.forget_finished()
+        return {i for i, chunk in enumerate(chunks)
+                if self.index.trunks(chunk.seq, kv.table(chunk.seq, FULL)) - {self.link.rank}}
+
+
+@dataclass
+class _Keys:
+    """Blocks one side attends over, by segment: [2, L] (block id, first position) and blocks per segment [S]."""
+
+    blocks: torch.Tensor
+    counts: torch.Tensor
+
+    def expand(self, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every key's cache slot, position and segment [L*B] each."""
+        offsets = torch.arange(block, device=self.blocks.device)
+        slots = (self.blocks[0, :, None] * block + offsets).flatten()
+        positions = (self.blocks[1, :, None] + offsets).flatten()
+        segments = torch.repeat_interleave(torch.arange(self.counts.shape[0], device=self.counts.device),
+                                           self.counts * block)
+        return slots, positions, segments
+
 
 @dataclass
 class _PeerPart:
-    """What one step asks of one peer at every global layer."""
+    """What one forward asks of one peer."""
 
     queries: torch.Tensor  # [Q] indices into the spread rows
-    key_blocks: torch.Tensor  # [3, L] int64: block id at the peer, first position, segment
+    q_meta: torch.Tensor  # [2, Q] position, segment (the chunk's index among those asked of this peer)
+    keys: _Keys
     write_rows: torch.Tensor  # [W] rows of the step whose k/v the peer keeps
     write_slots: torch.Tensor  # [W] their slots in the peer's cache
 
@@ -114,88 +143,76 @@ class _Request:
 
     q: torch.Tensor  # [Q, N, D]
     q_meta: torch.Tensor  # [2, Q] int64: position, segment
-    key_blocks: torch.Tensor  # [3, L] int64
+    key_blocks: torch.Tensor  # [2, L] int64 (L 0 past the forward's first global layer)
+    key_counts: torch.Tensor  # [S] int64 (likewise)
     writes: torch.Tensor  # [2, W, K, D]: keys, values
     write_slots: torch.Tensor  # [W] int64
 
     def header(self) -> torch.Tensor:
-        return torch.tensor([self.q.shape[0], self.key_blocks.shape[1], self.write_slots.shape[0]],
-                            dtype=torch.int64, device=self.q.device)  # [3]
+        sizes = [self.q.shape[0], self.key_blocks.shape[1], self.key_counts.shape[0], self.write_slots.shape[0]]
+        return torch.tensor(sizes, dtype=torch.int64, device=self.q.device)  # [4]
 
     def payload(self) -> list[tuple[torch.Tensor, Purpose]]:
         return [(self.q, Purpose.QUERIES), (self.q_meta, Purpose.QUERY_META), (self.key_blocks, Purpose.KEY_BLOCKS),
-                (self.writes, Purpose.WRITES), (self.write_slots, Purpose.WRITE_SLOTS)]
+                (self.key_counts, Purpose.KEY_COUNTS), (self.writes, Purpose.WRITES),
+                (self.write_slots, Purpose.WRITE_SLOTS)]
 
 
-def is_spread(chunk: ScheduledChunk, kv: KVCacheManager, group: str) -> bool:
-    """Whether any global block the chunk reads or writes is held by another trunk (its id is past the scratch)."""
-    table = kv.table(chunk.seq, group)
-    last = -(-(chunk.start + chunk.num_tokens) // kv.block_size)
-    home = kv.layout.num_blocks[group]
-    return max((b for b in table[:last] if b is not None), default=0) > home
+@dataclass
+class _Plan:
+    """A forward's spread chunks laid out: what the owner attends at home and asks of each peer."""
+
+    rows: list[int] = field(default_factory=list)  # step rows of the spread chunks' tokens
+    positions: list[int] = field(default_factory=list)
+    segments: list[int] = field(default_factory=list)  # each row's chunk, among the spread ones
+    home: list[torch.Tensor] = field(default_factory=list)  # each spread chunk's home blocks [2, L]
+    asked: dict[int, list[tuple[range, torch.Tensor]]] = field(default_factory=dict)  # peer: (spread rows, blocks)
+    writes: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)  # peer: (step rows, slots there)
 
 
 class SpreadAttention:
     """One forward's global-layer exchange: the spread chunks' plan, and every layer's part in the exchange."""
 
     def __init__(self, cp: ContextParallel, cache: PagedKVCache, rows: torch.Tensor, q_meta: torch.Tensor,
-                 home_blocks: torch.Tensor, parts: dict[int, _PeerPart]) -> None:
+                 home: _Keys, parts: dict[int, _PeerPart]) -> None:
         self.cp, self.cache = cp, cache
         self.rows = rows  # [R] rows of the step that are spread chunks' tokens
         self.q_meta = q_meta  # [2, R] position, segment
-        self.home_blocks = home_blocks  # [3, L] the spread chunks' home blocks
+        self.home = home
         self.parts = parts
+        self._first = True  # the forward's first global layer: the blocks travel with it
+        self._home_keys: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._peer_keys: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # what each peer asks of us
         self._pending: list[Work] = []
         self._replies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def plan(cls, cp: ContextParallel, chunks: Sequence[ScheduledChunk], spread: set[int], kv: KVCacheManager,
-             cache: PagedKVCache, group: str, device: torch.device) -> SpreadAttention:
-        """The exchange of a step whose chunks `spread` (indices) have global blocks elsewhere."""
-        block = kv.block_size
-        rows: list[int] = []
-        meta: list[tuple[int, int]] = []
-        home: list[tuple[int, int, int]] = []
-        asked: dict[int, list[int]] = {p: [] for p in cp.peers}
-        keys: dict[int, list[tuple[int, int, int]]] = {p: [] for p in cp.peers}
-        writes: dict[int, tuple[list[int], list[int]]] = {p: ([], []) for p in cp.peers}
+             cache: PagedKVCache, device: torch.device) -> SpreadAttention:
+        """The exchange of a forward whose chunks `spread` (indices) have global blocks elsewhere."""
+        block, plan = kv.block_size, _Plan(asked={p: [] for p in cp.peers}, writes={p: ([], []) for p in cp.peers})
         row = 0
         for index, chunk in enumerate(chunks):
             first, end = chunk.start, chunk.start + chunk.num_tokens
-            if index not in spread:
-                row += chunk.num_tokens
-                continue
-            segment = len(rows)  # unique per chunk within the step
-            spread_rows = range(len(rows), len(rows) + chunk.num_tokens)
-            rows += range(row, row + chunk.num_tokens)
-            meta += [(p, segment) for p in range(first, end)]
-            table = kv.table(chunk.seq, group)
-            holders = set()
-            for i, block_id in enumerate(table[: -(-end // block)]):
-                assert block_id is not None, "a global table holds every block"
-                trunk, local = cp.blocks.holder(block_id)
-                (home if trunk == cp.link.rank else keys[trunk]).append((local, i * block, segment))
-                holders.add(trunk)
-            for p in range(first, end):
-                trunk, local = cp.blocks.holder(table[p // block])  # type: ignore[arg-type]
-                if trunk != cp.link.rank:
-                    writes[trunk][0].append(row + p - first)
-                    writes[trunk][1].append(local * block + p % block)
-            for trunk in holders - {cp.link.rank}:
-                asked[trunk] += spread_rows
+            if index in spread:
+                table = kv.table(chunk.seq, FULL)
+                held = cp.index.blocks(chunk.seq, table)
+                spread_rows = range(len(plan.rows), len(plan.rows) + chunk.num_tokens)
+                plan.segments += [len(plan.home)] * chunk.num_tokens
+                plan.rows += range(row, row + chunk.num_tokens)
+                plan.positions += range(first, end)
+                plan.home.append(held.get(cp.link.rank, torch.empty(2, 0, dtype=torch.long, device=device)))
+                for trunk, blocks in held.items():
+                    if trunk != cp.link.rank:
+                        plan.asked[trunk].append((spread_rows, blocks))
+                for p in range(first, end):  # the new tokens (a few): where each one's k/v goes
+                    trunk, local = cp.blocks.holder(table[p // block])  # type: ignore[arg-type]
+                    if trunk != cp.link.rank:
+                        plan.writes[trunk][0].append(row + p - first)
+                        plan.writes[trunk][1].append(local * block + p % block)
             row += chunk.num_tokens
-
-        def ints(values: Sequence[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).to(device)
-
-        def columns(records: Sequence[tuple[int, ...]], width: int) -> torch.Tensor:
-            """Records of `width` ints -> [width, len] (built whole: a transposed view is not laid out to send)."""
-            return torch.tensor([list(c) for c in zip(*records, strict=True)] if records else [[]] * width,
-                                dtype=torch.long).to(device)
-
-        parts = {p: _PeerPart(ints(asked[p]), columns(keys[p], 3), ints(writes[p][0]), ints(writes[p][1]))
-                 for p in cp.peers}
-        return cls(cp, cache, ints(rows), columns(meta, 2), columns(home, 3), parts)
+        return cls(cp, cache, _ints(plan.rows, device), _ints([plan.positions, plan.segments], device),
+                   _keys(plan.home, device), {p: _peer_part(plan, p, device) for p in cp.peers})
 
     # --- a global layer ---------------------------------------------------------------------------------------------
     def start(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -203,6 +220,7 @@ class SpreadAttention:
         ours are then in flight (`finish` waits for them). The step's own k/v are written already."""
         with _exchanging():
             self._start(layer, q, k, v)
+        self._first = False
 
     def _start(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         requests = {p: self._request(part, q, k, v) for p, part in self.parts.items()}
@@ -211,10 +229,12 @@ class SpreadAttention:
         for request in incoming.values():
             self.cache.write(layer, request.write_slots, request.writes[0], request.writes[1])
         for peer, request in incoming.items():
+            if self._first:
+                self._peer_keys[peer] = _Keys(request.key_blocks, request.key_counts).expand(self.cache.block_size)
             if request.q.shape[0]:
-                out, lse = self._answer(layer, request)
-                works += [self.cp.link.send(out, peer, tag(layer, Purpose.OUT)),
-                          self.cp.link.send(lse, peer, tag(layer, Purpose.LSE))]
+                out, lse = self._attend(layer, request.q, request.q_meta, self._peer_keys[peer])
+                works += [self.cp.link.send(out.contiguous(), peer, tag(layer, Purpose.OUT)),
+                          self.cp.link.send(lse.contiguous(), peer, tag(layer, Purpose.LSE))]
         self._replies = {}
         for peer, part in self.parts.items():
             asked = part.queries.shape[0]
@@ -232,7 +252,9 @@ class SpreadAttention:
             with _exchanging():
                 self._wait(self._pending)  # only our answers to the peers
             return
-        parts = [self._attend(layer, q.index_select(0, self.rows), self.q_meta, self.home_blocks)]  # q [R, N, D]
+        if self._home_keys is None:
+            self._home_keys = self.home.expand(self.cache.block_size)
+        parts = [self._attend(layer, q.index_select(0, self.rows), self.q_meta, self._home_keys)]  # q [R, N, D]
         with _exchanging():
             self._wait(self._pending)
         for peer, (answer, lse) in self._replies.items():
@@ -245,39 +267,28 @@ class SpreadAttention:
     # --- inside -----------------------------------------------------------------------------------------------------
     def _request(self, part: _PeerPart, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _Request:
         rows = self.rows.index_select(0, part.queries)
-        return _Request(q.index_select(0, rows).contiguous(), self.q_meta.index_select(1, part.queries).contiguous(),
-                        part.key_blocks, torch.stack([k.index_select(0, part.write_rows),
-                                                      v.index_select(0, part.write_rows)]).contiguous(),
-                        part.write_slots)
+        keys = part.keys if self._first else _Keys(part.keys.blocks[:, :0], part.keys.counts[:0])
+        return _Request(q.index_select(0, rows).contiguous(), part.q_meta, keys.blocks, keys.counts,
+                        torch.stack([k.index_select(0, part.write_rows),
+                                     v.index_select(0, part.write_rows)]).contiguous(), part.write_slots)
 
     def _attend(self, layer: int, q: torch.Tensor, q_meta: torch.Tensor,
-                key_blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries [Q, N, D] at (position, segment) q_meta [2, Q] over the blocks [3, L] held here -> partial
-        (out [Q, N, D], lse [Q, N]) float32; MAX_KEYS keys at a time, so the scores stay [N, Q, MAX_KEYS]."""
-        per = max(1, MAX_KEYS // self.cache.block_size)
-        pieces = [self._attend_piece(layer, q, q_meta, key_blocks[:, i : i + per])
-                  for i in range(0, max(key_blocks.shape[1], 1), per)]
+                keys: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries [Q, N, D] at (position, segment) q_meta [2, Q] over the keys (slot, position, segment) [S] each
+        held here -> partial (out [Q, N, D], lse [Q, N]) float32; MAX_KEYS keys at a time."""
+        slots, positions, segments = keys
+        pieces = []
+        for i in range(0, max(slots.shape[0], 1), MAX_KEYS):
+            piece = slice(i, i + MAX_KEYS)
+            k, v = self.cache.read(layer, slots[piece])  # [S, K, D]
+            visible = (segments[None, piece] == q_meta[1, :, None]) & (positions[None, piece] <= q_meta[0, :, None])
+            pieces.append(attend_partial_masked(q, k, v, visible))  # visible [Q, S]
         return pieces[0] if len(pieces) == 1 else combine_partials(pieces)
-
-    def _attend_piece(self, layer: int, q: torch.Tensor, q_meta: torch.Tensor,
-                      key_blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        block = self.cache.block_size
-        offsets = torch.arange(block, device=q.device)
-        slots = (key_blocks[0, :, None] * block + offsets).flatten()  # [L*B]
-        positions = (key_blocks[1, :, None] + offsets).flatten()  # [L*B]
-        segments = key_blocks[2].repeat_interleave(block)  # [L*B]
-        keys, values = self.cache.read(layer, slots)  # [L*B, K, D]
-        visible = (segments[None, :] == q_meta[1, :, None]) & (positions[None, :] <= q_meta[0, :, None])  # [Q, L*B]
-        return attend_partial_masked(q, keys, values, visible)
-
-    def _answer(self, layer: int, request: _Request) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = self._attend(layer, request.q, request.q_meta, request.key_blocks)
-        return out.contiguous(), lse.contiguous()
 
     def _exchange(self, layer: int, requests: dict[int, _Request]) -> dict[int, _Request]:
         """Headers, then the payloads they announce, with every peer: what each peer sends this trunk."""
         cp, device = self.cp, self.cache.k[0].device
-        headers = {p: torch.empty(3, dtype=torch.int64, device=device) for p in cp.peers}
+        headers = {p: torch.empty(4, dtype=torch.int64, device=device) for p in cp.peers}
         works = [cp.link.send(requests[p].header(), p, tag(layer, Purpose.HEADER)) for p in cp.peers]
         works += [cp.link.recv(headers[p], p, tag(layer, Purpose.HEADER)) for p in cp.peers]
         self._wait(works)
@@ -291,17 +302,40 @@ class SpreadAttention:
         return incoming
 
     def _receiving(self, header: list[int], device: torch.device) -> _Request:
-        queries, blocks, writes = header
+        queries, blocks, segments, writes = header
         cp = self.cp
         return _Request(torch.empty(queries, cp.heads, cp.head_dim, dtype=cp.dtype, device=device),
                         torch.empty(2, queries, dtype=torch.int64, device=device),
-                        torch.empty(3, blocks, dtype=torch.int64, device=device),
+                        torch.empty(2, blocks, dtype=torch.int64, device=device),
+                        torch.empty(segments, dtype=torch.int64, device=device),
                         torch.empty(2, writes, cp.kv_heads, cp.head_dim, dtype=cp.dtype, device=device),
                         torch.empty(writes, dtype=torch.int64, device=device))
 
     def _wait(self, works: list[Work]) -> None:
         for work in works:
             self.cp.link.wait(work, timeout_s=self.cp.timeout_s)
+
+
+def _ints(values: Sequence[object], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long).to(device)
+
+
+def _keys(blocks: list[torch.Tensor], device: torch.device) -> _Keys:
+    """Each segment's blocks [2, L_s] as one request's keys (a new tensor: laid out to send)."""
+    if not blocks:
+        return _Keys(torch.empty(2, 0, dtype=torch.long, device=device), torch.empty(0, dtype=torch.long,
+                                                                                      device=device))
+    return _Keys(torch.cat(blocks, dim=1), _ints([b.shape[1] for b in blocks], device))
+
+
+def _peer_part(plan: _Plan, peer: int, device: torch.device) -> _PeerPart:
+    """What the plan asks of `peer`: the rows of the chunks it holds blocks of, each chunk its own segment."""
+    asked = plan.asked[peer]
+    queries = [r for rows, _ in asked for r in rows]
+    meta = [[plan.positions[r] for r in queries], [s for s, (rows, _) in enumerate(asked) for _ in rows]]
+    rows, slots = plan.writes[peer]
+    return _PeerPart(_ints(queries, device), _ints(meta, device), _keys([b for _, b in asked], device),
+                     _ints(rows, device), _ints(slots, device))
 
 
 @contextmanager

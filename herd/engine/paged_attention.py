@@ -25,7 +25,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
-from herd.engine.context_parallel import ContextParallel, SpreadAttention, is_spread
+from herd.engine.context_parallel import ContextParallel, SpreadAttention
 from herd.engine.kv_cache_manager import FULL, KVCacheManager
 from herd.engine.paged_kv import PagedKVCache
 from herd.engine.scheduler import ScheduledChunk
@@ -75,10 +75,10 @@ class PagedAttention:
         the chunks whose global blocks are spread over trunks attend through the exchange instead."""
         if cp is None:
             return cls(cache, {group: _plan(chunks, kv, group, device) for group in kv.pools})
-        spread = {i for i, chunk in enumerate(chunks) if is_spread(chunk, kv, FULL)}
+        spread = cp.spread(chunks, kv)
         plans = {group: _plan(chunks, kv, group, device, skip=spread if group == FULL else set(),
                               scratch=cache.scratch_block[group]) for group in kv.pools}
-        return cls(cache, plans, SpreadAttention.plan(cp, chunks, spread, kv, cache, FULL, device))
+        return cls(cache, plans, SpreadAttention.plan(cp, chunks, spread, kv, cache, device))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                chunk_size: int | None) -> torch.Tensor:

@@ -47,6 +47,7 @@ from herd.engine.outputs import RequestOutput
 from herd.engine.prefix_hash import block_hashes, cache_salt
 from herd.engine.sampling_params import SamplingParams
 from herd.engine.shared_blocks import SharedBlocks
+from herd.engine.spread_index import SpreadIndex
 from herd.engine.stats import EngineStats
 from herd.engine.trunk_choice import TrunkLoad, choose_trunk
 from herd.model.llama4 import Llama4Model
@@ -239,7 +240,8 @@ class TrunkGroup:
             text = engine.model.config
             engine.runner.context_parallel = ContextParallel(
                 link, trunks, view, heads=text.num_attention_heads, kv_heads=text.num_key_value_heads,
-                head_dim=text.head_dim, dtype=engine.config.dtype, timeout_s=timeout_s)
+                head_dim=text.head_dim, dtype=engine.config.dtype,
+                index=SpreadIndex(view, engine.config.block_size, engine.runner.device), timeout_s=timeout_s)
 
     def _all(self, call: Callable[[LLMEngine], T]) -> list[T]:
         futures = [self._threads.submit(call, engine) for engine in self.engines]

@@ -22,6 +22,7 @@ TIMEOUT_S = 60.0
 # blocks and 8 global ones (128 tokens), so a sequence of 200 tokens must take global blocks of the other trunk.
 SMALL = dict(kv_cache_mb=212992 / 2**20, max_num_seqs=2, max_num_batched_tokens=32, max_model_len=224)
 LONG, SHORT = 180, 40
+FP8_KV_BYTES = 6 * 3 * 2304 + 8 * 2304  # an FP8 block of one layer: 2 x 16 tokens x 2 heads x (32 bytes + a scale)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +58,9 @@ def _params(prompt_logprobs: int | None = 2) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=3, prompt_logprobs=prompt_logprobs)
 
 
-def _reference(tiny, prompts, max_model_len: int = 224):
+def _reference(tiny, prompts, max_model_len: int = 224, kv_cache_dtype: str = "auto"):
     engine = LLMEngine.from_pretrained(tiny, EngineConfig(max_num_seqs=2, max_num_batched_tokens=32,
-                                                          max_model_len=max_model_len))
+                                                          max_model_len=max_model_len, kv_cache_dtype=kv_cache_dtype))
     return engine.generate(prompts, _params())
 
 
@@ -98,17 +99,19 @@ def test_one_trunk_cannot_hold_the_long_sequence(tiny):
         LLMEngine.from_pretrained(tiny, EngineConfig(**SMALL))
 
 
-@pytest.mark.parametrize(("preset", "micro_batches", "seed", "max_keys"),
-                         [("scout", 1, 0, None), ("maverick", 2, 1, 32)])
+@pytest.mark.parametrize(("preset", "micro_batches", "seed", "max_keys", "kv"),
+                         [("scout", 1, 0, None, "auto"), ("maverick", 2, 1, 32, "auto"), ("scout", 1, 2, None, "fp8")])
 def test_a_sequence_longer_than_a_trunk_is_exact_with_its_global_kv_on_both(tinies, monkeypatch, preset,
-                                                                            micro_batches, seed, max_keys):
-    """Both presets; with and without ping-pong micro-batches; and with partial attentions of 32 keys at a time."""
+                                                                            micro_batches, seed, max_keys, kv):
+    """Both presets; with and without ping-pong micro-batches; with partial attentions of 32 keys at a time; and with
+    the FP8 cache (keys shipped to the holder are quantised there as at home: the same bytes either way)."""
     tiny = tinies[preset]
     if max_keys is not None:
         monkeypatch.setattr(cp_module, "MAX_KEYS", max_keys)
     prompts = [_prompt(seed, LONG), _prompt(seed + 10, SHORT)]
-    expected = _reference(tiny, prompts)
-    group, links = _group(tiny, micro_batches=micro_batches)
+    expected = _reference(tiny, prompts, kv_cache_dtype=kv)
+    fp8 = {"kv_cache_mb": FP8_KV_BYTES / 2**20} if kv == "fp8" else {}  # again 8 global blocks a trunk
+    group, links = _group(tiny, micro_batches=micro_batches, kv_cache_dtype=kv, **fp8)
     try:
         got, lent = _run(group, prompts)
         _assert_same(got, expected)
