@@ -23,9 +23,9 @@ deadlocks. Tags `TAG_BASE + 16 * layer + purpose` keep layers apart; the micro-b
 same order on every trunk (herd.model.micro_batch), so their messages never cross.
 
 The link is the replica's collective group (herd.workers.collective: gloo here, NCCL on GPUs, untested); the trunks
-are its ranks 0..M-1. Spread chunks attend with a masked attention in torch (herd.model.partial_attention), MAX_KEYS
-keys at a time merged by log-sum-exp, so memory stays bounded at any context; a fused GPU kernel that returns the
-log-sum-exp (flash-attention's) would be the fast one, and is not written.
+are its ranks 0..M-1. Spread chunks attend with a masked attention in torch (herd.model.partial_attention), in pieces
+of keys merged by log-sum-exp (MAX_KEYS keys, MAX_SCORES scores at most), so memory stays bounded at any context; a
+fused GPU kernel that returns the log-sum-exp (flash-attention's) would be the fast one, and is not written.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ from herd.model.partial_attention import attend_partial_masked, combine_partials
 
 TAG_BASE = 1 << 16  # clear of the small tags the expert transport uses on the same group
 MAX_KEYS = 8192
-"""Keys one partial attention call reads at most (the others merge by log-sum-exp): bounds its scores' memory."""
+"""Keys one partial attention call reads at most (the others merge by log-sum-exp) ..."""
+MAX_SCORES = 1 << 26
+"""... and fewer when the queries are many: its scores [N, Q, keys] hold at most this many float32 (256 MiB)."""
 
 
 class Purpose(IntEnum):
@@ -275,11 +277,12 @@ class SpreadAttention:
     def _attend(self, layer: int, q: torch.Tensor, q_meta: torch.Tensor,
                 keys: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries [Q, N, D] at (position, segment) q_meta [2, Q] over the keys (slot, position, segment) [S] each
-        held here -> partial (out [Q, N, D], lse [Q, N]) float32; MAX_KEYS keys at a time."""
+        held here -> partial (out [Q, N, D], lse [Q, N]) float32; in pieces (MAX_KEYS keys, MAX_SCORES scores)."""
         slots, positions, segments = keys
+        per = max(1, min(MAX_KEYS, MAX_SCORES // max(1, q.shape[0] * q.shape[1])))
         pieces = []
-        for i in range(0, max(slots.shape[0], 1), MAX_KEYS):
-            piece = slice(i, i + MAX_KEYS)
+        for i in range(0, max(slots.shape[0], 1), per):
+            piece = slice(i, i + per)
             k, v = self.cache.read(layer, slots[piece])  # [S, K, D]
             visible = (segments[None, piece] == q_meta[1, :, None]) & (positions[None, piece] <= q_meta[0, :, None])
             pieces.append(attend_partial_masked(q, k, v, visible))  # visible [Q, S]

@@ -38,7 +38,7 @@ from typing import Any, TypeVar, Unpack, cast
 from herd.engine.block_pool import BlockPool
 from herd.engine.config import EngineConfig
 from herd.engine.context_parallel import ContextParallel, PeerLink
-from herd.engine.errors import HerdError
+from herd.engine.errors import HerdError, SamplingError
 from herd.engine.grammar import GrammarCompiler
 from herd.engine.kv_cache_manager import FULL
 from herd.engine.llm_engine import EngineRequest, LLMEngine, RequestOptions
@@ -139,9 +139,9 @@ class TrunkGroup:
                 **options: Unpack[RequestOptions]) -> EngineRequest:
         """The request prepared by the trunk choose_trunk picks now (it is submitted there); safe from any thread."""
         if self.context_parallel and params is not None and max(params.n, params.best_of or 1) > 1:
-            raise ValueError("n > 1 and best_of > 1 are not served with context parallelism yet: choices share their "
-                             "prompt's blocks, and one written by a choice must be copied where it lives, maybe on "
-                             "another trunk")
+            raise SamplingError("best_of" if params.n == 1 else "n", "n > 1 and best_of > 1 are not served with "
+                                "context parallelism yet: choices share their prompt's blocks, and one written by a "
+                                "choice must be copied where it lives, maybe on another trunk")
         keys = self._prefix_keys(prompt, options)
         trunk = choose_trunk([self._load(engine, keys) for engine in self.engines])
         if options.get("request_id") is None:

@@ -12,6 +12,7 @@ import torch
 
 from herd.engine import EngineConfig, LLMEngine, SamplingParams
 from herd.engine import context_parallel as cp_module
+from herd.engine.errors import SamplingError
 from herd.engine.speculative.config import SpeculativeConfig
 from herd.engine.trunk_group import TrunkGroup
 from herd.model.tiny import make_tiny
@@ -103,11 +104,13 @@ def test_one_trunk_cannot_hold_the_long_sequence(tiny):
                          [("scout", 1, 0, None, "auto"), ("maverick", 2, 1, 32, "auto"), ("scout", 1, 2, None, "fp8")])
 def test_a_sequence_longer_than_a_trunk_is_exact_with_its_global_kv_on_both(tinies, monkeypatch, preset,
                                                                             micro_batches, seed, max_keys, kv):
-    """Both presets; with and without ping-pong micro-batches; with partial attentions of 32 keys at a time; and with
-    the FP8 cache (keys shipped to the holder are quantised there as at home: the same bytes either way)."""
+    """Both presets; with and without ping-pong micro-batches; with partial attentions of 32 keys at a time (and of
+    512 scores: a prefill chunk's 32 queries x 4 heads see 4 keys at a time); and with the FP8 cache (keys shipped to
+    the holder are quantised there as at home: the same bytes either way)."""
     tiny = tinies[preset]
     if max_keys is not None:
         monkeypatch.setattr(cp_module, "MAX_KEYS", max_keys)
+        monkeypatch.setattr(cp_module, "MAX_SCORES", 512)
     prompts = [_prompt(seed, LONG), _prompt(seed + 10, SHORT)]
     expected = _reference(tiny, prompts, kv_cache_dtype=kv)
     fp8 = {"kv_cache_mb": FP8_KV_BYTES / 2**20} if kv == "fp8" else {}  # again 8 global blocks a trunk
@@ -205,8 +208,9 @@ def test_a_trunk_gone_fails_the_long_request_at_once_and_frees_its_blocks(tiny):
 def test_context_parallelism_refuses_what_it_cannot_serve(tiny):
     group, links = _group(tiny)
     try:
-        with pytest.raises(ValueError, match="n > 1 and best_of > 1"):
+        with pytest.raises(SamplingError, match="n > 1 and best_of > 1") as refused:
             group.add_request([5, 6, 7], SamplingParams(n=2))
+        assert refused.value.field == "n"
     finally:
         group.close()
         for link in links:
