@@ -184,7 +184,11 @@ def _serve(args: argparse.Namespace) -> int:
         if args.transport:
             updates["transport"] = args.transport
         if args.context_parallel:
-            updates["engine"] = {**base.engine.model_dump(), "context_parallel": updates.get("trunks", base.trunks)}
+            trunks = args.trunks if args.trunks is not None else base.trunks
+            if trunks < 2:
+                raise ValueError("--context-parallel shares the global-layer KV of several trunks: give --trunks 2 "
+                                 "or more")
+            updates["engine"] = {**base.engine.model_dump(), "context_parallel": trunks}
         settings.models[0] = ModelSettings.model_validate({**base.model_dump(), **updates})
     if args.print_config:
         print(print_config(settings), end="")

@@ -16,11 +16,14 @@ sequence's blocks are, so planning costs what changed, not the context), and at 
      blocks from its cache and answers each query's partial attention and log-sum-exp (herd.model.partial_attention)
      over them, a query seeing the keys of its own segment up to its own position;
   3. the owner attends the same queries over its home blocks and merges its part with the answers.
-Every global layer of every forward is one exchange of each trunk with every other, headers always (lockstep: a
+The first global layer of every forward is one exchange of each trunk with every other, headers always (lockstep: a
 trunk with nothing to ask or answer still says so, as an idle trunk's empty micro-batches do), payloads when the
-headers announce them; all sends and receives of a phase are posted before any is waited on, so no order of peers
-deadlocks. Tags `TAG_BASE + 16 * layer + purpose` keep layers apart; the micro-batches of one step exchange in the
-same order on every trunk (herd.model.micro_batch), so their messages never cross.
+headers announce them; a pair of trunks with nothing to ask or ship either way then stays quiet for the forward's
+other global layers (what a forward asks is the same at every layer), so a replica with no spread sequence pays one
+header exchange a forward, not one a global layer. All sends and receives of a phase are posted before any is
+waited on, so no order of peers deadlocks. Tags `TAG_BASE + 16 * layer + purpose` keep layers apart; the
+micro-batches of one step exchange in the same order on every trunk (herd.model.micro_batch), so their messages
+never cross.
 
 The link is the replica's collective group (herd.workers.collective: gloo here, NCCL on GPUs, untested); the trunks
 are its ranks 0..M-1. Spread chunks attend with a masked attention in torch (herd.model.partial_attention), in pieces
@@ -183,6 +186,7 @@ class SpreadAttention:
         self.home = home
         self.parts = parts
         self._first = True  # the forward's first global layer: the blocks travel with it
+        self._active = cp.peers  # peers exchanged with: after the first global layer, those with anything to say
         self._home_keys: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._peer_keys: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # what each peer asks of us
         self._pending: list[Work] = []
@@ -225,8 +229,10 @@ class SpreadAttention:
         self._first = False
 
     def _start(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        requests = {p: self._request(part, q, k, v) for p, part in self.parts.items()}
+        requests = {p: self._request(self.parts[p], q, k, v) for p in self._active}
         incoming = self._exchange(layer, requests)
+        if self._first:  # a pair with nothing either way this forward is quiet for its other global layers
+            self._active = [p for p in self._active if _says_anything(requests[p]) or _says_anything(incoming[p])]
         works: list[Work] = []
         for request in incoming.values():
             self.cache.write(layer, request.write_slots, request.writes[0], request.writes[1])
@@ -290,14 +296,14 @@ class SpreadAttention:
 
     def _exchange(self, layer: int, requests: dict[int, _Request]) -> dict[int, _Request]:
         """Headers, then the payloads they announce, with every peer: what each peer sends this trunk."""
-        cp, device = self.cp, self.cache.k[0].device
-        headers = {p: torch.empty(4, dtype=torch.int64, device=device) for p in cp.peers}
-        works = [cp.link.send(requests[p].header(), p, tag(layer, Purpose.HEADER)) for p in cp.peers]
-        works += [cp.link.recv(headers[p], p, tag(layer, Purpose.HEADER)) for p in cp.peers]
+        cp, device, peers = self.cp, self.cache.k[0].device, list(requests)
+        headers = {p: torch.empty(4, dtype=torch.int64, device=device) for p in peers}
+        works = [cp.link.send(requests[p].header(), p, tag(layer, Purpose.HEADER)) for p in peers]
+        works += [cp.link.recv(headers[p], p, tag(layer, Purpose.HEADER)) for p in peers]
         self._wait(works)
-        incoming = {p: self._receiving(headers[p].tolist(), device) for p in cp.peers}
+        incoming = {p: self._receiving(headers[p].tolist(), device) for p in peers}
         works = []
-        for p in cp.peers:
+        for p in peers:
             for (sent, purpose), (received, _) in zip(requests[p].payload(), incoming[p].payload(), strict=True):
                 works += [cp.link.send(sent, p, tag(layer, purpose))] if sent.numel() else []
                 works += [cp.link.recv(received, p, tag(layer, purpose))] if received.numel() else []
@@ -317,6 +323,11 @@ class SpreadAttention:
     def _wait(self, works: list[Work]) -> None:
         for work in works:
             self.cp.link.wait(work, timeout_s=self.cp.timeout_s)
+
+
+def _says_anything(request: _Request) -> bool:
+    """Whether a request asks queries or ships rows (its blocks alone ask nothing)."""
+    return bool(request.q.shape[0] or request.write_slots.shape[0])
 
 
 def _ints(values: Sequence[object], device: torch.device) -> torch.Tensor:

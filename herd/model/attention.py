@@ -34,7 +34,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_heads * dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_heads * dim, bias=bias)
         self.o_proj = nn.Linear(heads * dim, config.hidden_size, bias=bias)
-        self.head_dim = dim
+        self.head_dim, self.heads, self.kv_heads = dim, heads, kv_heads
         self.eps = config.rms_norm_eps
         self.use_rope = config.use_rope[layer]
         self.qk_norm = config.use_qk_norm and self.use_rope
@@ -76,12 +76,11 @@ class Attention(nn.Module):
         projected: torch.Tensor = self.o_proj(flat)  # [T, H]
         return projected if lora is None else lora.add("o_proj", flat, projected)
 
-    def idle(self, kv: KVContext) -> None:
-        """A global layer's turn in a forward of no tokens: the KV context attends no queries (context parallelism
-        exchanges with the other trunks all the same); chunked layers have nothing to do."""
+    def idle(self, kv: KVContext, x: torch.Tensor) -> None:
+        """A global layer's turn in a forward of no tokens (x [0, H], the forward's dtype): the KV context attends no
+        queries (context parallelism exchanges with the other trunks all the same); chunked layers do nothing."""
         if self.chunk_size is not None:
             return
-        weight = self.q_proj.weight
-        q = weight.new_empty(0, self.q_proj.out_features // self.head_dim, self.head_dim)  # [0, N, D]
-        kv_ = weight.new_empty(0, self.k_proj.out_features // self.head_dim, self.head_dim)  # [0, K, D]
-        kv.attend(self.layer, q, kv_, kv_, torch.empty(0, dtype=torch.long, device=weight.device), None)
+        q = x.new_empty(0, self.heads, self.head_dim)  # [0, N, D]
+        k = x.new_empty(0, self.kv_heads, self.head_dim)  # [0, K, D]
+        kv.attend(self.layer, q, k, k, torch.empty(0, dtype=torch.long, device=x.device), None)

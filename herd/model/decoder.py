@@ -59,7 +59,7 @@ class DecoderLayer(nn.Module):
         empty queries (context parallelism: the trunks exchange at every global layer); a MoE layer still sends its
         executor no rows."""
         if kv is not None:
-            self.self_attn.idle(kv)
+            self.self_attn.idle(kv, x)
         if isinstance(self.feed_forward, MoE):
             return self.feed_forward.idle(x)
         return lambda: x

@@ -66,3 +66,5 @@ def test_serve_context_parallel_shares_the_global_kv_over_every_trunk(capsys):
     assert main(["serve", "--model", "scout", "--shards", "2", "--trunks", "2", "--transport", "collective",
                  "--context-parallel", "--print-config", "--no-auth"]) == 0
     assert "context_parallel: 2" in capsys.readouterr().out
+    assert main(["serve", "--model", "scout", "--context-parallel", "--print-config", "--no-auth"]) == 2
+    assert "give --trunks 2 or more" in capsys.readouterr().err

@@ -5,16 +5,20 @@ for all of it. A peer's part really counts: dropping the answers makes the compa
 
 from __future__ import annotations
 
+import argparse
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from bench.context_parallel import kv_mb
+from bench.lora import wide_checkpoint
 from herd.engine import EngineConfig, LLMEngine, SamplingParams
 from herd.engine import context_parallel as cp_module
 from herd.engine.errors import SamplingError
 from herd.engine.speculative.config import SpeculativeConfig
 from herd.engine.trunk_group import TrunkGroup
+from herd.model import load_config
 from herd.model.tiny import make_tiny
 from herd.workers.collective import CollectiveGroup, open_rendezvous
 
@@ -125,6 +129,40 @@ def test_a_sequence_longer_than_a_trunk_is_exact_with_its_global_kv_on_both(tini
         again = group.generate([prompts[0]], _params(prompt_logprobs=None))[0]
         assert again.num_cached_tokens >= LONG // 16 * 16 - 16 > 8 * 16
         _assert_same([again], expected[:1])
+    finally:
+        group.close()
+        for link in links:
+            link.close()
+
+
+def test_with_two_global_layers_the_blocks_travel_once_and_quiet_pairs_skip_the_later_layer(tmp_path):
+    """8 layers (3 and 7 global): the peers keep the blocks sent at layer 3 for layer 7, the long sequence is exact,
+    and while nothing is spread the trunks exchange headers at layer 3 alone."""
+    path = wide_checkpoint(tmp_path / "deep", argparse.Namespace(
+        preset="scout", hidden_size=128, intermediate_size=64, intermediate_size_mlp=128, layers=8, head_dim=32))
+    text = load_config(path).text
+    assert [i for i in range(8) if text.chunk_size(i) is None] == [3, 7]
+    shape = dict(max_num_seqs=2, max_num_batched_tokens=32, max_model_len=224)
+    mb = kv_mb(text, {**shape, "context_parallel": 2}, 8)  # 8 global blocks a trunk, as SMALL gives the tiny one
+    links = _links(2)
+    sent: list[int] = []
+    for link in links:
+        send = link.send
+        link.send = lambda tensor, to, tag, send=send: sent.append(tag) or send(tensor, to, tag)  # type: ignore
+    group = TrunkGroup([LLMEngine.from_pretrained(path, EngineConfig(**shape, kv_cache_mb=mb, context_parallel=2))
+                        for _ in links], links=links, timeout_s=TIMEOUT_S)
+    reference = LLMEngine.from_pretrained(path, EngineConfig(**shape))
+    try:
+        short = _prompt(6, SHORT)
+        assert group.generate([short], _params())[0].token_ids == reference.generate([short], _params())[0].token_ids
+        headers = {cp_module.tag(layer, cp_module.Purpose.HEADER) for layer in (3, 7)}
+        assert {t for t in sent if t in headers} == {cp_module.tag(3, cp_module.Purpose.HEADER)}  # 7 stays quiet
+        sent.clear()
+        long = _prompt(7, LONG)
+        _assert_same(group.generate([long], _params()), reference.generate([long], _params()))
+        assert cp_module.tag(7, cp_module.Purpose.HEADER) in sent
+        blocks = [t for t in sent if t in {cp_module.tag(layer, cp_module.Purpose.KEY_BLOCKS) for layer in (3, 7)}]
+        assert blocks and set(blocks) == {cp_module.tag(3, cp_module.Purpose.KEY_BLOCKS)}  # once a forward
     finally:
         group.close()
         for link in links:
