@@ -47,7 +47,6 @@ from herd.engine.fault_hold import EXPERTS_LOST
 from herd.engine.kv_cache_manager import FULL, KVCacheManager
 from herd.engine.paged_kv import PagedKVCache
 from herd.engine.scheduler import ScheduledChunk
-from herd.engine.shared_blocks import SharedBlockView
 from herd.engine.spread_index import SpreadIndex
 from herd.model.partial_attention import attend_partial_masked, combine_partials, merge_partials
 
@@ -90,12 +89,11 @@ class PeerLink(Protocol):
 
 @dataclass
 class ContextParallel:
-    """One trunk's part in context parallelism: its link to the other trunks (ranks 0..trunks-1), its view of the
-    shared global-layer blocks, and the index of where its sequences' blocks are."""
+    """One trunk's part in context parallelism: its link to the other trunks (ranks 0..trunks-1), and the index of
+    where its sequences' blocks are (over its view of the shared global-layer blocks)."""
 
     link: PeerLink
     trunks: int
-    blocks: SharedBlockView
     heads: int
     kv_heads: int
     head_dim: int
@@ -212,7 +210,7 @@ class SpreadAttention:
                     if trunk != cp.link.rank:
                         plan.asked[trunk].append((spread_rows, blocks))
                 for p in range(first, end):  # the new tokens (a few): where each one's k/v goes
-                    trunk, local = cp.blocks.holder(table[p // block])  # type: ignore[arg-type]
+                    trunk, local = cp.index.view.holder(table[p // block])  # type: ignore[arg-type]
                     if trunk != cp.link.rank:
                         plan.writes[trunk][0].append(row + p - first)
                         plan.writes[trunk][1].append(local * block + p % block)

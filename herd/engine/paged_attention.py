@@ -151,14 +151,13 @@ def _plan(chunks: Sequence[ScheduledChunk], kv: KVCacheManager, group: str, devi
     verifying: list[tuple[int, int, list[int], torch.Tensor]] = []  # (first row, tokens, window slots, mask)
     row = 0
     for index, chunk in enumerate(chunks):
+        # Every position from the window on holds a block (only blocks before the window are freed).
+        table = cast("list[int]", kv.table(chunk.seq, group))
         if skip and index in skip:
-            table = cast("list[int]", kv.table(chunk.seq, group))
             write += [table[p // block] * block + p % block if table[p // block] < scratch else scratch * block
                       for p in range(chunk.start, chunk.start + chunk.num_tokens)]
             row += chunk.num_tokens
             continue
-        # Every position from the window on holds a block (only blocks before the window are freed).
-        table = cast("list[int]", kv.table(chunk.seq, group))
         first = chunk.start
         window = kv.window_start(group, first)  # a multiple of the block size
         if chunk.num_tokens == 1:  # the common case, kept cheap: no per-token lists

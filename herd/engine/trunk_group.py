@@ -223,8 +223,6 @@ class TrunkGroup:
             raise ValueError(f"context parallelism over {trunks} trunks needs a link for each")
         if any(engine.config.context_parallel != trunks for engine in self.engines):
             raise ValueError(f"every trunk's EngineConfig.context_parallel is the trunk count, {trunks}")
-        if trunks < 2:
-            raise ValueError("context parallelism needs two trunks or more")
         pools = [engine.kv.pools.get(FULL) for engine in self.engines]
         if not all(isinstance(pool, BlockPool) for pool in pools):
             raise ValueError("context parallelism shares the global layers' block pools; these trunks have none of "
@@ -239,7 +237,7 @@ class TrunkGroup:
             engine.runner.kv_lock = lock
             text = engine.model.config
             engine.runner.context_parallel = ContextParallel(
-                link, trunks, view, heads=text.num_attention_heads, kv_heads=text.num_key_value_heads,
+                link, trunks, heads=text.num_attention_heads, kv_heads=text.num_key_value_heads,
                 head_dim=text.head_dim, dtype=engine.config.dtype,
                 index=SpreadIndex(view, engine.config.block_size, engine.runner.device), timeout_s=timeout_s)
 
